@@ -1,0 +1,342 @@
+"""Connections to the DuckDB warehouse: one writer, many readers, numbered migrations.
+
+DuckDB lets exactly one *process* open a database file read-write, and while it holds the
+file no other process can open it at all (not even read-only); read-only openers share the
+file with each other but also keep a writer out. The warehouse therefore works like this:
+
+* **Jobs** open the file with :func:`writer` for *one batch*: open read-write, apply pending
+  migrations, ``BEGIN``, write, ``COMMIT`` (``ROLLBACK`` on error), close. Closing checkpoints
+  the batch into the file, so the next reader sees it.
+* **Readers** (the dashboard, the SQL console, jobs reading their inputs) open with
+  :func:`connect` (read-only by default), read, and close straight away.
+* Both retry with exponential backoff while the other side holds the lock, bounded by
+  ``timeout_s`` (env ``ATLAS_LOCK_TIMEOUT``, default 60 s); then :class:`WarehouseBusyError`
+  names the process DuckDB reports as the holder.
+* A writer waiting for the lock announces itself in ``<warehouse>.write-pending``; new readers
+  pause (at most ``READER_YIELD_S``) while that marker is fresh, so a busy dashboard cannot
+  starve a job.
+
+Because a reader can only open the file between two batches, it always sees the last
+committed state, never half a batch.
+
+Every connection sets DuckDB's ``memory_limit`` (DuckDB's own default is 80 % of RAM):
+argument, else env ``ATLAS_DUCKDB_MEMORY``, else ``2GB``; ``threads`` likewise from
+``ATLAS_DUCKDB_THREADS`` (default: DuckDB's, the number of cores).
+
+Within one process DuckDB shares one database instance per file, and refuses a second
+connection with a different configuration (read-only vs read-write, other memory limit)
+while the first is open. Close readers before opening a writer in the same process; a
+conflict with another thread's open connection is retried like a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+__all__ = [
+    "WarehouseError",
+    "WarehouseMissingError",
+    "WarehouseBusyError",
+    "MIGRATIONS_DIR",
+    "atlas_home",
+    "default_warehouse_path",
+    "connect",
+    "writer",
+    "migrate",
+    "schema_version",
+    "pending_migrations",
+    "available_migrations",
+    "optimize",
+]
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+DEFAULT_MEMORY_LIMIT = "2GB"
+DEFAULT_LOCK_TIMEOUT_S = 60.0
+READER_YIELD_S = 5.0          # how long a reader defers to a waiting writer, at most
+_PENDING_FRESH_S = 15.0       # a write-pending marker older than this is stale (crashed job)
+FILL_COMMAND = "python -m etl run --model toy-shapes --dataset shapes:2000:seed=0"
+
+
+class WarehouseError(RuntimeError):
+    """Base class of the warehouse's own errors."""
+
+
+class WarehouseMissingError(WarehouseError, FileNotFoundError):
+    """The warehouse file does not exist (opening read-only never creates it)."""
+
+
+class WarehouseBusyError(WarehouseError, TimeoutError):
+    """Another process (or another connection in this process) held the file too long."""
+
+
+# --------------------------------------------------------------------------- locations
+
+def atlas_home() -> Path:
+    """``$ATLAS_HOME`` (default ``./var``), created if missing."""
+    home = Path(os.environ.get("ATLAS_HOME") or "var")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def default_warehouse_path() -> Path:
+    """``$ATLAS_HOME/warehouse.duckdb`` (ATLAS_HOME defaults to ``./var``, created on demand)."""
+    return atlas_home() / "warehouse.duckdb"
+
+
+# --------------------------------------------------------------------------- connecting
+
+def _memory_limit(value: str | None) -> str:
+    return value or os.environ.get("ATLAS_DUCKDB_MEMORY") or DEFAULT_MEMORY_LIMIT
+
+
+def _threads(value: int | None) -> int | None:
+    if value is not None:
+        return int(value)
+    env = os.environ.get("ATLAS_DUCKDB_THREADS")
+    return int(env) if env else None
+
+
+def _lock_timeout(value: float | None) -> float:
+    if value is not None:
+        return float(value)
+    env = os.environ.get("ATLAS_LOCK_TIMEOUT")
+    return float(env) if env else DEFAULT_LOCK_TIMEOUT_S
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    msg = str(exc)
+    if isinstance(exc, duckdb.IOException):
+        return "lock" in msg.lower()
+    if isinstance(exc, duckdb.ConnectionException):
+        return "different configuration" in msg
+    return False
+
+
+def _holder(exc: Exception) -> str:
+    m = re.search(r"Conflicting lock is held in (.+?) \(PID (\d+)\)", str(exc))
+    if m:
+        return f"process {m.group(2)} ({m.group(1)})"
+    if isinstance(exc, duckdb.ConnectionException):
+        return ("another connection in this process with different settings "
+                "(close read connections before opening a writer in the same process)")
+    return "another process"
+
+
+def _pending_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".write-pending")
+
+
+def _writer_waiting(path: Path) -> bool:
+    try:
+        age = time.time() - _pending_marker(path).stat().st_mtime
+    except OSError:
+        return False
+    return age < _PENDING_FRESH_S
+
+
+def _open(path: Path, read_only: bool, memory_limit: str | None, threads: int | None,
+          timeout_s: float | None, config: dict | None = None) -> duckdb.DuckDBPyConnection:
+    cfg = {"memory_limit": _memory_limit(memory_limit)}
+    n_threads = _threads(threads)
+    if n_threads is not None:
+        cfg["threads"] = n_threads
+    if config:
+        cfg.update(config)
+    timeout = _lock_timeout(timeout_s)
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    marker = _pending_marker(path)
+    announced = False
+    try:
+        if read_only:
+            # give a waiting writer its turn (bounded; stale markers are ignored)
+            yield_until = time.monotonic() + min(READER_YIELD_S, timeout)
+            while _writer_waiting(path) and time.monotonic() < yield_until:
+                time.sleep(0.02)
+        while True:
+            if read_only and not path.exists():
+                raise WarehouseMissingError(
+                    f"No warehouse at {path}. Fill it first: `{FILL_COMMAND} --warehouse {path}` "
+                    f"(or `make demo` for the default warehouse), or point ATLAS_HOME / "
+                    f"--warehouse at an existing one.")
+            try:
+                return duckdb.connect(str(path), read_only=read_only, config=cfg)
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                if not _is_lock_error(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise WarehouseBusyError(
+                        f"Warehouse {path} is held by {_holder(exc)} for more than {timeout:g} s "
+                        f"({'read' if read_only else 'write'} open gave up). A job writes in "
+                        f"batches and readers close at once, so this usually means a process "
+                        f"keeps a connection open: wait for it or stop it, or raise "
+                        f"ATLAS_LOCK_TIMEOUT. DuckDB said: {exc}") from exc
+                if not read_only and not announced:
+                    try:
+                        marker.touch()
+                        announced = True
+                    except OSError:
+                        pass
+                elif announced:
+                    with contextlib.suppress(OSError):
+                        marker.touch()  # keep it fresh while we wait
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())) * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 0.5)
+    finally:
+        if announced:
+            with contextlib.suppress(OSError):
+                marker.unlink()
+
+
+def connect(path: str | os.PathLike | None = None, read_only: bool = True,
+            memory_limit: str | None = None, threads: int | None = None,
+            timeout_s: float | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse; retry (bounded by ``timeout_s``) while another process holds it.
+
+    ``path`` defaults to :func:`default_warehouse_path`. Read-only connections are meant to
+    be short-lived: open, read, close (``with connect(p) as con: ...``) so that jobs can
+    write. A read-only open of a missing file raises :class:`WarehouseMissingError` saying
+    how to fill it. A read-write open creates the file (and its folder) and applies pending
+    migrations; prefer :func:`writer`, which also wraps the work in one transaction.
+    ``memory_limit`` defaults to ``$ATLAS_DUCKDB_MEMORY`` or ``2GB``.
+    """
+    p = Path(path) if path is not None else default_warehouse_path()
+    if not read_only:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    con = _open(p, read_only, memory_limit, threads, timeout_s)
+    if not read_only:
+        try:
+            migrate(con)
+        except BaseException:
+            con.close()
+            raise
+    return con
+
+
+@contextlib.contextmanager
+def writer(path: str | os.PathLike | None = None, memory_limit: str | None = None,
+           threads: int | None = None, timeout_s: float | None = None
+           ) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One write batch: open read-write (retrying on lock), migrate, BEGIN, yield, COMMIT, close.
+
+    On any exception the batch is rolled back and the exception re-raised. Keep the body to
+    one batch (seconds): readers cannot open the file while it runs.
+    """
+    con = connect(path, read_only=False, memory_limit=memory_limit, threads=threads,
+                  timeout_s=timeout_s)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            yield con
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+# --------------------------------------------------------------------------- migrations
+
+_MIGRATION_RE = re.compile(r"^(\d{3,})_([A-Za-z0-9_\-]+)\.sql$")
+
+
+def available_migrations(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, Path]]:
+    """The ``NNN_name.sql`` files of ``directory`` as ``(version, name, path)``, in order."""
+    found: dict[int, tuple[int, str, Path]] = {}
+    for f in sorted(directory.glob("*.sql")):
+        m = _MIGRATION_RE.match(f.name)
+        if not m:
+            raise WarehouseError(f"Migration file {f} is not named NNN_name.sql; rename it.")
+        version = int(m.group(1))
+        if version in found:
+            raise WarehouseError(
+                f"Two migrations share version {version}: {found[version][2].name} and {f.name}; "
+                f"renumber one of them.")
+        found[version] = (version, m.group(2), f)
+    return [found[v] for v in sorted(found)]
+
+
+def _ensure_migrations_table(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("""
+        CREATE TABLE IF NOT EXISTS schema_migrations (
+            version    INTEGER PRIMARY KEY,
+            name       VARCHAR NOT NULL,
+            applied_at TIMESTAMP DEFAULT current_timestamp
+        )""")
+
+
+def _has_migrations_table(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'schema_migrations' "
+        "AND schema_name = 'main' AND database_name = current_database()").fetchone()[0])
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """Highest applied migration version (0 for an empty database)."""
+    if not _has_migrations_table(con):
+        return 0
+    return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0])
+
+
+def pending_migrations(con: duckdb.DuckDBPyConnection,
+                       directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, Path]]:
+    """Migrations of ``directory`` not yet recorded in ``schema_migrations``."""
+    applied: set[int] = set()
+    if _has_migrations_table(con):
+        applied = {r[0] for r in con.execute("SELECT version FROM schema_migrations").fetchall()}
+    return [m for m in available_migrations(directory) if m[0] not in applied]
+
+
+def migrate(con: duckdb.DuckDBPyConnection, directory: Path = MIGRATIONS_DIR) -> list[int]:
+    """Apply pending migrations in version order, each in its own transaction.
+
+    Returns the versions applied. A failing migration is rolled back and raised as
+    :class:`WarehouseError` naming the file; earlier ones stay applied.
+    """
+    pending = pending_migrations(con, directory)
+    if not pending:
+        return []
+    _ensure_migrations_table(con)
+    done = []
+    for version, name, f in pending:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f.read_text())
+            con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+            con.execute("COMMIT")
+        except duckdb.Error as exc:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise WarehouseError(f"Migration {f.name} failed and was rolled back: {exc}") from exc
+        done.append(version)
+    return done
+
+
+# --------------------------------------------------------------------------- maintenance
+
+def optimize(con: duckdb.DuckDBPyConnection, model_id: str | None = None) -> None:
+    """Re-cluster ``head_embeddings`` by (model_id, layer, head) so one head's rows are contiguous.
+
+    DuckDB keeps min/max zonemaps per row group; once the rows of a head sit together a
+    ``WHERE model_id = ? AND layer = ? AND head = ?`` scan skips every other row group,
+    which is what makes per-head neighbour queries fast. Call it at the end of a job that
+    appended head embeddings (the embed job), inside a :func:`writer`. ``model_id`` is
+    accepted for symmetry and ignored: the whole table is rewritten (sorted), which takes
+    a few seconds per million rows.
+    """
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE _he_sorted AS
+        SELECT * FROM head_embeddings ORDER BY model_id, layer, head, image_id""")
+    con.execute("DELETE FROM head_embeddings")
+    con.execute("INSERT INTO head_embeddings SELECT * FROM _he_sorted")
+    con.execute("DROP TABLE _he_sorted")
