@@ -1,0 +1,168 @@
+"""The exact direct decomposition of a CLIP-ViT image embedding (MATH.md §1), fast form.
+
+For the final LayerNorm `ln_post(r) = g * (r - mean_c r) / s + beta` and projection P, every
+residual summand u of the class token contributes `(u @ C) / (s * ||z||)` to the unit
+embedding, with C = diag(g) P - (1/W) 1 (g P)^T  (centering folded in; [W, d]).
+A head's summand is `o_h @ W_O^h diag(ls_gamma)`, so per head we fold one matrix
+
+    F[h] = (W_O^h * gamma) @ C                                   # [d_head, d]
+
+and get  c[l,h] = o0_h @ F[h] / (s ||z||)  from the class-query attention output o0_h, and
+c[l,h,i] = a_{0,i} v_i @ F[h] / (s ||z||) per source token. Nothing of size T x T x W exists.
+
+`rest` is accumulated independently of the heads (embedding term, MLP terms, out-proj
+biases, the un-analysed layers, beta @ P) so `head_cls.sum + rest == embedding` is a real check.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LayerSpec = Union[str, Sequence[int]]
+
+
+def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
+    """'last4' | 'all' | 'lastN' | '8,9,10,11' | [8, 9] -> sorted unique 0-based layers."""
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "all":
+            return list(range(n_layers))
+        if s.startswith("last") and s[4:].isdigit():
+            n = int(s[4:])
+            if not 1 <= n <= n_layers:
+                raise ValueError(f"--layers {spec}: the model has {n_layers} layers")
+            return list(range(n_layers - n, n_layers))
+        try:
+            spec = [int(p) for p in s.split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"--layers '{spec}': use last4, all, or comma-separated 0-based indices like 8,9,10,11") from None
+    layers = sorted(set(int(i) for i in spec))
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if not layers or bad:
+        raise ValueError(f"--layers {spec}: layers must be in 0..{n_layers - 1} (0-based)")
+    return layers
+
+
+@dataclass
+class Decomposition:
+    embedding: torch.Tensor              # [B, d] unit norm
+    head_cls: torch.Tensor               # [B, L', H, d]
+    rest: torch.Tensor                   # [B, d]
+    layers: list[int]                    # [L'] 0-based
+    head_tokens: Optional[torch.Tensor] = None  # [B, L', H, T, d], T = 1 + patches (0 = class token)
+
+    def numpy(self) -> dict:
+        out = dict(embedding=self.embedding, head_cls=self.head_cls, rest=self.rest)
+        if self.head_tokens is not None:
+            out["head_tokens"] = self.head_tokens
+        out = {k: v.detach().float().cpu().numpy() for k, v in out.items()}
+        out["layers"] = self.layers
+        return out
+
+
+class Decomposer(nn.Module):
+    """Wraps an open_clip VisionTransformer; forward(images) returns the decomposition.
+
+    The same module is what the ONNX exporter traces, so torch and ONNX share one definition.
+    Output tuple: (embedding [B, d], head_cls [B, L', H, d], rest [B, d][, head_tokens [B, L', H, T, d]]).
+    """
+
+    def __init__(self, visual: nn.Module, layers: Sequence[int], tokens: bool = False):
+        super().__init__()
+        self.visual = visual
+        self.layers = list(layers)
+        self.tokens = tokens
+        blocks = visual.transformer.resblocks
+        attn = blocks[0].attn
+        self.n_heads = attn.num_heads
+        self.d_head = attn.head_dim
+        W = visual.transformer.width
+        with torch.no_grad():
+            g = visual.ln_post.weight.float()                          # [W]
+            P = visual.proj.float()                                    # [W, d]
+            gP = g @ P                                                 # [d]
+            C = g[:, None] * P - gP[None, :] / W                       # [W, d]
+            self.register_buffer("C", C, persistent=False)
+            self.register_buffer("betaP", visual.ln_post.bias.float() @ P, persistent=False)  # [d]
+            folds, biases = [], []
+            for l in self.layers:
+                blk = blocks[l]
+                gamma = blk.ls_1.gamma.float() if hasattr(blk.ls_1, "gamma") else torch.ones(W)
+                Wo = blk.attn.out_proj.weight.float().T * gamma[None, :]           # [W_in=H*dh, W]
+                folds.append((Wo @ C).view(self.n_heads, self.d_head, -1))        # [H, dh, d]
+                b = blk.attn.out_proj.bias
+                biases.append(b.float() * gamma if b is not None else torch.zeros(W))
+            self.register_buffer("Fh", torch.stack(folds), persistent=False)      # [L', H, dh, d]
+            self.register_buffer("bias", torch.stack(biases), persistent=False)   # [L', W]
+
+    def _attention(self, blk: nn.Module, x: torch.Tensor):
+        """One attention block by hand. x: [B, T, W] -> (x_new, o0 [B,H,dh], v [B,H,T,dh], a0 [B,H,T] | None)."""
+        B, T, W = x.shape
+        H, dh = self.n_heads, self.d_head
+        h = blk.ln_1(x)
+        qkv = F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias)      # [B, T, 3W]
+        q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)              # 3 x [B, H, T, dh]
+        o = F.scaled_dot_product_attention(q, k, v)                            # [B, H, T, dh]
+        a0 = None
+        if self.tokens:
+            a0 = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) * dh ** -0.5, dim=-1)[:, :, 0]  # [B, H, T]
+        out = F.linear(o.transpose(1, 2).reshape(B, T, W), blk.attn.out_proj.weight, blk.attn.out_proj.bias)
+        return x + blk.ls_1(out), o[:, :, 0], v, a0
+
+    def forward(self, images: torch.Tensor):
+        vis = self.visual
+        x = vis._embeds(images)                                   # [B, T, W]
+        rest = x[:, 0].float()                                    # residual summands outside the heads, [B, W]
+        o0s, vs, a0s = [], [], []
+        j = 0
+        for l, blk in enumerate(vis.transformer.resblocks):
+            if j < len(self.layers) and self.layers[j] == l:
+                x, o0, v, a0 = self._attention(blk, x)
+                mlp = blk.ls_2(blk.mlp(blk.ln_2(x)))              # [B, T, W]
+                x = x + mlp
+                rest = rest + mlp[:, 0].float() + self.bias[j]
+                o0s.append(o0)
+                vs.append(v)
+                a0s.append(a0)
+                j += 1
+            else:
+                x_new = blk(x)
+                rest = rest + (x_new[:, 0] - x[:, 0]).float()
+                x = x_new
+        cls = x[:, 0].float()                                     # [B, W]
+        ln = vis.ln_post
+        s = torch.sqrt(cls.var(dim=-1, unbiased=False, keepdim=True) + ln.eps)   # [B, 1]
+        z = cls @ self.C / s + self.betaP                         # [B, d] == ln_post(cls) @ proj
+        scale = s * z.norm(dim=-1, keepdim=True)                  # [B, 1]
+        embedding = z / z.norm(dim=-1, keepdim=True)
+        o0 = torch.stack(o0s, 1).float()                          # [B, L', H, dh]
+        head_cls = torch.einsum("blhk,lhkd->blhd", o0, self.Fh) / scale[:, :, None, None]
+        rest = (rest @ self.C) / scale + self.betaP / z.norm(dim=-1, keepdim=True)
+        if not self.tokens:
+            return embedding, head_cls, rest
+        v = torch.stack(vs, 1).float()                            # [B, L', H, T, dh]
+        a0 = torch.stack(a0s, 1).float()                          # [B, L', H, T]
+        head_tokens = torch.einsum("blhtk,lhkd->blhtd", v * a0[..., None], self.Fh) / scale[:, :, None, None, None]
+        return embedding, head_cls, rest, head_tokens
+
+
+def decomposer(lm, layers: LayerSpec = "last4", tokens: bool = False) -> Decomposer:
+    """The Decomposer of a LoadedModel, built once per (layers, tokens) and cached on it."""
+    resolved = resolve_layers(layers, lm.layers)
+    key = ("decomposer", tuple(resolved), tokens)
+    if key not in lm._cache:
+        lm._cache[key] = Decomposer(lm.visual, resolved, tokens).to(lm.device).eval()
+    return lm._cache[key]
+
+
+@torch.no_grad()
+def decompose(lm, images: torch.Tensor, layers: LayerSpec = "last4", tokens: bool = False) -> Decomposition:
+    """Decompose preprocessed images [B, 3, S, S] into per-head contributions (MATH.md §1)."""
+    dec = decomposer(lm, layers, tokens)
+    dtype = next(lm.visual.parameters()).dtype
+    out = dec(images.to(lm.device, dtype))
+    return Decomposition(out[0], out[1], out[2], dec.layers, out[3] if tokens else None)

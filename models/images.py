@@ -1,0 +1,83 @@
+"""Safe image loading: every format Pillow reads, converted to RGB, with clear errors for
+files that are not images, truncated, decompression bombs, or too large."""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 40_000_000      # ~ 6300 x 6300; larger images are refused before decoding
+MAX_BYTES = 50 * 1024 * 1024
+
+
+class ImageError(ValueError):
+    """An input is not a usable image; the message says what was wrong."""
+
+
+def load_image(source: Union[str, os.PathLike, bytes, io.IOBase], max_pixels: int = MAX_PIXELS,
+               max_bytes: int = MAX_BYTES) -> Image.Image:
+    """Open, check and convert to RGB (first frame of animations, CMYK/16-bit/palette/alpha handled)."""
+    name = "upload" if isinstance(source, (bytes, io.IOBase)) else str(source)
+    if isinstance(source, bytes):
+        if len(source) > max_bytes:
+            raise ImageError(f"{name}: file is {len(source) / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit")
+        source = io.BytesIO(source)
+    elif not isinstance(source, io.IOBase):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file")
+        if path.stat().st_size > max_bytes:
+            raise ImageError(f"{name}: file is {path.stat().st_size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"{name}: {w} x {h} pixels is over the limit of {max_pixels:,} pixels "
+                                 "(a possible decompression bomb); resize it first")
+            img.seek(0)
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image Pillow can read (formats: PNG, JPEG, GIF, BMP, TIFF, WebP, ...)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: refused as a possible decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: the image is damaged or truncated ({exc})") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; 16-bit greys are scaled, alpha composited on white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = a.max() if a.size and a.max() > 0 else 1.0
+        img = Image.fromarray((a / hi * 255).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)
+        img = Image.fromarray(((a - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
+        return bg
+    return img.convert("RGB")
+
+
+def thumbnail_jpeg(img: Image.Image, side: int = 128, quality: int = 85) -> bytes:
+    """JPEG bytes of the image with its longest side `side` px."""
+    t = img.copy()
+    t.thumbnail((side, side))
+    buf = io.BytesIO()
+    t.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -1,0 +1,268 @@
+"""Load any open_clip ViT by architecture name: a pretrained tag, a local checkpoint, random
+init (seeded), or the bundled toy model. One code path for all of them, clear errors for the rest.
+
+This is the only module that reaches the network (through open_clip's pretrained download).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import open_clip
+import torch
+
+TOY_DIR = Path(__file__).resolve().parent / "toy"
+BUNDLED = "bundled"
+
+
+class ModelError(ValueError):
+    """A model cannot be loaded or is not supported; the message says why and what to do."""
+
+
+_registered = False
+
+
+def _register_bundled_configs() -> None:
+    """Make the product's own configs (models/toy/*.json) known to open_clip, once."""
+    global _registered
+    if not _registered and TOY_DIR.is_dir():
+        open_clip.add_model_config(TOY_DIR)
+        _registered = True
+
+
+def bundled_weights(arch: str) -> Optional[Path]:
+    path = TOY_DIR / f"{arch}.safetensors"
+    return path if path.is_file() else None
+
+
+def list_architectures() -> list[str]:
+    _register_bundled_configs()
+    return open_clip.list_models()
+
+
+def _check_arch(arch: str) -> dict:
+    """Return the open_clip config of `arch` or raise ModelError with close names."""
+    _register_bundled_configs()
+    names = open_clip.list_models()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ModelError(
+            f"unknown model architecture '{arch}'.{hint} "
+            "List them with: python -c 'import open_clip; print(open_clip.list_models())'"
+        )
+    cfg = open_clip.get_model_config(arch)
+    _check_supported(arch, cfg)
+    return cfg
+
+
+def _check_supported(arch: str, cfg: dict) -> None:
+    """Refuse towers the exact decomposition does not cover, saying why."""
+    v = cfg.get("vision_cfg", {})
+    why = None
+    if v.get("timm_model_name"):
+        why = f"its image tower is a timm model ({v['timm_model_name']}), not an open_clip VisionTransformer"
+    elif isinstance(v.get("layers"), (list, tuple)):
+        why = "its image tower is a ResNet, not a vision transformer"
+    elif "multimodal_cfg" in cfg or v.get("attentional_pool"):
+        why = "it pools the image with attention (CoCa-style attentional pooler), not with the class token"
+    elif v.get("pool_type", "tok") != "tok":
+        why = f"it pools with '{v.get('pool_type')}' instead of the class token"
+    elif any(v.get(k) for k in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner",
+                                "scale_attn", "scale_fc", "block_type")):
+        why = "its blocks use custom attention (qk-norm / scaled cosine / head scaling)"
+    if why:
+        raise ModelError(
+            f"model '{arch}' is not supported: {why}. CLIP Atlas decomposes class-token "
+            "open_clip ViTs (e.g. ViT-B-32, ViT-B-16, ViT-L-14, toy-shapes)."
+        )
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip CLIP model in eval mode with everything the product needs to address it."""
+
+    model: torch.nn.Module
+    preprocess: Callable  # PIL.Image -> FloatTensor [3, S, S]
+    tokenizer: Callable
+    model_id: str
+    spec: dict  # kwargs for load_model() that reload exactly this model
+    source: str  # 'pretrained' | 'checkpoint' | 'random' | 'bundled'
+    device: torch.device
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    @property
+    def layers(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def heads(self) -> int:
+        return self.visual.transformer.resblocks[0].attn.num_heads
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.proj.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.visual.image_size[0])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.visual.patch_size[0])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.visual.grid_size)
+
+    def row(self) -> dict[str, Any]:
+        """Columns of the warehouse `models` table (without analysed_layers and onnx_*)."""
+        return dict(
+            model_id=self.model_id, arch=self.spec["arch"], pretrained=self.spec.get("pretrained"),
+            source=self.source, checkpoint_path=self.spec.get("checkpoint"),
+            seed=self.spec.get("seed") if self.source == "random" else None,
+            layers=self.layers, heads=self.heads, width=self.width, embed_dim=self.embed_dim,
+            patch_size=self.patch_size, image_size=self.image_size, pooling="tok",
+        )
+
+
+def load_model(
+    arch: str,
+    pretrained: Optional[str] = None,
+    checkpoint: Optional[str | os.PathLike] = None,
+    random_init: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    cache_dir: Optional[str] = None,
+) -> LoadedModel:
+    """Load `arch` with exactly one weight source.
+
+    pretrained: an open_clip tag (`open_clip.list_pretrained()` spelling), fetched from the
+    Hugging Face cache or the network; checkpoint: a local .pt/.bin/.safetensors file;
+    random_init: seeded random weights. A bundled model (toy-shapes) loads its shipped
+    weights when no source is given.
+    """
+    cfg = _check_arch(arch)
+    chosen = [pretrained is not None, checkpoint is not None, bool(random_init)]
+    if sum(chosen) > 1:
+        raise ModelError("give only one of --pretrained, --checkpoint, --random-init")
+    shipped = bundled_weights(arch)
+    if sum(chosen) == 0:
+        if shipped is None:
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            raise ModelError(
+                f"no weights given for '{arch}': pass --pretrained TAG (one of: {', '.join(tags) or 'none'}), "
+                "--checkpoint FILE, or --random-init [--seed N]"
+            )
+        checkpoint, source = shipped, BUNDLED
+    else:
+        source = "pretrained" if pretrained else "checkpoint" if checkpoint else "random"
+    if precision != "fp32" and torch.device(device).type == "cpu":
+        raise ModelError(f"precision {precision} needs a GPU (--device cuda); use fp32 on CPU")
+    device = torch.device(device)
+
+    if pretrained is not None:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained not in tags:
+            raise ModelError(
+                f"unknown pretrained tag '{pretrained}' for '{arch}'. Known tags: {', '.join(tags) or 'none'}"
+            )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir,
+                pretrained_text=False, require_pretrained=True)
+        except Exception as exc:  # network, hub, cache: say which and what to do
+            raise ModelError(
+                f"weights for {arch}/{pretrained} could not be fetched ({type(exc).__name__}: {exc}). "
+                "Without network, download the checkpoint elsewhere and pass --checkpoint FILE "
+                "(or set HF_HUB_CACHE to a cache that holds it)."
+            ) from exc
+        model_id = f"{arch}/{pretrained}"
+    else:
+        if random_init:
+            torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=None, device=device, precision=precision, pretrained_text=False)
+        if checkpoint is not None:
+            checkpoint = Path(checkpoint)
+            if not checkpoint.is_file():
+                raise ModelError(f"checkpoint file not found: {checkpoint}. Pass the path of a .pt, .bin or .safetensors file")
+            _load_checkpoint(model, checkpoint, arch)
+            model_id = f"{arch}/{BUNDLED}" if source == BUNDLED else f"{arch}/ckpt-{_sha256(checkpoint)[:12]}"
+        else:
+            model_id = f"{arch}/random-seed{seed}"
+    model.eval()
+    spec = dict(arch=arch, pretrained=pretrained,
+                checkpoint=str(checkpoint) if checkpoint is not None and source != BUNDLED else None,
+                random_init=bool(random_init), seed=seed if random_init else None)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return LoadedModel(model, preprocess, tokenizer, model_id, spec, source, device)
+
+
+def _load_checkpoint(model: torch.nn.Module, path: Path, arch: str) -> None:
+    """Load a state dict (safetensors without pickle; torch files with weights_only=True)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ModelError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        dtype = next(model.parameters()).dtype
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
+    except ModelError:
+        raise
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ModelError(f"checkpoint {path} does not match architecture '{arch}': {' '.join(first)}") from exc
+    except Exception as exc:
+        raise ModelError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def model_from_row(row: dict, device: str = "cpu") -> LoadedModel:
+    """Reload the model a warehouse `models` row describes."""
+    source = row["source"]
+    if source == BUNDLED:
+        return load_model(row["arch"], device=device)
+    if source == "pretrained":
+        return load_model(row["arch"], pretrained=row["pretrained"], device=device)
+    if source == "checkpoint":
+        return load_model(row["arch"], checkpoint=row["checkpoint_path"], device=device)
+    return load_model(row["arch"], random_init=True, seed=int(row["seed"] or 0), device=device)
+
+
+@torch.no_grad()
+def encode_texts(lm: LoadedModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Unit text embeddings, FloatTensor [M, d] (float32, on CPU)."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = lm.tokenizer(texts[i:i + batch_size]).to(lm.device)
+        emb = lm.model.encode_text(tokens).float()
+        out.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, lm.embed_dim)
