@@ -1,0 +1,89 @@
+"""Job bookkeeping: one row in ``runs`` per job execution, one row in ``errors`` per skipped item.
+
+    from warehouse.runs import run_record, record_error
+    with run_record(path, "embed", {"model": "toy-shapes", "dataset": "shapes:2000:seed=0"}) as run_id:
+        for batch in batches:
+            with writer(path) as con:
+                ...                                       # write the batch
+                record_error(con, run_id, "img/42.png", "truncated PNG")
+
+``start_run`` and ``finish_run`` each open their own short write batch, so a job never holds
+the warehouse between batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import duckdb
+
+from .db import writer
+
+__all__ = ["STATUSES", "new_run_id", "start_run", "finish_run", "record_error", "run_record"]
+
+STATUSES = ("running", "ok", "failed")
+
+
+def new_run_id(job: str) -> str:
+    """``<job>-<UTC yyyymmddThhmmss>-<6 hex>``: sortable by time, unique across processes."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{job}-{stamp}-{secrets.token_hex(3)}"
+
+
+def _params_json(params: Any) -> str:
+    try:
+        return json.dumps(params if params is not None else {}, sort_keys=True, default=str)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"run params must be JSON-serialisable (a dict of plain values): {exc}") from exc
+
+
+def start_run(path: str | os.PathLike | None, job: str, params: dict | None = None) -> str:
+    """Insert a ``runs`` row with status 'running' and return its ``run_id``."""
+    if not job:
+        raise ValueError("start_run needs a job name, e.g. 'embed'")
+    run_id = new_run_id(job)
+    with writer(path) as con:
+        con.execute("INSERT INTO runs (run_id, job, params, status) VALUES (?, ?, ?, 'running')",
+                    [run_id, job, _params_json(params)])
+    return run_id
+
+
+def finish_run(path: str | os.PathLike | None, run_id: str, status: str = "ok",
+               error: str | None = None) -> None:
+    """Set a run's final ``status`` ('ok' or 'failed'), ``finished_at`` and ``error`` text."""
+    if status not in ("ok", "failed"):
+        raise ValueError(f"finish_run status must be 'ok' or 'failed', not {status!r}")
+    with writer(path) as con:
+        found = con.execute(
+            "UPDATE runs SET status = ?, finished_at = current_timestamp, error = ? "
+            "WHERE run_id = ? RETURNING run_id", [status, error, run_id]).fetchall()
+        if not found:
+            raise KeyError(f"No run {run_id!r} in the warehouse; start it with start_run() first.")
+
+
+def record_error(con: duckdb.DuckDBPyConnection, run_id: str | None, item: str, reason: str) -> None:
+    """Record a skipped item (file path or item key) and why, inside the caller's write batch."""
+    con.execute("INSERT INTO errors (run_id, item, reason) VALUES (?, ?, ?)",
+                [run_id, str(item), str(reason)])
+
+
+@contextlib.contextmanager
+def run_record(path: str | os.PathLike | None, job: str, params: dict | None = None) -> Iterator[str]:
+    """Start a run, yield its id, finish it 'ok', or 'failed' with the exception text on error.
+
+    The exception is re-raised. Ctrl-C (KeyboardInterrupt) is recorded as failed too.
+    """
+    run_id = start_run(path, job, params)
+    try:
+        yield run_id
+    except BaseException as exc:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        with contextlib.suppress(Exception):
+            finish_run(path, run_id, "failed", text)
+        raise
+    finish_run(path, run_id, "ok")
