@@ -1,0 +1,454 @@
+"""Warehouse: locations, migrations, one writer / many readers across processes, runs, score views."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+import warehouse
+from warehouse import (
+    WarehouseBusyError,
+    WarehouseError,
+    WarehouseMissingError,
+    connect,
+    default_warehouse_path,
+    migrate,
+    schema_version,
+    writer,
+)
+from warehouse.db import available_migrations, pending_migrations
+from warehouse.runs import finish_run, record_error, run_record, start_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# --------------------------------------------------------------------------- locations
+
+def test_default_path_uses_atlas_home_and_creates_it(tmp_path, monkeypatch):
+    home = tmp_path / "atlas" / "home"
+    monkeypatch.setenv("ATLAS_HOME", str(home))
+    p = default_warehouse_path()
+    assert p == home / "warehouse.duckdb"
+    assert home.is_dir()
+
+
+def test_default_path_is_var_under_cwd(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATLAS_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_warehouse_path().resolve() == (tmp_path / "var" / "warehouse.duckdb").resolve()
+    assert (tmp_path / "var").is_dir()
+
+
+def test_missing_warehouse_read_only_says_how_to_fill_it(tmp_path):
+    p = tmp_path / "nope.duckdb"
+    with pytest.raises(WarehouseMissingError) as err:
+        connect(p)
+    msg = str(err.value)
+    assert str(p) in msg
+    assert "python -m etl run --model toy-shapes --dataset shapes:2000:seed=0" in msg
+    assert "make demo" in msg
+    assert not p.exists()  # a read-only open never creates the file
+    assert isinstance(err.value, FileNotFoundError)
+
+
+# --------------------------------------------------------------------------- settings
+
+def test_memory_limit_default_argument_and_env(tmp_path, monkeypatch):
+    p = tmp_path / "w.duckdb"
+    monkeypatch.delenv("ATLAS_DUCKDB_MEMORY", raising=False)
+    with writer(p):
+        pass
+
+    def limit(**kw):
+        with connect(p, **kw) as con:
+            return con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+
+    assert limit() == "1.8 GiB"                     # 2GB = 2e9 bytes
+    assert limit(memory_limit="500MB") == "476.8 MiB"
+    monkeypatch.setenv("ATLAS_DUCKDB_MEMORY", "300MB")
+    assert limit() == "286.1 MiB"
+    with connect(p, threads=1) as con:
+        assert con.execute("SELECT current_setting('threads')").fetchone()[0] == 1
+
+
+# --------------------------------------------------------------------------- migrations
+
+def test_migrations_are_applied_in_order_and_recorded(tmp_path):
+    p = tmp_path / "w.duckdb"
+    files = available_migrations()
+    assert [v for v, _, _ in files] == sorted(v for v, _, _ in files)
+    assert files[0][:2] == (1, "init") and files[1][:2] == (2, "scores")
+    with writer(p) as con:
+        assert schema_version(con) == files[-1][0]
+        rows = con.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+        assert rows == [(v, n) for v, n, _ in files]
+    with connect(p) as con:
+        assert pending_migrations(con) == []
+        names = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        assert {"models", "head_embeddings", "texts", "runs", "errors"} <= names
+        views = {r[0] for r in con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+        assert {"head_text_matches", "head_scores", "model_scores", "property_heads"} <= views
+
+
+def test_migrate_is_idempotent_and_incremental(tmp_path):
+    d = tmp_path / "migs"
+    d.mkdir()
+    (d / "001_a.sql").write_text("CREATE TABLE a (x INTEGER);")
+    con = duckdb.connect(str(tmp_path / "m.duckdb"))
+    assert schema_version(con) == 0
+    assert migrate(con, d) == [1]
+    assert migrate(con, d) == []
+    (d / "002_b.sql").write_text("CREATE TABLE b (y INTEGER); INSERT INTO b VALUES (7);")
+    assert migrate(con, d) == [2]
+    assert schema_version(con) == 2
+    assert con.execute("SELECT y FROM b").fetchall() == [(7,)]
+    con.close()
+
+
+def test_failing_migration_rolls_back_and_names_the_file(tmp_path):
+    d = tmp_path / "migs"
+    d.mkdir()
+    (d / "001_a.sql").write_text("CREATE TABLE a (x INTEGER);")
+    (d / "002_bad.sql").write_text("CREATE TABLE half (x INTEGER); SELECT * FROM no_such_table;")
+    con = duckdb.connect(str(tmp_path / "m.duckdb"))
+    with pytest.raises(WarehouseError, match="002_bad.sql"):
+        migrate(con, d)
+    assert schema_version(con) == 1
+    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert "half" not in tables and "a" in tables
+    con.close()
+
+
+def test_badly_named_migration_is_refused(tmp_path):
+    d = tmp_path / "migs"
+    d.mkdir()
+    (d / "init.sql").write_text("SELECT 1;")
+    with pytest.raises(WarehouseError, match="NNN_name.sql"):
+        available_migrations(d)
+
+
+# --------------------------------------------------------------------------- writer
+
+def test_writer_commits_on_success_and_rolls_back_on_error(tmp_path):
+    p = tmp_path / "w.duckdb"
+    with writer(p) as con:
+        con.execute("INSERT INTO properties VALUES ('colors', 'colours')")
+    with pytest.raises(ValueError):
+        with writer(p) as con:
+            con.execute("INSERT INTO properties VALUES ('animals', NULL)")
+            raise ValueError("boom")
+    with connect(p) as con:
+        assert con.execute("SELECT property FROM properties").fetchall() == [("colors",)]
+
+
+def test_busy_error_names_the_holding_process(tmp_path):
+    p = tmp_path / "w.duckdb"
+    with writer(p):
+        pass
+    holder = _python("""
+        import sys, time
+        from warehouse import writer
+        with writer(sys.argv[1]):
+            print("holding", flush=True)
+            time.sleep(30)
+    """, str(p))
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        t0 = time.monotonic()
+        with pytest.raises(WarehouseBusyError) as err:
+            connect(p, timeout_s=0.5)
+        assert 0.4 < time.monotonic() - t0 < 5
+        assert f"PID {holder.pid}" in str(err.value) or f"process {holder.pid}" in str(err.value)
+        with pytest.raises(WarehouseBusyError):
+            with writer(p, timeout_s=0.3):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with connect(p, timeout_s=10) as con:  # released once the holder is gone
+        assert schema_version(con) >= 2
+
+
+READER = """
+    import json, sys, time
+    from warehouse import connect
+    path, stop = sys.argv[1], sys.argv[2]
+    import os
+    seen, failures = [], []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = os.path.exists(stop)
+        try:
+            with connect(path, timeout_s=60) as con:
+                seen.append(con.execute("SELECT count(*) FROM errors").fetchone()[0])
+        except Exception as exc:  # any failure is a test failure
+            failures.append(repr(exc))
+        if done:
+            break
+    print(json.dumps({"seen": seen, "failures": failures}))
+"""
+
+WRITER = """
+    import sys, time
+    from warehouse import writer
+    path, n_batches, batch, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    for b in range(n_batches):
+        with writer(path, timeout_s=60) as con:
+            con.executemany("INSERT INTO errors (run_id, item, reason) VALUES (?, ?, 'x')",
+                            [["r", f"{b}-{i}"] for i in range(batch)])
+        time.sleep(0.02)   # a job computes between batches
+    open(stop, "w").close()
+    print("done")
+"""
+
+
+def test_reader_process_sees_only_committed_batches_while_writer_process_commits(tmp_path):
+    p = tmp_path / "w.duckdb"
+    stop = tmp_path / "writer-done"
+    with writer(p):
+        pass
+    n_batches, batch = 25, 7
+    reader = _python(READER, str(p), str(stop))
+    w = _python(WRITER, str(p), str(n_batches), str(batch), str(stop))
+    w_out, w_err = w.communicate(timeout=180)
+    r_out, r_err = reader.communicate(timeout=180)
+    assert w.returncode == 0, w_err
+    assert w_out.strip() == "done"
+    assert reader.returncode == 0, r_err
+    result = json.loads(r_out)
+    assert result["failures"] == []
+    seen = result["seen"]
+    assert len(seen) >= 3
+    assert all(c % batch == 0 for c in seen), seen                 # never half a batch
+    assert all(a <= b for a, b in zip(seen, seen[1:])), seen       # monotone
+    assert seen[-1] == n_batches * batch                           # last read after the last commit
+    assert len(set(seen)) >= 3, seen                               # it really read during the job
+    with connect(p) as con:
+        assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == n_batches * batch
+
+
+# --------------------------------------------------------------------------- runs
+
+def test_runs_start_finish_and_errors(tmp_path):
+    p = tmp_path / "w.duckdb"
+    run_id = start_run(p, "embed", {"model": "toy-shapes", "batch": 32})
+    assert run_id.startswith("embed-")
+    with writer(p) as con:
+        record_error(con, run_id, "img/1.png", "truncated PNG")
+    with connect(p) as con:
+        status, params, finished = con.execute(
+            "SELECT status, params, finished_at FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        assert status == "running" and finished is None
+        assert json.loads(params) == {"model": "toy-shapes", "batch": 32}
+        assert con.execute("SELECT item, reason FROM errors WHERE run_id = ?", [run_id]).fetchall() == [
+            ("img/1.png", "truncated PNG")]
+    finish_run(p, run_id)
+    with connect(p) as con:
+        status, finished, error = con.execute(
+            "SELECT status, finished_at, error FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    assert status == "ok" and finished is not None and error is None
+    with pytest.raises(ValueError, match="'ok' or 'failed'"):
+        finish_run(p, run_id, "done")
+    with pytest.raises(KeyError, match="start_run"):
+        finish_run(p, "no-such-run")
+
+
+def test_run_record_marks_failures_with_the_exception_text(tmp_path):
+    p = tmp_path / "w.duckdb"
+    with run_record(p, "texts", {"bank": "atlas"}) as ok_id:
+        pass
+    with pytest.raises(RuntimeError, match="model exploded"):
+        with run_record(p, "embed", {}) as bad_id:
+            raise RuntimeError("model exploded")
+    with connect(p) as con:
+        rows = dict(con.execute("SELECT run_id, status || '|' || coalesce(error, '') FROM runs").fetchall())
+    assert rows[ok_id] == "ok|"
+    assert rows[bad_id] == "failed|RuntimeError: model exploded"
+    # non-JSON values (paths) are stored as their text
+    path_run = start_run(p, "embed", {"images": tmp_path / "imgs"})
+    with connect(p) as con:
+        params = con.execute("SELECT params FROM runs WHERE run_id = ?", [path_run]).fetchone()[0]
+    assert json.loads(params) == {"images": str(tmp_path / "imgs")}
+
+
+# --------------------------------------------------------------------------- score views
+
+PROPS = ["colors", "animals", "shapes", "locations", "textures"]
+
+
+def _reference_scores(head_texts, text_prop, labels, judgments, n_props):
+    """Literal python implementation of MATH.md §5 (see 002_scores.sql for the bucket rules)."""
+    out = {}
+    for head, tids in head_texts.items():
+        k = len(tids)
+        buckets = [text_prop.get(t) or "unknown" for t in tids]
+        counts = Counter(buckets)
+        q = np.array(list(counts.values()), float) / k
+        entropy = float(-(q * np.log(q)).sum())
+        possible = n_props + sum(1 for b in counts if b not in PROPS[:n_props])
+        denom = min(k, possible)
+        ent = 0.0 if denom <= 1 else entropy / math.log(denom)
+        label = labels.get(head)
+        if label is None:
+            assoc = None
+        else:
+            m = [judgments[(head, t)] if (head, t) in judgments else (text_prop.get(t) == label)
+                 for t in tids]
+            assoc = float(np.mean(m))
+        out[head] = (label, assoc, ent)
+    return out
+
+
+def _build(p, head_texts, text_prop, labels, judgments, n_props=len(PROPS), model="m"):
+    with writer(p) as con:
+        con.executemany("INSERT INTO properties VALUES (?, NULL)", [[x] for x in PROPS[:n_props]])
+        con.executemany("INSERT INTO texts VALUES (?, 'atlas', ?, ?) ON CONFLICT DO NOTHING",
+                        [[t, f"text {t}", pr] for t, pr in text_prop.items()])
+        rows = []
+        for (layer, head), tids in head_texts.items():
+            for r, t in enumerate(tids):
+                rows.append([model, layer, head, r, t, 0.1 / (r + 1)])
+        con.executemany("INSERT INTO head_texts (model_id, layer, head, rank, text_id, variance_explained) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", rows)
+        con.executemany("INSERT INTO head_labels (model_id, layer, head, property, confidence, labeler) "
+                        "VALUES (?, ?, ?, ?, 0.5, 'offline')",
+                        [[model, l, h, pr] for (l, h), pr in labels.items()])
+        if judgments:
+            con.executemany("INSERT INTO text_judgments VALUES (?, ?, ?, ?, ?, ?, 'llm:test', NULL)",
+                            [[model, l, h, t, labels[(l, h)], a] for ((l, h), t), a in judgments.items()])
+
+
+def _view(p, sql):
+    with connect(p) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_head_scores_match_a_python_reference_on_random_heads(tmp_path):
+    rng = np.random.default_rng(0)
+    text_prop = {f"t{i}": (None if i % 11 == 0 else PROPS[int(rng.integers(len(PROPS)))]) for i in range(60)}
+    text_prop["x_off"] = "weather"     # a tag outside the `properties` vocabulary
+    tids = list(text_prop)
+    head_texts, labels, judgments = {}, {}, {}
+    for layer in (2, 3):
+        for head in range(6):
+            k = int(rng.integers(1, 12))
+            chosen = [tids[j] for j in rng.choice(len(tids), size=k, replace=False)]
+            head_texts[(layer, head)] = chosen
+            if head % 3:
+                labels[(layer, head)] = PROPS[int(rng.integers(len(PROPS)))] if head != 5 else "mixed"
+                for t in chosen[:2]:
+                    judgments[((layer, head), t)] = bool(rng.integers(2))
+    p = tmp_path / "w.duckdb"
+    _build(p, head_texts, text_prop, labels, judgments)
+    ref = _reference_scores(head_texts, text_prop, labels, judgments, len(PROPS))
+    rows = _view(p, "SELECT layer, head, property, association, entanglement, n_texts FROM head_scores")
+    assert len(rows) == len(head_texts)
+    for layer, head, prop, assoc, ent, n in rows:
+        label, r_assoc, r_ent = ref[(layer, head)]
+        assert prop == label
+        assert n == len(head_texts[(layer, head)])
+        assert (assoc is None) == (r_assoc is None)
+        if assoc is not None:
+            assert assoc == pytest.approx(r_assoc, abs=1e-12)
+        assert ent == pytest.approx(r_ent, abs=1e-9)
+        assert 0.0 <= ent <= 1.0 + 1e-12
+
+    # model and layer scores are means over labelled heads
+    labelled = [v for v in ref.values() if v[0] is not None]
+    (assoc, ent, n_heads, n_analysed, n_mixed), = _view(
+        p, "SELECT association, entanglement, n_heads, n_analysed_heads, n_mixed_heads FROM model_scores")
+    assert n_heads == len(labelled) and n_analysed == len(ref)
+    assert n_mixed == sum(1 for v in labelled if v[0] == "mixed")
+    assert assoc == pytest.approx(np.mean([v[1] for v in labelled]))
+    assert ent == pytest.approx(np.mean([v[2] for v in labelled]))
+    for layer, l_assoc, l_n in _view(p, "SELECT layer, association, n_heads FROM layer_scores"):
+        mine = [ref[(layer, h)] for h in range(6) if ref[(layer, h)][0] is not None]
+        assert l_n == len(mine)
+        assert l_assoc == pytest.approx(np.mean([v[1] for v in mine]))
+
+    # property_heads counts the heads per label
+    counts = Counter(v[0] for v in labelled)
+    got = {pr: n for pr, n in _view(p, "SELECT property, n_heads FROM property_heads")}
+    assert got == dict(counts)
+
+
+def test_entanglement_edge_cases(tmp_path):
+    text_prop = {"c1": "colors", "c2": "colors", "c3": "colors",
+                 "a1": "animals", "s1": "shapes", "l1": "locations", "x1": "textures", "u1": None}
+    head_texts = {
+        (0, 0): ["c1"],                                 # k = 1 -> 0
+        (0, 1): ["c1", "c2", "c3"],                     # one property -> 0
+        (0, 2): ["c1", "a1", "s1", "l1", "x1"],         # uniform over k = 5 = #properties -> 1
+        (0, 3): ["c1", "a1"],                           # uniform, k = 2 < #properties -> 1
+        (0, 4): ["u1", "c1"],                           # unknown is its own bucket -> 1
+        (0, 5): ["c1", "c2", "a1"],                     # skewed: H(2/3, 1/3) / ln 3
+    }
+    labels = {(0, 1): "colors", (0, 2): "colors", (0, 4): "colors"}
+    judgments = {((0, 2), "a1"): True, ((0, 1), "c2"): False}
+    p = tmp_path / "w.duckdb"
+    _build(p, head_texts, text_prop, labels, judgments)
+    got = {h: (a, e) for h, a, e in _view(p, "SELECT head, association, entanglement FROM head_scores")}
+    assert got[0] == (None, 0.0)
+    assert got[1][1] == 0.0
+    assert got[1][0] == pytest.approx(2 / 3)            # the judge overrides a matching tag
+    assert got[2][1] == pytest.approx(1.0)
+    assert got[2][0] == pytest.approx(2 / 5)            # tag match + judged match
+    assert got[3][1] == pytest.approx(1.0)
+    assert got[4] == (pytest.approx(0.5), pytest.approx(1.0))   # an untagged text never matches
+    h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert got[5][1] == pytest.approx(h / math.log(3))
+
+
+def test_entanglement_with_a_single_property_vocabulary_is_zero(tmp_path):
+    p = tmp_path / "w.duckdb"
+    _build(p, {(0, 0): ["c1", "c2"]}, {"c1": "colors", "c2": "colors"}, {(0, 0): "colors"}, {}, n_props=1)
+    assert _view(p, "SELECT association, entanglement FROM head_scores") == [(1.0, 0.0)]
+
+
+def test_head_text_matches_and_property_concentration(tmp_path):
+    text_prop = {"c1": "colors", "c2": "colors", "a1": "animals", "a2": "animals"}
+    head_texts = {(1, 0): ["c1", "a1"], (1, 1): ["c2", "a2"]}   # variance 0.1, 0.05 by rank
+    labels = {(1, 0): "colors", (1, 1): "animals"}
+    p = tmp_path / "w.duckdb"
+    _build(p, head_texts, text_prop, labels, {((1, 1), "c2"): True})
+    rows = _view(p, 'SELECT head, rank, label, text_property, "match" FROM head_text_matches ORDER BY head, rank')
+    assert rows == [(0, 0, "colors", "colors", True), (0, 1, "colors", "animals", False),
+                    (1, 0, "animals", "colors", True), (1, 1, "animals", "animals", True)]
+    ph = {r[0]: r[1:] for r in _view(
+        p, "SELECT property, n_heads, heads, variance_concentration, share_of_heads FROM property_heads")}
+    # colours: 0.1 in head L1.H0 (labelled colors) of 0.1 + 0.1 in all heads -> 0.5
+    assert ph["colors"] == (1, ["L1.H0"], pytest.approx(0.5), pytest.approx(0.5))
+    # animals: 0.05 in L1.H1 of 0.05 + 0.05 -> 0.5
+    assert ph["animals"][2] == pytest.approx(0.5)
+
+
+def test_optimize_clusters_head_embeddings_without_losing_rows(tmp_path):
+    p = tmp_path / "w.duckdb"
+    with writer(p) as con:
+        con.execute("""INSERT INTO head_embeddings
+                       SELECT 'm', 'img' || i, (i % 3)::INT, (i % 5)::INT, [i::FLOAT, 1.0]
+                       FROM range(200) t(i)""")
+        before = con.execute("SELECT sum(list_sum(vec)), count(*) FROM head_embeddings").fetchone()
+        warehouse.optimize(con)
+    with connect(p) as con:
+        assert con.execute("SELECT sum(list_sum(vec)), count(*) FROM head_embeddings").fetchone() == before
+        keys = con.execute("SELECT layer, head FROM head_embeddings").fetchall()
+    assert keys == sorted(keys)
