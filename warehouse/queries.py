@@ -1,0 +1,320 @@
+"""Named read queries: every SQL statement the dashboard runs lives here.
+
+Each function takes the warehouse path first, opens a short-lived read-only connection
+(`warehouse.connect`), runs its query, closes, and returns a pandas DataFrame, a dict or a
+numpy array. Nothing here keeps a connection open, so ETL writers are never blocked for
+longer than one query.
+
+Scores are the additive shares of MATH.md §1: `c[l,h] . q` for head embeddings `c` and a
+query vector `q` (a text embedding or another image's head embedding), computed in SQL with
+`list_inner_product` over the rows of the heads asked for. Heads are `(layer, head)` pairs,
+0-based. Vectors come back as float32 numpy arrays.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from warehouse.db import connect
+
+Head = tuple[int, int]
+
+# Columns shown with image hits (the thumbnail is JPEG bytes, longest side 128 px).
+_IMAGE_COLUMNS = "i.label, i.caption, i.thumbnail"
+
+
+def _df(path, sql: str, params: Optional[dict | list] = None) -> pd.DataFrame:
+    with connect(path, read_only=True) as con:
+        return con.execute(sql, params or {}).fetchdf()
+
+
+def _heads_param(heads: Iterable[Head]) -> list[dict]:
+    return [{"layer": int(l), "head": int(h)} for l, h in heads]
+
+
+def _vec(v) -> list[float]:
+    return np.asarray(v, dtype=np.float32).ravel().tolist()
+
+
+# --------------------------------------------------------------------------- overview
+
+def warehouse_summary(path) -> dict:
+    """Row counts of the tables a dashboard needs; {'missing': True} when the file is absent."""
+    if not os.path.exists(path):
+        return {"missing": True, "models": 0, "images": 0, "head_embeddings": 0, "head_labels": 0}
+    with connect(path, read_only=True) as con:
+        tables = {r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+        out = {"missing": False}
+        for t in ("models", "images", "head_embeddings", "head_labels"):
+            out[t] = int(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) if t in tables else 0
+        return out
+
+
+def has_relation(path, name: str) -> bool:
+    """Whether a table or view `name` exists (views of later migrations, e.g. head_scores)."""
+    with connect(path, read_only=True) as con:
+        return bool(con.execute(
+            "SELECT count(*) FROM (SELECT table_name AS n FROM duckdb_tables() "
+            "UNION ALL SELECT view_name FROM duckdb_views() WHERE NOT internal) WHERE n = $n",
+            {"n": name}).fetchone()[0])
+
+
+def models(path) -> pd.DataFrame:
+    """One row per model: the `models` columns plus embedded image and labelled head counts."""
+    return _df(path, """
+        SELECT m.model_id, m.arch, m.pretrained, m.source, m.checkpoint_path, m.seed,
+               m.layers, m.heads, m.width, m.embed_dim, m.patch_size, m.image_size, m.pooling,
+               m.analysed_layers,
+               (SELECT count(*) FROM image_embeddings e WHERE e.model_id = m.model_id) AS n_images,
+               (SELECT count(*) FROM head_labels hl WHERE hl.model_id = m.model_id) AS n_labelled_heads,
+               m.created_at
+        FROM models m ORDER BY m.model_id""")
+
+
+def model_row(path, model_id: str) -> dict:
+    """The `models` row of one model as a dict (analysed_layers as a list of ints)."""
+    df = _df(path, "SELECT * FROM models WHERE model_id = $m", {"m": model_id})
+    if df.empty:
+        raise KeyError(f"model '{model_id}' is not in the warehouse")
+    row = df.iloc[0].to_dict()
+    row["analysed_layers"] = [int(x) for x in row["analysed_layers"]]
+    return row
+
+
+# --------------------------------------------------------------------------- heads
+
+def head_grid(path, model_id: str) -> pd.DataFrame:
+    """Every (layer, head) of the model with its label, confidence, first text, and whether analysed.
+
+    Columns: layer, head, analysed (bool), property ('not analysed' / 'unlabelled' when none),
+    confidence, top_text, top_variance.
+    """
+    return _df(path, """
+        WITH m AS (SELECT * FROM models WHERE model_id = $m),
+        grid AS (
+            SELECT l.range::INTEGER AS layer, h.range::INTEGER AS head,
+                   list_contains(m.analysed_layers, l.range::INTEGER) AS analysed
+            FROM m, range(m.layers) l, range(m.heads) h)
+        SELECT g.layer, g.head, g.analysed,
+               CASE WHEN hl.property IS NOT NULL THEN hl.property
+                    WHEN g.analysed THEN 'unlabelled' ELSE 'not analysed' END AS property,
+               hl.confidence, t.text AS top_text, ht.variance_explained AS top_variance
+        FROM grid g
+        LEFT JOIN head_labels hl ON hl.model_id = $m AND hl.layer = g.layer AND hl.head = g.head
+        LEFT JOIN head_texts ht ON ht.model_id = $m AND ht.layer = g.layer AND ht.head = g.head AND ht.rank = 0
+        LEFT JOIN texts t ON t.text_id = ht.text_id
+        ORDER BY g.layer, g.head""", {"m": model_id})
+
+
+def head_label(path, model_id: str, layer: int, head: int) -> dict:
+    """The head_labels row of one head ({} when the head is not labelled)."""
+    df = _df(path, """SELECT property, confidence, labeler, prompt_hash, raw, run_id FROM head_labels
+                      WHERE model_id = $m AND layer = $l AND head = $h""",
+             {"m": model_id, "l": int(layer), "h": int(head)})
+    return df.iloc[0].to_dict() if len(df) else {}
+
+
+def head_texts(path, model_id: str, layer: int, head: int) -> pd.DataFrame:
+    """TextSpan texts of one head in rank order: rank, text, tag (the text's property), variance_explained."""
+    return _df(path, """
+        SELECT ht.rank, t.text, t.property AS tag, ht.variance_explained
+        FROM head_texts ht JOIN texts t USING (text_id)
+        WHERE ht.model_id = $m AND ht.layer = $l AND ht.head = $h ORDER BY ht.rank""",
+               {"m": model_id, "l": int(layer), "h": int(head)})
+
+
+def head_score(path, model_id: str, layer: int, head: int) -> dict:
+    """The `head_scores` row (association, entanglement, ...) of one head; {} when absent."""
+    if not has_relation(path, "head_scores"):
+        return {}
+    df = _df(path, "SELECT * FROM head_scores WHERE model_id = $m AND layer = $l AND head = $h",
+             {"m": model_id, "l": int(layer), "h": int(head)})
+    return df.iloc[0].to_dict() if len(df) else {}
+
+
+def properties(path, model_id: str) -> pd.DataFrame:
+    """Properties labelled on this model's heads with their head counts (most heads first)."""
+    return _df(path, """
+        SELECT property, count(*) AS n_heads FROM head_labels WHERE model_id = $m
+        GROUP BY property ORDER BY n_heads DESC, property""", {"m": model_id})
+
+
+def property_heads(path, model_id: str, prop: str) -> pd.DataFrame:
+    """Heads labelled `prop`: layer, head, confidence (ordered by layer, head)."""
+    return _df(path, """
+        SELECT layer, head, confidence FROM head_labels
+        WHERE model_id = $m AND property = $p ORDER BY layer, head""", {"m": model_id, "p": prop})
+
+
+# --------------------------------------------------------------------------- images
+
+def images(path, model_id: str, limit: int = 5000) -> pd.DataFrame:
+    """Images embedded for the model (image_id, label, caption), in id order, at most `limit`."""
+    return _df(path, """
+        SELECT i.image_id, i.label, i.caption FROM images i
+        WHERE EXISTS (SELECT 1 FROM image_embeddings e WHERE e.model_id = $m AND e.image_id = i.image_id)
+        ORDER BY i.image_id LIMIT $k""", {"m": model_id, "k": int(limit)})
+
+
+def image_record(path, image_id: str) -> dict:
+    """One `images` row (path, thumbnail bytes, label, caption, width, height); KeyError when absent."""
+    df = _df(path, "SELECT * FROM images WHERE image_id = $i", {"i": image_id})
+    if df.empty:
+        raise KeyError(f"image '{image_id}' is not in the warehouse")
+    return df.iloc[0].to_dict()
+
+
+def image_head_vectors(path, model_id: str, image_id: str, heads: Sequence[Head]) -> np.ndarray:
+    """Head embeddings c[l,h] of one warehouse image, float32 [len(heads), d] in the order given."""
+    df = _df(path, """
+        SELECT layer, head, vec FROM head_embeddings
+        WHERE model_id = $m AND image_id = $i""", {"m": model_id, "i": image_id})
+    by_head = {(int(r.layer), int(r.head)): r.vec for r in df.itertuples()}
+    missing = [f"L{l}.H{h}" for l, h in heads if (int(l), int(h)) not in by_head]
+    if missing:
+        raise KeyError(f"image '{image_id}' has no head embeddings for {', '.join(missing)} of {model_id}")
+    return np.stack([np.asarray(by_head[(int(l), int(h))], dtype=np.float32) for l, h in heads])
+
+
+def head_top_images(path, model_id: str, layer: int, head: int, k: int = 8) -> pd.DataFrame:
+    """Images that head (layer, head) pushes most towards its first TextSpan text.
+
+    score = c[l,h] . t_hat(rank-0 text): the head's share of the cosine similarity with the
+    text that explains most of its variance. When the head has no texts, score = ||c[l,h]||.
+    Columns: image_id, score, basis ('text: ...' or 'norm'), label, caption, thumbnail.
+    """
+    return _df(path, f"""
+        WITH t AS (
+            SELECT te.vec, tx.text FROM head_texts ht
+            JOIN text_embeddings te ON te.model_id = ht.model_id AND te.text_id = ht.text_id
+            JOIN texts tx ON tx.text_id = ht.text_id
+            WHERE ht.model_id = $m AND ht.layer = $l AND ht.head = $h AND ht.rank = 0),
+        s AS (
+            SELECT he.image_id,
+                   CASE WHEN (SELECT count(*) FROM t) > 0
+                        THEN list_inner_product(he.vec, (SELECT vec FROM t))
+                        ELSE sqrt(list_inner_product(he.vec, he.vec)) END AS score,
+                   coalesce('text: ' || (SELECT text FROM t), 'norm') AS basis
+            FROM head_embeddings he
+            WHERE he.model_id = $m AND he.layer = $l AND he.head = $h)
+        SELECT s.image_id, s.score, s.basis, {_IMAGE_COLUMNS}
+        FROM s JOIN images i USING (image_id)
+        ORDER BY s.score DESC, s.image_id LIMIT $k""",
+               {"m": model_id, "l": int(layer), "h": int(head), "k": int(k)})
+
+
+# --------------------------------------------------------------------------- nearest neighbours
+
+def neighbours_by_head_sum(path, model_id: str, heads: Sequence[Head], query, k: int = 8,
+                           exclude: Optional[str] = None) -> pd.DataFrame:
+    """Property-based nearest neighbours (MATH.md §6.1).
+
+    The database vector of an image is the sum of its head embeddings over `heads`; its score
+    is that sum dotted with `query` ([d], the same sum for the query image). Linear, so SQL
+    sums the per-head dot products. Columns: image_id, score, label, caption, thumbnail.
+    """
+    return _df(path, f"""
+        WITH hs AS (SELECT u.layer, u.head FROM (SELECT unnest($heads) AS u)),
+        s AS (
+            SELECT he.image_id, sum(list_inner_product(he.vec, $q::FLOAT[])) AS score
+            FROM head_embeddings he JOIN hs ON he.layer = hs.layer AND he.head = hs.head
+            WHERE he.model_id = $m AND he.image_id IS DISTINCT FROM $x
+            GROUP BY he.image_id)
+        SELECT s.image_id, s.score, {_IMAGE_COLUMNS} FROM s JOIN images i USING (image_id)
+        ORDER BY s.score DESC, s.image_id LIMIT $k""",
+               {"m": model_id, "heads": _heads_param(heads), "q": _vec(query), "k": int(k),
+                "x": exclude})
+
+
+def neighbours_per_head(path, model_id: str, heads: Sequence[Head], queries, k: int = 5,
+                        exclude: Optional[str] = None) -> pd.DataFrame:
+    """Per-head nearest neighbours (MATH.md §6.4 and §6.5): for each head, the top-k images by
+    c_db[l,h] . queries[j] (queries: [len(heads), d], one query vector per head).
+
+    Columns: layer, head, rank (0-based), image_id, score, label, caption, thumbnail.
+    """
+    qs = np.asarray(queries, dtype=np.float32).reshape(len(heads), -1)
+    rows = [{"layer": int(l), "head": int(h), "q": qs[j].tolist()} for j, (l, h) in enumerate(heads)]
+    return _df(path, f"""
+        WITH qs AS (SELECT u.layer, u.head, u.q FROM (SELECT unnest($qs) AS u)),
+        s AS (
+            SELECT he.layer, he.head, he.image_id, list_inner_product(he.vec, qs.q::FLOAT[]) AS score
+            FROM head_embeddings he JOIN qs ON he.layer = qs.layer AND he.head = qs.head
+            WHERE he.model_id = $m AND he.image_id IS DISTINCT FROM $x
+            QUALIFY row_number() OVER (PARTITION BY he.layer, he.head ORDER BY score DESC, he.image_id) <= $k)
+        SELECT s.layer, s.head,
+               (row_number() OVER (PARTITION BY s.layer, s.head ORDER BY s.score DESC, s.image_id) - 1)::INTEGER AS rank,
+               s.image_id, s.score, {_IMAGE_COLUMNS}
+        FROM s JOIN images i USING (image_id)
+        ORDER BY s.layer, s.head, rank""",
+               {"m": model_id, "qs": rows, "k": int(k), "x": exclude})
+
+
+def neighbours_per_head_of_text(path, model_id: str, heads: Sequence[Head], text_vec, k: int = 5) -> pd.DataFrame:
+    """Per-head nearest neighbours of a text (MATH.md §6.5): top-k images by c_db[l,h] . t_hat."""
+    t = np.asarray(text_vec, dtype=np.float32).ravel()
+    return neighbours_per_head(path, model_id, heads, np.tile(t, (len(heads), 1)), k)
+
+
+# --------------------------------------------------------------------------- texts
+
+def stored_text_vector(path, model_id: str, text: str) -> Optional[np.ndarray]:
+    """The stored unit embedding of `text` (any bank) for the model, or None if not embedded."""
+    df = _df(path, """
+        SELECT te.vec FROM texts t JOIN text_embeddings te USING (text_id)
+        WHERE te.model_id = $m AND t.text = $t LIMIT 1""", {"m": model_id, "t": text})
+    return np.asarray(df.vec.iloc[0], dtype=np.float32) if len(df) else None
+
+
+def bank_texts(path, model_id: str, limit: int = 2000) -> pd.DataFrame:
+    """Texts embedded for the model (text, property tag), alphabetical, at most `limit`."""
+    return _df(path, """
+        SELECT t.text, t.property AS tag FROM texts t JOIN text_embeddings te USING (text_id)
+        WHERE te.model_id = $m ORDER BY t.text LIMIT $k""", {"m": model_id, "k": int(limit)})
+
+
+# --------------------------------------------------------------------------- metrics
+
+def head_scores(path) -> pd.DataFrame:
+    """The `head_scores` view (association and entanglement per labelled head, all models)."""
+    if not has_relation(path, "head_scores"):
+        return pd.DataFrame()
+    return _df(path, "SELECT * FROM head_scores ORDER BY model_id, layer, head")
+
+
+def model_scores(path) -> pd.DataFrame:
+    """The `model_scores` view (one row per model)."""
+    if not has_relation(path, "model_scores"):
+        return pd.DataFrame()
+    return _df(path, "SELECT * FROM model_scores ORDER BY model_id")
+
+
+def property_head_counts(path) -> pd.DataFrame:
+    """Heads per (property, model): property, model_id, n_heads."""
+    return _df(path, """
+        SELECT property, model_id, count(*) AS n_heads FROM head_labels
+        GROUP BY property, model_id ORDER BY property, model_id""")
+
+
+def ablations(path) -> pd.DataFrame:
+    """All mean-ablation results: model_id, dataset_id, factor, kind, layer, head, accuracy."""
+    return _df(path, """
+        SELECT model_id, dataset_id, factor, kind, layer, head, accuracy FROM ablations
+        ORDER BY model_id, dataset_id, factor, kind, layer, head""")
+
+
+def probes(path, model_id: str) -> pd.DataFrame:
+    """Linear-probe accuracies of one model's heads, with each head's label.
+
+    Columns: dataset_id, layer, head, factor, accuracy, chance, above_chance, property.
+    """
+    return _df(path, """
+        SELECT p.dataset_id, p.layer, p.head, p.factor, p.accuracy, p.chance,
+               p.accuracy - p.chance AS above_chance, coalesce(hl.property, 'unlabelled') AS property
+        FROM probes p
+        LEFT JOIN head_labels hl ON hl.model_id = p.model_id AND hl.layer = p.layer AND hl.head = p.head
+        WHERE p.model_id = $m ORDER BY p.dataset_id, p.layer, p.head, p.factor""", {"m": model_id})
