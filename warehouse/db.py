@@ -278,14 +278,14 @@ def _ensure_migrations_table(con: duckdb.DuckDBPyConnection) -> None:
 def _has_migrations_table(con: duckdb.DuckDBPyConnection) -> bool:
     return bool(con.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'schema_migrations' "
-        "AND schema_name = 'main' AND database_name = current_database()").fetchone()[0])
+        "AND schema_name = 'main' AND database_name = current_database()").fetchall()[0][0])
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     """Highest applied migration version (0 for an empty database)."""
     if not _has_migrations_table(con):
         return 0
-    return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0])
+    return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall()[0][0])
 
 
 def pending_migrations(con: duckdb.DuckDBPyConnection,
