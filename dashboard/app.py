@@ -1,0 +1,16 @@
+"""CLIP Atlas dashboard entry: routes to one file per page (`streamlit run dashboard/app.py`)."""
+import sys
+from pathlib import Path
+
+# `streamlit run` puts dashboard/ on sys.path, not the repository root that holds models/ and warehouse/.
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import streamlit as st  # noqa: E402
+
+from dashboard.nav import PAGES  # noqa: E402
+
+st.set_page_config(page_title="CLIP Atlas", page_icon=":material/hub:", layout="wide")
+st.navigation([st.Page(path, title=title, icon=icon, default=(i == 0))
+               for i, (path, title, icon) in enumerate(PAGES)]).run()

@@ -1,0 +1,125 @@
+"""Live analyses of one image with the models/ API (MATH.md §6.2, §6.3, and the query side of §6.1, §6.4).
+
+Models are loaded once per process (st.cache_resource keyed by the model spec); the per-token
+decomposition of an image is computed once per (model, image) and kept, so changing the text
+or the heads only costs a matrix product. Pure functions (no Streamlit) do the maths:
+
+    head_map(tokens, heads, t_hat, grid)    # sum over heads of c[l,h,i] . t_hat -> [gh, gw]
+    upsample(map, size)                      # [gh, gw] -> [S, S], bilinear
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import streamlit as st
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import models
+
+Head = tuple[int, int]
+
+
+def spec_key(row: dict) -> tuple:
+    """What identifies a model's weights in a warehouse `models` row (the cache key of its load)."""
+    return tuple(str(row.get(k)) for k in ("model_id", "arch", "pretrained", "source", "checkpoint_path", "seed"))
+
+
+@st.cache_resource(show_spinner="Loading the model (once per server process) ...", max_entries=4)
+def load(key: tuple, _row: dict) -> models.LoadedModel:
+    """The model of a warehouse row, loaded once per process."""
+    return models.model_from_row(_row)
+
+
+def model(row: dict) -> models.LoadedModel:
+    return load(spec_key(row), row)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _decompose_tokens(key: tuple, image_key: str, layers: tuple, _lm, _image) -> models.Decomposition:
+    x = _lm.preprocess(_image)[None]                        # [1, 3, S, S]
+    return models.decompose(_lm, x, layers=list(layers), tokens=True)
+
+
+def decompose_image(row: dict, image: Image.Image, image_key: str) -> models.Decomposition:
+    """Per-token decomposition of one image over the model's analysed layers (cached per image).
+
+    head_tokens: [1, L', H, T, d], head_cls: [1, L', H, d]; layers = row['analysed_layers'].
+    """
+    lm = model(row)
+    return _decompose_tokens(spec_key(row), image_key, tuple(int(l) for l in row["analysed_layers"]), lm, image)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _encode(key: tuple, texts: tuple[str, ...], _row: dict) -> np.ndarray:
+    return models.encode_texts(load(key, _row), list(texts)).numpy()
+
+
+def text_vectors(row: dict, texts: Sequence[str]) -> np.ndarray:
+    """Unit text embeddings [M, d] (float32), cached per (model, texts)."""
+    return _encode(spec_key(row), tuple(texts), row)
+
+
+def layer_index(dec: models.Decomposition, heads: Sequence[Head]) -> list[tuple[int, int]]:
+    """(position in dec.layers, head) for each (layer, head); ValueError for a layer not decomposed."""
+    pos = {l: j for j, l in enumerate(dec.layers)}
+    bad = sorted({l for l, _ in heads if l not in pos})
+    if bad:
+        raise ValueError(f"layers {bad} were not analysed for this model (analysed: {dec.layers})")
+    return [(pos[l], h) for l, h in heads]
+
+
+def head_map(tokens: torch.Tensor, heads: Sequence[tuple[int, int]], t_hat, grid: tuple[int, int]) -> np.ndarray:
+    """Topic map: sum over `heads` of c[l,h,i] . t_hat for the patch tokens, float64 [gh, gw].
+
+    tokens: head_tokens of one image [L', H, T, d] (T = 1 + gh*gw); heads: (layer position, head).
+    """
+    t = torch.as_tensor(np.asarray(t_hat, dtype=np.float32).ravel())
+    idx_l = torch.tensor([j for j, _ in heads])
+    idx_h = torch.tensor([h for _, h in heads])
+    per_head = tokens[idx_l, idx_h, 1:] @ t                # [n_heads, gh*gw]
+    gh, gw = grid
+    return per_head.sum(0).reshape(gh, gw).double().numpy()
+
+
+def upsample(m: np.ndarray, size: int) -> np.ndarray:
+    """[gh, gw] -> [size, size], bilinear (the patch grid stretched over the model's input crop)."""
+    t = torch.as_tensor(m, dtype=torch.float32)[None, None]
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].double().numpy()
+
+
+def model_crop(image: Image.Image, size: int) -> Image.Image:
+    """The part of the image the model sees: shortest side resized to `size`, centre-cropped."""
+    w, h = image.size
+    s = size / min(w, h)
+    img = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def topic_map(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head], t_hat) -> np.ndarray:
+    """MATH.md §6.2: the map of text `t_hat` over `heads` for an image, upsampled to the model's input size."""
+    lm = model(row)
+    dec = decompose_image(row, image, image_key)
+    m = head_map(dec.head_tokens[0], layer_index(dec, heads), t_hat, lm.grid)
+    return upsample(m, lm.image_size)
+
+
+def head_vectors(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head]) -> np.ndarray:
+    """c[l,h] of an image for each head, float32 [len(heads), d] (the query side of §6.1 and §6.4)."""
+    dec = decompose_image(row, image, image_key)
+    idx = layer_index(dec, heads)
+    return np.stack([dec.head_cls[0, j, h].numpy() for j, h in idx]).astype(np.float32)
+
+
+def query_head_vectors(row: dict, choice, heads: Sequence[Head]) -> np.ndarray:
+    """c[l,h] of the query image, [len(heads), d]: stored rows for a warehouse image (exactly what
+    its neighbours were scored with), a live decomposition for an upload."""
+    if choice.image_id is not None:
+        from dashboard.data import q
+        from warehouse import queries
+        return q(queries.image_head_vectors, row["model_id"], choice.image_id, list(heads))
+    return head_vectors(row, choice.image, choice.key, heads)

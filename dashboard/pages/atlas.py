@@ -1,0 +1,78 @@
+"""Atlas (home): the models in the warehouse, a layer x head grid coloured by property label,
+and a head card (TextSpan texts, label, scores, top images, links to every analysis)."""
+import altair as alt
+import streamlit as st
+
+from dashboard import widgets as w
+from dashboard.data import q
+from warehouse import queries
+
+st.title("CLIP Atlas")
+st.caption("Every attention head of every CLIP vision transformer in the warehouse, described by text.")
+row = w.model_picker()
+model_id = row["model_id"]
+
+with st.expander("Models in the warehouse", expanded=False):
+    ms = q(queries.models)
+    st.dataframe(ms, hide_index=True, width="stretch")
+    w.csv_download(ms, "models", key="dl_models")
+
+grid = q(queries.head_grid, model_id)
+grid["head_name"] = [w.head_name(l, h) for l, h in zip(grid["layer"], grid["head"])]
+st.subheader(f"Heads of {model_id}")
+st.caption(f"{row['layers']} layers x {row['heads']} heads; analysed layers "
+           f"{', '.join(map(str, row['analysed_layers']))}. Click a head to open its card.")
+pick = alt.selection_point(name="pick", fields=["layer", "head"], on="click")
+colour = alt.condition("datum.analysed", alt.Color("property:N", title="property label",
+                                                     scale=alt.Scale(scheme="tableau20")), alt.value("#e6e6e6"))
+chart = (alt.Chart(grid).mark_rect(stroke="white", strokeWidth=1)
+         .encode(x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"),
+                 color=colour, opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
+                 tooltip=["head_name", "property", alt.Tooltip("confidence:Q", format=".2f"), "top_text"])
+         .add_params(pick)
+         .properties(height=max(160, 28 * int(row["layers"]))))
+event = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key="atlas_grid", width="stretch")
+picked = (event.selection.get("pick") or []) if event else []
+if picked and picked[0].get("layer") in row["analysed_layers"]:
+    name = w.head_name(picked[0]["layer"], picked[0]["head"])
+    if st.session_state.get("_atlas_grid_pick") != name:       # a new click, not the same selection again
+        st.session_state["_atlas_grid_pick"] = name
+        st.session_state["_atlas_head"] = name
+w.csv_download(grid, f"heads_{model_id.replace('/', '_')}", key="dl_grid")
+
+st.subheader("Head card")
+layer, head = w.one_head_picker(row, "atlas_head")
+label = q(queries.head_label, model_id, layer, head)
+score = q(queries.head_score, model_id, layer, head)
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("label", label.get("property", "unlabelled"))
+c2.metric("confidence", f"{label['confidence']:.2f}" if label.get("confidence") is not None else "n/a")
+c3.metric("association", f"{score['association']:.2f}" if score.get("association") is not None else "n/a",
+          help="share of the head's texts that express its label (MATH.md §5)")
+c4.metric("entanglement", f"{score['entanglement']:.2f}" if score.get("entanglement") is not None else "n/a",
+          help="normalised entropy of the properties of its texts: 0 one property, 1 all mixed")
+if label:
+    st.caption(f"labeller: {label.get('labeler')}")
+
+left, right = st.columns([1, 1])
+with left:
+    st.markdown(f"**TextSpan texts of {w.head_name(layer, head)}** (variance explained)")
+    texts = q(queries.head_texts, model_id, layer, head)
+    if texts.empty:
+        st.info("No TextSpan texts for this head yet: run `python -m etl textspan`.")
+    else:
+        st.dataframe(texts, hide_index=True, width="stretch",
+                     column_config={"variance_explained": st.column_config.ProgressColumn(
+                         "variance explained", format="%.3f", min_value=0.0,
+                         max_value=float(max(texts.variance_explained.max(), 1e-9)))})
+        w.csv_download(texts, f"texts_{w.head_name(layer, head)}", key="dl_texts")
+with right:
+    top = q(queries.head_top_images, model_id, layer, head, 8)
+    st.markdown(f"**Top images** (score = c[l,h] · {top.basis.iloc[0] if len(top) else 'text'})")
+    if top.empty:
+        st.info("No head embeddings for this head yet: run `python -m etl embed`.")
+    else:
+        w.thumbnails(top, columns=4)
+
+st.markdown("**Analyses of this head**")
+w.head_links(model_id, layer, head, label.get("property"))

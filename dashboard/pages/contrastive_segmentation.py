@@ -1,0 +1,48 @@
+"""Contrastive segmentation (MATH.md §6.3): the map of text A minus the map of text B, over ALL
+the chosen heads (not one), on one symmetric colour scale: red towards A, blue towards B."""
+import time
+
+import numpy as np
+import streamlit as st
+
+from dashboard import live
+from dashboard import widgets as w
+
+st.title("Contrastive segmentation")
+st.caption("Per patch, (share of cos(image, A)) - (share of cos(image, B)) summed over every chosen head.")
+row = w.model_picker()
+heads, description = w.head_set_picker(row, "contrast")
+choice = w.image_input(row, "contrast")
+c1, c2 = st.columns(2)
+text_a = c1.text_input("Text A (red)", value="a red object", key="contrast_a", max_chars=300)
+text_b = c2.text_input("Text B (blue)", value="a blue thing", key="contrast_b", max_chars=300)
+
+if choice is not None and heads:
+    if not text_a.strip() or not text_b.strip():
+        st.warning("Type both texts to contrast them.")
+        st.stop()
+    t0 = time.perf_counter()
+    t = live.text_vectors(row, [text_a, text_b])                                 # [2, d]
+    map_a = live.topic_map(row, choice.image, choice.key, heads, t[0])           # [gh, gw]
+    map_b = live.topic_map(row, choice.image, choice.key, heads, t[1])
+    diff = map_a - map_b
+    size = int(row["image_size"])
+    crop = live.model_crop(choice.image, size)
+    elapsed = time.perf_counter() - t0
+    vmax = float(np.abs(diff).max()) or 1e-12
+    st.markdown(f"**{text_a}** (red) minus **{text_b}** (blue) over {description}")
+    a, b = st.columns(2)
+    with a:
+        st.image(w.overlay(crop, live.upsample(diff, size), vmax), caption=f"A - B on {choice.caption}")
+    with b:
+        st.altair_chart(w.grid_chart(diff, vmax, "A - B per patch (one symmetric scale)"))
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("patches towards A", f"{(diff > 0).mean():.0%}")
+    m2.metric("patches towards B", f"{(diff < 0).mean():.0%}")
+    m3.metric("sum A - B", f"{diff.sum():+.4f}")
+    m4.metric("computed in", f"{elapsed * 1000:.0f} ms")
+    with st.expander("A and B separately (one shared scale)"):
+        vab = float(max(np.abs(map_a).max(), np.abs(map_b).max())) or 1e-12
+        x, y = st.columns(2)
+        x.image(w.overlay(crop, live.upsample(map_a, size), vab), caption=f"A: {text_a}")
+        y.image(w.overlay(crop, live.upsample(map_b, size), vab), caption=f"B: {text_b}")

@@ -1,0 +1,107 @@
+"""Metrics: association and entanglement per model side by side with the per-layer spread,
+property x model head counts, mean-ablation curves, and (on labelled factors such as the shapes
+world) the head x factor probe matrix beside the head labels. Every chart's table is a CSV away."""
+import altair as alt
+import streamlit as st
+
+from dashboard import widgets as w
+from dashboard.data import q
+from warehouse import queries
+
+st.title("Metrics")
+st.caption("Scores of MATH.md §5 (SQL views head_scores / model_scores), ablations (§2) and probes.")
+row = w.model_picker()
+model_id = row["model_id"]
+
+# --------------------------------------------------------------------------- scores
+st.header("Association and entanglement")
+hs = q(queries.head_scores)
+if hs.empty:
+    st.info("No head scores yet: label heads (`python -m etl label`) so the head_scores view has rows.")
+else:
+    hs = hs[hs.property.notna()].copy()
+    ms = q(queries.model_scores)
+    st.dataframe(ms, hide_index=True, width="stretch")
+    w.csv_download(ms, "model_scores", key="dl_model_scores")
+    for score, meaning in (("association", "higher: a head's texts agree with its label"),
+                           ("entanglement", "lower: a head's texts share one property")):
+        st.subheader(f"{score.capitalize()} ({meaning})")
+        per_model = (alt.Chart(hs).mark_boxplot(extent="min-max")
+                     .encode(x=alt.X("model_id:N", title=None), y=alt.Y(f"{score}:Q", scale=alt.Scale(domain=[0, 1])),
+                             color=alt.Color("model_id:N", legend=None))
+                     .properties(title="per model", width=220, height=260))
+        per_layer = (alt.Chart(hs).mark_boxplot(extent="min-max")
+                     .encode(x=alt.X("layer:O"), xOffset="model_id:N",
+                             y=alt.Y(f"{score}:Q", scale=alt.Scale(domain=[0, 1])), color="model_id:N")
+                     .properties(title="per layer", width=420, height=260))
+        st.altair_chart(alt.hconcat(per_model, per_layer), key=f"chart_{score}")
+        w.csv_download(hs[["model_id", "layer", "head", "head_name", "property", score]], f"{score}_per_head",
+                       key=f"dl_{score}")
+
+# --------------------------------------------------------------------------- property counts
+st.header("Heads per property and model")
+counts = q(queries.property_head_counts)
+if counts.empty:
+    st.info("No labelled heads yet.")
+else:
+    base = alt.Chart(counts).encode(x=alt.X("model_id:N", title=None), y=alt.Y("property:N"))
+    st.altair_chart((base.mark_rect().encode(color=alt.Color("n_heads:Q", scale=alt.Scale(scheme="blues")))
+                     + base.mark_text().encode(text="n_heads:Q")).properties(height=30 * counts.property.nunique() + 40),
+                    key="chart_counts")
+    w.csv_download(counts, "property_head_counts", key="dl_counts")
+
+# --------------------------------------------------------------------------- ablations
+st.header("Mean ablation")
+abl = q(queries.ablations)
+if abl.empty:
+    st.info("No ablation results yet: run `python -m etl ablate`.")
+else:
+    targets = sorted({(d, f) for d, f in zip(abl.dataset_id, abl.factor)})
+    target = st.selectbox("Dataset and target", targets, format_func=lambda t: f"{t[0]} · {t[1]}", key="abl_target")
+    a = abl[(abl.dataset_id == target[0]) & (abl.factor == target[1])]
+    curve = a[a.kind == "attn_upto"]
+    refs = a[a.kind.isin(["baseline", "mlps"])]
+    lines = (alt.Chart(curve).mark_line(point=True)
+             .encode(x=alt.X("layer:O", title="attention ablated in layers <= l"),
+                     y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color="model_id:N"))
+    rules = (alt.Chart(refs).mark_rule(strokeDash=[4, 3])
+             .encode(y="accuracy:Q", color="model_id:N", tooltip=["model_id", "kind", "accuracy"]))
+    st.altair_chart((lines + rules).properties(height=280, title="cumulative attention ablation "
+                                                                 "(dashed: baseline and all MLPs ablated)"),
+                    key="chart_ablation")
+    per_head = a[(a.kind == "head") & (a.model_id == model_id)].copy()
+    if not per_head.empty:
+        base_acc = float(a[(a.kind == "baseline") & (a.model_id == model_id)].accuracy.max())
+        per_head["drop"] = base_acc - per_head.accuracy
+        st.altair_chart(alt.Chart(per_head).mark_rect()
+                        .encode(x="head:O", y=alt.Y("layer:O", sort="descending"),
+                                color=alt.Color("drop:Q", scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)),
+                                tooltip=["layer", "head", "accuracy", "drop"])
+                        .properties(title=f"accuracy drop when one head of {model_id} is mean-ablated", height=200),
+                        key="chart_head_ablation")
+    w.csv_download(a, "ablations", key="dl_ablations")
+
+# --------------------------------------------------------------------------- probes
+st.header("Probe matrix")
+pr = q(queries.probes, model_id)
+if pr.empty:
+    st.info("No probes for this model (they need a dataset with known factors, such as the shapes world).")
+else:
+    ds = st.selectbox("Dataset", sorted(pr.dataset_id.unique()), key="probe_ds")
+    p = pr[pr.dataset_id == ds].copy()
+    p["head_name"] = [w.head_name(l, h) for l, h in zip(p["layer"], p["head"])]
+    order = [w.head_name(l, h) for l, h in sorted({(int(l), int(h)) for l, h in zip(p["layer"], p["head"])})]
+    y = alt.Y("head_name:N", sort=order, title="head")
+    height = max(200, 18 * len(order))
+    matrix = (alt.Chart(p).mark_rect()
+              .encode(x=alt.X("factor:N"), y=y,
+                      color=alt.Color("above_chance:Q", title="accuracy - chance",
+                                      scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)),
+                      tooltip=["head_name", "factor", "accuracy", "chance", "property"])
+              .properties(title="held-out probe accuracy above chance", width=60 * p.factor.nunique(), height=height))
+    labels = (alt.Chart(p.drop_duplicates("head_name")).mark_text(align="left")
+              .encode(y=alt.Y("head_name:N", sort=order, axis=None), text="property:N",
+                      color=alt.Color("property:N", legend=None))
+              .properties(title="label", width=110, height=height))
+    st.altair_chart(alt.hconcat(matrix, labels), key="chart_probes")
+    w.csv_download(p, f"probes_{model_id.replace('/', '_')}", key="dl_probes")

@@ -1,0 +1,48 @@
+"""Property-based nearest neighbours (MATH.md §6.1): images that look alike *in one property*.
+
+Query and database vectors are the sums of the head embeddings of the heads labelled with
+the property; images are ranked by the dot product (their share of cosine similarity)."""
+import streamlit as st
+
+from dashboard import live
+from dashboard import widgets as w
+from dashboard.data import q
+from warehouse import queries
+
+st.title("Property neighbours")
+st.caption("Nearest neighbours through only the heads that carry one property (e.g. colours), "
+           "so images match in that property and not in everything else.")
+row = w.model_picker()
+model_id = row["model_id"]
+props = q(queries.properties, model_id)
+if props.empty:
+    st.info("No head of this model is labelled yet. Label heads with `python -m etl label` "
+            "(or `python -m etl run ...`), then reload.")
+    st.stop()
+names = list(props.property)
+linked = w.consume_link("head")
+if linked is not None:
+    try:
+        prop_of_head = w.head_labels(row).get(w.parse_head(linked))
+    except ValueError:
+        prop_of_head = None
+    if prop_of_head in names:
+        st.session_state["pnn_prop"] = prop_of_head
+counts = dict(zip(props.property, props.n_heads))
+prop = st.selectbox("Property", names, key="pnn_prop", format_func=lambda p: f"{p} ({counts[p]} heads)")
+heads = [(int(r.layer), int(r.head)) for r in q(queries.property_heads, model_id, prop).itertuples()]
+st.caption(f"{len(heads)} heads labelled '{prop}': " + ", ".join(w.head_name(*h) for h in heads))
+choice = w.image_input(row, "pnn")
+k = st.slider("Neighbours", 1, 24, 8, key="pnn_k")
+
+if choice is not None and heads:
+    query = live.query_head_vectors(row, choice, heads).sum(0)                  # [d]
+    hits = q(queries.neighbours_by_head_sum, model_id, heads, query, k, choice.image_id)
+    a, b = st.columns([1, 3])
+    with a:
+        st.image(live.model_crop(choice.image, 224), caption=f"query: {choice.caption}")
+    with b:
+        st.markdown(f"**Top {len(hits)} by '{prop}' heads** (score = sum of head embeddings, dot product)")
+        w.thumbnails(hits, columns=4)
+    st.dataframe(hits.drop(columns=["thumbnail"]), hide_index=True, width="stretch")
+    w.csv_download(hits, f"property_neighbours_{prop}", key="dl_pnn")

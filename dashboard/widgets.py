@@ -1,0 +1,298 @@
+"""Small widgets every page shares: the warehouse guard, the model picker, head addressing
+(`L11.H3`), head-set and image inputs (uploads included), the heatmap overlay, thumbnails,
+and CSV downloads.
+
+Cross-page state is kept in a few named session keys (`_atlas_model`, `_atlas_head`); links
+carry `?model=...&head=L11.H3`, which the pickers consume once and then forget.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from dashboard import nav
+from dashboard.data import fill_commands, q, stamp, warehouse_path
+from warehouse import queries
+
+Head = tuple[int, int]
+MAX_UPLOAD_MB = 20
+NEG, MID, POS = (59, 76, 192), (247, 247, 247), (180, 4, 38)   # diverging scale: towards B / 0 / towards A
+HEAD_MODES = ("one head", "a layer", "a property's heads", "all analysed heads")
+_HEAD_RE = re.compile(r"^\s*L(\d+)\s*\.\s*H(\d+)\s*$", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- head addressing
+
+def head_name(layer: int, head: int) -> str:
+    """(11, 3) -> 'L11.H3' (0-based layer and head, as everywhere in the product)."""
+    return f"L{int(layer)}.H{int(head)}"
+
+
+def parse_head(name: str) -> Head:
+    """'L11.H3' -> (11, 3); ValueError that shows the expected form otherwise."""
+    m = _HEAD_RE.match(str(name))
+    if not m:
+        raise ValueError(f"'{name}' is not a head address; write it as L<layer>.H<head>, e.g. L11.H3 (0-based)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def consume_link(name: str) -> Optional[str]:
+    """A `?name=value` query parameter from a link: remembered in the session, then removed from the URL."""
+    value = st.query_params.get(name)
+    if value is not None:
+        del st.query_params[name]
+        st.session_state[f"_atlas_{name}"] = value
+    return value
+
+
+# --------------------------------------------------------------------------- warehouse and model
+
+def require_warehouse() -> dict:
+    """Stop the page with the exact fill command when the warehouse is missing or holds no model."""
+    path = warehouse_path()
+    summary = q(queries.warehouse_summary)
+    if summary["missing"] or summary["models"] == 0:
+        what = "does not exist yet" if summary["missing"] else "holds no model yet"
+        st.warning(f"The warehouse `{path}` {what}. Fill it with the demo (toy model on 2,000 generated "
+                   "scenes, a few minutes on CPU), then reload this page:")
+        st.code("\n".join(fill_commands(path)[:1]), language="bash")
+        st.caption("or, for this warehouse file directly:")
+        st.code(fill_commands(path)[1], language="bash")
+        st.stop()
+    return summary
+
+
+def _remember_model() -> None:
+    st.session_state["_atlas_model"] = st.session_state["atlas_model_picker"]
+
+
+def model_picker() -> dict:
+    """The sidebar model picker (same on every page); returns the chosen `models` row as a dict."""
+    require_warehouse()
+    df = q(queries.models)
+    ids = list(df.model_id)
+    consume_link("model")
+    current = st.session_state.get("_atlas_model")
+    if current not in ids:
+        current = ids[0]
+    st.session_state["_atlas_model"] = current
+    st.session_state["atlas_model_picker"] = current
+    info = {r.model_id: r for r in df.itertuples()}
+    st.sidebar.selectbox(
+        "Model", ids, key="atlas_model_picker", on_change=_remember_model,
+        format_func=lambda m: f"{m}  ({info[m].n_images} images)",
+        help="Every model in the warehouse; the choice follows you across pages.")
+    st.sidebar.caption(f"Warehouse: `{warehouse_path()}`")
+    return q(queries.model_row, current)
+
+
+def analysed_heads(row: dict) -> list[Head]:
+    return [(int(l), h) for l in row["analysed_layers"] for h in range(int(row["heads"]))]
+
+
+def head_labels(row: dict) -> dict[Head, str]:
+    g = q(queries.head_grid, row["model_id"])
+    return {(int(r.layer), int(r.head)): r.property for r in g.itertuples()}
+
+
+def _remember_head(key: str) -> None:
+    st.session_state["_atlas_head"] = st.session_state[key]
+
+
+def one_head_picker(row: dict, key: str, label: str = "Head") -> Head:
+    """A selectbox over the analysed heads, `L11.H3 · colors`; starts on a linked head if any."""
+    heads = analysed_heads(row)
+    names = [head_name(*h) for h in heads]
+    labels = head_labels(row)
+    want = st.session_state.get("_atlas_head")
+    if key not in st.session_state or st.session_state.get(f"{key}__link") != want:
+        st.session_state[f"{key}__link"] = want
+        if want in names:
+            st.session_state[key] = want
+    if st.session_state.get(key) not in names:
+        st.session_state[key] = names[-1]
+    choice = st.selectbox(label, names, key=key, on_change=_remember_head, args=(key,),
+                          format_func=lambda n: f"{n} · {labels.get(parse_head(n), '')}")
+    return parse_head(choice)
+
+
+def head_set_picker(row: dict, key: str, modes: Sequence[str] = HEAD_MODES) -> tuple[list[Head], str]:
+    """Choose heads: one head, a layer, a property's heads, or all analysed -> (heads, description)."""
+    linked = consume_link("head")
+    if linked is not None and modes[0] == "one head":
+        st.session_state[f"{key}_mode"] = "one head"
+    mode = st.radio("Heads", list(modes), key=f"{key}_mode", horizontal=True)
+    if mode == "one head":
+        l, h = one_head_picker(row, f"{key}_head")
+        return [(l, h)], head_name(l, h)
+    if mode == "a layer":
+        layers = [int(l) for l in row["analysed_layers"]]
+        want = st.session_state.get("_atlas_head")
+        if f"{key}_layer" not in st.session_state and want:
+            try:
+                if parse_head(want)[0] in layers:
+                    st.session_state[f"{key}_layer"] = parse_head(want)[0]
+            except ValueError:
+                pass
+        layer = st.selectbox("Layer", layers, index=len(layers) - 1, key=f"{key}_layer",
+                             format_func=lambda l: f"layer {l}")
+        return [(layer, h) for h in range(int(row["heads"]))], f"all heads of layer {layer}"
+    if mode == "a property's heads":
+        props = q(queries.properties, row["model_id"])
+        if props.empty:
+            st.info("No head of this model is labelled yet; run `python -m etl label` or pick another head set.")
+            st.stop()
+        prop = st.selectbox("Property", list(props.property), key=f"{key}_prop",
+                            format_func=lambda p: f"{p} ({int(props.set_index('property').n_heads[p])} heads)")
+        ph = q(queries.property_heads, row["model_id"], prop)
+        heads = [(int(r.layer), int(r.head)) for r in ph.itertuples()]
+        return heads, f"the {len(heads)} heads labelled '{prop}': " + ", ".join(head_name(*h) for h in heads)
+    heads = analysed_heads(row)
+    return heads, f"all {len(heads)} analysed heads (layers {', '.join(map(str, row['analysed_layers']))})"
+
+
+def head_links(model_id: str, layer: int, head: int, prop: Optional[str] = None) -> None:
+    """Links from a head to every analysis of it (pages open with this model and head chosen)."""
+    params = {"model": model_id, "head": head_name(layer, head)}
+    for page in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN, nav.PROPERTY_NN):
+        st.page_link(page, label=f"{nav.TITLES[page]} of {head_name(layer, head)}"
+                     + (f" ({prop})" if page == nav.PROPERTY_NN and prop else ""),
+                     query_params=params)
+
+
+# --------------------------------------------------------------------------- images
+
+@dataclass
+class ImageChoice:
+    image: Image.Image          # RGB
+    key: str                    # identifies the pixels (cache key of the live decomposition)
+    caption: str
+    image_id: Optional[str]     # warehouse image id, None for uploads
+
+
+def _load_warehouse_image(image_id: str) -> tuple[Image.Image, str]:
+    import models
+    rec = q(queries.image_record, image_id)
+    path = rec.get("path")
+    try:
+        if path and __import__("os").path.isfile(path):
+            return models.load_image(path), f"{image_id} ({rec.get('label') or 'no label'})"
+    except models.ImageError:
+        pass
+    if rec.get("thumbnail") is None:
+        raise models.ImageError(f"{image_id}: the original file is gone and no thumbnail is stored")
+    return (models.load_image(bytes(rec["thumbnail"])),
+            f"{image_id} ({rec.get('label') or 'no label'}; stored 128 px thumbnail, the original file is not on this machine)")
+
+
+def image_input(row: dict, key: str) -> Optional[ImageChoice]:
+    """An image from the warehouse or an upload; shows a clear message (not a traceback) for bad files."""
+    import models
+    source = st.radio("Image", ["warehouse image", "upload"], key=f"{key}_source", horizontal=True)
+    if source == "upload":
+        up = st.file_uploader(f"Upload an image (any format Pillow reads, at most {MAX_UPLOAD_MB} MB)",
+                              key=f"{key}_upload", max_upload_size=MAX_UPLOAD_MB)
+        if up is None:
+            st.info("Upload an image to analyse it, or choose a warehouse image.")
+            return None
+        data = up.getvalue()
+        if len(data) > MAX_UPLOAD_MB * 2**20:
+            st.error(f"{up.name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB upload limit; "
+                     "resize or recompress it.")
+            return None
+        try:
+            img = models.load_image(data)
+        except models.ImageError as exc:
+            st.error(f"{up.name}: {str(exc).removeprefix('upload: ')}")
+            return None
+        return ImageChoice(img, "upload:" + hashlib.sha1(data).hexdigest(), up.name, None)
+    ims = q(queries.images, row["model_id"])
+    if ims.empty:
+        st.info("No image is embedded for this model; upload one instead.")
+        return None
+    labels = dict(zip(ims.image_id, ims.label.fillna("")))
+    image_id = st.selectbox("Warehouse image", list(ims.image_id), key=f"{key}_image",
+                            format_func=lambda i: f"{i}  {labels.get(i, '')}")
+    try:
+        img, caption = _load_warehouse_image(image_id)
+    except models.ImageError as exc:
+        st.error(str(exc))
+        return None
+    return ImageChoice(img, f"warehouse:{image_id}:{stamp(warehouse_path())}", caption, image_id)
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+def colorize(values: np.ndarray, vmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """Diverging colours on one symmetric scale [-vmax, vmax]: (rgb uint8 [..., 3], alpha [..., 1] in 0..1)."""
+    v = np.clip(np.asarray(values, dtype=np.float64) / max(float(vmax), 1e-12), -1.0, 1.0)[..., None]
+    pos, neg, mid = (np.array(c, dtype=np.float64) for c in (POS, NEG, MID))
+    rgb = np.where(v >= 0, mid + (pos - mid) * v, mid + (neg - mid) * (-v))
+    return rgb.round().astype(np.uint8), np.abs(v)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 320, opacity: float = 0.75) -> Image.Image:
+    """The heatmap blended over the image (both resized to `size`): strong colour where |value| is large."""
+    base = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float64)
+    h = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+    rgb, a = colorize(h, vmax)
+    out = base * (1 - opacity * a) + rgb * (opacity * a)
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def grid_chart(grid: np.ndarray, vmax: float, title: str) -> alt.Chart:
+    """The patch-grid map as an Altair heatmap with its colour legend on the symmetric scale."""
+    gh, gw = grid.shape
+    df = pd.DataFrame([(r, c, float(grid[r, c])) for r in range(gh) for c in range(gw)],
+                      columns=["row", "col", "value"])
+    scale = alt.Scale(domain=[-vmax, 0, vmax], range=["#%02x%02x%02x" % c for c in (NEG, MID, POS)])
+    return (alt.Chart(df, title=title).mark_rect()
+            .encode(x=alt.X("col:O", axis=None), y=alt.Y("row:O", axis=None),
+                    color=alt.Color("value:Q", scale=scale, title="share"),
+                    tooltip=["row", "col", alt.Tooltip("value:Q", format=".5f")])
+            .properties(width=260, height=260))
+
+
+# --------------------------------------------------------------------------- tables and thumbnails
+
+def thumbnails(df: pd.DataFrame, columns: int = 6, score: str = "score") -> None:
+    """Thumbnails of image hits with their id, label and score, `columns` per row."""
+    rows = list(df.itertuples())
+    for start in range(0, len(rows), columns):
+        cols = st.columns(columns)
+        for col, r in zip(cols, rows[start:start + columns]):
+            with col:
+                if getattr(r, "thumbnail", None) is not None:
+                    st.image(bytes(r.thumbnail), width="stretch")
+                st.caption(f"{r.image_id}  \n{r.label or ''}  \n{score} {getattr(r, score):.4f}")
+
+
+def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head], k: int) -> None:
+    """Per-head neighbours: one row per head (name and label), then its top-k thumbnails with scores."""
+    by_head = {key: g for key, g in hits.groupby(["layer", "head"])}
+    for l, h in heads:
+        cols = st.columns([1.3] + [1] * k)
+        cols[0].markdown(f"**{head_name(l, h)}**  \n{labels.get((l, h), '')}")
+        g = by_head.get((l, h))
+        if g is None:
+            cols[1].caption("no head embeddings")
+            continue
+        for col, r in zip(cols[1:], g.itertuples()):
+            if r.thumbnail is not None:
+                col.image(bytes(r.thumbnail), width="stretch")
+            col.caption(f"{r.label or r.image_id}  \n{r.score:.4f}")
+
+
+def csv_download(df: pd.DataFrame, name: str, key: str) -> None:
+    """A button that downloads the table behind a chart as CSV (binary columns dropped)."""
+    plain = df.drop(columns=[c for c in df.columns if c == "thumbnail"], errors="ignore")
+    st.download_button(f"Download {name}.csv", plain.to_csv(index=False).encode(), file_name=f"{name}.csv",
+                       mime="text/csv", key=key, on_click="ignore", icon=":material/download:")
