@@ -30,10 +30,10 @@ def _text_vec(model_id: str, text: str) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-@pytest.fixture()
-def wh(tmp_path):
-    """A tiny warehouse: one model, 30 images, 2 layers x 2 heads, texts, labels."""
-    p = tmp_path / "w.duckdb"
+@pytest.fixture(scope="module")
+def wh(tmp_path_factory):
+    """A tiny warehouse (shared by this module's tests): one model, 30 images, 2 layers x 2 heads."""
+    p = tmp_path_factory.mktemp("console") / "w.duckdb"
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(30, 2, 2, D)).astype(np.float32)
     with writer(p) as con:
@@ -220,10 +220,11 @@ def test_hardened_connection_blocks_files_and_settings_without_inspection(wh):
 
 def test_console_releases_the_file_for_writers(wh):
     p, _ = wh
+    before = _count(p, "properties")
     run_console_query(p, "SELECT * FROM texts")
     with writer(p, timeout_s=5) as con:  # a fresh, unlocked instance, read-write
         con.execute("INSERT INTO properties VALUES ('shapes', NULL)")
-    assert _count(p, "properties") == 3
+    assert _count(p, "properties") == before + 1
 
 
 def test_missing_warehouse_says_how_to_fill_it(tmp_path):
