@@ -1,0 +1,284 @@
+"""Train the bundled toy CLIP (``toy-shapes``) contrastively on freshly generated shapes scenes.
+
+    python -m etl train-toy [--steps 1600] [--batch-size 128] [--seed 0] [--resume]
+
+Every step draws a new batch from the shapes world (scene indices ``step*B .. step*B+B-1``
+of world ``--seed``), so the run is deterministic by seed and resumes exactly: the
+checkpoint holds model, optimiser, step and the torch RNG. CPU only; a tqdm bar shows the
+loss, the learnt temperature and the in-batch image->text accuracy.
+
+Output: ``models/toy/toy-shapes.safetensors`` (float16, loaded back into float32) plus
+periodic checkpoints under ``var/toy-train/`` (``$ATLAS_HOME`` replaces ``var``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_DIR = REPO / "models" / "toy"
+MODEL_NAME = "toy-shapes"
+DEFAULT_OUT = TOY_DIR / f"{MODEL_NAME}.safetensors"
+
+# open_clip's default (OpenAI) normalisation, which the toy config inherits
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def default_ckpt_dir() -> Path:
+    return Path(os.environ.get("ATLAS_HOME", REPO / "var")) / "toy-train"
+
+
+def create_toy_model(seed: int | None = None):
+    """A randomly initialised toy-shapes open_clip model (float32, train mode) and its tokenizer."""
+    import open_clip
+    import torch
+    open_clip.add_model_config(str(TOY_DIR))
+    if seed is not None:
+        torch.manual_seed(seed)
+    import logging
+    lvl = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)      # "no pretrained weights" is expected
+    try:
+        model = open_clip.create_model(MODEL_NAME)
+    finally:
+        logging.getLogger().setLevel(lvl)
+    tok = open_clip.get_tokenizer(MODEL_NAME)
+    return model, tok
+
+
+def images_to_tensor(images: np.ndarray):
+    """uint8 [B, S, S, 3] -> normalised float32 tensor [B, 3, S, S].
+
+    Same result as open_clip's eval transform on a PIL image that is already S x S.
+    """
+    import torch
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def encode_text_trimmed(model, tokens):
+    """``model.encode_text`` on tokens [B, C] trimmed to the longest caption in the batch.
+
+    The text tower is causal and pools at the end-of-text token, so the padding after it
+    cannot change the result; trimming only saves compute. Returns [B, d] (not normalised).
+    """
+    import torch
+    lengths = (tokens != 0).sum(1)
+    L = int(lengths.max().item()) if tokens.numel() else 1
+    t = tokens[:, :max(L, 1)]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(t).to(cast) + model.positional_embedding[:t.shape[1]].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:t.shape[1], :t.shape[1]])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0]), t.argmax(dim=-1)]
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float = 0.02) -> float:
+    """Linear warm-up then cosine decay to ``final_frac * base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def param_groups(model, weight_decay: float):
+    """AdamW groups: decay on matrices, none on gains, biases, embeddings' scale and temperature."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2:       # biases, LayerNorm gains, class embedding, logit_scale
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_fp16(model, path: Path, meta: dict) -> None:
+    """Write the state dict as float16 safetensors (atomically)."""
+    from safetensors.torch import save_file
+    sd = {k: v.detach().to("cpu").half().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+          for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def load_toy_weights(model, path: Path | str) -> None:
+    """Load fp16 safetensors weights into a float32 toy model (safe loading, no pickle)."""
+    from safetensors.torch import load_file
+    sd = load_file(str(path))
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if m != "attn_mask"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the toy-shapes config "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def train(args) -> Path:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+    from etl import shapes
+
+    if args.steps <= 0 or args.batch_size <= 1:
+        raise SystemExit("--steps must be > 0 and --batch-size > 1")
+    torch.set_num_threads(args.threads)
+    ckpt_dir = Path(args.checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / "last.pt"
+    out = Path(args.out)
+
+    model, tok = create_toy_model(args.seed)
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                            betas=(0.9, 0.98), eps=1e-6)
+    start = 0
+    elapsed = 0.0
+    log_path = ckpt_dir / "log.jsonl"
+    if args.resume:
+        if not ckpt.exists():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        for k in ("seed", "batch_size", "steps"):
+            if state["args"][k] != getattr(args, k):
+                raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
+                                 f"{state['args'][k]}, this run asks for {getattr(args, k)}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["step"])
+        elapsed = float(state.get("elapsed", 0.0))
+        print(f"resumed from {ckpt} at step {start}", file=sys.stderr)
+    elif log_path.exists():
+        log_path.unlink()
+
+    def checkpoint(step: int) -> None:
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "torch_rng": torch.get_rng_state(), "elapsed": elapsed,
+                    "args": {"seed": args.seed, "batch_size": args.batch_size, "steps": args.steps}},
+                   tmp)
+        os.replace(tmp, ckpt)
+
+    B = args.batch_size
+    warmup = max(1, int(args.warmup * args.steps)) if args.warmup < 1 else int(args.warmup)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train-toy",
+               dynamic_ncols=True, mininterval=2.0, disable=args.no_progress)
+    ema = None
+    t_last = time.perf_counter()
+    for step in bar:
+        imgs, _, caps = shapes.batch(range(step * B, (step + 1) * B), args.seed, args.image_size,
+                                     partial_prob=args.partial_prob)
+        x = images_to_tensor(imgs)
+        t = tok(caps)
+        lr = lr_at(step, args.steps, args.lr, warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        img_f = F.normalize(model.encode_image(x), dim=-1)
+        txt_f = F.normalize(encode_text_trimmed(model, t), dim=-1)
+        scale = model.logit_scale.exp()
+        logits = scale * img_f @ txt_f.T
+        labels = torch.arange(B)
+        loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+            acc = (logits.argmax(1) == labels).float().mean().item()
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", T=f"{scale.item():.1f}", acc=f"{acc:.2f}", lr=f"{lr:.1e}",
+                        refresh=False)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": done, "loss": round(ema, 4), "acc": round(acc, 3),
+                                     "scale": round(scale.item(), 2), "lr": lr,
+                                     "elapsed_s": round(elapsed, 1)}) + "\n")
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            checkpoint(done)
+            if args.snapshot_out:
+                save_fp16(model, out, {"step": done, "seed": args.seed, "partial": True})
+    bar.close()
+    model.eval()
+    meta = {"step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
+            "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
+    save_fp16(model, out, meta)
+    print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=1600,
+                   help="optimiser steps (each on a fresh batch of scenes); default 1600 "
+                        "(~30 min on 2 CPU cores)")
+    p.add_argument("--batch-size", type=int, default=128, help="scenes per step (default 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    p.add_argument("--warmup", type=float, default=0.05,
+                   help="warm-up steps; a value < 1 is a fraction of --steps (default 0.05)")
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay on weight matrices (default 0.1)")
+    p.add_argument("--partial-prob", type=float, default=0.5,
+                   help="share of captions that name only a random subset of the factors "
+                        "(the rest name all of them; default 0.5)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="scene size in pixels; must match the config's image_size (default 64)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the model init and of the shapes world used for training (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--checkpoint-dir", default=str(default_ckpt_dir()),
+                   help="where last.pt and log.jsonl go (default $ATLAS_HOME/toy-train, ATLAS_HOME=var)")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="write a resumable checkpoint every N steps (default 100)")
+    p.add_argument("--log-every", type=int, default=20, help="append a log.jsonl line every N steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <checkpoint-dir>/last.pt (same --seed/--steps/--batch-size)")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help=f"final float16 safetensors (default {DEFAULT_OUT.relative_to(REPO)})")
+    p.add_argument("--snapshot-out", action="store_true",
+                   help="also rewrite --out at every checkpoint (useful to evaluate mid-run)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``train-toy`` on an argparse sub-parser collection."""
+    p = subparsers.add_parser(
+        "train-toy", help="train the bundled toy CLIP on the shapes world (CPU)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=train)
+    return p
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m etl.train_toy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
