@@ -440,15 +440,29 @@ def test_head_text_matches_and_property_concentration(tmp_path):
     assert ph["animals"][2] == pytest.approx(0.5)
 
 
-def test_optimize_clusters_head_embeddings_without_losing_rows(tmp_path):
+def test_optimize_clusters_one_models_head_embeddings_without_losing_rows(tmp_path):
     p = tmp_path / "w.duckdb"
     with writer(p) as con:
-        con.execute("""INSERT INTO head_embeddings
-                       SELECT 'm', 'img' || i, (i % 3)::INT, (i % 5)::INT, [i::FLOAT, 1.0]
-                       FROM range(200) t(i)""")
-        before = con.execute("SELECT sum(list_sum(vec)), count(*) FROM head_embeddings").fetchone()
-        warehouse.optimize(con)
+        for m in ("a", "b"):
+            con.execute("""INSERT INTO head_embeddings
+                           SELECT ?, 'img' || lpad(i::VARCHAR, 3, '0'), (i % 3)::INT, (i % 5)::INT, [i::FLOAT, 1.0]
+                           FROM range(200) t(i)""", [m])
+        before = con.execute("SELECT model_id, sum(list_sum(vec)), count(*) FROM head_embeddings "
+                             "GROUP BY ALL ORDER BY 1").fetchall()
+        b_before = con.execute("SELECT layer, head FROM head_embeddings WHERE model_id = 'b'").fetchall()
+        assert warehouse.optimize(con, "a") == 200
     with connect(p) as con:
-        assert con.execute("SELECT sum(list_sum(vec)), count(*) FROM head_embeddings").fetchone() == before
-        keys = con.execute("SELECT layer, head FROM head_embeddings").fetchall()
+        assert con.execute("SELECT model_id, sum(list_sum(vec)), count(*) FROM head_embeddings "
+                           "GROUP BY ALL ORDER BY 1").fetchall() == before
+        a_keys = con.execute("SELECT layer, head, image_id FROM head_embeddings WHERE model_id = 'a'").fetchall()
+        b_keys = con.execute("SELECT layer, head FROM head_embeddings WHERE model_id = 'b'").fetchall()
+        storage = {r[0] for r in con.execute(
+            "SELECT compression FROM pragma_storage_info('head_embeddings') WHERE segment_type = 'FLOAT'").fetchall()}
+    assert a_keys == sorted(a_keys)
+    assert b_keys == b_before and b_keys != sorted(b_keys)      # the other model is left alone
+    assert storage == {"Uncompressed"}                         # vectors stay uncompressed
+    with writer(p) as con:
+        assert warehouse.optimize(con) == 400
+    with connect(p) as con:
+        keys = con.execute("SELECT model_id, layer, head FROM head_embeddings").fetchall()
     assert keys == sorted(keys)

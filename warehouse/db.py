@@ -324,19 +324,31 @@ def migrate(con: duckdb.DuckDBPyConnection, directory: Path = MIGRATIONS_DIR) ->
 
 # --------------------------------------------------------------------------- maintenance
 
-def optimize(con: duckdb.DuckDBPyConnection, model_id: str | None = None) -> None:
-    """Re-cluster ``head_embeddings`` by (model_id, layer, head) so one head's rows are contiguous.
+def optimize(con: duckdb.DuckDBPyConnection, model_id: str | None = None) -> int:
+    """Re-cluster ``head_embeddings`` so that the rows of one head are contiguous; return rows moved.
 
-    DuckDB keeps min/max zonemaps per row group; once the rows of a head sit together a
-    ``WHERE model_id = ? AND layer = ? AND head = ?`` scan skips every other row group,
-    which is what makes per-head neighbour queries fast. Call it at the end of a job that
-    appended head embeddings (the embed job), inside a :func:`writer`. ``model_id`` is
-    accepted for symmetry and ignored: the whole table is rewritten (sorted), which takes
-    a few seconds per million rows.
+    DuckDB keeps min/max zonemaps per column segment and row group; once a head's rows sit
+    together (sorted by layer, head, image_id) a ``WHERE model_id = ? AND layer = ? AND
+    head = ?`` scan skips every other head's data, which is what keeps per-head neighbour
+    queries fast however many heads and models the warehouse holds. The embed job appends
+    rows batch by batch (all heads of a batch of images interleaved), so it must call this at
+    its end, inside a :func:`writer`, for the model it embedded: ``optimize(con, model_id)``.
+    Only that model's rows are rewritten (``model_id=None`` rewrites every model, one at a
+    time). Idempotent; a killed job leaves correct but unclustered rows until the next call.
     """
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE _he_sorted AS
-        SELECT * FROM head_embeddings ORDER BY model_id, layer, head, image_id""")
-    con.execute("DELETE FROM head_embeddings")
-    con.execute("INSERT INTO head_embeddings SELECT * FROM _he_sorted")
-    con.execute("DROP TABLE _he_sorted")
+    if model_id is None:
+        models = [r[0] for r in con.execute(
+            "SELECT DISTINCT model_id FROM head_embeddings ORDER BY model_id").fetchall()]
+    else:
+        models = [model_id]
+    moved = 0
+    for m in models:
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE _atlas_sorted_heads AS
+            SELECT model_id, image_id, layer, head, vec FROM head_embeddings
+            WHERE model_id = ? ORDER BY layer, head, image_id""", [m])
+        con.execute("DELETE FROM head_embeddings WHERE model_id = ?", [m])
+        moved += con.execute("INSERT INTO head_embeddings (model_id, image_id, layer, head, vec) "
+                             "SELECT * FROM _atlas_sorted_heads").fetchall()[0][0]
+        con.execute("DROP TABLE _atlas_sorted_heads")
+    return moved

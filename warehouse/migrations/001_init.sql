@@ -53,7 +53,7 @@ CREATE TABLE image_factors (
 CREATE TABLE image_embeddings (
     model_id VARCHAR NOT NULL,
     image_id VARCHAR NOT NULL,
-    vec      FLOAT[] NOT NULL,            -- [d], unit norm
+    vec      FLOAT[] NOT NULL USING COMPRESSION uncompressed,  -- [d], unit norm
     PRIMARY KEY (model_id, image_id)
 );
 
@@ -62,7 +62,9 @@ CREATE TABLE head_embeddings (
     image_id VARCHAR NOT NULL,
     layer    INTEGER NOT NULL,            -- 0-based
     head     INTEGER NOT NULL,            -- 0-based
-    vec      FLOAT[] NOT NULL             -- [d], c[l,h] of MATH.md §1 (share of the unit embedding)
+    -- [d], c[l,h] of MATH.md §1 (share of the unit embedding). Stored uncompressed: DuckDB's
+    -- float compression (ALPRD) saves little on embeddings and makes neighbour scans ~2x slower.
+    vec      FLOAT[] NOT NULL USING COMPRESSION uncompressed
 );
 
 -- rest term and per-component dataset means, for the ablation study (MATH.md §2)
