@@ -262,13 +262,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _cli(args) -> int:
+    train(args)
+    return 0
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``train-toy`` on an argparse sub-parser collection."""
     p = subparsers.add_parser(
         "train-toy", help="train the bundled toy CLIP on the shapes world (CPU)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.set_defaults(func=train)
+    p.set_defaults(func=_cli)
     return p
 
 

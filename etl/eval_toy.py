@@ -1,0 +1,188 @@
+"""Zero-shot evaluation of the toy CLIP on held-out shapes scenes.
+
+    python -m etl eval-toy [--seed 1] [--n 2000]
+
+Prints one JSON line of zero-shot accuracies per factor, e.g.
+``{"color": 0.97, "shape": 0.95, "size": ..., "position": ..., "pattern": ..., "count": ...,
+"background": ..., "n": 2000, "seed": 1}``.
+
+Protocol (MATH-free, plain CLIP zero-shot): every factor value gets a prompt ensemble
+(``PROMPTS``: several templates that name only that factor, embedded, averaged,
+re-normalised); an image is assigned the value whose ensemble is most cosine-similar.
+- shape, color, size, position, pattern: ``n`` single-object scenes (count forced to 1,
+  everything else random), world ``--seed``;
+- count and background: ``n`` scenes with every factor random (1-4 objects), world
+  ``--seed`` offset by 1,000,003 so that the two sets differ.
+Training used world seed 0 (scene indices from 0 upward); evaluate on other seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from etl import shapes
+
+COUNT_SEED_OFFSET = 1_000_003
+
+# Templates per factor; "{}" receives the phrase for one value (see value_phrase).
+PROMPTS: dict[str, list[str]] = {
+    "shape": ["a {}", "a photo of a {}", "a picture of a {}", "an image of a {}", "one {}"],
+    "color": ["a {} shape", "a {} object", "a photo of a {} shape", "a picture of a {} object",
+              "an image of a {} shape"],
+    "size": ["a {} shape", "a {} object", "a photo of a {} shape", "a picture of a {} object"],
+    "pattern": ["a {} shape", "a {} object", "a photo of a {} shape", "a picture of a {} object"],
+    "position": ["a shape {}", "an object {}", "a photo of a shape {}", "a picture of an object {}"],
+    "count": ["{} shapes", "{} objects", "a photo of {} shapes", "a picture of {} objects"],
+    "background": ["a shape {}", "an object {}", "a photo of a shape {}", "a picture of an object {}"],
+}
+_BG_PHRASE = {"white": "on a white background", "black": "on a black background",
+              "striped": "on a striped background", "dotted": "on a dotted background",
+              "sky": "in the sky", "grass": "on grass", "water": "on water"}
+
+
+def value_phrase(factor: str, value: str) -> list[str]:
+    """The phrases that name one factor value inside a prompt (several -> bigger ensemble)."""
+    if factor == "position":
+        return [shapes.position_phrase(value, 0), shapes.position_phrase(value, 1)]
+    if factor == "background":
+        return list(shapes._BG_PHRASES[value])
+    if factor == "count":
+        if value == "1":
+            return ["one", "a single"]
+        return [shapes._NUMBER_WORDS[value]]
+    if factor == "pattern":
+        return list(shapes._PATTERN_WORDS[value])
+    return [value]
+
+
+def prompts_for(factor: str, value: str) -> list[str]:
+    """Every prompt of the ensemble for one factor value."""
+    out = []
+    for t in PROMPTS[factor]:
+        for ph in value_phrase(factor, value):
+            p = t.format(ph)
+            if factor == "count" and value == "1":
+                p = p.replace("shapes", "shape").replace("objects", "object")
+            out.append(p)
+    return out
+
+
+def class_embeddings(encode_text, factor: str):
+    """Unit prompt-ensemble embeddings for every value of a factor: Tensor [V, d].
+
+    encode_text: callable list[str] -> FloatTensor [M, d] (any norm).
+    """
+    import torch
+    rows = []
+    for v in shapes.FACTORS[factor]:
+        e = encode_text(prompts_for(factor, v))
+        e = torch.nn.functional.normalize(e.float(), dim=-1).mean(0)
+        rows.append(torch.nn.functional.normalize(e, dim=0))
+    return torch.stack(rows)
+
+
+def load_toy(weights: str | Path | None = None):
+    """(model float32 eval, tokenizer) of the bundled toy CLIP.
+
+    Uses the lead's ``models.load_model('toy-shapes')`` when it exists and no explicit
+    weights file is asked for; otherwise builds the open_clip config and loads the
+    safetensors file directly.
+    """
+    from etl.train_toy import DEFAULT_OUT, create_toy_model, load_toy_weights
+    if weights is None:
+        try:
+            from models import load_model   # the lead's loader (registers models/toy/*.json)
+        except ImportError:
+            weights = DEFAULT_OUT
+        else:
+            lm = load_model("toy-shapes")
+            return lm.model.eval(), lm.tokenizer
+    if not Path(weights).exists():
+        raise SystemExit(f"no toy weights at {weights}; train them with `python -m etl train-toy`")
+    model, tok = create_toy_model()
+    load_toy_weights(model, weights)
+    return model.eval(), tok
+
+
+def _embed_images(model, images: np.ndarray, batch: int = 256):
+    """uint8 [N, S, S, 3] -> unit image embeddings [N, d]."""
+    import torch
+    from etl.train_toy import images_to_tensor
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = images_to_tensor(images[i:i + batch])
+            out.append(torch.nn.functional.normalize(model.encode_image(x), dim=-1))
+    return torch.cat(out)
+
+
+def evaluate(model, tokenizer, seed: int = 1, n: int = 2000, size: int = 64) -> dict:
+    """Zero-shot accuracy per factor on held-out scenes (see module doc). Returns a dict."""
+    import torch
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+
+    def enc(texts):
+        with torch.no_grad():
+            return model.encode_text(tokenizer(texts))
+
+    single = list(shapes.generate(n, seed, size, count="1"))
+    mixed = list(shapes.generate(n, seed + COUNT_SEED_OFFSET, size))
+    res: dict = {}
+    sets = {"single": single, "mixed": mixed}
+    emb = {k: _embed_images(model, np.stack([s.image for s in v])) for k, v in sets.items()}
+    plan = {"shape": "single", "color": "single", "size": "single", "position": "single",
+            "pattern": "single", "count": "mixed", "background": "mixed"}
+    for factor, which in plan.items():
+        cls = class_embeddings(enc, factor)
+        pred = (emb[which] @ cls.T).argmax(1).numpy()
+        vals = shapes.FACTORS[factor]
+        truth = np.array([vals.index(s.factors[factor]) for s in sets[which]])
+        res[factor] = round(float((pred == truth).mean()), 4)
+    res["n"] = n
+    res["seed"] = seed
+    return res
+
+
+def run(args) -> int:
+    import torch
+    torch.set_num_threads(args.threads)
+    model, tok = load_toy(args.weights)
+    res = evaluate(model, tok, seed=args.seed, n=args.n)
+    print(json.dumps(res))
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=1,
+                   help="shapes-world seed of the held-out scenes (training used 0; default 1)")
+    p.add_argument("--n", type=int, default=2000, help="scenes per evaluation set (default 2000)")
+    p.add_argument("--weights", default=None,
+                   help="safetensors file to evaluate instead of the bundled toy-shapes weights")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval-toy`` on an argparse sub-parser collection."""
+    p = subparsers.add_parser("eval-toy", help="zero-shot accuracy of the toy CLIP per factor",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m etl.eval_toy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,211 @@
+"""Per-head linear probes: how well does one head's embedding predict each ground-truth factor?
+
+    python -m etl probe-heads [--n 2000] [--seed 2] [--layers all]
+
+For every head (l, h) and every factor, a closed-form ridge classifier (one-hot targets,
+standardised features plus a bias, ridge strength picked on a validation slice of the
+training split) maps the head embedding ``c[l,h]`` [d] to the factor; accuracy is measured
+on a held-out test split, beside the majority-class chance on the same split (predict the
+training split's most frequent value). This head x factor matrix is the ground truth against
+which TextSpan labels and the association / entanglement scores are judged.
+
+``probe_matrix`` is pure numpy and is what the warehouse job calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+import numpy as np
+
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)     # multiples of n_fit (features are standardised)
+
+
+def split_indices(n: int, seed: int, test_frac: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/test split of range(n): (train_idx, test_idx), deterministic by seed."""
+    if not 0 < test_frac < 1:
+        raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_frac)))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def _standardise(x_tr: np.ndarray, x_te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z-score with training statistics, then a bias column. x: [G, n, d] -> [G, n, d+1]."""
+    mu = x_tr.mean(1, keepdims=True)
+    sd = x_tr.std(1, keepdims=True) + 1e-8
+    def aug(x):
+        z = (x - mu) / sd
+        return np.concatenate([z, np.ones(z.shape[:2] + (1,), z.dtype)], axis=2)
+    return aug(x_tr), aug(x_te)
+
+
+def _ridge_predict(xf: np.ndarray, yf: np.ndarray, xs: list[np.ndarray], lams: Sequence[float]
+                   ) -> list[list[np.ndarray]]:
+    """Ridge fits for several strengths from one eigendecomposition per group.
+
+    xf: [G, n, p] fit features, yf: [n, k] targets (shared by the groups), xs: feature arrays
+    [G, m, p] to score. Returns out[j][i] = scores [G, m, k] of xs[i] under lams[j].
+    """
+    gram = np.einsum("gnp,gnq->gpq", xf, xf)                 # [G, p, p]
+    evals, evecs = np.linalg.eigh(gram)                       # [G, p], [G, p, p]
+    xty = np.einsum("gnp,nk->gpk", xf, yf)                    # [G, p, k]
+    proj = np.einsum("gpq,gpk->gqk", evecs, xty)              # V^T X^T Y  [G, p, k]
+    out = []
+    for lam in lams:
+        w = np.einsum("gpq,gqk->gpk", evecs, proj / (evals[..., None] + lam))   # [G, p, k]
+        out.append([np.einsum("gmp,gpk->gmk", x, w) for x in xs])
+    return out
+
+
+def probe_matrix(head_cls: np.ndarray, factors: dict[str, Sequence], seed: int = 0,
+                 layers: Sequence[int] | None = None, test_frac: float = 0.25) -> list[dict]:
+    """Linear-probe accuracy of every head for every factor.
+
+    head_cls: float [n, L', H, d], per-head embeddings c[l,h] (MATH.md §1) of n images.
+    factors:  factor name -> n labels (any hashable; None marks an unknown label, skipped).
+    seed:     seed of the train/test split (and of the validation slice that picks the ridge).
+    layers:   the model layer of each of the L' slices (default 0..L'-1).
+    Returns one dict per (layer, head, factor): layer, head, factor, accuracy, chance,
+    n_train, n_test. accuracy and chance are both measured on the same test split.
+    """
+    x = np.asarray(head_cls)
+    if x.ndim != 4:
+        raise ValueError(f"head_cls must be [n, layers, heads, d], got shape {x.shape}")
+    n, L, H, d = x.shape
+    if n < 8:
+        raise ValueError(f"need at least 8 images to probe, got {n}")
+    if not factors:
+        raise ValueError("factors is empty: give at least one factor -> labels")
+    layers = list(range(L)) if layers is None else [int(v) for v in layers]
+    if len(layers) != L:
+        raise ValueError(f"layers has {len(layers)} entries but head_cls has {L} layer slices")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("head_cls contains NaN or inf")
+    feats = x.astype(np.float64).reshape(n, L * H, d).transpose(1, 0, 2)     # [G, n, d]
+    rows = []
+    for fi, (name, labels) in enumerate(factors.items()):
+        labels = list(labels)
+        if len(labels) != n:
+            raise ValueError(f"factor {name!r} has {len(labels)} labels for {n} images")
+        known = np.array([v is not None for v in labels])
+        idx = np.flatnonzero(known)
+        if len(idx) < 8:
+            raise ValueError(f"factor {name!r} has only {len(idx)} known labels (need >= 8)")
+        classes = sorted({labels[i] for i in idx}, key=str)
+        cid = {c: k for k, c in enumerate(classes)}
+        y = np.array([cid[labels[i]] for i in idx])
+        tr, te = split_indices(len(idx), seed + 7919 * fi, test_frac)
+        maj = np.bincount(y[tr], minlength=len(classes)).argmax()
+        chance = float((y[te] == maj).mean())
+        if len(classes) == 1:
+            acc = np.ones(L * H)
+        else:
+            # ridge strength on a validation slice of the training split, then refit on it all
+            fit, val = split_indices(len(tr), seed + 104729 * (fi + 1), 0.2)
+            f_tr, f_val = _standardise(feats[:, idx[tr[fit]]], feats[:, idx[tr[val]]])
+            onehot = np.eye(len(classes))[y]
+            n_fit = len(fit)
+            lams = [a * n_fit for a in RIDGE_GRID]
+            val_scores = _ridge_predict(f_tr, onehot[tr[fit]], [f_val], lams)
+            val_acc = np.stack([(s[0].argmax(2) == y[tr[val]][None]).mean(1) for s in val_scores])  # [J, G]
+            best = val_acc.argmax(0)                                                   # [G]
+            a_tr, a_te = _standardise(feats[:, idx[tr]], feats[:, idx[te]])
+            n_tr = len(tr)
+            te_scores = _ridge_predict(a_tr, onehot[tr], [a_te], [a * n_tr for a in RIDGE_GRID])
+            te_acc = np.stack([(s[0].argmax(2) == y[te][None]).mean(1) for s in te_scores])  # [J, G]
+            acc = te_acc[best, np.arange(L * H)]
+        for g in range(L * H):
+            rows.append(dict(layer=layers[g // H], head=g % H, factor=name,
+                             accuracy=float(acc[g]), chance=chance,
+                             n_train=int(len(tr)), n_test=int(len(te))))
+    return rows
+
+
+def format_matrix(rows: list[dict]) -> str:
+    """A text table: one line per head (L<l>.H<h>), one column per factor, chance last."""
+    factors = list(dict.fromkeys(r["factor"] for r in rows))
+    heads = list(dict.fromkeys((r["layer"], r["head"]) for r in rows))
+    acc = {(r["layer"], r["head"], r["factor"]): r["accuracy"] for r in rows}
+    chance = {r["factor"]: r["chance"] for r in rows}
+    w = max(10, max(len(f) for f in factors) + 1)
+    out = ["head    " + "".join(f"{f:>{w}}" for f in factors)]
+    for (l, h) in heads:
+        out.append(f"L{l}.H{h}".ljust(8) + "".join(f"{acc[(l, h, f)]:>{w}.3f}" for f in factors))
+    out.append("chance  " + "".join(f"{chance[f]:>{w}.3f}" for f in factors))
+    return "\n".join(out)
+
+
+def head_embeddings_for_scenes(lm, scenes, layers="all", batch_size: int = 256):
+    """Decompose scenes with the lead's models.decompose.
+
+    Returns (head_cls float32 [n, L', H, d], layers list[int]).
+    """
+    import torch
+    from models import decompose
+    out, lay = [], None
+    for i in range(0, len(scenes), batch_size):
+        x = torch.stack([lm.preprocess(s.to_pil()) for s in scenes[i:i + batch_size]])
+        with torch.no_grad():
+            dec = decompose(lm, x, layers=layers)
+        out.append(dec.head_cls.float().cpu().numpy())
+        lay = list(dec.layers)
+    return np.concatenate(out), lay
+
+
+def run(args) -> int:
+    import torch
+    from models import load_model
+    from etl import shapes
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model) if args.checkpoint is None else load_model(args.model, checkpoint=args.checkpoint)
+    size = lm.image_size if isinstance(lm.image_size, int) else lm.image_size[0]
+    scenes = list(shapes.generate(args.n, args.seed, size))
+    head_cls, layers = head_embeddings_for_scenes(lm, scenes, args.layers)
+    factors = {f: [s.factors[f] for s in scenes] for f in shapes.FACTORS}
+    rows = probe_matrix(head_cls, factors, seed=args.seed, layers=layers)
+    if args.format == "json":
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(f"# linear-probe test accuracy per head and factor; {lm.model_id}, "
+              f"{shapes.dataset_name(args.n, args.seed)}, split seed {args.seed}")
+        print(format_matrix(rows))
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="toy-shapes",
+                   help="open_clip architecture with bundled weights (default toy-shapes)")
+    p.add_argument("--checkpoint", default=None, help="weights file instead of the bundled weights")
+    p.add_argument("--n", type=int, default=2000, help="number of shapes scenes (default 2000)")
+    p.add_argument("--seed", type=int, default=2,
+                   help="shapes-world seed of the scenes and of the train/test split (default 2)")
+    p.add_argument("--layers", default="all", help="layers to probe: all | lastN | 0,1,2 (default all)")
+    p.add_argument("--format", choices=["table", "json"], default="table",
+                   help="table (one row per head) or json (one line per head x factor)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``probe-heads`` on an argparse sub-parser collection."""
+    p = subparsers.add_parser("probe-heads", help="per-head linear probes against the shapes factors",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m etl.probe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    raise SystemExit(run(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
