@@ -73,6 +73,9 @@ class Decomposer(nn.Module):
 
     def __init__(self, visual: nn.Module, layers: Sequence[int], tokens: bool = False):
         super().__init__()
+        # Un-analysed blocks run as the model's own modules (torch's fused attention) unless
+        # `by_hand` is set: the ONNX exporter cannot trace the fused kernel.
+        self.by_hand = False
         self.visual = visual
         self.layers = list(layers)
         self.tokens = tokens
@@ -99,7 +102,7 @@ class Decomposer(nn.Module):
             self.register_buffer("Fh", torch.stack(folds), persistent=False)      # [L', H, dh, d]
             self.register_buffer("bias", torch.stack(biases), persistent=False)   # [L', W]
 
-    def _attention(self, blk: nn.Module, x: torch.Tensor):
+    def _attention(self, blk: nn.Module, x: torch.Tensor, tokens: bool):
         """One attention block by hand. x: [B, T, W] -> (x_new, o0 [B,H,dh], v [B,H,T,dh], a0 [B,H,T] | None)."""
         B, T, W = x.shape
         H, dh = self.n_heads, self.d_head
@@ -108,7 +111,7 @@ class Decomposer(nn.Module):
         q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)              # 3 x [B, H, T, dh]
         o = F.scaled_dot_product_attention(q, k, v)                            # [B, H, T, dh]
         a0 = None
-        if self.tokens:
+        if tokens:
             a0 = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) * dh ** -0.5, dim=-1)[:, :, 0]  # [B, H, T]
         out = F.linear(o.transpose(1, 2).reshape(B, T, W), blk.attn.out_proj.weight, blk.attn.out_proj.bias)
         return x + blk.ls_1(out), o[:, :, 0], v, a0
@@ -121,7 +124,7 @@ class Decomposer(nn.Module):
         j = 0
         for l, blk in enumerate(vis.transformer.resblocks):
             if j < len(self.layers) and self.layers[j] == l:
-                x, o0, v, a0 = self._attention(blk, x)
+                x, o0, v, a0 = self._attention(blk, x, self.tokens)
                 mlp = blk.ls_2(blk.mlp(blk.ln_2(x)))              # [B, T, W]
                 x = x + mlp
                 rest = rest + mlp[:, 0].float() + self.bias[j]
@@ -130,7 +133,11 @@ class Decomposer(nn.Module):
                 a0s.append(a0)
                 j += 1
             else:
-                x_new = blk(x)
+                if self.by_hand:
+                    x_new = self._attention(blk, x, False)[0]
+                    x_new = x_new + blk.ls_2(blk.mlp(blk.ln_2(x_new)))
+                else:
+                    x_new = blk(x)
                 rest = rest + (x_new[:, 0] - x[:, 0]).float()
                 x = x_new
         cls = x[:, 0].float()                                     # [B, W]
@@ -146,7 +153,8 @@ class Decomposer(nn.Module):
             return embedding, head_cls, rest
         v = torch.stack(vs, 1).float()                            # [B, L', H, T, dh]
         a0 = torch.stack(a0s, 1).float()                          # [B, L', H, T]
-        head_tokens = torch.einsum("blhtk,lhkd->blhtd", v * a0[..., None], self.Fh) / scale[:, :, None, None, None]
+        weighted = v * (a0 / scale[:, :, None, None])[..., None]   # a_{0,i} v_i / (s ||z||), small: [B, L', H, T, dh]
+        head_tokens = torch.einsum("blhtk,lhkd->blhtd", weighted, self.Fh)
         return embedding, head_cls, rest, head_tokens
 
 

@@ -82,6 +82,33 @@ def _check_supported(arch: str, cfg: dict) -> None:
         )
 
 
+def _offline_if_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> None:
+    """Without network, use the Hugging Face cache only (instead of a minute of retries)."""
+    import logging
+    import socket
+    import threading
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(_resolves(host)), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not (result and result[0]):
+        try:
+            import huggingface_hub.constants as hf_constants
+            hf_constants.HF_HUB_OFFLINE = True
+        except ImportError:
+            pass
+
+
+def _resolves(host: str) -> bool:
+    import socket
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -188,6 +215,7 @@ def load_model(
             raise ModelError(
                 f"unknown pretrained tag '{pretrained}' for '{arch}'. Known tags: {', '.join(tags) or 'none'}"
             )
+        _offline_if_unreachable()
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir,

@@ -1,0 +1,1 @@
+"""Batch jobs: `python -m etl <job> --help`."""

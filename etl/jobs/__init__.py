@@ -1,0 +1,1 @@
+"""One module per job; each exposes add_parser(subparsers)."""

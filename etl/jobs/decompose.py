@@ -1,0 +1,97 @@
+"""`decompose` (images -> .npz of per-head contributions) and `verify` (identity + ONNX parity)."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from etl.common import add_model_args, load_model_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("decompose", help="decompose images into per-head contributions (.npz)",
+                       description="Write the exact decomposition of MATH.md §1 for the given images to an .npz: "
+                                   "embedding [B,d] (unit), head_cls [B,L',H,d], head_tokens [B,L',H,T,d] "
+                                   "(T = 1 + patches, index 0 = class token), rest [B,d], layers [L'] (0-based).")
+    add_model_args(p)
+    p.add_argument("--image", action="append", required=True, metavar="FILE",
+                   help="an image file (repeat the flag for several)")
+    p.add_argument("--layers", default="last4", help="last4 (default), all, lastN, or 0-based indices like 8,9,10,11")
+    p.add_argument("--no-tokens", action="store_true", help="skip head_tokens (smaller file)")
+    p.add_argument("--out", required=True, metavar="OUT.npz", help="output file")
+    p.set_defaults(func=run_decompose)
+
+    v = sub.add_parser("verify", help="check the decomposition identity and ONNX parity for a model",
+                       description="On a few generated images: max |head_cls.sum(layers, heads) + rest - embedding| "
+                                   "over all layers, and max |onnxruntime - torch| over every output. Prints one JSON "
+                                   "line; exits 1 when identity > 1e-4 or parity > 1e-3.")
+    add_model_args(v)
+    v.add_argument("--n-images", type=int, default=4, help="generated test images (default 4)")
+    v.add_argument("--providers", default=None, choices=["cpu", "cuda"], help="onnxruntime provider (default: CUDA if usable, else CPU)")
+    v.set_defaults(func=run_verify)
+
+
+def preprocess_files(lm, files: list[str]) -> torch.Tensor:
+    """Load image files (clear errors) and apply the model's eval transform -> [B, 3, S, S]."""
+    from models import load_image
+    return torch.stack([lm.preprocess(load_image(f)) for f in files])
+
+
+def run_decompose(args) -> int:
+    from models import decompose
+    lm = load_model_from_args(args)
+    images = preprocess_files(lm, args.image)
+    dec = decompose(lm, images, args.layers, tokens=not args.no_tokens)
+    arrays = dec.numpy()
+    arrays["layers"] = np.asarray(arrays["layers"], dtype=np.int64)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    shapes = {k: list(v.shape) for k, v in arrays.items()}
+    print(json.dumps({"out": str(out), "model_id": lm.model_id, "shapes": shapes}))
+    return 0
+
+
+def generated_images(lm, n: int, seed: int = 0) -> torch.Tensor:
+    """Smooth colour fields plus noise, as model inputs [n, 3, S, S] (normalised like real images)."""
+    g = torch.Generator().manual_seed(seed)
+    S = lm.image_size
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, S), torch.linspace(-1, 1, S), indexing="ij")
+    imgs = []
+    for _ in range(n):
+        f = torch.randn(3, 3, generator=g)
+        base = torch.stack([f[c, 0] * xx + f[c, 1] * yy + f[c, 2] * xx * yy for c in range(3)])
+        imgs.append(base + 0.3 * torch.randn(3, S, S, generator=g))
+    return torch.stack(imgs)
+
+
+def verify(lm, n_images: int = 4, providers=None) -> dict:
+    from models import decompose
+    from models.onnx import OnnxRunner, export_onnx, select_providers
+    x = generated_images(lm, n_images)
+    full = decompose(lm, x, "all")
+    err = (full.head_cls.sum((1, 2)) + full.rest - full.embedding).norm(dim=-1) / full.embedding.norm(dim=-1)
+    ref = decompose(lm, x, "last4", tokens=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = OnnxRunner(export_onnx(lm, Path(tmp) / "verify.onnx", "last4", tokens=True),
+                            providers=select_providers(providers))
+        got = runner(x)
+        parity = max((getattr(got, k) - getattr(ref, k).cpu()).abs().max().item()
+                     for k in ("embedding", "head_cls", "rest", "head_tokens"))
+        provider = runner.provider
+    return {"model_id": lm.model_id, "identity_max_rel_err": err.max().item(),
+            "onnx_max_abs_err": parity, "onnx_provider": provider}
+
+
+def run_verify(args) -> int:
+    lm = load_model_from_args(args)
+    if lm.device.type != "cpu" or args.precision != "fp32":
+        from models import load_model
+        lm = load_model(**{k: v for k, v in lm.spec.items()})  # ONNX export runs from float32 on CPU
+    report = verify(lm, args.n_images, args.providers)
+    print(json.dumps(report))
+    ok = report["identity_max_rel_err"] <= 1e-4 and report["onnx_max_abs_err"] <= 1e-3
+    return 0 if ok else 1

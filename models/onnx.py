@@ -1,0 +1,110 @@
+"""ONNX export of the image tower with per-head outputs, and the onnxruntime runner.
+
+The exported graph is the Decomposer itself (models/decompose.py), so torch and ONNX compute
+the same thing: outputs `embedding` [B, d], `head_cls` [B, L', H, d], `rest` [B, d] and,
+optionally, `head_tokens` [B, L', H, T, d]; the batch axis is dynamic.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from models.decompose import Decomposition, LayerSpec, decomposer
+
+OUTPUTS = ["embedding", "head_cls", "rest", "head_tokens"]
+
+
+def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens: bool = False,
+                opset: int = 17) -> Path:
+    """Write the decomposition graph of `lm` to `path` (float32, CPU export). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dec = decomposer(lm, layers, tokens)
+    if next(lm.visual.parameters()).dtype != torch.float32 or lm.device.type != "cpu":
+        raise ValueError("export from a float32 model on the CPU (load_model(..., device='cpu'))")
+    names = OUTPUTS if tokens else OUTPUTS[:3]
+    dummy = torch.randn(2, 3, lm.image_size, lm.image_size)
+    tmp = path.with_suffix(".tmp.onnx")
+    dec.by_hand = True
+    try:
+        _export(dec, dummy, tmp, names, opset)
+    finally:
+        dec.by_hand = False
+    import onnx
+    model = onnx.load(str(tmp))
+    meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "clip_atlas", json.dumps(meta)
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _export(dec, dummy, tmp, names, opset):
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            dec, (dummy,), str(tmp), input_names=["images"], output_names=names,
+            dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def select_providers(prefer: Optional[str] = None) -> list[str]:
+    """CUDA when onnxruntime can use it (and a GPU is visible), else CPU. `prefer`: 'cpu' | 'cuda'."""
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    if prefer == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available and (prefer == "cuda" or torch.cuda.is_available()):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if prefer == "cuda":
+        raise RuntimeError("the CUDA execution provider is not available here (no GPU or no onnxruntime-gpu)")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRunner:
+    """Runs an exported decomposition graph with onnxruntime; same outputs as models.decompose."""
+
+    def __init__(self, path: str | os.PathLike, providers: Optional[Sequence[str]] = None, threads: int = 0):
+        import onnxruntime as ort
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX file not found: {self.path}; create it with `python -m etl export`")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers or select_providers()))
+        meta = self.session.get_modelmeta().custom_metadata_map.get("clip_atlas", "{}")
+        self.meta = json.loads(meta)
+        self.layers = list(self.meta.get("layers", []))
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> Decomposition:
+        """images: float32 [B, 3, S, S] (preprocessed) -> Decomposition of torch tensors."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().float().cpu().numpy()
+        out = dict(zip(self.outputs, self.session.run(self.outputs, {"images": np.ascontiguousarray(images, np.float32)})))
+        t = {k: torch.from_numpy(v) for k, v in out.items()}
+        return Decomposition(t["embedding"], t["head_cls"], t["rest"], self.layers, t.get("head_tokens"))
