@@ -498,18 +498,21 @@ def render(factors: dict[str, str], rng: np.random.Generator, size: int = 64
     return img, centers
 
 
-def scene(index: int, seed: int = 0, size: int = 64, partial_prob: float = 0.5, **fixed: str) -> Scene:
+def scene(index: int, seed: int = 0, size: int = 64, partial_prob: float = 0.5,
+          fix: dict[str, str] | None = None, **fixed: str) -> Scene:
     """Scene number ``index`` of the world with ``seed``; the same (seed, index, size, fixed)
     always gives identical pixels, factors and caption.
 
-    fixed: optional factor overrides, e.g. ``scene(3, 0, count="1")`` (used by evaluation).
+    fixed: optional factor overrides, e.g. ``scene(3, 0, count="1")`` (used by evaluation);
+    ``fix`` takes the same as a dict, which is the only way to fix the factor ``size``
+    (the keyword ``size`` is the image side): ``scene(3, 0, fix={"size": "small"})``.
     """
     if int(size) < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
     if int(index) < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFF, int(index)])
-    f = sample_factors(rng, **fixed)
+    f = sample_factors(rng, **{**(fix or {}), **fixed})
     img, centers = render(f, rng, size)
     cap = caption_for(f, rng, partial_prob)
     return Scene(image=img, factors=f, caption=cap, seed=int(seed), index=int(index), centers=centers)

@@ -132,7 +132,8 @@ def load_toy_weights(model, path: Path | str) -> None:
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def train(args) -> Path:
+def train(args) -> Path | None:
+    """Run (or resume) training; returns the weights path, or None when --stop-at ended it early."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -221,6 +222,12 @@ def train(args) -> Path:
             checkpoint(done)
             if args.snapshot_out:
                 save_fp16(model, out, {"step": done, "seed": args.seed, "partial": True})
+        if args.stop_at and done >= args.stop_at and done < args.steps:
+            checkpoint(done)
+            bar.close()
+            print(f"stopped at step {done} of {args.steps}; continue with --resume "
+                  f"(checkpoint {ckpt})", file=sys.stderr)
+            return None
     bar.close()
     model.eval()
     meta = {"step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
@@ -255,6 +262,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=20, help="append a log.jsonl line every N steps")
     p.add_argument("--resume", action="store_true",
                    help="continue from <checkpoint-dir>/last.pt (same --seed/--steps/--batch-size)")
+    p.add_argument("--stop-at", type=int, default=0,
+                   help="checkpoint and stop after this step (0: run to --steps); "
+                        "continue later with --resume")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help=f"final float16 safetensors (default {DEFAULT_OUT.relative_to(REPO)})")
     p.add_argument("--snapshot-out", action="store_true",
