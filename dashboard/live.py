@@ -101,11 +101,11 @@ def model_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def topic_map(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head], t_hat) -> np.ndarray:
-    """MATH.md §6.2: the map of text `t_hat` over `heads` for an image, upsampled to the model's input size."""
+    """MATH.md §6.2: the map of text `t_hat` over `heads` for an image on the patch grid, [gh, gw]
+    (upsample() stretches it over the model's input crop)."""
     lm = model(row)
     dec = decompose_image(row, image, image_key)
-    m = head_map(dec.head_tokens[0], layer_index(dec, heads), t_hat, lm.grid)
-    return upsample(m, lm.image_size)
+    return head_map(dec.head_tokens[0], layer_index(dec, heads), t_hat, lm.grid)
 
 
 def head_vectors(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head]) -> np.ndarray:
