@@ -1,0 +1,206 @@
+"""The bundled toy CLIP: config, exact decomposition, shipped weights, zero-shot targets,
+training (checkpoint + resume), evaluation prompts and the commands' --help."""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from etl import eval_toy, shapes, train_toy
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "models" / "toy" / "toy-shapes.json"
+WEIGHTS = REPO / "models" / "toy" / "toy-shapes.safetensors"
+TARGETS = {"color": 0.90, "shape": 0.90, "position": 0.80, "background": 0.80, "count": 0.70}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from models import load_model
+    torch.set_num_threads(2)
+    return load_model("toy-shapes")
+
+
+def _images(n, seed, **fixed):
+    return np.stack([s.image for s in shapes.generate(n, seed, **fixed)])
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_is_a_class_token_vit_with_the_standard_tokenizer():
+    cfg = json.loads(CONFIG.read_text())
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    assert v["layers"] >= 6 and v["width"] // v["head_width"] >= 4
+    assert v.get("pool_type", "tok") == "tok" and not v.get("attentional_pool")
+    assert v["image_size"] == 64 and v["image_size"] % v["patch_size"] == 0
+    assert t["context_length"] == 32 and t["vocab_size"] == 49408
+    model, tok = train_toy.create_toy_model(seed=0)
+    assert tok(["a red circle"]).shape == (1, 32)
+    assert model.visual.transformer.resblocks[0].attn.num_heads == v["width"] // v["head_width"]
+
+
+@pytest.mark.parametrize("weights", ["random", "shipped"])
+def test_registered_config_loads_and_decomposes_exactly(weights, toy):
+    from models import decompose, load_model
+    lm = load_model("toy-shapes", random_init=True, seed=3) if weights == "random" else toy
+    assert lm.layers >= 6 and lm.heads >= 4 and lm.image_size in (64, (64, 64))
+    scenes = list(shapes.generate(6, seed=31))
+    x = torch.stack([lm.preprocess(s.to_pil()) for s in scenes])          # [6, 3, 64, 64]
+    dec = decompose(lm, x, layers="all")
+    assert dec.head_cls.shape == (6, lm.layers, lm.heads, lm.embed_dim)
+    recon = dec.head_cls.sum((1, 2)) + dec.rest
+    assert torch.allclose(recon, dec.embedding, atol=1e-4)
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(lm.model.encode_image(x), dim=-1)
+    assert torch.allclose(dec.embedding, ref, atol=1e-4)
+    assert dec.head_cls.abs().sum() > 0
+
+
+def test_training_tensor_matches_the_eval_transform(toy):
+    imgs = _images(4, seed=32)
+    a = train_toy.images_to_tensor(imgs)                                  # [4, 3, 64, 64]
+    b = torch.stack([toy.preprocess(shapes.Scene(im, {}, "").to_pil()) for im in imgs])
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- shipped weights
+
+def test_shipped_weights_are_small_fp16_safetensors_loaded_as_fp32(toy):
+    from safetensors import safe_open
+    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size <= 25 * 2**20
+    with safe_open(str(WEIGHTS), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        keys = set(f.keys())
+    assert dtypes == {"F16"}
+    assert keys == set(toy.model.state_dict())
+    assert all(p.dtype == torch.float32 for p in toy.model.parameters())
+    assert toy.model_id == "toy-shapes/bundled"
+    # the direct loader (used by eval-toy without the registry) gives the same model
+    model, _ = train_toy.create_toy_model()
+    train_toy.load_toy_weights(model, WEIGHTS)
+    sd = toy.model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_shipped_weights_reach_the_zero_shot_targets(toy):
+    # a small fixed held-out sample (world seed 7, never used in training): targets - 0.05
+    res = eval_toy.evaluate(toy.model, toy.tokenizer, seed=7, n=300)
+    for factor, target in TARGETS.items():
+        assert res[factor] >= target - 0.05, (factor, res)
+    # the factors without a target are still learnt well above chance
+    assert res["size"] > 0.5 + 0.2 and res["pattern"] > 0.25 + 0.2, res
+
+
+def test_zero_shot_is_not_a_constant_guess(toy):
+    # a model that ignores the image scores chance; the shipped model must not be that
+    from models import load_model
+    rnd = load_model("toy-shapes", random_init=True, seed=0)
+    lm_rand_res = eval_toy.evaluate(rnd.model, rnd.tokenizer, seed=7, n=100)
+    assert lm_rand_res["color"] < 0.5 and lm_rand_res["shape"] < 0.5
+
+
+def test_heads_carry_factors_by_probe(toy):
+    from etl.probe import head_embeddings_for_scenes, probe_matrix
+    scenes = list(shapes.generate(300, seed=33))
+    head_cls, layers = head_embeddings_for_scenes(toy, scenes, "all")
+    assert head_cls.shape[:3] == (300, toy.layers, toy.heads) and layers == list(range(toy.layers))
+    rows = probe_matrix(head_cls, {f: [s.factors[f] for s in scenes] for f in ("color", "position")}, seed=0)
+    for f in ("color", "position"):
+        best = max(r["accuracy"] - r["chance"] for r in rows if r["factor"] == f)
+        assert best > 0.4, f
+
+
+# ----------------------------------------------------------------------------- evaluation prompts
+
+def test_prompt_ensembles_name_their_value_only():
+    for factor, values in shapes.FACTORS.items():
+        for v in values:
+            ps = eval_toy.prompts_for(factor, v)
+            assert len(ps) >= 4 and len(set(ps)) == len(ps)
+            phrases = eval_toy.value_phrase(factor, v)
+            assert all(any(ph in p for ph in phrases) for p in ps), (factor, v)
+            others = [ph for o in values if o != v for ph in eval_toy.value_phrase(factor, o)]
+            for p in ps:
+                assert not any(f" {ph} " in f" {p} " for ph in others), (p, factor)
+
+
+def test_evaluate_rejects_bad_n(toy):
+    with pytest.raises(ValueError):
+        eval_toy.evaluate(toy.model, toy.tokenizer, seed=1, n=0)
+
+
+# ----------------------------------------------------------------------------- training
+
+def _train_args(tmp_path, **kw):
+    p = argparse.ArgumentParser()
+    train_toy.add_arguments(p)
+    args = p.parse_args(["--steps", "4", "--batch-size", "6", "--checkpoint-every", "2",
+                         "--threads", "1", "--no-progress", "--warmup", "1", "--log-every", "1"])
+    args.checkpoint_dir = str(tmp_path / "ckpt")
+    args.out = str(tmp_path / "out.safetensors")
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_training_resumes_to_identical_weights(tmp_path):
+    from safetensors.torch import load_file
+    full = _train_args(tmp_path / "a")
+    train_toy.train(full)
+    split = _train_args(tmp_path / "b", stop_at=2)
+    assert train_toy.train(split) is None                 # stopped early, checkpoint only
+    assert not Path(split.out).exists() and (tmp_path / "b" / "ckpt" / "last.pt").exists()
+    resumed = _train_args(tmp_path / "b", resume=True)
+    train_toy.train(resumed)
+    a, b = load_file(full.out), load_file(resumed.out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.float16 for v in a.values() if v.is_floating_point())
+    log = [json.loads(ln) for ln in (tmp_path / "b" / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    # the weights changed from the initialisation
+    init, _ = train_toy.create_toy_model(seed=0)
+    assert not torch.equal(init.state_dict()["visual.proj"].half(), a["visual.proj"])
+
+
+def test_resume_refuses_a_mismatched_run(tmp_path):
+    train_toy.train(_train_args(tmp_path, stop_at=2))
+    with pytest.raises(SystemExit, match="--steps"):
+        train_toy.train(_train_args(tmp_path, resume=True, steps=8))
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train_toy.train(_train_args(tmp_path / "none", resume=True))
+
+
+def test_trimmed_text_encoding_equals_the_full_one():
+    model, tok = train_toy.create_toy_model(seed=1)
+    model.eval()
+    t = tok(["a red circle", "four small striped blue stars in the top left corner on a grassy field"])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(t), train_toy.encode_text_trimmed(model, t), atol=1e-5)
+
+
+def test_lr_schedule_warms_up_and_decays():
+    lrs = [train_toy.lr_at(s, 100, 1e-3, 10) for s in range(100)]
+    assert lrs[0] < lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.05e-3
+
+
+# ----------------------------------------------------------------------------- commands
+
+@pytest.mark.parametrize("job", ["train-toy", "eval-toy", "probe-heads"])
+def test_every_flag_has_help(job, capsys):
+    from etl.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.choices[job]
+    for action in p._actions:
+        assert action.help, (job, action.dest)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([job, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage" in out and job in out
