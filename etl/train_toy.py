@@ -148,6 +148,8 @@ def train(args) -> Path | None:
     out = Path(args.out)
 
     model, tok = create_toy_model(args.seed)
+    if args.init and not args.resume:
+        load_toy_weights(model, args.init)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                             betas=(0.9, 0.98), eps=1e-6)
@@ -158,10 +160,10 @@ def train(args) -> Path | None:
         if not ckpt.exists():
             raise SystemExit(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        for k in ("seed", "batch_size", "steps"):
-            if state["args"][k] != getattr(args, k):
+        for k in ("seed", "batch_size", "steps", "start_index"):
+            if state["args"].get(k, 0) != getattr(args, k):
                 raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
-                                 f"{state['args'][k]}, this run asks for {getattr(args, k)}")
+                                 f"{state['args'].get(k, 0)}, this run asks for {getattr(args, k)}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["torch_rng"])
@@ -175,7 +177,8 @@ def train(args) -> Path | None:
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                     "torch_rng": torch.get_rng_state(), "elapsed": elapsed,
-                    "args": {"seed": args.seed, "batch_size": args.batch_size, "steps": args.steps}},
+                    "args": {"seed": args.seed, "batch_size": args.batch_size, "steps": args.steps,
+                             "start_index": args.start_index}},
                    tmp)
         os.replace(tmp, ckpt)
 
@@ -186,7 +189,8 @@ def train(args) -> Path | None:
     ema = None
     t_last = time.perf_counter()
     for step in bar:
-        imgs, _, caps = shapes.batch(range(step * B, (step + 1) * B), args.seed, args.image_size,
+        first = args.start_index + step * B
+        imgs, _, caps = shapes.batch(range(first, first + B), args.seed, args.image_size,
                                      partial_prob=args.partial_prob)
         x = images_to_tensor(imgs)
         t = tok(caps)
@@ -231,6 +235,7 @@ def train(args) -> Path | None:
     bar.close()
     model.eval()
     meta = {"step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
+            "start_index": args.start_index, "init": args.init or "",
             "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
     save_fp16(model, out, meta)
     print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))
@@ -262,6 +267,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=20, help="append a log.jsonl line every N steps")
     p.add_argument("--resume", action="store_true",
                    help="continue from <checkpoint-dir>/last.pt (same --seed/--steps/--batch-size)")
+    p.add_argument("--init", default=None,
+                   help="start from these safetensors weights instead of a random init "
+                        "(a second training phase); the scenes still come from --seed, "
+                        "starting at --start-index")
+    p.add_argument("--start-index", type=int, default=0,
+                   help="first scene index of the training stream (default 0); a second phase "
+                        "should start after the scenes the first one used (steps x batch size)")
     p.add_argument("--stop-at", type=int, default=0,
                    help="checkpoint and stop after this step (0: run to --steps); "
                         "continue later with --resume")
