@@ -1,0 +1,149 @@
+"""The exact decomposition (MATH.md §1) against an independent slow reference, on several configs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models import decompose, load_model, resolve_layers
+from tests.model_fixtures import perturb, register_tiny_configs
+
+ARCHS = ["atlas-test-tiny", "atlas-test-ls", "atlas-test-noln", "ViT-S-32", "ViT-B-32-quickgelu"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return register_tiny_configs(tmp_path_factory.mktemp("configs"))
+
+
+def _model(arch, seed=0):
+    lm = load_model(arch, random_init=True, seed=seed)
+    perturb(lm.model, seed)
+    return lm
+
+
+def _images(lm, n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, lm.image_size, lm.image_size, generator=g)
+
+
+@torch.no_grad()
+def slow_reference(lm, x):
+    """Block-by-block recomputation from the module weights with explicit attention matrices.
+
+    Returns embedding [B, d] and per-head class-token contributions [B, L, H, d] computed
+    literally: contrib(u) = (g * (u - mean_c u) / s) @ P / ||z||.
+    """
+    vis = lm.visual
+    x = vis._embeds(x)
+    B, T, W = x.shape
+    per_head_resid = []                                           # L x [B, H, W]
+    for blk in vis.transformer.resblocks:
+        attn = blk.attn
+        H = attn.num_heads
+        dh = W // H
+        h = blk.ln_1(x)
+        Wq, Wk, Wv = attn.in_proj_weight.chunk(3)
+        bq, bk, bv = attn.in_proj_bias.chunk(3)
+        q = (h @ Wq.T + bq).view(B, T, H, dh)
+        k = (h @ Wk.T + bk).view(B, T, H, dh)
+        v = (h @ Wv.T + bv).view(B, T, H, dh)
+        A = torch.softmax(torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(dh), dim=-1)   # [B, H, T, T]
+        o = torch.einsum("bhqk,bkhe->bqhe", A, v)                 # [B, T, H, dh]
+        gamma = blk.ls_1.gamma if hasattr(blk.ls_1, "gamma") else torch.ones(W)
+        heads = []
+        for hh in range(H):
+            Wo_h = attn.out_proj.weight[:, hh * dh:(hh + 1) * dh]  # [W, dh]
+            heads.append((o[:, :, hh] @ Wo_h.T) * gamma)           # [B, T, W]
+        out = sum(heads) + attn.out_proj.bias * gamma
+        per_head_resid.append(torch.stack([hd[:, 0] for hd in heads], 1))
+        x = x + out
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    cls = x[:, 0]
+    z = vis.ln_post(cls) @ vis.proj
+    zn = z.norm(dim=-1, keepdim=True)
+    g, eps = vis.ln_post.weight, vis.ln_post.eps
+    s = torch.sqrt(cls.var(-1, unbiased=False, keepdim=True) + eps)
+    contribs = []
+    for u in per_head_resid:                                      # [B, H, W]
+        centred = u - u.mean(-1, keepdim=True)
+        contribs.append((g * centred / s[:, None]) @ vis.proj / zn[:, None])
+    return z / zn, torch.stack(contribs, 1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_and_slow_reference(tiny, arch):
+    lm = _model(arch)
+    x = _images(lm)
+    dec = decompose(lm, x, "all")
+    emb_ref, heads_ref = slow_reference(lm, x)
+    with torch.no_grad():
+        emb_model = torch.nn.functional.normalize(lm.model.encode_image(x), dim=-1)
+    assert torch.allclose(dec.embedding, emb_model, atol=1e-5)
+    assert torch.allclose(dec.embedding, emb_ref, atol=1e-5)
+    assert torch.allclose(dec.head_cls, heads_ref, atol=1e-5), (dec.head_cls - heads_ref).abs().max()
+    identity = (dec.head_cls.sum((1, 2)) + dec.rest - dec.embedding).norm(dim=-1)
+    assert identity.max() < 1e-5
+    # the heads must carry a real share of the embedding (a zero decomposition would pass the identity)
+    assert dec.head_cls.sum((1, 2)).norm(dim=-1).min() > 1e-3
+
+
+def test_identity_holds_for_subsets_of_layers(tiny):
+    lm = _model("atlas-test-ls", seed=3)
+    x = _images(lm)
+    full = decompose(lm, x, "all")
+    sub = decompose(lm, x, [0, 2])
+    assert sub.layers == [0, 2] and sub.head_cls.shape == (3, 2, lm.heads, lm.embed_dim)
+    assert torch.allclose(sub.head_cls, full.head_cls[:, [0, 2]], atol=1e-6)
+    assert (sub.head_cls.sum((1, 2)) + sub.rest - sub.embedding).abs().max() < 1e-5
+    # the rest of a subset differs from the full rest by exactly the missing layer's heads
+    assert torch.allclose(sub.rest, full.rest + full.head_cls[:, 1].sum(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["atlas-test-tiny", "atlas-test-noln"])
+def test_token_contributions_sum_to_heads(tiny, arch):
+    lm = _model(arch, seed=5)
+    x = _images(lm, n=2)
+    dec = decompose(lm, x, "all", tokens=True)
+    T = 1 + lm.grid[0] * lm.grid[1]
+    assert dec.head_tokens.shape == (2, lm.layers, lm.heads, T, lm.embed_dim)
+    assert torch.allclose(dec.head_tokens.sum(3), dec.head_cls, atol=1e-6)
+    # not all the mass sits on one token
+    share = dec.head_tokens.norm(dim=-1)
+    assert (share[:, :, :, 1:].sum(-1) > 0).all()
+
+
+def test_tokens_against_explicit_attention(tiny):
+    """c[l,h,i] = a_{0,i} v_i W_O^h ... checked for one head literally."""
+    lm = _model("atlas-test-tiny", seed=2)
+    x = _images(lm, n=1)
+    dec = decompose(lm, x, [1], tokens=True)
+    vis = lm.visual
+    with torch.no_grad():
+        h = vis._embeds(x)
+        h = vis.transformer.resblocks[0](h)
+        blk = vis.transformer.resblocks[1]
+        ln = blk.ln_1(h)
+        W = ln.shape[-1]
+        H, dh = lm.heads, W // lm.heads
+        q, k, v = (ln @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias).chunk(3, dim=-1)
+        head = 2
+        sl = slice(head * dh, (head + 1) * dh)
+        a0 = torch.softmax(q[0, 0, sl] @ k[0, :, sl].T / math.sqrt(dh), -1)          # [T]
+        u = a0[:, None] * (v[0, :, sl] @ blk.attn.out_proj.weight[:, sl].T)         # [T, W]
+        cls = vis.transformer.resblocks[2](blk(h))[0, 0]
+        s = torch.sqrt(cls.var(unbiased=False) + vis.ln_post.eps)
+        zn = (vis.ln_post(cls) @ vis.proj).norm()
+        ref = (vis.ln_post.weight * (u - u.mean(-1, keepdim=True)) / s) @ vis.proj / zn   # [T, d]
+    assert torch.allclose(dec.head_tokens[0, 0, head], ref, atol=1e-6)
+
+
+def test_resolve_layers():
+    assert resolve_layers("last4", 12) == [8, 9, 10, 11]
+    assert resolve_layers("all", 3) == [0, 1, 2]
+    assert resolve_layers("8,9, 10", 12) == [8, 9, 10]
+    with pytest.raises(ValueError, match="0..11"):
+        resolve_layers("12", 12)
+    with pytest.raises(ValueError, match="last4, all"):
+        resolve_layers("top", 12)

@@ -1,0 +1,206 @@
+"""ONNX parity, checkpoint round trip, the command line, and every bad input's clear error."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import ImageError, ModelError, decompose, load_image, load_model
+from models.onnx import OnnxRunner, export_onnx, sha256_file
+from tests.model_fixtures import perturb, register_tiny_configs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return register_tiny_configs(tmp_path_factory.mktemp("configs"))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    m = load_model("atlas-test-ls", random_init=True, seed=4)
+    perturb(m.model, 4)
+    return m
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_onnx_parity_dynamic_batch(lm, tmp_path, tokens):
+    path = export_onnx(lm, tmp_path / "m.onnx", "all", tokens=tokens)
+    runner = OnnxRunner(path, providers=["CPUExecutionProvider"])
+    assert runner.layers == [0, 1, 2] and runner.provider == "CPUExecutionProvider"
+    for batch in (1, 5):  # the batch axis is dynamic
+        x = torch.randn(batch, 3, lm.image_size, lm.image_size)
+        ref, got = decompose(lm, x, "all", tokens=tokens), runner(x)
+        for name in ("embedding", "head_cls", "rest") + (("head_tokens",) if tokens else ()):
+            a, b = getattr(ref, name), getattr(got, name)
+            assert a.shape == b.shape
+            assert (a - b).abs().max() < 1e-4, name
+    assert len(sha256_file(path)) == 64
+
+
+def test_checkpoint_round_trip(lm, tmp_path):
+    from safetensors.torch import save_file
+    x = torch.randn(2, 3, lm.image_size, lm.image_size)
+    ref = decompose(lm, x, "last4" if lm.layers >= 4 else "all")
+    state = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
+    pt, st = tmp_path / "w.pt", tmp_path / "w.safetensors"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, pt)
+    save_file(state, str(st))
+    for path in (pt, st):
+        back = load_model("atlas-test-ls", checkpoint=path)
+        assert back.source == "checkpoint" and back.model_id.startswith("atlas-test-ls/ckpt-")
+        got = decompose(back, x, "all")
+        assert torch.allclose(got.embedding, ref.embedding, atol=1e-6)
+    assert load_model("atlas-test-ls", checkpoint=pt).model_id != load_model("atlas-test-ls", checkpoint=st).model_id
+
+
+def test_random_init_is_seeded(tiny):
+    a = load_model("atlas-test-tiny", random_init=True, seed=7)
+    b = load_model("atlas-test-tiny", random_init=True, seed=7)
+    c = load_model("atlas-test-tiny", random_init=True, seed=8)
+    pa, pb, pc = (m.visual.proj for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    assert a.model_id == "atlas-test-tiny/random-seed7"
+    assert a.row()["heads"] == 4 and a.row()["layers"] == 3 and a.grid == (4, 4)
+
+
+def test_unknown_architecture_suggests_close_names():
+    with pytest.raises(ModelError, match=r"unknown model architecture 'ViT-B-61'.*Did you mean: .*ViT-B-16"):
+        load_model("ViT-B-61", random_init=True)
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(ModelError, match=r"unknown pretrained tag 'nope'.*laion2b_s34b_b88k"):
+        load_model("ViT-B-16", pretrained="nope")
+
+
+def test_unfetchable_weights_point_to_checkpoint(monkeypatch):
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-atlas-cache")
+    with pytest.raises(ModelError, match=r"could not be fetched.*--checkpoint FILE"):
+        load_model("ViT-B-32", pretrained="openai")
+
+
+@pytest.mark.parametrize("arch,reason", [
+    ("coca_ViT-B-32", "attention"),
+    ("RN50", "ResNet"),
+    ("ViT-B-16-SigLIP", "not supported"),
+])
+def test_unsupported_towers_refused_with_reason(arch, reason):
+    with pytest.raises(ModelError, match=reason):
+        load_model(arch, random_init=True)
+
+
+def test_missing_and_mismatched_checkpoints(tiny, tmp_path):
+    with pytest.raises(ModelError, match="checkpoint file not found"):
+        load_model("atlas-test-tiny", checkpoint=tmp_path / "missing.pt")
+    other = load_model("atlas-test-noln", random_init=True)
+    torch.save(other.model.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ModelError, match="does not match architecture 'atlas-test-tiny'"):
+        load_model("atlas-test-tiny", checkpoint=tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot read checkpoint"):
+        load_model("atlas-test-tiny", checkpoint=tmp_path / "junk.pt")
+
+
+def test_weight_source_rules(tiny):
+    with pytest.raises(ModelError, match="only one of"):
+        load_model("atlas-test-tiny", pretrained="x", random_init=True)
+    with pytest.raises(ModelError, match="no weights given.*--random-init"):
+        load_model("atlas-test-tiny")
+    with pytest.raises(ModelError, match="needs a GPU"):
+        load_model("atlas-test-tiny", random_init=True, precision="fp16")
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A PNG whose header declares width x height pixels but holds almost no data."""
+    import struct
+    import zlib
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+
+
+def test_image_errors_are_clear():
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(b"hello, I am text")
+    good = _png(Image.new("RGB", (64, 64), (200, 10, 10)))
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        load_image(good[: len(good) // 2])
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(bomb_png())
+    with pytest.raises(ImageError, match="over the .* MB limit"):
+        load_image(good, max_bytes=100)
+
+
+def test_image_modes_are_converted_to_rgb():
+    cmyk = load_image(_png(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), format="JPEG"))
+    assert cmyk.mode == "RGB" and cmyk.getpixel((4, 4))[0] > 200
+    a16 = np.full((8, 8), 40000, dtype=np.uint16)
+    a16[0, 0] = 65535
+    g16 = load_image(_png(Image.fromarray(a16)))
+    assert g16.mode == "RGB" and abs(g16.getpixel((4, 4))[0] - round(40000 / 65535 * 255)) <= 1
+    pal = Image.new("P", (8, 8))
+    pal.putpalette([0, 0, 255] * 256)
+    assert load_image(_png(pal)).getpixel((1, 1)) == (0, 0, 255)
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    first = load_image(buf.getvalue())
+    assert first.mode == "RGB" and first.getpixel((2, 2))[0] > 200
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert load_image(_png(rgba)).getpixel((0, 0)) == (255, 255, 255)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "etl", *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_cli_decompose_and_verify(tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (300, 200), (10, 120, 200)).save(img)
+    Image.new("RGB", (50, 80), (250, 120, 0)).save(tmp_path / "b.jpg")
+    out = tmp_path / "d.npz"
+    r = _cli("decompose", "--model", "ViT-S-32", "--random-init", "--image", str(img),
+             "--image", str(tmp_path / "b.jpg"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    z = np.load(out)
+    assert z["embedding"].shape == (2, 384) and z["head_cls"].shape == (2, 4, 6, 384)
+    assert z["head_tokens"].shape == (2, 4, 6, 50, 384) and list(z["layers"]) == [8, 9, 10, 11]
+    assert np.allclose(np.linalg.norm(z["embedding"], axis=1), 1, atol=1e-5)
+    assert np.abs(z["head_cls"].sum((1, 2)) + z["rest"] - z["embedding"]).max() < 1e-5
+    assert np.abs(z["head_tokens"].sum(3) - z["head_cls"]).max() < 1e-5
+
+    r = _cli("verify", "--model", "ViT-S-32", "--random-init", "--seed", "2")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["identity_max_rel_err"] < 1e-4 and report["onnx_max_abs_err"] < 1e-3
+    assert report["onnx_provider"] == "CPUExecutionProvider"
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = _cli("decompose", "--model", "ViT-B-61", "--random-init", "--image", "x.png", "--out", str(tmp_path / "o.npz"))
+    assert r.returncode == 2 and "unknown model architecture" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "notes.txt").write_text("not an image")
+    r = _cli("decompose", "--model", "ViT-S-32", "--random-init", "--image", str(tmp_path / "notes.txt"),
+             "--out", str(tmp_path / "o.npz"))
+    assert r.returncode == 2 and "not an image" in r.stderr and not (tmp_path / "o.npz").exists()
+    r = _cli("--help")
+    assert r.returncode == 0 and "decompose" in r.stdout and "verify" in r.stdout
