@@ -1,0 +1,60 @@
+# CLIP Atlas. Two commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ATLAS_HOME ?= var
+export ATLAS_HOME
+PORT ?= 8501
+MODEL ?= toy-shapes
+PRETRAINED ?=
+CHECKPOINT ?=
+IMAGES ?=
+DATASET ?= shapes:2000:seed=0
+WAREHOUSE ?= $(ATLAS_HOME)/warehouse.duckdb
+
+MODEL_FLAGS := --model $(MODEL) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+DATA_FLAGS := $(if $(IMAGES),--dataset $(IMAGES),--dataset $(DATASET) --dataset skimage)
+
+.PHONY: setup demo etl dashboard test test-fast bench browser-deps clean help
+
+help:
+	@echo "make demo     set up, build the default warehouse (toy model + shapes world + scikit-image photos), serve the dashboard"
+	@echo "make test     set up and run the test suite (installs Debian's chromium for the browser test)"
+	@echo "make bench    benchmarks (decomposition, shapes world, TextSpan, warehouse, dashboard)"
+	@echo "make dashboard PORT=8501 ATLAS_HOME=var"
+	@echo "make demo MODEL=ViT-B-16 PRETRAINED=laion2b_s34b_b88k IMAGES=path/to/images/"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+etl: setup
+	$(PY) -m etl run $(MODEL_FLAGS) $(DATA_FLAGS) --warehouse $(WAREHOUSE)
+
+demo: etl dashboard
+
+dashboard: setup
+	ATLAS_WAREHOUSE=$(WAREHOUSE) $(PY) -m streamlit run dashboard/app.py --server.port $(PORT) \
+		--server.headless true --browser.gatherUsageStats false
+
+browser-deps:
+	@test -x /usr/bin/chromium || { echo "installing Debian's chromium for the browser test"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'; }
+
+test: setup browser-deps
+	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q
+
+test-fast: setup
+	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q -m "not browser"
+
+bench: setup
+	$(PY) -m etl bench
+
+clean:
+	rm -rf var tests/_artifacts
