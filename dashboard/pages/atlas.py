@@ -25,12 +25,14 @@ st.caption(f"{row['layers']} layers x {row['heads']} heads; analysed layers "
 pick = alt.selection_point(name="pick", fields=["layer", "head"], on="click")
 colour = alt.condition("datum.analysed", alt.Color("property:N", title="property label",
                                                      scale=alt.Scale(scheme="tableau20")), alt.value("#e6e6e6"))
-chart = (alt.Chart(grid).mark_rect(stroke="white", strokeWidth=1)
-         .encode(x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"),
-                 color=colour, opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
+base = alt.Chart(grid).encode(x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0, orient="top")),
+                              y=alt.Y("layer:O", title="layer", sort="descending"))
+cells = (base.mark_rect(stroke="white", strokeWidth=2)
+         .encode(color=colour, opacity=alt.condition(pick, alt.value(1.0), alt.value(0.45)),
                  tooltip=["head_name", "property", alt.Tooltip("confidence:Q", format=".2f"), "top_text"])
-         .add_params(pick)
-         .properties(height=max(160, 28 * int(row["layers"]))))
+         .add_params(pick))
+names = base.mark_text(fontSize=10, color="#222").encode(text=alt.Text("property:N"))
+chart = alt.layer(cells, names).properties(height=34 * int(row["layers"]) + 20)
 event = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key="atlas_grid", width="stretch")
 picked = (event.selection.get("pick") or []) if event else []
 if picked and picked[0].get("layer") in row["analysed_layers"]:

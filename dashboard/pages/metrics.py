@@ -26,14 +26,16 @@ else:
     for score, meaning in (("association", "higher: a head's texts agree with its label"),
                            ("entanglement", "lower: a head's texts share one property")):
         st.subheader(f"{score.capitalize()} ({meaning})")
-        per_model = (alt.Chart(hs).mark_boxplot(extent="min-max")
-                     .encode(x=alt.X("model_id:N", title=None), y=alt.Y(f"{score}:Q", scale=alt.Scale(domain=[0, 1])),
-                             color=alt.Color("model_id:N", legend=None))
-                     .properties(title="per model", width=220, height=260))
+        colour = alt.Color("model_id:N", title="model", legend=alt.Legend(orient="bottom", labelLimit=400))
+        y = alt.Y(f"{score}:Q", scale=alt.Scale(domain=[0, 1]))
+        per_model = (alt.Chart(hs).mark_boxplot(extent="min-max", size=28)
+                     .encode(x=alt.X("model_id:N", title=None, axis=alt.Axis(labels=False, ticks=False)), y=y,
+                             color=colour)
+                     .properties(title="per model (all labelled heads)", width=60 * hs.model_id.nunique() + 60,
+                                 height=260))
         per_layer = (alt.Chart(hs).mark_boxplot(extent="min-max")
-                     .encode(x=alt.X("layer:O"), xOffset="model_id:N",
-                             y=alt.Y(f"{score}:Q", scale=alt.Scale(domain=[0, 1])), color="model_id:N")
-                     .properties(title="per layer", width=420, height=260))
+                     .encode(x=alt.X("layer:O", axis=alt.Axis(labelAngle=0)), xOffset="model_id:N", y=y, color=colour)
+                     .properties(title="per layer (spread over the layer's heads)", width=480, height=260))
         st.altair_chart(alt.hconcat(per_model, per_layer), key=f"chart_{score}")
         w.csv_download(hs[["model_id", "layer", "head", "head_name", "property", score]], f"{score}_per_head",
                        key=f"dl_{score}")

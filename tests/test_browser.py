@@ -1,0 +1,188 @@
+"""The dashboard in a real browser: `streamlit run dashboard/app.py` on 127.0.0.1 (free port) with
+the fixture warehouse, Debian's /usr/bin/chromium driven by the playwright Python package.
+
+Every page is opened, waited for until its script has finished running, checked for Streamlit
+exception elements and for its own content, and saved to docs/screenshots/<page>.png. Then a
+real upload, a head-card link and the model picker across a sidebar page switch.
+
+Needs the system browser (no browser downloads): `apt-get install -y chromium`.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (str(ROOT), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import fixtures_dashboard as fx  # noqa: E402
+from dashboard import nav  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SHOTS = ROOT / "docs" / "screenshots"
+PAGE_TIMEOUT_MS = 120_000
+# what proves each page rendered its results, beyond the absence of exceptions
+EXPECT = {
+    nav.ATLAS: ['[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]', '[data-testid="stImage"]'],
+    nav.PROPERTY_NN: ['[data-testid="stImage"]', '[data-testid="stDataFrame"]'],
+    nav.TOPIC: ['[data-testid="stImage"]', '[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]'],
+    nav.CONTRASTIVE: ['[data-testid="stImage"]', '[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]'],
+    nav.IMAGE_NN: ['[data-testid="stImage"]'],
+    nav.TEXT_NN: ['[data-testid="stImage"]'],
+    nav.METRICS: ['[data-testid="stVegaLiteChart"]', '[data-testid="stDownloadButton"]'],
+    nav.SQL: ['[data-testid="stDataFrame"]', '[data-testid="stDownloadButton"]'],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A streamlit server on the fixture warehouse; yields its base URL."""
+    warehouse = fx.build_fixture_warehouse(tmp_path_factory.mktemp("browser"))
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "streamlit.log"
+    env = dict(os.environ, ATLAS_WAREHOUSE=str(warehouse))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true",
+             "--browser.gatherUsageStats", "false", "--", "--warehouse", str(warehouse)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start (exit {proc.poll()}); its log:\n{log.read_text()[-4000:]}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's browser with `apt-get install -y chromium` "
+                    "(the test drives the system chromium; it never downloads one)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def tab(browser):
+    ctx = browser.new_context(viewport={"width": 1440, "height": 2000})
+    page = ctx.new_page()
+    yield page
+    ctx.close()
+
+
+def url_of(base: str, path: str) -> str:
+    return base + "/" if path == nav.ATLAS else f"{base}/{Path(path).stem}"
+
+
+def wait_done(page, title: str) -> None:
+    """Wait for the page's title, then for its script run to finish, then for images to load."""
+    page.locator("h1", has_text=title).first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)", timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_timeout(300)                     # let vega finish drawing before screenshots
+
+
+def assert_no_exception(page, where: str) -> None:
+    exc = page.locator('[data-testid="stException"]')
+    assert exc.count() == 0, f"{where}: {exc.first.inner_text()[:2000]}"
+
+
+def title_of(path: str) -> str:
+    return "CLIP Atlas" if path == nav.ATLAS else nav.TITLES[path]
+
+
+@pytest.mark.parametrize("path", [p for p, _, _ in nav.PAGES])
+def test_every_page_renders_without_exception(server, tab, path):
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.goto(url_of(server, path))
+    wait_done(tab, title_of(path))
+    assert_no_exception(tab, path)
+    for selector in EXPECT[path]:
+        assert tab.locator(selector).count() > 0, f"{path}: nothing matches {selector}"
+    assert not errors, f"{path}: JavaScript errors {errors}"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SHOTS / f"{Path(path).stem}.png"
+    tab.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def _upload(tab, name: str, data: bytes, mime: str) -> None:
+    tab.get_by_text("upload", exact=True).click()
+    tab.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+        {"name": name, "mimeType": mime, "buffer": data})
+
+
+def test_real_uploads_segment_or_explain(server, tab):
+    tab.goto(url_of(server, nav.TOPIC))
+    wait_done(tab, title_of(nav.TOPIC))
+    buf = io.BytesIO()
+    fx.draw_scene("triangle", "green", "black", "right", size=224).save(buf, format="PNG")
+    _upload(tab, "scene.png", buf.getvalue(), "image/png")
+    tab.get_by_text("scene.png (the model's").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    wait_done(tab, title_of(nav.TOPIC))
+    assert_no_exception(tab, "upload scene.png")
+    tab.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+        {"name": "notes.png", "mimeType": "image/png", "buffer": b"plain text, not pixels"})
+    alert = tab.locator('[data-testid="stAlertContentError"]', has_text="not an image")
+    alert.first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    wait_done(tab, title_of(nav.TOPIC))
+    assert_no_exception(tab, "upload notes.png")
+
+
+def test_head_card_link_and_model_choice_carry_across_pages(server, tab):
+    tab.goto(url_of(server, nav.ATLAS))
+    wait_done(tab, "CLIP Atlas")
+    sidebar_select = tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first
+    sidebar_select.click()
+    tab.get_by_role("option", name=re.compile("random-seed1")).click()
+    tab.locator('[data-testid="stSidebar"]', has_text="random-seed1").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    wait_done(tab, "CLIP Atlas")
+    link = tab.get_by_role("link", name=re.compile(r"^Topic segmentation of L\d+\.H\d+"))
+    head = re.search(r"L\d+\.H\d+", link.first.inner_text()).group(0)
+    link.first.click()
+    wait_done(tab, "Topic segmentation")
+    assert_no_exception(tab, "topic page from a head link")
+    assert "random-seed1" in tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.inner_text()
+    assert head in tab.locator('[data-testid="stMain"] [data-testid="stSelectbox"]').first.inner_text()
+    tab.locator('[data-testid="stSidebarNav"] a', has_text="Metrics").click()
+    wait_done(tab, "Metrics")
+    assert_no_exception(tab, "metrics after a sidebar switch")
+    assert "random-seed1" in tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.inner_text()
