@@ -245,6 +245,82 @@ def test_reader_process_sees_only_committed_batches_while_writer_process_commits
         assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == n_batches * batch
 
 
+WAIT_WRITER = """
+    import sys, time
+    from warehouse import writer
+    t0 = time.monotonic()
+    with writer(sys.argv[1], timeout_s=20) as con:
+        con.execute("INSERT INTO properties VALUES ('from-writer', NULL)")
+    print(round(time.monotonic() - t0, 3))
+"""
+
+
+def test_warm_read_instance_is_reused_then_released_when_idle(tmp_path, monkeypatch):
+    from warehouse import db
+    p = tmp_path / "w.duckdb"
+    with writer(p):
+        pass
+    monkeypatch.setenv("ATLAS_READER_KEEP_S", "0.3")
+    with connect(p) as con:
+        con.execute("SELECT 1").fetchall()
+    keeper = db._keepers.get(p.resolve())
+    assert keeper is not None
+    with connect(p) as con:
+        assert con.execute("SELECT count(*) FROM properties").fetchall() == [(0,)]
+    assert db._keepers.get(p.resolve()) is keeper            # same warm instance
+    deadline = time.monotonic() + 5
+    while p.resolve() in db._keepers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.resolve() not in db._keepers                     # closed after 0.3 s idle
+
+
+def test_a_warm_reader_gives_way_to_a_writer_process_at_once(tmp_path, monkeypatch):
+    from warehouse import db
+    p = tmp_path / "w.duckdb"
+    with writer(p):
+        pass
+    monkeypatch.setenv("ATLAS_READER_KEEP_S", "60")          # idle expiry cannot explain it
+    with connect(p) as con:
+        con.execute("SELECT 1").fetchall()
+    assert p.resolve() in db._keepers
+    w = _python(WAIT_WRITER, str(p))
+    out, err = w.communicate(timeout=60)
+    assert w.returncode == 0, err
+    assert float(out) < 3.0                                   # the write-pending marker released it
+    assert p.resolve() not in db._keepers
+    with connect(p) as con:                                   # and readers see the commit
+        assert con.execute("SELECT property FROM properties").fetchall() == [("from-writer",)]
+
+
+def test_a_writer_in_the_reading_process_releases_the_warm_instance(tmp_path, monkeypatch):
+    p = tmp_path / "w.duckdb"
+    with writer(p):
+        pass
+    monkeypatch.setenv("ATLAS_READER_KEEP_S", "60")
+    with connect(p) as con:
+        con.execute("SELECT 1").fetchall()
+    t0 = time.monotonic()
+    with writer(p, timeout_s=5) as con:
+        con.execute("INSERT INTO properties VALUES ('x', NULL)")
+    assert time.monotonic() - t0 < 2
+    with connect(p) as con:
+        assert con.execute("SELECT count(*) FROM properties").fetchall() == [(1,)]
+
+
+def test_a_reader_left_open_in_the_same_process_gives_a_clear_error(tmp_path, monkeypatch):
+    p = tmp_path / "w.duckdb"
+    with writer(p):
+        pass
+    monkeypatch.setenv("ATLAS_READER_KEEP_S", "0")
+    con = connect(p)
+    try:
+        with pytest.raises(WarehouseBusyError, match="this process"):
+            with writer(p, timeout_s=0.3):
+                pass
+    finally:
+        con.close()
+
+
 # --------------------------------------------------------------------------- runs
 
 def test_runs_start_finish_and_errors(tmp_path):

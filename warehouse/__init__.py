@@ -19,6 +19,7 @@ from .db import (
     migrate,
     optimize,
     pending_migrations,
+    release_readers,
     schema_version,
     writer,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "migrate",
     "optimize",
     "pending_migrations",
+    "release_readers",
     "schema_version",
     "writer",
 ]

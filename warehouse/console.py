@@ -33,13 +33,14 @@ import json
 import math
 import os
 import threading
+import time
 from typing import Callable, Sequence
 
 import duckdb
 import numpy as np
 import pandas as pd
 
-from .db import connect
+from .db import connect, default_warehouse_path, release_readers
 
 __all__ = [
     "ConsoleError",
@@ -271,6 +272,30 @@ def register_clip_text(con: duckdb.DuckDBPyConnection,
 _CONSOLE_LOCK = threading.Lock()
 
 
+def _hardened_connection(path, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    """A read-only connection on a database instance hardened by :func:`harden`.
+
+    The process's warm read instance is released first, so the console normally gets a fresh
+    instance; if other threads' cursors keep an already locked instance alive (one that cannot
+    take this connection's local settings), wait for them to finish, up to ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        release_readers(path)
+        con = connect(path, read_only=True)
+        try:
+            harden(con)
+            return con
+        except ConsoleError:
+            con.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+        except BaseException:
+            con.close()
+            raise
+
+
 def _fetch_capped(con: duckdb.DuckDBPyConnection, query: str, max_rows: int) -> tuple[pd.DataFrame, bool]:
     con.execute(query)
     want = max_rows + 1
@@ -307,13 +332,13 @@ def run_console_query(path: str | os.PathLike | None, sql: str, max_rows: int = 
     if timeout_s <= 0:
         raise ValueError("timeout_s must be positive")
     check_query(sql)  # cheap refusals first, before opening anything
+    path = path if path is not None else default_warehouse_path()
     if not _CONSOLE_LOCK.acquire(timeout=timeout_s):
         raise ConsoleError("Another console query is still running in this process; retry in a moment.")
     try:
-        con = connect(path, read_only=True)
+        con = _hardened_connection(path, timeout_s)
         registered = False
         try:
-            harden(con)
             query = check_query(sql, con)
             if clip_text is not None:
                 register_clip_text(con, clip_text)
@@ -348,6 +373,7 @@ def run_console_query(path: str | os.PathLike | None, sql: str, max_rows: int = 
                 except duckdb.Error:
                     pass
             con.close()
+            release_readers(path)  # the hardened instance ends with the process's open cursors
     finally:
         _CONSOLE_LOCK.release()
 

@@ -8,7 +8,10 @@ file with each other but also keep a writer out. The warehouse therefore works l
   migrations, ``BEGIN``, write, ``COMMIT`` (``ROLLBACK`` on error), close. Closing checkpoints
   the batch into the file, so the next reader sees it.
 * **Readers** (the dashboard, the SQL console, jobs reading their inputs) open with
-  :func:`connect` (read-only by default), read, and close straight away.
+  :func:`connect` (read-only by default), read, and close straight away. The connection they get
+  belongs to a per-process warm read instance that stays open while reads keep coming
+  (``ATLAS_READER_KEEP_S``, default 2 s idle) and is closed as soon as a writer waits, so
+  repeated dashboard queries hit a warm buffer pool without blocking jobs.
 * Both retry with exponential backoff while the other side holds the lock, bounded by
   ``timeout_s`` (env ``ATLAS_LOCK_TIMEOUT``, default 60 s); then :class:`WarehouseBusyError`
   names the process DuckDB reports as the holder.
@@ -31,10 +34,12 @@ conflict with another thread's open connection is retried like a lock.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -55,12 +60,14 @@ __all__ = [
     "pending_migrations",
     "available_migrations",
     "optimize",
+    "release_readers",
 ]
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 DEFAULT_MEMORY_LIMIT = "2GB"
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 READER_YIELD_S = 5.0          # how long a reader defers to a waiting writer, at most
+READER_KEEP_S = 2.0           # how long an idle warm read instance stays open (ATLAS_READER_KEEP_S)
 _PENDING_FRESH_S = 15.0       # a write-pending marker older than this is stale (crashed job)
 FILL_COMMAND = "python -m etl run --model toy-shapes --dataset shapes:2000:seed=0"
 
@@ -142,14 +149,22 @@ def _writer_waiting(path: Path) -> bool:
     return age < _PENDING_FRESH_S
 
 
-def _open(path: Path, read_only: bool, memory_limit: str | None, threads: int | None,
-          timeout_s: float | None, config: dict | None = None) -> duckdb.DuckDBPyConnection:
-    cfg = {"memory_limit": _memory_limit(memory_limit)}
+def _config(memory_limit: str | None, threads: int | None) -> dict:
+    cfg: dict = {"memory_limit": _memory_limit(memory_limit)}
     n_threads = _threads(threads)
     if n_threads is not None:
         cfg["threads"] = n_threads
-    if config:
-        cfg.update(config)
+    return cfg
+
+
+def _quiet(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """No DuckDB progress bar on stderr: jobs draw their own (a per-connection setting)."""
+    with contextlib.suppress(duckdb.Error):
+        con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def _open(path: Path, read_only: bool, cfg: dict, timeout_s: float | None) -> duckdb.DuckDBPyConnection:
     timeout = _lock_timeout(timeout_s)
     deadline = time.monotonic() + timeout
     delay = 0.01
@@ -168,7 +183,7 @@ def _open(path: Path, read_only: bool, memory_limit: str | None, threads: int | 
                     f"(or `make demo` for the default warehouse), or point ATLAS_HOME / "
                     f"--warehouse at an existing one.")
             try:
-                return duckdb.connect(str(path), read_only=read_only, config=cfg)
+                return _quiet(duckdb.connect(str(path), read_only=read_only, config=cfg))
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if not _is_lock_error(exc):
                     raise
@@ -196,28 +211,123 @@ def _open(path: Path, read_only: bool, memory_limit: str | None, threads: int | 
                 marker.unlink()
 
 
+# ---------------------------------------------------------------- warm read instances
+#
+# Opening the file costs little, but a fresh DuckDB instance starts with an empty buffer
+# pool: the first scan of a head's vectors is 3-5x slower than the next. So a process keeps
+# its read-only instance ("keeper" connection) open while it is being used; connect() hands
+# out further connections to that instance (DuckDB shares one instance per file per process). A reaper thread closes the keeper after
+# READER_KEEP_S seconds without a new connect(), or at once when a writer has announced
+# itself in the write-pending marker, so jobs still get the file within a fraction of a
+# second after the queries in flight finish. A reader never sees a half-written state: while
+# the keeper is open no process can write the file at all.
+
+class _Keeper:
+    __slots__ = ("con", "cfg", "last_used", "pid")
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, cfg: dict) -> None:
+        self.con, self.cfg, self.last_used, self.pid = con, cfg, time.monotonic(), os.getpid()
+
+
+_keepers: dict[Path, _Keeper] = {}
+_keepers_lock = threading.Lock()
+_reaper: threading.Thread | None = None
+
+
+def _keep_seconds() -> float:
+    env = os.environ.get("ATLAS_READER_KEEP_S")
+    return float(env) if env else READER_KEEP_S
+
+
+def _drop(path: Path) -> None:
+    k = _keepers.pop(path, None)
+    if k is not None and k.pid == os.getpid():
+        with contextlib.suppress(duckdb.Error):
+            k.con.close()
+
+
+def release_readers(path: str | os.PathLike | None = None) -> int:
+    """Close this process's warm read instance of ``path`` (all warehouses when None).
+
+    Connections already handed out keep working (and keep the instance) until closed. Called by :func:`writer` (a
+    process cannot write a file it holds read-only), the SQL console, and tests.
+    """
+    with _keepers_lock:
+        targets = list(_keepers) if path is None else [Path(path).resolve()]
+        n = sum(1 for p in targets if p in _keepers)
+        for p in targets:
+            _drop(p)
+        return n
+
+
+atexit.register(release_readers)   # close warm instances cleanly at interpreter exit
+
+
+def _reap() -> None:
+    global _reaper
+    while True:
+        time.sleep(0.05)
+        with _keepers_lock:
+            now, keep = time.monotonic(), _keep_seconds()
+            for p, k in list(_keepers.items()):
+                if now - k.last_used > keep or k.pid != os.getpid() or _writer_waiting(p):
+                    _drop(p)
+            if not _keepers:
+                _reaper = None
+                return
+
+
+def _warm_connection(p: Path, cfg: dict, timeout_s: float | None) -> duckdb.DuckDBPyConnection:
+    key = p.resolve() if p.exists() else p.absolute()
+    with _keepers_lock:
+        k = _keepers.get(key)
+        if k is not None:
+            if k.cfg == cfg and k.pid == os.getpid() and not _writer_waiting(p):
+                k.last_used = time.monotonic()
+                # an independent connection to the keeper's instance (DuckDB's instance
+                # cache), not a cursor: closing the keeper must not close it
+                return _quiet(duckdb.connect(str(p), read_only=True, config=cfg))
+            _drop(key)
+    con = _open(p, True, cfg, timeout_s)
+    global _reaper
+    with _keepers_lock:
+        if key in _keepers:           # another thread opened one meanwhile: same instance
+            return con
+        _keepers[key] = _Keeper(con, cfg)
+        if _reaper is None:
+            _reaper = threading.Thread(target=_reap, name="atlas-warehouse-reaper", daemon=True)
+            _reaper.start()
+        return _quiet(duckdb.connect(str(p), read_only=True, config=cfg))
+
+
 def connect(path: str | os.PathLike | None = None, read_only: bool = True,
             memory_limit: str | None = None, threads: int | None = None,
             timeout_s: float | None = None) -> duckdb.DuckDBPyConnection:
     """Open the warehouse; retry (bounded by ``timeout_s``) while another process holds it.
 
-    ``path`` defaults to :func:`default_warehouse_path`. Read-only connections are meant to
-    be short-lived: open, read, close (``with connect(p) as con: ...``) so that jobs can
-    write. A read-only open of a missing file raises :class:`WarehouseMissingError` saying
-    how to fill it. A read-write open creates the file (and its folder) and applies pending
-    migrations; prefer :func:`writer`, which also wraps the work in one transaction.
-    ``memory_limit`` defaults to ``$ATLAS_DUCKDB_MEMORY`` or ``2GB``.
+    ``path`` defaults to :func:`default_warehouse_path`. Use it as ``with connect(p) as con:``
+    and close it after reading: read connections share a per-process warm instance
+    that stays open only while readers keep coming (``$ATLAS_READER_KEEP_S``, default 2 s;
+    0 opens a fresh instance every time) and is closed as soon as a writer waits. A read-only
+    open of a missing file raises :class:`WarehouseMissingError` saying how to fill it. A
+    read-write open creates the file (and its folder) and applies pending migrations; prefer
+    :func:`writer`, which also wraps the work in one transaction. ``memory_limit`` defaults to
+    ``$ATLAS_DUCKDB_MEMORY`` or ``2GB``; ``threads`` to ``$ATLAS_DUCKDB_THREADS`` or all cores.
     """
     p = Path(path) if path is not None else default_warehouse_path()
-    if not read_only:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    con = _open(p, read_only, memory_limit, threads, timeout_s)
-    if not read_only:
-        try:
-            migrate(con)
-        except BaseException:
-            con.close()
-            raise
+    cfg = _config(memory_limit, threads)
+    if read_only:
+        if _keep_seconds() > 0:
+            return _warm_connection(p, cfg, timeout_s)
+        return _open(p, True, cfg, timeout_s)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    release_readers(p)
+    con = _open(p, False, cfg, timeout_s)
+    try:
+        migrate(con)
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
