@@ -1,0 +1,264 @@
+"""`export` (ONNX with per-head outputs) and `embed` (images -> image and head embeddings).
+
+embed streams: a loader thread reads and preprocesses batches, the main thread runs the
+model (onnxruntime by default), a writer thread commits each batch in its own short write
+transaction. Re-running skips images already embedded for the model; a killed job loses
+nothing committed. Memory stays bounded by the queue depth, not the dataset size.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from etl.common import add_model_args, add_warehouse_arg, atlas_home, load_model_from_args, progress, warehouse_path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export the image tower to ONNX with per-head outputs",
+                       description="Write the decomposition graph (embedding, head_cls, rest[, head_tokens]) to "
+                                   "$ATLAS_HOME/onnx/ (or --out) and store its path and sha256 in `models`.")
+    add_model_args(p)
+    add_warehouse_arg(p)
+    p.add_argument("--layers", default="last4", help="analysed layers: last4 (default), all, or 0-based indices")
+    p.add_argument("--tokens", action="store_true", help="also output per-token head contributions")
+    p.add_argument("--out", default=None, help="ONNX file (default: $ATLAS_HOME/onnx/<model>.onnx)")
+    p.set_defaults(func=run_export)
+
+    e = sub.add_parser("embed", help="embed images: unit image embeddings and head embeddings into the warehouse",
+                       description="Decompose every image of a dataset and store image_embeddings and "
+                                   "head_embeddings (analysed layers), images with thumbnails, and factor "
+                                   "labels. Bad files are recorded in `errors` and skipped. Resumable.")
+    add_model_args(e)
+    add_warehouse_arg(e)
+    add_embed_args(e)
+    e.set_defaults(func=run_embed)
+
+
+def add_embed_args(p) -> None:
+    p.add_argument("--dataset", action="append", required=True, metavar="SPEC",
+                   help="shapes:N:seed=S, skimage, an image folder (ImageFolder or flat), or a CSV manifest "
+                        "(columns path[,label][,caption]); repeat for several")
+    p.add_argument("--layers", default="last4", help="analysed layers: last4 (default), all, or 0-based indices")
+    p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="onnxruntime (default) or torch")
+    p.add_argument("--providers", default=None, choices=["cpu", "cuda"], help="onnxruntime provider (default: CUDA if usable)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch and per write transaction (default 64)")
+
+
+def model_layers(lm, layers) -> list[int]:
+    from models import resolve_layers
+    return resolve_layers(layers, lm.layers)
+
+
+def upsert_model(path: str, lm, layers: list[int], onnx_path: str | None = None, onnx_sha: str | None = None) -> None:
+    """Insert or refresh the `models` row of a loaded model (analysed layers are unioned)."""
+    from warehouse import writer
+    row = lm.row()
+    with writer(path) as con:
+        old = con.execute("SELECT analysed_layers, onnx_path, onnx_sha256 FROM models WHERE model_id = ?",
+                          [lm.model_id]).fetchone()
+        if old:
+            layers = sorted(set(layers) | set(old[0] or []))
+            onnx_path, onnx_sha = onnx_path or old[1], onnx_sha or old[2]
+            con.execute("DELETE FROM models WHERE model_id = ?", [lm.model_id])
+        cols = list(row) + ["analysed_layers", "onnx_path", "onnx_sha256"]
+        con.execute(f"INSERT INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    list(row.values()) + [layers, onnx_path, onnx_sha])
+
+
+def onnx_file(lm, layers: list[int]) -> Path:
+    safe = lm.model_id.replace("/", "__")
+    return Path(atlas_home()) / "onnx" / f"{safe}__L{'-'.join(map(str, layers))}.onnx"
+
+
+def export(path: str, lm, layers: list[int], out: str | None = None, tokens: bool = False) -> Path:
+    """Export once (kept while the file exists and matches the stored sha256)."""
+    from models.onnx import export_onnx, sha256_file
+    target = Path(out) if out else onnx_file(lm, layers)
+    if tokens and not out:
+        target = target.with_name(target.stem + "__tokens.onnx")
+    if not target.exists():
+        export_onnx(lm, target, layers, tokens=tokens)
+    upsert_model(path, lm, layers, str(target), sha256_file(target))
+    return target
+
+
+def run_export(args) -> int:
+    from warehouse.runs import run_record
+    path = warehouse_path(args)
+    lm = load_model_from_args(args)
+    layers = model_layers(lm, args.layers)
+    with run_record(path, "export", {"model_id": lm.model_id, "layers": layers, "tokens": args.tokens}):
+        target = export(path, lm, layers, args.out, args.tokens)
+    print(json.dumps({"model_id": lm.model_id, "onnx_path": str(target)}))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- embed
+
+def _vectors(a: np.ndarray) -> pa.Array:
+    """[n, d] float32 -> an Arrow list<float> column (no Python loop)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+    return fixed.cast(pa.list_(pa.float32()))
+
+
+def _loader(dataset, done: set, lm, batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
+    """Thread: read + preprocess images into batches; bad files become error records."""
+    from models import ImageError, thumbnail_jpeg
+    from etl.datasets import sha256_image
+    batch, errors = [], []
+    try:
+        for item in dataset.items():
+            if stop.is_set():
+                return
+            if item.image_id in done:
+                continue
+            try:
+                img = item.load()
+            except ImageError as exc:
+                errors.append((item.path or item.image_id, str(exc)))
+                continue
+            except Exception as exc:  # a damaged file must not stop the job
+                errors.append((item.path or item.image_id, f"{type(exc).__name__}: {exc}"))
+                continue
+            batch.append((item, lm.preprocess(img), thumbnail_jpeg(img), sha256_image(img), img.size))
+            if len(batch) == batch_size:
+                out.put((batch, errors))
+                batch, errors = [], []
+        out.put((batch, errors))
+    except BaseException as exc:  # surfaced in the main thread
+        out.put(exc)
+    finally:
+        out.put(None)
+
+
+def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, errors, dec) -> None:
+    from warehouse import writer
+    from warehouse.runs import record_error
+    n = len(batch)
+    with writer(path) as con:
+        for item_path, reason in errors:
+            record_error(con, run_id, item_path, reason)
+        if not n:
+            return
+        items = [b[0] for b in batch]
+        imgs = pa.table({
+            "image_id": [i.image_id for i in items], "dataset_id": [dataset_id] * n,
+            "path": [i.path for i in items], "sha256": [b[3] for b in batch],
+            "label": [i.label for i in items], "caption": [i.caption for i in items],
+            "width": [b[4][0] for b in batch], "height": [b[4][1] for b in batch],
+            "thumbnail": pa.array([b[2] for b in batch], pa.binary()),
+        })
+        con.execute("INSERT INTO images SELECT * FROM imgs ON CONFLICT DO NOTHING")
+        factors = [(i.image_id, k, str(v)) for i in items for k, v in i.factors.items()]
+        if factors:
+            ftab = pa.table({"image_id": [f[0] for f in factors], "factor": [f[1] for f in factors],
+                             "value": [f[2] for f in factors]})
+            con.execute("INSERT INTO image_factors SELECT * FROM ftab ON CONFLICT DO NOTHING")
+        emb = pa.table({"model_id": [model_id] * n, "image_id": [i.image_id for i in items],
+                        "vec": _vectors(dec.embedding.numpy())})
+        con.execute("INSERT INTO image_embeddings SELECT * FROM emb ON CONFLICT DO NOTHING")
+        heads = dec.head_cls.numpy()                                  # [n, L', H, d]
+        _, L, H, d = heads.shape
+        ids = np.repeat(np.array([i.image_id for i in items], dtype=object), L * H)
+        layer = np.tile(np.repeat(np.array(dec.layers, np.int32), H), n)
+        head = np.tile(np.arange(H, dtype=np.int32), n * L)
+        hemb = pa.table({"model_id": [model_id] * (n * L * H), "image_id": ids.tolist(),
+                         "layer": layer, "head": head, "vec": _vectors(heads.reshape(-1, d))})
+        con.execute("INSERT INTO head_embeddings SELECT * FROM hemb")
+
+
+def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "onnx", providers=None,
+          batch_size: int = 64, run_id: str | None = None) -> dict:
+    """Embed one dataset for one model; returns counts. Skips images already embedded."""
+    from etl.datasets import open_dataset
+    from models import decompose
+    from warehouse import connect, optimize, writer
+    dataset = open_dataset(dataset_spec)
+    with writer(path) as con:
+        con.execute("INSERT INTO datasets (dataset_id, name, source, n_images) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT DO UPDATE SET n_images = excluded.n_images",
+                    [dataset.dataset_id, dataset.name, dataset.source, dataset.n_images])
+    with connect(path) as con:
+        done = {r[0] for r in con.execute(
+            "SELECT e.image_id FROM image_embeddings e JOIN images i USING (image_id) "
+            "WHERE e.model_id = ? AND i.dataset_id = ?", [lm.model_id, dataset.dataset_id]).fetchall()}
+    if backend == "onnx":
+        from models.onnx import OnnxRunner, select_providers
+        runner = OnnxRunner(export(path, lm, layers), providers=select_providers(providers))
+        if runner.layers != layers:
+            raise ValueError(f"ONNX file {runner.path} analyses layers {runner.layers}, not {layers}; delete it to re-export")
+        run = runner
+    else:
+        upsert_model(path, lm, layers)
+        def run(x):
+            return decompose(lm, x, layers)
+    loaded: queue.Queue = queue.Queue(maxsize=3)
+    to_write: queue.Queue = queue.Queue(maxsize=3)
+    stop = threading.Event()
+    failure: list = []
+
+    def write_loop():
+        while (job := to_write.get()) is not None:
+            if failure:
+                continue
+            try:
+                _write_batch(path, run_id, lm.model_id, dataset.dataset_id, *job)
+            except BaseException as exc:
+                failure.append(exc)
+
+    loader = threading.Thread(target=_loader, args=(dataset, done, lm, batch_size, loaded, stop), daemon=True)
+    writer_thread = threading.Thread(target=write_loop, daemon=True)
+    loader.start()
+    writer_thread.start()
+    total = (dataset.n_images - len(done)) if dataset.n_images else None
+    n_ok = n_err = 0
+    bar = progress(None, total=total, desc=f"embed {dataset.dataset_id}", unit="img")
+    try:
+        while (got := loaded.get()) is not None:
+            if isinstance(got, BaseException):
+                raise got
+            if failure:
+                raise failure[0]
+            batch, errors = got
+            dec = None
+            if batch:
+                with torch.no_grad():
+                    out = run(torch.stack([b[1] for b in batch]))
+                out.embedding, out.head_cls = out.embedding.float().cpu(), out.head_cls.float().cpu()
+                dec = out
+            to_write.put((batch, errors, dec))
+            n_ok += len(batch)
+            n_err += len(errors)
+            bar.update(len(batch) + len(errors))
+    finally:
+        stop.set()
+        to_write.put(None)
+        writer_thread.join()
+        bar.close()
+    if failure:
+        raise failure[0]
+    if n_ok == 0 and not done and n_err:
+        raise ValueError(f"no readable image in dataset {dataset_spec}: {n_err} file(s) failed (see the `errors` table)")
+    with writer(path) as con:
+        optimize(con, lm.model_id)
+    return {"dataset_id": dataset.dataset_id, "embedded": n_ok, "skipped_done": len(done), "errors": n_err}
+
+
+def run_embed(args) -> int:
+    from warehouse.runs import run_record
+    path = warehouse_path(args)
+    lm = load_model_from_args(args)
+    layers = model_layers(lm, args.layers)
+    for spec in args.dataset:
+        params = {"model_id": lm.model_id, "dataset": spec, "layers": layers, "backend": args.backend}
+        with run_record(path, "embed", params) as run_id:
+            result = embed(path, lm, spec, layers, args.backend, args.providers, args.batch_size, run_id)
+        print(json.dumps({"model_id": lm.model_id, **result}))
+    return 0
