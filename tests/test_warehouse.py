@@ -542,3 +542,14 @@ def test_optimize_clusters_one_models_head_embeddings_without_losing_rows(tmp_pa
     with connect(p) as con:
         keys = con.execute("SELECT model_id, layer, head FROM head_embeddings").fetchall()
     assert keys == sorted(keys)
+
+
+def test_neighbour_benchmark_runs_and_clusters(tmp_path):
+    from warehouse.bench import bench_neighbours
+    details: dict = {}
+    ms = bench_neighbours(n_images=12_400, n_heads=3, d=16, runs=2, workdir=tmp_path, details=details)
+    assert ms == details["clustered"]["query_ms"] and ms > 0
+    assert details["rows"] == 12_400 * 3
+    assert set(details["appended"]) == set(details["clustered"]) == {
+        "query_ms", "query_min_ms", "query_cpu_ms", "connect_query_ms", "fresh_instance_ms"}
+    assert list(tmp_path.iterdir()) == []                 # the temporary warehouse is removed
