@@ -76,6 +76,7 @@ class Decomposer(nn.Module):
         # Un-analysed blocks run as the model's own modules (torch's fused attention) unless
         # `by_hand` is set: the ONNX exporter cannot trace the fused kernel.
         self.by_hand = False
+        self.with_mlps = False  # also return per-layer MLP contributions (ablations; analysed layers only)
         self.visual = visual
         self.layers = list(layers)
         self.tokens = tokens
@@ -120,7 +121,7 @@ class Decomposer(nn.Module):
         vis = self.visual
         x = vis._embeds(images)                                   # [B, T, W]
         rest = x[:, 0].float()                                    # residual summands outside the heads, [B, W]
-        o0s, vs, a0s = [], [], []
+        o0s, vs, a0s, mlps = [], [], [], []
         j = 0
         for l, blk in enumerate(vis.transformer.resblocks):
             if j < len(self.layers) and self.layers[j] == l:
@@ -128,6 +129,7 @@ class Decomposer(nn.Module):
                 mlp = blk.ls_2(blk.mlp(blk.ln_2(x)))              # [B, T, W]
                 x = x + mlp
                 rest = rest + mlp[:, 0].float() + self.bias[j]
+                mlps.append(mlp[:, 0].float())
                 o0s.append(o0)
                 vs.append(v)
                 a0s.append(a0)
@@ -149,6 +151,10 @@ class Decomposer(nn.Module):
         o0 = torch.stack(o0s, 1).float()                          # [B, L', H, dh]
         head_cls = torch.einsum("blhk,lhkd->blhd", o0, self.Fh) / scale[:, :, None, None]
         rest = (rest @ self.C) / scale + self.betaP / z.norm(dim=-1, keepdim=True)
+        if self.with_mlps:
+            mlp = torch.stack(mlps, 1) @ self.C / scale[:, :, None]          # [B, L', d]
+            bias = (self.bias @ self.C)[None] / scale[:, :, None]           # [B, L', d]
+            return embedding, head_cls, rest, mlp, bias
         if not self.tokens:
             return embedding, head_cls, rest
         v = torch.stack(vs, 1).float()                            # [B, L', H, T, dh]
@@ -174,3 +180,19 @@ def decompose(lm, images: torch.Tensor, layers: LayerSpec = "last4", tokens: boo
     dtype = next(lm.visual.parameters()).dtype
     out = dec(images.to(lm.device, dtype))
     return Decomposition(out[0], out[1], out[2], dec.layers, out[3] if tokens else None)
+
+
+@torch.no_grad()
+def decompose_components(lm, images: torch.Tensor) -> dict:
+    """Every direct component of the embedding, for ablations (MATH.md §2).
+
+    Returns float32 tensors: heads [B, L, H, d], mlp [B, L, d], attn_bias [B, L, d] (out-proj
+    biases), base [B, d] (embedding term + ln_post bias) and embedding [B, d]; they sum exactly:
+    heads.sum((1, 2)) + mlp.sum(1) + attn_bias.sum(1) + base == embedding.
+    """
+    dec = Decomposer(lm.visual, list(range(lm.layers)), tokens=False).to(lm.device).eval()
+    dec.with_mlps = True
+    dtype = next(lm.visual.parameters()).dtype
+    emb, heads, rest, mlp, bias = dec(images.to(lm.device, dtype))
+    base = rest - mlp.sum(1) - bias.sum(1)
+    return dict(heads=heads, mlp=mlp, attn_bias=bias, base=base, embedding=emb)
