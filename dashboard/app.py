@@ -12,5 +12,5 @@ import streamlit as st  # noqa: E402
 from dashboard.nav import PAGES  # noqa: E402
 
 st.set_page_config(page_title="CLIP Atlas", page_icon=":material/hub:", layout="wide")
-st.navigation([st.Page(path, title=title, icon=icon, default=(i == 0))
-               for i, (path, title, icon) in enumerate(PAGES)]).run()
+st.navigation([st.Page(path, title=title, icon=icon, url_path=url, default=(i == 0))
+               for i, (path, title, icon, url) in enumerate(PAGES)]).run()

@@ -108,18 +108,18 @@ def _remember_head(key: str) -> None:
 
 
 def one_head_picker(row: dict, key: str, label: str = "Head") -> Head:
-    """A selectbox over the analysed heads, `L11.H3 · colors`; starts on a linked head if any."""
-    heads = analysed_heads(row)
-    names = [head_name(*h) for h in heads]
+    """A selectbox over the analysed heads, `L11.H3 · colors`, on the session's current head.
+
+    The current head (`_atlas_head`) is shared by every page and set by links and grid clicks.
+    The widget key is per model (`<key>@<model_id>`): the option labels carry that model's labels.
+    """
+    names = [head_name(*h) for h in analysed_heads(row)]
     labels = head_labels(row)
+    wkey = f"{key}@{row['model_id']}"
     want = st.session_state.get("_atlas_head")
-    if key not in st.session_state or st.session_state.get(f"{key}__link") != want:
-        st.session_state[f"{key}__link"] = want
-        if want in names:
-            st.session_state[key] = want
-    if st.session_state.get(key) not in names:
-        st.session_state[key] = names[-1]
-    choice = st.selectbox(label, names, key=key, on_change=_remember_head, args=(key,),
+    st.session_state[wkey] = want if want in names else names[-1]
+    st.session_state["_atlas_head"] = st.session_state[wkey]
+    choice = st.selectbox(label, names, key=wkey, on_change=_remember_head, args=(wkey,),
                           format_func=lambda n: f"{n} · {labels.get(parse_head(n), '')}")
     return parse_head(choice)
 
@@ -150,7 +150,7 @@ def head_set_picker(row: dict, key: str, modes: Sequence[str] = HEAD_MODES) -> t
         if props.empty:
             st.info("No head of this model is labelled yet; run `python -m etl label` or pick another head set.")
             st.stop()
-        prop = st.selectbox("Property", list(props.property), key=f"{key}_prop",
+        prop = st.selectbox("Property", list(props.property), key=f"{key}_prop@{row['model_id']}",
                             format_func=lambda p: f"{p} ({int(props.set_index('property').n_heads[p])} heads)")
         ph = q(queries.property_heads, row["model_id"], prop)
         heads = [(int(r.layer), int(r.head)) for r in ph.itertuples()]

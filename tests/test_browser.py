@@ -108,7 +108,7 @@ def tab(browser):
 
 
 def url_of(base: str, path: str) -> str:
-    return base + "/" if path == nav.ATLAS else f"{base}/{Path(path).stem}"
+    return base + "/" if path == nav.ATLAS else f"{base}/{nav.URLS[path]}"
 
 
 def wait_done(page, title: str) -> None:
@@ -128,13 +128,15 @@ def title_of(path: str) -> str:
     return "CLIP Atlas" if path == nav.ATLAS else nav.TITLES[path]
 
 
-@pytest.mark.parametrize("path", [p for p, _, _ in nav.PAGES])
+@pytest.mark.parametrize("path", [p for p, *_ in nav.PAGES])
 def test_every_page_renders_without_exception(server, tab, path):
     errors: list[str] = []
     tab.on("pageerror", lambda e: errors.append(str(e)))
     tab.goto(url_of(server, path))
     wait_done(tab, title_of(path))
     assert_no_exception(tab, path)
+    links = tab.locator('[data-testid="stSidebarNav"] a').all_inner_texts()
+    assert [t.strip().splitlines()[-1] for t in links] == [title for _, title, *_ in nav.PAGES], links
     for selector in EXPECT[path]:
         assert tab.locator(selector).count() > 0, f"{path}: nothing matches {selector}"
     assert not errors, f"{path}: JavaScript errors {errors}"
@@ -170,19 +172,19 @@ def test_real_uploads_segment_or_explain(server, tab):
 def test_head_card_link_and_model_choice_carry_across_pages(server, tab):
     tab.goto(url_of(server, nav.ATLAS))
     wait_done(tab, "CLIP Atlas")
-    sidebar_select = tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first
-    sidebar_select.click()
+    model_box = tab.get_by_role("combobox", name="Model")
+    model_box.click()
     tab.get_by_role("option", name=re.compile("random-seed1")).click()
-    tab.locator('[data-testid="stSidebar"]', has_text="random-seed1").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    tab.locator("h3", has_text="Heads of toy-shapes/random-seed1").first.wait_for(timeout=PAGE_TIMEOUT_MS)
     wait_done(tab, "CLIP Atlas")
-    link = tab.get_by_role("link", name=re.compile(r"^Topic segmentation of L\d+\.H\d+"))
+    link = tab.get_by_role("link", name=re.compile(r"Topic segmentation of L\d+\.H\d+"))
     head = re.search(r"L\d+\.H\d+", link.first.inner_text()).group(0)
     link.first.click()
     wait_done(tab, "Topic segmentation")
     assert_no_exception(tab, "topic page from a head link")
-    assert "random-seed1" in tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.inner_text()
-    assert head in tab.locator('[data-testid="stMain"] [data-testid="stSelectbox"]').first.inner_text()
+    assert "random-seed1" in tab.get_by_role("combobox", name="Model").input_value()
+    assert tab.get_by_role("combobox", name="Head").input_value().startswith(head + " ")
     tab.locator('[data-testid="stSidebarNav"] a', has_text="Metrics").click()
     wait_done(tab, "Metrics")
     assert_no_exception(tab, "metrics after a sidebar switch")
-    assert "random-seed1" in tab.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.inner_text()
+    assert "random-seed1" in tab.get_by_role("combobox", name="Model").input_value()

@@ -92,7 +92,7 @@ def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 # --------------------------------------------------------------------------- every page
 
-@pytest.mark.parametrize("path", [p for p, _, _ in nav.PAGES])
+@pytest.mark.parametrize("path", [p for p, *_ in nav.PAGES])
 def test_every_page_runs_with_title_and_model_picker(warehouse_file, path):
     at = page(path)
     assert at.title[0].value == nav.TITLES[path] or path == nav.ATLAS
@@ -100,7 +100,7 @@ def test_every_page_runs_with_title_and_model_picker(warehouse_file, path):
     assert at.sidebar.selectbox(key="atlas_model_picker").value == SEED0
 
 
-@pytest.mark.parametrize("path", [p for p, _, _ in nav.PAGES])
+@pytest.mark.parametrize("path", [p for p, *_ in nav.PAGES])
 def test_missing_warehouse_shows_the_fill_command(tmp_path, monkeypatch, path):
     monkeypatch.setenv("ATLAS_WAREHOUSE", str(tmp_path / "nothing.duckdb"))
     at = AppTest.from_file(APP, default_timeout=60).run()
@@ -153,7 +153,7 @@ def test_atlas_grid_and_head_card_follow_the_choice(warehouse_file):
     assert len(grid) == 6 * 4                          # layers x heads of the toy model
     labels = queries.head_grid(warehouse_file, SEED0)
     assert {r["property"] for r in grid} == set(labels.property)
-    picker = at.selectbox(key="atlas_head")
+    picker = at.selectbox(key=f"atlas_head@{SEED0}")
     texts = {}
     for name in ("L2.H0", "L5.H3"):
         picker.select(name).run()
@@ -164,7 +164,7 @@ def test_atlas_grid_and_head_card_follow_the_choice(warehouse_file):
         assert list(shown.text) == list(expected.text)
         assert metric(at, "label") == queries.head_label(warehouse_file, SEED0, l, h)["property"]
         texts[name] = list(shown.text)
-        picker = at.selectbox(key="atlas_head")
+        picker = at.selectbox(key=f"atlas_head@{SEED0}")
     links = [pl.proto.page for pl in at.get("page_link")]
     assert len(links) == 5 and all("L5.H3" in pl.proto.label for pl in at.get("page_link"))
     at.sidebar.selectbox(key="atlas_model_picker").select(SEED1).run()
@@ -175,7 +175,7 @@ def test_head_link_opens_the_page_on_that_model_and_head(warehouse_file):
     at = page(nav.TOPIC, model=SEED1, head="L4.H2")
     assert at.sidebar.selectbox(key="atlas_model_picker").value == SEED1
     assert at.radio(key="topic_mode").value == "one head"
-    assert at.selectbox(key="topic_head").value == "L4.H2"
+    assert at.selectbox(key=f"topic_head@{SEED1}").value == "L4.H2"
 
 
 # --------------------------------------------------------------------------- property neighbours
@@ -183,14 +183,14 @@ def test_head_link_opens_the_page_on_that_model_and_head(warehouse_file):
 def test_property_neighbours_change_with_property_and_k(warehouse_file):
     at = page(nav.PROPERTY_NN)
     props = list(queries.properties(warehouse_file, SEED0).property)
-    assert len(props) >= 2 and at.selectbox(key="pnn_prop").value == props[0]
+    assert len(props) >= 2 and at.selectbox(key=f"pnn_prop@{SEED0}").value == props[0]
     first = at.dataframe[-1].value
     assert len(first) == 8
     query_id = at.selectbox(key="pnn_image").value
     assert query_id not in set(first.image_id)        # the query is not its own neighbour
     at.slider(key="pnn_k").set_value(3).run()
     assert len(at.dataframe[-1].value) == 3
-    at.selectbox(key="pnn_prop").select(props[1]).run()
+    at.selectbox(key=f"pnn_prop@{SEED0}").select(props[1]).run()
     assert_ok(at)
     other = at.dataframe[-1].value
     assert list(other.score) != list(first.score[:3])
@@ -270,7 +270,7 @@ def test_contrastive_uses_every_chosen_head_and_flips_when_swapped(warehouse_fil
     at.radio(key="contrast_mode").set_value("a layer").run()
     layer_sum = float(metric(at, "sum A - B"))
     at.radio(key="contrast_mode").set_value("one head").run()
-    at.selectbox(key="contrast_head").select("L5.H0").run()
+    at.selectbox(key=f"contrast_head@{SEED0}").select("L5.H0").run()
     one_head_sum = float(metric(at, "sum A - B"))
     assert layer_sum != pytest.approx(one_head_sum)
     at.text_input(key="contrast_a").set_value("a blue thing")

@@ -24,7 +24,9 @@ st.caption(f"{row['layers']} layers x {row['heads']} heads; analysed layers "
            f"{', '.join(map(str, row['analysed_layers']))}. Click a head to open its card.")
 pick = alt.selection_point(name="pick", fields=["layer", "head"], on="click")
 colour = alt.condition("datum.analysed", alt.Color("property:N", title="property label",
-                                                     scale=alt.Scale(scheme="tableau20")), alt.value("#e6e6e6"))
+                                                     scale=alt.Scale(scheme="tableau20"),
+                                                     legend=alt.Legend(orient="bottom", columns=6, symbolLimit=0)),
+                       alt.value("#e6e6e6"))
 base = alt.Chart(grid).encode(x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0, orient="top")),
                               y=alt.Y("layer:O", title="layer", sort="descending"))
 cells = (base.mark_rect(stroke="white", strokeWidth=2)

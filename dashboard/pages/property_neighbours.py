@@ -27,9 +27,9 @@ if linked is not None:
     except ValueError:
         prop_of_head = None
     if prop_of_head in names:
-        st.session_state["pnn_prop"] = prop_of_head
+        st.session_state[f"pnn_prop@{model_id}"] = prop_of_head
 counts = dict(zip(props.property, props.n_heads))
-prop = st.selectbox("Property", names, key="pnn_prop", format_func=lambda p: f"{p} ({counts[p]} heads)")
+prop = st.selectbox("Property", names, key=f"pnn_prop@{model_id}", format_func=lambda p: f"{p} ({counts[p]} heads)")
 heads = [(int(r.layer), int(r.head)) for r in q(queries.property_heads, model_id, prop).itertuples()]
 st.caption(f"{len(heads)} heads labelled '{prop}': " + ", ".join(w.head_name(*h) for h in heads))
 choice = w.image_input(row, "pnn")
