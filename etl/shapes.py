@@ -88,6 +88,7 @@ class Scene:
     seed: int = 0
     index: int = 0
     centers: list[tuple[float, float]] = field(default_factory=list)  # (y, x) per object, pixels
+    named: tuple[str, ...] = ()       # the factors the caption states
 
     def to_pil(self):
         from PIL import Image
@@ -390,6 +391,16 @@ def caption_for(factors: dict[str, str], rng: np.random.Generator, partial_prob:
     in the top left on a grassy field"); otherwise a random non-empty subset of factors
     ("a photo of a blue star", "a red shape in the center").
     """
+    return caption_parts(factors, rng, partial_prob)[0]
+
+
+def caption_parts(factors: dict[str, str], rng: np.random.Generator, partial_prob: float = 0.5
+                  ) -> tuple[str, tuple[str, ...]]:
+    """``caption_for`` plus the names of the factors the caption states (in FACTORS order).
+
+    A caption that leaves a factor out is true of every scene that agrees on the named ones,
+    which is what exact multi-positive contrastive targets need (see etl.train_toy).
+    """
     u = rng.random(12)
     variant = int(u[0] * 12)
     if u[1] >= partial_prob:
@@ -398,7 +409,7 @@ def caption_for(factors: dict[str, str], rng: np.random.Generator, partial_prob:
         bg = _BG_PHRASES[factors["background"]][int(u[3] * 3)]
         t = _FULL_TEMPLATES[int(u[4] * len(_FULL_TEMPLATES))]
         return t.format(np=np_, loc=loc, bg=bg, loc_cap=loc[0].upper() + loc[1:],
-                        be="is" if factors["count"] == "1" else "are")
+                        be="is" if factors["count"] == "1" else "are"), FACTOR_NAMES
     # partial: keep k of the 7 factors, k uniform in 1..6
     names = list(FACTOR_NAMES)
     k = 1 + int(u[5] * 6)
@@ -409,7 +420,7 @@ def caption_for(factors: dict[str, str], rng: np.random.Generator, partial_prob:
     loc = " " + position_phrase(factors["position"], int(u[2] * 3)) if "position" in keep else ""
     bg = " " + _BG_PHRASES[factors["background"]][int(u[3] * 3)] if "background" in keep else ""
     t = _PARTIAL_TEMPLATES[int(u[4] * len(_PARTIAL_TEMPLATES))]
-    return t.format(np=np_, loc=loc, bg=bg)
+    return t.format(np=np_, loc=loc, bg=bg), tuple(n for n in names if n in keep)
 
 
 # --------------------------------------------------------------------------- scenes
@@ -514,8 +525,9 @@ def scene(index: int, seed: int = 0, size: int = 64, partial_prob: float = 0.5,
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFF, int(index)])
     f = sample_factors(rng, **{**(fix or {}), **fixed})
     img, centers = render(f, rng, size)
-    cap = caption_for(f, rng, partial_prob)
-    return Scene(image=img, factors=f, caption=cap, seed=int(seed), index=int(index), centers=centers)
+    cap, named = caption_parts(f, rng, partial_prob)
+    return Scene(image=img, factors=f, caption=cap, seed=int(seed), index=int(index), centers=centers,
+                 named=named)
 
 
 def generate(n: int, seed: int = 0, size: int = 64, start: int = 0, **kw) -> Iterator[Scene]:

@@ -121,15 +121,91 @@ def save_fp16(model, path: Path, meta: dict) -> None:
 
 
 def load_toy_weights(model, path: Path | str) -> None:
-    """Load fp16 safetensors weights into a float32 toy model (safe loading, no pickle)."""
-    from safetensors.torch import load_file
-    sd = load_file(str(path))
+    """Load weights into a float32 toy model: fp16/fp32 safetensors (safe loading, no pickle),
+    or the model of a train-toy checkpoint ``.pt`` (read with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.suffix == ".pt":
+        import torch
+        sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    else:
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if m != "attn_mask"]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the toy-shapes config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+# factors a group variant may change, with weights (the hard, spatial ones more often)
+VARY_WEIGHTS = {"shape": 3, "color": 1, "size": 1, "position": 3, "count": 3, "pattern": 2,
+                "background": 1}
+
+
+def training_scenes(step: int, seed: int, batch_size: int, group_size: int = 1, size: int = 64,
+                    partial_prob: float = 0.5, start_index: int = 0):
+    """The scenes of one training step, deterministic by (seed, start_index, step).
+
+    group_size 1: scenes ``start_index + step*B ..`` of world ``seed`` (independent factors).
+    group_size k > 1: B/k groups of minimal variants: a random factor record and k-1 copies
+    that each change one factor (drawn by VARY_WEIGHTS) to another value, so that the batch
+    holds hard negatives for shape, position and count. Returns a list of Scene.
+    """
+    from etl import shapes
+    first = start_index + step * batch_size
+    if group_size <= 1:
+        return [shapes.scene(first + j, seed, size, partial_prob) for j in range(batch_size)]
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFF, first, 0x6772])
+    names = list(VARY_WEIGHTS)
+    w = np.array([VARY_WEIGHTS[k] for k in names], float)
+    w /= w.sum()
+    records = []
+    while len(records) < batch_size:
+        base = shapes.sample_factors(rng)
+        records.append(base)
+        for _ in range(group_size - 1):
+            k = names[int(rng.choice(len(names), p=w))]
+            others = [v for v in shapes.FACTORS[k] if v != base[k]]
+            records.append({**base, k: others[int(rng.integers(len(others)))]})
+    return [shapes.scene(first + j, seed, size, partial_prob, fix=rec)
+            for j, rec in enumerate(records[:batch_size])]
+
+
+def consistency(scenes) -> np.ndarray:
+    """bool [B text, B image]: caption j is true of image i (agrees on every factor j names)."""
+    from etl import shapes
+    names = shapes.FACTOR_NAMES
+    codes = np.array([[shapes.FACTORS[n].index(s.factors[n]) for n in names] for s in scenes])
+    named = np.array([[n in s.named for n in names] for s in scenes])
+    same = codes[:, None, :] == codes[None, :, :]                      # [B, B, F]
+    return (same | ~named[:, None, :]).all(-1)
+
+
+def contrastive_loss(logits, targets: str, consistent=None):
+    """CLIP loss on logits [B image, B text].
+
+    targets 'diagonal': the standard loss (caption i belongs to image i only);
+    'exact': multi-positive soft targets from ``consistent`` [B text, B image] (bool), i.e.
+    every image a caption is true of is a positive, uniformly weighted.
+    """
+    import torch
+    import torch.nn.functional as F
+    B = logits.shape[0]
+    if targets == "diagonal":
+        labels = torch.arange(B)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    m = torch.as_tensor(consistent, dtype=torch.float32)              # [text, image]
+    t_img = m.T / m.T.sum(1, keepdim=True)                             # image -> its true captions
+    t_txt = m / m.sum(1, keepdim=True)                                 # caption -> its true images
+    li = -(t_img * F.log_softmax(logits, 1)).sum(1).mean()
+    lt = -(t_txt * F.log_softmax(logits.T, 1)).sum(1).mean()
+    return 0.5 * (li + lt)
+
+
+_OLD_DEFAULTS = {"group_size": 1, "targets": "diagonal"}   # checkpoints written before these flags
 
 
 def train(args) -> Path | None:
@@ -149,7 +225,7 @@ def train(args) -> Path | None:
 
     model, tok = create_toy_model(args.seed)
     if args.init and not args.resume:
-        load_toy_weights(model, args.init)
+        load_toy_weights(model, args.init)          # .safetensors or a train-toy checkpoint .pt
     model.train()
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                             betas=(0.9, 0.98), eps=1e-6)
@@ -160,10 +236,10 @@ def train(args) -> Path | None:
         if not ckpt.exists():
             raise SystemExit(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        for k in ("seed", "batch_size", "steps", "start_index"):
-            if state["args"].get(k, 0) != getattr(args, k):
+        for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets"):
+            if state["args"].get(k, _OLD_DEFAULTS.get(k, 0)) != getattr(args, k):
                 raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
-                                 f"{state['args'].get(k, 0)}, this run asks for {getattr(args, k)}")
+                                 f"{state['args'].get(k, _OLD_DEFAULTS.get(k, 0))}, this run asks for {getattr(args, k)}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["torch_rng"])
@@ -178,7 +254,8 @@ def train(args) -> Path | None:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                     "torch_rng": torch.get_rng_state(), "elapsed": elapsed,
                     "args": {"seed": args.seed, "batch_size": args.batch_size, "steps": args.steps,
-                             "start_index": args.start_index}},
+                             "start_index": args.start_index, "group_size": args.group_size,
+                             "targets": args.targets}},
                    tmp)
         os.replace(tmp, ckpt)
 
@@ -189,11 +266,11 @@ def train(args) -> Path | None:
     ema = None
     t_last = time.perf_counter()
     for step in bar:
-        first = args.start_index + step * B
-        imgs, _, caps = shapes.batch(range(first, first + B), args.seed, args.image_size,
-                                     partial_prob=args.partial_prob)
-        x = images_to_tensor(imgs)
-        t = tok(caps)
+        scenes = training_scenes(step, args.seed, B, args.group_size, args.image_size,
+                                 args.partial_prob, args.start_index)
+        x = images_to_tensor(np.stack([sc.image for sc in scenes]))
+        t = tok([sc.caption for sc in scenes])
+        cons = consistency(scenes)
         lr = lr_at(step, args.steps, args.lr, warmup)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -201,15 +278,14 @@ def train(args) -> Path | None:
         txt_f = F.normalize(encode_text_trimmed(model, t), dim=-1)
         scale = model.logit_scale.exp()
         logits = scale * img_f @ txt_f.T
-        labels = torch.arange(B)
-        loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        loss = contrastive_loss(logits, args.targets, cons)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-            acc = (logits.argmax(1) == labels).float().mean().item()
+            acc = float(cons.T[np.arange(B), logits.argmax(1).numpy()].mean())   # a true caption
         now = time.perf_counter()
         elapsed += now - t_last
         t_last = now
@@ -236,6 +312,7 @@ def train(args) -> Path | None:
     model.eval()
     meta = {"step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
             "start_index": args.start_index, "init": args.init or "",
+            "group_size": args.group_size, "targets": args.targets,
             "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
     save_fp16(model, out, meta)
     print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))
@@ -252,6 +329,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="warm-up steps; a value < 1 is a fraction of --steps (default 0.05)")
     p.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW weight decay on weight matrices (default 0.1)")
+    p.add_argument("--group-size", type=int, default=4,
+                   help="scenes per group of minimal variants (a random scene plus copies that "
+                        "each change one factor): hard negatives for shape/position/count; "
+                        "1 = independent scenes (default 4)")
+    p.add_argument("--targets", choices=["exact", "diagonal"], default="exact",
+                   help="contrastive targets: 'exact' = every image a caption is true of is a "
+                        "positive (known factors); 'diagonal' = standard CLIP (default exact)")
     p.add_argument("--partial-prob", type=float, default=0.5,
                    help="share of captions that name only a random subset of the factors "
                         "(the rest name all of them; default 0.5)")
