@@ -111,12 +111,17 @@ def url_of(base: str, path: str) -> str:
     return base + "/" if path == nav.ATLAS else f"{base}/{nav.URLS[path]}"
 
 
-def wait_done(page, title: str) -> None:
-    """Wait for the page's title, then for its script run to finish, then for images to load."""
+def wait_done(page, title: str, expect: tuple[str, ...] = ()) -> None:
+    """Wait for the page's title, for its script run to finish, for the `expect` elements (or an
+    exception) to be drawn (the browser draws after the server reports the run finished), and
+    for images to load."""
     page.locator("h1", has_text=title).first.wait_for(timeout=PAGE_TIMEOUT_MS)
     page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=PAGE_TIMEOUT_MS)
+    for selector in expect:
+        page.locator(f'{selector}, [data-testid="stException"]').first.wait_for(state="attached",
+                                                                                timeout=PAGE_TIMEOUT_MS)
     page.wait_for_function("Array.from(document.images).every(i => i.complete)", timeout=PAGE_TIMEOUT_MS)
-    page.wait_for_timeout(300)                     # let vega finish drawing before screenshots
+    page.wait_for_timeout(500)                     # let vega finish drawing before screenshots
 
 
 def assert_no_exception(page, where: str) -> None:
@@ -133,7 +138,7 @@ def test_every_page_renders_without_exception(server, tab, path):
     errors: list[str] = []
     tab.on("pageerror", lambda e: errors.append(str(e)))
     tab.goto(url_of(server, path))
-    wait_done(tab, title_of(path))
+    wait_done(tab, title_of(path), tuple(EXPECT[path]))
     assert_no_exception(tab, path)
     links = tab.locator('[data-testid="stSidebarNav"] a').all_inner_texts()
     assert [t.strip().splitlines()[-1] for t in links] == [title for _, title, *_ in nav.PAGES], links
@@ -159,7 +164,7 @@ def test_real_uploads_segment_or_explain(server, tab):
     fx.draw_scene("triangle", "green", "black", "right", size=224).save(buf, format="PNG")
     _upload(tab, "scene.png", buf.getvalue(), "image/png")
     tab.get_by_text("scene.png (the model's").first.wait_for(timeout=PAGE_TIMEOUT_MS)
-    wait_done(tab, title_of(nav.TOPIC))
+    wait_done(tab, title_of(nav.TOPIC), tuple(EXPECT[nav.TOPIC]))
     assert_no_exception(tab, "upload scene.png")
     tab.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
         {"name": "notes.png", "mimeType": "image/png", "buffer": b"plain text, not pixels"})
@@ -180,11 +185,11 @@ def test_head_card_link_and_model_choice_carry_across_pages(server, tab):
     link = tab.get_by_role("link", name=re.compile(r"Topic segmentation of L\d+\.H\d+"))
     head = re.search(r"L\d+\.H\d+", link.first.inner_text()).group(0)
     link.first.click()
-    wait_done(tab, "Topic segmentation")
+    wait_done(tab, "Topic segmentation", tuple(EXPECT[nav.TOPIC]))
     assert_no_exception(tab, "topic page from a head link")
     assert "random-seed1" in tab.get_by_role("combobox", name="Model").input_value()
     assert tab.get_by_role("combobox", name="Head").input_value().startswith(head + " ")
     tab.locator('[data-testid="stSidebarNav"] a', has_text="Metrics").click()
-    wait_done(tab, "Metrics")
+    wait_done(tab, "Metrics", tuple(EXPECT[nav.METRICS]))
     assert_no_exception(tab, "metrics after a sidebar switch")
     assert "random-seed1" in tab.get_by_role("combobox", name="Model").input_value()
