@@ -269,9 +269,10 @@ def _reap() -> None:
         time.sleep(0.05)
         with _keepers_lock:
             now, keep = time.monotonic(), _keep_seconds()
-            for p, k in list(_keepers.items()):
-                if now - k.last_used > keep or k.pid != os.getpid() or _writer_waiting(p):
-                    _drop(p)
+            # (no connection may stay referenced from this daemon thread's frame)
+            for p in [p for p, k in _keepers.items()
+                      if now - k.last_used > keep or k.pid != os.getpid() or _writer_waiting(p)]:
+                _drop(p)
             if not _keepers:
                 _reaper = None
                 return
