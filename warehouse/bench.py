@@ -86,8 +86,9 @@ def time_neighbours(path: str | os.PathLike, head: int, runs: int = 9, layer: in
         rows = con.execute(NEIGHBOURS_SQL, params).fetchall()
         warm = timed(lambda: con.execute(NEIGHBOURS_SQL, params).fetchall())
         warm_cpu = list(cpu)
-    if len(rows) != 10 or rows[0][0] != image_id:
-        raise AssertionError(f"neighbour query returned a wrong answer: {rows[:2]}")
+    scores = [r[1] for r in rows]
+    if len(rows) != 10 or scores != sorted(scores, reverse=True):
+        raise AssertionError(f"neighbour query returned a wrong answer: {rows[:3]}")
 
     def one_query():
         with connect(path) as c:
