@@ -1,0 +1,405 @@
+"""Head labels (MATH.md §4) and the match judge (§5): offline by tags, or by an LLM.
+
+    OfflineLabeler(vocabulary)            label = variance-weighted majority of the texts' tags
+    LLMLabeler(model, vocabulary)         label = an OpenAI-compatible chat model's JSON answer
+    labeler.label(head_texts) -> Label    head_texts: the head's TextSpan texts, rank order
+    labeler.match(head_text, p) -> Judgment   does this text express property p?
+
+The LLM side talks to any OpenAI-compatible endpoint through the ``openai`` client
+(``OPENAI_API_KEY``, ``OPENAI_BASE_URL``). Every valid answer is cached on disk under
+``$ATLAS_HOME/cache/llm/`` by the hash of (model, messages), so a re-run asks nothing twice.
+Rate limits, 5xx answers, timeouts and dropped connections are retried with bounded
+exponential backoff; an endpoint that keeps failing, a rejected key or an unknown model stops
+the job (:class:`LLMError`). An answer that is not JSON or names no property of the
+vocabulary is a per-head error (``Label.error``), never a crash. The API key is never written
+anywhere: not to the cache, not into a raw answer or an error text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import openai
+
+from etl.textbank import PROPERTIES
+
+__all__ = [
+    "MIXED", "OFFLINE_THRESHOLD", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
+    "LLMLabeler", "normalise_property", "default_cache_dir",
+]
+
+MIXED = "mixed"
+OFFLINE_THRESHOLD = 0.5          # below this winning weight share a head is 'mixed'
+OFFLINE_VERSION = "offline-v1"
+
+
+@dataclass(frozen=True)
+class HeadText:
+    """One TextSpan text of a head: its text, its property tag (None if untagged), its
+    variance_explained (fraction of the head's variance)."""
+    text: str
+    tag: str | None
+    variance: float
+
+
+@dataclass(frozen=True)
+class Label:
+    """A head's label. ``property`` is a property of the vocabulary or 'mixed'; None with
+    ``error`` set when the labeler gave no usable answer."""
+    property: str | None
+    confidence: float | None
+    labeler: str                 # 'offline' | 'llm:<model>'
+    prompt_hash: str
+    raw: str | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Judgment:
+    """match(text, property) of MATH.md §5; ``associated`` None with ``error`` set on failure."""
+    associated: bool | None
+    judge: str                   # 'tag' | 'llm:<model>'
+    prompt_hash: str
+    raw: str | None
+    error: str | None = None
+
+
+class LLMError(RuntimeError):
+    """The endpoint cannot be used at all (no key, key rejected, unknown model, keeps failing)."""
+
+
+def _sha(text: str, n: int = 16) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+_SYNONYMS = {                     # common names an LLM uses -> atlas property
+    "colour": "colors", "hue": "colors", "geography": "locations", "place": "locations",
+    "city": "locations", "country": "locations", "landmark": "locations", "wildlife": "animals",
+    "object": "objects", "item": "objects", "pattern": "textures", "material": "materials",
+    "art": "art styles", "artistic style": "art styles", "style": "art styles", "art medium": "art styles",
+    "photo": "photography", "photographic technique": "photography", "camera": "photography",
+    "environment": "weather", "nature": "weather", "scenery": "weather", "climate": "weather",
+    "time": "time of day", "season": "time of day", "number": "counting", "count": "counting",
+    "quantity": "counting", "letter": "letters", "text": "letters", "written text": "letters",
+    "writing": "letters", "typography": "letters", "person": "people", "clothing": "people",
+    "clothes": "people", "human": "people", "emotion": "emotions", "feeling": "emotions",
+    "facial expression": "emotions", "mood": "emotions", "drink": "food", "vehicle": "vehicles",
+    "transport": "vehicles", "transportation": "vehicles", "shape": "shapes", "geometry": "shapes",
+    "size": "shapes", "position": "positions", "location in the image": "positions",
+    "spatial position": "positions", "layout": "positions", "spatial layout": "positions",
+    "none": MIXED, "various": MIXED, "multiple": MIXED, "unclear": MIXED, "entangled": MIXED,
+}
+
+
+def _canon(word: str) -> str:
+    """Lower case, '_'/'-' as spaces, British 'colour', each word crudely singular."""
+    s = re.sub(r"[_\-]+", " ", word.strip().strip(".!\"'`").lower())
+    s = s.replace("colour", "color")
+    words = []
+    for w in s.split():
+        if w.endswith("ies") and len(w) > 4:
+            w = w[:-3] + "y"
+        elif w.endswith(("ches", "shes", "xes", "sses")):
+            w = w[:-2]
+        elif w.endswith("s") and not w.endswith("ss") and len(w) > 3:
+            w = w[:-1]
+        words.append(w)
+    return " ".join(words)
+
+
+def normalise_property(answer: str, vocabulary: Iterable[str]) -> str | None:
+    """Map an answer ('Colour', 'ANIMAL', 'art_styles', 'geography') onto the vocabulary or
+    'mixed'; None when it names nothing the vocabulary knows."""
+    vocab = list(vocabulary)
+    table = {_canon(p): p for p in vocab}
+    table[_canon(MIXED)] = MIXED
+    for synonym, target in _SYNONYMS.items():
+        if target in vocab or target == MIXED:
+            table.setdefault(_canon(synonym), target)
+    return table.get(_canon(str(answer)))
+
+
+# --------------------------------------------------------------------------- offline
+
+class OfflineLabeler:
+    """Label = the property tag carrying the largest share of the head's variance.
+
+    Untagged texts and tags outside the vocabulary count in the total but vote for nothing,
+    so they pull a head towards 'mixed'. Below ``threshold`` the label is 'mixed'; the
+    confidence is the winning share either way. Ties go to the tag of the better-ranked text.
+    """
+
+    name = "offline"
+    judge_name = "tag"
+
+    def __init__(self, vocabulary: Iterable[str] = tuple(PROPERTIES), threshold: float = OFFLINE_THRESHOLD):
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"the offline threshold is a share of variance in (0, 1], got {threshold}")
+        self.vocabulary = list(vocabulary)
+        self.threshold = float(threshold)
+        self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold}")
+
+    def label(self, head_texts: list[HeadText]) -> Label:
+        if not head_texts:
+            return Label(None, None, self.name, self.prompt_hash, None, "the head has no TextSpan texts")
+        weight: dict[str, float] = defaultdict(float)
+        first_rank: dict[str, int] = {}
+        total = 0.0
+        for rank, ht in enumerate(head_texts):
+            w = max(float(ht.variance), 0.0)
+            total += w
+            if ht.tag in self.vocabulary:
+                weight[ht.tag] += w
+                first_rank.setdefault(ht.tag, rank)
+        shares = {p: (w / total if total > 0 else 0.0) for p, w in weight.items()}
+        raw = json.dumps({"version": OFFLINE_VERSION, "threshold": self.threshold,
+                          "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1]))})
+        if not shares:
+            return Label(MIXED, 0.0, self.name, self.prompt_hash, raw)
+        best = min(shares, key=lambda p: (-shares[p], first_rank[p]))
+        share = shares[best]
+        return Label(best if share >= self.threshold else MIXED, share, self.name, self.prompt_hash, raw)
+
+    def match(self, head_text: HeadText, prop: str) -> Judgment:
+        return Judgment(head_text.tag is not None and head_text.tag == prop, self.judge_name,
+                        self.prompt_hash, head_text.tag)
+
+
+# --------------------------------------------------------------------------- LLM
+
+_LABEL_SYSTEM = """You label attention heads of a CLIP image model. Each head is described by \
+the short image descriptions that explain most of its output, most important first. Answer \
+with the one property most of them express, chosen from this list:
+{properties}
+Answer "mixed" when no single property covers most of the descriptions.
+Reply with JSON only, no other text: {{"property": "<one property from the list or mixed>", \
+"confidence": <a number from 0 to 1>}}"""
+
+_LABEL_EXAMPLES = [
+    (["a vivid red color", "shades of blue", "the color yellow", "a photo taken in Paris", "a lime green hue"],
+     "colors", 0.9),
+    (["an image of a tiger", "a parrot", "an image of a whale", "a kitten", "made of wood"], "animals", 0.85),
+    (["five objects", "a group of three", "exactly seven of them", "a pair", "twelve items"], "counting", 0.95),
+    (["the letter Q", "a snowy day", "an image of a chair", "at dusk", "a woven texture"], MIXED, 0.3),
+]
+
+_JUDGE_SYSTEM = """You check whether a short image description expresses a given property of \
+images ({properties}). Reply with JSON only: {{"associated": 1}} if the description is \
+associated with the property, {{"associated": 0}} if not."""
+
+_JUDGE_EXAMPLES = [("a vivid red color", "colors", 1), ("an image of a tiger", "colors", 0),
+                   ("a photo taken in Paris", "locations", 1), ("five objects", "animals", 0)]
+
+
+def _texts_block(texts: list[str]) -> str:
+    return "Descriptions:\n" + "\n".join(f"- {t}" for t in texts)
+
+
+def _parse_json_object(raw: str) -> dict:
+    """The first JSON object in an answer (code fences and chatter around it tolerated)."""
+    text = re.sub(r"^```(?:json)?|```$", "", raw.strip(), flags=re.M).strip()
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        raise ValueError("the answer holds no JSON object")
+    obj = json.loads(text[start:end + 1])
+    if not isinstance(obj, dict):
+        raise ValueError("the answer is JSON but not an object")
+    return obj
+
+
+def _confidence(value) -> float | None:
+    """A confidence in [0, 1] from 0.8, "0.8" or 80 (percent); None when absent or not a number."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        c = float(value)
+    except (TypeError, ValueError):
+        return None
+    if c != c:                                           # NaN
+        return None
+    return min(1.0, max(0.0, c / 100.0 if 1.0 < c <= 100.0 else c))
+
+
+def default_cache_dir() -> Path:
+    """``$ATLAS_HOME/cache/llm`` (ATLAS_HOME defaults to ./var)."""
+    from warehouse import atlas_home
+    return atlas_home() / "cache" / "llm"
+
+
+class LLMLabeler:
+    """Labels and judgments from an OpenAI-compatible chat model, cached on disk.
+
+    model:      the model name the endpoint knows (``--llm-model``)
+    api_key:    default ``$OPENAI_API_KEY``; base_url: default ``$OPENAI_BASE_URL`` (else OpenAI)
+    timeout_s:  per request; max_retries: further attempts after a 429 / 5xx / timeout /
+                dropped connection, waiting the server's Retry-After or else
+                backoff_s * 2**attempt, at most max_backoff_s each time
+    """
+
+    def __init__(self, model: str, vocabulary: Mapping[str, str] | None = None, *, api_key: str | None = None,
+                 base_url: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 1.0,
+                 max_backoff_s: float = 30.0):
+        if not model:
+            raise ValueError("the LLM labeler needs a model name: pass --llm-model (e.g. gpt-4o-mini)")
+        self.model = model
+        self.name = self.judge_name = f"llm:{model}"
+        self.vocabulary = dict(vocabulary if vocabulary is not None else PROPERTIES)
+        self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.base_url = base_url if base_url is not None else (os.environ.get("OPENAI_BASE_URL") or None)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.timeout_s, self.max_retries = float(timeout_s), int(max_retries)
+        self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
+        self._client = None
+        self.requests = 0                      # HTTP attempts made (cache hits make none)
+        self._label_prefix = self._label_messages_prefix()
+        self._judge_prefix = self._judge_messages_prefix()
+        self.prompt_hash = _sha(json.dumps(self._label_prefix, sort_keys=True))
+        self.judge_prompt_hash = _sha(json.dumps(self._judge_prefix, sort_keys=True))
+
+    # ----- prompts
+
+    def _properties_list(self) -> str:
+        return "\n".join(f"- {p}: {d}" if d else f"- {p}" for p, d in self.vocabulary.items())
+
+    def _label_messages_prefix(self) -> list[dict]:
+        msgs = [{"role": "system", "content": _LABEL_SYSTEM.format(properties=self._properties_list())}]
+        for texts, prop, conf in _LABEL_EXAMPLES:
+            if prop == MIXED or prop in self.vocabulary:
+                msgs.append({"role": "user", "content": _texts_block(texts)})
+                msgs.append({"role": "assistant", "content": json.dumps({"property": prop, "confidence": conf})})
+        return msgs
+
+    def _judge_messages_prefix(self) -> list[dict]:
+        msgs = [{"role": "system", "content": _JUDGE_SYSTEM.format(properties=", ".join(self.vocabulary))}]
+        for text, prop, yes in _JUDGE_EXAMPLES:
+            if prop in self.vocabulary:
+                msgs.append({"role": "user", "content": f"Description: {text}\nProperty: {prop}"})
+                msgs.append({"role": "assistant", "content": json.dumps({"associated": yes})})
+        return msgs
+
+    # ----- the two questions
+
+    def label(self, head_texts: list[HeadText]) -> Label:
+        if not head_texts:
+            return Label(None, None, self.name, self.prompt_hash, None, "the head has no TextSpan texts")
+        messages = self._label_prefix + [{"role": "user", "content": _texts_block([h.text for h in head_texts])}]
+        raw = self._ask(messages)
+        try:
+            obj = _parse_json_object(raw)
+            answer = obj.get("property")
+            if not isinstance(answer, str) or not answer.strip():
+                raise ValueError('the JSON has no "property" string')
+            prop = normalise_property(answer, self.vocabulary)
+            if prop is None:
+                raise ValueError(f"property {answer!r} is not in the vocabulary "
+                                 f"({', '.join(self.vocabulary)}, or {MIXED})")
+            conf = _confidence(obj.get("confidence"))
+        except ValueError as exc:                       # json.JSONDecodeError is a ValueError
+            return Label(None, None, self.name, self.prompt_hash, raw, f"unusable LLM answer: {exc}")
+        self._store(messages, raw)
+        return Label(prop, conf, self.name, self.prompt_hash, raw)
+
+    def match(self, head_text: HeadText, prop: str) -> Judgment:
+        messages = self._judge_prefix + [{"role": "user", "content": f"Description: {head_text.text}\nProperty: {prop}"}]
+        raw = self._ask(messages)
+        try:
+            value = _parse_json_object(raw).get("associated")
+            if value in (1, 0, True, False, "1", "0"):
+                associated = value in (1, True, "1")
+            else:
+                raise ValueError(f'"associated" must be 1 or 0, got {value!r}')
+        except ValueError as exc:
+            return Judgment(None, self.judge_name, self.judge_prompt_hash, raw, f"unusable LLM answer: {exc}")
+        self._store(messages, raw)
+        return Judgment(associated, self.judge_name, self.judge_prompt_hash, raw)
+
+    # ----- transport: cache, retries, key hygiene
+
+    def _cache_path(self, messages: list[dict]) -> Path:
+        key = _sha(json.dumps({"model": self.model, "messages": messages}, sort_keys=True), 40)
+        return self.cache_dir / f"{key}.json"
+
+    def _ask(self, messages: list[dict]) -> str:
+        """The raw answer to ``messages``: from the cache, else from the endpoint."""
+        path = self._cache_path(messages)
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))["raw"]
+            except (OSError, ValueError, KeyError):
+                pass                                         # a damaged entry is asked again
+        return self._scrub(self._request(messages))
+
+    def _store(self, messages: list[dict], raw: str) -> None:
+        """Cache a valid answer (invalid ones are asked again on the next run)."""
+        path = self._cache_path(messages)
+        if path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"model": self.model, "base_url": self.base_url, "messages": messages,
+                                   "raw": raw}, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _scrub(self, text: str) -> str:
+        key = self._api_key
+        return text.replace(key, "***") if key and text else text
+
+    def _client_or_fail(self):
+        if self._client is None:
+            if not self._api_key:
+                raise LLMError("The LLM labeler needs OPENAI_API_KEY (any non-empty value for a local endpoint "
+                               "that takes none) and, for an endpoint other than OpenAI, OPENAI_BASE_URL; "
+                               "or use --labeler offline.")
+            self._client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url,
+                                         timeout=self.timeout_s, max_retries=0)
+        return self._client
+
+    def _request(self, messages: list[dict]) -> str:
+        client = self._client_or_fail()
+        where = self.base_url or "the OpenAI API"
+        for attempt in range(self.max_retries + 1):
+            self.requests += 1
+            try:
+                response = client.chat.completions.create(model=self.model, messages=messages, temperature=0)
+                content = response.choices[0].message.content if response.choices else None
+                return content or ""
+            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
+                    openai.APIConnectionError) as exc:
+                if attempt == self.max_retries:
+                    raise LLMError(f"{where} kept failing after {attempt + 1} attempts "
+                                   f"(last: {type(exc).__name__}: {self._scrub(str(exc))}). Check the endpoint "
+                                   f"and try again later; answers so far are cached.") from None
+                time.sleep(self._wait(attempt, exc))
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+                raise LLMError(f"{where} rejected the API key ({self._scrub(str(exc))}). "
+                               "Check OPENAI_API_KEY and OPENAI_BASE_URL.") from None
+            except openai.NotFoundError as exc:
+                raise LLMError(f"{where} does not know model {self.model!r} or the URL is wrong "
+                               f"({self._scrub(str(exc))}). Check --llm-model and OPENAI_BASE_URL "
+                               "(it usually ends in /v1).") from None
+            except openai.APIStatusError as exc:
+                raise LLMError(f"{where} refused the request with HTTP {exc.status_code}: "
+                               f"{self._scrub(str(exc))}") from None
+        raise AssertionError("unreachable")
+
+    def _wait(self, attempt: int, exc: Exception) -> float:
+        """Seconds to wait before the next attempt: the server's Retry-After (seconds) when it
+        sends one, else backoff_s * 2**attempt with jitter; never more than max_backoff_s."""
+        response = getattr(exc, "response", None)
+        try:
+            wait = float(response.headers["retry-after"])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            wait = self.backoff_s * 2 ** attempt * random.uniform(0.8, 1.0)
+        return min(self.max_backoff_s, max(0.0, wait))

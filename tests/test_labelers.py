@@ -1,0 +1,262 @@
+"""Labelers: the offline majority vote, and the LLM labeler through the real `openai` client
+against a small OpenAI-compatible HTTP server on 127.0.0.1 that each test scripts."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from etl.labelers import (MIXED, HeadText, LLMError, LLMLabeler, OfflineLabeler, normalise_property)
+from etl.textbank import PROPERTIES
+
+KEY = "sk-test-SECRET-4f9a1c"
+
+
+# --------------------------------------------------------------------------- a fake endpoint
+
+class FakeEndpoint:
+    """Answers POST /v1/chat/completions from a script of (status, content, delay_s, headers).
+
+    The last script entry repeats once the script runs out. Every request is recorded.
+    """
+
+    def __init__(self):
+        self.script = []
+        self.requests = []            # (headers dict, json body)
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                i = min(len(endpoint.requests), len(endpoint.script)) - 1
+                status, content, delay, headers = endpoint.script[i]
+                time.sleep(delay)
+                if status == 200:
+                    payload = {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": content}}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                else:
+                    payload = {"error": {"message": content, "type": "error", "code": status}}
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:           # the client gave up (timeout test)
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, content, status=200, delay=0.0, headers=None):
+        self.script.append((status, content, delay, headers or {}))
+        return self
+
+
+@pytest.fixture
+def endpoint():
+    ep = FakeEndpoint()
+    yield ep
+    ep.server.shutdown()
+    ep.server.server_close()
+
+
+@pytest.fixture
+def make_llm(endpoint, tmp_path):
+    def make(**kw):
+        kw.setdefault("timeout_s", 5.0)
+        kw.setdefault("backoff_s", 0.01)
+        return LLMLabeler("test-model", api_key=KEY, base_url=endpoint.url, cache_dir=tmp_path / "llm", **kw)
+    return make
+
+
+COLOR_HEAD = [HeadText("a vivid red color", "colors", 0.30), HeadText("shades of blue", "colors", 0.20),
+              HeadText("an image of a tiger", "animals", 0.10), HeadText("the color green", "colors", 0.05)]
+
+
+def assert_key_nowhere(tmp_path, *texts):
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert KEY not in f.read_text(errors="replace"), f
+    for t in texts:
+        assert t is None or KEY not in t
+
+
+# --------------------------------------------------------------------------- offline
+
+def test_offline_label_is_the_variance_weighted_majority():
+    lab = OfflineLabeler()
+    label = lab.label(COLOR_HEAD)
+    assert label.property == "colors"
+    assert label.confidence == pytest.approx(0.55 / 0.65)
+    assert label.labeler == "offline" and label.prompt_hash and label.error is None
+    assert json.loads(label.raw)["shares"]["animals"] == pytest.approx(0.10 / 0.65)
+
+
+def test_offline_label_is_mixed_below_the_threshold_and_untagged_texts_dilute():
+    head = [HeadText("a", "colors", 0.3), HeadText("b", "animals", 0.25), HeadText("c", None, 0.2),
+            HeadText("d", "not-a-property", 0.25)]
+    label = OfflineLabeler().label(head)
+    assert label.property == MIXED
+    assert label.confidence == pytest.approx(0.3)
+    assert OfflineLabeler(threshold=0.25).label(head).property == "colors"
+    # a tie goes to the property of the better-ranked text
+    tie = [HeadText("a", "animals", 0.2), HeadText("b", "colors", 0.2)]
+    assert OfflineLabeler(threshold=0.5).label(tie).property == "animals"
+    assert OfflineLabeler().label([]).error
+
+
+def test_offline_match_is_by_tag():
+    lab = OfflineLabeler()
+    assert lab.match(HeadText("a vivid red color", "colors", 0.1), "colors").associated is True
+    assert lab.match(HeadText("a vivid red color", "colors", 0.1), "animals").associated is False
+    assert lab.match(HeadText("my text", None, 0.1), "colors").associated is False
+    assert lab.match(HeadText("x", "colors", 0.1), "colors").judge == "tag"
+
+
+def test_normalise_property():
+    assert normalise_property("Colour", PROPERTIES) == "colors"
+    assert normalise_property("ANIMAL", PROPERTIES) == "animals"
+    assert normalise_property("art_styles", PROPERTIES) == "art styles"
+    assert normalise_property("Time-of-day", PROPERTIES) == "time of day"
+    assert normalise_property("geography", PROPERTIES) == "locations"
+    assert normalise_property("patterns.", PROPERTIES) == "textures"
+    assert normalise_property("Mixed", PROPERTIES) == MIXED
+    assert normalise_property("furniture", PROPERTIES) is None
+    assert normalise_property("geography", ["colors"]) is None     # synonyms only onto the vocabulary
+
+
+# --------------------------------------------------------------------------- LLM
+
+def test_llm_good_answer_is_normalised_cached_and_keeps_the_key_out(endpoint, make_llm, tmp_path):
+    endpoint.answer('```json\n{"property": "Colour", "confidence": 0.8}\n```')
+    llm = make_llm()
+    label = llm.label(COLOR_HEAD)
+    assert (label.property, label.confidence, label.error) == ("colors", 0.8, None)
+    assert label.labeler == "llm:test-model"
+    assert label.raw.startswith("```json") and label.prompt_hash == llm.prompt_hash
+    headers, body = endpoint.requests[0]
+    assert headers["authorization"] == f"Bearer {KEY}"          # the key goes to the endpoint...
+    assert body["model"] == "test-model" and body["temperature"] == 0
+    assert "a vivid red color" in body["messages"][-1]["content"]
+    assert any(m["role"] == "assistant" for m in body["messages"])  # few-shot examples
+    assert "time of day" in body["messages"][0]["content"]          # the vocabulary
+    # second call: same answer from the cache, no request (also from a fresh labeler)
+    assert llm.label(COLOR_HEAD) == label
+    assert make_llm().label(COLOR_HEAD) == label
+    assert len(endpoint.requests) == 1
+    assert len(list((tmp_path / "llm").glob("*.json"))) == 1
+    assert_key_nowhere(tmp_path, label.raw)                         # ...and nowhere else
+
+
+def test_llm_malformed_json_is_a_per_head_error_and_not_cached(endpoint, make_llm, tmp_path):
+    endpoint.answer("I think this head is about colours!")
+    endpoint.answer('{"property": "colors", "confidence": 0.7')     # truncated JSON
+    llm = make_llm()
+    first = llm.label(COLOR_HEAD)
+    assert first.property is None and "no JSON object" in first.error
+    assert first.raw == "I think this head is about colours!"
+    second = llm.label(COLOR_HEAD)                                  # asked again: not cached
+    assert second.property is None and "unusable LLM answer" in second.error
+    assert len(endpoint.requests) == 2
+    assert not list((tmp_path / "llm").glob("*.json"))
+
+
+def test_llm_unknown_property_is_a_clear_per_head_error(endpoint, make_llm):
+    endpoint.answer('{"property": "furniture", "confidence": 0.9}')
+    label = make_llm().label(COLOR_HEAD)
+    assert label.property is None
+    assert "'furniture' is not in the vocabulary" in label.error and "colors" in label.error
+    assert label.raw == '{"property": "furniture", "confidence": 0.9}'
+
+
+def test_llm_retries_429_then_succeeds(endpoint, make_llm):
+    endpoint.answer("slow down", status=429, headers={"Retry-After": "0.05"})
+    endpoint.answer("overloaded", status=503)
+    endpoint.answer('{"property": "animals", "confidence": 0.6}')
+    t0 = time.monotonic()
+    label = make_llm().label(COLOR_HEAD)
+    assert label.property == "animals" and label.confidence == 0.6
+    assert len(endpoint.requests) == 3
+    assert time.monotonic() - t0 >= 0.05                            # honoured Retry-After
+
+
+def test_llm_timeout_is_retried_then_bounded(endpoint, make_llm, tmp_path):
+    endpoint.answer("", delay=1.0)                                  # longer than the client timeout
+    endpoint.answer('{"property": "counting", "confidence": 1}')
+    label = make_llm(timeout_s=0.2).label(COLOR_HEAD)
+    assert label.property == "counting"
+    assert len(endpoint.requests) == 2
+    # an endpoint that never answers in time: bounded attempts, then a clear error
+    slow = FakeEndpoint().answer("", delay=1.0)
+    try:
+        llm = LLMLabeler("test-model", api_key=KEY, base_url=slow.url, cache_dir=tmp_path / "c2",
+                         timeout_s=0.2, max_retries=2, backoff_s=0.01)
+        t0 = time.monotonic()
+        with pytest.raises(LLMError, match="kept failing after 3 attempts") as err:
+            llm.label(COLOR_HEAD)
+        assert time.monotonic() - t0 < 3.0
+        assert len(slow.requests) == 3
+        assert KEY not in str(err.value)
+    finally:
+        slow.server.shutdown()
+        slow.server.server_close()
+
+
+def test_llm_rejected_key_and_missing_key_stop_with_advice(endpoint, make_llm, tmp_path, monkeypatch):
+    endpoint.answer(f"Incorrect API key provided: {KEY}", status=401)
+    with pytest.raises(LLMError, match="rejected the API key") as err:
+        make_llm().label(COLOR_HEAD)
+    assert KEY not in str(err.value) and "***" in str(err.value)
+    assert len(endpoint.requests) == 1                               # no retry on 401
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(LLMError, match="OPENAI_API_KEY"):
+        LLMLabeler("m", base_url=endpoint.url, cache_dir=tmp_path / "x").label(COLOR_HEAD)
+
+
+def test_llm_reads_key_and_url_from_the_environment(endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", endpoint.url)
+    monkeypatch.setenv("ATLAS_HOME", str(tmp_path / "home"))
+    endpoint.answer('{"property": "mixed", "confidence": "0.4"}')
+    llm = LLMLabeler("env-model")
+    assert llm.label(COLOR_HEAD).property == MIXED
+    assert llm.cache_dir == tmp_path / "home" / "cache" / "llm"
+    assert len(list(llm.cache_dir.glob("*.json"))) == 1
+    assert_key_nowhere(tmp_path)
+
+
+def test_llm_judge_answers_one_or_zero_and_is_cached(endpoint, make_llm, tmp_path):
+    endpoint.answer('{"associated": 1}')
+    endpoint.answer('{"associated": 0}')
+    endpoint.answer('{"associated": "maybe"}')
+    llm = make_llm()
+    yes = llm.match(HeadText("a vivid red color", None, 0.1), "colors")
+    no = llm.match(HeadText("an image of a tiger", None, 0.1), "colors")
+    bad = llm.match(HeadText("the letter Q", None, 0.1), "colors")
+    assert (yes.associated, no.associated, bad.associated) == (True, False, None)
+    assert yes.judge == "llm:test-model" and yes.prompt_hash == llm.judge_prompt_hash
+    assert "must be 1 or 0" in bad.error
+    assert llm.match(HeadText("a vivid red color", None, 0.1), "colors") == yes
+    assert len(endpoint.requests) == 3
+    assert "Property: colors" in endpoint.requests[0][1]["messages"][-1]["content"]
+    assert_key_nowhere(tmp_path)
+
+
+def test_prompt_hash_changes_with_the_vocabulary_not_with_the_head(make_llm):
+    a, b = make_llm(), make_llm(vocabulary={"colors": "colours", "animals": "animals"})
+    assert a.prompt_hash != b.prompt_hash
+    assert a.prompt_hash == make_llm().prompt_hash
