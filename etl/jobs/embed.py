@@ -138,6 +138,19 @@ def _loader(dataset, done: set, lm, batch_size: int, out: queue.Queue, stop: thr
         out.put(None)
 
 
+def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs: list) -> None:
+    """Commit several (batch, errors, decomposition) jobs in one write transaction."""
+    batch = [b for job in jobs for b in job[0]]
+    errors = [e for job in jobs for e in job[1]]
+    decs = [job[2] for job in jobs if job[2] is not None]
+    dec = None
+    if decs:
+        dec = decs[0]
+        dec.embedding = torch.cat([d.embedding for d in decs])
+        dec.head_cls = torch.cat([d.head_cls for d in decs])
+    _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec)
+
+
 def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, errors, dec) -> None:
     from warehouse import writer
     from warehouse.runs import record_error
@@ -200,16 +213,23 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
         def run(x):
             return decompose(lm, x, layers)
     loaded: queue.Queue = queue.Queue(maxsize=3)
-    to_write: queue.Queue = queue.Queue(maxsize=3)
+    to_write: queue.Queue = queue.Queue(maxsize=8)
     stop = threading.Event()
     failure: list = []
 
     def write_loop():
-        while (job := to_write.get()) is not None:
-            if failure:
+        done_writing = False
+        while not done_writing:
+            jobs = [to_write.get()]
+            while not to_write.empty():  # coalesce what queued up while the last commit ran
+                jobs.append(to_write.get_nowait())
+            if jobs[-1] is None:
+                done_writing = True
+                jobs.pop()
+            if failure or not jobs:
                 continue
             try:
-                _write_batch(path, run_id, lm.model_id, dataset.dataset_id, *job)
+                _write_batches(path, run_id, lm.model_id, dataset.dataset_id, jobs)
             except BaseException as exc:
                 failure.append(exc)
 

@@ -1,0 +1,120 @@
+"""`bench`: every benchmark of the project in one process, side by side, medians.
+
+Prints one table per section and, as the last line, one JSON object whose first keys are the
+decomposition ratios of issue 2 (decompose_vs_forward, decompose_tokens_vs_forward, onnx_vs_torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SECTIONS = ["decompose", "shapes", "textspan", "embed", "neighbours", "dashboard"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run the benchmarks (make bench)",
+                       description="Throughputs and ratios measured side by side in one run (medians).")
+    p.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per measurement (default 5)")
+    p.set_defaults(func=run)
+
+
+def _table(title: str, rows: list[tuple]) -> None:
+    print(f"\n## {title}")
+    width = max(len(str(r[0])) for r in rows)
+    for name, value in rows:
+        print(f"  {str(name):<{width}}  {value}")
+
+
+def bench_embed(arch: str = "toy-shapes", n: int = 1024, rounds: int = 3) -> dict:
+    """End-to-end embed into DuckDB vs the bare onnxruntime runner on the same preprocessed images."""
+    import torch
+    from etl.datasets import open_dataset
+    from etl.jobs.embed import embed, export
+    from models import load_model
+    from models.onnx import OnnxRunner
+    lm = load_model(arch) if arch == "toy-shapes" else load_model(arch, random_init=True)
+    spec = f"shapes:{n}:seed=5"
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["ATLAS_HOME"] = tmp
+        os.environ["ATLAS_NO_PROGRESS"] = "1"
+        layers = list(range(lm.layers - 4, lm.layers))
+        runner = OnnxRunner(export(str(Path(tmp) / "w.duckdb"), lm, layers))
+        imgs = [lm.preprocess(item.load()) for item in open_dataset(spec).items()]
+        bare, e2e = [], []
+        for r in range(rounds):
+            t = time.perf_counter()
+            for i in range(0, n, 64):
+                runner(torch.stack(imgs[i:i + 64]))
+            bare.append(n / (time.perf_counter() - t))
+            path = str(Path(tmp) / f"w{r}.duckdb")
+            t = time.perf_counter()
+            embed(path, lm, spec, layers, "onnx", None, 64, "bench")
+            e2e.append(n / (time.perf_counter() - t))
+    b, e = statistics.median(bare), statistics.median(e2e)
+    return {"arch": arch, "images": n, "bare_onnx_img_s": b, "embed_e2e_img_s": e, "embed_vs_bare": e / b}
+
+
+def embed_peak_rss(n: int) -> float:
+    """Peak RSS (MB) of a fresh `embed` process over shapes:n (streaming => ~independent of n)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        code = ("import resource, sys; from etl.cli import main; main(sys.argv[1:]); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        env = {**os.environ, "ATLAS_HOME": tmp, "ATLAS_NO_PROGRESS": "1"}
+        out = subprocess.run([sys.executable, "-c", code, "embed", "--model", "toy-shapes", "--dataset",
+                              f"shapes:{n}:seed=9", "--warehouse", f"{tmp}/w.duckdb"],
+                             capture_output=True, text=True, env=env, check=True)
+        return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def run(args) -> int:
+    only = set(args.only or SECTIONS)
+    summary: dict = {}
+    if "decompose" in only:
+        from models.bench import bench_decompose
+        r = bench_decompose(rounds=args.rounds)
+        _table(f"decomposition, {r['arch']} random weights, batch {r['batch']}, CPU threads {r['threads']}, "
+               f"median of {r['rounds']}", [(k, f"{v:.2f} images/s") for k, v in r["images_per_s"].items()]
+               + [(k, f"{v:.3f}") for k, v in r["ratios"].items()])
+        summary.update({k: round(v, 3) for k, v in r["ratios"].items()})
+    if "shapes" in only:
+        from etl.shapes import bench_shapes
+        rate = statistics.median(bench_shapes() for _ in range(3))
+        _table("shapes world generator (64 px, one thread)", [("images/s", f"{rate:.0f}")])
+        summary["shapes_images_per_s"] = round(rate)
+    if "textspan" in only:
+        from etl.textspan import bench_textspan
+        r = bench_textspan()
+        _table("TextSpan (48 heads x k=20, 3,500 texts, 5,000 images, d=512)", [(k, v) for k, v in r.items()])
+        summary.update({f"textspan_{k}": v for k, v in r.items() if isinstance(v, (int, float))})
+    if "embed" in only:
+        r = bench_embed("ViT-B-32", n=256, rounds=max(1, args.rounds // 2))
+        toy = bench_embed("toy-shapes", n=1024, rounds=max(1, args.rounds // 2))
+        rss_small, rss_big = embed_peak_rss(500), embed_peak_rss(4000)
+        _table("embed into DuckDB vs bare onnxruntime (ViT-B-32 random: 256 images; toy-shapes: 1,024 images)",
+               [(k, f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()]
+               + [(f"toy {k}", f"{v:.2f}" if isinstance(v, float) else v) for k, v in toy.items()]
+               + [("peak RSS embed 500 images (MB)", f"{rss_small:.0f}"),
+                  ("peak RSS embed 4,000 images (MB)", f"{rss_big:.0f}")])
+        summary.update(embed_vs_bare=round(r["embed_vs_bare"], 3), embed_vs_bare_toy=round(toy["embed_vs_bare"], 3),
+                       embed_rss_mb_500=round(rss_small),
+                       embed_rss_mb_4000=round(rss_big))
+    if "neighbours" in only:
+        from warehouse.bench import bench_neighbours
+        r = bench_neighbours()
+        _table("top-10 neighbour query for one head over 50,000 images", [(k, v) for k, v in r.items()])
+        summary.update({f"neighbours_{k}": v for k, v in r.items() if isinstance(v, (int, float))})
+    if "dashboard" in only:
+        from dashboard.bench import bench_dashboard
+        r = bench_dashboard()
+        _table("dashboard", [(k, v) for k, v in r.items()])
+        summary.update({f"dashboard_{k}": v for k, v in r.items() if isinstance(v, (int, float))})
+    print()
+    print(json.dumps(summary))
+    return 0
