@@ -35,7 +35,7 @@ if choice is not None and heads:
     with a:
         st.image(w.overlay(crop, live.upsample(diff, size), vmax), caption=f"A - B on {choice.caption}")
     with b:
-        st.altair_chart(w.grid_chart(diff, vmax, "A - B per patch (one symmetric scale)"))
+        st.altair_chart(w.grid_chart(diff, vmax, "A - B per patch (one symmetric scale)"), width="content")
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("patches towards A", f"{(diff > 0).mean():.0%}")
     m2.metric("patches towards B", f"{(diff < 0).mean():.0%}")

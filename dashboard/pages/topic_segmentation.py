@@ -35,7 +35,7 @@ if choice is not None and heads:
     with a:
         st.image(w.overlay(crop, heat, vmax), caption=f"{choice.caption} (the model's {size} px crop)")
     with b:
-        st.altair_chart(w.grid_chart(grid, vmax, f"patch grid {grid.shape[0]} x {grid.shape[1]}"))
+        st.altair_chart(w.grid_chart(grid, vmax, f"patch grid {grid.shape[0]} x {grid.shape[1]}"), width="content")
     m1, m2, m3 = st.columns(3)
     m1.metric("sum over patches", f"{grid.sum():+.4f}", help="these heads' share of cos(image, text), class token excluded")
     m2.metric("max |patch|", f"{vmax:.4f}")

@@ -1,0 +1,151 @@
+"""Dashboard timings for `make bench` (issue 5's performance targets):
+
+* page switch after first load: each page rendered once (caches warm), then every page
+  switched to and timed (server-side script run under streamlit.testing.AppTest, on the
+  warehouse the dashboard would serve); target <= 1 s.
+* live topic segmentation of a fresh 224 px upload, exactly the page's code path (load and
+  convert the upload, per-token decomposition, text embedding, map, upsample, overlay) with
+  the model already loaded: ViT-B-16 with random weights on CPU (target <= 1.0 s) and the toy
+  model (target <= 0.2 s). Each repeat uses a new image and a new text, so no cache helps.
+
+    python -m dashboard.bench [--warehouse PATH] [--repeats 3]     # prints JSON
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TARGETS = {"page_switch_s": 1.0, "topic_vit_b16_s": 1.0, "topic_toy_s": 0.2}
+
+
+def _quiet_streamlit() -> None:
+    import logging
+    for name in ("streamlit", "streamlit.runtime.caching.cache_data_api",
+                 "streamlit.runtime.scriptrunner_utils.script_run_context"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def _warehouse_with_models(path: Path | None) -> tuple[Path, str]:
+    """The dashboard's warehouse if it holds a model, else a fixture built in a temp folder."""
+    from dashboard.data import warehouse_path
+    from warehouse import queries
+    path = Path(path) if path else warehouse_path()
+    if path.exists() and queries.warehouse_summary(path)["models"] > 0:
+        return path, str(path)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import fixtures_dashboard
+    built = fixtures_dashboard.build_fixture_warehouse(Path(tempfile.mkdtemp(prefix="atlas-bench-")))
+    return built, f"fixture {built} (no models in {path}: run `make demo` to bench the demo warehouse)"
+
+
+def bench_page_switch(warehouse: Path) -> dict:
+    """Seconds per page switch after one warm-up visit of every page (AppTest, server side)."""
+    from streamlit.testing.v1 import AppTest
+    from dashboard.nav import PAGES
+    os.environ["ATLAS_WAREHOUSE"] = str(warehouse)
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=600)
+    at.run()
+    for path, *_ in PAGES:                       # first load: model loads, query caches fill
+        at.switch_page(path).run()
+    times = {}
+    for path, title, *_ in PAGES:
+        t0 = time.perf_counter()
+        at.switch_page(path).run()
+        times[title] = round(time.perf_counter() - t0, 3)
+        if at.exception:
+            raise RuntimeError(f"page {path} raised: {at.exception[0].value}")
+    return {"per_page_s": times, "max_s": max(times.values()), "median_s": statistics.median(times.values())}
+
+
+def _upload_bytes(i: int, size: int = 224) -> bytes:
+    rng = np.random.default_rng(i)
+    img = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bench_topic_segmentation(row: dict, repeats: int = 3) -> dict:
+    """Median seconds of the topic page's live path on fresh 224 px uploads and texts."""
+    import hashlib
+
+    import models
+    from dashboard import live, widgets
+    live.model(row)                              # loaded once per process, not timed
+    heads = widgets.analysed_heads(row)
+    live.text_vectors(row, ["warm up"])
+    times, cpu = [], []
+    for i in range(repeats + 1):
+        data = _upload_bytes(1000 + i)
+        t0, c0 = time.perf_counter(), time.process_time()
+        img = models.load_image(data)
+        t_hat = live.text_vectors(row, [f"a photo of object number {i} {time.time_ns()}"])[0]
+        grid = live.topic_map(row, img, "bench:" + hashlib.sha1(data).hexdigest() + str(time.time_ns()), heads, t_hat)
+        size = int(row["image_size"])
+        heat = live.upsample(grid, size)
+        widgets.overlay(live.model_crop(img, size), heat, float(np.abs(grid).max()) or 1e-12)
+        if i:                                    # the first repeat warms torch's thread pool
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    # cpu_s: CPU seconds summed over torch's threads; on a shared, loaded machine wall time
+    # grows with the load while cpu_s does not, so it tells what a dedicated core would take.
+    return {"median_s": round(statistics.median(times), 3), "runs_s": [round(t, 3) for t in times],
+            "cpu_s": round(statistics.median(cpu), 3), "heads": len(heads), "layers": list(row["analysed_layers"])}
+
+
+def _row_for(arch: str, source: str, seed: int = 0) -> dict:
+    """A `models` row for a model that need not be in any warehouse (analysed layers: last 4)."""
+    import models
+    lm = models.load_model(arch, random_init=(source == "random"), seed=seed)
+    layers = models.resolve_layers("last4", lm.layers)
+    return lm.row() | {"analysed_layers": layers}
+
+
+def bench_dashboard(warehouse: str | os.PathLike | None = None, repeats: int = 3) -> dict:
+    """All dashboard timings with their targets; see the module docstring."""
+    _quiet_streamlit()
+    import torch
+    import models
+    wh, wh_note = _warehouse_with_models(Path(warehouse) if warehouse else None)
+    out: dict = {"warehouse": wh_note, "torch_threads": torch.get_num_threads(),
+                 "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    out["page_switch"] = bench_page_switch(wh)
+    out["topic_vit_b16"] = bench_topic_segmentation(_row_for("ViT-B-16", "random"), repeats)
+    toy_source = "bundled" if models.registry.bundled_weights("toy-shapes") else "random"
+    out["topic_toy"] = bench_topic_segmentation(_row_for("toy-shapes", toy_source), repeats) | {"weights": toy_source}
+    out["targets_s"] = TARGETS
+    out["meets_targets"] = {
+        "page_switch": out["page_switch"]["max_s"] <= TARGETS["page_switch_s"],
+        "topic_vit_b16": out["topic_vit_b16"]["median_s"] <= TARGETS["topic_vit_b16_s"],
+        "topic_toy": out["topic_toy"]["median_s"] <= TARGETS["topic_toy_s"],
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Time page switches and live topic segmentation of the dashboard.")
+    ap.add_argument("--warehouse", help="warehouse file (default: ATLAS_WAREHOUSE or $ATLAS_HOME/warehouse.duckdb; "
+                                        "a fixture warehouse is built when it holds no model)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per live measurement (median reported)")
+    args = ap.parse_args(argv)
+    print(json.dumps(bench_dashboard(args.warehouse, args.repeats), indent=2))
+
+
+if __name__ == "__main__":
+    main()
