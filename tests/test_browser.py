@@ -29,6 +29,8 @@ for p in (str(ROOT), str(ROOT / "tests")):
 import fixtures_dashboard as fx  # noqa: E402
 from dashboard import nav  # noqa: E402
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

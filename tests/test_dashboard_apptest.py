@@ -395,3 +395,23 @@ def test_sql_console_refuses_with_a_clear_message(warehouse_file, sql, words):
     at = run_sql(page(nav.SQL), sql)
     assert at.error and words.lower() in at.error[0].value.lower(), [e.value for e in at.error]
     assert not at.dataframe
+
+
+def test_sql_console_clip_text_embeds_with_the_models_text_tower(warehouse_file):
+    at = run_sql(page(nav.SQL), f"SELECT len(clip_text('{SEED0}', 'a circle')) AS d, "
+                                f"list_inner_product(clip_text('{SEED0}', 'a circle'), "
+                                f"clip_text('{SEED0}', 'a circle')) AS norm2")
+    assert not at.error, [e.value for e in at.error]
+    out = at.dataframe[0].value
+    assert int(out.d[0]) == 128 and float(out.norm2[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- bench
+
+def test_bench_times_every_page_and_the_live_toy_path(warehouse_file):
+    from dashboard import bench
+    switch = bench.bench_page_switch(warehouse_file)
+    assert set(switch["per_page_s"]) == {title for _, title, *_ in nav.PAGES}
+    assert all(t > 0 for t in switch["per_page_s"].values()) and switch["max_s"] >= switch["median_s"]
+    toy = bench.bench_topic_segmentation(queries.model_row(warehouse_file, SEED0), repeats=1)
+    assert toy["heads"] == 16 and toy["median_s"] > 0 and toy["cpu_s"] > 0
