@@ -21,7 +21,7 @@ trace(S)``, deflate ``S~ <- (I - uu^T) S~ (I - uu^T)`` and orthogonalise the tex
     textspan_literal(C, T, k, r)  the literal n x d algorithm, for the benchmark
     bench_textspan()              48 heads x k = 20, 3,500 texts, 5,000 images, d = 512
 
-A chosen text is never chosen again; when no text explains more than rounding noise of
+r larger than d means no projection (r = d). A chosen text is never chosen again; when no text explains more than rounding noise of
 what the first one did (100 eps of the dtype), the head has no direction left among the
 texts and a ValueError says so. k may not exceed r, nor the number of texts.
 Precision: the n x d and M x r work runs in C's dtype (the warehouse stores float32), the
@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["textspan", "textspan_heads", "textspan_literal", "bench_textspan"]
+__all__ = ["textspan", "textspan_heads", "textspan_literal", "check_sizes", "bench_textspan"]
 
 EXHAUSTED_EPS = 100  # no text left when the best score < 100 eps x the best score of step 1
 
@@ -51,17 +51,21 @@ def _as_tensor(x, name: str, ndim: int) -> torch.Tensor:
     return t
 
 
-def _check(n: int, M: int, d: int, dT: int, k: int, r: int) -> None:
+def check_sizes(n: int, M: int, d: int, dT: int, k: int, r: int) -> int:
+    """The r in effect, min(r, d) (r >= d keeps every direction: no projection); a ValueError
+    unless n images x d, M texts x dT, k and r fit TextSpan (the message says how)."""
     if d != dT:
         raise ValueError(f"head embeddings have d = {d} but text embeddings d = {dT}; embed the texts "
                          "with the same model as the images")
     if n < 2:
         raise ValueError(f"TextSpan needs at least 2 images per head, got {n}")
-    if not 1 <= r <= d:
-        raise ValueError(f"r must be between 1 and d = {d}, got {r}")
+    if r < 1:
+        raise ValueError(f"r must be at least 1, got {r}")
+    r = min(r, d)
     if not 1 <= k <= min(r, M):
-        raise ValueError(f"k must be between 1 and min(r, number of texts) = {min(r, M)}, got {k} "
+        raise ValueError(f"k must be between 1 and min(r, d, number of texts) = {min(r, M)}, got {k} "
                          f"(r = {r}, {M} texts): each step removes one of the r directions")
+    return r
 
 
 def _textspan_chunk(C: torch.Tensor, T: torch.Tensor, k: int, r: int):
@@ -135,7 +139,7 @@ def textspan_heads(C, T, k: int = 10, r: int = 80, *, chunk: int = 4, with_direc
     C = _as_tensor(C, "C (head embeddings [n, H, d])", 3)
     T = _as_tensor(T, "T (text embeddings [M, d])", 2).to(C.dtype)
     n, H, d = C.shape
-    _check(n, T.shape[0], d, T.shape[1], k, r)
+    r = check_sizes(n, T.shape[0], d, T.shape[1], k, r)
     parts = [_textspan_chunk(C[:, h0:h0 + chunk], T, k, r) for h0 in range(0, H, max(1, chunk))]
     idx, var, dirs = (torch.cat(p) for p in zip(*parts))
     out = (idx.numpy(), var.numpy())
@@ -157,7 +161,7 @@ def textspan_literal(C, T, k: int = 10, r: int = 80):
     """
     C = _as_tensor(C, "C", 2)
     T = _as_tensor(T, "T", 2).to(C.dtype)
-    _check(C.shape[0], T.shape[0], C.shape[1], T.shape[1], k, r)
+    r = check_sizes(C.shape[0], T.shape[0], C.shape[1], T.shape[1], k, r)
     Vr = torch.linalg.svd(C, full_matrices=False).Vh[:r]                  # [r, d]
     T = T @ Vr.T @ Vr                                                     # [M, d]
     C = C - C.mean(dim=0)

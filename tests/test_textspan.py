@@ -117,10 +117,20 @@ def test_planted_head_picks_its_two_texts_first():
     assert var[0] > var[1] > 100 * var[2]
 
 
+def test_r_beyond_d_means_no_projection():
+    C, T = make_heads(H=1, d=20, seed=13), make_texts(d=20, seed=14)
+    idx, var = textspan_heads(C, T, k=5, r=80)
+    lit_idx, lit_var, _ = literal_textspan(C[:, 0], T, 5, 20)
+    np.testing.assert_array_equal(idx[0], lit_idx)
+    np.testing.assert_allclose(var[0], lit_var, atol=1e-9)
+
+
 def test_bad_arguments_say_what_to_do():
     C, T = make_heads(H=1), make_texts()
     with pytest.raises(ValueError, match="k must be between 1 and min"):
         textspan_heads(C, T, k=30, r=24)
+    with pytest.raises(ValueError, match="r must be at least 1"):
+        textspan_heads(C, T, k=3, r=0)
     with pytest.raises(ValueError, match="same model"):
         textspan_heads(C, T[:, :40], k=3, r=10)
     with pytest.raises(ValueError, match="3 dimensions"):

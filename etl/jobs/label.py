@@ -1,0 +1,137 @@
+"""`label`: a property label for every head with TextSpan texts (MATH.md §4) -> `head_labels`.
+
+    python -m etl label --model toy-shapes/bundled                                    # offline
+    OPENAI_API_KEY=... python -m etl label --model ViT-B-16/laion2b_s34b_b88k --labeler llm --llm-model gpt-4o-mini
+
+Heads already labelled by the same labeler and prompt are skipped (--force relabels them);
+labels are committed every --batch-size heads, so a killed run keeps what it wrote and a
+re-run carries on. A head whose LLM answer is unusable gets no label and a row in `errors`.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+
+from etl.common import add_warehouse_arg, progress, warehouse_path
+
+
+def add_llm_args(p) -> None:
+    """Flags of the LLM labeler and judge (shared by `label` and `judge`)."""
+    g = p.add_argument_group("LLM (an OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL)")
+    g.add_argument("--llm-model", metavar="NAME", default=None,
+                   help="chat model name, e.g. gpt-4o-mini, or whatever model your OPENAI_BASE_URL endpoint serves")
+    g.add_argument("--llm-timeout", type=float, default=60.0, metavar="S", help="seconds per request (default 60)")
+    g.add_argument("--llm-retries", type=int, default=5, metavar="N",
+                   help="retries after a 429, 5xx, timeout or dropped connection, with exponential backoff "
+                        "(default 5)")
+
+
+def make_llm(args, vocabulary: dict[str, str]):
+    from etl.labelers import LLMLabeler
+    if not args.llm_model:
+        raise ValueError("the LLM labeler needs --llm-model NAME (e.g. gpt-4o-mini)")
+    return LLMLabeler(args.llm_model, vocabulary, timeout_s=args.llm_timeout, max_retries=args.llm_retries)
+
+
+def vocabulary(con) -> dict[str, str]:
+    """The `properties` table as {property: description}; a ValueError when it is empty."""
+    vocab = dict(con.execute("SELECT property, coalesce(description, '') FROM properties ORDER BY property").fetchall())
+    if not vocab:
+        raise ValueError("the warehouse has no properties yet: run `python -m etl texts` first")
+    return vocab
+
+
+def head_texts(con, model_id: str, where: str = "", params: list | None = None) -> dict:
+    """{(layer, head): [(text_id, HeadText)]} in rank order, for heads of the model with texts."""
+    from etl.labelers import HeadText
+    rows = con.execute(
+        "SELECT ht.layer, ht.head, ht.text_id, coalesce(t.text, ht.text_id), t.property, ht.variance_explained "
+        "FROM head_texts ht LEFT JOIN texts t USING (text_id) "
+        f"WHERE ht.model_id = ? {where} ORDER BY ht.layer, ht.head, ht.rank", [model_id] + (params or [])).fetchall()
+    heads = defaultdict(list)
+    for layer, head, tid, text, tag, var in rows:
+        heads[(int(layer), int(head))].append((tid, HeadText(text, tag, float(var))))
+    return dict(heads)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("label", help="label every analysed head with a property (head_labels)",
+                       description="Give each head with TextSpan texts a property label: offline (the "
+                                   "variance-weighted majority of its texts' property tags, 'mixed' below "
+                                   "--threshold) or by an LLM (few-shot prompt, JSON answer checked against the "
+                                   "property vocabulary, answers cached under $ATLAS_HOME/cache/llm). Resumable.")
+    add_warehouse_arg(p)
+    p.add_argument("--model", metavar="MODEL_ID", required=True,
+                   help="a model_id of the warehouse `models` table whose heads have TextSpan texts")
+    p.add_argument("--labeler", choices=["offline", "llm"], default="offline",
+                   help="offline (default: needs property-tagged texts) or llm (needs OPENAI_API_KEY)")
+    p.add_argument("--threshold", type=float, default=None, metavar="SHARE",
+                   help="offline: below this share of the head's variance the label is 'mixed' (default 0.5)")
+    p.add_argument("--force", action="store_true", help="relabel heads already labelled by this labeler")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="heads per write transaction (default 16)")
+    add_llm_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from etl.jobs.texts import model_row_or_fail
+    from etl.labelers import OFFLINE_THRESHOLD, OfflineLabeler
+    from warehouse import connect
+    from warehouse.runs import run_record
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    path = warehouse_path(args)
+    model_row_or_fail(path, args.model)
+    with connect(path) as con:
+        vocab = vocabulary(con)
+        heads = head_texts(con, args.model)
+        done = {(int(l), int(h)): (lab, ph) for l, h, lab, ph in con.execute(
+            "SELECT layer, head, labeler, prompt_hash FROM head_labels WHERE model_id = ?", [args.model]).fetchall()}
+    if not heads:
+        raise ValueError(f"no heads of {args.model!r} have TextSpan texts: run `python -m etl textspan "
+                         f"--model {args.model}` first")
+    if args.labeler == "offline":
+        labeler = OfflineLabeler(vocab, OFFLINE_THRESHOLD if args.threshold is None else args.threshold)
+    else:
+        labeler = make_llm(args, vocab)
+    todo = [h for h in heads if args.force or done.get(h) != (labeler.name, labeler.prompt_hash)]
+    params = {"model_id": args.model, "labeler": labeler.name, "prompt_hash": labeler.prompt_hash,
+              "threshold": getattr(labeler, "threshold", None), "force": args.force, "heads": len(todo)}
+    counts, failed, pending = Counter(), 0, []
+    with run_record(path, "label", params) as run_id:
+        try:
+            for layer, head in progress(todo, desc=f"label {args.model}", unit="head"):
+                label = labeler.label([ht for _, ht in heads[(layer, head)]])
+                pending.append((layer, head, label))
+                if label.error:
+                    failed += 1
+                else:
+                    counts[label.property] += 1
+                if len(pending) >= args.batch_size:
+                    _write(path, args.model, run_id, pending)
+                    pending = []
+        finally:
+            _write(path, args.model, run_id, pending)      # keep what was answered, even on LLMError
+    print(json.dumps({"model_id": args.model, "labeler": labeler.name, "heads_labelled": sum(counts.values()),
+                      "heads_failed": failed, "heads_skipped": len(heads) - len(todo),
+                      "labels": dict(counts.most_common())}))
+    return 0
+
+
+def _write(path: str, model_id: str, run_id: str, pending: list) -> None:
+    from warehouse import writer
+    from warehouse.runs import record_error
+    if not pending:
+        return
+    with writer(path) as con:
+        for layer, head, label in pending:
+            if label.error:
+                raw = (label.raw or "")[:500]
+                record_error(con, run_id, f"{model_id} L{layer}.H{head}",
+                             f"{label.labeler}: {label.error}" + (f" (raw answer: {raw!r})" if raw else ""))
+                continue
+            con.execute("DELETE FROM head_labels WHERE model_id = ? AND layer = ? AND head = ?", [model_id, layer, head])
+            con.execute("INSERT INTO head_labels (model_id, layer, head, property, confidence, labeler, prompt_hash, "
+                        "raw, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [model_id, layer, head, label.property, label.confidence, label.labeler,
+                         label.prompt_hash, label.raw, run_id])

@@ -1,0 +1,125 @@
+"""`texts`: a text bank into the warehouse (properties, texts) and its embeddings for a model.
+
+    python -m etl texts --model toy-shapes/bundled                       # the product's bank
+    python -m etl texts --model ViT-B-16/laion2b_s34b_b88k --text-file my_texts.txt --bank-name mine
+
+Texts are keyed by ``text_id(bank, text)``; a re-run inserts nothing twice and embeds only
+the texts the model has no embedding for yet, one write transaction per batch.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from etl.common import add_warehouse_arg, progress, warehouse_path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("texts", help="load a text bank (the product's own, or a text file) and embed it for a model",
+                       description="Write the bank's texts (with property tags) and the property vocabulary to "
+                                   "the warehouse, then the model's unit text embeddings of every text not yet "
+                                   "embedded (resumable). The product's bank has 3,600+ short image descriptions "
+                                   "over 18 properties; a text file has one text per line, optionally "
+                                   "'text<TAB>property'.")
+    add_warehouse_arg(p)
+    p.add_argument("--model", metavar="MODEL_ID", default=None,
+                   help="a model_id of the warehouse `models` table (e.g. toy-shapes/bundled, written by "
+                        "`embed`); without it only the texts are stored, nothing is embedded")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--bank", default="atlas", choices=["atlas"],
+                     help="the product's own text bank (default)")
+    src.add_argument("--text-file", metavar="PATH", default=None,
+                     help="a UTF-8 file, one text per line, optionally followed by TAB and a property tag")
+    p.add_argument("--bank-name", metavar="NAME", default=None,
+                   help="bank name for --text-file (default: the file name without extension)")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per encoder batch and write (default 256)")
+    p.set_defaults(func=run)
+
+
+def model_row_or_fail(path: str, model_id: str) -> dict:
+    """The `models` row of ``model_id``; a ValueError naming the known models when absent."""
+    from warehouse import connect
+    from warehouse.queries import model_row
+    try:
+        return model_row(path, model_id)
+    except KeyError:
+        with connect(path) as con:
+            known = [r[0] for r in con.execute("SELECT model_id FROM models ORDER BY model_id").fetchall()]
+        raise ValueError(f"model {model_id!r} is not in the warehouse {path} (models there: "
+                         f"{', '.join(known) or 'none'}). Embed images with it first, e.g. "
+                         f"`python -m etl embed --model <arch> ... --warehouse {path}`, and pass the model_id "
+                         f"that job prints.") from None
+
+
+def read_bank(args) -> tuple[str, list[tuple[str, str | None]], dict[str, int]]:
+    """(bank name, [(text, tag)], {unknown tag: count}) from --bank / --text-file."""
+    from etl.textbank import ATLAS_BANK, UnknownTagWarning, atlas_bank, read_text_file, unknown_tags
+    if args.text_file is None:
+        return ATLAS_BANK, list(atlas_bank()), {}
+    bank = args.bank_name or Path(args.text_file).stem
+    if bank == ATLAS_BANK:
+        raise ValueError(f"'{ATLAS_BANK}' is the product's own bank; give your file another --bank-name")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownTagWarning)          # reported below, per tag
+        items = read_text_file(args.text_file)
+    return bank, items, dict(unknown_tags(items))
+
+
+def run(args) -> int:
+    import pyarrow as pa
+    from etl.textbank import PROPERTIES, text_id
+    from warehouse import connect, writer
+    from warehouse.runs import record_error, run_record
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    path = warehouse_path(args)
+    bank, items, unknown = read_bank(args)
+    params = {"bank": bank, "text_file": args.text_file, "model_id": args.model, "n_texts": len(items)}
+    with run_record(path, "texts", params) as run_id:
+        row = model_row_or_fail(path, args.model) if args.model else None
+        ids = [text_id(bank, t) for t, _ in items]
+        props = pa.table({"property": list(PROPERTIES), "description": list(PROPERTIES.values())})
+        text_rows = pa.table({"text_id": ids, "bank": [bank] * len(ids), "text": [t for t, _ in items],
+                              "property": pa.array([tag for _, tag in items], pa.string())})
+        with writer(path) as con:
+            con.execute("INSERT INTO properties SELECT property, description FROM props "
+                        "ON CONFLICT (property) DO UPDATE SET description = excluded.description")
+            con.execute("INSERT INTO texts SELECT text_id, bank, text, property FROM text_rows "
+                        "ON CONFLICT (text_id) DO UPDATE SET property = excluded.property")
+            for tag, n in sorted(unknown.items()):
+                record_error(con, run_id, f"tag:{tag}",
+                             f"{n} texts of {args.text_file} carry tag {tag!r}, which is not a property of the "
+                             f"vocabulary; kept as given (the offline labeler ignores it)")
+        for tag, n in sorted(unknown.items()):
+            print(f"warning: {n} texts carry tag {tag!r}, not an atlas property (kept as given)")
+        embedded = 0
+        if row is not None:
+            with connect(path) as con:
+                done = {r[0] for r in con.execute(
+                    "SELECT e.text_id FROM text_embeddings e JOIN texts t USING (text_id) "
+                    "WHERE e.model_id = ? AND t.bank = ?", [args.model, bank]).fetchall()}
+            todo = [(i, t) for i, (t, _) in zip(ids, items) if i not in done]
+            if todo:
+                embedded = _embed(path, row, todo, args.batch_size)
+    print(json.dumps({"bank": bank, "texts": len(items), "model_id": args.model, "embedded": embedded,
+                      "already_embedded": len(items) - embedded if args.model else 0}))
+    return 0
+
+
+def _embed(path: str, row: dict, todo: list[tuple[str, str]], batch_size: int) -> int:
+    """Encode ``todo`` [(text_id, text)] with the row's model; one write per batch."""
+    import pyarrow as pa
+    from etl.jobs.embed import _vectors
+    from models import encode_texts, model_from_row
+    from warehouse import writer
+    lm = model_from_row(row)
+    bar = progress(range(0, len(todo), batch_size), desc=f"texts -> {row['model_id']}", unit="batch")
+    for start in bar:
+        batch = todo[start:start + batch_size]
+        vecs = encode_texts(lm, [t for _, t in batch], batch_size=batch_size).numpy()     # [B, d] unit
+        emb = pa.table({"model_id": [row["model_id"]] * len(batch), "text_id": [i for i, _ in batch],
+                        "vec": _vectors(vecs)})
+        with writer(path) as con:
+            con.execute("INSERT INTO text_embeddings SELECT model_id, text_id, vec FROM emb ON CONFLICT DO NOTHING")
+    return len(todo)
