@@ -34,7 +34,15 @@ def load(key: tuple, _row: dict) -> models.LoadedModel:
 
 
 def model(row: dict) -> models.LoadedModel:
-    return load(spec_key(row), row)
+    """The loaded model of a warehouse row; on a page, a model that cannot be loaded (weights not
+    in the cache offline, checkpoint moved) stops the page with the loader's explanation."""
+    try:
+        return load(spec_key(row), row)
+    except models.ModelError as exc:
+        if not st.runtime.exists():
+            raise
+        st.error(f"This analysis runs {row['model_id']} live, and the model cannot be loaded here: {exc}")
+        st.stop()
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

@@ -80,6 +80,8 @@ def model_picker() -> dict:
     df = q(queries.models)
     ids = list(df.model_id)
     consume_link("model")
+    if consume_link("head") is not None:           # a link to one head: head pickers open on it
+        st.session_state["_atlas_head_link_new"] = True
     current = st.session_state.get("_atlas_model")
     if current not in ids:
         current = ids[0]
@@ -116,6 +118,7 @@ def one_head_picker(row: dict, key: str, label: str = "Head") -> Head:
     names = [head_name(*h) for h in analysed_heads(row)]
     labels = head_labels(row)
     wkey = f"{key}@{row['model_id']}"
+    st.session_state.pop("_atlas_head_link_new", None)
     want = st.session_state.get("_atlas_head")
     st.session_state[wkey] = want if want in names else names[-1]
     st.session_state["_atlas_head"] = st.session_state[wkey]
@@ -126,8 +129,8 @@ def one_head_picker(row: dict, key: str, label: str = "Head") -> Head:
 
 def head_set_picker(row: dict, key: str, modes: Sequence[str] = HEAD_MODES) -> tuple[list[Head], str]:
     """Choose heads: one head, a layer, a property's heads, or all analysed -> (heads, description)."""
-    linked = consume_link("head")
-    if linked is not None and modes[0] == "one head":
+    linked = st.session_state.pop("_atlas_head_link_new", False)
+    if linked and modes[0] == "one head":
         st.session_state[f"{key}_mode"] = "one head"
     mode = st.radio("Heads", list(modes), key=f"{key}_mode", horizontal=True)
     if mode == "one head":

@@ -178,6 +178,18 @@ def test_head_link_opens_the_page_on_that_model_and_head(warehouse_file):
     assert at.selectbox(key=f"topic_head@{SEED1}").value == "L4.H2"
 
 
+def test_head_link_to_property_neighbours_opens_that_heads_property(warehouse_file):
+    label = queries.head_label(warehouse_file, SEED1, 5, 1)["property"]
+    at = page(nav.PROPERTY_NN, model=SEED1, head="L5.H1")
+    assert at.selectbox(key=f"pnn_prop@{SEED1}").value == label
+
+
+@pytest.mark.parametrize("path", [nav.TOPIC, nav.PROPERTY_NN, nav.IMAGE_NN])
+def test_links_to_unknown_models_or_heads_fall_back_quietly(warehouse_file, path):
+    at = page(path, model="no-such/model", head="not-a-head")
+    assert at.sidebar.selectbox(key="atlas_model_picker").value == SEED0
+
+
 # --------------------------------------------------------------------------- property neighbours
 
 def test_property_neighbours_change_with_property_and_k(warehouse_file):

@@ -12,7 +12,7 @@ st.caption("Every attention head of every CLIP vision transformer in the warehou
 row = w.model_picker()
 model_id = row["model_id"]
 
-with st.expander("Models in the warehouse", expanded=False):
+with st.expander(f"Models in the warehouse ({len(q(queries.models))})", expanded=True):
     ms = q(queries.models)
     st.dataframe(ms, hide_index=True, width="stretch")
     w.csv_download(ms, "models", key="dl_models")

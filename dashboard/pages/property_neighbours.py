@@ -20,10 +20,9 @@ if props.empty:
             "(or `python -m etl run ...`), then reload.")
     st.stop()
 names = list(props.property)
-linked = w.consume_link("head")
-if linked is not None:
+if st.session_state.pop("_atlas_head_link_new", False):     # opened from a head card: that head's property
     try:
-        prop_of_head = w.head_labels(row).get(w.parse_head(linked))
+        prop_of_head = w.head_labels(row).get(w.parse_head(st.session_state["_atlas_head"]))
     except ValueError:
         prop_of_head = None
     if prop_of_head in names:
