@@ -162,6 +162,16 @@ class LoadedModel:
     def grid(self) -> tuple[int, int]:
         return tuple(self.visual.grid_size)
 
+    def fingerprint(self) -> str:
+        """sha256 of the image tower's weights (cached): names exported files so they never go stale."""
+        if "fingerprint" not in self._cache:
+            h = hashlib.sha256()
+            for name, t in sorted(self.visual.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            self._cache["fingerprint"] = h.hexdigest()
+        return self._cache["fingerprint"]
+
     def row(self) -> dict[str, Any]:
         """Columns of the warehouse `models` table (without analysed_layers and onnx_*)."""
         return dict(

@@ -1,0 +1,178 @@
+"""The embed/export/ablate/probe jobs end to end on temporary warehouses."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_models_io import bomb_png
+
+ENV = {**os.environ, "ATLAS_NO_PROGRESS": "1"}
+
+
+def cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "etl", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**ENV, **(env or {})})
+
+
+def count(path, sql, params=()):
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchone()[0]
+    finally:
+        con.close()
+
+
+@pytest.fixture()
+def image_folder(tmp_path):
+    root = tmp_path / "imgs"
+    for cls, colour in [("red", (220, 20, 20)), ("blue", (20, 20, 220))]:
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40 + 10 * i, 50), colour).save(root / cls / f"{i}.png")
+    (root / "red" / "notes.txt").write_text("not an image")
+    (root / "blue" / "bomb.png").write_bytes(bomb_png())
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(good, format="PNG")
+    (root / "blue" / "truncated.png").write_bytes(good.getvalue()[:60])
+    return root
+
+
+def test_embed_folder_records_bad_files_and_resumes(tmp_path, image_folder):
+    wh = tmp_path / "w.duckdb"
+    env = {"ATLAS_HOME": str(tmp_path / "home")}
+    r = cli("embed", "--model", "toy-shapes", "--dataset", str(image_folder), "--warehouse", str(wh), env=env)
+    assert r.returncode == 0, r.stderr
+    assert count(wh, "SELECT count(*) FROM image_embeddings") == 6
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 6 * 4 * 4      # last 4 layers x 4 heads
+    assert count(wh, "SELECT count(DISTINCT label) FROM images") == 2
+    assert count(wh, "SELECT count(*) FROM images WHERE thumbnail IS NOT NULL") == 6
+    reasons = duckdb.connect(str(wh), read_only=True).execute("SELECT item, reason FROM errors ORDER BY item").fetchall()
+    assert len(reasons) == 3
+    text = " ".join(r for _, r in reasons)
+    assert "decompression bomb" in text and "not an image" in text and "truncated" in text
+    # unit embeddings; heads are shares of it
+    con = duckdb.connect(str(wh), read_only=True)
+    vec = np.array(con.execute("SELECT vec FROM image_embeddings LIMIT 1").fetchone()[0])
+    assert abs(np.linalg.norm(vec) - 1) < 1e-5
+    onnx_path, sha = con.execute("SELECT onnx_path, onnx_sha256 FROM models").fetchone()
+    con.close()
+    assert os.path.exists(onnx_path) and len(sha) == 64
+    # a re-run skips the finished images: no duplicates
+    r = cli("embed", "--model", "toy-shapes", "--dataset", str(image_folder), "--warehouse", str(wh), env=env)
+    assert r.returncode == 0 and '"embedded": 0' in r.stdout and '"skipped_done": 6' in r.stdout
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 96
+    assert count(wh, "SELECT count(*) FROM runs WHERE job = 'embed' AND status = 'ok'") == 2
+
+
+def test_embed_torch_and_onnx_backends_agree(tmp_path):
+    wh = tmp_path / "w.duckdb"
+    for backend in ("onnx", "torch"):
+        r = cli("embed", "--model", "toy-shapes", "--dataset", "shapes:20:seed=3", "--backend", backend,
+                "--warehouse", str(tmp_path / f"{backend}.duckdb"), env={"ATLAS_HOME": str(tmp_path)})
+        assert r.returncode == 0, r.stderr
+    q = "SELECT image_id, layer, head, vec FROM head_embeddings ORDER BY image_id, layer, head"
+    a = duckdb.connect(str(tmp_path / "onnx.duckdb"), read_only=True).execute(q).fetchall()
+    b = duckdb.connect(str(tmp_path / "torch.duckdb"), read_only=True).execute(q).fetchall()
+    assert len(a) == len(b) == 20 * 16
+    assert max(np.abs(np.array(x[3]) - np.array(y[3])).max() for x, y in zip(a, b)) < 1e-4
+    assert count(tmp_path / "onnx.duckdb", "SELECT count(*) FROM image_factors") == 20 * 7
+
+
+def test_embed_killed_midway_loses_nothing(tmp_path):
+    wh = tmp_path / "w.duckdb"
+    args = [sys.executable, "-m", "etl", "embed", "--model", "toy-shapes", "--dataset", "shapes:3000:seed=1",
+            "--batch-size", "32", "--backend", "torch", "--warehouse", str(wh)]
+    proc = subprocess.Popen(args, env={**ENV, "ATLAS_HOME": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    seen = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1.0)
+        try:
+            seen = count(wh, "SELECT count(*) FROM image_embeddings")
+        except duckdb.Error:
+            continue  # the writer holds the file for a moment
+        if seen >= 64:
+            break
+    assert proc.poll() is None, "the job finished before it could be killed; use a larger dataset"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = count(wh, "SELECT count(*) FROM image_embeddings")
+    assert before >= 64 and before < 3000
+    # every committed image has all its head rows (batches are atomic)
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == before * 16
+    r = cli("embed", "--model", "toy-shapes", "--dataset", "shapes:3000:seed=1", "--backend", "torch",
+            "--warehouse", str(wh), env={"ATLAS_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert f'"skipped_done": {before}' in r.stdout
+    assert count(wh, "SELECT count(*) FROM image_embeddings") == 3000
+    assert count(wh, "SELECT count(*) FROM (SELECT DISTINCT image_id, layer, head FROM head_embeddings)") == 3000 * 16
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 3000 * 16
+
+
+@pytest.mark.parametrize("dataset,message", [
+    ("shapes:abc", "bad shapes dataset name"),
+    ("imagenet-1k", "unknown dataset 'imagenet-1k'"),
+])
+def test_bad_dataset_names(tmp_path, dataset, message):
+    r = cli("embed", "--model", "toy-shapes", "--dataset", dataset, "--warehouse", str(tmp_path / "w.duckdb"))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_empty_folder_and_all_bad_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = cli("embed", "--model", "toy-shapes", "--dataset", str(tmp_path / "empty"), "--warehouse", str(tmp_path / "w.duckdb"))
+    assert r.returncode == 2 and "is empty" in r.stderr
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.jpg").write_bytes(b"nope")
+    r = cli("embed", "--model", "toy-shapes", "--dataset", str(tmp_path / "junk"), "--warehouse", str(tmp_path / "w.duckdb"),
+            env={"ATLAS_HOME": str(tmp_path)})
+    assert r.returncode == 2 and "no readable image" in r.stderr
+    assert count(tmp_path / "w.duckdb", "SELECT count(*) FROM errors") == 1
+    # both attempts are recorded as failed runs, with the reason
+    assert count(tmp_path / "w.duckdb", "SELECT count(*) FROM runs WHERE status = 'failed' AND error LIKE '%image%'") == 2
+
+
+def test_ablation_table_on_planted_components():
+    """Ablating the component that carries a target must drop accuracy to chance; others keep it."""
+    from etl.jobs.ablate import ablation_table
+    g = torch.Generator().manual_seed(0)
+    n, L, H, d = 400, 2, 2, 8
+    y = np.arange(n) % 2
+    text = torch.eye(d)[:2]                                        # class c <-> axis c
+    heads = 0.01 * torch.randn(n, L, H, d, generator=g)
+    heads[:, 1, 0, 0] += torch.from_numpy(y == 0).float()          # head L1.H0 carries the label
+    heads[:, 1, 0, 1] += torch.from_numpy(y == 1).float()
+    mlp = 0.01 * torch.randn(n, L, d, generator=g)
+    bias = torch.zeros(n, L, d)
+    comp = dict(heads=heads, mlp=mlp, attn_bias=bias, embedding=heads.sum((1, 2)) + mlp.sum(1))
+    rows = ablation_table(comp, {"label": y}, {"label": text}, head_layers=[0, 1])
+    acc = {(r["kind"], r["layer"], r["head"]): r["accuracy"] for r in rows}
+    assert acc[("baseline", None, None)] == 1.0 and acc[("mlps", None, None)] == 1.0
+    assert acc[("head", 1, 0)] <= 0.6 and acc[("head", 0, 0)] == 1.0 and acc[("head", 1, 1)] == 1.0
+    assert acc[("attn_upto", 0, None)] == 1.0 and acc[("attn_upto", 1, None)] <= 0.6
+    assert len(rows) == 1 + 1 + L + 2 * H
+
+
+def test_ablate_and_probe_jobs(tmp_path):
+    wh = str(tmp_path / "w.duckdb")
+    env = {"ATLAS_HOME": str(tmp_path)}
+    assert cli("embed", "--model", "toy-shapes", "--dataset", "shapes:120:seed=2", "--warehouse", wh, env=env).returncode == 0
+    r = cli("ablate", "--model", "toy-shapes", "--dataset", "shapes:120:seed=2", "--warehouse", wh, env=env)
+    assert r.returncode == 0, r.stderr
+    # 7 factors x (baseline + mlps + 6 attn_upto + 16 heads)
+    assert count(wh, "SELECT count(*) FROM ablations") == 7 * (1 + 1 + 6 + 16)
+    assert count(wh, "SELECT count(*) FROM component_means") == 1 + 6 * (2 + 4)
+    r = cli("probe", "--model", "toy-shapes/bundled", "--dataset", "shapes:120:seed=2", "--warehouse", wh, env=env)
+    assert r.returncode == 0, r.stderr
+    assert count(wh, "SELECT count(*) FROM probes") == 16 * 7
+    assert count(wh, "SELECT count(*) FROM probes WHERE layer NOT IN (2, 3, 4, 5)") == 0
