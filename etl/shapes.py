@@ -384,6 +384,24 @@ def noun_phrase(f: dict[str, str | None], variant: int = 0) -> str:
     return f"{_NUMBER_WORDS[count]} {words}"
 
 
+def factor_caption(factor: str, value: str, variant: int = 0) -> str:
+    """A caption that names one factor value only, in the style of the partial captions
+    ("a red shape", "a photo of an object in the top left", "two objects", "a shape in the sky").
+
+    variant (any int) picks the template and the wording.
+    """
+    if factor not in FACTORS:
+        raise ValueError(f"unknown factor {factor!r}; expected one of {list(FACTORS)}")
+    if value not in FACTORS[factor]:
+        raise ValueError(f"bad value {value!r} for factor {factor!r}; expected one of {FACTORS[factor]}")
+    f = {n: (value if n == factor else None) for n in FACTOR_NAMES}
+    np_ = noun_phrase(f, variant)
+    loc = " " + position_phrase(value, variant // 2) if factor == "position" else ""
+    bg = " " + _BG_PHRASES[value][(variant // 3) % 3] if factor == "background" else ""
+    t = _PARTIAL_TEMPLATES[(variant // 5) % len(_PARTIAL_TEMPLATES)]
+    return t.format(np=np_, loc=loc, bg=bg)
+
+
 def caption_for(factors: dict[str, str], rng: np.random.Generator, partial_prob: float = 0.5) -> str:
     """A caption for a factor record, drawn from varied templates with ``rng``.
 

@@ -205,7 +205,36 @@ def contrastive_loss(logits, targets: str, consistent=None):
     return 0.5 * (li + lt)
 
 
-_OLD_DEFAULTS = {"group_size": 1, "targets": "diagonal"}   # checkpoints written before these flags
+_OLD_DEFAULTS = {"group_size": 1, "targets": "diagonal", "factor_loss": 0.0}   # checkpoints written before these flags
+
+
+def factor_captions(variant: int) -> tuple[list[str], list[tuple[str, int, int]]]:
+    """One caption per factor value, naming only that value (``shapes.factor_caption``).
+
+    Returns (texts, spans) with spans = (factor, first row, number of values) into texts.
+    """
+    from etl import shapes
+    texts, spans = [], []
+    for k, (f, values) in enumerate(shapes.FACTORS.items()):
+        spans.append((f, len(texts), len(values)))
+        texts += [shapes.factor_caption(f, v, variant + 7 * k) for v in values]
+    return texts, spans
+
+
+def factor_loss(scale, img_f, txt_f, spans, scenes):
+    """Contrastive loss of every image against the captions of each factor's values.
+
+    img_f [B, d], txt_f [V, d] (unit); for each factor, a softmax over that factor's value
+    captions with the image's own value as the positive; mean over factors.
+    """
+    import torch
+    import torch.nn.functional as F
+    from etl import shapes
+    losses = []
+    for f, a, n in spans:
+        target = torch.tensor([shapes.FACTORS[f].index(s.factors[f]) for s in scenes])
+        losses.append(F.cross_entropy(scale * img_f @ txt_f[a:a + n].T, target))
+    return torch.stack(losses).mean()
 
 
 def train(args) -> Path | None:
@@ -236,7 +265,7 @@ def train(args) -> Path | None:
         if not ckpt.exists():
             raise SystemExit(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets"):
+        for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets", "factor_loss"):
             if state["args"].get(k, _OLD_DEFAULTS.get(k, 0)) != getattr(args, k):
                 raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
                                  f"{state['args'].get(k, _OLD_DEFAULTS.get(k, 0))}, this run asks for {getattr(args, k)}")
@@ -255,7 +284,7 @@ def train(args) -> Path | None:
                     "torch_rng": torch.get_rng_state(), "elapsed": elapsed,
                     "args": {"seed": args.seed, "batch_size": args.batch_size, "steps": args.steps,
                              "start_index": args.start_index, "group_size": args.group_size,
-                             "targets": args.targets}},
+                             "targets": args.targets, "factor_loss": args.factor_loss}},
                    tmp)
         os.replace(tmp, ckpt)
 
@@ -279,6 +308,10 @@ def train(args) -> Path | None:
         scale = model.logit_scale.exp()
         logits = scale * img_f @ txt_f.T
         loss = contrastive_loss(logits, args.targets, cons)
+        if args.factor_loss > 0:
+            ftexts, spans = factor_captions(int(torch.randint(0, 1 << 20, (1,))))
+            ftxt = F.normalize(encode_text_trimmed(model, tok(ftexts)), dim=-1)
+            loss = loss + args.factor_loss * factor_loss(scale, img_f, ftxt, spans, scenes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -312,7 +345,7 @@ def train(args) -> Path | None:
     model.eval()
     meta = {"step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
             "start_index": args.start_index, "init": args.init or "",
-            "group_size": args.group_size, "targets": args.targets,
+            "group_size": args.group_size, "targets": args.targets, "factor_loss": args.factor_loss,
             "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
     save_fp16(model, out, meta)
     print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))
@@ -336,6 +369,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", choices=["exact", "diagonal"], default="exact",
                    help="contrastive targets: 'exact' = every image a caption is true of is a "
                         "positive (known factors); 'diagonal' = standard CLIP (default exact)")
+    p.add_argument("--factor-loss", type=float, default=1.0,
+                   help="weight of the per-factor contrastive term: each image against the "
+                        "one-factor captions of every value of each factor ('a red shape' vs "
+                        "'a blue shape' ...); 0 disables (default 1.0)")
     p.add_argument("--partial-prob", type=float, default=0.5,
                    help="share of captions that name only a random subset of the factors "
                         "(the rest name all of them; default 0.5)")
