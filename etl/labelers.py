@@ -73,8 +73,11 @@ class Judgment:
     error: str | None = None
 
 
-class LLMError(RuntimeError):
-    """The endpoint cannot be used at all (no key, key rejected, unknown model, keeps failing)."""
+class LLMError(ValueError):
+    """The endpoint cannot be used at all (no key, key rejected, unknown model, keeps failing).
+
+    A ValueError so that the CLI prints its message (what was wrong, what to do) without a
+    traceback."""
 
 
 def _sha(text: str, n: int = 16) -> str:

@@ -43,14 +43,14 @@ def run(args) -> int:
     model_row_or_fail(path, args.model)
     with connect(path) as con:
         vocab = vocabulary(con)
-        labels = {(int(l), int(h)): p for l, h, p in con.execute(
-            "SELECT layer, head, property FROM head_labels WHERE model_id = ? AND property <> ?",
-            [args.model, MIXED]).fetchall()}
+        all_labels = con.execute("SELECT layer, head, property FROM head_labels WHERE model_id = ?",
+                                 [args.model]).fetchall()
+        labels = {(int(l), int(h)): p for l, h, p in all_labels if p != MIXED}
         texts = head_texts(con, args.model)
         done = {(int(l), int(h), t, p) for l, h, t, p in con.execute(
             "SELECT layer, head, text_id, property FROM text_judgments WHERE model_id = ? AND judge = ?",
             [args.model, "tag" if args.judge == "tag" else f"llm:{args.llm_model}"]).fetchall()}
-    if not labels:
+    if not all_labels:
         raise ValueError(f"no heads of {args.model!r} carry a property label: run `python -m etl label "
                          f"--model {args.model}` first")
     judge = OfflineLabeler(vocab) if args.judge == "tag" else make_llm(args, vocab)
@@ -78,7 +78,7 @@ def run(args) -> int:
         finally:
             _write(path, args.model, run_id, pending)
     print(json.dumps({"model_id": args.model, "judge": judge.judge_name, "judged": judged,
-                      "associated": associated, "failed": failed}))
+                      "associated": associated, "failed": failed, "mixed_heads": len(all_labels) - len(labels)}))
     return 0
 
 

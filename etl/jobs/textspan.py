@@ -42,8 +42,8 @@ def add_parser(sub) -> None:
 
 def _text_matrix(con, model_id: str, bank: str) -> tuple[list[str], np.ndarray]:
     """(text_ids, T [M, d] float32) of the bank's texts embedded for the model, by text_id."""
-    tab = con.execute("SELECT e.text_id, e.vec FROM text_embeddings e JOIN texts t USING (text_id) "
-                      "WHERE e.model_id = ? AND t.bank = ? ORDER BY e.text_id", [model_id, bank]).fetch_arrow_table()
+    tab = con.sql("SELECT e.text_id, e.vec FROM text_embeddings e JOIN texts t USING (text_id) "
+                  "WHERE e.model_id = ? AND t.bank = ? ORDER BY e.text_id", params=[model_id, bank]).to_arrow_table()
     ids = tab.column("text_id").to_pylist()
     if not ids:
         return [], np.zeros((0, 0), np.float32)
@@ -54,8 +54,8 @@ def _text_matrix(con, model_id: str, bank: str) -> tuple[list[str], np.ndarray]:
 def _layer_matrix(con, model_id: str, layer: int, heads: int, dataset: str | None) -> np.ndarray:
     """Head embeddings of one layer, C [n, H, d] float32, images in image_id order."""
     where = "AND image_id IN (SELECT image_id FROM images WHERE dataset_id = ?)" if dataset else ""
-    tab = con.execute(f"SELECT image_id, head, vec FROM head_embeddings WHERE model_id = ? AND layer = ? {where} "
-                      "ORDER BY image_id, head", [model_id, layer] + ([dataset] if dataset else [])).fetch_arrow_table()
+    tab = con.sql(f"SELECT image_id, head, vec FROM head_embeddings WHERE model_id = ? AND layer = ? {where} "
+                  "ORDER BY image_id, head", params=[model_id, layer] + ([dataset] if dataset else [])).to_arrow_table()
     n = tab.num_rows // heads
     head = tab.column("head").to_numpy()
     image = np.asarray(tab.column("image_id").to_pylist(), dtype=object)

@@ -1,0 +1,295 @@
+"""The text side of the ETL end to end on a temporary warehouse with a tiny random-init model:
+texts -> textspan -> label -> judge, resumability, user text files, the LLM labeler job."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from etl.cli import main
+from etl.labelers import MIXED
+from etl.textbank import PROPERTIES, atlas_bank, read_text_file
+from etl.textspan import textspan_literal
+from tests.model_fixtures import register_tiny_configs
+from tests.test_labelers import KEY, FakeEndpoint
+
+SHARED_BANKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text_banks"
+MODEL = "atlas-test-tiny/random-seed0"          # 3 layers x 4 heads, d = 24
+N_HEADS = 12
+
+
+def q(path, sql, params=()):
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+def one(path, sql, params=()):
+    return q(path, sql, params)[0][0]
+
+
+def job(capsys, *argv) -> dict:
+    """Run `python -m etl <argv>` in this process (the tiny configs are registered here);
+    return the job's JSON summary line."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def job_error(capsys, *argv) -> str:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    assert code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """A warehouse holding head embeddings of 30 shapes-world images for the tiny model."""
+    tmp = tmp_path_factory.mktemp("textjobs")
+    register_tiny_configs(tmp)
+    path = tmp / "w.duckdb"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATLAS_HOME", str(tmp / "home"))
+        mp.setenv("ATLAS_NO_PROGRESS", "1")
+        assert main(["embed", "--model", "atlas-test-tiny", "--random-init", "--seed", "0", "--dataset",
+                     "shapes:30:seed=0", "--backend", "torch", "--layers", "all", "--warehouse", str(path)]) == 0
+    assert one(path, "SELECT count(*) FROM head_embeddings WHERE model_id = ?", [MODEL]) == 30 * N_HEADS
+    return path
+
+
+@pytest.fixture(scope="module")
+def with_texts(embedded, tmp_path_factory):
+    """The same, plus the atlas bank embedded for the model (the `texts` job)."""
+    path = tmp_path_factory.mktemp("withtexts") / "w.duckdb"
+    path.write_bytes(embedded.read_bytes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATLAS_HOME", str(path.parent / "home"))
+        mp.setenv("ATLAS_NO_PROGRESS", "1")
+        assert main(["texts", "--model", MODEL, "--warehouse", str(path)]) == 0
+    return path
+
+
+def _private_copy(src, tmp_path, monkeypatch):
+    path = tmp_path / "w.duckdb"
+    path.write_bytes(src.read_bytes())
+    monkeypatch.setenv("ATLAS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ATLAS_NO_PROGRESS", "1")
+    return path
+
+
+@pytest.fixture()
+def wh(embedded, tmp_path, monkeypatch):
+    """A private copy of the embedded warehouse per test; ATLAS_HOME in the test's folder."""
+    return _private_copy(embedded, tmp_path, monkeypatch)
+
+
+@pytest.fixture()
+def wht(with_texts, tmp_path, monkeypatch):
+    """A private copy of the warehouse with the atlas bank embedded."""
+    return _private_copy(with_texts, tmp_path, monkeypatch)
+
+
+def test_texts_job_loads_and_embeds_the_atlas_bank_once(wh, capsys):
+    out = job(capsys, "texts", "--model", MODEL, "--warehouse", wh)
+    n = len(atlas_bank())
+    assert out == {"bank": "atlas", "texts": n, "model_id": MODEL, "embedded": n, "already_embedded": 0}
+    assert one(wh, "SELECT count(*) FROM texts WHERE bank = 'atlas'") == n
+    assert one(wh, "SELECT count(*) FROM texts WHERE property IS NULL") == 0
+    assert dict(q(wh, "SELECT property, description FROM properties")) == PROPERTIES
+    assert one(wh, "SELECT count(*) FROM text_embeddings WHERE model_id = ?", [MODEL]) == n
+    norms = np.array([r[0] for r in q(wh, "SELECT sqrt(list_inner_product(vec, vec)) FROM text_embeddings")])
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert len(q(wh, "SELECT vec FROM text_embeddings LIMIT 1")[0][0]) == 24
+    # a re-run embeds nothing and duplicates nothing
+    again = job(capsys, "texts", "--model", MODEL, "--warehouse", wh)
+    assert again["embedded"] == 0 and again["already_embedded"] == n
+    assert one(wh, "SELECT count(*) FROM text_embeddings") == n
+    assert one(wh, "SELECT count(*) FROM runs WHERE job = 'texts' AND status = 'ok'") == 2
+
+
+def test_texts_job_takes_a_users_text_file(wh, capsys, tmp_path):
+    src = SHARED_BANKS / "image_descriptions_general.txt"
+    expected = [t for t, _ in read_text_file(src)]
+    out = job(capsys, "texts", "--model", MODEL, "--text-file", src, "--bank-name", "general", "--warehouse", wh)
+    assert out["bank"] == "general" and out["texts"] == len(expected) == out["embedded"]
+    assert sorted(r[0] for r in q(wh, "SELECT text FROM texts WHERE bank = 'general'")) == sorted(expected)
+    assert one(wh, "SELECT count(*) FROM texts WHERE bank = 'general' AND property IS NOT NULL") == 0
+    assert one(wh, "SELECT count(*) FROM text_embeddings") == len(expected)
+    # a tagged file with a tag the vocabulary does not know: kept, reported in `errors`
+    f = tmp_path / "mine.txt"
+    f.write_text("a crimson sky\tcolors\na small dog\tanimals\na cat on a mat\tpets\n\n")
+    out = job(capsys, "texts", "--model", MODEL, "--text-file", f, "--warehouse", wh)
+    assert out["bank"] == "mine" and out["embedded"] == 3
+    assert dict(q(wh, "SELECT text, property FROM texts WHERE bank = 'mine'")) == {
+        "a crimson sky": "colors", "a small dog": "animals", "a cat on a mat": "pets"}
+    item, reason = q(wh, "SELECT item, reason FROM errors")[0]
+    assert item == "tag:pets" and "not a property" in reason
+    # bad inputs: clear errors, a failed run row
+    assert "does not exist" in job_error(capsys, "texts", "--text-file", tmp_path / "nope.txt", "--warehouse", wh)
+    assert "not in the warehouse" in job_error(capsys, "texts", "--model", "nope/none", "--warehouse", wh)
+    assert "product's own bank" in job_error(capsys, "texts", "--text-file", f, "--bank-name", "atlas",
+                                             "--warehouse", wh)
+    assert one(wh, "SELECT count(*) FROM runs WHERE job = 'texts' AND status = 'failed'") == 1
+
+
+def _head_matrix(wh, layer, head):
+    rows = q(wh, "SELECT vec FROM head_embeddings WHERE model_id = ? AND layer = ? AND head = ? ORDER BY image_id",
+             [MODEL, layer, head])
+    return np.array([r[0] for r in rows], dtype=np.float32)
+
+
+def test_textspan_job_matches_the_literal_algorithm_and_resumes(wht, capsys):
+    out = job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+    assert out["heads_written"] == N_HEADS and out["heads_failed"] == 0 and out["bank"] == "atlas"
+    assert one(wht, "SELECT count(*) FROM head_texts") == N_HEADS * 10
+    assert q(wht, "SELECT DISTINCT list_sort(list(rank)) FROM head_texts GROUP BY layer, head") == [(list(range(10)),)]
+    # the stored texts are what the literal algorithm picks from the same warehouse data
+    ids, T = zip(*q(wht, "SELECT e.text_id, e.vec FROM text_embeddings e JOIN texts USING (text_id) "
+                        "WHERE bank = 'atlas' ORDER BY e.text_id"))
+    T = np.array(T, dtype=np.float32)
+    for layer, head in [(0, 0), (2, 3)]:
+        lit_idx, lit_var = textspan_literal(_head_matrix(wht, layer, head), T, k=10, r=80)
+        stored = q(wht, "SELECT text_id, variance_explained FROM head_texts WHERE model_id = ? AND layer = ? "
+                       "AND head = ? ORDER BY rank", [MODEL, layer, head])
+        assert [s[0] for s in stored] == [ids[j] for j in lit_idx]
+        np.testing.assert_allclose([s[1] for s in stored], lit_var, atol=1e-4)
+    # resume: a run that stopped after layer 0 left layers 1-2 unwritten; only those are redone
+    first_run = one(wht, "SELECT any_value(run_id) FROM head_texts WHERE layer = 0")
+    with duckdb.connect(str(wht)) as con:
+        con.execute("DELETE FROM head_texts WHERE layer > 0")
+    out = job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+    assert (out["heads_written"], out["heads_skipped"]) == (8, 4)
+    assert q(wht, "SELECT DISTINCT run_id FROM head_texts WHERE layer = 0") == [(first_run,)]
+    assert one(wht, "SELECT count(*) FROM head_texts") == N_HEADS * 10
+    assert job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)["heads_written"] == 0
+
+
+def test_textspan_job_refuses_to_mix_banks_without_force(wht, capsys):
+    job(capsys, "texts", "--model", MODEL, "--warehouse", wht, "--text-file", SHARED_BANKS / "google_3498_english.txt",
+        "--bank-name", "words")
+    job(capsys, "textspan", "--model", MODEL, "--warehouse", wht, "-k", "5")
+    job(capsys, "label", "--model", MODEL, "--warehouse", wht)
+    assert one(wht, "SELECT count(*) FROM head_labels") == N_HEADS
+    err = job_error(capsys, "textspan", "--model", MODEL, "--warehouse", wht, "--bank", "words", "-k", "5")
+    assert "--force" in err and "'atlas'" in err
+    out = job(capsys, "textspan", "--model", MODEL, "--warehouse", wht, "--bank", "words", "-k", "5", "--force")
+    assert out["heads_written"] == N_HEADS
+    assert q(wht, "SELECT DISTINCT bank FROM head_texts") == [("words",)]
+    assert one(wht, "SELECT count(*) FROM head_texts h JOIN texts t USING (text_id) WHERE t.bank = 'words'") == 60
+    assert one(wht, "SELECT count(*) FROM head_labels") == 0          # labels of the old texts are gone
+    assert "no texts of bank 'nope'" in job_error(capsys, "textspan", "--model", MODEL, "--warehouse", wht,
+                                                  "--bank", "nope")
+    assert "not in the warehouse" in job_error(capsys, "textspan", "--model", MODEL, "--warehouse", wht,
+                                               "--dataset", "shapes:1:seed=9", "--force")
+    assert "k must be between" in job_error(capsys, "textspan", "--model", MODEL, "--warehouse", wht, "-k", "30",
+                                            "--force")
+
+
+def test_label_and_judge_offline_end_to_end(wht, capsys):
+    job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+    out = job(capsys, "label", "--model", MODEL, "--warehouse", wht)
+    assert out["heads_labelled"] == N_HEADS and out["heads_failed"] == 0
+    # the label is the tag with the largest variance share, recomputed here from the tables
+    shares = defaultdict(lambda: defaultdict(float))
+    totals = defaultdict(float)
+    for layer, head, prop, var in q(wht, "SELECT h.layer, h.head, t.property, h.variance_explained "
+                                        "FROM head_texts h JOIN texts t USING (text_id)"):
+        shares[(layer, head)][prop] += var
+        totals[(layer, head)] += var
+    for layer, head, prop, conf, labeler, ph in q(wht, "SELECT layer, head, property, confidence, labeler, "
+                                                      "prompt_hash FROM head_labels"):
+        best = max(shares[(layer, head)].values()) / totals[(layer, head)]
+        assert conf == pytest.approx(best)
+        assert prop == (MIXED if best < 0.5 else max(shares[(layer, head)], key=shares[(layer, head)].get))
+        assert labeler == "offline" and ph
+    assert job(capsys, "label", "--model", MODEL, "--warehouse", wht)["heads_skipped"] == N_HEADS
+    if one(wht, "SELECT count(*) FROM head_labels WHERE property = 'mixed'") == N_HEADS:
+        out = job(capsys, "judge", "--model", MODEL, "--warehouse", wht)     # nothing to judge is no error
+        assert (out["judged"], out["mixed_heads"]) == (0, N_HEADS)
+    # a random model's heads are mostly 'mixed' at 0.5; a low threshold (a new prompt hash) relabels them all
+    out = job(capsys, "label", "--model", MODEL, "--warehouse", wht, "--threshold", "0.01")
+    assert out["heads_labelled"] == N_HEADS and MIXED not in out["labels"]
+    out = job(capsys, "judge", "--model", MODEL, "--warehouse", wht)
+    n_labelled = one(wht, "SELECT count(*) FROM head_labels WHERE property <> 'mixed'")
+    assert out["judged"] == one(wht, "SELECT count(*) FROM text_judgments") == 10 * n_labelled
+    assert one(wht, "SELECT count(*) FROM text_judgments j JOIN texts t USING (text_id) "
+                   "WHERE j.associated <> (t.property = j.property) OR j.judge <> 'tag'") == 0
+    # the score views read the judgments: association = share of matching texts
+    for layer, head, assoc in q(wht, "SELECT layer, head, association FROM head_scores WHERE property <> 'mixed'"):
+        assert assoc == pytest.approx(one(wht, "SELECT avg(associated::INT) FROM text_judgments WHERE layer = ? "
+                                              "AND head = ?", [layer, head]))
+    assert job(capsys, "judge", "--model", MODEL, "--warehouse", wht)["judged"] == 0
+    assert one(wht, "SELECT count(*) FROM runs WHERE status <> 'ok'") == 0
+
+
+@pytest.fixture()
+def endpoint(monkeypatch):
+    ep = FakeEndpoint()
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", ep.url)
+    yield ep
+    ep.server.shutdown()
+    ep.server.server_close()
+
+
+def test_llm_label_and_judge_jobs_record_errors_cache_and_resume(wht, capsys, endpoint, tmp_path):
+    job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+    llm = ["--llm-model", "test-model", "--llm-retries", "1", "--llm-timeout", "5"]
+    endpoint.answer('{"property": "Colour", "confidence": 0.7}')
+    endpoint.answer('{"property": "furniture", "confidence": 0.9}')
+    endpoint.answer("no idea")
+    endpoint.answer('{"property": "animals", "confidence": 0.5}')
+    out = job(capsys, "label", "--model", MODEL, "--warehouse", wht, "--labeler", "llm", *llm)
+    assert (out["heads_labelled"], out["heads_failed"]) == (N_HEADS - 2, 2)
+    assert len(endpoint.requests) == N_HEADS
+    assert out["labels"] == {"animals": N_HEADS - 3, "colors": 1}
+    rows = q(wht, "SELECT labeler, prompt_hash, raw FROM head_labels")
+    assert {r[0] for r in rows} == {"llm:test-model"} and all(r[1] and r[2] for r in rows)
+    reasons = " ".join(r[0] for r in q(wht, "SELECT reason FROM errors"))
+    assert "'furniture' is not in the vocabulary" in reasons and "no JSON object" in reasons
+    # re-run: the 10 labelled heads are skipped, only the 2 failed ones are asked again
+    out = job(capsys, "label", "--model", MODEL, "--warehouse", wht, "--labeler", "llm", *llm)
+    assert out["heads_skipped"] == N_HEADS - 2 and len(endpoint.requests) == N_HEADS + 2
+    assert one(wht, "SELECT count(*) FROM head_labels") == N_HEADS
+    # the LLM judge: one question per (text, property), cached across heads
+    endpoint.script[:] = [(200, '{"associated": 1}', 0.0, {})]
+    before = len(endpoint.requests)
+    out = job(capsys, "judge", "--model", MODEL, "--warehouse", wht, "--judge", "llm", *llm)
+    pairs = one(wht, "SELECT count(DISTINCT (text_id, property)) FROM text_judgments")
+    assert out["judged"] == one(wht, "SELECT count(*) FROM text_judgments WHERE judge = 'llm:test-model' "
+                                    "AND associated") == 10 * N_HEADS
+    assert len(endpoint.requests) - before == pairs
+    assert one(wht, "SELECT min(association) FROM head_scores") == 1.0
+    # the key is nowhere: not in the warehouse, not in the cache
+    con = duckdb.connect(str(wht), read_only=True)
+    for table, col in [("head_labels", "raw"), ("errors", "reason"), ("runs", "params"), ("runs", "error")]:
+        assert con.execute(f"SELECT count(*) FROM {table} WHERE {col}::VARCHAR LIKE ?", [f"%{KEY}%"]).fetchone()[0] == 0
+    con.close()
+    cache = list((tmp_path / "home" / "cache" / "llm").glob("*.json"))
+    assert len(cache) == N_HEADS + pairs                  # every valid answer once: 12 head prompts, the pairs
+    assert all(KEY not in f.read_text() for f in cache)
+
+
+def test_llm_label_job_stops_on_a_rejected_key_and_keeps_what_it_wrote(wht, capsys, endpoint):
+    job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+    endpoint.answer('{"property": "colors", "confidence": 0.7}')
+    endpoint.answer('{"property": "shapes", "confidence": 0.7}')
+    endpoint.answer(f"bad key {KEY}", status=401)
+    llm = ["--labeler", "llm", "--llm-model", "test-model", "--batch-size", "1"]
+    assert "rejected the API key" in job_error(capsys, "label", "--model", MODEL, "--warehouse", wht, *llm)
+    assert one(wht, "SELECT count(*) FROM head_labels") == 2                   # committed before the failure
+    status, error = q(wht, "SELECT status, error FROM runs WHERE job = 'label'")[0]
+    assert status == "failed" and "rejected the API key" in error and KEY not in error
+    endpoint.script[:] = [(200, '{"property": "letters", "confidence": 0.6}', 0.0, {})]
+    before = len(endpoint.requests)
+    out = job(capsys, "label", "--model", MODEL, "--warehouse", wht, *llm)
+    assert out["heads_labelled"] == N_HEADS - 2 and len(endpoint.requests) - before == N_HEADS - 2
