@@ -245,3 +245,23 @@ def test_fix_dict_fixes_the_size_factor():
         s = shapes.scene(i, 25, size=SIZE, fix={"size": "large", "count": "2"})
         assert s.factors["size"] == "large" and s.factors["count"] == "2"
         assert s.image.shape == (SIZE, SIZE, 3)
+
+
+def test_factor_captions_name_one_factor_only():
+    for factor, values in FACTORS.items():
+        for v in values:
+            for variant in range(12):
+                cap = shapes.factor_caption(factor, v, variant)
+                m = _mentions(cap)
+                assert m[factor] == {v} or (factor == "count" and v == "1" and not m["count"]), cap
+                assert not any(m[k] for k in FACTORS if k != factor), cap
+    with pytest.raises(ValueError):
+        shapes.factor_caption("color", "plaid")
+
+
+def test_named_factors_match_the_caption():
+    for s in shapes.generate(300, seed=14):
+        m = _mentions(s.caption)
+        stated = {k for k in FACTORS if m[k]}
+        # count "1" may be stated by the article alone ("a red circle")
+        assert stated - {"count"} == set(s.named) - {"count"}, (s.caption, s.named)

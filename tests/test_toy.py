@@ -204,3 +204,47 @@ def test_every_flag_has_help(job, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage" in out and job in out
+
+
+def test_training_groups_are_minimal_variants_and_targets_are_exact():
+    scenes = train_toy.training_scenes(5, seed=0, batch_size=16, group_size=4)
+    assert len(scenes) == 16
+    again = train_toy.training_scenes(5, seed=0, batch_size=16, group_size=4)
+    assert all(np.array_equal(a.image, b.image) and a.caption == b.caption for a, b in zip(scenes, again))
+    for g in range(4):
+        base = scenes[4 * g].factors
+        for s in scenes[4 * g + 1:4 * g + 4]:
+            diff = [k for k in base if base[k] != s.factors[k]]
+            assert len(diff) == 1, (base, s.factors)
+    m = train_toy.consistency(scenes)                      # [text, image]
+    assert m.shape == (16, 16) and m.diagonal().all()
+    for j, s in enumerate(scenes):
+        for i, t in enumerate(scenes):
+            assert m[j, i] == all(s.factors[k] == t.factors[k] for k in s.named)
+    plain = train_toy.training_scenes(2, seed=0, batch_size=3, group_size=1)
+    assert [s.index for s in plain] == [6, 7, 8]
+
+
+def test_exact_targets_reduce_to_the_clip_loss_without_collisions():
+    logits = torch.randn(5, 5)
+    eye = np.eye(5, dtype=bool)
+    a = train_toy.contrastive_loss(logits, "exact", eye)
+    b = train_toy.contrastive_loss(logits, "diagonal")
+    assert torch.allclose(a, b, atol=1e-6)
+    # caption 0 is also true of image 1: matching it to image 1 is no error for 'exact'
+    m = eye.copy()
+    m[0, 1] = True                                           # [text, image]
+    lg = torch.full((5, 5), -5.0)                            # [image, text]
+    lg.fill_diagonal_(5.0)
+    lg[0, 0], lg[1, 0] = -5.0, 5.0
+    exact = train_toy.contrastive_loss(lg, "exact", m)
+    diag = train_toy.contrastive_loss(lg, "diagonal")
+    assert exact < diag - 0.4      # half of caption 0's text->image error (10 nats) is gone
+
+
+def test_factor_captions_cover_every_value_once():
+    texts, spans = train_toy.factor_captions(0)
+    assert len(texts) == sum(len(v) for v in shapes.FACTORS.values())
+    assert [f for f, _, _ in spans] == list(shapes.FACTORS)
+    for f, a, n in spans:
+        assert n == len(shapes.FACTORS[f]) and len(set(texts[a:a + n])) == n
