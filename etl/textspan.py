@@ -6,13 +6,13 @@ every text. Since ``||C t||^2 = t^T S t`` with ``S = C^T C``, the same choices f
 the d x d covariance, and because every text lives in the top-r right singular subspace of
 C (the first step of §3) all of it can be done in r coordinates:
 
-    V   [d, r]   top-r eigenvectors of the raw Gram C^T C  (= right singular vectors of C)
-    S~  [r, r]   V^T S V, S = Cc^T Cc the covariance of the centred data Cc
-    t~  [M, r]   T V, the texts projected and written in the basis V
-    W   [M, r]   t~ S~, kept up to date by rank-one corrections, so a step costs O(M r)
+    V      [d, r]  top-r eigenvectors of the raw Gram C^T C (= right singular vectors of C)
+    S~     [r, r]  V^T S V, S = Cc^T Cc the covariance of the centred data Cc
+    t~     [M, r]  T V, the texts projected and written in the basis V
+    score  [M]     t~_j^T S~ t~_j = ||Cc t_j||^2, kept up to date in O(M r) per step
 
-Per step: ``j* = argmax_j  t~_j . W_j``, ``u = t~_j* / ||t~_j*||``, record ``u^T S~ u /
-trace(S)``, deflate ``S~ <- (I - uu^T) S~ (I - uu^T)`` and orthogonalise the texts
+Per step: ``j* = argmax score``, ``u = t~_j* / ||t~_j*||``, record ``u^T S~ u / trace(S)``,
+deflate ``S~ <- (I - uu^T) S~ (I - uu^T)`` and orthogonalise the texts
 ``t~ <- t~ - (t~ u) u^T``. The cost per head is one Gram (n d^2), one eigendecomposition
 (d^3) and one projection (M d r); nothing grows with n after the Gram, nothing is n x M.
 
@@ -21,9 +21,10 @@ trace(S)``, deflate ``S~ <- (I - uu^T) S~ (I - uu^T)`` and orthogonalise the tex
     textspan_literal(C, T, k, r)  the literal n x d algorithm, for the benchmark
     bench_textspan()              48 heads x k = 20, 3,500 texts, 5,000 images, d = 512
 
-r larger than d means no projection (r = d). A chosen text is never chosen again; when no text explains more than rounding noise of
-what the first one did (100 eps of the dtype), the head has no direction left among the
-texts and a ValueError says so. k may not exceed r, nor the number of texts.
+r larger than d means no projection (r = d). A chosen text is never chosen again; when no
+text explains more than rounding noise of what the first one did (100 eps of the dtype),
+the head has no direction left among the texts and a ValueError says so. k may exceed
+neither r nor the number of texts.
 Precision: the n x d and M x r work runs in C's dtype (the warehouse stores float32), the
 d x d and r x r work, scores and variances in float64.
 """
@@ -128,8 +129,8 @@ def textspan_heads(C, T, k: int = 10, r: int = 80, *, chunk: int = 4, with_direc
 
     C: [n, H, d] head embeddings (n images, H heads), T: [M, d] text embeddings (unit norm),
     numpy arrays or torch tensors, float32 or float64 (the Gram and the text products run in
-    C's dtype, the eigensolver, scores and variances in float64). Heads are processed ``chunk`` at a time: small chunks keep the
-    [chunk, M, r] texts in cache during the k steps.
+    C's dtype, the eigensolver, scores and variances in float64). Heads are processed
+    ``chunk`` at a time: small chunks keep the [chunk, M, r] texts in cache over the k steps.
 
     Returns ``idx`` int64 [H, k] (rows of T, in the order chosen) and ``variance`` float64
     [H, k] (each chosen direction's variance as a fraction of the head's total variance);
