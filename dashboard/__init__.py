@@ -1,2 +1,2 @@
 """The CLIP Atlas dashboard: `streamlit run dashboard/app.py` (entry that only routes), one file
-per page in dashboard/pages/, shared widgets, cached warehouse access and live analyses."""
+per page in dashboard/views/, shared widgets, cached warehouse access and live analyses."""

@@ -2,18 +2,18 @@
 head cards link to pages through it, so a page is named in one place only."""
 from __future__ import annotations
 
-ATLAS = "pages/atlas.py"
-PROPERTY_NN = "pages/property_neighbours.py"
-TOPIC = "pages/topic_segmentation.py"
-CONTRASTIVE = "pages/contrastive_segmentation.py"
-IMAGE_NN = "pages/image_neighbours.py"
-TEXT_NN = "pages/text_neighbours.py"
-METRICS = "pages/metrics.py"
-SQL = "pages/sql_console.py"
+ATLAS = "views/atlas.py"
+PROPERTY_NN = "views/property_neighbours.py"
+TOPIC = "views/topic_segmentation.py"
+CONTRASTIVE = "views/contrastive_segmentation.py"
+IMAGE_NN = "views/image_neighbours.py"
+TEXT_NN = "views/text_neighbours.py"
+METRICS = "views/metrics.py"
+SQL = "views/sql_console.py"
 
-# (file, title, icon, url path). The url paths differ from the file names on purpose: Streamlit
-# still maps a URL equal to a file name in a `pages/` folder straight to that file (its legacy
-# multipage mode), which would bypass app.py; hyphenated paths always route through app.py.
+# (file, title, icon, url path). The page files live in views/, not pages/: Streamlit treats a
+# `pages/` folder beside the entry script as its legacy multipage app, which runs a page file
+# directly (bypassing app.py) or shows "Page not found" when a URL is opened or reloaded.
 PAGES: list[tuple[str, str, str, str]] = [
     (ATLAS, "Atlas", ":material/grid_view:", "head-atlas"),
     (PROPERTY_NN, "Property neighbours", ":material/join_inner:", "property-neighbours"),

@@ -142,6 +142,7 @@ def test_every_page_renders_without_exception(server, tab, path):
     tab.goto(url_of(server, path))
     wait_done(tab, title_of(path), tuple(EXPECT[path]))
     assert_no_exception(tab, path)
+    assert tab.get_by_text("Page not found").count() == 0, f"{path}: opening its URL directly is not routed"
     links = tab.locator('[data-testid="stSidebarNav"] a').all_inner_texts()
     assert [t.strip().splitlines()[-1] for t in links] == [title for _, title, *_ in nav.PAGES], links
     for selector in EXPECT[path]:
@@ -149,6 +150,12 @@ def test_every_page_renders_without_exception(server, tab, path):
     assert not errors, f"{path}: JavaScript errors {errors}"
     SHOTS.mkdir(parents=True, exist_ok=True)
     shot = SHOTS / f"{Path(path).stem}.png"
+    # the app scrolls inside its main container, so grow the window to the content for a whole-page shot
+    height = tab.evaluate("""() => Math.max(...Array.from(document.querySelectorAll('[data-testid="stMain"] *'))
+                                   .map(e => e.scrollHeight))""")
+    tab.set_viewport_size({"width": 1440, "height": min(max(1000, int(height) + 80), 6000)})
+    tab.wait_for_timeout(800)
+    assert_no_exception(tab, path)
     tab.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
 

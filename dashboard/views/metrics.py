@@ -46,10 +46,14 @@ counts = q(queries.property_head_counts)
 if counts.empty:
     st.info("No labelled heads yet.")
 else:
-    base = alt.Chart(counts).encode(x=alt.X("model_id:N", title=None), y=alt.Y("property:N"))
-    st.altair_chart((base.mark_rect().encode(color=alt.Color("n_heads:Q", scale=alt.Scale(scheme="blues")))
-                     + base.mark_text().encode(text="n_heads:Q")).properties(height=30 * counts.property.nunique() + 40),
-                    key="chart_counts")
+    base = alt.Chart(counts).encode(x=alt.X("model_id:N", title=None, axis=alt.Axis(labelAngle=0, labelLimit=260, orient="top")),
+                                    y=alt.Y("property:N"))
+    grid = (base.mark_rect().encode(color=alt.Color("n_heads:Q", title="heads", scale=alt.Scale(scheme="blues")),
+                                    tooltip=["property", "model_id", "n_heads"])
+            + base.mark_text(fontSize=12).encode(text="n_heads:Q"))
+    st.altair_chart(grid.properties(width=220 * counts.model_id.nunique(), height=26 * counts.property.nunique(),
+                                    autosize=alt.AutoSizeParams(type="pad")),   # the size is the cells', not the frame's
+                    key="chart_counts", width="content")
     w.csv_download(counts, "property_head_counts", key="dl_counts")
 
 # --------------------------------------------------------------------------- ablations
@@ -94,16 +98,15 @@ else:
     p["head_name"] = [w.head_name(l, h) for l, h in zip(p["layer"], p["head"])]
     order = [w.head_name(l, h) for l, h in sorted({(int(l), int(h)) for l, h in zip(p["layer"], p["head"])})]
     y = alt.Y("head_name:N", sort=order, title="head")
-    height = max(200, 18 * len(order))
+    height = max(200, 22 * len(order))
     matrix = (alt.Chart(p).mark_rect()
               .encode(x=alt.X("factor:N"), y=y,
                       color=alt.Color("above_chance:Q", title="accuracy - chance",
                                       scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)),
                       tooltip=["head_name", "factor", "accuracy", "chance", "property"])
               .properties(title="held-out probe accuracy above chance", width=60 * p.factor.nunique(), height=height))
-    labels = (alt.Chart(p.drop_duplicates("head_name")).mark_text(align="left")
-              .encode(y=alt.Y("head_name:N", sort=order, axis=None), text="property:N",
-                      color=alt.Color("property:N", legend=None))
+    labels = (alt.Chart(p.drop_duplicates("head_name")).mark_text(align="left", fontSize=12, color="#222")
+              .encode(y=alt.Y("head_name:N", sort=order, axis=None), text="property:N")
               .properties(title="label", width=110, height=height))
     st.altair_chart(alt.hconcat(matrix, labels), key="chart_probes")
     w.csv_download(p, f"probes_{model_id.replace('/', '_')}", key="dl_probes")
