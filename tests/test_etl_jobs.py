@@ -176,3 +176,22 @@ def test_ablate_and_probe_jobs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert count(wh, "SELECT count(*) FROM probes") == 16 * 7
     assert count(wh, "SELECT count(*) FROM probes WHERE layer NOT IN (2, 3, 4, 5)") == 0
+
+
+def test_run_builds_every_table_and_resumes(tmp_path):
+    wh = str(tmp_path / "w.duckdb")
+    env = {"ATLAS_HOME": str(tmp_path)}
+    r = cli("run", "--model", "toy-shapes", "--dataset", "shapes:80:seed=4", "--warehouse", wh, env=env)
+    assert r.returncode == 0, r.stderr
+    for table, expected in [("image_embeddings", 80), ("head_embeddings", 80 * 16), ("head_texts", 16 * 10),
+                            ("head_labels", 16), ("probes", 16 * 7), ("image_factors", 80 * 7)]:
+        assert count(wh, f"SELECT count(*) FROM {table}") == expected, table
+    assert count(wh, "SELECT count(*) FROM texts") >= 3000
+    assert count(wh, "SELECT n_heads FROM model_scores WHERE model_id = 'toy-shapes/bundled'") == 16
+    assert count(wh, "SELECT count(DISTINCT job) FROM runs WHERE status = 'ok'") >= 8
+    # a second run finds everything done and duplicates nothing
+    r = cli("run", "--model", "toy-shapes", "--dataset", "shapes:80:seed=4", "--warehouse", wh, "--skip", "ablate", env=env)
+    assert r.returncode == 0, r.stderr
+    assert '"skipped_done": 80' in r.stdout
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 80 * 16
+    assert count(wh, "SELECT count(*) FROM head_texts") == 16 * 10
