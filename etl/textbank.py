@@ -13,9 +13,9 @@ Each text expresses exactly one property and carries that property as its tag, s
 offline labeler (MATH.md §4) and the tag judge (§5) can read a head's property straight off
 its TextSpan texts. "a photo of a red car" would mix colours and vehicles; the bank says
 "a vivid red color" and "an image of a car" instead. The toy shapes world's vocabulary
-(etl/shapes.py: its shapes, colours, sizes, grid positions, counts, patterns and sky/grass/
-water backgrounds) is written into the matching properties, so the toy model's heads find
-their texts too.
+(etl/shapes.py: its shapes, colours, sizes, grid positions, counts, patterns and backgrounds)
+is written into the matching properties (SHAPES_FACTOR_PROPERTIES), so the toy model's heads
+find their texts too.
 
     PROPERTIES                 property -> one-line description, in bank order
     atlas_bank()               [(text, property)], >= 3,000 distinct texts
@@ -43,8 +43,9 @@ VOCABULARY_DIR = Path(__file__).with_name("textbank")
 
 # Which property of the bank names each factor of the shapes world (etl/shapes.py FACTORS),
 # so that a head labelled with a property can be checked against the matching known factor.
-# The background mixes plain colours, patterns and scenery; its scenery (sky, grass, water)
-# is what no other factor covers, hence 'weather' (weather and natural surroundings).
+# Every background text ("a striped background", "a plain white background", "a grassy
+# background") is tagged 'weather' (weather and surroundings), so that a head that encodes
+# the background factor is labelled by one property, not split over colours and textures.
 SHAPES_FACTOR_PROPERTIES: dict[str, str] = {
     "shape": "shapes",
     "size": "shapes",
