@@ -22,8 +22,12 @@ OUTPUTS = ["embedding", "head_cls", "rest", "head_tokens"]
 
 
 def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens: bool = False,
-                opset: int = 17) -> Path:
-    """Write the decomposition graph of `lm` to `path` (float32, CPU export). Returns the path."""
+                opset: int = 17, optimize: bool = True) -> Path:
+    """Write the decomposition graph of `lm` to `path` (float32, CPU export). Returns the path.
+
+    optimize: fuse bias+GELU and residual+LayerNorm with onnxruntime's transformer optimizer
+    (contrib ops that the CPU and CUDA providers both run); parity with torch is unchanged.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dec = decomposer(lm, layers, tokens)
@@ -38,13 +42,25 @@ def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens
     finally:
         dec.by_hand = False
     import onnx
-    model = onnx.load(str(tmp))
+    model = _fuse(tmp, lm) if optimize else onnx.load(str(tmp))
     meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size)
     entry = model.metadata_props.add()
     entry.key, entry.value = "clip_atlas", json.dumps(meta)
     onnx.save(model, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def _fuse(path: Path, lm):
+    """onnxruntime's ViT fusions (offline, opt_level 0 so the file stays provider-neutral)."""
+    import onnx
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+        fused = optimize_model(str(path), model_type="vit", num_heads=lm.heads, hidden_size=lm.width, opt_level=0)
+        return fused.model
+    except Exception as exc:  # an unfusable graph is still a correct graph
+        warnings.warn(f"ONNX fusion skipped ({type(exc).__name__}: {exc})")
+        return onnx.load(str(path))
 
 
 def _export(dec, dummy, tmp, names, opset):

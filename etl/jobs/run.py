@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from etl.common import add_model_args, add_warehouse_arg, load_model_from_args, warehouse_path
 
@@ -57,7 +58,8 @@ def run(args) -> int:
     timings["embed"] = round(time.perf_counter() - t, 1)
     bank = ["--text-file", args.text_file] if args.text_file else []
     step("texts", ["texts", "--model", lm.model_id, *wh, *bank])
-    step("textspan", ["textspan", "--model", lm.model_id, *wh])
+    bank_name = ["--bank", Path(args.text_file).stem] if args.text_file else ["--bank", "atlas"]
+    step("textspan", ["textspan", "--model", lm.model_id, *wh, *bank_name])
     step("label", ["label", "--model", lm.model_id, *wh, "--labeler", args.labeler]
          + (["--llm-model", args.llm_model] if args.llm_model else []))
     step("judge", ["judge", "--model", lm.model_id, *wh]
