@@ -25,6 +25,10 @@ from warehouse import queries
 Head = tuple[int, int]
 MAX_UPLOAD_MB = 20
 NEG, MID, POS = (59, 76, 192), (247, 247, 247), (180, 4, 38)   # diverging scale: towards B / 0 / towards A
+PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#ff9da6",
+           "#9d755d", "#a0cbe8", "#ffbf79", "#8cd17d", "#86bcb6", "#f1ce63", "#d4a6c8", "#fabfd2",
+           "#d7b5a6", "#79706e", "#bab0ac", "#499894"]                  # tableau20-like, one per property
+NOT_A_PROPERTY = {"mixed": "#c9c9c9", "unlabelled": "#dedede", "not analysed": "#f0f0f0"}  # greys, in this order
 HEAD_MODES = ("one head", "a layer", "a property's heads", "all analysed heads")
 _HEAD_RE = re.compile(r"^\s*L(\d+)\s*\.\s*H(\d+)\s*$", re.IGNORECASE)
 
@@ -138,15 +142,13 @@ def head_set_picker(row: dict, key: str, modes: Sequence[str] = HEAD_MODES) -> t
         return [(l, h)], head_name(l, h)
     if mode == "a layer":
         layers = [int(l) for l in row["analysed_layers"]]
-        want = st.session_state.get("_atlas_head")
-        if f"{key}_layer" not in st.session_state and want:
+        if st.session_state.get(f"{key}_layer") not in layers:      # a fresh page: the current head's layer
             try:
-                if parse_head(want)[0] in layers:
-                    st.session_state[f"{key}_layer"] = parse_head(want)[0]
+                current = parse_head(st.session_state.get("_atlas_head") or "")[0]
             except ValueError:
-                pass
-        layer = st.selectbox("Layer", layers, index=len(layers) - 1, key=f"{key}_layer",
-                             format_func=lambda l: f"layer {l}")
+                current = None
+            st.session_state[f"{key}_layer"] = current if current in layers else layers[-1]
+        layer = st.selectbox("Layer", layers, key=f"{key}_layer", format_func=lambda l: f"layer {l}")
         return [(layer, h) for h in range(int(row["heads"]))], f"all heads of layer {layer}"
     if mode == "a property's heads":
         props = q(queries.properties, row["model_id"])
@@ -187,13 +189,13 @@ def _load_warehouse_image(image_id: str) -> tuple[Image.Image, str]:
     path = rec.get("path")
     try:
         if path and __import__("os").path.isfile(path):
-            return models.load_image(path), f"{image_id} ({rec.get('label') or 'no label'})"
+            return models.load_image(path), f"{image_id} ({describe(rec) or 'no label'})"
     except models.ImageError:
         pass
     if rec.get("thumbnail") is None:
         raise models.ImageError(f"{image_id}: the original file is gone and no thumbnail is stored")
     return (models.load_image(bytes(rec["thumbnail"])),
-            f"{image_id} ({rec.get('label') or 'no label'}; stored 128 px thumbnail, the original file is not on this machine)")
+            f"{image_id} ({describe(rec) or 'no label'}; from its stored thumbnail: no original file on this machine)")
 
 
 def image_input(row: dict, key: str) -> Optional[ImageChoice]:
@@ -221,7 +223,7 @@ def image_input(row: dict, key: str) -> Optional[ImageChoice]:
     if ims.empty:
         st.info("No image is embedded for this model; upload one instead.")
         return None
-    labels = dict(zip(ims.image_id, ims.label.fillna("")))
+    labels = {r.image_id: describe(r) for r in ims.itertuples()}
     image_id = st.selectbox("Warehouse image", list(ims.image_id), key=f"{key}_image",
                             format_func=lambda i: f"{i}  {labels.get(i, '')}")
     try:
@@ -266,6 +268,15 @@ def grid_chart(grid: np.ndarray, vmax: float, title: str) -> alt.Chart:
 
 # --------------------------------------------------------------------------- tables and thumbnails
 
+def describe(r) -> str:
+    """An image hit's class label, else its caption (shortened), else ''."""
+    get = r.get if isinstance(r, dict) else (lambda k: getattr(r, k, None))
+    for v in (get("label"), get("caption")):
+        if isinstance(v, str) and v.strip():
+            return v if len(v) <= 60 else v[:57] + "..."
+    return ""
+
+
 def thumbnails(df: pd.DataFrame, columns: int = 6, score: str = "score") -> None:
     """Thumbnails of image hits with their id, label and score, `columns` per row."""
     rows = list(df.itertuples())
@@ -275,7 +286,7 @@ def thumbnails(df: pd.DataFrame, columns: int = 6, score: str = "score") -> None
             with col:
                 if getattr(r, "thumbnail", None) is not None:
                     st.image(bytes(r.thumbnail), width="stretch")
-                st.caption(f"{r.image_id}  \n{r.label or ''}  \n{score} {getattr(r, score):.4f}")
+                st.caption(f"{r.image_id}  \n{describe(r)}  \n{score} {getattr(r, score):.4f}")
 
 
 def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head], k: int) -> None:
@@ -291,7 +302,7 @@ def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head]
         for col, r in zip(cols[1:], g.itertuples()):
             if r.thumbnail is not None:
                 col.image(bytes(r.thumbnail), width="stretch")
-            col.caption(f"{r.label or r.image_id}  \n{r.score:.4f}")
+            col.caption(f"{describe(r) or r.image_id}  \n{r.score:.4f}")
 
 
 def csv_download(df: pd.DataFrame, name: str, key: str) -> None:

@@ -23,10 +23,13 @@ st.subheader(f"Heads of {model_id}")
 st.caption(f"{row['layers']} layers x {row['heads']} heads; analysed layers "
            f"{', '.join(map(str, row['analysed_layers']))}. Click a head to open its card.")
 pick = alt.selection_point(name="pick", fields=["layer", "head"], on="click")
-colour = alt.condition("datum.analysed", alt.Color("property:N", title="property label",
-                                                     scale=alt.Scale(scheme="tableau20"),
-                                                     legend=alt.Legend(orient="bottom", columns=6, symbolLimit=0)),
-                       alt.value("#e6e6e6"))
+labels = sorted(set(grid.property) - set(w.NOT_A_PROPERTY))
+greys = [p for p in w.NOT_A_PROPERTY if p in set(grid.property)]
+colour = alt.Color("property:N", title="property label",
+                   scale=alt.Scale(domain=labels + greys,
+                                   range=[w.PALETTE[i % len(w.PALETTE)] for i in range(len(labels))]
+                                   + [w.NOT_A_PROPERTY[p] for p in greys]),
+                   legend=alt.Legend(orient="bottom", columns=6, symbolLimit=0, labelLimit=200))
 base = alt.Chart(grid).encode(x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0, orient="top")),
                               y=alt.Y("layer:O", title="layer", sort="descending"))
 cells = (base.mark_rect(stroke="white", strokeWidth=2)
@@ -34,7 +37,8 @@ cells = (base.mark_rect(stroke="white", strokeWidth=2)
                  tooltip=["head_name", "property", alt.Tooltip("confidence:Q", format=".2f"), "top_text"])
          .add_params(pick))
 names = base.mark_text(fontSize=10, color="#222").encode(text=alt.Text("property:N"))
-chart = alt.layer(cells, names).properties(height=34 * int(row["layers"]) + 20)
+chart = alt.layer(cells, names).properties(height=30 * int(row["layers"]),   # the plot's height; width fits the page
+                                           autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
 event = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key="atlas_grid", width="stretch")
 picked = (event.selection.get("pick") or []) if event else []
 if picked and picked[0].get("layer") in row["analysed_layers"]:
