@@ -205,7 +205,7 @@ def contrastive_loss(logits, targets: str, consistent=None):
     return 0.5 * (li + lt)
 
 
-_OLD_DEFAULTS = {"group_size": 1, "targets": "diagonal", "factor_loss": 0.0}   # checkpoints written before these flags
+_OLD_DEFAULTS = {"group_size": 1, "targets": "diagonal", "factor_loss": 0.0, "text_loss": 0.0}   # checkpoints written before these flags
 
 
 def factor_captions(variant: int) -> tuple[list[str], list[tuple[str, int, int]]]:
@@ -237,6 +237,24 @@ def factor_loss(scale, img_f, txt_f, spans, scenes):
     return torch.stack(losses).mean()
 
 
+def paraphrase_loss(scale, txt_a, txt_b, spans):
+    """Text-side contrastive term: two wordings of every factor value's caption must match
+    each other and no other value of the same factor.
+
+    txt_a, txt_b [V, d] (unit), rows aligned by value. Keeps the text tower from collapsing
+    the words of factors the image tower has not learnt yet ("top left" vs "bottom right"),
+    which would otherwise leave the image tower without a gradient for them.
+    """
+    import torch
+    import torch.nn.functional as F
+    losses = []
+    for _, a, n in spans:
+        lg = scale * txt_a[a:a + n] @ txt_b[a:a + n].T
+        target = torch.arange(n)
+        losses.append(0.5 * (F.cross_entropy(lg, target) + F.cross_entropy(lg.T, target)))
+    return torch.stack(losses).mean()
+
+
 def train(args) -> Path | None:
     """Run (or resume) training; returns the weights path, or None when --stop-at ended it early."""
     import torch
@@ -265,7 +283,8 @@ def train(args) -> Path | None:
         if not ckpt.exists():
             raise SystemExit(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets", "factor_loss"):
+        for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets", "factor_loss",
+                  "text_loss"):
             if state["args"].get(k, _OLD_DEFAULTS.get(k, 0)) != getattr(args, k):
                 raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
                                  f"{state['args'].get(k, _OLD_DEFAULTS.get(k, 0))}, this run asks for {getattr(args, k)}")
@@ -284,7 +303,8 @@ def train(args) -> Path | None:
                     "torch_rng": torch.get_rng_state(), "elapsed": elapsed,
                     "args": {"seed": args.seed, "batch_size": args.batch_size, "steps": args.steps,
                              "start_index": args.start_index, "group_size": args.group_size,
-                             "targets": args.targets, "factor_loss": args.factor_loss}},
+                             "targets": args.targets, "factor_loss": args.factor_loss,
+                             "text_loss": args.text_loss}},
                    tmp)
         os.replace(tmp, ckpt)
 
@@ -308,10 +328,16 @@ def train(args) -> Path | None:
         scale = model.logit_scale.exp()
         logits = scale * img_f @ txt_f.T
         loss = contrastive_loss(logits, args.targets, cons)
-        if args.factor_loss > 0:
-            ftexts, spans = factor_captions(int(torch.randint(0, 1 << 20, (1,))))
+        if args.factor_loss > 0 or args.text_loss > 0:
+            va, vb = (int(v) for v in torch.randint(0, 1 << 20, (2,)))
+            ftexts, spans = factor_captions(va)
             ftxt = F.normalize(encode_text_trimmed(model, tok(ftexts)), dim=-1)
-            loss = loss + args.factor_loss * factor_loss(scale, img_f, ftxt, spans, scenes)
+            if args.factor_loss > 0:
+                loss = loss + args.factor_loss * factor_loss(scale, img_f, ftxt, spans, scenes)
+            if args.text_loss > 0:
+                btexts, _ = factor_captions(vb)
+                btxt = F.normalize(encode_text_trimmed(model, tok(btexts)), dim=-1)
+                loss = loss + args.text_loss * paraphrase_loss(scale, ftxt, btxt, spans)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -346,7 +372,7 @@ def train(args) -> Path | None:
     meta = {"step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
             "start_index": args.start_index, "init": args.init or "",
             "group_size": args.group_size, "targets": args.targets, "factor_loss": args.factor_loss,
-            "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
+            "text_loss": args.text_loss, "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
     save_fp16(model, out, meta)
     print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))
     return out
@@ -373,6 +399,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the per-factor contrastive term: each image against the "
                         "one-factor captions of every value of each factor ('a red shape' vs "
                         "'a blue shape' ...); 0 disables (default 1.0)")
+    p.add_argument("--text-loss", type=float, default=1.0,
+                   help="weight of the text-side paraphrase term: two wordings of each factor "
+                        "value's caption match each other, not the other values; keeps factor "
+                        "words apart in the text tower; 0 disables (default 1.0)")
     p.add_argument("--partial-prob", type=float, default=0.5,
                    help="share of captions that name only a random subset of the factors "
                         "(the rest name all of them; default 0.5)")
