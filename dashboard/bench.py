@@ -95,7 +95,7 @@ def bench_topic_segmentation(row: dict, repeats: int = 3) -> dict:
         data = _upload_bytes(1000 + i)
         t0, c0 = time.perf_counter(), time.process_time()
         img = models.load_image(data)
-        t_hat = live.text_vectors(row, [f"a photo of object number {i} {time.time_ns()}"])[0]
+        t_hat, _ = live.text_vector(row, f"a photo of object number {i} {time.time_ns()}")
         grid = live.topic_map(row, img, "bench:" + hashlib.sha1(data).hexdigest() + str(time.time_ns()), heads, t_hat)
         size = int(row["image_size"])
         heat = live.upsample(grid, size)
@@ -117,11 +117,15 @@ def _row_for(arch: str, source: str, seed: int = 0) -> dict:
     return lm.row() | {"analysed_layers": layers}
 
 
-def bench_dashboard(warehouse: str | os.PathLike | None = None, repeats: int = 3) -> dict:
-    """All dashboard timings with their targets; see the module docstring."""
+def bench_dashboard(warehouse: str | os.PathLike | None = None, repeats: int = 3,
+                    threads: int | None = None) -> dict:
+    """All dashboard timings with their targets; see the module docstring. `threads` sets torch's
+    CPU threads (default: torch's own choice, what the dashboard uses)."""
     _quiet_streamlit()
     import torch
     import models
+    if threads:
+        torch.set_num_threads(int(threads))
     wh, wh_note = _warehouse_with_models(Path(warehouse) if warehouse else None)
     out: dict = {"warehouse": wh_note, "torch_threads": torch.get_num_threads(),
                  "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
@@ -143,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warehouse", help="warehouse file (default: ATLAS_WAREHOUSE or $ATLAS_HOME/warehouse.duckdb; "
                                         "a fixture warehouse is built when it holds no model)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per live measurement (median reported)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
-    print(json.dumps(bench_dashboard(args.warehouse, args.repeats), indent=2))
+    print(json.dumps(bench_dashboard(args.warehouse, args.repeats, args.threads), indent=2))
 
 
 if __name__ == "__main__":

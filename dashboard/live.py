@@ -70,6 +70,17 @@ def text_vectors(row: dict, texts: Sequence[str]) -> np.ndarray:
     return _encode(spec_key(row), tuple(texts), row)
 
 
+def text_vector(row: dict, text: str) -> tuple[np.ndarray, str]:
+    """(t_hat [d], source) for one text: the warehouse's stored embedding when the text is in a
+    bank (no text tower run), else encoded live; both are the model's unit text embedding."""
+    from dashboard.data import q
+    from warehouse import queries
+    stored = q(queries.stored_text_vector, row["model_id"], text)
+    if stored is not None:
+        return stored, "stored text embedding"
+    return text_vectors(row, [text])[0], "encoded live"
+
+
 def layer_index(dec: models.Decomposition, heads: Sequence[Head]) -> list[tuple[int, int]]:
     """(position in dec.layers, head) for each (layer, head); ValueError for a layer not decomposed."""
     pos = {l: j for j, l in enumerate(dec.layers)}

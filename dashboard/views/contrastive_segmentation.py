@@ -22,9 +22,9 @@ if choice is not None and heads:
         st.warning("Type both texts to contrast them.")
         st.stop()
     t0 = time.perf_counter()
-    t = live.text_vectors(row, [text_a, text_b])                                 # [2, d]
-    map_a = live.topic_map(row, choice.image, choice.key, heads, t[0])           # [gh, gw]
-    map_b = live.topic_map(row, choice.image, choice.key, heads, t[1])
+    (t_a, _), (t_b, _) = live.text_vector(row, text_a), live.text_vector(row, text_b)   # [d] each
+    map_a = live.topic_map(row, choice.image, choice.key, heads, t_a)           # [gh, gw]
+    map_b = live.topic_map(row, choice.image, choice.key, heads, t_b)
     diff = map_a - map_b
     size = int(row["image_size"])
     crop = live.model_crop(choice.image, size)

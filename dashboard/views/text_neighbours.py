@@ -15,10 +15,7 @@ text = st.text_input("Text", value="a red object", key="tnn_text", max_chars=300
 k = st.slider("Images per head", 1, 10, 5, key="tnn_k")
 
 if heads and text.strip():
-    t_hat = q(queries.stored_text_vector, row["model_id"], text)
-    source = "stored text embedding"
-    if t_hat is None:                                        # not in a text bank: encode it live
-        t_hat, source = live.text_vectors(row, [text])[0], "encoded live"
+    t_hat, source = live.text_vector(row, text)
     hits = q(queries.neighbours_per_head_of_text, row["model_id"], heads, t_hat, k)
     st.markdown(f"**{text}** ({source}) over {description}: top {k} per head (score = c_db[l,h] · t)")
     w.head_rows(hits, w.head_labels(row), heads, k)

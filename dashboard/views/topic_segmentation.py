@@ -23,14 +23,14 @@ if choice is not None and heads:
         st.warning("Type a text to segment the image by.")
         st.stop()
     t0 = time.perf_counter()
-    t_hat = live.text_vectors(row, [text])[0]
+    t_hat, source = live.text_vector(row, text)
     grid = live.topic_map(row, choice.image, choice.key, heads, t_hat)          # [gh, gw]
     size = int(row["image_size"])
     heat = live.upsample(grid, size)                                             # [S, S]
     crop = live.model_crop(choice.image, size)
     elapsed = time.perf_counter() - t0
     vmax = float(np.abs(grid).max()) or 1e-12
-    st.markdown(f"**{text}** over {description}")
+    st.markdown(f"**{text}** ({source}) over {description}")
     a, b = st.columns(2)
     with a:
         st.image(w.overlay(crop, heat, vmax), caption=f"{choice.caption} (the model's {size} px crop)")
