@@ -2,7 +2,7 @@
 the fixture warehouse, Debian's /usr/bin/chromium driven by the playwright Python package.
 
 Every page is opened, waited for until its script has finished running, checked for Streamlit
-exception elements and for its own content, and saved to docs/screenshots/<page>.png. Then a
+exception elements and for its own content, and saved to tests/_artifacts/screenshots/<page>.png (or $ATLAS_SCREENSHOTS). Then a
 real upload, a head-card link and the model picker across a sidebar page switch.
 
 Needs the system browser (no browser downloads): `apt-get install -y chromium`.
@@ -34,7 +34,9 @@ pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-SHOTS = ROOT / "docs" / "screenshots"
+# screenshots go to an ignored folder; `ATLAS_SCREENSHOTS=docs/screenshots ATLAS_BROWSER_WAREHOUSE=var/warehouse.duckdb`
+# refreshes the README's pictures from the demo warehouse
+SHOTS = Path(os.environ.get("ATLAS_SCREENSHOTS", ROOT / "tests" / "_artifacts" / "screenshots"))
 PAGE_TIMEOUT_MS = 120_000
 # what proves each page rendered its results, beyond the absence of exceptions
 EXPECT = {
@@ -58,7 +60,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A streamlit server on the fixture warehouse; yields its base URL."""
-    warehouse = fx.build_fixture_warehouse(tmp_path_factory.mktemp("browser"))
+    warehouse = os.environ.get("ATLAS_BROWSER_WAREHOUSE") or fx.build_fixture_warehouse(tmp_path_factory.mktemp("browser"))
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "streamlit.log"
     env = dict(os.environ, ATLAS_WAREHOUSE=str(warehouse))
