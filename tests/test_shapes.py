@@ -265,3 +265,14 @@ def test_named_factors_match_the_caption():
         stated = {k for k in FACTORS if m[k]}
         # count "1" may be stated by the article alone ("a red circle")
         assert stated - {"count"} == set(s.named) - {"count"}, (s.caption, s.named)
+
+
+def test_single_objects_sit_on_the_patch_lattice_inside_their_cell():
+    pitch = SIZE / shapes.SNAP
+    for s in shapes.generate(200, seed=26, count="1"):
+        (cy, cx), = s.centers
+        assert (cy / pitch - 0.5) % 1 == 0 and (cx / pitch - 0.5) % 1 == 0, s.centers
+        assert shapes.cell_of(cy, cx, SIZE) == s.factors["position"]
+    # groups keep their continuous jitter
+    ys = {round(s.centers[0][0] % pitch, 3) for s in shapes.generate(100, seed=26, count="3")}
+    assert len(ys) > 5
