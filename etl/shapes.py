@@ -14,6 +14,8 @@ Factors (the vocabularies are ``FACTORS``):
                  packed tightly around that centre (2: side by side or stacked, 3: a triangle,
                  4: a 2x2 block), so a group of large objects can reach into the neighbouring
                  cells, but its centre is always at least ~2 pixels inside the named cell.
+                 A single object's centre sits on the lattice of patch centres of an 8 x 8
+                 grid (``SNAP``), so it meets the toy model's patch grid at a fixed phase.
 - ``count``      "1" .. "4" (captions say "a"/"one", "two", ...)
 - ``pattern``    solid, striped, dotted, checkered (the second tone is a darker shade of the
                  object's colour, so the named colour dominates every object)
