@@ -146,13 +146,15 @@ VARY_WEIGHTS = {"shape": 3, "color": 1, "size": 1, "position": 3, "count": 3, "p
 
 
 def training_scenes(step: int, seed: int, batch_size: int, group_size: int = 1, size: int = 64,
-                    partial_prob: float = 0.5, start_index: int = 0):
+                    partial_prob: float = 0.5, start_index: int = 0, single_prob: float = 0.0):
     """The scenes of one training step, deterministic by (seed, start_index, step).
 
     group_size 1: scenes ``start_index + step*B ..`` of world ``seed`` (independent factors).
     group_size k > 1: B/k groups of minimal variants: a random factor record and k-1 copies
     that each change one factor (drawn by VARY_WEIGHTS) to another value, so that the batch
-    holds hard negatives for shape, position and count. Returns a list of Scene.
+    holds hard negatives for shape, position and count; a group's base scene is a single
+    object with extra probability ``single_prob`` (single objects meet the patch grid at a
+    fixed phase, where shapes are learnt fastest). Returns a list of Scene.
     """
     from etl import shapes
     first = start_index + step * batch_size
@@ -165,6 +167,8 @@ def training_scenes(step: int, seed: int, batch_size: int, group_size: int = 1, 
     records = []
     while len(records) < batch_size:
         base = shapes.sample_factors(rng)
+        if rng.random() < single_prob:
+            base["count"] = "1"
         records.append(base)
         for _ in range(group_size - 1):
             k = names[int(rng.choice(len(names), p=w))]
@@ -206,7 +210,7 @@ def contrastive_loss(logits, targets: str, consistent=None):
 
 
 _OLD_DEFAULTS = {"group_size": 1, "targets": "diagonal", "factor_loss": 0.0, "text_loss": 0.0,
-                 "pos_init_scale": 1.0}   # checkpoints written before these flags
+                 "pos_init_scale": 1.0, "single_prob": 0.0}   # checkpoints written before these flags
 
 
 def factor_captions(variant: int) -> tuple[list[str], list[tuple[str, int, int]]]:
@@ -222,6 +226,9 @@ def factor_captions(variant: int) -> tuple[list[str], list[tuple[str, int, int]]
     return texts, spans
 
 
+FACTOR_LOSS_WEIGHTS = {"shape": 2.0}      # shapes are the slowest factor for a small ViT
+
+
 def factor_loss(scale, img_f, txt_f, spans, scenes):
     """Contrastive loss of every image against the captions of each factor's values.
 
@@ -232,10 +239,13 @@ def factor_loss(scale, img_f, txt_f, spans, scenes):
     import torch.nn.functional as F
     from etl import shapes
     losses = []
+    weights = []
     for f, a, n in spans:
         target = torch.tensor([shapes.FACTORS[f].index(s.factors[f]) for s in scenes])
         losses.append(F.cross_entropy(scale * img_f @ txt_f[a:a + n].T, target))
-    return torch.stack(losses).mean()
+        weights.append(FACTOR_LOSS_WEIGHTS.get(f, 1.0))
+    w = torch.tensor(weights)
+    return (torch.stack(losses) * w).sum() / w.sum()
 
 
 def paraphrase_loss(scale, txt_a, txt_b, spans):
@@ -291,7 +301,7 @@ def train(args) -> Path | None:
             raise SystemExit(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets", "factor_loss",
-                  "text_loss", "pos_init_scale"):
+                  "text_loss", "pos_init_scale", "single_prob"):
             if state["args"].get(k, _OLD_DEFAULTS.get(k, 0)) != getattr(args, k):
                 raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
                                  f"{state['args'].get(k, _OLD_DEFAULTS.get(k, 0))}, this run asks for {getattr(args, k)}")
@@ -311,7 +321,8 @@ def train(args) -> Path | None:
                     "args": {"seed": args.seed, "batch_size": args.batch_size, "steps": args.steps,
                              "start_index": args.start_index, "group_size": args.group_size,
                              "targets": args.targets, "factor_loss": args.factor_loss,
-                             "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale}},
+                             "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale,
+                             "single_prob": args.single_prob}},
                    tmp)
         os.replace(tmp, ckpt)
 
@@ -323,7 +334,7 @@ def train(args) -> Path | None:
     t_last = time.perf_counter()
     for step in bar:
         scenes = training_scenes(step, args.seed, B, args.group_size, args.image_size,
-                                 args.partial_prob, args.start_index)
+                                 args.partial_prob, args.start_index, args.single_prob)
         x = images_to_tensor(np.stack([sc.image for sc in scenes]))
         t = tok([sc.caption for sc in scenes])
         cons = consistency(scenes)
@@ -379,15 +390,16 @@ def train(args) -> Path | None:
     meta = {"step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
             "start_index": args.start_index, "init": args.init or "",
             "group_size": args.group_size, "targets": args.targets, "factor_loss": args.factor_loss,
-            "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale, "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
+            "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale,
+            "single_prob": args.single_prob, "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
     save_fp16(model, out, meta)
     print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))
     return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=900,
-                   help="optimiser steps (each on a fresh batch of scenes); default 900 "
+    p.add_argument("--steps", type=int, default=1000,
+                   help="optimiser steps (each on a fresh batch of scenes); default 1000 "
                         "(~25-40 min on a shared 2-core CPU)")
     p.add_argument("--batch-size", type=int, default=128, help="scenes per step (default 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
@@ -405,11 +417,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor-loss", type=float, default=1.0,
                    help="weight of the per-factor contrastive term: each image against the "
                         "one-factor captions of every value of each factor ('a red shape' vs "
-                        "'a blue shape' ...); 0 disables (default 1.0)")
+                        "'a blue shape' ...), shape weighted x2 in the mean over factors; "
+                        "0 disables (default 1.0)")
     p.add_argument("--text-loss", type=float, default=1.0,
                    help="weight of the text-side paraphrase term: two wordings of each factor "
                         "value's caption match each other, not the other values; keeps factor "
                         "words apart in the text tower; 0 disables (default 1.0)")
+    p.add_argument("--single-prob", type=float, default=0.5,
+                   help="extra probability that a group's base scene holds a single object "
+                        "(only with --group-size > 1; default 0.5)")
     p.add_argument("--pos-init-scale", type=float, default=10.0,
                    help="multiply open_clip's initial image position embedding (std width^-0.5) "
                         "by this; 1 keeps open_clip's init (default 10)")
