@@ -210,7 +210,8 @@ def contrastive_loss(logits, targets: str, consistent=None):
 
 
 _OLD_DEFAULTS = {"group_size": 1, "targets": "diagonal", "factor_loss": 0.0, "text_loss": 0.0,
-                 "pos_init_scale": 1.0, "single_prob": 0.0}   # checkpoints written before these flags
+                 "pos_init_scale": 1.0, "single_prob": 0.0,
+                 "factor_weights": "shape=2"}   # checkpoints written before these flags
 
 
 def factor_captions(variant: int) -> tuple[list[str], list[tuple[str, int, int]]]:
@@ -229,7 +230,25 @@ def factor_captions(variant: int) -> tuple[list[str], list[tuple[str, int, int]]
 FACTOR_LOSS_WEIGHTS = {"shape": 2.0}      # shapes are the slowest factor for a small ViT
 
 
-def factor_loss(scale, img_f, txt_f, spans, scenes):
+def parse_factor_weights(text: str) -> dict[str, float]:
+    """'shape=2,count=1.5' -> {'shape': 2.0, 'count': 1.5}; unnamed factors weigh 1."""
+    from etl import shapes
+    out = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, val = part.partition("=")
+        if not sep or name.strip() not in shapes.FACTORS:
+            raise ValueError(f"bad --factor-weights entry {part!r}: expected FACTOR=WEIGHT with "
+                             f"FACTOR one of {list(shapes.FACTORS)}")
+        try:
+            out[name.strip()] = float(val)
+        except ValueError:
+            raise ValueError(f"bad --factor-weights entry {part!r}: {val!r} is not a number") from None
+        if out[name.strip()] < 0:
+            raise ValueError(f"bad --factor-weights entry {part!r}: weights must be >= 0")
+    return out
+
+
+def factor_loss(scale, img_f, txt_f, spans, scenes, weights: dict[str, float] | None = None):
     """Contrastive loss of every image against the captions of each factor's values.
 
     img_f [B, d], txt_f [V, d] (unit); for each factor, a softmax over that factor's value
@@ -239,12 +258,13 @@ def factor_loss(scale, img_f, txt_f, spans, scenes):
     import torch.nn.functional as F
     from etl import shapes
     losses = []
-    weights = []
+    weights = FACTOR_LOSS_WEIGHTS if weights is None else weights
+    ws = []
     for f, a, n in spans:
         target = torch.tensor([shapes.FACTORS[f].index(s.factors[f]) for s in scenes])
         losses.append(F.cross_entropy(scale * img_f @ txt_f[a:a + n].T, target))
-        weights.append(FACTOR_LOSS_WEIGHTS.get(f, 1.0))
-    w = torch.tensor(weights)
+        ws.append(weights.get(f, 1.0))
+    w = torch.tensor(ws)
     return (torch.stack(losses) * w).sum() / w.sum()
 
 
@@ -301,7 +321,8 @@ def train(args) -> Path | None:
             raise SystemExit(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets", "factor_loss",
-                  "text_loss", "pos_init_scale", "single_prob"):
+                  "text_loss", "pos_init_scale", "single_prob",
+                  "factor_weights"):
             if state["args"].get(k, _OLD_DEFAULTS.get(k, 0)) != getattr(args, k):
                 raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
                                  f"{state['args'].get(k, _OLD_DEFAULTS.get(k, 0))}, this run asks for {getattr(args, k)}")
@@ -322,10 +343,11 @@ def train(args) -> Path | None:
                              "start_index": args.start_index, "group_size": args.group_size,
                              "targets": args.targets, "factor_loss": args.factor_loss,
                              "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale,
-                             "single_prob": args.single_prob}},
+                             "single_prob": args.single_prob, "factor_weights": args.factor_weights}},
                    tmp)
         os.replace(tmp, ckpt)
 
+    fweights = parse_factor_weights(args.factor_weights)
     B = args.batch_size
     warmup = max(1, int(args.warmup * args.steps)) if args.warmup < 1 else int(args.warmup)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train-toy",
@@ -351,7 +373,7 @@ def train(args) -> Path | None:
             ftexts, spans = factor_captions(va)
             ftxt = F.normalize(encode_text_trimmed(model, tok(ftexts)), dim=-1)
             if args.factor_loss > 0:
-                loss = loss + args.factor_loss * factor_loss(scale, img_f, ftxt, spans, scenes)
+                loss = loss + args.factor_loss * factor_loss(scale, img_f, ftxt, spans, scenes, fweights)
             if args.text_loss > 0:
                 btexts, _ = factor_captions(vb)
                 btxt = F.normalize(encode_text_trimmed(model, tok(btexts)), dim=-1)
@@ -391,7 +413,8 @@ def train(args) -> Path | None:
             "start_index": args.start_index, "init": args.init or "",
             "group_size": args.group_size, "targets": args.targets, "factor_loss": args.factor_loss,
             "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale,
-            "single_prob": args.single_prob, "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
+            "single_prob": args.single_prob, "factor_weights": args.factor_weights,
+            "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
     save_fp16(model, out, meta)
     print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))
     return out
@@ -417,8 +440,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor-loss", type=float, default=1.0,
                    help="weight of the per-factor contrastive term: each image against the "
                         "one-factor captions of every value of each factor ('a red shape' vs "
-                        "'a blue shape' ...), shape weighted x2 in the mean over factors; "
+                        "'a blue shape' ...), a weighted mean over factors (--factor-weights); "
                         "0 disables (default 1.0)")
+    p.add_argument("--factor-weights", default="shape=2",
+                   help="weights of the factors in the factor term, FACTOR=W,...; unnamed "
+                        "factors weigh 1 (default 'shape=2')")
     p.add_argument("--text-loss", type=float, default=1.0,
                    help="weight of the text-side paraphrase term: two wordings of each factor "
                         "value's caption match each other, not the other values; keeps factor "

@@ -248,3 +248,26 @@ def test_factor_captions_cover_every_value_once():
     assert [f for f, _, _ in spans] == list(shapes.FACTORS)
     for f, a, n in spans:
         assert n == len(shapes.FACTORS[f]) and len(set(texts[a:a + n])) == n
+
+
+def test_factor_weights_parse_and_refuse_bad_entries():
+    assert train_toy.parse_factor_weights("shape=2, count=1.5") == {"shape": 2.0, "count": 1.5}
+    assert train_toy.parse_factor_weights("") == {}
+    for bad in ("shape", "colour=2", "shape=x", "shape=-1"):
+        with pytest.raises(ValueError, match="--factor-weights"):
+            train_toy.parse_factor_weights(bad)
+
+
+def test_factor_loss_weights_change_the_mean():
+    torch.manual_seed(0)
+    scenes = list(shapes.generate(8, seed=40))
+    texts, spans = train_toy.factor_captions(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(len(texts), 16), dim=-1)
+    flat = train_toy.factor_loss(10.0, img, txt, spans, scenes, {})
+    only_shape = train_toy.factor_loss(10.0, img, txt, spans, scenes,
+                                       {f: (1.0 if f == "shape" else 0.0) for f in shapes.FACTORS})
+    a, n = spans[0][1], spans[0][2]
+    target = torch.tensor([shapes.FACTORS["shape"].index(s.factors["shape"]) for s in scenes])
+    ref = torch.nn.functional.cross_entropy(10.0 * img @ txt[a:a + n].T, target)
+    assert torch.allclose(only_shape, ref) and not torch.allclose(flat, ref)
