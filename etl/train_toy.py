@@ -117,6 +117,7 @@ def save_fp16(model, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
