@@ -1,14 +1,25 @@
-"""Train the bundled toy CLIP (``toy-shapes``) contrastively on freshly generated shapes scenes.
+r"""Train the bundled toy CLIP (``toy-shapes``) contrastively on freshly generated shapes scenes.
 
-    python -m etl train-toy [--steps 1600] [--batch-size 128] [--seed 0] [--resume]
+    python -m etl train-toy [--steps 1000] [--batch-size 128] [--seed 0] [--resume]
 
-Every step draws a new batch from the shapes world (scene indices ``step*B .. step*B+B-1``
-of world ``--seed``), so the run is deterministic by seed and resumes exactly: the
-checkpoint holds model, optimiser, step and the torch RNG. CPU only; a tqdm bar shows the
-loss, the learnt temperature and the in-batch image->text accuracy.
+The shipped weights come from two runs (about 39 min on one core of a shared 2-core CPU):
+
+    python -m etl train-toy --threads 1
+    cp models/toy/toy-shapes.safetensors var/toy-phase1.safetensors
+    python -m etl train-toy --threads 1 --init var/toy-phase1.safetensors --start-index 128000 \
+        --steps 800 --lr 7e-4 --factor-weights shape=4,count=2 --single-prob 0.7 \
+        --checkpoint-dir var/toy-train-phase2
+
+Every step draws a fresh batch from the shapes world ``--seed``: groups of minimal variants
+(a random scene plus copies that change one factor), deterministic by (seed, start index,
+step), so a run resumes exactly: the checkpoint holds model, optimiser, step and torch RNG.
+Loss = CLIP contrastive loss with exact multi-positive targets (a caption is a positive of
+every image it is true of) + a per-factor term (each image against the one-factor captions
+of every value of each factor) + a text-side paraphrase term. CPU only; a tqdm bar shows
+the loss, the learnt temperature and the in-batch image->text accuracy.
 
 Output: ``models/toy/toy-shapes.safetensors`` (float16, loaded back into float32) plus
-periodic checkpoints under ``var/toy-train/`` (``$ATLAS_HOME`` replaces ``var``).
+periodic checkpoints and a log.jsonl under ``var/toy-train/`` (``$ATLAS_HOME`` replaces ``var``).
 """
 
 from __future__ import annotations
