@@ -90,13 +90,13 @@ def test_embed_torch_and_onnx_backends_agree(tmp_path):
 
 def test_embed_killed_midway_loses_nothing(tmp_path):
     wh = tmp_path / "w.duckdb"
-    args = [sys.executable, "-m", "etl", "embed", "--model", "toy-shapes", "--dataset", "shapes:3000:seed=1",
-            "--batch-size", "32", "--backend", "torch", "--warehouse", str(wh)]
+    args = [sys.executable, "-m", "etl", "embed", "--model", "toy-shapes", "--dataset", "shapes:6000:seed=1",
+            "--batch-size", "16", "--backend", "torch", "--warehouse", str(wh)]
     proc = subprocess.Popen(args, env={**ENV, "ATLAS_HOME": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     seen = 0
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(1.0)
+        time.sleep(0.2)
         try:
             seen = count(wh, "SELECT count(*) FROM image_embeddings")
         except duckdb.Error:
@@ -107,16 +107,16 @@ def test_embed_killed_midway_loses_nothing(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = count(wh, "SELECT count(*) FROM image_embeddings")
-    assert before >= 64 and before < 3000
+    assert before >= 64 and before < 6000
     # every committed image has all its head rows (batches are atomic)
     assert count(wh, "SELECT count(*) FROM head_embeddings") == before * 16
-    r = cli("embed", "--model", "toy-shapes", "--dataset", "shapes:3000:seed=1", "--backend", "torch",
+    r = cli("embed", "--model", "toy-shapes", "--dataset", "shapes:6000:seed=1", "--backend", "torch",
             "--warehouse", str(wh), env={"ATLAS_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert f'"skipped_done": {before}' in r.stdout
-    assert count(wh, "SELECT count(*) FROM image_embeddings") == 3000
-    assert count(wh, "SELECT count(*) FROM (SELECT DISTINCT image_id, layer, head FROM head_embeddings)") == 3000 * 16
-    assert count(wh, "SELECT count(*) FROM head_embeddings") == 3000 * 16
+    assert count(wh, "SELECT count(*) FROM image_embeddings") == 6000
+    assert count(wh, "SELECT count(*) FROM (SELECT DISTINCT image_id, layer, head FROM head_embeddings)") == 6000 * 16
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 6000 * 16
 
 
 @pytest.mark.parametrize("dataset,message", [
