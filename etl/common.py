@@ -5,6 +5,8 @@ import argparse
 import os
 from typing import Iterable
 
+import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 
@@ -61,3 +63,10 @@ def atlas_home() -> str:
 def progress(it: Iterable, **kw):
     """tqdm on stderr; quiet when ATLAS_NO_PROGRESS is set (tests)."""
     return tqdm(it, disable=bool(os.environ.get("ATLAS_NO_PROGRESS")), dynamic_ncols=True, **kw)
+
+
+def vector_column(a: np.ndarray) -> pa.Array:
+    """[n, d] float32 -> an Arrow list<float> column for a FLOAT[] warehouse column (no Python loop)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+    return fixed.cast(pa.list_(pa.float32()))

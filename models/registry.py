@@ -85,7 +85,6 @@ def _check_supported(arch: str, cfg: dict) -> None:
 def _offline_if_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> None:
     """Without network, use the Hugging Face cache only (instead of a minute of retries)."""
     import logging
-    import socket
     import threading
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     result: list = []

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from etl.common import add_model_args, add_warehouse_arg, atlas_home, load_model_from_args, progress, warehouse_path
+from etl.common import (add_model_args, add_warehouse_arg, atlas_home, load_model_from_args, progress,
+                        vector_column, warehouse_path)
 
 
 def add_parser(sub) -> None:
@@ -101,13 +102,6 @@ def run_export(args) -> int:
 
 # ----------------------------------------------------------------------------------- embed
 
-def _vectors(a: np.ndarray) -> pa.Array:
-    """[n, d] float32 -> an Arrow list<float> column (no Python loop)."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    fixed = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
-    return fixed.cast(pa.list_(pa.float32()))
-
-
 def _loader(dataset, done: set, lm, batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
     """Thread: read + preprocess images into batches; bad files become error records."""
     from models import ImageError, thumbnail_jpeg
@@ -175,7 +169,7 @@ def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, 
                              "value": [f[2] for f in factors]})
             con.execute("INSERT INTO image_factors SELECT * FROM ftab ON CONFLICT DO NOTHING")
         emb = pa.table({"model_id": [model_id] * n, "image_id": [i.image_id for i in items],
-                        "vec": _vectors(dec.embedding.numpy())})
+                        "vec": vector_column(dec.embedding.numpy())})
         con.execute("INSERT INTO image_embeddings SELECT * FROM emb ON CONFLICT DO NOTHING")
         heads = dec.head_cls.numpy()                                  # [n, L', H, d]
         _, L, H, d = heads.shape
@@ -183,7 +177,7 @@ def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, 
         layer = np.tile(np.repeat(np.array(dec.layers, np.int32), H), n)
         head = np.tile(np.arange(H, dtype=np.int32), n * L)
         hemb = pa.table({"model_id": [model_id] * (n * L * H), "image_id": ids.tolist(),
-                         "layer": layer, "head": head, "vec": _vectors(heads.reshape(-1, d))})
+                         "layer": layer, "head": head, "vec": vector_column(heads.reshape(-1, d))})
         con.execute("INSERT INTO head_embeddings SELECT * FROM hemb")
 
 

@@ -68,8 +68,7 @@ def run(args) -> int:
     step("metrics", ["metrics", "--model", lm.model_id, *wh])
     labelled = [d for d in datasets if d.source == "shapes" or len(getattr(d, "classes", [])) >= 2]
     if labelled and "ablate" not in args.skip:
-        step("ablate", ["ablate", *model_flags, *wh, "--dataset", labelled[0].dataset_id
-                        if labelled[0].source == "shapes" else str(args.dataset[datasets.index(labelled[0])]),
+        step("ablate", ["ablate", *model_flags, *wh, "--dataset", args.dataset[datasets.index(labelled[0])],
                         "--layers", args.layers])
     for d in datasets:
         if d.source == "shapes" and "probe" not in args.skip:

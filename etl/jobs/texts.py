@@ -110,7 +110,7 @@ def run(args) -> int:
 def _embed(path: str, row: dict, todo: list[tuple[str, str]], batch_size: int) -> int:
     """Encode ``todo`` [(text_id, text)] with the row's model; one write per batch."""
     import pyarrow as pa
-    from etl.jobs.embed import _vectors
+    from etl.common import vector_column
     from models import encode_texts, model_from_row
     from warehouse import writer
     lm = model_from_row(row)
@@ -119,7 +119,7 @@ def _embed(path: str, row: dict, todo: list[tuple[str, str]], batch_size: int) -
         batch = todo[start:start + batch_size]
         vecs = encode_texts(lm, [t for _, t in batch], batch_size=batch_size).numpy()     # [B, d] unit
         emb = pa.table({"model_id": [row["model_id"]] * len(batch), "text_id": [i for i, _ in batch],
-                        "vec": _vectors(vecs)})
+                        "vec": vector_column(vecs)})
         with writer(path) as con:
             con.execute("INSERT INTO text_embeddings SELECT model_id, text_id, vec FROM emb ON CONFLICT DO NOTHING")
     return len(todo)
