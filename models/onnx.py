@@ -19,6 +19,7 @@ import torch
 from models.decompose import Decomposition, LayerSpec, decomposer
 
 OUTPUTS = ["embedding", "head_cls", "rest", "head_tokens"]
+GRAPH_VERSION = 2  # bump when the exported graph changes, so cached exports are redone (2: fused attention)
 
 
 def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens: bool = False,
@@ -43,7 +44,8 @@ def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens
         dec.by_hand = False
     import onnx
     model = _fuse(tmp, lm) if optimize else onnx.load(str(tmp))
-    meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size)
+    meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size,
+                graph_version=GRAPH_VERSION)
     entry = model.metadata_props.add()
     entry.key, entry.value = "clip_atlas", json.dumps(meta)
     onnx.save(model, str(tmp))
@@ -107,6 +109,9 @@ class OnnxRunner:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        # Parallel loops hand out shrinking blocks of work instead of one fixed share per thread,
+        # so a thread that the OS (or a busy host) delays does not hold the others up.
+        opts.add_session_config_entry("session.dynamic_block_base", "4")
         self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers or select_providers()))
         meta = self.session.get_modelmeta().custom_metadata_map.get("clip_atlas", "{}")
         self.meta = json.loads(meta)

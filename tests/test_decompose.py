@@ -99,6 +99,36 @@ def test_identity_holds_for_subsets_of_layers(tiny):
     assert (sub.head_cls.sum((1, 2)) + sub.rest - sub.embedding).abs().max() < 1e-5
     # the rest of a subset differs from the full rest by exactly the missing layer's heads
     assert torch.allclose(sub.rest, full.rest + full.head_cls[:, 1].sum(1), atol=1e-5)
+    # the last block runs on the class row only; leaving it out of the analysis moves its heads into rest
+    early = decompose(lm, x, [0, 1])
+    assert torch.allclose(early.head_cls, full.head_cls[:, :2], atol=1e-6)
+    assert torch.allclose(early.embedding, full.embedding, atol=1e-6)
+    assert torch.allclose(early.rest, full.rest + full.head_cls[:, 2].sum(1), atol=1e-5)
+
+
+def test_last_block_tokens_against_explicit_attention(tiny):
+    """The class-row-only last block gives the same per-token terms as a full block written out."""
+    lm = _model("atlas-test-tiny", seed=4)
+    x = _images(lm, n=2)
+    dec = decompose(lm, x, [2], tokens=True)
+    vis = lm.visual
+    with torch.no_grad():
+        h = vis._embeds(x)
+        for blk in vis.transformer.resblocks[:2]:
+            h = blk(h)
+        blk = vis.transformer.resblocks[2]
+        W = h.shape[-1]
+        H, dh = lm.heads, W // lm.heads
+        q, k, v = (blk.ln_1(h) @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias).chunk(3, dim=-1)   # [B, T, W]
+        A = torch.softmax(torch.einsum("bqhe,bkhe->bhqk", q.view(2, -1, H, dh), k.view(2, -1, H, dh)) / math.sqrt(dh), -1)
+        cls = blk(h)[:, 0]                                                          # [B, W]
+        s = torch.sqrt(cls.var(-1, unbiased=False, keepdim=True) + vis.ln_post.eps)
+        zn = (vis.ln_post(cls) @ vis.proj).norm(dim=-1, keepdim=True)
+        for head in range(H):
+            sl = slice(head * dh, (head + 1) * dh)
+            u = A[:, head, 0, :, None] * (v[:, :, sl] @ blk.attn.out_proj.weight[:, sl].T)   # [B, T, W]
+            ref = (vis.ln_post.weight * (u - u.mean(-1, keepdim=True)) / s[:, None]) @ vis.proj / zn[:, None]
+            assert torch.allclose(dec.head_tokens[:, 0, head], ref, atol=1e-6), head
 
 
 @pytest.mark.parametrize("arch", ["atlas-test-tiny", "atlas-test-noln"])

@@ -73,8 +73,10 @@ def upsert_model(path: str, lm, layers: list[int], onnx_path: str | None = None,
 
 
 def onnx_file(lm, layers: list[int]) -> Path:
+    from models.onnx import GRAPH_VERSION
     safe = lm.model_id.replace("/", "__")
-    return Path(atlas_home()) / "onnx" / f"{safe}__L{'-'.join(map(str, layers))}__{lm.fingerprint()[:12]}.onnx"
+    name = f"{safe}__L{'-'.join(map(str, layers))}__{lm.fingerprint()[:12]}__g{GRAPH_VERSION}.onnx"
+    return Path(atlas_home()) / "onnx" / name
 
 
 def export(path: str, lm, layers: list[int], out: str | None = None, tokens: bool = False) -> Path:
