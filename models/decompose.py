@@ -27,6 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 
 LayerSpec = Union[str, Sequence[int]]
+MICRO_BATCH_BYTES = 10_000_000
+
+
+def cpu_micro_batch(tokens: int, hidden: int) -> int:
+    """Images per CPU micro-batch, so the widest activation (the MLP's float32 [b, T, hidden])
+    stays near 10 MB: in the L3 cache and below malloc's mmap threshold, so the buffers are reused
+    instead of page-faulted in anew. ViT-B-16 (4 images) measured 1.17x faster in torch and 1.12x
+    in onnxruntime than one batch of 32 on a 2-core CPU. GPUs take the whole batch."""
+    return max(1, MICRO_BATCH_BYTES // (tokens * hidden * 4))
+
+
+def micro_batches(n: int, step: int) -> list[slice]:
+    """Slices covering range(n) in steps of `step` (one empty slice when n == 0)."""
+    return [slice(i, i + step) for i in range(0, max(n, 1), step)]
 
 
 def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
@@ -105,6 +119,8 @@ class Decomposer(nn.Module):
         self.with_mlps = False  # also return per-layer MLP contributions (ablations; analysed layers only)
         self.visual = visual
         self.layers = list(layers)
+        grid = visual.grid_size
+        self.micro_batch = cpu_micro_batch(1 + grid[0] * grid[1], visual.transformer.resblocks[0].mlp.c_fc.out_features)
         self.tokens = tokens
         blocks = visual.transformer.resblocks
         attn = blocks[0].attn
@@ -226,9 +242,16 @@ def decomposer(lm, layers: LayerSpec = "last4", tokens: bool = False) -> Decompo
 def decompose(lm, images: torch.Tensor, layers: LayerSpec = "last4", tokens: bool = False) -> Decomposition:
     """Decompose preprocessed images [B, 3, S, S] into per-head contributions (MATH.md §1)."""
     dec = decomposer(lm, layers, tokens)
-    dtype = next(lm.visual.parameters()).dtype
-    out = dec(images.to(lm.device, dtype))
+    out = _run(dec, lm, images)
     return Decomposition(out[0], out[1], out[2], dec.layers, out[3] if tokens else None)
+
+
+def _run(dec: Decomposer, lm, images: torch.Tensor) -> list[torch.Tensor]:
+    """dec(images) in CPU micro-batches (one batch on a GPU); outputs concatenated on the batch axis."""
+    images = images.to(lm.device, next(lm.visual.parameters()).dtype)
+    step = dec.micro_batch if lm.device.type == "cpu" else max(len(images), 1)
+    parts = [dec(images[sl]) for sl in micro_batches(len(images), step)]
+    return [torch.cat(p) for p in zip(*parts)] if len(parts) > 1 else list(parts[0])
 
 
 @torch.no_grad()
@@ -241,7 +264,6 @@ def decompose_components(lm, images: torch.Tensor) -> dict:
     """
     dec = Decomposer(lm.visual, list(range(lm.layers)), tokens=False).to(lm.device).eval()
     dec.with_mlps = True
-    dtype = next(lm.visual.parameters()).dtype
-    emb, heads, rest, mlp, bias = dec(images.to(lm.device, dtype))
+    emb, heads, rest, mlp, bias = _run(dec, lm, images)
     base = rest - mlp.sum(1) - bias.sum(1)
     return dict(heads=heads, mlp=mlp, attn_bias=bias, base=base, embedding=emb)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from models.decompose import Decomposition, LayerSpec, decomposer
+from models.decompose import Decomposition, LayerSpec, decomposer, micro_batches
 
 OUTPUTS = ["embedding", "head_cls", "rest", "head_tokens"]
 GRAPH_VERSION = 2  # bump when the exported graph changes, so cached exports are redone (2: fused attention)
@@ -45,7 +45,7 @@ def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens
     import onnx
     model = _fuse(tmp, lm) if optimize else onnx.load(str(tmp))
     meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size,
-                graph_version=GRAPH_VERSION)
+                graph_version=GRAPH_VERSION, micro_batch=dec.micro_batch)
     entry = model.metadata_props.add()
     entry.key, entry.value = "clip_atlas", json.dumps(meta)
     onnx.save(model, str(tmp))
@@ -116,6 +116,7 @@ class OnnxRunner:
         meta = self.session.get_modelmeta().custom_metadata_map.get("clip_atlas", "{}")
         self.meta = json.loads(meta)
         self.layers = list(self.meta.get("layers", []))
+        self.micro_batch = int(self.meta.get("micro_batch", 0))   # CPU only; 0: the whole batch
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     @property
@@ -126,6 +127,9 @@ class OnnxRunner:
         """images: float32 [B, 3, S, S] (preprocessed) -> Decomposition of torch tensors."""
         if isinstance(images, torch.Tensor):
             images = images.detach().float().cpu().numpy()
-        out = dict(zip(self.outputs, self.session.run(self.outputs, {"images": np.ascontiguousarray(images, np.float32)})))
-        t = {k: torch.from_numpy(v) for k, v in out.items()}
+        images = np.ascontiguousarray(images, np.float32)
+        step = self.micro_batch if self.micro_batch and self.provider == "CPUExecutionProvider" else max(len(images), 1)
+        parts = [self.session.run(self.outputs, {"images": images[sl]}) for sl in micro_batches(len(images), step)]
+        arrays = [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
+        t = {k: torch.from_numpy(v) for k, v in zip(self.outputs, arrays)}
         return Decomposition(t["embedding"], t["head_cls"], t["rest"], self.layers, t.get("head_tokens"))

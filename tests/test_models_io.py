@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from models import ImageError, ModelError, decompose, load_image, load_model
+from models.decompose import decomposer
 from models.onnx import OnnxRunner, export_onnx, sha256_file
 from tests.model_fixtures import perturb, register_tiny_configs
 
@@ -41,6 +42,30 @@ def test_onnx_parity_dynamic_batch(lm, tmp_path, tokens):
             assert a.shape == b.shape
             assert (a - b).abs().max() < 1e-4, name
     assert len(sha256_file(path)) == 64
+    # attention is onnxruntime's fused op in every block but the last (which runs on the class row only)
+    import onnx
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MultiHeadAttention") == lm.layers - 1
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_cpu_micro_batches_change_nothing(lm, tmp_path, tokens):
+    """torch and onnxruntime split CPU batches into micro-batches; the outputs are those of one batch."""
+    runner = OnnxRunner(export_onnx(lm, tmp_path / "m.onnx", "all", tokens=tokens), providers=["CPUExecutionProvider"])
+    dec = decomposer(lm, "all", tokens)
+    assert runner.micro_batch == dec.micro_batch >= 5       # a 32 px model: one micro-batch holds them all
+    x = torch.randn(5, 3, lm.image_size, lm.image_size)
+    whole_torch, whole_onnx = decompose(lm, x, "all", tokens=tokens), runner(x)
+    default = dec.micro_batch
+    runner.micro_batch = dec.micro_batch = 2                # 2 + 2 + 1
+    try:
+        parts_torch, parts_onnx = decompose(lm, x, "all", tokens=tokens), runner(x)
+    finally:
+        dec.micro_batch = default                           # the decomposer is cached on the shared model
+    for name in ("embedding", "head_cls", "rest") + (("head_tokens",) if tokens else ()):
+        assert getattr(parts_torch, name).shape == getattr(whole_torch, name).shape
+        assert torch.allclose(getattr(parts_torch, name), getattr(whole_torch, name), atol=1e-6), name
+        assert torch.allclose(getattr(parts_onnx, name), getattr(whole_onnx, name), atol=1e-6), name
 
 
 def test_checkpoint_round_trip(lm, tmp_path):
