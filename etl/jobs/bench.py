@@ -62,10 +62,14 @@ def bench_embed(arch: str = "toy-shapes", n: int = 1024, rounds: int = 3) -> dic
 
 
 def embed_peak_rss(n: int) -> float:
-    """Peak RSS (MB) of a fresh `embed` process over shapes:n (streaming => ~independent of n)."""
+    """Peak RSS (MB) of a fresh `embed` process over shapes:n (streaming => ~independent of n).
+
+    Read from the child's own VmHWM: getrusage's ru_maxrss survives exec, so a child spawned
+    from this (large) benchmark process would report the parent's peak instead.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        code = ("import resource, sys; from etl.cli import main; main(sys.argv[1:]); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        code = ("import sys; from etl.cli import main; main(sys.argv[1:]); "
+                "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])")
         env = {**os.environ, "ATLAS_HOME": tmp, "ATLAS_NO_PROGRESS": "1"}
         out = subprocess.run([sys.executable, "-c", code, "embed", "--model", "toy-shapes", "--dataset",
                               f"shapes:{n}:seed=9", "--warehouse", f"{tmp}/w.duckdb"],
