@@ -152,13 +152,9 @@ class Decomposer(nn.Module):
         h = blk.ln_1(x)
         q, k, v = F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias).split(W, dim=-1)  # 3 x [B, T, W]
         o = _MultiHeadAttention.apply(q, k, v, H)                              # [B, T, W]
-        heads = lambda t: t.view(B, T, H, dh).transpose(1, 2)                  # [B, T, W] -> [B, H, T, dh]
-        a0 = None
-        if tokens:
-            q0 = q[:, :1].view(B, 1, H, dh).transpose(1, 2)                   # [B, H, 1, dh]
-            a0 = torch.softmax((q0 @ heads(k).transpose(-1, -2)) * dh ** -0.5, dim=-1)[:, :, 0]  # [B, H, T]
+        a0 = self._class_row(q[:, :1], k) if tokens else None
         out = F.linear(o, blk.attn.out_proj.weight, blk.attn.out_proj.bias)
-        return x + blk.ls_1(out), o[:, 0].view(B, H, dh), heads(v), a0
+        return x + blk.ls_1(out), o[:, 0].view(B, H, dh), self._heads(v), a0
 
     def _attention_cls(self, blk: nn.Module, x: torch.Tensor):
         """The last block's attention at the class query only: nothing after it reads other tokens.
@@ -167,16 +163,24 @@ class Decomposer(nn.Module):
         Keys and values still come from every token; the query, out-proj and MLP run on one row.
         """
         B, T, W = x.shape
-        H, dh = self.n_heads, self.d_head
         h = blk.ln_1(x)
         w, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
         q = F.linear(h[:, :1], w[:W], b[:W] if b is not None else None)               # [B, 1, W]
-        kv = F.linear(h, w[W:], b[W:] if b is not None else None)                      # [B, T, 2W]
-        k, v = kv.view(B, T, 2, H, dh).permute(2, 0, 3, 1, 4)                          # 2 x [B, H, T, dh]
-        a0 = torch.softmax((q.view(B, H, 1, dh) @ k.transpose(-1, -2)) * dh ** -0.5, dim=-1)  # [B, H, 1, T]
-        o0 = (a0 @ v)[:, :, 0]                                                          # [B, H, dh]
+        k, v = F.linear(h, w[W:], b[W:] if b is not None else None).split(W, dim=-1)   # 2 x [B, T, W]
+        a0, v = self._class_row(q, k), self._heads(v)                                  # [B, H, T], [B, H, T, dh]
+        o0 = (a0[:, :, None] @ v)[:, :, 0]                                              # [B, H, dh]
         out = F.linear(o0.reshape(B, 1, W), blk.attn.out_proj.weight, blk.attn.out_proj.bias)
-        return x[:, :1] + blk.ls_1(out), o0, v, a0[:, :, 0]
+        return x[:, :1] + blk.ls_1(out), o0, v, a0
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, W] -> [B, H, T, dh]."""
+        B, T, _ = t.shape
+        return t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)
+
+    def _class_row(self, q0: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The class query's attention over all tokens. q0: [B, 1, W], k: [B, T, W] -> a0 [B, H, T]."""
+        scores = self._heads(q0) @ self._heads(k).transpose(-1, -2) * self.d_head ** -0.5   # [B, H, 1, T]
+        return torch.softmax(scores, dim=-1)[:, :, 0]
 
     def forward(self, images: torch.Tensor):
         vis = self.visual

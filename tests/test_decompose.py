@@ -106,31 +106,6 @@ def test_identity_holds_for_subsets_of_layers(tiny):
     assert torch.allclose(early.rest, full.rest + full.head_cls[:, 2].sum(1), atol=1e-5)
 
 
-def test_last_block_tokens_against_explicit_attention(tiny):
-    """The class-row-only last block gives the same per-token terms as a full block written out."""
-    lm = _model("atlas-test-tiny", seed=4)
-    x = _images(lm, n=2)
-    dec = decompose(lm, x, [2], tokens=True)
-    vis = lm.visual
-    with torch.no_grad():
-        h = vis._embeds(x)
-        for blk in vis.transformer.resblocks[:2]:
-            h = blk(h)
-        blk = vis.transformer.resblocks[2]
-        W = h.shape[-1]
-        H, dh = lm.heads, W // lm.heads
-        q, k, v = (blk.ln_1(h) @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias).chunk(3, dim=-1)   # [B, T, W]
-        A = torch.softmax(torch.einsum("bqhe,bkhe->bhqk", q.view(2, -1, H, dh), k.view(2, -1, H, dh)) / math.sqrt(dh), -1)
-        cls = blk(h)[:, 0]                                                          # [B, W]
-        s = torch.sqrt(cls.var(-1, unbiased=False, keepdim=True) + vis.ln_post.eps)
-        zn = (vis.ln_post(cls) @ vis.proj).norm(dim=-1, keepdim=True)
-        for head in range(H):
-            sl = slice(head * dh, (head + 1) * dh)
-            u = A[:, head, 0, :, None] * (v[:, :, sl] @ blk.attn.out_proj.weight[:, sl].T)   # [B, T, W]
-            ref = (vis.ln_post.weight * (u - u.mean(-1, keepdim=True)) / s[:, None]) @ vis.proj / zn[:, None]
-            assert torch.allclose(dec.head_tokens[:, 0, head], ref, atol=1e-6), head
-
-
 @pytest.mark.parametrize("arch", ["atlas-test-tiny", "atlas-test-noln"])
 def test_token_contributions_sum_to_heads(tiny, arch):
     lm = _model(arch, seed=5)
@@ -144,29 +119,34 @@ def test_token_contributions_sum_to_heads(tiny, arch):
     assert (share[:, :, :, 1:].sum(-1) > 0).all()
 
 
-def test_tokens_against_explicit_attention(tiny):
-    """c[l,h,i] = a_{0,i} v_i W_O^h ... checked for one head literally."""
-    lm = _model("atlas-test-tiny", seed=2)
-    x = _images(lm, n=1)
-    dec = decompose(lm, x, [1], tokens=True)
+@pytest.mark.parametrize("layer, seed, n", [(1, 2, 1), (2, 4, 2)])   # a middle block; the class-row-only last block
+def test_tokens_against_explicit_attention(tiny, layer, seed, n):
+    """c[l,h,i] = a_{0,i} v_i W_O^h ... checked literally for every head of one block."""
+    lm = _model("atlas-test-tiny", seed=seed)
+    x = _images(lm, n=n)
+    dec = decompose(lm, x, [layer], tokens=True)
     vis = lm.visual
+    blocks = vis.transformer.resblocks
     with torch.no_grad():
         h = vis._embeds(x)
-        h = vis.transformer.resblocks[0](h)
-        blk = vis.transformer.resblocks[1]
-        ln = blk.ln_1(h)
-        W = ln.shape[-1]
+        for blk in blocks[:layer]:
+            h = blk(h)
+        blk = blocks[layer]
+        W = h.shape[-1]
         H, dh = lm.heads, W // lm.heads
-        q, k, v = (ln @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias).chunk(3, dim=-1)
-        head = 2
-        sl = slice(head * dh, (head + 1) * dh)
-        a0 = torch.softmax(q[0, 0, sl] @ k[0, :, sl].T / math.sqrt(dh), -1)          # [T]
-        u = a0[:, None] * (v[0, :, sl] @ blk.attn.out_proj.weight[:, sl].T)         # [T, W]
-        cls = vis.transformer.resblocks[2](blk(h))[0, 0]
-        s = torch.sqrt(cls.var(unbiased=False) + vis.ln_post.eps)
-        zn = (vis.ln_post(cls) @ vis.proj).norm()
-        ref = (vis.ln_post.weight * (u - u.mean(-1, keepdim=True)) / s) @ vis.proj / zn   # [T, d]
-    assert torch.allclose(dec.head_tokens[0, 0, head], ref, atol=1e-6)
+        q, k, v = (blk.ln_1(h) @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias).chunk(3, dim=-1)   # [B, T, W]
+        A = torch.softmax(torch.einsum("bqhe,bkhe->bhqk", q.view(n, -1, H, dh), k.view(n, -1, H, dh)) / math.sqrt(dh), -1)
+        out = blk(h)
+        for later in blocks[layer + 1:]:
+            out = later(out)
+        cls = out[:, 0]                                                             # [B, W]
+        s = torch.sqrt(cls.var(-1, unbiased=False, keepdim=True) + vis.ln_post.eps)
+        zn = (vis.ln_post(cls) @ vis.proj).norm(dim=-1, keepdim=True)
+        for head in range(H):
+            sl = slice(head * dh, (head + 1) * dh)
+            u = A[:, head, 0, :, None] * (v[:, :, sl] @ blk.attn.out_proj.weight[:, sl].T)   # [B, T, W]
+            ref = (vis.ln_post.weight * (u - u.mean(-1, keepdim=True)) / s[:, None]) @ vis.proj / zn[:, None]
+            assert torch.allclose(dec.head_tokens[:, 0, head], ref, atol=1e-6), head
 
 
 def test_resolve_layers():
