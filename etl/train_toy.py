@@ -48,8 +48,13 @@ def default_ckpt_dir() -> Path:
     return Path(os.environ.get("ATLAS_HOME", REPO / "var")) / "toy-train"
 
 
-def create_toy_model(seed: int | None = None):
-    """A randomly initialised toy-shapes open_clip model (float32, train mode) and its tokenizer."""
+def toy_configs() -> list[str]:
+    """The toy architectures of the zoo: every ``models/toy/*.json``."""
+    return sorted(p.stem for p in TOY_DIR.glob("*.json"))
+
+
+def create_toy_model(seed: int | None = None, name: str = MODEL_NAME):
+    """A randomly initialised toy open_clip model ``name`` (float32, train mode) and its tokenizer."""
     import open_clip
     import torch
     open_clip.add_model_config(str(TOY_DIR))
@@ -59,10 +64,10 @@ def create_toy_model(seed: int | None = None):
     lvl = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)      # "no pretrained weights" is expected
     try:
-        model = open_clip.create_model(MODEL_NAME)
+        model = open_clip.create_model(name)
     finally:
         logging.getLogger().setLevel(lvl)
-    tok = open_clip.get_tokenizer(MODEL_NAME)
+    tok = open_clip.get_tokenizer(name)
     return model, tok
 
 
@@ -148,7 +153,7 @@ def load_toy_weights(model, path: Path | str) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if m != "attn_mask"]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the toy-shapes config "
+        raise ValueError(f"{path}: weights do not fit the model's config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
@@ -223,7 +228,7 @@ def contrastive_loss(logits, targets: str, consistent=None):
 
 _OLD_DEFAULTS = {"group_size": 1, "targets": "diagonal", "factor_loss": 0.0, "text_loss": 0.0,
                  "pos_init_scale": 1.0, "single_prob": 0.0,
-                 "factor_weights": "shape=2"}   # checkpoints written before these flags
+                 "factor_weights": "shape=2", "model": MODEL_NAME}   # checkpoints written before these flags
 
 
 def factor_captions(variant: int) -> tuple[list[str], list[tuple[str, int, int]]]:
@@ -311,9 +316,9 @@ def train(args) -> Path | None:
     ckpt_dir = Path(args.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "last.pt"
-    out = Path(args.out)
+    out = Path(args.out or TOY_DIR / f"{args.model}.safetensors")
 
-    model, tok = create_toy_model(args.seed)
+    model, tok = create_toy_model(args.seed, args.model)
     if args.init and not args.resume:
         load_toy_weights(model, args.init)          # .safetensors or a train-toy checkpoint .pt
     elif args.pos_init_scale != 1.0:
@@ -334,7 +339,7 @@ def train(args) -> Path | None:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets", "factor_loss",
                   "text_loss", "pos_init_scale", "single_prob",
-                  "factor_weights"):
+                  "factor_weights", "model"):
             if state["args"].get(k, _OLD_DEFAULTS.get(k, 0)) != getattr(args, k):
                 raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
                                  f"{state['args'].get(k, _OLD_DEFAULTS.get(k, 0))}, this run asks for {getattr(args, k)}")
@@ -355,7 +360,8 @@ def train(args) -> Path | None:
                              "start_index": args.start_index, "group_size": args.group_size,
                              "targets": args.targets, "factor_loss": args.factor_loss,
                              "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale,
-                             "single_prob": args.single_prob, "factor_weights": args.factor_weights}},
+                             "single_prob": args.single_prob, "factor_weights": args.factor_weights,
+                             "model": args.model}},
                    tmp)
         os.replace(tmp, ckpt)
 
@@ -421,7 +427,7 @@ def train(args) -> Path | None:
             return None
     bar.close()
     model.eval()
-    meta = {"step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
+    meta = {"model": args.model, "step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
             "start_index": args.start_index, "init": args.init or "",
             "group_size": args.group_size, "targets": args.targets, "factor_loss": args.factor_loss,
             "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale,
@@ -433,6 +439,8 @@ def train(args) -> Path | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=MODEL_NAME, choices=toy_configs(),
+                   help=f"toy architecture to train (a models/toy/*.json config; default {MODEL_NAME})")
     p.add_argument("--steps", type=int, default=1000,
                    help="optimiser steps (each on a fresh batch of scenes); default 1000 "
                         "(~25-40 min on a shared 2-core CPU)")
@@ -492,15 +500,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at", type=int, default=0,
                    help="checkpoint and stop after this step (0: run to --steps); "
                         "continue later with --resume")
-    p.add_argument("--out", default=str(DEFAULT_OUT),
-                   help=f"final float16 safetensors (default {DEFAULT_OUT.relative_to(REPO)})")
+    p.add_argument("--out", default=None,
+                   help="final float16 safetensors (default models/toy/<model>.safetensors)")
     p.add_argument("--snapshot-out", action="store_true",
                    help="also rewrite --out at every checkpoint (useful to evaluate mid-run)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+# The zoo recipe: every shipped toy model is trained by these two phases (the first from a
+# random init with the defaults, the second continuing on fresh scenes with shape and count
+# weighted up and more single objects). Flags as train-toy takes them.
+RECIPE_PHASES: tuple[tuple[str, list[str]], ...] = (
+    ("phase1", ["--steps", "1000"]),
+    ("phase2", ["--steps", "800", "--start-index", "128000", "--lr", "7e-4",
+                "--factor-weights", "shape=4,count=2", "--single-prob", "0.7"]),
+)
+
+
+def train_recipe(model: str, seed: int = 0, threads: int = 1, out: str | None = None,
+                 work_dir: str | None = None, no_progress: bool = False) -> Path:
+    """Train ``model`` by the zoo recipe (RECIPE_PHASES), resuming whatever is already done.
+
+    Each phase checkpoints under ``work_dir/<phase>/`` and writes ``work_dir/<phase>.safetensors``;
+    the next phase starts from it. A re-run skips finished phases and resumes a started one.
+    Returns the final weights (default models/toy/<model>.safetensors).
+    """
+    work = Path(work_dir or default_ckpt_dir() / f"{model}-seed{seed}")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    init = None
+    for i, (phase, flags) in enumerate(RECIPE_PHASES):
+        last = i == len(RECIPE_PHASES) - 1
+        phase_out = Path(out or TOY_DIR / f"{model}.safetensors") if last else work / f"{phase}.safetensors"
+        done = work / f"{phase}.done"
+        if not done.exists():
+            argv = ["--model", model, "--seed", str(seed), "--threads", str(threads),
+                    "--checkpoint-dir", str(work / phase), "--out", str(phase_out), *flags]
+            if init:
+                argv += ["--init", str(init)]
+            if (work / phase / "last.pt").exists():
+                argv.append("--resume")
+            if no_progress:
+                argv.append("--no-progress")
+            print(f"train-zoo {model} seed {seed}: {phase}", file=sys.stderr)
+            train(parser.parse_args(argv))
+            done.write_text(str(phase_out))
+        init = phase_out
+    return Path(init)
+
+
 def _cli(args) -> int:
     train(args)
+    return 0
+
+
+def _cli_recipe(args) -> int:
+    print(train_recipe(args.model, args.seed, args.threads, args.out, args.work_dir, args.no_progress))
     return 0
 
 
@@ -511,6 +566,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=_cli)
+    z = subparsers.add_parser(
+        "train-zoo", help="train a toy model of the zoo by the shipped two-phase recipe (resumable)",
+        description="Train a models/toy/*.json architecture by the zoo recipe (the two phases of "
+                    "RECIPE_PHASES in etl/train_toy.py); a re-run resumes where it stopped. "
+                    "Example: python -m etl train-zoo --model toy-shapes-small --seed 0")
+    z.add_argument("--model", required=True, choices=toy_configs(), help="toy architecture")
+    z.add_argument("--seed", type=int, default=0, help="init and training-world seed (default 0)")
+    z.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    z.add_argument("--out", default=None, help="final weights (default models/toy/<model>.safetensors)")
+    z.add_argument("--work-dir", default=None,
+                   help="phase checkpoints and weights (default $ATLAS_HOME/toy-train/<model>-seed<seed>)")
+    z.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    z.set_defaults(func=_cli_recipe)
     return p
 
 
