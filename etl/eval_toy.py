@@ -86,25 +86,17 @@ def class_embeddings(encode_text, factor: str):
     return torch.stack(rows)
 
 
-def load_toy(weights: str | Path | None = None):
-    """(model float32 eval, tokenizer) of the bundled toy CLIP.
-
-    Uses the lead's ``models.load_model('toy-shapes')`` when it exists and no explicit
-    weights file is asked for; otherwise builds the open_clip config and loads the
-    safetensors file directly.
-    """
-    from etl.train_toy import DEFAULT_OUT, create_toy_model, load_toy_weights
+def load_toy(weights: str | Path | None = None, name: str = "toy-shapes"):
+    """(model float32 eval, tokenizer) of a bundled toy CLIP ``name`` (a models/toy config),
+    with its shipped weights or, when given, the safetensors file ``weights``."""
+    from etl.train_toy import create_toy_model, load_toy_weights
     if weights is None:
-        try:
-            from models import load_model   # the lead's loader (registers models/toy/*.json)
-        except ImportError:
-            weights = DEFAULT_OUT
-        else:
-            lm = load_model("toy-shapes")
-            return lm.model.eval(), lm.tokenizer
+        from models import load_model
+        lm = load_model(name)
+        return lm.model.eval(), lm.tokenizer
     if not Path(weights).exists():
-        raise SystemExit(f"no toy weights at {weights}; train them with `python -m etl train-toy`")
-    model, tok = create_toy_model()
+        raise SystemExit(f"no toy weights at {weights}; train them with `python -m etl train-zoo --model {name}`")
+    model, tok = create_toy_model(name=name)
     load_toy_weights(model, weights)
     return model.eval(), tok
 
@@ -152,18 +144,21 @@ def evaluate(model, tokenizer, seed: int = 1, n: int = 2000, size: int = 64) -> 
 def run(args) -> int:
     import torch
     torch.set_num_threads(args.threads)
-    model, tok = load_toy(args.weights)
-    res = evaluate(model, tok, seed=args.seed, n=args.n)
+    model, tok = load_toy(args.weights, args.model)
+    res = {"model": args.model, **evaluate(model, tok, seed=args.seed, n=args.n)}
     print(json.dumps(res))
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from etl.train_toy import toy_configs
+    p.add_argument("--model", default="toy-shapes", choices=toy_configs(),
+                   help="toy architecture (default toy-shapes)")
     p.add_argument("--seed", type=int, default=1,
                    help="shapes-world seed of the held-out scenes (training used 0; default 1)")
     p.add_argument("--n", type=int, default=2000, help="scenes per evaluation set (default 2000)")
     p.add_argument("--weights", default=None,
-                   help="safetensors file to evaluate instead of the bundled toy-shapes weights")
+                   help="safetensors file to evaluate instead of the model's bundled weights")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
 
 

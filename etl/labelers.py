@@ -1,6 +1,7 @@
 """Head labels (MATH.md §4) and the match judge (§5): offline by tags, or by an LLM.
 
-    OfflineLabeler(vocabulary)            label = variance-weighted majority of the texts' tags
+    OfflineLabeler(vocabulary, bank_tags) label = variance-weighted majority of the texts' tags,
+                                          when it beats the same texts with shuffled tags
     LLMLabeler(model, vocabulary)         label = an OpenAI-compatible chat model's JSON answer
     labeler.label(head_texts) -> Label    head_texts: the head's TextSpan texts, rank order
     labeler.match(head_text, p) -> Judgment   does this text express property p?
@@ -28,18 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
 import openai
 
 from etl.textbank import PROPERTIES
 
 __all__ = [
-    "MIXED", "OFFLINE_THRESHOLD", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
+    "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_ALPHA", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
 
 MIXED = "mixed"
 OFFLINE_THRESHOLD = 0.5          # below this winning weight share a head is 'mixed'
-OFFLINE_VERSION = "offline-v1"
+OFFLINE_ALPHA = 0.01             # ... and above this p-value under shuffled tags
+OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 1/4001)
+OFFLINE_VERSION = "offline-v2"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Label:
     prompt_hash: str
     raw: str | None
     error: str | None = None
+    p_value: float | None = None  # offline labeler: chance of the winning share under shuffled tags
 
 
 @dataclass(frozen=True)
@@ -136,22 +141,68 @@ def normalise_property(answer: str, vocabulary: Iterable[str]) -> str | None:
 # --------------------------------------------------------------------------- offline
 
 class OfflineLabeler:
-    """Label = the property tag carrying the largest share of the head's variance.
+    """Label = the property tag carrying the largest share of the head's variance, when that
+    share beats chance.
 
     Untagged texts and tags outside the vocabulary count in the total but vote for nothing,
-    so they pull a head towards 'mixed'. Below ``threshold`` the label is 'mixed'; the
-    confidence is the winning share either way. Ties go to the tag of the better-ranked text.
+    so they pull a head towards 'mixed'. Ties go to the tag of the better-ranked text. The
+    confidence is the winning share.
+
+    Abstention (MATH.md §4): the winning share s* is compared with a null in which the tags
+    are shuffled over the bank: the head's k texts keep their variances, but their tags are
+    those of k texts drawn without replacement from the bank (``bank_tags``), ``permutations``
+    times (seeded, so labels are reproducible). p = (1 + #{null max share >= s*}) / (1 + N).
+    The head is labelled when p <= ``alpha`` and s* >= ``threshold``; otherwise 'mixed'. A
+    head whose variance sits in one text cannot beat the null by that text alone: k texts
+    that agree can. Without ``bank_tags`` only the threshold applies (p-value None).
     """
 
     name = "offline"
     judge_name = "tag"
 
-    def __init__(self, vocabulary: Iterable[str] = tuple(PROPERTIES), threshold: float = OFFLINE_THRESHOLD):
+    def __init__(self, vocabulary: Iterable[str] = tuple(PROPERTIES), threshold: float = OFFLINE_THRESHOLD,
+                 bank_tags: Iterable[str | None] | None = None, alpha: float = OFFLINE_ALPHA,
+                 permutations: int = OFFLINE_PERMUTATIONS, seed: int = 0):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"the offline threshold is a share of variance in (0, 1], got {threshold}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"the significance level alpha must be in (0, 1], got {alpha}")
+        if permutations < 1:
+            raise ValueError(f"permutations must be at least 1, got {permutations}")
         self.vocabulary = list(vocabulary)
         self.threshold = float(threshold)
-        self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold}")
+        self.alpha = float(alpha)
+        self.permutations = int(permutations)
+        self.seed = int(seed)
+        self._codes = {p: i for i, p in enumerate(self.vocabulary)}
+        self._bank = None
+        if bank_tags is not None:
+            self._bank = np.array([self._codes.get(t, -1) for t in bank_tags], dtype=np.int64)   # [M]
+            if len(self._bank) == 0:
+                raise ValueError("bank_tags is empty: give the tags of the bank the head's texts come from")
+        self._draws: dict[int, np.ndarray] = {}
+        null = f";alpha={self.alpha};n={self.permutations};seed={self.seed}" if self._bank is not None else ""
+        self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold}{null}")
+
+    def _null_tags(self, k: int) -> np.ndarray:
+        """int [N, k]: tag codes of k bank texts drawn without replacement, N times (cached)."""
+        if k not in self._draws:
+            rng = np.random.default_rng([self.seed, k])
+            M = len(self._bank)
+            if k > M:
+                raise ValueError(f"the head has {k} texts but the bank only {M}")
+            keys = rng.random((self.permutations, M))
+            self._draws[k] = self._bank[np.argpartition(keys, k - 1, axis=1)[:, :k]]
+        return self._draws[k]
+
+    def p_value(self, weights: np.ndarray, share: float) -> float:
+        """P(null max share >= share) for texts of these variance weights [k] (see class doc)."""
+        codes = self._null_tags(len(weights))                                       # [N, k]
+        w = weights / weights.sum()
+        P = len(self.vocabulary)
+        onehot = codes[:, :, None] == np.arange(P)[None, None, :]                   # [N, k, P]
+        null = (onehot * w[None, :, None]).sum(1).max(1)                            # [N]
+        return float((1 + np.count_nonzero(null >= share - 1e-12)) / (1 + len(null)))
 
     def label(self, head_texts: list[HeadText]) -> Label:
         if not head_texts:
@@ -166,13 +217,19 @@ class OfflineLabeler:
                 weight[ht.tag] += w
                 first_rank.setdefault(ht.tag, rank)
         shares = {p: (w / total if total > 0 else 0.0) for p, w in weight.items()}
-        raw = json.dumps({"version": OFFLINE_VERSION, "threshold": self.threshold,
-                          "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1]))})
+        raw = {"version": OFFLINE_VERSION, "threshold": self.threshold,
+               "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1]))}
         if not shares:
-            return Label(MIXED, 0.0, self.name, self.prompt_hash, raw)
+            return Label(MIXED, 0.0, self.name, self.prompt_hash, json.dumps(raw))
         best = min(shares, key=lambda p: (-shares[p], first_rank[p]))
         share = shares[best]
-        return Label(best if share >= self.threshold else MIXED, share, self.name, self.prompt_hash, raw)
+        p = None
+        if self._bank is not None and total > 0:
+            weights = np.array([max(float(ht.variance), 0.0) for ht in head_texts])
+            p = self.p_value(weights, share)
+            raw.update(alpha=self.alpha, p_value=p)
+        labelled = share >= self.threshold and (p is None or p <= self.alpha)
+        return Label(best if labelled else MIXED, share, self.name, self.prompt_hash, json.dumps(raw), p_value=p)
 
     def match(self, head_text: HeadText, prop: str) -> Judgment:
         return Judgment(head_text.tag is not None and head_text.tag == prop, self.judge_name,

@@ -125,6 +125,43 @@ def probe_matrix(head_cls: np.ndarray, factors: dict[str, Sequence], seed: int =
     return rows
 
 
+def factor_variance(head_cls: np.ndarray, factors: dict[str, Sequence],
+                    layers: Sequence[int] | None = None) -> list[dict]:
+    """eta2 of MATH.md §7 for every head and factor: the share of the head's variance that
+    the factor's class means explain.
+
+    head_cls: float [n, L', H, d]; factors: name -> n labels (None = unknown, those images
+    are left out for that factor). With x_i = c_i - mean (over the images the factor knows),
+    eta2 = sum_v n_v ||mean_{i: f(i)=v} x_i||^2 / sum_i ||x_i||^2, in [0, 1].
+    Returns one dict per (layer, head, factor): layer, head, factor, eta2.
+    """
+    x = np.asarray(head_cls, dtype=np.float64)
+    if x.ndim != 4:
+        raise ValueError(f"head_cls must be [n, layers, heads, d], got shape {x.shape}")
+    n, L, H, d = x.shape
+    layers = list(range(L)) if layers is None else [int(v) for v in layers]
+    rows = []
+    for name, labels in factors.items():
+        labels = list(labels)
+        if len(labels) != n:
+            raise ValueError(f"factor {name!r} has {len(labels)} labels for {n} images")
+        idx = np.array([i for i, v in enumerate(labels) if v is not None])
+        if len(idx) < 2:
+            raise ValueError(f"factor {name!r} has fewer than 2 known labels")
+        xs = x[idx] - x[idx].mean(0)                                         # [m, L, H, d] centred
+        total = (xs * xs).sum((0, 3))                                        # [L, H]
+        _, cls = np.unique(np.array([str(labels[i]) for i in idx]), return_inverse=True)
+        sums = np.zeros((cls.max() + 1, L, H, d))
+        np.add.at(sums, cls, xs)                                             # per class: sum of x
+        counts = np.bincount(cls).astype(np.float64)                         # [V]
+        between = ((sums * sums).sum(3) / counts[:, None, None]).sum(0)      # sum_v n_v ||mean_v||^2
+        eta2 = np.where(total > 0, between / np.where(total > 0, total, 1.0), 0.0)
+        for li in range(L):
+            for h in range(H):
+                rows.append(dict(layer=layers[li], head=h, factor=name, eta2=float(eta2[li, h])))
+    return rows
+
+
 def format_matrix(rows: list[dict]) -> str:
     """A text table: one line per head (L<l>.H<h>), one column per factor, chance last."""
     factors = list(dict.fromkeys(r["factor"] for r in rows))

@@ -14,11 +14,17 @@ offline labeler (MATH.md §4) and the tag judge (§5) can read a head's property
 its TextSpan texts. "a photo of a red car" would mix colours and vehicles; the bank says
 "a vivid red color" and "an image of a car" instead. The toy shapes world's vocabulary
 (etl/shapes.py: its shapes, colours, sizes, grid positions, counts, patterns and backgrounds)
-is written into the matching properties (SHAPES_FACTOR_PROPERTIES), so the toy model's heads
-find their texts too.
+is written into the matching properties too.
+
+The shapes-world bank (``world_bank``, bank name 'shapes') is generated from the world's own
+caption code: every text names one value of one factor in the words the toy models were
+trained on, tagged with that factor's one property (WORLD_FACTOR_PROPERTIES). It is the
+default bank of the toy models (models.registry.default_bank).
 
     PROPERTIES                 property -> one-line description, in bank order
     atlas_bank()               [(text, property)], >= 3,000 distinct texts
+    world_bank()               [(text, property)], the shapes world's own texts
+    bank_texts(name)           either bank by name
     read_text_file(path)       [(text, tag or None)] from a user's file (text<TAB>tag per line)
     text_id(bank, text)        sha1(bank + "\\x00" + text)[:16], the warehouse key of a text
 """
@@ -34,27 +40,13 @@ from functools import lru_cache
 from pathlib import Path
 
 __all__ = [
-    "ATLAS_BANK", "VOCABULARY_DIR", "PROPERTIES", "SHAPES_FACTOR_PROPERTIES", "TextFileError",
-    "UnknownTagWarning", "atlas_bank", "read_text_file", "text_id", "unknown_tags",
+    "ATLAS_BANK", "WORLD_BANK", "VOCABULARY_DIR", "PROPERTIES", "WORLD_FACTOR_PROPERTIES", "TextFileError",
+    "UnknownTagWarning", "atlas_bank", "world_bank", "world_texts", "bank_texts", "read_text_file",
+    "text_id", "unknown_tags",
 ]
 
 ATLAS_BANK = "atlas"                                  # bank name of the product's own texts
 VOCABULARY_DIR = Path(__file__).with_name("textbank")
-
-# Which property of the bank names each factor of the shapes world (etl/shapes.py FACTORS),
-# so that a head labelled with a property can be checked against the matching known factor.
-# Every background text ("a striped background", "a plain white background", "a grassy
-# background") is tagged 'weather' (weather and surroundings), so that a head that encodes
-# the background factor is labelled by one property, not split over colours and textures.
-SHAPES_FACTOR_PROPERTIES: dict[str, str] = {
-    "shape": "shapes",
-    "size": "shapes",
-    "color": "colors",
-    "position": "positions",
-    "count": "counting",
-    "pattern": "textures",
-    "background": "weather",
-}
 
 # "a" before a vowel sound becomes "an"; these vowel-letter words start with a consonant sound.
 _A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])(?!(?:uni|use|usu|eu|one\b|once)\w*)")
@@ -165,3 +157,67 @@ def unknown_tags(items: list[tuple[str, str | None]]) -> Counter:
 def text_id(bank: str, text: str) -> str:
     """The warehouse key of a text: ``sha1(bank + "\\x00" + text)``, first 16 hex characters."""
     return hashlib.sha1(f"{bank}\x00{text}".encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the shapes-world bank
+
+WORLD_BANK = "shapes"                                 # bank name of the shapes world's own texts
+
+# The one property of each factor of the shapes world (etl/shapes.py FACTORS): a head
+# labelled with a property is checked against the matching known factor (MATH.md §7). Sizes
+# and backgrounds are properties of their own: a background colour is a background, not a
+# colour, and a size is not a shape.
+WORLD_FACTOR_PROPERTIES: dict[str, str] = {
+    "shape": "shapes",
+    "color": "colors",
+    "size": "sizes",
+    "position": "positions",
+    "count": "counting",
+    "pattern": "textures",
+    "background": "backgrounds",
+}
+
+_WORLD_TEMPLATES = ["{np}", "a photo of {np}", "a picture of {np}", "an image of {np}",
+                    "there {be} {np}", "a picture with {np}"]
+
+
+def world_texts(factor: str, value: str) -> list[str]:
+    """Every text of the world bank that names one factor value, in the world's own caption
+    vocabulary: the one-factor captions training used (``shapes.factor_caption``) plus the
+    noun phrase in the full captions' templates. Deterministic order, no duplicates."""
+    from etl import shapes
+    texts = [shapes.factor_caption(factor, value, v) for v in range(120)]
+    if factor not in ("position", "background"):
+        f = {n: (value if n == factor else None) for n in shapes.FACTOR_NAMES}
+        be = "are" if factor == "count" and value != "1" else "is"
+        for v in range(12):
+            np_ = shapes.noun_phrase(f, v)
+            texts += [t.format(np=np_, be=be) for t in _WORLD_TEMPLATES]
+    return list(dict.fromkeys(texts))
+
+
+@lru_cache(maxsize=1)
+def _world() -> tuple[tuple[str, str], ...]:
+    from etl import shapes
+    bank: dict[str, str] = {}
+    for factor, values in shapes.FACTORS.items():
+        for value in values:
+            for text in world_texts(factor, value):
+                if bank.setdefault(text, WORLD_FACTOR_PROPERTIES[factor]) != WORLD_FACTOR_PROPERTIES[factor]:
+                    raise ValueError(f"world text {text!r} names two factors")
+    return tuple(bank.items())
+
+
+def world_bank() -> list[tuple[str, str]]:
+    """The shapes world's bank: ``[(text, property)]``, every text naming exactly one value of
+    one factor and tagged with that factor's property (WORLD_FACTOR_PROPERTIES)."""
+    return list(_world())
+
+
+def bank_texts(bank: str) -> list[tuple[str, str]]:
+    """A product bank by name: 'atlas' (general image descriptions) or 'shapes' (the world's)."""
+    banks = {ATLAS_BANK: atlas_bank, WORLD_BANK: world_bank}
+    if bank not in banks:
+        raise ValueError(f"unknown product bank {bank!r}; the product ships {', '.join(banks)} "
+                         "(a text file of your own goes through --text-file)")
+    return banks[bank]()

@@ -21,12 +21,17 @@ deflate ``S~ <- (I - uu^T) S~ (I - uu^T)`` and orthogonalise the texts
     textspan_literal(C, T, k, r)  the literal n x d algorithm, for the benchmark
     bench_textspan()              48 heads x k = 20, 3,500 texts, 5,000 images, d = 512
 
-r larger than d means no projection (r = d). A chosen text is never chosen again; when no
-text explains more than rounding noise of what the first one did (100 eps of the dtype),
-the head has no direction left among the texts and a ValueError says so. k may exceed
-neither r nor the number of texts.
-Precision: the n x d and M x r work runs in C's dtype (the warehouse stores float32), the
-d x d and r x r work, scores and variances in float64.
+Rank: r is capped per head at its numerical rank (``numerical_rank``: eigenvalues of C^T C
+above 1e-10 of the largest) and at the head dimension when the caller gives it. A head's
+embeddings have rank <= d_head (32 for the toy, 64 for ViT-B/L), below the published default
+r = 80; past the rank the "singular directions" are float noise, arbitrary, and every
+deflation would mix them into the texts, so the picks after the first would depend on noise.
+A chosen text is never chosen again; when no text explains more than rounding noise of what
+the first one did (100 eps of C's dtype), the head has no direction left among the texts and a
+ValueError says so. k may exceed neither the r in effect nor the number of texts.
+Precision: everything runs in float64 (the Gram, the eigensolver, the M x r text work and the
+scores): the argmax is the definition, and exact ties go to the lowest text row (callers
+order texts by text_id). A float64 literal implementation picks the same texts.
 """
 
 from __future__ import annotations
@@ -36,9 +41,10 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["textspan", "textspan_heads", "textspan_literal", "check_sizes", "bench_textspan"]
+__all__ = ["textspan", "textspan_heads", "textspan_literal", "numerical_rank", "check_sizes", "bench_textspan"]
 
-EXHAUSTED_EPS = 100  # no text left when the best score < 100 eps x the best score of step 1
+EXHAUSTED_EPS = 100  # no text left when the best score < 100 eps (of C's dtype) x the best score of step 1
+RANK_RTOL = 1e-10    # eigenvalues of C^T C below this x the largest are rounding noise (numerical_rank)
 
 
 def _as_tensor(x, name: str, ndim: int) -> torch.Tensor:
@@ -69,101 +75,130 @@ def check_sizes(n: int, M: int, d: int, dT: int, k: int, r: int) -> int:
     return r
 
 
-def _textspan_chunk(C: torch.Tensor, T: torch.Tensor, k: int, r: int):
-    """C [n, h, d], T [M, d] (same dtype) -> idx [h, k], var [h, k] float64, directions [h, k, d].
+def numerical_rank(eigenvalues: torch.Tensor, max_rank: int | None = None) -> torch.Tensor:
+    """Directions that carry real variance: eigenvalues of C^T C above ``RANK_RTOL`` x the
+    largest (singular values above sqrt(RANK_RTOL) = 1e-5 of the first), at most ``max_rank``.
 
-    Scores are kept up to date rather than recomputed: after removing u from text t
-    (t' = t - a u, a = t.u) and from S (S' = (I-uu^T) S (I-uu^T)), the new score is
-    t'^T S' t' = t^T S t - 2 a (t^T S u) + a^2 (u^T S u), so a step reads the texts twice
-    (t.u and t.Su in one product, then the rank-one update) and never forms an [M, r] x
-    [r, r] product again.
+    eigenvalues [..., d] (any order) -> int64 [...]. A head's embeddings are o_h F_h with
+    o_h in R^{d_head}, so its rank is at most d_head: past it the eigenvalues are rounding
+    noise of the stored float32 values (~1e-16 of the first), whose directions are arbitrary.
+    """
+    top = eigenvalues.amax(-1, keepdim=True)
+    rank = (eigenvalues > RANK_RTOL * top).sum(-1).clamp_min(1)
+    return rank.clamp_max(max_rank) if max_rank else rank
+
+
+def _textspan_chunk(C: torch.Tensor, T: torch.Tensor, k: int, r: int, max_rank: int | None):
+    """C [n, h, d], T [M, d] -> idx [h, k], var [h, k] float64, directions [h, k, d], r used [h].
+
+    Everything after reading C runs in float64: real text embeddings share a large common
+    direction, so after a few deflations the scores are small differences of large numbers,
+    and a float32 score moves the argmax (the definition of each pick). Scores are kept up to
+    date rather than recomputed: after removing u from text t (t' = t - a u, a = t.u) and from
+    S (S' = (I-uu^T) S (I-uu^T)), the new score is t'^T S' t' = t^T S t - 2 a (t^T S u) +
+    a^2 (u^T S u), so a step reads the texts twice and never forms [M, r] x [r, r] again.
+    Each head uses r_h = min(r, its numerical rank, max_rank) directions: the columns of V
+    past r_h are zeroed, which is the projection on its top-r_h subspace exactly.
     """
     n, h, d = C.shape
-    dt, f64 = C.dtype, torch.float64
+    f64 = torch.float64
+    eps = torch.finfo(C.dtype).eps                                        # of the values as given
+    C = C.to(f64)
     mu = C.mean(dim=0)                                                    # [h, d]
     Cc = (C - mu).transpose(0, 1)                                         # [h, n, d] centred
-    S = torch.bmm(Cc.transpose(1, 2), Cc).to(f64)                         # [h, d, d] = Cc^T Cc
+    S = torch.bmm(Cc.transpose(1, 2), Cc)                                 # [h, d, d] = Cc^T Cc
     del Cc
-    # float64 from here on for the d x d work: the r-th and (r+1)-th eigenvalues of real
-    # heads are close, and a float32 eigensolver already moves the top-r subspace enough to
-    # change which texts win (measured: the literal algorithm in float32 does not).
-    mu = mu.to(f64)
     G = S + n * mu.unsqueeze(2) * mu.unsqueeze(1)                         # [h, d, d] raw Gram C^T C
-    V = torch.linalg.eigh(G).eigenvectors[:, :, -r:]                      # [h, d, r] top-r subspace
+    evals, evecs = torch.linalg.eigh(G)                                   # ascending
+    r_used = numerical_rank(evals, max_rank).clamp_max(r)                 # [h]
+    V = evecs[:, :, -r:].flip(-1)                                         # [h, d, r] largest first
+    V = V * (torch.arange(r) < r_used.unsqueeze(1)).to(f64).unsqueeze(1)  # zero past each head's r_h
     total = torch.diagonal(S, dim1=1, dim2=2).sum(-1)                     # [h] ||Cc||_F^2
     St = V.transpose(1, 2) @ S @ V                                        # [h, r, r]
     del S, G
-    Vd = V.to(dt)
-    Tt = (T @ Vd.transpose(0, 1).reshape(d, h * r)).reshape(-1, h, r).transpose(0, 1).contiguous()  # [h, M, r]
-    score = (torch.bmm(Tt, St.to(dt)) * Tt).sum(-1).to(f64)               # [h, M] ||Cc t_j||^2
-    floor = EXHAUSTED_EPS * torch.finfo(dt).eps * score.amax(-1)         # [h]
+    Tt = (T.to(f64) @ V.transpose(0, 1).reshape(d, h * r)).reshape(-1, h, r).transpose(0, 1).contiguous()  # [h, M, r]
+    score = (torch.bmm(Tt, St) * Tt).sum(-1)                              # [h, M] ||Cc t_j||^2
+    floor = EXHAUSTED_EPS * eps * score.amax(-1)                          # [h]
     rows = torch.arange(h)
     idx = torch.empty(h, k, dtype=torch.int64)
     var = torch.empty(h, k, dtype=f64)
     U = torch.empty(h, k, r, dtype=f64)
     for step in range(k):
-        j = score.argmax(-1)                                              # [h]
+        j = score.argmax(-1)                                              # [h] first max: lowest row
         best = score[rows, j]
         if (best <= floor).any():
-            raise ValueError(f"after {step} texts no text explains any variance left in the head's top-{r} "
-                             f"subspace (a head without variance, or texts that span too few directions); "
-                             f"ask for k <= {step} or use a larger, more varied text bank")
+            raise ValueError(f"after {step} texts no text explains any variance left in the head's top-"
+                             f"{int(r_used.min())} subspace (a head without variance, or texts that span too "
+                             f"few directions); ask for k <= {step} or use a larger, more varied text bank")
         score[rows, j] = -torch.inf                                       # chosen: spent
-        t = Tt[rows, j].to(f64)                                           # [h, r]
+        t = Tt[rows, j]                                                   # [h, r]
         u = t / t.norm(dim=-1, keepdim=True)                              # [h, r]
         su = torch.bmm(St, u.unsqueeze(2)).squeeze(2)                     # [h, r]  S~ u
         c = (u * su).sum(-1)                                              # [h]     u^T S~ u
         idx[:, step], U[:, step] = j, u
         var[:, step] = torch.where(total > 0, c / total.clamp_min(1e-300), 0.0)
-        ab = torch.bmm(Tt, torch.stack([u, su], dim=2).to(dt))            # [h, M, 2]  t.u, t.S~u
-        a, b = ab[..., 0].to(f64), ab[..., 1].to(f64)
+        ab = torch.bmm(Tt, torch.stack([u, su], dim=2))                   # [h, M, 2]  t.u, t.S~u
+        a, b = ab[..., 0], ab[..., 1]
         score -= 2 * a * b - a * a * c.unsqueeze(1)
-        Tt.baddbmm_(ab[..., :1], u.to(dt).unsqueeze(1), alpha=-1)       # t~ <- t~ - (t~ u) u^T
+        Tt.baddbmm_(ab[..., :1], u.unsqueeze(1), alpha=-1)              # t~ <- t~ - (t~ u) u^T
         St = St - u.unsqueeze(2) * su.unsqueeze(1) - su.unsqueeze(2) * u.unsqueeze(1) \
             + c[:, None, None] * u.unsqueeze(2) * u.unsqueeze(1)         # (I-uu^T) S~ (I-uu^T)
-    return idx, var, torch.bmm(U, V.transpose(1, 2))                      # directions [h, k, d]
+    return idx, var, torch.bmm(U, V.transpose(1, 2)), r_used              # directions [h, k, d]
 
 
-def textspan_heads(C, T, k: int = 10, r: int = 80, *, chunk: int = 4, with_directions: bool = False):
+def textspan_heads(C, T, k: int = 10, r: int = 80, *, chunk: int = 4, with_directions: bool = False,
+                   max_rank: int | None = None, with_rank: bool = False):
     """TextSpan for many heads at once.
 
     C: [n, H, d] head embeddings (n images, H heads), T: [M, d] text embeddings (unit norm),
-    numpy arrays or torch tensors, float32 or float64 (the Gram and the text products run in
-    C's dtype, the eigensolver, scores and variances in float64). Heads are processed
-    ``chunk`` at a time: small chunks keep the [chunk, M, r] texts in cache over the k steps.
+    numpy arrays or torch tensors (computed in float64 whatever they are). ``r`` is capped
+    per head at its numerical rank and at ``max_rank`` (give the head dimension). Heads are
+    processed ``chunk`` at a time: small chunks keep the [chunk, M, r] texts in cache.
 
-    Returns ``idx`` int64 [H, k] (rows of T, in the order chosen) and ``variance`` float64
-    [H, k] (each chosen direction's variance as a fraction of the head's total variance);
-    with ``with_directions`` also ``directions`` float64 [H, k, d], the orthonormal unit
-    vectors removed at each step.
+    Returns ``idx`` int64 [H, k] (rows of T, in the order chosen; an exact tie goes to the
+    lowest row) and ``variance`` float64 [H, k] (each chosen direction's variance as a
+    fraction of the head's total variance); with ``with_directions`` also ``directions``
+    float64 [H, k, d], the orthonormal unit vectors removed at each step; with
+    ``with_rank`` also ``r_used`` int64 [H], the r each head was projected on.
     """
     C = _as_tensor(C, "C (head embeddings [n, H, d])", 3)
-    T = _as_tensor(T, "T (text embeddings [M, d])", 2).to(C.dtype)
+    T = _as_tensor(T, "T (text embeddings [M, d])", 2)
     n, H, d = C.shape
     r = check_sizes(n, T.shape[0], d, T.shape[1], k, r)
-    parts = [_textspan_chunk(C[:, h0:h0 + chunk], T, k, r) for h0 in range(0, H, max(1, chunk))]
-    idx, var, dirs = (torch.cat(p) for p in zip(*parts))
+    parts = [_textspan_chunk(C[:, h0:h0 + chunk], T, k, r, max_rank) for h0 in range(0, H, max(1, chunk))]
+    idx, var, dirs, r_used = (torch.cat(p) for p in zip(*parts))
+    if int(r_used.min()) < k:
+        h = int(r_used.argmin())
+        raise ValueError(f"head {h} has numerical rank {int(r_used[h])} < k = {k}: it spans fewer directions "
+                         f"than texts asked for; ask for k <= {int(r_used[h])}")
     out = (idx.numpy(), var.numpy())
-    return out + (dirs.numpy(),) if with_directions else out
+    if with_directions:
+        out += (dirs.numpy(),)
+    if with_rank:
+        out += (r_used.numpy(),)
+    return out
 
 
-def textspan(C, T, k: int = 10, r: int = 80):
+def textspan(C, T, k: int = 10, r: int = 80, max_rank: int | None = None):
     """TextSpan for one head: C [n, d], T [M, d] -> idx int64 [k], variance float64 [k]."""
     C = _as_tensor(C, "C (head embeddings [n, d])", 2)
-    idx, var = textspan_heads(C.unsqueeze(1), T, k, r)
+    idx, var = textspan_heads(C.unsqueeze(1), T, k, r, max_rank=max_rank)
     return idx[0], var[0]
 
 
-def textspan_literal(C, T, k: int = 10, r: int = 80):
-    """The literal n x d algorithm of MATH.md §3 (what the reference code does), one head.
+def textspan_literal(C, T, k: int = 10, r: int = 80, max_rank: int | None = None):
+    """The literal n x d algorithm of MATH.md §3, one head, with r capped at the head's
+    numerical rank as the fast form does (the reference code does not cap).
 
-    C [n, d], T [M, d] -> idx int64 [k], variance float64 [k]. Cost per step O(n M d); kept
-    only to measure the fast form against (``bench_textspan``).
+    C [n, d], T [M, d] -> idx int64 [k], variance float64 [k], in C's dtype (give float64
+    for the reference). Cost per step O(n M d); kept to check and time the fast form.
     """
     C = _as_tensor(C, "C", 2)
     T = _as_tensor(T, "T", 2).to(C.dtype)
     r = check_sizes(C.shape[0], T.shape[0], C.shape[1], T.shape[1], k, r)
-    Vr = torch.linalg.svd(C, full_matrices=False).Vh[:r]                  # [r, d]
+    svd = torch.linalg.svd(C, full_matrices=False)
+    r = min(r, int(numerical_rank(svd.S.to(torch.float64) ** 2, max_rank)))
+    Vr = svd.Vh[:r]                                                       # [r, d]
     T = T @ Vr.T @ Vr                                                     # [M, d]
     C = C - C.mean(dim=0)
     total = (C * C).sum()

@@ -43,10 +43,19 @@ def micro_batches(n: int, step: int) -> list[slice]:
     return [slice(i, i + step) for i in range(0, max(n, 1), step)]
 
 
+AUTO_ALL_LAYERS = 12     # 'auto' analyses every layer of a model this deep or shallower
+
+
 def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
-    """'last4' | 'all' | 'lastN' | '8,9,10,11' | [8, 9] -> sorted unique 0-based layers."""
+    """'auto' | 'last4' | 'all' | 'lastN' | '8,9,10,11' | [8, 9] -> sorted unique 0-based layers.
+
+    'auto' (the jobs' default): every layer when the model has at most AUTO_ALL_LAYERS layers
+    (the toy zoo, ViT-B), the last 4 above (ViT-L/H/g, where the direct effects concentrate).
+    """
     if isinstance(spec, str):
         s = spec.strip().lower()
+        if s == "auto":
+            s = "all" if n_layers <= AUTO_ALL_LAYERS else "last4"
         if s == "all":
             return list(range(n_layers))
         if s.startswith("last") and s[4:].isdigit():
@@ -57,7 +66,7 @@ def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
         try:
             spec = [int(p) for p in s.split(",") if p.strip()]
         except ValueError:
-            raise ValueError(f"--layers '{spec}': use last4, all, or comma-separated 0-based indices like 8,9,10,11") from None
+            raise ValueError(f"--layers '{spec}': use auto, last4, all, or comma-separated 0-based indices like 8,9,10,11") from None
     layers = sorted(set(int(i) for i in spec))
     bad = [i for i in layers if not 0 <= i < n_layers]
     if not layers or bad:

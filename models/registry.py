@@ -39,9 +39,11 @@ def bundled_weights(arch: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def list_architectures() -> list[str]:
-    _register_bundled_configs()
-    return open_clip.list_models()
+def default_bank(arch: str) -> str:
+    """The text bank a model's heads are named with by default: the shapes world's own bank
+    ('shapes') for the toy models trained on it (every models/toy/*.json architecture, with
+    shipped or random weights), the product's general bank ('atlas') for every other CLIP."""
+    return "shapes" if (TOY_DIR / f"{arch}.json").is_file() else "atlas"
 
 
 def _check_arch(arch: str) -> dict:

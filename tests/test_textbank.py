@@ -9,7 +9,7 @@ import pytest
 
 import etl.textbank as tb
 from etl import shapes
-from etl.textbank import (PROPERTIES, SHAPES_FACTOR_PROPERTIES, TextFileError, UnknownTagWarning,
+from etl.textbank import (PROPERTIES, WORLD_FACTOR_PROPERTIES, TextFileError, UnknownTagWarning,
                           atlas_bank, read_text_file, text_id, unknown_tags)
 
 SHARED_BANKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text_banks"
@@ -64,13 +64,13 @@ def test_texts_do_not_mix_colours_or_counts_into_other_properties():
                         r"dozen|hundred|single|pair)\b", re.I)
     # the one exception: the shapes world's plain backgrounds, tagged with the other backgrounds
     assert [t for t, p in atlas_bank() if p != "colors" and colour.search(t)
-            and not (p == SHAPES_FACTOR_PROPERTIES["background"] and t.endswith(" background"))] == []
+            and not (p == WORLD_FACTOR_PROPERTIES["background"] and t.endswith(" background"))] == []
     assert [t for t, p in atlas_bank() if p != "counting" and number.search(t)] == []
 
 
 def test_shapes_world_vocabulary_is_in_the_matching_properties():
-    assert set(SHAPES_FACTOR_PROPERTIES) == set(shapes.FACTOR_NAMES)
-    assert set(SHAPES_FACTOR_PROPERTIES.values()) <= set(PROPERTIES)
+    assert set(WORLD_FACTOR_PROPERTIES) == set(shapes.FACTOR_NAMES)
+    assert set(WORLD_FACTOR_PROPERTIES.values()) <= set(PROPERTIES)
     by_prop: dict[str, list[str]] = {}
     for text, prop in atlas_bank():
         by_prop.setdefault(prop, []).append(text)
@@ -80,7 +80,7 @@ def test_shapes_world_vocabulary_is_in_the_matching_properties():
         return any(all(n in t for n in needles) for t in by_prop[prop])
 
     for factor, values in shapes.FACTORS.items():
-        prop = SHAPES_FACTOR_PROPERTIES[factor]
+        prop = WORLD_FACTOR_PROPERTIES[factor]
         for value in values:
             if factor == "count":
                 assert has(prop, f"{words[value]} shape"), value

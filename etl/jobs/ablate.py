@@ -22,14 +22,17 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_warehouse_arg(p)
     p.add_argument("--dataset", required=True, help="shapes:N:seed=S or an ImageFolder-layout folder")
-    p.add_argument("--layers", default="last4", help="layers for per-head ablation (default last4)")
+    p.add_argument("--layers", default="auto", help="layers for per-head ablation (default auto: every layer up to 12 layers, else the last 4)")
     p.add_argument("--max-images", type=int, default=2000, help="images used (default 2000)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
     p.set_defaults(func=run_ablate)
 
-    q = sub.add_parser("probe", help="per-head linear probes for every shapes-world factor, stored in `probes`",
+    q = sub.add_parser("probe", help="per-head ground truth for every shapes-world factor: linear probes (`probes`) "
+                            "and variance shares eta2 (`head_factor_variance`)",
                        description="Reads head_embeddings and image_factors of a shapes dataset from the warehouse "
-                                   "(run `embed` first) and stores held-out probe accuracy and chance per head and factor.")
+                                   "(run `embed` first) and stores, per head and factor, held-out probe accuracy "
+                                   "and chance, and eta2: the share of the head's variance the factor's class "
+                                   "means explain (MATH.md §7; views head_truth, label_agreement).")
     q.add_argument("--model", required=True, metavar="MODEL_ID", help="a model_id of the warehouse, e.g. toy-shapes/bundled")
     add_warehouse_arg(q)
     q.add_argument("--dataset", required=True, help="a shapes dataset already embedded, e.g. shapes:2000:seed=0")
@@ -154,7 +157,8 @@ def run_ablate(args) -> int:
 
 
 def run_probe(args) -> int:
-    from etl.probe import probe_matrix
+    from etl.probe import factor_variance, probe_matrix
+    from etl.textbank import WORLD_FACTOR_PROPERTIES
     from warehouse import connect, writer
     from warehouse.runs import run_record
     path = warehouse_path(args)
@@ -184,10 +188,21 @@ def run_probe(args) -> int:
             by_factor[factor][index[image_id]] = value
     with run_record(path, "probe", {"model_id": args.model, "dataset": args.dataset}) as run_id:
         result = probe_matrix(X, by_factor, seed=args.seed, layers=layers)
+        eta2 = factor_variance(X, by_factor, layers=layers)
         with writer(path) as con:
+            con.executemany("INSERT INTO factor_properties (factor, property) VALUES (?, ?) "
+                            "ON CONFLICT (factor) DO UPDATE SET property = excluded.property",
+                            list(WORLD_FACTOR_PROPERTIES.items()))
+            con.execute("DELETE FROM head_factor_variance WHERE model_id = ? AND dataset_id = ?",
+                        [args.model, args.dataset])
+            con.executemany("INSERT INTO head_factor_variance (model_id, dataset_id, layer, head, factor, eta2, "
+                            "run_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [[args.model, args.dataset, r["layer"], r["head"], r["factor"], r["eta2"], run_id]
+                             for r in eta2])
             con.execute("DELETE FROM probes WHERE model_id = ? AND dataset_id = ?", [args.model, args.dataset])
             con.executemany("INSERT INTO probes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             [[args.model, args.dataset, r["layer"], r["head"], r["factor"], r["accuracy"],
                               r["chance"], run_id] for r in result])
-    print(json.dumps({"model_id": args.model, "dataset": args.dataset, "rows": len(result)}))
+    print(json.dumps({"model_id": args.model, "dataset": args.dataset, "rows": len(result),
+                      "eta2_rows": len(eta2)}))
     return 0

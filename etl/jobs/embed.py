@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
                                    "$ATLAS_HOME/onnx/ (or --out) and store its path and sha256 in `models`.")
     add_model_args(p)
     add_warehouse_arg(p)
-    p.add_argument("--layers", default="last4", help="analysed layers: last4 (default), all, or 0-based indices")
+    p.add_argument("--layers", default="auto", help="analysed layers: auto (default: every layer of a model with at most 12 layers, the last 4 of deeper ones), all, last4, lastN, or 0-based indices")
     p.add_argument("--tokens", action="store_true", help="also output per-token head contributions")
     p.add_argument("--out", default=None, help="ONNX file (default: $ATLAS_HOME/onnx/<model>.onnx)")
     p.set_defaults(func=run_export)
@@ -45,7 +45,7 @@ def add_embed_args(p) -> None:
     p.add_argument("--dataset", action="append", required=True, metavar="SPEC",
                    help="shapes:N:seed=S, skimage, an image folder (ImageFolder or flat), or a CSV manifest "
                         "(columns path[,label][,caption]); repeat for several")
-    p.add_argument("--layers", default="last4", help="analysed layers: last4 (default), all, or 0-based indices")
+    p.add_argument("--layers", default="auto", help="analysed layers: auto (default: every layer of a model with at most 12 layers, the last 4 of deeper ones), all, last4, lastN, or 0-based indices")
     p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="onnxruntime (default) or torch")
     p.add_argument("--providers", default=None, choices=["cpu", "cuda"], help="onnxruntime provider (default: CUDA if usable)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch and per write transaction (default 64)")

@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("label", help="label every analysed head with a property (head_labels)",
                        description="Give each head with TextSpan texts a property label: offline (the "
                                    "variance-weighted majority of its texts' property tags, 'mixed' below "
-                                   "--threshold) or by an LLM (few-shot prompt, JSON answer checked against the "
+                                   "--threshold or when shuffled tags do as well, --alpha) or by an LLM (few-shot prompt, JSON answer checked against the "
                                    "property vocabulary, answers cached under $ATLAS_HOME/cache/llm). Resumable.")
     add_warehouse_arg(p)
     p.add_argument("--model", metavar="MODEL_ID", required=True,
@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
                    help="offline (default: needs property-tagged texts) or llm (needs OPENAI_API_KEY)")
     p.add_argument("--threshold", type=float, default=None, metavar="SHARE",
                    help="offline: below this share of the head's variance the label is 'mixed' (default 0.5)")
+    p.add_argument("--alpha", type=float, default=None, metavar="P",
+                   help="offline: a head is labelled only when its winning share beats the same texts with tags "
+                        "shuffled over the bank at this significance (default 0.01)")
     p.add_argument("--force", action="store_true", help="relabel heads already labelled by this labeler")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="heads per write transaction (default 16)")
     add_llm_args(p)
@@ -75,7 +78,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from etl.jobs.texts import model_row_or_fail
-    from etl.labelers import OFFLINE_THRESHOLD, OfflineLabeler
+    from etl.labelers import OFFLINE_ALPHA, OFFLINE_THRESHOLD, OfflineLabeler
     from warehouse import connect
     from warehouse.runs import run_record
     if args.batch_size < 1:
@@ -91,7 +94,17 @@ def run(args) -> int:
         raise ValueError(f"no heads of {args.model!r} have TextSpan texts: run `python -m etl textspan "
                          f"--model {args.model}` first")
     if args.labeler == "offline":
-        labeler = OfflineLabeler(vocab, OFFLINE_THRESHOLD if args.threshold is None else args.threshold)
+        with connect(path) as con:
+            banks = [r[0] for r in con.execute("SELECT DISTINCT bank FROM head_texts WHERE model_id = ? "
+                                               "AND bank IS NOT NULL ORDER BY 1", [args.model]).fetchall()]
+            if len(banks) > 1:
+                raise ValueError(f"the TextSpan texts of {args.model!r} come from several banks ({', '.join(banks)}); "
+                                 f"recompute them from one with `python -m etl textspan --model {args.model} "
+                                 "--bank NAME --force`")
+            tags = [r[0] for r in con.execute("SELECT property FROM texts WHERE bank = ?", banks).fetchall()] \
+                if banks else None
+        labeler = OfflineLabeler(vocab, OFFLINE_THRESHOLD if args.threshold is None else args.threshold,
+                                 bank_tags=tags, alpha=OFFLINE_ALPHA if args.alpha is None else args.alpha)
     else:
         labeler = make_llm(args, vocab)
     todo = [h for h in heads if args.force or done.get(h) != (labeler.name, labeler.prompt_hash)]
@@ -132,6 +145,6 @@ def _write(path: str, model_id: str, run_id: str, pending: list) -> None:
                 continue
             con.execute("DELETE FROM head_labels WHERE model_id = ? AND layer = ? AND head = ?", [model_id, layer, head])
             con.execute("INSERT INTO head_labels (model_id, layer, head, property, confidence, labeler, prompt_hash, "
-                        "raw, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "raw, run_id, p_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [model_id, layer, head, label.property, label.confidence, label.labeler,
-                         label.prompt_hash, label.raw, run_id])
+                         label.prompt_hash, label.raw, run_id, label.p_value])

@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     add_embed_args(p)
     p.add_argument("--text-file", default=None, help="a user text bank (one text per line, optional TAB tag) "
                                                      "instead of the product's own bank")
+    p.add_argument("--bank", default=None, choices=["atlas", "shapes"],
+                   help="the product's bank to name heads with (default: the model's own, 'shapes' for the toy "
+                        "models, 'atlas' for other CLIPs)")
     p.add_argument("--labeler", default="offline", choices=["offline", "llm"],
                    help="head labeler (default offline; llm needs OPENAI_API_KEY / OPENAI_BASE_URL)")
     p.add_argument("--llm-model", default=None, help="model name for --labeler llm")
@@ -56,9 +59,11 @@ def run(args) -> int:
             print(json.dumps({"model_id": lm.model_id, **embed(path, lm, spec, layers, args.backend,
                                                               args.providers, args.batch_size, run_id)}))
     timings["embed"] = round(time.perf_counter() - t, 1)
-    bank = ["--text-file", args.text_file] if args.text_file else []
-    step("texts", ["texts", "--model", lm.model_id, *wh, *bank])
-    bank_name = ["--bank", Path(args.text_file).stem] if args.text_file else ["--bank", "atlas"]
+    from models import default_bank
+    bank = args.bank or default_bank(lm.spec["arch"])
+    step("texts", ["texts", "--model", lm.model_id, *wh,
+                   *(["--text-file", args.text_file] if args.text_file else ["--bank", bank])])
+    bank_name = ["--bank", Path(args.text_file).stem] if args.text_file else ["--bank", bank]
     step("textspan", ["textspan", "--model", lm.model_id, *wh, *bank_name])
     step("label", ["label", "--model", lm.model_id, *wh, "--labeler", args.labeler]
          + (["--llm-model", args.llm_model] if args.llm_model else []))

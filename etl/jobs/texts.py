@@ -27,8 +27,10 @@ def add_parser(sub) -> None:
                    help="a model_id of the warehouse `models` table (e.g. toy-shapes/bundled, written by "
                         "`embed`); without it only the texts are stored, nothing is embedded")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--bank", default="atlas", choices=["atlas"],
-                     help="the product's own text bank (default)")
+    src.add_argument("--bank", default=None, choices=["atlas", "shapes"],
+                     help="one of the product's banks: 'atlas' (3,600+ general image descriptions) or 'shapes' "
+                          "(the shapes world's own texts); default: the model's default bank ('shapes' for the "
+                          "toy models, 'atlas' otherwise), 'atlas' without --model")
     src.add_argument("--text-file", metavar="PATH", default=None,
                      help="a UTF-8 file, one text per line, optionally followed by TAB and a property tag")
     p.add_argument("--bank-name", metavar="NAME", default=None,
@@ -52,14 +54,17 @@ def model_row_or_fail(path: str, model_id: str) -> dict:
                          f"that job prints.") from None
 
 
-def read_bank(args) -> tuple[str, list[tuple[str, str | None]], dict[str, int]]:
-    """(bank name, [(text, tag)], {unknown tag: count}) from --bank / --text-file."""
-    from etl.textbank import ATLAS_BANK, UnknownTagWarning, atlas_bank, read_text_file, unknown_tags
+def read_bank(args, arch: str | None = None) -> tuple[str, list[tuple[str, str | None]], dict[str, int]]:
+    """(bank name, [(text, tag)], {unknown tag: count}) from --bank / --text-file; without
+    either, the default bank of the model's architecture ``arch`` (the atlas bank if None)."""
+    from etl.textbank import ATLAS_BANK, WORLD_BANK, UnknownTagWarning, bank_texts, read_text_file, unknown_tags
+    from models import default_bank
     if args.text_file is None:
-        return ATLAS_BANK, list(atlas_bank()), {}
+        bank = args.bank or (default_bank(arch) if arch else ATLAS_BANK)
+        return bank, list(bank_texts(bank)), {}
     bank = args.bank_name or Path(args.text_file).stem
-    if bank == ATLAS_BANK:
-        raise ValueError(f"'{ATLAS_BANK}' is the product's own bank; give your file another --bank-name")
+    if bank in (ATLAS_BANK, WORLD_BANK):
+        raise ValueError(f"'{bank}' is a bank of the product's own; give your file another --bank-name")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnknownTagWarning)          # reported below, per tag
         items = read_text_file(args.text_file)
@@ -74,10 +79,10 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     path = warehouse_path(args)
-    bank, items, unknown = read_bank(args)
+    row = model_row_or_fail(path, args.model) if args.model else None
+    bank, items, unknown = read_bank(args, row["arch"] if row else None)
     params = {"bank": bank, "text_file": args.text_file, "model_id": args.model, "n_texts": len(items)}
     with run_record(path, "texts", params) as run_id:
-        row = model_row_or_fail(path, args.model) if args.model else None
         ids = [text_id(bank, t) for t, _ in items]
         props = pa.table({"property": list(PROPERTIES), "description": list(PROPERTIES.values())})
         text_rows = pa.table({"text_id": ids, "bank": [bank] * len(ids), "text": [t for t, _ in items],

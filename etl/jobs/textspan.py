@@ -27,13 +27,16 @@ def add_parser(sub) -> None:
                    help="a model_id of the warehouse `models` table, with head embeddings (from `embed`) and "
                         "text embeddings (from `texts`)")
     p.add_argument("--bank", metavar="NAME", default=None,
-                   help="text bank to draw from (default: 'atlas', or the only bank embedded for the model)")
+                   help="text bank to draw from (default: the only bank embedded for the model, else the model's "
+                        "default: 'shapes' for the toy models, 'atlas' for other CLIPs)")
     p.add_argument("--dataset", metavar="DATASET_ID", default=None,
                    help="use only this dataset's images (a dataset_id of the `datasets` table; default: every "
                         "image embedded for the model)")
     p.add_argument("-k", "--k", type=int, default=10, help="texts per head (default 10; the paper uses 20)")
     p.add_argument("-r", "--r", type=int, default=80,
-                   help="texts are projected on the head's top-r singular directions first (default 80)")
+                   help="texts are projected on the head's top-r singular directions first (default 80, the "
+                        "published value), capped per head at its numerical rank and head dimension (the r "
+                        "used is stored in head_texts.r)")
     p.add_argument("--force", action="store_true",
                    help="recompute heads that already have texts (also those computed with another bank, "
                         "dataset or k)")
@@ -67,12 +70,13 @@ def _layer_matrix(con, model_id: str, layer: int, heads: int, dataset: str | Non
     return vec.astype(np.float32).reshape(n, heads, -1)
 
 
-def _choose_bank(con, model_id: str, bank: str | None) -> str:
+def _choose_bank(con, model_id: str, arch: str, bank: str | None) -> str:
+    from models import default_bank
     banks = [r[0] for r in con.execute(
         "SELECT DISTINCT t.bank FROM text_embeddings e JOIN texts t USING (text_id) WHERE e.model_id = ? "
         "ORDER BY 1", [model_id]).fetchall()]
     if bank is None:
-        bank = banks[0] if len(banks) == 1 else "atlas"
+        bank = banks[0] if len(banks) == 1 else default_bank(arch)
     if bank not in banks:
         raise ValueError(f"no texts of bank {bank!r} are embedded for model {model_id!r} (embedded banks: "
                          f"{', '.join(banks) or 'none'}). Run `python -m etl texts --model {model_id}` "
@@ -88,8 +92,9 @@ def run(args) -> int:
     path = warehouse_path(args)
     row = model_row_or_fail(path, args.model)
     layers, H = [int(x) for x in row["analysed_layers"]], int(row["heads"])
+    head_dim = int(row["width"]) // H
     with connect(path) as con:
-        bank = _choose_bank(con, args.model, args.bank)
+        bank = _choose_bank(con, args.model, row["arch"], args.bank)
         if args.dataset and not con.execute("SELECT 1 FROM datasets WHERE dataset_id = ?", [args.dataset]).fetchone():
             raise ValueError(f"dataset {args.dataset!r} is not in the warehouse; see `SELECT dataset_id FROM datasets`")
         existing = {(int(l), int(h)): (n, b, d) for l, h, n, b, d in con.execute(
@@ -117,16 +122,16 @@ def run(args) -> int:
                                  + (f" for dataset {args.dataset!r}" if args.dataset else "")
                                  + "; run `python -m etl embed` first")
             check_sizes(C.shape[0], T.shape[0], C.shape[2], T.shape[1], args.k, args.r)
-            results, errors = _textspan_layer(textspan_heads, C, T, heads, args.k, args.r)
-            rows = [(args.model, layer, h, rank, text_ids[j], float(v), args.dataset, bank, run_id)
-                    for h, (idx, var) in results.items() for rank, (j, v) in enumerate(zip(idx, var))]
+            results, errors = _textspan_layer(textspan_heads, C, T, heads, args.k, args.r, head_dim)
+            rows = [(args.model, layer, h, rank, text_ids[j], float(v), args.dataset, bank, run_id, r_used)
+                    for h, (idx, var, r_used) in results.items() for rank, (j, v) in enumerate(zip(idx, var))]
             with writer(path) as con:
                 for table in ("head_texts", "head_labels", "text_judgments"):
                     con.execute(f"DELETE FROM {table} WHERE model_id = ? AND layer = ? AND list_contains(?, head)",
                                 [args.model, layer, heads])
                 if rows:
                     con.executemany("INSERT INTO head_texts (model_id, layer, head, rank, text_id, variance_explained,"
-                                    " dataset_id, bank, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                                    " dataset_id, bank, run_id, r) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 for h, reason in errors.items():
                     record_error(con, run_id, f"{args.model} L{layer}.H{h}", reason)
             written += len(results)
@@ -136,20 +141,21 @@ def run(args) -> int:
     return 0
 
 
-def _textspan_layer(textspan_heads, C, T, heads, k, r):
+def _textspan_layer(textspan_heads, C, T, heads, k, r, head_dim):
     """Run the layer's heads together; if that fails, head by head so one bad head costs only itself.
 
-    Returns ({head: (idx [k], var [k])}, {head: reason})."""
+    r is capped per head at its numerical rank and at ``head_dim`` (etl/textspan.py).
+    Returns ({head: (idx [k], var [k], r used)}, {head: reason})."""
     try:
-        idx, var = textspan_heads(C, T, k=k, r=r)
-        return {h: (idx[i], var[i]) for i, h in enumerate(heads)}, {}
+        idx, var, r_used = textspan_heads(C, T, k=k, r=r, max_rank=head_dim, with_rank=True)
+        return {h: (idx[i], var[i], int(r_used[i])) for i, h in enumerate(heads)}, {}
     except ValueError:
         pass
     results, errors = {}, {}
     for i, h in enumerate(heads):
         try:
-            idx, var = textspan_heads(C[:, i:i + 1], T, k=k, r=r)
-            results[h] = (idx[0], var[0])
+            idx, var, r_used = textspan_heads(C[:, i:i + 1], T, k=k, r=r, max_rank=head_dim, with_rank=True)
+            results[h] = (idx[0], var[0], int(r_used[0]))
         except ValueError as exc:
             errors[h] = str(exc)
     return results, errors
