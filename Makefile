@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 ATLAS_HOME ?= var
 export ATLAS_HOME
 PORT ?= 8501
-MODEL ?= toy-shapes
+MODEL ?=
+# The toy zoo `make etl` builds when no MODEL is given: three sizes trained by one recipe, a second
+# seed of the small one, and a random-init control of the middle size.
+ZOO := toy-shapes toy-shapes-small toy-shapes-large toy-shapes-small-seed1
 PRETRAINED ?=
 CHECKPOINT ?=
 IMAGES ?=
@@ -19,7 +22,7 @@ DATA_FLAGS := $(if $(IMAGES),--dataset $(IMAGES),--dataset $(DATASET) --dataset 
 .PHONY: setup demo etl dashboard test test-fast bench browser-deps clean help
 
 help:
-	@echo "make demo     set up, build the default warehouse (toy model + shapes world + scikit-image photos), serve the dashboard"
+	@echo "make demo     set up, build the default warehouse (the toy zoo + shapes world + scikit-image photos), serve the dashboard"
 	@echo "make test     set up and run the test suite (installs Debian's chromium for the browser test)"
 	@echo "make bench    benchmarks (decomposition, shapes world, TextSpan, warehouse, dashboard)"
 	@echo "make dashboard PORT=8501 ATLAS_HOME=var"
@@ -34,7 +37,13 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 etl: setup
+ifeq ($(MODEL),)
+	@set -e; for m in $(ZOO); do \
+		$(PY) -m etl run --model $$m $(DATA_FLAGS) --warehouse $(WAREHOUSE); done
+	$(PY) -m etl run --model toy-shapes --random-init --seed 0 $(DATA_FLAGS) --warehouse $(WAREHOUSE)
+else
 	$(PY) -m etl run $(MODEL_FLAGS) $(DATA_FLAGS) --warehouse $(WAREHOUSE)
+endif
 
 demo: etl dashboard
 

@@ -41,7 +41,7 @@ __all__ = [
 
 MIXED = "mixed"
 OFFLINE_THRESHOLD = 0.5          # below this winning weight share a head is 'mixed'
-OFFLINE_ALPHA = 0.01             # ... and above this p-value under shuffled tags
+OFFLINE_ALPHA = 0.2              # ... or when shuffled tags reach its share this often (p-value)
 OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 1/4001)
 OFFLINE_VERSION = "offline-v2"
 

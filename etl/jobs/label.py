@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
                    help="offline: below this share of the head's variance the label is 'mixed' (default 0.5)")
     p.add_argument("--alpha", type=float, default=None, metavar="P",
                    help="offline: a head is labelled only when its winning share beats the same texts with tags "
-                        "shuffled over the bank at this significance (default 0.01)")
+                        "shuffled over the bank at this significance (default 0.2)")
     p.add_argument("--force", action="store_true", help="relabel heads already labelled by this labeler")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="heads per write transaction (default 16)")
     add_llm_args(p)
