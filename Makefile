@@ -8,8 +8,9 @@ export ATLAS_HOME
 PORT ?= 8501
 MODEL ?=
 # The toy zoo `make etl` builds when no MODEL is given: three sizes trained by one recipe, a second
-# seed of the small one, and a random-init control of the middle size.
-ZOO := toy-shapes toy-shapes-small toy-shapes-large toy-shapes-small-seed1
+# seed of the small one, and a random-init control of the middle size. The dashboard opens on the
+# last trained model built (toy-shapes).
+ZOO := toy-shapes-small toy-shapes-small-seed1 toy-shapes-large toy-shapes
 PRETRAINED ?=
 CHECKPOINT ?=
 IMAGES ?=

@@ -78,6 +78,14 @@ def _remember_model() -> None:
     st.session_state["_atlas_model"] = st.session_state["atlas_model_picker"]
 
 
+def default_model(df) -> str:
+    """The model a session opens on: the most recently built trained model (any source but
+    random init), else the most recently built one."""
+    trained = df[df.source != "random"]
+    pool = trained if not trained.empty else df
+    return str(pool.sort_values("created_at", kind="stable").model_id.iloc[-1])
+
+
 def model_picker() -> dict:
     """The sidebar model picker (same on every page); returns the chosen `models` row as a dict."""
     require_warehouse()
@@ -88,7 +96,7 @@ def model_picker() -> dict:
         st.session_state["_atlas_head_link_new"] = True
     current = st.session_state.get("_atlas_model")
     if current not in ids:
-        current = ids[0]
+        current = default_model(df)
     st.session_state["_atlas_model"] = current
     st.session_state["atlas_model_picker"] = current
     info = {r.model_id: r for r in df.itertuples()}

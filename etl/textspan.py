@@ -111,6 +111,10 @@ def _textspan_chunk(C: torch.Tensor, T: torch.Tensor, k: int, r: int, max_rank: 
     G = S + n * mu.unsqueeze(2) * mu.unsqueeze(1)                         # [h, d, d] raw Gram C^T C
     evals, evecs = torch.linalg.eigh(G)                                   # ascending
     r_used = numerical_rank(evals, max_rank).clamp_max(r)                 # [h]
+    if int(r_used.min()) < k:
+        h_low = int(r_used.argmin())
+        raise ValueError(f"head {h_low} of the batch has numerical rank {int(r_used[h_low])} < k = {k}: it spans "
+                         f"fewer directions than texts asked for; ask for k <= {int(r_used[h_low])}")
     V = evecs[:, :, -r:].flip(-1)                                         # [h, d, r] largest first
     V = V * (torch.arange(r) < r_used.unsqueeze(1)).to(f64).unsqueeze(1)  # zero past each head's r_h
     total = torch.diagonal(S, dim1=1, dim2=2).sum(-1)                     # [h] ||Cc||_F^2
@@ -167,10 +171,6 @@ def textspan_heads(C, T, k: int = 10, r: int = 80, *, chunk: int = 4, with_direc
     r = check_sizes(n, T.shape[0], d, T.shape[1], k, r)
     parts = [_textspan_chunk(C[:, h0:h0 + chunk], T, k, r, max_rank) for h0 in range(0, H, max(1, chunk))]
     idx, var, dirs, r_used = (torch.cat(p) for p in zip(*parts))
-    if int(r_used.min()) < k:
-        h = int(r_used.argmin())
-        raise ValueError(f"head {h} has numerical rank {int(r_used[h])} < k = {k}: it spans fewer directions "
-                         f"than texts asked for; ask for k <= {int(r_used[h])}")
     out = (idx.numpy(), var.numpy())
     if with_directions:
         out += (dirs.numpy(),)

@@ -53,7 +53,7 @@ def test_embed_folder_records_bad_files_and_resumes(tmp_path, image_folder):
     r = cli("embed", "--model", "toy-shapes", "--dataset", str(image_folder), "--warehouse", str(wh), env=env)
     assert r.returncode == 0, r.stderr
     assert count(wh, "SELECT count(*) FROM image_embeddings") == 6
-    assert count(wh, "SELECT count(*) FROM head_embeddings") == 6 * 4 * 4      # last 4 layers x 4 heads
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 6 * 6 * 4      # auto: all 6 layers x 4 heads
     assert count(wh, "SELECT count(DISTINCT label) FROM images") == 2
     assert count(wh, "SELECT count(*) FROM images WHERE thumbnail IS NOT NULL") == 6
     reasons = duckdb.connect(str(wh), read_only=True).execute("SELECT item, reason FROM errors ORDER BY item").fetchall()
@@ -70,14 +70,14 @@ def test_embed_folder_records_bad_files_and_resumes(tmp_path, image_folder):
     # a re-run skips the finished images: no duplicates
     r = cli("embed", "--model", "toy-shapes", "--dataset", str(image_folder), "--warehouse", str(wh), env=env)
     assert r.returncode == 0 and '"embedded": 0' in r.stdout and '"skipped_done": 6' in r.stdout
-    assert count(wh, "SELECT count(*) FROM head_embeddings") == 96
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 6 * 6 * 4
     assert count(wh, "SELECT count(*) FROM runs WHERE job = 'embed' AND status = 'ok'") == 2
 
 
 def test_embed_torch_and_onnx_backends_agree(tmp_path):
     wh = tmp_path / "w.duckdb"
     for backend in ("onnx", "torch"):
-        r = cli("embed", "--model", "toy-shapes", "--dataset", "shapes:20:seed=3", "--backend", backend,
+        r = cli("embed", "--model", "toy-shapes", "--dataset", "shapes:20:seed=3", "--backend", backend, "--layers", "last4",
                 "--warehouse", str(tmp_path / f"{backend}.duckdb"), env={"ATLAS_HOME": str(tmp_path)})
         assert r.returncode == 0, r.stderr
     q = "SELECT image_id, layer, head, vec FROM head_embeddings ORDER BY image_id, layer, head"
@@ -91,7 +91,7 @@ def test_embed_torch_and_onnx_backends_agree(tmp_path):
 def test_embed_killed_midway_loses_nothing(tmp_path):
     wh = tmp_path / "w.duckdb"
     args = [sys.executable, "-m", "etl", "embed", "--model", "toy-shapes", "--dataset", "shapes:6000:seed=1",
-            "--batch-size", "16", "--backend", "torch", "--warehouse", str(wh)]
+            "--batch-size", "16", "--backend", "torch", "--layers", "last4", "--warehouse", str(wh)]
     proc = subprocess.Popen(args, env={**ENV, "ATLAS_HOME": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     seen = 0
@@ -111,7 +111,7 @@ def test_embed_killed_midway_loses_nothing(tmp_path):
     # every committed image has all its head rows (batches are atomic)
     assert count(wh, "SELECT count(*) FROM head_embeddings") == before * 16
     r = cli("embed", "--model", "toy-shapes", "--dataset", "shapes:6000:seed=1", "--backend", "torch",
-            "--warehouse", str(wh), env={"ATLAS_HOME": str(tmp_path)})
+            "--layers", "last4", "--warehouse", str(wh), env={"ATLAS_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert f'"skipped_done": {before}' in r.stdout
     assert count(wh, "SELECT count(*) FROM image_embeddings") == 6000
@@ -169,13 +169,16 @@ def test_ablate_and_probe_jobs(tmp_path):
     assert cli("embed", "--model", "toy-shapes", "--dataset", "shapes:120:seed=2", "--warehouse", wh, env=env).returncode == 0
     r = cli("ablate", "--model", "toy-shapes", "--dataset", "shapes:120:seed=2", "--warehouse", wh, env=env)
     assert r.returncode == 0, r.stderr
-    # 7 factors x (baseline + mlps + 6 attn_upto + 16 heads)
-    assert count(wh, "SELECT count(*) FROM ablations") == 7 * (1 + 1 + 6 + 16)
+    # 7 factors x (baseline + mlps + 6 attn_upto + 24 heads: auto = all 6 layers)
+    assert count(wh, "SELECT count(*) FROM ablations") == 7 * (1 + 1 + 6 + 24)
     assert count(wh, "SELECT count(*) FROM component_means") == 1 + 6 * (2 + 4)
     r = cli("probe", "--model", "toy-shapes/bundled", "--dataset", "shapes:120:seed=2", "--warehouse", wh, env=env)
     assert r.returncode == 0, r.stderr
-    assert count(wh, "SELECT count(*) FROM probes") == 16 * 7
-    assert count(wh, "SELECT count(*) FROM probes WHERE layer NOT IN (2, 3, 4, 5)") == 0
+    assert count(wh, "SELECT count(*) FROM probes") == 24 * 7
+    assert count(wh, "SELECT count(*) FROM head_factor_variance") == 24 * 7
+    assert count(wh, "SELECT count(*) FROM head_factor_variance WHERE eta2 < 0 OR eta2 > 1") == 0
+    assert count(wh, "SELECT count(*) FROM factor_properties") == 7
+    assert count(wh, "SELECT count(*) FROM head_truth") == 24
 
 
 def test_run_builds_every_table_and_resumes(tmp_path):
@@ -183,15 +186,20 @@ def test_run_builds_every_table_and_resumes(tmp_path):
     env = {"ATLAS_HOME": str(tmp_path)}
     r = cli("run", "--model", "toy-shapes", "--dataset", "shapes:80:seed=4", "--warehouse", wh, env=env)
     assert r.returncode == 0, r.stderr
-    for table, expected in [("image_embeddings", 80), ("head_embeddings", 80 * 16), ("head_texts", 16 * 10),
-                            ("head_labels", 16), ("probes", 16 * 7), ("image_factors", 80 * 7)]:
+    for table, expected in [("image_embeddings", 80), ("head_embeddings", 80 * 24), ("head_texts", 24 * 10),
+                            ("head_labels", 24), ("probes", 24 * 7), ("image_factors", 80 * 7),
+                            ("head_factor_variance", 24 * 7), ("label_agreement", 1)]:
         assert count(wh, f"SELECT count(*) FROM {table}") == expected, table
-    assert count(wh, "SELECT count(*) FROM texts") >= 3000
-    assert count(wh, "SELECT n_heads FROM model_scores WHERE model_id = 'toy-shapes/bundled'") == 16
+    # the toy's default bank is the shapes world's own, and TextSpan used it with r capped at 32
+    from etl.textbank import world_bank
+    assert count(wh, "SELECT count(*) FROM texts WHERE bank = 'shapes'") == len(world_bank())
+    assert count(wh, "SELECT count(*) FROM head_texts WHERE bank <> 'shapes' OR r IS NULL OR r > 32") == 0
+    assert count(wh, "SELECT analysed_layers FROM models WHERE model_id = 'toy-shapes/bundled'") == list(range(6))
+    assert count(wh, "SELECT n_heads FROM model_scores WHERE model_id = 'toy-shapes/bundled'") == 24
     assert count(wh, "SELECT count(DISTINCT job) FROM runs WHERE status = 'ok'") >= 8
     # a second run finds everything done and duplicates nothing
     r = cli("run", "--model", "toy-shapes", "--dataset", "shapes:80:seed=4", "--warehouse", wh, "--skip", "ablate", env=env)
     assert r.returncode == 0, r.stderr
     assert '"skipped_done": 80' in r.stdout
-    assert count(wh, "SELECT count(*) FROM head_embeddings") == 80 * 16
-    assert count(wh, "SELECT count(*) FROM head_texts") == 16 * 10
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 80 * 24
+    assert count(wh, "SELECT count(*) FROM head_texts") == 24 * 10

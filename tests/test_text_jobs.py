@@ -17,7 +17,6 @@ from etl.textspan import textspan_literal
 from tests.model_fixtures import register_tiny_configs
 from tests.test_labelers import KEY, FakeEndpoint
 
-SHARED_BANKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text_banks"
 MODEL = "atlas-test-tiny/random-seed0"          # 3 layers x 4 heads, d = 24
 N_HEADS = 12
 
@@ -116,8 +115,8 @@ def test_texts_job_loads_and_embeds_the_atlas_bank_once(wh, capsys):
     assert one(wh, "SELECT count(*) FROM runs WHERE job = 'texts' AND status = 'ok'") == 2
 
 
-def test_texts_job_takes_a_users_text_file(wh, capsys, tmp_path):
-    src = SHARED_BANKS / "image_descriptions_general.txt"
+def test_texts_job_takes_a_users_text_file(wh, capsys, tmp_path, user_text_files):
+    src = user_text_files["descriptions.txt"]
     expected = [t for t, _ in read_text_file(src)]
     out = job(capsys, "texts", "--model", MODEL, "--text-file", src, "--bank-name", "general", "--warehouse", wh)
     assert out["bank"] == "general" and out["texts"] == len(expected) == out["embedded"]
@@ -136,7 +135,7 @@ def test_texts_job_takes_a_users_text_file(wh, capsys, tmp_path):
     # bad inputs: clear errors, a failed run row
     assert "does not exist" in job_error(capsys, "texts", "--text-file", tmp_path / "nope.txt", "--warehouse", wh)
     assert "not in the warehouse" in job_error(capsys, "texts", "--model", "nope/none", "--warehouse", wh)
-    assert "product's own bank" in job_error(capsys, "texts", "--text-file", f, "--bank-name", "atlas",
+    assert "bank of the product's own" in job_error(capsys, "texts", "--text-file", f, "--bank-name", "atlas",
                                              "--warehouse", wh)
     assert one(wh, "SELECT count(*) FROM runs WHERE job = 'texts' AND status = 'failed'") == 1
 
@@ -173,8 +172,8 @@ def test_textspan_job_matches_the_literal_algorithm_and_resumes(wht, capsys):
     assert job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)["heads_written"] == 0
 
 
-def test_textspan_job_refuses_to_mix_banks_without_force(wht, capsys):
-    job(capsys, "texts", "--model", MODEL, "--warehouse", wht, "--text-file", SHARED_BANKS / "google_3498_english.txt",
+def test_textspan_job_refuses_to_mix_banks_without_force(wht, capsys, user_text_files):
+    job(capsys, "texts", "--model", MODEL, "--warehouse", wht, "--text-file", user_text_files["words.txt"],
         "--bank-name", "words")
     job(capsys, "textspan", "--model", MODEL, "--warehouse", wht, "-k", "5")
     job(capsys, "label", "--model", MODEL, "--warehouse", wht)
@@ -205,18 +204,20 @@ def test_label_and_judge_offline_end_to_end(wht, capsys):
                                         "FROM head_texts h JOIN texts t USING (text_id)"):
         shares[(layer, head)][prop] += var
         totals[(layer, head)] += var
-    for layer, head, prop, conf, labeler, ph in q(wht, "SELECT layer, head, property, confidence, labeler, "
-                                                      "prompt_hash FROM head_labels"):
+    for layer, head, prop, conf, labeler, ph, p in q(wht, "SELECT layer, head, property, confidence, labeler, "
+                                                         "prompt_hash, p_value FROM head_labels"):
         best = max(shares[(layer, head)].values()) / totals[(layer, head)]
         assert conf == pytest.approx(best)
-        assert prop == (MIXED if best < 0.5 else max(shares[(layer, head)], key=shares[(layer, head)].get))
+        assert 0 < p <= 1                          # the shuffled-tag null's p-value is stored
+        significant = best >= 0.5 and p <= 0.2
+        assert prop == (max(shares[(layer, head)], key=shares[(layer, head)].get) if significant else MIXED)
         assert labeler == "offline" and ph
     assert job(capsys, "label", "--model", MODEL, "--warehouse", wht)["heads_skipped"] == N_HEADS
     if one(wht, "SELECT count(*) FROM head_labels WHERE property = 'mixed'") == N_HEADS:
         out = job(capsys, "judge", "--model", MODEL, "--warehouse", wht)     # nothing to judge is no error
         assert (out["judged"], out["mixed_heads"]) == (0, N_HEADS)
     # a random model's heads are mostly 'mixed' at 0.5; a low threshold (a new prompt hash) relabels them all
-    out = job(capsys, "label", "--model", MODEL, "--warehouse", wht, "--threshold", "0.01")
+    out = job(capsys, "label", "--model", MODEL, "--warehouse", wht, "--threshold", "0.01", "--alpha", "1")
     assert out["heads_labelled"] == N_HEADS and MIXED not in out["labels"]
     out = job(capsys, "judge", "--model", MODEL, "--warehouse", wht)
     n_labelled = one(wht, "SELECT count(*) FROM head_labels WHERE property <> 'mixed'")

@@ -12,7 +12,6 @@ from etl import shapes
 from etl.textbank import (PROPERTIES, WORLD_FACTOR_PROPERTIES, TextFileError, UnknownTagWarning,
                           atlas_bank, read_text_file, text_id, unknown_tags)
 
-SHARED_BANKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text_banks"
 
 # The properties issue 4 asks for (the bank adds 'positions', split from shapes).
 REQUIRED = ["colors", "locations", "animals", "objects", "textures", "materials", "art styles",
@@ -110,15 +109,15 @@ def test_read_text_file_with_tags_blank_lines_and_unknown_tags(tmp_path):
     assert unknown_tags(items) == Counter({"colourz": 1})
 
 
-def test_read_text_file_on_the_public_banks():
-    for name in ("image_descriptions_general.txt", "google_3498_english.txt"):
-        path = SHARED_BANKS / name
-        lines = [" ".join(line.split()) for line in path.read_text(encoding="utf-8").splitlines()]
+def test_read_text_file_on_users_banks(user_text_files):
+    for name, at_least in (("descriptions.txt", 3000), ("words.txt", 500)):
+        path = user_text_files[name]
+        lines = [" ".join(line.split()) for line in path.read_text(encoding="utf-8-sig").splitlines()]
         expected = list(dict.fromkeys(line for line in lines if line))
         items = read_text_file(path)
         assert [t for t, _ in items] == expected
         assert all(tag is None for _, tag in items)
-        assert len(items) > 3000
+        assert len(items) > at_least
 
 
 def test_read_text_file_errors_say_what_was_wrong(tmp_path):

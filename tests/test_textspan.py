@@ -149,3 +149,30 @@ def test_benchmark_runs_and_agrees_with_the_literal_on_a_small_size():
     assert out["same_texts_as_literal"] is True
     assert out["speedup"] > 0 and out["textspan_s"] > 0
     assert out["literal_heads_timed"] == 1
+
+
+def test_rank_deficient_heads_are_capped_at_their_rank():
+    """A head of rank 12 in d = 48 (like a head of dimension d_head < d): r = 80 is capped at 12,
+    and the picks then match the float64 literal algorithm capped the same way."""
+    rng = np.random.default_rng(21)
+    n, d, q = 600, 48, 12
+    F = rng.normal(size=(q, d))
+    C = (rng.normal(size=(n, q)) * np.geomspace(1, 0.05, q) + rng.normal(size=q)) @ F   # mean in the row space
+    C = C.astype(np.float32)                     # stored as float32: the tail is rounding noise
+    T = make_texts(M=300, d=d, seed=22).astype(np.float32)
+    idx, var, r_used = textspan_heads(C[:, None], T, k=8, r=80, with_rank=True)
+    assert r_used.tolist() == [q]
+    lit_idx, lit_var, _ = literal_textspan(C.astype(np.float64), T, 8, q)
+    np.testing.assert_array_equal(idx[0], lit_idx)
+    np.testing.assert_allclose(var[0], lit_var, atol=1e-7, rtol=0)
+    # max_rank (the head dimension) caps it further, and k may not exceed it
+    assert textspan_heads(C[:, None], T, k=4, r=80, max_rank=6, with_rank=True)[2].tolist() == [6]
+    with pytest.raises(ValueError, match="numerical rank 6 < k = 8"):
+        textspan_heads(C[:, None], T, k=8, r=80, max_rank=6)
+
+
+def test_exact_ties_go_to_the_lowest_text_row():
+    C, T = make_heads(H=1, seed=31), make_texts(seed=32)
+    best = textspan_heads(C, T, k=1, r=24)[0][0, 0]
+    dup = np.concatenate([T[:2], T[best:best + 1], T])     # the winner at row 2 and again at row best + 3
+    assert textspan_heads(C, dup, k=1, r=24)[0][0, 0] == 2

@@ -314,7 +314,70 @@ def probes(path, model_id: str) -> pd.DataFrame:
     """
     return _df(path, """
         SELECT p.dataset_id, p.layer, p.head, p.factor, p.accuracy, p.chance,
-               p.accuracy - p.chance AS above_chance, coalesce(hl.property, 'unlabelled') AS property
+               p.accuracy - p.chance AS above_chance, coalesce(hl.property, 'unlabelled') AS property,
+               v.eta2, t.true_factor
         FROM probes p
         LEFT JOIN head_labels hl ON hl.model_id = p.model_id AND hl.layer = p.layer AND hl.head = p.head
+        LEFT JOIN head_factor_variance v ON v.model_id = p.model_id AND v.dataset_id = p.dataset_id
+              AND v.layer = p.layer AND v.head = p.head AND v.factor = p.factor
+        LEFT JOIN head_truth t ON t.model_id = p.model_id AND t.dataset_id = p.dataset_id
+              AND t.layer = p.layer AND t.head = p.head
         WHERE p.model_id = $m ORDER BY p.dataset_id, p.layer, p.head, p.factor""", {"m": model_id})
+
+
+# --------------------------------------------------------------------------- ground truth
+
+def label_agreement(path) -> pd.DataFrame:
+    """The `label_agreement` view (one row per model and shapes dataset)."""
+    return _df(path, "SELECT * FROM label_agreement ORDER BY model_id, dataset_id")
+
+
+def head_label_truth(path, model_id: str) -> pd.DataFrame:
+    """The `head_label_truth` view for one model: per head and dataset, the label, the true
+    factor (NULL when unspecialised), top_factor, top_eta2, label_right, label_false."""
+    return _df(path, "SELECT * FROM head_label_truth WHERE model_id = $m ORDER BY dataset_id, layer, head",
+               {"m": model_id})
+
+
+def model_study(path) -> pd.DataFrame:
+    """One row per model, smallest first: its size and its scores with 95 % intervals.
+
+    association / entanglement: mean over labelled heads +- 1.96 standard errors (lo, hi);
+    agreement (right / specialised) and false_label_rate (false / unspecialised) on each
+    shapes dataset with Wilson score intervals. Columns: model_id, source, layers, width,
+    heads, n_heads, association, association_lo, association_hi, entanglement,
+    entanglement_lo, entanglement_hi, dataset_id, n_specialised, n_right, agreement,
+    agreement_lo, agreement_hi, n_unspecialised, n_false, false_label_rate, false_lo, false_hi.
+    """
+    return _df(path, """
+        WITH scores AS (
+            SELECT model_id, count(*) AS n_heads,
+                   avg(association) AS association, stddev_samp(association) / sqrt(count(*)) AS a_se,
+                   avg(entanglement) AS entanglement, stddev_samp(entanglement) / sqrt(count(*)) AS e_se
+            FROM head_scores WHERE property IS NOT NULL GROUP BY model_id
+        ),
+        wilson AS (
+            SELECT *, 1.96 AS z,
+                   CAST(n_right AS DOUBLE) / nullif(n_specialised, 0) AS p1,
+                   CAST(n_false AS DOUBLE) / nullif(n_unspecialised, 0) AS p2
+            FROM label_agreement
+        )
+        SELECT m.model_id, m.source, m.layers, m.width, m.heads, s.n_heads,
+               s.association, s.association - 1.96 * s.a_se AS association_lo,
+               s.association + 1.96 * s.a_se AS association_hi,
+               s.entanglement, s.entanglement - 1.96 * s.e_se AS entanglement_lo,
+               s.entanglement + 1.96 * s.e_se AS entanglement_hi,
+               w.dataset_id, w.n_specialised, w.n_right, w.p1 AS agreement,
+               (w.p1 + z*z/(2*w.n_specialised) - z*sqrt(w.p1*(1-w.p1)/w.n_specialised + z*z/(4*w.n_specialised*w.n_specialised)))
+                   / (1 + z*z/w.n_specialised) AS agreement_lo,
+               (w.p1 + z*z/(2*w.n_specialised) + z*sqrt(w.p1*(1-w.p1)/w.n_specialised + z*z/(4*w.n_specialised*w.n_specialised)))
+                   / (1 + z*z/w.n_specialised) AS agreement_hi,
+               w.n_unspecialised, w.n_false, w.p2 AS false_label_rate,
+               (w.p2 + z*z/(2*w.n_unspecialised) - z*sqrt(w.p2*(1-w.p2)/w.n_unspecialised + z*z/(4*w.n_unspecialised*w.n_unspecialised)))
+                   / (1 + z*z/w.n_unspecialised) AS false_lo,
+               (w.p2 + z*z/(2*w.n_unspecialised) + z*sqrt(w.p2*(1-w.p2)/w.n_unspecialised + z*z/(4*w.n_unspecialised*w.n_unspecialised)))
+                   / (1 + z*z/w.n_unspecialised) AS false_hi
+        FROM models m
+        JOIN scores s USING (model_id)
+        LEFT JOIN wilson w USING (model_id)
+        ORDER BY m.layers * m.width * m.width, m.model_id, w.dataset_id""")

@@ -103,10 +103,60 @@ else:
               .encode(x=alt.X("factor:N"), y=y,
                       color=alt.Color("above_chance:Q", title="accuracy - chance",
                                       scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)),
-                      tooltip=["head_name", "factor", "accuracy", "chance", "property"])
+                      tooltip=["head_name", "factor", "accuracy", "chance", "eta2", "property", "true_factor"])
               .properties(title="held-out probe accuracy above chance", width=60 * p.factor.nunique(), height=height))
+    p["label_truth"] = [f"{lab} · {tf}" if isinstance(tf, str) else lab
+                        for lab, tf in zip(p["property"], p["true_factor"])]
     labels = (alt.Chart(p.drop_duplicates("head_name")).mark_text(align="left", fontSize=12, color="#222")
-              .encode(y=alt.Y("head_name:N", sort=order, axis=None), text="property:N")
-              .properties(title="label", width=110, height=height))
+              .encode(y=alt.Y("head_name:N", sort=order, axis=None), text="label_truth:N")
+              .properties(title="label · true factor", width=170, height=height))
     st.altair_chart(alt.hconcat(matrix, labels), key="chart_probes")
     w.csv_download(p, f"probes_{model_id.replace('/', '_')}", key="dl_probes")
+
+# --------------------------------------------------------------------------- ground truth
+st.header("Labels against the known factors")
+st.caption("On the shapes world every image factor is known (MATH.md §7): a head is *specialised* in a factor "
+           "when the factor's class means explain >= 40 % of its variance (eta²) and >= 3x any other factor. "
+           "Agreement = specialised heads whose label is their factor's property; a false label = an "
+           "unspecialised head labelled with a property no factor with eta² >= 0.2 carries. Views "
+           "`head_truth`, `head_label_truth`, `label_agreement`.")
+agree = q(queries.label_agreement)
+if agree.empty:
+    st.info("No ground truth yet: run `python -m etl probe --model ... --dataset shapes:N:seed=S` on a labelled model.")
+else:
+    st.dataframe(agree, hide_index=True, width="stretch")
+    w.csv_download(agree, "label_agreement", key="dl_agreement")
+    study = q(queries.model_study)
+    study = study[study.dataset_id.notna()]
+    if not study.empty:
+        order = list(dict.fromkeys(study.model_id))
+        x = alt.X("model_id:N", sort=order, title=None, axis=alt.Axis(labelAngle=-20, labelLimit=260))
+        colour = alt.Color("model_id:N", sort=order, legend=None, scale=alt.Scale(scheme="tableau10"))
+        charts = []
+        for col, title in (("agreement", "label agreement (specialised heads)"),
+                           ("false_label_rate", "false labels (unspecialised heads)"),
+                           ("association", "association"), ("entanglement", "entanglement")):
+            lo, hi = ({"false_label_rate": "false"}.get(col, col) + "_lo", {"false_label_rate": "false"}.get(col, col) + "_hi")
+            base = alt.Chart(study).encode(x=x)
+            charts.append((base.mark_point(filled=True, size=70).encode(
+                               y=alt.Y(f"{col}:Q", scale=alt.Scale(domain=[0, 1]), title=None), color=colour,
+                               tooltip=["model_id", "dataset_id", col, lo, hi])
+                           + base.mark_rule().encode(y=f"{lo}:Q", y2=f"{hi}:Q", color=colour))
+                          .properties(title=title, width=60 * len(order) + 40, height=200))
+        st.altair_chart(alt.hconcat(*charts), key="chart_study")
+        st.caption("Models ordered by image-tower size (layers x width²); bars: 95 % intervals (Wilson for the "
+                   "rates, mean +- 1.96 SE over heads for the scores).")
+        w.csv_download(study, "model_study", key="dl_study")
+    truth = q(queries.head_label_truth, model_id)
+    if not truth.empty:
+        ds = st.selectbox("Shapes dataset", sorted(truth.dataset_id.unique()), key="truth_ds")
+        t = truth[truth.dataset_id == ds].copy()
+        t["true"] = t.true_factor.fillna("(unspecialised)")
+        conf = t.groupby(["label", "true"]).size().reset_index(name="heads")
+        base = alt.Chart(conf).encode(x=alt.X("true:N", title="true factor"), y=alt.Y("label:N", title="label"))
+        st.altair_chart((base.mark_rect().encode(color=alt.Color("heads:Q", scale=alt.Scale(scheme="blues")),
+                                                 tooltip=["label", "true", "heads"])
+                         + base.mark_text(fontSize=12).encode(text="heads:Q"))
+                        .properties(title=f"label x true factor, {model_id}", width=70 * conf.true.nunique(),
+                                    height=28 * conf.label.nunique()), key="chart_confusion")
+        w.csv_download(t, f"head_label_truth_{model_id.replace('/', '_')}", key="dl_truth")

@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests use only data the product ships or generates: a user's clone has no
+../shared, so "a user's own text file" is written here from the product's vocabularies."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def user_text_files(tmp_path_factory) -> dict[str, Path]:
+    """Two untagged user banks, written the way users' files look (blank lines, repeated lines,
+    stray whitespace, a UTF-8 BOM):
+
+    - ``descriptions.txt``: every text of the product's atlas bank (3,900+ short image
+      descriptions), one per line, untagged;
+    - ``words.txt``: every distinct word of the atlas bank, one per line.
+    Returns {name: path}.
+    """
+    from etl.textbank import atlas_bank
+    root = tmp_path_factory.mktemp("user_banks")
+    texts = [t for t, _ in atlas_bank()]
+    lines = []
+    for i, t in enumerate(texts):
+        lines.append(f"  {t}\t" if i % 97 == 0 else t.replace(" ", "  ") if i % 89 == 0 else t)
+        if i % 211 == 0:
+            lines += ["", t]                      # blank line and a repeat
+    desc = root / "descriptions.txt"
+    desc.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    words = list(dict.fromkeys(w.strip(",.") for t in texts for w in t.split()))
+    words_file = root / "words.txt"
+    words_file.write_text("\n".join(words) + "\n", encoding="utf-8")
+    return {"descriptions.txt": desc, "words.txt": words_file}
