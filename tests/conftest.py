@@ -31,3 +31,18 @@ def user_text_files(tmp_path_factory) -> dict[str, Path]:
     words_file = root / "words.txt"
     words_file.write_text("\n".join(words) + "\n", encoding="utf-8")
     return {"descriptions.txt": desc, "words.txt": words_file}
+
+
+@pytest.fixture(scope="session")
+def toy_warehouse(tmp_path_factory) -> Path:
+    """The `run` job (every step but ablate) on the bundled toy model and 300 scenes of a world
+    seed that training never used: a small demo warehouse built by the product's own jobs."""
+    from etl.cli import main
+    tmp = tmp_path_factory.mktemp("toywh")
+    wh = tmp / "w.duckdb"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATLAS_HOME", str(tmp))
+        mp.setenv("ATLAS_NO_PROGRESS", "1")
+        assert main(["run", "--model", "toy-shapes", "--dataset", "shapes:300:seed=13", "--warehouse", str(wh),
+                     "--skip", "ablate"]) == 0
+    return wh

@@ -47,7 +47,7 @@ def wh(tmp_path_factory):
                          for i in range(30) for l in range(2) for h in range(2)])
         con.execute("INSERT INTO properties VALUES ('colors', NULL), ('animals', NULL)")
         con.execute("""INSERT INTO texts VALUES ('t1', 'atlas', 'a red circle', 'colors'),
-                       ('t2', 'atlas', 'a dog on the grass', 'animals'), ('t3', 'atlas', 'blue paint', 'colors')""")
+                       ('t2', 'atlas', 'a dog on a grass background', 'animals'), ('t3', 'atlas', 'blue paint', 'colors')""")
         con.execute(f"""INSERT INTO head_texts (model_id, layer, head, rank, text_id, variance_explained) VALUES
                        ('{MODEL}', 3, 0, 0, 't1', 0.3), ('{MODEL}', 3, 0, 1, 't3', 0.2),
                        ('{MODEL}', 3, 1, 0, 't2', 0.4), ('{MODEL}', 3, 1, 1, 't1', 0.1)""")
@@ -283,8 +283,8 @@ def test_every_example_query_runs(wh):
     assert len(EXAMPLE_QUERIES) >= 5
     colour = results["Colour heads of every model"]
     assert colour["head_name"].tolist() == ["L3.H0"] and colour["association"].tolist() == [1.0]
-    dog = results["Heads whose first text mentions a dog"]
-    assert dog["head_name"].tolist() == ["L3.H1"] and dog["text"].tolist() == ["a dog on the grass"]
+    bg = results["Heads whose first text mentions a background"]
+    assert bg["head_name"].tolist() == ["L3.H1"] and bg["text"].tolist() == ["a dog on a grass background"]
     top = results["Top images of a head for a text (clip_text)"]
     assert len(top) == 8 and top["head_name"].unique().tolist() == ["L3.H0"]
     assert top["share"].is_monotonic_decreasing

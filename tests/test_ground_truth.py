@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from etl import shapes
-from etl.cli import main
 from etl.labelers import MIXED, HeadText, OfflineLabeler
 from etl.probe import factor_variance
 from etl.textbank import PROPERTIES, WORLD_FACTOR_PROPERTIES, world_bank, world_texts
@@ -172,19 +171,6 @@ def test_truth_views_count_right_and_false_labels(tmp_path):
 
 
 # --------------------------------------------------------------------------- a real toy warehouse
-
-@pytest.fixture(scope="module")
-def toy_warehouse(tmp_path_factory):
-    """The `run` job on the bundled toy model and 300 scenes of a world seed training never used."""
-    tmp = tmp_path_factory.mktemp("toywh")
-    wh = tmp / "w.duckdb"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATLAS_HOME", str(tmp))
-        mp.setenv("ATLAS_NO_PROGRESS", "1")
-        assert main(["run", "--model", "toy-shapes", "--dataset", "shapes:300:seed=13", "--warehouse", str(wh),
-                     "--skip", "ablate"]) == 0
-    return wh
-
 
 def test_stored_textspan_is_what_a_float64_literal_picks(toy_warehouse):
     """MATH.md §3 literally, in float64 numpy, from the warehouse's own head and text embeddings

@@ -385,11 +385,22 @@ SELECT model_id, head_name, association, entanglement, confidence, top_text
 FROM head_scores
 WHERE property = 'colors'
 ORDER BY association DESC, model_id, layer, head;""",
-    "Heads whose first text mentions a dog": """\
+    "Heads whose first text mentions a background": """\
 SELECT h.model_id, 'L' || h.layer || '.H' || h.head AS head_name, t.text, h.variance_explained
 FROM head_texts h JOIN texts t USING (text_id)
-WHERE h.rank = 0 AND t.text ILIKE '%dog%'
+WHERE h.rank = 0 AND t.text ILIKE '%background%'
 ORDER BY h.model_id, h.layer, h.head;""",
+    "Labels against the known factors (shapes world)": """\
+-- per model: specialised heads (one factor explains >= 40 % of the head's variance and
+-- >= 3x any other), how many carry the matching label, and false labels on the others
+SELECT model_id, dataset_id, n_specialised, n_right, agreement, n_unspecialised, n_false, false_label_rate
+FROM label_agreement
+ORDER BY model_id, dataset_id;""",
+    "Each head's true factor beside its label": """\
+SELECT model_id, head_name, top_factor, round(top_eta2, 3) AS eta2, specialised, label,
+       round(confidence, 2) AS confidence, round(p_value, 4) AS p_value, label_right, label_false
+FROM head_label_truth
+ORDER BY model_id, layer, head;""",
     "Top images of a head for a text (clip_text)": """\
 -- the 8 images that head 0 of the last analysed layer of the first model pushes most
 -- towards a text. clip_text(model_id, text) embeds the text with that model's text tower;
