@@ -79,10 +79,10 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     path = warehouse_path(args)
-    row = model_row_or_fail(path, args.model) if args.model else None
-    bank, items, unknown = read_bank(args, row["arch"] if row else None)
-    params = {"bank": bank, "text_file": args.text_file, "model_id": args.model, "n_texts": len(items)}
+    params = {"bank": args.bank, "text_file": args.text_file, "model_id": args.model}
     with run_record(path, "texts", params) as run_id:
+        row = model_row_or_fail(path, args.model) if args.model else None
+        bank, items, unknown = read_bank(args, row["arch"] if row else None)
         ids = [text_id(bank, t) for t, _ in items]
         props = pa.table({"property": list(PROPERTIES), "description": list(PROPERTIES.values())})
         text_rows = pa.table({"text_id": ids, "bank": [bank] * len(ids), "text": [t for t, _ in items],
