@@ -139,6 +139,7 @@ def test_texts_job_takes_a_users_text_file(wh, capsys, tmp_path, user_text_files
                                              "--warehouse", wh)
     assert one(wh, "SELECT count(*) FROM runs WHERE job = 'texts' AND status = 'failed'") == 3   # each attempt
 
+
 def _head_matrix(wh, layer, head):
     rows = q(wh, "SELECT vec FROM head_embeddings WHERE model_id = ? AND layer = ? AND head = ? ORDER BY image_id",
              [MODEL, layer, head])
