@@ -20,12 +20,13 @@ WAREHOUSE ?= $(ATLAS_HOME)/warehouse.duckdb
 MODEL_FLAGS := --model $(MODEL) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 DATA_FLAGS := $(if $(IMAGES),--dataset $(IMAGES),--dataset $(DATASET) --dataset skimage)
 
-.PHONY: setup demo etl dashboard test test-fast bench browser-deps clean help
+.PHONY: setup demo etl zoo dashboard test test-fast bench browser-deps clean help
 
 help:
 	@echo "make demo     set up, build the default warehouse (the toy zoo + shapes world + scikit-image photos), serve the dashboard"
 	@echo "make test     set up and run the test suite (installs Debian's chromium for the browser test)"
 	@echo "make bench    benchmarks (decomposition, shapes world, TextSpan, warehouse, dashboard)"
+	@echo "make zoo      retrain the toy zoo by its recipe (CPU, hours; resumable)"
 	@echo "make dashboard PORT=8501 ATLAS_HOME=var"
 	@echo "make demo MODEL=ViT-B-16 PRETRAINED=laion2b_s34b_b88k IMAGES=path/to/images/"
 
@@ -48,6 +49,13 @@ endif
 
 demo: etl dashboard
 
+# Retrain the shipped zoo by its recipe (CPU, resumable: re-run after an interruption).
+zoo: setup
+	$(PY) -m etl train-zoo --model toy-shapes-small --seed 0
+	$(PY) -m etl train-zoo --model toy-shapes-small-seed1 --seed 1
+	$(PY) -m etl train-zoo --model toy-shapes --seed 0
+	$(PY) -m etl train-zoo --model toy-shapes-large --seed 0
+
 dashboard: setup
 	ATLAS_WAREHOUSE=$(WAREHOUSE) $(PY) -m streamlit run dashboard/app.py --server.port $(PORT) \
 		--server.headless true --browser.gatherUsageStats false
@@ -61,7 +69,7 @@ test: setup browser-deps
 	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q
 
 test-fast: setup
-	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q -m "not browser"
+	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q -m "not browser and not slow"
 
 bench: setup
 	$(PY) -m etl bench

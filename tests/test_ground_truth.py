@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import duckdb
 import numpy as np
 import pytest
 
@@ -13,14 +12,7 @@ from etl import shapes
 from etl.labelers import MIXED, HeadText, OfflineLabeler
 from etl.probe import factor_variance
 from etl.textbank import PROPERTIES, WORLD_FACTOR_PROPERTIES, world_bank, world_texts
-
-
-def q(path, sql, params=()):
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+from tests.test_text_jobs import q
 
 
 # --------------------------------------------------------------------------- eta2
