@@ -8,9 +8,10 @@ export ATLAS_HOME
 PORT ?= 8501
 MODEL ?=
 # The toy zoo `make etl` builds when no MODEL is given: three sizes trained by one recipe, a second
-# seed of the small one, and a random-init control of the middle size. The dashboard opens on the
-# last trained model built (toy-shapes).
-ZOO := toy-shapes-small toy-shapes-small-seed1 toy-shapes-large toy-shapes
+# seed of the small one (every models/toy config with shipped weights), and a random-init control of
+# the middle size. toy-shapes is built last: the dashboard opens on the last trained model built.
+TRAINED := $(basename $(notdir $(wildcard models/toy/*.safetensors)))
+ZOO := $(filter-out toy-shapes,$(TRAINED)) $(filter toy-shapes,$(TRAINED))
 PRETRAINED ?=
 CHECKPOINT ?=
 IMAGES ?=
