@@ -35,24 +35,48 @@ import openai
 from etl.textbank import PROPERTIES
 
 __all__ = [
-    "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_ALPHA", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
+    "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
 
 MIXED = "mixed"
-OFFLINE_THRESHOLD = 0.5          # below this winning weight share a head is 'mixed'
-OFFLINE_ALPHA = 0.2              # ... or when shuffled tags reach its share this often (p-value)
+OFFLINE_THRESHOLD = 0.4          # below this winning (voting) variance share a head is 'mixed'
+OFFLINE_ALPHA = 0.6              # ... or when shuffled tags reach its share this often (p-value)
 OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 1/4001)
-OFFLINE_VERSION = "offline-v2"
+OFFLINE_AGREEMENT = 0.2          # a text votes when the rest of the model reads it as the head does
+OFFLINE_VERSION = "offline-v3"
 
 
 @dataclass(frozen=True)
 class HeadText:
     """One TextSpan text of a head: its text, its property tag (None if untagged), its
-    variance_explained (fraction of the head's variance)."""
+    variance_explained (fraction of the head's variance), and ``agreement``: how the rest of
+    the model reads the text the way the head does (``model_agreement``; None: not checked)."""
     text: str
     tag: str | None
     variance: float
+    agreement: float | None = None
+
+
+def model_agreement(head: np.ndarray, image: np.ndarray, texts: np.ndarray, alternatives: np.ndarray) -> np.ndarray:
+    """Does the rest of the model read each text the way the head does?
+
+    head [n, d]: the head's embeddings c[l,h] of n images; image [n, d]: the unit image
+    embeddings z (so z - c[l,h] is the rest of the model); texts [k, d]: the head's TextSpan
+    texts; alternatives [k, d]: for each text, the mean embedding of its property's texts.
+    With q = text - alternative (the text against the other values of its property), the
+    head's preference is b = c q and the rest's r = (z - c) q; returns Pearson corr(b, r)
+    over the images, float64 [k] (0 where either side is constant).
+    A head that tracks a property's values moves with the model's own reading of them; a head
+    whose variance merely lies along a text's direction for another reason does not.
+    """
+    q = np.asarray(texts, np.float64) - np.asarray(alternatives, np.float64)           # [k, d]
+    b = np.asarray(head, np.float64) @ q.T                                             # [n, k]
+    r = np.asarray(image, np.float64) @ q.T - b                                        # [n, k]
+    b = b - b.mean(0)
+    r = r - r.mean(0)
+    den = np.sqrt((b * b).sum(0) * (r * r).sum(0))
+    return np.where(den > 0, (b * r).sum(0) / np.where(den > 0, den, 1.0), 0.0)
 
 
 @dataclass(frozen=True)
@@ -141,20 +165,23 @@ def normalise_property(answer: str, vocabulary: Iterable[str]) -> str | None:
 # --------------------------------------------------------------------------- offline
 
 class OfflineLabeler:
-    """Label = the property tag carrying the largest share of the head's variance, when that
-    share beats chance.
+    """Label = the property tag carrying the largest share of the head's variance, when the
+    evidence beats chance (MATH.md §4).
 
-    Untagged texts and tags outside the vocabulary count in the total but vote for nothing,
-    so they pull a head towards 'mixed'. Ties go to the tag of the better-ranked text. The
-    confidence is the winning share.
+    Evidence. A text votes for its tag only when the rest of the model reads it as the head
+    does: ``HeadText.agreement`` (``model_agreement``, a correlation over the images) >=
+    ``agreement_min``; unchecked texts (agreement None) vote as they are. Untagged texts,
+    tags outside the vocabulary and texts that fail the check count in the total but vote
+    for nothing, so they pull a head towards 'mixed'. Ties go to the tag of the better-ranked
+    text. The confidence is the winning share s*.
 
-    Abstention (MATH.md §4): the winning share s* is compared with a null in which the tags
-    are shuffled over the bank: the head's k texts keep their variances, but their tags are
-    those of k texts drawn without replacement from the bank (``bank_tags``), ``permutations``
-    times (seeded, so labels are reproducible). p = (1 + #{null max share >= s*}) / (1 + N).
-    The head is labelled when p <= ``alpha`` and s* >= ``threshold``; otherwise 'mixed'. A
-    head whose variance sits in one text cannot beat the null by that text alone: k texts
-    that agree can. Without ``bank_tags`` only the threshold applies (p-value None).
+    Chance. s* is compared with a null in which the tags are shuffled over the bank: the
+    head's k texts keep their variances (and their checks), but their tags are those of k
+    texts drawn without replacement from the bank (``bank_tags``), ``permutations`` times
+    (seeded, so labels are reproducible). p = (1 + #{null max share >= s*}) / (1 + N).
+    The head is labelled when s* >= ``threshold`` and p <= ``alpha``; otherwise 'mixed'. A
+    head whose variance sits in one text cannot pass on that text alone. Without
+    ``bank_tags`` only the threshold applies (p-value None).
     """
 
     name = "offline"
@@ -162,7 +189,8 @@ class OfflineLabeler:
 
     def __init__(self, vocabulary: Iterable[str] = tuple(PROPERTIES), threshold: float = OFFLINE_THRESHOLD,
                  bank_tags: Iterable[str | None] | None = None, alpha: float = OFFLINE_ALPHA,
-                 permutations: int = OFFLINE_PERMUTATIONS, seed: int = 0):
+                 permutations: int = OFFLINE_PERMUTATIONS, seed: int = 0,
+                 agreement_min: float = OFFLINE_AGREEMENT):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"the offline threshold is a share of variance in (0, 1], got {threshold}")
         if not 0.0 < alpha <= 1.0:
@@ -174,6 +202,7 @@ class OfflineLabeler:
         self.alpha = float(alpha)
         self.permutations = int(permutations)
         self.seed = int(seed)
+        self.agreement_min = float(agreement_min)
         self._codes = {p: i for i, p in enumerate(self.vocabulary)}
         self._bank = None
         if bank_tags is not None:
@@ -182,7 +211,7 @@ class OfflineLabeler:
                 raise ValueError("bank_tags is empty: give the tags of the bank the head's texts come from")
         self._draws: dict[int, np.ndarray] = {}
         null = f";alpha={self.alpha};n={self.permutations};seed={self.seed}" if self._bank is not None else ""
-        self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold}{null}")
+        self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold};agreement={self.agreement_min}{null}")
 
     def _null_tags(self, k: int) -> np.ndarray:
         """int [N, k]: tag codes of k bank texts drawn without replacement, N times (cached)."""
@@ -195,10 +224,17 @@ class OfflineLabeler:
             self._draws[k] = self._bank[np.argpartition(keys, k - 1, axis=1)[:, :k]]
         return self._draws[k]
 
-    def p_value(self, weights: np.ndarray, share: float) -> float:
-        """P(null max share >= share) for texts of these variance weights [k] (see class doc)."""
+    def votes(self, ht: HeadText) -> bool:
+        """Does this text vote for its tag (passed the model-agreement check, or unchecked)?"""
+        return ht.agreement is None or ht.agreement >= self.agreement_min
+
+    def p_value(self, weights: np.ndarray, share: float, voting: np.ndarray | None = None) -> float:
+        """P(null max share >= share) for texts of these variance weights [k], of which only
+        ``voting`` (bool [k], default all) vote (see class doc)."""
         codes = self._null_tags(len(weights))                                       # [N, k]
         w = weights / weights.sum()
+        if voting is not None:
+            w = w * voting
         P = len(self.vocabulary)
         onehot = codes[:, :, None] == np.arange(P)[None, None, :]                   # [N, k, P]
         null = (onehot * w[None, :, None]).sum(1).max(1)                            # [N]
@@ -213,20 +249,25 @@ class OfflineLabeler:
         for rank, ht in enumerate(head_texts):
             w = max(float(ht.variance), 0.0)
             total += w
-            if ht.tag in self.vocabulary:
+            if ht.tag in self.vocabulary and self.votes(ht):
                 weight[ht.tag] += w
                 first_rank.setdefault(ht.tag, rank)
         shares = {p: (w / total if total > 0 else 0.0) for p, w in weight.items()}
         raw = {"version": OFFLINE_VERSION, "threshold": self.threshold,
                "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1]))}
-        if not shares:
-            return Label(MIXED, 0.0, self.name, self.prompt_hash, json.dumps(raw))
+        if any(ht.agreement is not None for ht in head_texts):
+            raw.update(agreement_min=self.agreement_min,
+                       agreement=[None if ht.agreement is None else round(float(ht.agreement), 4)
+                                  for ht in head_texts])
+        if not shares:                     # nothing votes: s* = 0, which every null draw reaches
+            return Label(MIXED, 0.0, self.name, self.prompt_hash, json.dumps(raw),
+                         p_value=1.0 if self._bank is not None else None)
         best = min(shares, key=lambda p: (-shares[p], first_rank[p]))
         share = shares[best]
         p = None
         if self._bank is not None and total > 0:
             weights = np.array([max(float(ht.variance), 0.0) for ht in head_texts])
-            p = self.p_value(weights, share)
+            p = self.p_value(weights, share, np.array([self.votes(ht) for ht in head_texts]))
             raw.update(alpha=self.alpha, p_value=p)
         labelled = share >= self.threshold and (p is None or p <= self.alpha)
         return Label(best if labelled else MIXED, share, self.name, self.prompt_hash, json.dumps(raw), p_value=p)

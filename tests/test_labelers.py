@@ -6,6 +6,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from etl.labelers import (MIXED, HeadText, LLMError, LLMLabeler, OfflineLabeler, normalise_property)
@@ -260,3 +261,32 @@ def test_prompt_hash_changes_with_the_vocabulary_not_with_the_head(make_llm):
     a, b = make_llm(), make_llm(vocabulary={"colors": "colours", "animals": "animals"})
     assert a.prompt_hash != b.prompt_hash
     assert a.prompt_hash == make_llm().prompt_hash
+
+
+def test_model_agreement_tells_a_property_head_from_a_lookalike():
+    """A head that carries a colour moves with the rest of the model's reading of the colour
+    text; a head whose variance lies along the same text direction for another reason (here:
+    an unrelated variable) does not."""
+    from etl.labelers import model_agreement
+    rng = np.random.default_rng(5)
+    n, d = 600, 16
+    red, alt = rng.normal(size=d), rng.normal(size=d)
+    q = (red - alt) / np.linalg.norm(red - alt)
+    colour = rng.normal(size=n)                              # how red each image is
+    other = rng.normal(size=n)                               # something else entirely
+    rest = np.outer(colour, q) + 0.3 * rng.normal(size=(n, d))            # the rest of the model reads colour
+    carrier = np.outer(colour, q) + 0.3 * rng.normal(size=(n, d))         # a real colour head
+    lookalike = np.outer(other, q) + 0.3 * rng.normal(size=(n, d))        # same direction, other cause
+    for head, expect in ((carrier, "high"), (lookalike, "low")):
+        rho = model_agreement(head, head + rest, red[None], alt[None])
+        b, r = head @ (red - alt), rest @ (red - alt)
+        assert rho[0] == pytest.approx(np.corrcoef(b, r)[0, 1])
+        assert (rho[0] > 0.8) if expect == "high" else (abs(rho[0]) < 0.15)
+    # texts that fail the check do not vote
+    from etl.labelers import HeadText, OfflineLabeler
+    lab = OfflineLabeler(["colors", "shapes"], threshold=0.4)
+    texts = [HeadText("a", "colors", 0.5, agreement=0.05), HeadText("b", "shapes", 0.3, agreement=0.6),
+             HeadText("c", "colors", 0.2, agreement=None)]
+    label = lab.label(texts)
+    assert label.property == MIXED and label.confidence == pytest.approx(0.3)
+    assert lab.label(texts[1:]).property == "shapes"

@@ -381,3 +381,56 @@ def model_study(path) -> pd.DataFrame:
         JOIN scores s USING (model_id)
         LEFT JOIN wilson w USING (model_id)
         ORDER BY m.layers * m.width * m.width, m.model_id, w.dataset_id""")
+
+
+# --------------------------------------------------------------------------- matrices for the jobs
+
+def _vectors(tab, column: str = "vec") -> np.ndarray:
+    """An arrow column of FLOAT[] lists -> float32 [rows, d]."""
+    if tab.num_rows == 0:
+        return np.zeros((0, 0), np.float32)
+    vec = tab.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return vec.astype(np.float32).reshape(tab.num_rows, -1)
+
+
+def bank_text_matrix(path, model_id: str, bank: str) -> tuple[list[str], list, np.ndarray]:
+    """(text_ids, property tags, T [M, d] float32) of a bank's texts embedded for the model,
+    ordered by text_id (so an exact tie in TextSpan goes to the lowest text_id)."""
+    with connect(path, read_only=True) as con:
+        tab = con.sql("SELECT e.text_id, t.property, e.vec FROM text_embeddings e JOIN texts t USING (text_id) "
+                      "WHERE e.model_id = ? AND t.bank = ? ORDER BY e.text_id", params=[model_id, bank]).to_arrow_table()
+    return tab.column("text_id").to_pylist(), tab.column("property").to_pylist(), _vectors(tab)
+
+
+def _dataset_filter(dataset: Optional[str]) -> tuple[str, list]:
+    if dataset is None:
+        return "", []
+    return "AND image_id IN (SELECT image_id FROM images WHERE dataset_id = ?)", [dataset]
+
+
+def layer_head_matrix(path, model_id: str, layer: int, heads: int, dataset: Optional[str] = None) -> np.ndarray:
+    """Head embeddings of one layer, C [n, H, d] float32, images in image_id order (only the
+    images of ``dataset`` when given). A ValueError unless there is one row per image and head."""
+    where, extra = _dataset_filter(dataset)
+    with connect(path, read_only=True) as con:
+        tab = con.sql(f"SELECT image_id, head, vec FROM head_embeddings WHERE model_id = ? AND layer = ? {where} "
+                      "ORDER BY image_id, head", params=[model_id, layer] + extra).to_arrow_table()
+    n = tab.num_rows // heads
+    head = tab.column("head").to_numpy()
+    image = np.asarray(tab.column("image_id").to_pylist(), dtype=object)
+    if tab.num_rows != n * heads or not (head.reshape(n, heads) == np.arange(heads)).all() \
+            or not (image.reshape(n, heads) == image.reshape(n, heads)[:, :1]).all():
+        raise ValueError(f"head_embeddings of model {model_id!r}, layer {layer} are not one row per image and "
+                         f"head (expected {heads} heads per image); re-run `python -m etl embed` for the model")
+    return _vectors(tab).reshape(n, heads, -1)
+
+
+def image_matrix(path, model_id: str, dataset: Optional[str] = None) -> np.ndarray:
+    """Unit image embeddings Z [n, d] float32 of the model's images that have head embeddings,
+    in image_id order (the order of ``layer_head_matrix``)."""
+    where, extra = _dataset_filter(dataset)
+    with connect(path, read_only=True) as con:
+        tab = con.sql(f"SELECT image_id, vec FROM image_embeddings WHERE model_id = ? {where} AND image_id IN "
+                      "(SELECT DISTINCT image_id FROM head_embeddings WHERE model_id = ?) ORDER BY image_id",
+                      params=[model_id] + extra + [model_id]).to_arrow_table()
+    return _vectors(tab)

@@ -54,6 +54,41 @@ def head_texts(con, model_id: str, where: str = "", params: list | None = None) 
     return dict(heads)
 
 
+def with_model_agreement(path: str, model_id: str, bank: str, heads: dict, todo: list) -> dict:
+    """``heads`` with ``HeadText.agreement`` set for the heads in ``todo`` (etl.labelers.
+    model_agreement): each tagged text against the mean of its property's texts, over the
+    images TextSpan used. Reads one layer's head embeddings at a time."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from etl.labelers import model_agreement
+    from warehouse import connect
+    from warehouse.queries import bank_text_matrix, image_matrix, layer_head_matrix, model_row
+    H = int(model_row(path, model_id)["heads"])
+    with connect(path) as con:
+        (dataset,) = con.execute("SELECT any_value(dataset_id) FROM head_texts WHERE model_id = ?", [model_id]).fetchone()
+    text_ids, tags, T = bank_text_matrix(path, model_id, bank)
+    row_of = {t: i for i, t in enumerate(text_ids)}
+    means = {p: T[[i for i, t in enumerate(tags) if t == p]].mean(0) for p in set(tags) if p is not None}
+    Z = image_matrix(path, model_id, dataset)                                        # [n, d]
+    out = dict(heads)
+    for layer in sorted({l for l, _ in todo}):
+        C = layer_head_matrix(path, model_id, layer, H, dataset)                      # [n, H, d]
+        for head in sorted(h for l, h in todo if l == layer):
+            texts = heads[(layer, head)]
+            checked = [i for i, (tid, ht) in enumerate(texts) if tid in row_of and ht.tag in means]
+            if not checked:
+                continue
+            rho = model_agreement(C[:, head], Z, T[[row_of[texts[i][0]] for i in checked]],
+                                  np.stack([means[texts[i][1].tag] for i in checked]))
+            new = list(texts)
+            for i, r in zip(checked, rho):
+                new[i] = (texts[i][0], replace(texts[i][1], agreement=float(r)))
+            out[(layer, head)] = new
+    return out
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("label", help="label every analysed head with a property (head_labels)",
                        description="Give each head with TextSpan texts a property label: offline (the "
@@ -66,10 +101,10 @@ def add_parser(sub) -> None:
     p.add_argument("--labeler", choices=["offline", "llm"], default="offline",
                    help="offline (default: needs property-tagged texts) or llm (needs OPENAI_API_KEY)")
     p.add_argument("--threshold", type=float, default=None, metavar="SHARE",
-                   help="offline: below this share of the head's variance the label is 'mixed' (default 0.5)")
+                   help="offline: below this share of the head's variance the label is 'mixed' (default 0.4)")
     p.add_argument("--alpha", type=float, default=None, metavar="P",
                    help="offline: a head is labelled only when its winning share beats the same texts with tags "
-                        "shuffled over the bank at this significance (default 0.2)")
+                        "shuffled over the bank at this significance (default 0.6)")
     p.add_argument("--force", action="store_true", help="relabel heads already labelled by this labeler")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="heads per write transaction (default 16)")
     add_llm_args(p)
@@ -93,6 +128,7 @@ def run(args) -> int:
     if not heads:
         raise ValueError(f"no heads of {args.model!r} have TextSpan texts: run `python -m etl textspan "
                          f"--model {args.model}` first")
+    tags = None
     if args.labeler == "offline":
         with connect(path) as con:
             banks = [r[0] for r in con.execute("SELECT DISTINCT bank FROM head_texts WHERE model_id = ? "
@@ -108,6 +144,8 @@ def run(args) -> int:
     else:
         labeler = make_llm(args, vocab)
     todo = [h for h in heads if args.force or done.get(h) != (labeler.name, labeler.prompt_hash)]
+    if args.labeler == "offline" and tags is not None and todo:
+        heads = with_model_agreement(path, args.model, banks[0], heads, todo)
     params = {"model_id": args.model, "labeler": labeler.name, "prompt_hash": labeler.prompt_hash,
               "threshold": getattr(labeler, "threshold", None), "force": args.force, "heads": len(todo)}
     counts, failed, pending = Counter(), 0, []

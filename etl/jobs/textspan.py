@@ -43,33 +43,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _text_matrix(con, model_id: str, bank: str) -> tuple[list[str], np.ndarray]:
-    """(text_ids, T [M, d] float32) of the bank's texts embedded for the model, by text_id."""
-    tab = con.sql("SELECT e.text_id, e.vec FROM text_embeddings e JOIN texts t USING (text_id) "
-                  "WHERE e.model_id = ? AND t.bank = ? ORDER BY e.text_id", params=[model_id, bank]).to_arrow_table()
-    ids = tab.column("text_id").to_pylist()
-    if not ids:
-        return [], np.zeros((0, 0), np.float32)
-    vec = tab.column("vec").combine_chunks()
-    return ids, vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), -1)
-
-
-def _layer_matrix(con, model_id: str, layer: int, heads: int, dataset: str | None) -> np.ndarray:
-    """Head embeddings of one layer, C [n, H, d] float32, images in image_id order."""
-    where = "AND image_id IN (SELECT image_id FROM images WHERE dataset_id = ?)" if dataset else ""
-    tab = con.sql(f"SELECT image_id, head, vec FROM head_embeddings WHERE model_id = ? AND layer = ? {where} "
-                  "ORDER BY image_id, head", params=[model_id, layer] + ([dataset] if dataset else [])).to_arrow_table()
-    n = tab.num_rows // heads
-    head = tab.column("head").to_numpy()
-    image = np.asarray(tab.column("image_id").to_pylist(), dtype=object)
-    if tab.num_rows != n * heads or not (head.reshape(n, heads) == np.arange(heads)).all() \
-            or not (image.reshape(n, heads) == image.reshape(n, heads)[:, :1]).all():
-        raise ValueError(f"head_embeddings of model {model_id!r}, layer {layer} are not one row per image and "
-                         f"head (expected {heads} heads per image); re-run `python -m etl embed` for the model")
-    vec = tab.column("vec").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return vec.astype(np.float32).reshape(n, heads, -1)
-
-
 def _choose_bank(con, model_id: str, arch: str, bank: str | None) -> str:
     from models import default_bank
     banks = [r[0] for r in con.execute(
@@ -88,6 +61,7 @@ def run(args) -> int:
     from etl.jobs.texts import model_row_or_fail
     from etl.textspan import check_sizes, textspan_heads
     from warehouse import connect, writer
+    from warehouse.queries import bank_text_matrix, layer_head_matrix
     from warehouse.runs import record_error, run_record
     path = warehouse_path(args)
     row = model_row_or_fail(path, args.model)
@@ -100,7 +74,7 @@ def run(args) -> int:
         existing = {(int(l), int(h)): (n, b, d) for l, h, n, b, d in con.execute(
             "SELECT layer, head, count(*), any_value(bank), any_value(dataset_id) FROM head_texts "
             "WHERE model_id = ? GROUP BY layer, head", [args.model]).fetchall()}
-        text_ids, T = _text_matrix(con, args.model, bank)
+    text_ids, _, T = bank_text_matrix(path, args.model, bank)
     want = (args.k, bank, args.dataset)
     other = sorted(h for h, v in existing.items() if v != want)
     if other and not args.force:
@@ -115,8 +89,7 @@ def run(args) -> int:
     with run_record(path, "textspan", params) as run_id:
         for layer in progress([l for l in layers if todo[l]], desc=f"textspan {args.model}", unit="layer"):
             heads = todo[layer]
-            with connect(path) as con:
-                C = _layer_matrix(con, args.model, layer, H, args.dataset)[:, heads]       # [n, h, d]
+            C = layer_head_matrix(path, args.model, layer, H, args.dataset)[:, heads]   # [n, h, d]
             if C.shape[0] == 0:
                 raise ValueError(f"no head embeddings of model {args.model!r} in layer {layer}"
                                  + (f" for dataset {args.dataset!r}" if args.dataset else "")
