@@ -80,10 +80,11 @@ def _remember_model() -> None:
 
 def default_model(df) -> str:
     """The model a session opens on: the most recently built trained model (any source but
-    random init), else the most recently built one."""
+    random init), else the first model by name."""
     trained = df[df.source != "random"]
-    pool = trained if not trained.empty else df
-    return str(pool.sort_values("created_at", kind="stable").model_id.iloc[-1])
+    if trained.empty:
+        return str(df.model_id.iloc[0])
+    return str(trained.sort_values("created_at", kind="stable").model_id.iloc[-1])
 
 
 def model_picker() -> dict:

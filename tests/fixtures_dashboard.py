@@ -176,11 +176,13 @@ def build_fixture_warehouse(folder: Path, n_images: int = 24) -> Path:
             for j, l in enumerate(layers):
                 for h in range(lm.heads):
                     chosen = textspan(head_cls[:, j, h], T, K_TEXTS)
-                    con.executemany("INSERT INTO head_texts VALUES (?, ?, ?, ?, ?, ?, ?, 'atlas', ?)", [
+                    con.executemany("INSERT INTO head_texts (model_id, layer, head, rank, text_id, variance_explained, "
+                                    "dataset_id, bank, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, 'atlas', ?)", [
                         (lm.model_id, l, h, rank, text_id("atlas", texts[m]), v, DATASET, run_id)
                         for rank, (m, v) in enumerate(chosen)])
                     prop, conf = offline_label([tags[m] for m, _ in chosen], [v for _, v in chosen])
-                    con.execute("INSERT INTO head_labels VALUES (?, ?, ?, ?, ?, 'offline', NULL, ?, ?)",
+                    con.execute("INSERT INTO head_labels (model_id, layer, head, property, confidence, labeler, "
+                                "prompt_hash, raw, run_id) VALUES (?, ?, ?, ?, ?, 'offline', NULL, ?, ?)",
                                 [lm.model_id, l, h, prop, conf, json.dumps({"tags": [tags[m] for m, _ in chosen]}), run_id])
                     con.executemany("INSERT INTO text_judgments VALUES (?, ?, ?, ?, ?, ?, 'tag', ?)", [
                         (lm.model_id, l, h, text_id("atlas", texts[m]), prop, tags[m] == prop, run_id)

@@ -427,3 +427,13 @@ def test_bench_times_every_page_and_the_live_toy_path(warehouse_file):
     assert all(t > 0 for t in switch["per_page_s"].values()) and switch["max_s"] >= switch["median_s"]
     toy = bench.bench_topic_segmentation(queries.model_row(warehouse_file, SEED0), repeats=1)
     assert toy["heads"] == 16 and toy["median_s"] > 0 and toy["cpu_s"] > 0
+
+
+def test_the_dashboard_opens_on_the_most_recent_trained_model():
+    import pandas as pd
+    from dashboard.widgets import default_model
+    df = pd.DataFrame({"model_id": ["a/random-seed0", "b/bundled", "c/bundled", "d/random-seed1"],
+                       "source": ["random", "bundled", "bundled", "random"],
+                       "created_at": pd.to_datetime(["2026-01-04", "2026-01-01", "2026-01-02", "2026-01-05"])})
+    assert default_model(df) == "c/bundled"                 # newest trained; random-init models never
+    assert default_model(df[df.source == "random"]) == "a/random-seed0"
