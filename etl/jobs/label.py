@@ -92,9 +92,11 @@ def with_model_agreement(path: str, model_id: str, bank: str, heads: dict, todo:
 def add_parser(sub) -> None:
     p = sub.add_parser("label", help="label every analysed head with a property (head_labels)",
                        description="Give each head with TextSpan texts a property label: offline (the "
-                                   "variance-weighted majority of its texts' property tags, 'mixed' below "
-                                   "--threshold or when shuffled tags do as well, --alpha) or by an LLM (few-shot prompt, JSON answer checked against the "
-                                   "property vocabulary, answers cached under $ATLAS_HOME/cache/llm). Resumable.")
+                                   "variance-weighted majority of its texts' property tags, counting only texts "
+                                   "that the rest of the model reads the way the head does; 'mixed' below "
+                                   "--threshold or when shuffled tags reach the share too often, --alpha) or by an "
+                                   "LLM (few-shot prompt, JSON answer checked against the property vocabulary, "
+                                   "answers cached under $ATLAS_HOME/cache/llm). Resumable.")
     add_warehouse_arg(p)
     p.add_argument("--model", metavar="MODEL_ID", required=True,
                    help="a model_id of the warehouse `models` table whose heads have TextSpan texts")
