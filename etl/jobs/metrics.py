@@ -13,6 +13,10 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, metavar="MODEL_ID", help="one model_id (default: every model)")
     add_warehouse_arg(p)
     p.add_argument("--heads", action="store_true", help="also print one line per head")
+    p.add_argument("--study", action="store_true",
+                   help="print the size study instead: per model, smallest image tower first, association and "
+                        "entanglement with 95 %% intervals over heads and, on each shapes dataset, label agreement "
+                        "and false-label rate with Wilson intervals (a Markdown table)")
     p.set_defaults(func=run)
 
 
@@ -20,6 +24,9 @@ def run(args) -> int:
     from warehouse import connect
     from warehouse.runs import run_record
     path = warehouse_path(args)
+    if args.study:
+        print(study_table(path))
+        return 0
     where, params = ("WHERE model_id = ?", [args.model]) if args.model else ("", [])
     with run_record(path, "metrics", {"model_id": args.model}):
         with connect(path) as con:
@@ -34,3 +41,28 @@ def run(args) -> int:
     for h in heads:
         print(json.dumps(dict(zip(["model_id", "layer", "head", "property", "association", "entanglement"], h))))
     return 0
+
+
+def study_table(path: str) -> str:
+    """The size study (warehouse.queries.model_study) as a Markdown table."""
+    from warehouse.queries import model_study
+    df = model_study(path)
+    if df.empty:
+        raise ValueError("no labelled heads yet: run `python -m etl run` for the models to compare")
+
+    def ci(v, lo, hi):
+        return "–" if v != v or v is None else f"{v:.2f} [{max(lo, 0):.2f}, {min(hi, 1):.2f}]"
+
+    lines = ["| model | layers x width, heads | labelled heads | association | entanglement | dataset | "
+             "agreement (right / specialised) | false labels (false / unspecialised) |",
+             "|---|---|---:|---|---|---|---|---|"]
+    for r in df.itertuples():
+        has_truth = isinstance(r.dataset_id, str)
+        lines.append(
+            f"| {r.model_id} | {r.layers} x {r.width}, {r.heads} | {r.n_heads} | "
+            f"{ci(r.association, r.association_lo, r.association_hi)} | "
+            f"{ci(r.entanglement, r.entanglement_lo, r.entanglement_hi)} | {r.dataset_id if has_truth else '–'} | "
+            + (f"{ci(r.agreement, r.agreement_lo, r.agreement_hi)} ({r.n_right}/{r.n_specialised}) | "
+               f"{ci(r.false_label_rate, r.false_lo, r.false_hi)} ({r.n_false}/{r.n_unspecialised}) |"
+               if has_truth else "– | – |"))
+    return "\n".join(lines)
