@@ -3,7 +3,6 @@
 import hashlib
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 

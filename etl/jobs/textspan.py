@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from etl.common import add_warehouse_arg, progress, warehouse_path
 
 
