@@ -35,27 +35,41 @@ import openai
 from etl.textbank import PROPERTIES
 
 __all__ = [
-    "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
+    "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
 
 MIXED = "mixed"
-OFFLINE_THRESHOLD = 0.4          # below this winning (voting) variance share a head is 'mixed'
-OFFLINE_ALPHA = 0.6              # ... or when shuffled tags reach its share this often (p-value)
-OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 1/4001)
 OFFLINE_AGREEMENT = 0.2          # a text votes when the rest of the model reads it as the head does
-OFFLINE_VERSION = "offline-v3"
+OFFLINE_AGREEMENT_P = 0.001      # ... beyond chance: one-sided p of that correlation (Fisher z)
+OFFLINE_MIN_VOTES = 2            # a label needs this many voting texts of its property
+OFFLINE_THRESHOLD = 0.35         # and this share of the head's TextSpan variance in them
+OFFLINE_ALPHA = 1.0              # optional: a shuffled-tag p-value at most this (1: recorded only)
+OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 1/4001)
+OFFLINE_VERSION = "offline-v4"
 
 
 @dataclass(frozen=True)
 class HeadText:
     """One TextSpan text of a head: its text, its property tag (None if untagged), its
     variance_explained (fraction of the head's variance), and ``agreement``: how the rest of
-    the model reads the text the way the head does (``model_agreement``; None: not checked)."""
+    the model reads the text the way the head does (``model_agreement``; None: not checked),
+    with ``agreement_p`` its one-sided p-value (``agreement_p_value``)."""
     text: str
     tag: str | None
     variance: float
     agreement: float | None = None
+    agreement_p: float | None = None
+
+
+def agreement_p_value(rho: float, n: int) -> float:
+    """One-sided p-value of a Pearson correlation ``rho`` over ``n`` images against 0
+    (Fisher z: atanh(rho) sqrt(n - 3) is standard normal under no correlation)."""
+    import math
+    if n <= 3:
+        return 1.0
+    z = math.atanh(max(min(float(rho), 1 - 1e-12), -1 + 1e-12)) * math.sqrt(n - 3)
+    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 def model_agreement(head: np.ndarray, image: np.ndarray, texts: np.ndarray, alternatives: np.ndarray) -> np.ndarray:
@@ -166,22 +180,24 @@ def normalise_property(answer: str, vocabulary: Iterable[str]) -> str | None:
 
 class OfflineLabeler:
     """Label = the property tag carrying the largest share of the head's variance, when the
-    evidence beats chance (MATH.md §4).
+    evidence beats chance (MATH.md §4; the README says why).
 
     Evidence. A text votes for its tag only when the rest of the model reads it as the head
     does: ``HeadText.agreement`` (``model_agreement``, a correlation over the images) >=
-    ``agreement_min``; unchecked texts (agreement None) vote as they are. Untagged texts,
-    tags outside the vocabulary and texts that fail the check count in the total but vote
-    for nothing, so they pull a head towards 'mixed'. Ties go to the tag of the better-ranked
-    text. The confidence is the winning share s*.
+    ``agreement_min`` with one-sided p-value ``agreement_p`` <= ``agreement_p_max``; unchecked
+    texts (agreement None) vote as they are. Untagged texts, tags outside the vocabulary and
+    texts that fail the check count in the total but vote for nothing, so they pull a head
+    towards 'mixed'. Ties go to the tag of the better-ranked text.
 
-    Chance. s* is compared with a null in which the tags are shuffled over the bank: the
-    head's k texts keep their variances (and their checks), but their tags are those of k
-    texts drawn without replacement from the bank (``bank_tags``), ``permutations`` times
-    (seeded, so labels are reproducible). p = (1 + #{null max share >= s*}) / (1 + N).
-    The head is labelled when s* >= ``threshold`` and p <= ``alpha``; otherwise 'mixed'. A
-    head whose variance sits in one text cannot pass on that text alone. Without
-    ``bank_tags`` only the threshold applies (p-value None).
+    Decision. s* = the winning property's share of the head's k TextSpan variances (voting
+    texts only); the confidence. The head is labelled when at least ``min_votes`` texts vote
+    for the property (one text is no agreement) and s* >= ``threshold``; otherwise 'mixed'.
+
+    Chance of the share. With ``bank_tags``, s* is also compared with a null in which the tags
+    are shuffled over the bank: the head's k texts keep their variances and checks, but take
+    the tags of k texts drawn without replacement from the bank, ``permutations`` times
+    (seeded). p = (1 + #{null max share >= s*}) / (1 + N) is recorded; ``alpha`` < 1 also
+    requires p <= alpha (default 1: recorded only).
     """
 
     name = "offline"
@@ -190,19 +206,24 @@ class OfflineLabeler:
     def __init__(self, vocabulary: Iterable[str] = tuple(PROPERTIES), threshold: float = OFFLINE_THRESHOLD,
                  bank_tags: Iterable[str | None] | None = None, alpha: float = OFFLINE_ALPHA,
                  permutations: int = OFFLINE_PERMUTATIONS, seed: int = 0,
-                 agreement_min: float = OFFLINE_AGREEMENT):
+                 agreement_min: float = OFFLINE_AGREEMENT, agreement_p_max: float = OFFLINE_AGREEMENT_P,
+                 min_votes: int = OFFLINE_MIN_VOTES):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"the offline threshold is a share of variance in (0, 1], got {threshold}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"the significance level alpha must be in (0, 1], got {alpha}")
         if permutations < 1:
             raise ValueError(f"permutations must be at least 1, got {permutations}")
+        if min_votes < 1:
+            raise ValueError(f"min_votes must be at least 1, got {min_votes}")
         self.vocabulary = list(vocabulary)
         self.threshold = float(threshold)
         self.alpha = float(alpha)
         self.permutations = int(permutations)
         self.seed = int(seed)
         self.agreement_min = float(agreement_min)
+        self.agreement_p_max = float(agreement_p_max)
+        self.min_votes = int(min_votes)
         self._codes = {p: i for i, p in enumerate(self.vocabulary)}
         self._bank = None
         if bank_tags is not None:
@@ -211,7 +232,8 @@ class OfflineLabeler:
                 raise ValueError("bank_tags is empty: give the tags of the bank the head's texts come from")
         self._draws: dict[int, np.ndarray] = {}
         null = f";alpha={self.alpha};n={self.permutations};seed={self.seed}" if self._bank is not None else ""
-        self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold};agreement={self.agreement_min}{null}")
+        self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold};agreement={self.agreement_min};"
+                                f"p={self.agreement_p_max};votes={self.min_votes}{null}")
 
     def _null_tags(self, k: int) -> np.ndarray:
         """int [N, k]: tag codes of k bank texts drawn without replacement, N times (cached)."""
@@ -226,7 +248,8 @@ class OfflineLabeler:
 
     def votes(self, ht: HeadText) -> bool:
         """Does this text vote for its tag (passed the model-agreement check, or unchecked)?"""
-        return ht.agreement is None or ht.agreement >= self.agreement_min
+        return ht.agreement is None or (ht.agreement >= self.agreement_min and
+                                        (ht.agreement_p is None or ht.agreement_p <= self.agreement_p_max))
 
     def p_value(self, weights: np.ndarray, share: float, voting: np.ndarray | None = None) -> float:
         """P(null max share >= share) for texts of these variance weights [k], of which only
@@ -244,6 +267,7 @@ class OfflineLabeler:
         if not head_texts:
             return Label(None, None, self.name, self.prompt_hash, None, "the head has no TextSpan texts")
         weight: dict[str, float] = defaultdict(float)
+        n_votes: dict[str, int] = defaultdict(int)
         first_rank: dict[str, int] = {}
         total = 0.0
         for rank, ht in enumerate(head_texts):
@@ -251,6 +275,7 @@ class OfflineLabeler:
             total += w
             if ht.tag in self.vocabulary and self.votes(ht):
                 weight[ht.tag] += w
+                n_votes[ht.tag] += 1
                 first_rank.setdefault(ht.tag, rank)
         shares = {p: (w / total if total > 0 else 0.0) for p, w in weight.items()}
         raw = {"version": OFFLINE_VERSION, "threshold": self.threshold,
@@ -269,7 +294,8 @@ class OfflineLabeler:
             weights = np.array([max(float(ht.variance), 0.0) for ht in head_texts])
             p = self.p_value(weights, share, np.array([self.votes(ht) for ht in head_texts]))
             raw.update(alpha=self.alpha, p_value=p)
-        labelled = share >= self.threshold and (p is None or p <= self.alpha)
+        raw.update(votes=n_votes[best], min_votes=self.min_votes)
+        labelled = n_votes[best] >= self.min_votes and share >= self.threshold and (p is None or p <= self.alpha)
         return Label(best if labelled else MIXED, share, self.name, self.prompt_hash, json.dumps(raw), p_value=p)
 
     def match(self, head_text: HeadText, prop: str) -> Judgment:

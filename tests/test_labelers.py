@@ -113,10 +113,13 @@ def test_offline_label_is_mixed_below_the_threshold_and_untagged_texts_dilute():
     label = OfflineLabeler().label(head)
     assert label.property == MIXED
     assert label.confidence == pytest.approx(0.3)
-    assert OfflineLabeler(threshold=0.25).label(head).property == "colors"
+    assert OfflineLabeler(threshold=0.25, min_votes=1).label(head).property == "colors"
+    assert OfflineLabeler(threshold=0.25).label(head).property == MIXED        # one text is no agreement
+    two = head + [HeadText("e", "colors", 0.1)]
+    assert OfflineLabeler(threshold=0.25).label(two).property == "colors"
     # a tie goes to the property of the better-ranked text
     tie = [HeadText("a", "animals", 0.2), HeadText("b", "colors", 0.2)]
-    assert OfflineLabeler(threshold=0.5).label(tie).property == "animals"
+    assert OfflineLabeler(threshold=0.5, min_votes=1).label(tie).property == "animals"
     assert OfflineLabeler().label([]).error
 
 
@@ -284,9 +287,18 @@ def test_model_agreement_tells_a_property_head_from_a_lookalike():
         assert (rho[0] > 0.8) if expect == "high" else (abs(rho[0]) < 0.15)
     # texts that fail the check do not vote
     from etl.labelers import HeadText, OfflineLabeler
-    lab = OfflineLabeler(["colors", "shapes"], threshold=0.4)
-    texts = [HeadText("a", "colors", 0.5, agreement=0.05), HeadText("b", "shapes", 0.3, agreement=0.6),
-             HeadText("c", "colors", 0.2, agreement=None)]
+    from etl.labelers import agreement_p_value
+    lab = OfflineLabeler(["colors", "shapes"])                       # threshold 0.35, 2 votes
+    strong, p_strong = 0.6, agreement_p_value(0.6, 600)
+    texts = [HeadText("a", "colors", 0.5, agreement=0.05, agreement_p=agreement_p_value(0.05, 600)),
+             HeadText("b", "shapes", 0.3, agreement=strong, agreement_p=p_strong),
+             HeadText("c", "colors", 0.2, agreement=None), HeadText("d", "shapes", 0.15, agreement=strong,
+                                                                      agreement_p=p_strong)]
     label = lab.label(texts)
-    assert label.property == MIXED and label.confidence == pytest.approx(0.3)
-    assert lab.label(texts[1:]).property == "shapes"
+    assert label.property == "shapes" and label.confidence == pytest.approx(0.45 / 1.15)
+    assert json.loads(label.raw)["votes"] == 2
+    # the same correlation over 20 images is not beyond chance: nothing votes
+    weak = [HeadText(t.text, t.tag, t.variance, t.agreement, agreement_p_value(t.agreement, 20))
+            if t.agreement is not None else t for t in texts]
+    assert agreement_p_value(0.6, 20) > 0.001 and lab.label(weak).property == MIXED
+    assert agreement_p_value(0.6, 600) < 1e-40 and agreement_p_value(-0.3, 600) > 0.99

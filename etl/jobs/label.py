@@ -62,7 +62,7 @@ def with_model_agreement(path: str, model_id: str, bank: str, heads: dict, todo:
 
     import numpy as np
 
-    from etl.labelers import model_agreement
+    from etl.labelers import agreement_p_value, model_agreement
     from warehouse import connect
     from warehouse.queries import bank_text_matrix, image_matrix, layer_head_matrix, model_row
     H = int(model_row(path, model_id)["heads"])
@@ -84,7 +84,8 @@ def with_model_agreement(path: str, model_id: str, bank: str, heads: dict, todo:
                                   np.stack([means[texts[i][1].tag] for i in checked]))
             new = list(texts)
             for i, r in zip(checked, rho):
-                new[i] = (texts[i][0], replace(texts[i][1], agreement=float(r)))
+                new[i] = (texts[i][0], replace(texts[i][1], agreement=float(r),
+                                               agreement_p=agreement_p_value(r, len(Z))))
             out[(layer, head)] = new
     return out
 
@@ -103,10 +104,16 @@ def add_parser(sub) -> None:
     p.add_argument("--labeler", choices=["offline", "llm"], default="offline",
                    help="offline (default: needs property-tagged texts) or llm (needs OPENAI_API_KEY)")
     p.add_argument("--threshold", type=float, default=None, metavar="SHARE",
-                   help="offline: below this share of the head's variance the label is 'mixed' (default 0.4)")
+                   help="offline: below this share of the head's variance in voting texts the label is 'mixed' "
+                        "(default 0.35)")
     p.add_argument("--alpha", type=float, default=None, metavar="P",
-                   help="offline: a head is labelled only when its winning share beats the same texts with tags "
-                        "shuffled over the bank at this significance (default 0.6)")
+                   help="offline: also require the winning share to beat the same texts with tags shuffled over "
+                        "the bank at this significance (default 1: the p-value is recorded, not required)")
+    p.add_argument("--min-votes", type=int, default=None, metavar="N",
+                   help="offline: texts of the winning property that must vote (default 2)")
+    p.add_argument("--no-agreement-check", action="store_true",
+                   help="offline: let every tagged text vote, without checking that the rest of the model reads "
+                        "it as the head does (the check needs the image embeddings; it is on by default)")
     p.add_argument("--force", action="store_true", help="relabel heads already labelled by this labeler")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="heads per write transaction (default 16)")
     add_llm_args(p)
@@ -115,11 +122,14 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from etl.jobs.texts import model_row_or_fail
-    from etl.labelers import OFFLINE_ALPHA, OFFLINE_THRESHOLD, OfflineLabeler
+    from etl.labelers import (OFFLINE_AGREEMENT, OFFLINE_AGREEMENT_P, OFFLINE_ALPHA, OFFLINE_MIN_VOTES,
+                              OFFLINE_THRESHOLD, OfflineLabeler)
     from warehouse import connect
     from warehouse.runs import run_record
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    if args.min_votes is not None and args.min_votes < 1:
+        raise ValueError("--min-votes must be at least 1")
     path = warehouse_path(args)
     model_row_or_fail(path, args.model)
     with connect(path) as con:
@@ -142,11 +152,14 @@ def run(args) -> int:
             tags = [r[0] for r in con.execute("SELECT property FROM texts WHERE bank = ?", banks).fetchall()] \
                 if banks else None
         labeler = OfflineLabeler(vocab, OFFLINE_THRESHOLD if args.threshold is None else args.threshold,
-                                 bank_tags=tags, alpha=OFFLINE_ALPHA if args.alpha is None else args.alpha)
+                                 bank_tags=tags, alpha=OFFLINE_ALPHA if args.alpha is None else args.alpha,
+                                 min_votes=OFFLINE_MIN_VOTES if args.min_votes is None else args.min_votes,
+                                 agreement_min=-1.0 if args.no_agreement_check else OFFLINE_AGREEMENT,
+                                 agreement_p_max=1.0 if args.no_agreement_check else OFFLINE_AGREEMENT_P)
     else:
         labeler = make_llm(args, vocab)
     todo = [h for h in heads if args.force or done.get(h) != (labeler.name, labeler.prompt_hash)]
-    if args.labeler == "offline" and tags is not None and todo:
+    if args.labeler == "offline" and tags is not None and todo and not args.no_agreement_check:
         heads = with_model_agreement(path, args.model, banks[0], heads, todo)
     params = {"model_id": args.model, "labeler": labeler.name, "prompt_hash": labeler.prompt_hash,
               "threshold": getattr(labeler, "threshold", None), "force": args.force, "heads": len(todo)}
