@@ -130,20 +130,22 @@ else:
     study = study[study.dataset_id.notna()]
     if not study.empty:
         order = list(dict.fromkeys(study.model_id))
-        x = alt.X("model_id:N", sort=order, title=None, axis=alt.Axis(labelAngle=-20, labelLimit=260))
+        x = alt.X("model_id:N", sort=order, title=None,
+                  axis=alt.Axis(labelAngle=-25, labelLimit=240, labelOverlap=False))
         colour = alt.Color("model_id:N", sort=order, legend=None, scale=alt.Scale(scheme="tableau10"))
         charts = []
         for col, title in (("agreement", "label agreement (specialised heads)"),
                            ("false_label_rate", "false labels (unspecialised heads)"),
                            ("association", "association"), ("entanglement", "entanglement")):
-            lo, hi = ({"false_label_rate": "false"}.get(col, col) + "_lo", {"false_label_rate": "false"}.get(col, col) + "_hi")
+            stem = "false" if col == "false_label_rate" else col
+            lo, hi = f"{stem}_lo", f"{stem}_hi"
             base = alt.Chart(study).encode(x=x)
-            charts.append((base.mark_point(filled=True, size=70).encode(
+            charts.append((base.mark_point(filled=True, size=80).encode(
                                y=alt.Y(f"{col}:Q", scale=alt.Scale(domain=[0, 1]), title=None), color=colour,
                                tooltip=["model_id", "dataset_id", col, lo, hi])
-                           + base.mark_rule().encode(y=f"{lo}:Q", y2=f"{hi}:Q", color=colour))
-                          .properties(title=title, width=60 * len(order) + 40, height=200))
-        st.altair_chart(alt.hconcat(*charts), key="chart_study")
+                           + base.mark_rule(strokeWidth=2).encode(y=f"{lo}:Q", y2=f"{hi}:Q", color=colour))
+                          .properties(title=title, width=70 * len(order) + 60, height=200))
+        st.altair_chart(alt.vconcat(alt.hconcat(*charts[:2]), alt.hconcat(*charts[2:])), key="chart_study")
         st.caption("Models ordered by image-tower size (layers x width²); bars: 95 % intervals (Wilson for the "
                    "rates, mean +- 1.96 SE over heads for the scores).")
         w.csv_download(study, "model_study", key="dl_study")
@@ -153,10 +155,12 @@ else:
         t = truth[truth.dataset_id == ds].copy()
         t["true"] = t.true_factor.fillna("(unspecialised)")
         conf = t.groupby(["label", "true"]).size().reset_index(name="heads")
-        base = alt.Chart(conf).encode(x=alt.X("true:N", title="true factor"), y=alt.Y("label:N", title="label"))
+        base = alt.Chart(conf).encode(x=alt.X("true:N", title="true factor", axis=alt.Axis(labelAngle=0)),
+                                      y=alt.Y("label:N", title="label"))
         st.altair_chart((base.mark_rect().encode(color=alt.Color("heads:Q", scale=alt.Scale(scheme="blues")),
                                                  tooltip=["label", "true", "heads"])
-                         + base.mark_text(fontSize=12).encode(text="heads:Q"))
-                        .properties(title=f"label x true factor, {model_id}", width=70 * conf.true.nunique(),
-                                    height=28 * conf.label.nunique()), key="chart_confusion")
+                         + base.mark_text(fontSize=13).encode(text="heads:Q"))
+                        .properties(title=f"label x true factor, {model_id}", width=110 * conf.true.nunique(),
+                                    height=34 * conf.label.nunique(), autosize=alt.AutoSizeParams(type="pad")),
+                        key="chart_confusion", width="content")
         w.csv_download(t, f"head_label_truth_{model_id.replace('/', '_')}", key="dl_truth")
