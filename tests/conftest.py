@@ -1,5 +1,5 @@
-"""Shared fixtures. Tests use only data the product ships or generates: a user's clone has no
-../shared, so "a user's own text file" is written here from the product's vocabularies."""
+"""Shared fixtures. Tests use only data the product ships or generates (a user's clone has
+nothing beside it), so "a user's own text file" is written here from the product's vocabularies."""
 from __future__ import annotations
 
 from pathlib import Path
