@@ -41,7 +41,7 @@ from pathlib import Path
 
 __all__ = [
     "ATLAS_BANK", "WORLD_BANK", "VOCABULARY_DIR", "PROPERTIES", "WORLD_FACTOR_PROPERTIES", "TextFileError",
-    "UnknownTagWarning", "atlas_bank", "world_bank", "world_texts", "bank_texts", "read_text_file",
+    "UnknownTagWarning", "PRODUCT_BANKS", "atlas_bank", "world_bank", "world_texts", "bank_texts", "read_text_file",
     "text_id", "unknown_tags",
 ]
 
@@ -214,10 +214,12 @@ def world_bank() -> list[tuple[str, str]]:
     return list(_world())
 
 
+PRODUCT_BANKS = (ATLAS_BANK, WORLD_BANK)              # the banks the product ships, by name
+
+
 def bank_texts(bank: str) -> list[tuple[str, str]]:
     """A product bank by name: 'atlas' (general image descriptions) or 'shapes' (the world's)."""
-    banks = {ATLAS_BANK: atlas_bank, WORLD_BANK: world_bank}
-    if bank not in banks:
-        raise ValueError(f"unknown product bank {bank!r}; the product ships {', '.join(banks)} "
+    if bank not in PRODUCT_BANKS:
+        raise ValueError(f"unknown product bank {bank!r}; the product ships {', '.join(PRODUCT_BANKS)} "
                          "(a text file of your own goes through --text-file)")
-    return banks[bank]()
+    return atlas_bank() if bank == ATLAS_BANK else world_bank()

@@ -37,7 +37,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 TOY_DIR = REPO / "models" / "toy"
 MODEL_NAME = "toy-shapes"
-DEFAULT_OUT = TOY_DIR / f"{MODEL_NAME}.safetensors"
 
 # open_clip's default (OpenAI) normalisation, which the toy config inherits
 MEAN = (0.48145466, 0.4578275, 0.40821073)

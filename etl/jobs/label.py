@@ -54,27 +54,27 @@ def head_texts(con, model_id: str, where: str = "", params: list | None = None) 
     return dict(heads)
 
 
-def with_model_agreement(path: str, model_id: str, bank: str, heads: dict, todo: list) -> dict:
+def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: dict, todo: list,
+                         text_ids: list[str], tags: list, T) -> dict:
     """``heads`` with ``HeadText.agreement`` set for the heads in ``todo`` (etl.labelers.
     model_agreement): each tagged text against the mean of its property's texts, over the
-    images TextSpan used. Reads one layer's head embeddings at a time."""
+    images TextSpan used. text_ids, tags, T [M, d]: the bank's texts embedded for the model.
+    Reads one layer's head embeddings at a time."""
     from dataclasses import replace
 
     import numpy as np
 
     from etl.labelers import agreement_p_value, model_agreement
     from warehouse import connect
-    from warehouse.queries import bank_text_matrix, image_matrix, layer_head_matrix, model_row
-    H = int(model_row(path, model_id)["heads"])
+    from warehouse.queries import image_matrix, layer_head_matrix
     with connect(path) as con:
         (dataset,) = con.execute("SELECT any_value(dataset_id) FROM head_texts WHERE model_id = ?", [model_id]).fetchone()
-    text_ids, tags, T = bank_text_matrix(path, model_id, bank)
     row_of = {t: i for i, t in enumerate(text_ids)}
     means = {p: T[[i for i, t in enumerate(tags) if t == p]].mean(0) for p in set(tags) if p is not None}
     Z = image_matrix(path, model_id, dataset)                                        # [n, d]
     out = dict(heads)
     for layer in sorted({l for l, _ in todo}):
-        C = layer_head_matrix(path, model_id, layer, H, dataset)                      # [n, H, d]
+        C = layer_head_matrix(path, model_id, layer, heads_per_layer, dataset)        # [n, H, d]
         for head in sorted(h for l, h in todo if l == layer):
             texts = heads[(layer, head)]
             checked = [i for i, (tid, ht) in enumerate(texts) if tid in row_of and ht.tag in means]
@@ -125,13 +125,14 @@ def run(args) -> int:
     from etl.labelers import (OFFLINE_AGREEMENT, OFFLINE_AGREEMENT_P, OFFLINE_ALPHA, OFFLINE_MIN_VOTES,
                               OFFLINE_THRESHOLD, OfflineLabeler)
     from warehouse import connect
+    from warehouse.queries import bank_text_matrix
     from warehouse.runs import run_record
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     if args.min_votes is not None and args.min_votes < 1:
         raise ValueError("--min-votes must be at least 1")
     path = warehouse_path(args)
-    model_row_or_fail(path, args.model)
+    row = model_row_or_fail(path, args.model)
     with connect(path) as con:
         vocab = vocabulary(con)
         heads = head_texts(con, args.model)
@@ -140,27 +141,27 @@ def run(args) -> int:
     if not heads:
         raise ValueError(f"no heads of {args.model!r} have TextSpan texts: run `python -m etl textspan "
                          f"--model {args.model}` first")
-    tags = None
+    bank = None
     if args.labeler == "offline":
         with connect(path) as con:
             banks = [r[0] for r in con.execute("SELECT DISTINCT bank FROM head_texts WHERE model_id = ? "
                                                "AND bank IS NOT NULL ORDER BY 1", [args.model]).fetchall()]
-            if len(banks) > 1:
-                raise ValueError(f"the TextSpan texts of {args.model!r} come from several banks ({', '.join(banks)}); "
-                                 f"recompute them from one with `python -m etl textspan --model {args.model} "
-                                 "--bank NAME --force`")
-            tags = [r[0] for r in con.execute("SELECT property FROM texts WHERE bank = ?", banks).fetchall()] \
-                if banks else None
+        if len(banks) > 1:
+            raise ValueError(f"the TextSpan texts of {args.model!r} come from several banks ({', '.join(banks)}); "
+                             f"recompute them from one with `python -m etl textspan --model {args.model} "
+                             "--bank NAME --force`")
+        bank = bank_text_matrix(path, args.model, banks[0]) if banks else None     # (text_ids, tags, T)
         labeler = OfflineLabeler(vocab, OFFLINE_THRESHOLD if args.threshold is None else args.threshold,
-                                 bank_tags=tags, alpha=OFFLINE_ALPHA if args.alpha is None else args.alpha,
+                                 bank_tags=bank[1] if bank else None,
+                                 alpha=OFFLINE_ALPHA if args.alpha is None else args.alpha,
                                  min_votes=OFFLINE_MIN_VOTES if args.min_votes is None else args.min_votes,
                                  agreement_min=-1.0 if args.no_agreement_check else OFFLINE_AGREEMENT,
                                  agreement_p_max=1.0 if args.no_agreement_check else OFFLINE_AGREEMENT_P)
     else:
         labeler = make_llm(args, vocab)
     todo = [h for h in heads if args.force or done.get(h) != (labeler.name, labeler.prompt_hash)]
-    if args.labeler == "offline" and tags is not None and todo and not args.no_agreement_check:
-        heads = with_model_agreement(path, args.model, banks[0], heads, todo)
+    if bank and todo and not args.no_agreement_check:
+        heads = with_model_agreement(path, args.model, int(row["heads"]), heads, todo, *bank)
     params = {"model_id": args.model, "labeler": labeler.name, "prompt_hash": labeler.prompt_hash,
               "threshold": getattr(labeler, "threshold", None), "force": args.force, "heads": len(todo)}
     counts, failed, pending = Counter(), 0, []

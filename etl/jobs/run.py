@@ -9,6 +9,7 @@ from etl.common import add_model_args, add_warehouse_arg, load_model_from_args, 
 
 
 def add_parser(sub) -> None:
+    from etl.textbank import PRODUCT_BANKS
     p = sub.add_parser("run", help="all jobs in order: embed, texts, textspan, label, judge, metrics, ablate, probe",
                        description="Build (or complete: every step resumes) the warehouse for one model. "
                                    "Example: python -m etl run --model toy-shapes --dataset shapes:2000:seed=0 "
@@ -19,7 +20,7 @@ def add_parser(sub) -> None:
     add_embed_args(p)
     p.add_argument("--text-file", default=None, help="a user text bank (one text per line, optional TAB tag) "
                                                      "instead of the product's own bank")
-    p.add_argument("--bank", default=None, choices=["atlas", "shapes"],
+    p.add_argument("--bank", default=None, choices=PRODUCT_BANKS,
                    help="the product's bank to name heads with (default: the model's own, 'shapes' for the toy "
                         "models, 'atlas' for other CLIPs)")
     p.add_argument("--labeler", default="offline", choices=["offline", "llm"],

@@ -16,6 +16,7 @@ from etl.common import add_warehouse_arg, progress, warehouse_path
 
 
 def add_parser(sub) -> None:
+    from etl.textbank import PRODUCT_BANKS
     p = sub.add_parser("texts", help="load a text bank (the product's own, or a text file) and embed it for a model",
                        description="Write the bank's texts (with property tags) and the property vocabulary to "
                                    "the warehouse, then the model's unit text embeddings of every text not yet "
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
                    help="a model_id of the warehouse `models` table (e.g. toy-shapes/bundled, written by "
                         "`embed`); without it only the texts are stored, nothing is embedded")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--bank", default=None, choices=["atlas", "shapes"],
+    src.add_argument("--bank", default=None, choices=PRODUCT_BANKS,
                      help="one of the product's banks: 'atlas' (3,600+ general image descriptions) or 'shapes' "
                           "(the shapes world's own texts); default: the model's default bank ('shapes' for the "
                           "toy models, 'atlas' otherwise), 'atlas' without --model")
@@ -57,13 +58,13 @@ def model_row_or_fail(path: str, model_id: str) -> dict:
 def read_bank(args, arch: str | None = None) -> tuple[str, list[tuple[str, str | None]], dict[str, int]]:
     """(bank name, [(text, tag)], {unknown tag: count}) from --bank / --text-file; without
     either, the default bank of the model's architecture ``arch`` (the atlas bank if None)."""
-    from etl.textbank import ATLAS_BANK, WORLD_BANK, UnknownTagWarning, bank_texts, read_text_file, unknown_tags
+    from etl.textbank import ATLAS_BANK, PRODUCT_BANKS, UnknownTagWarning, bank_texts, read_text_file, unknown_tags
     from models import default_bank
     if args.text_file is None:
         bank = args.bank or (default_bank(arch) if arch else ATLAS_BANK)
         return bank, list(bank_texts(bank)), {}
     bank = args.bank_name or Path(args.text_file).stem
-    if bank in (ATLAS_BANK, WORLD_BANK):
+    if bank in PRODUCT_BANKS:
         raise ValueError(f"'{bank}' is a bank of the product's own; give your file another --bank-name")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnknownTagWarning)          # reported below, per tag
