@@ -15,8 +15,8 @@ import warnings
 
 import etl.jobs
 
-# Job modules outside etl/jobs (owned by the shapes-world room).
-EXTRA_JOB_MODULES = ["etl.train_toy", "etl.eval_toy", "etl.probe"]
+
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                "Example: python -m etl run --model toy-shapes --dataset shapes:2000:seed=0",
     )
     sub = parser.add_subparsers(dest="job", metavar="<job>", required=True)
-    names = [f"etl.jobs.{m.name}" for m in pkgutil.iter_modules(etl.jobs.__path__)] + EXTRA_JOB_MODULES
+    names = [f"etl.jobs.{m.name}" for m in pkgutil.iter_modules(etl.jobs.__path__)]
     for name in names:
         try:
             module = importlib.import_module(name)

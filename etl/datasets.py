@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from PIL import Image
+
+from models.hashing import sha256_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                   ".ico", ".jfif", ".tga", ".pcx", ".dds", ".icns", ".psd"}
@@ -54,7 +55,7 @@ def open_dataset(spec: str) -> Dataset:
 
 
 def _shapes(spec: str) -> Dataset:
-    from etl import shapes
+    from etl.world import shapes
     n, seed = shapes.parse_dataset_name(spec)
     dataset_id = shapes.dataset_name(n, seed)
 
@@ -131,4 +132,5 @@ def _csv(manifest: Path) -> Dataset:
 
 
 def sha256_image(img: Image.Image) -> str:
-    return hashlib.sha256(img.tobytes()).hexdigest()
+    """sha256 of the decoded RGB pixels (the same picture hashes the same in any file format)."""
+    return sha256_bytes(img.tobytes())

@@ -81,3 +81,19 @@ def thumbnail_jpeg(img: Image.Image, side: int = 128, quality: int = 85) -> byte
     buf = io.BytesIO()
     t.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def pixels_to_tensor(lm, images: np.ndarray):
+    """uint8 [B, S, S, 3] at the model's own input size -> normalised float32 [B, 3, S, S].
+
+    The mean and std come from the model's preprocess (``visual.preprocess_cfg``), so the
+    result equals ``lm.preprocess`` on each image (no resize is needed at the input size).
+    ``lm`` is a LoadedModel or an open_clip CLIP module.
+    """
+    import torch
+    model = getattr(lm, "model", lm)
+    cfg = model.visual.preprocess_cfg
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -6,7 +6,6 @@ optionally, `head_tokens` [B, L', H, T, d]; the batch axis is dynamic.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -73,14 +72,6 @@ def _export(dec, dummy, tmp, names, opset):
             dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
             opset_version=opset, dynamo=False, do_constant_folding=True,
         )
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def select_providers(prefer: Optional[str] = None) -> list[str]:

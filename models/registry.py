@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import open_clip
 import torch
+from models.hashing import sha256_file
 
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 BUNDLED = "bundled"
@@ -32,6 +33,11 @@ def _register_bundled_configs() -> None:
     if not _registered and TOY_DIR.is_dir():
         open_clip.add_model_config(TOY_DIR)
         _registered = True
+
+
+def toy_architectures() -> list[str]:
+    """The toy architectures of the zoo: every ``models/toy/*.json`` config (with or without weights)."""
+    return sorted(p.stem for p in TOY_DIR.glob("*.json"))
 
 
 def bundled_weights(arch: str) -> Optional[Path]:
@@ -108,14 +114,6 @@ def _resolves(host: str) -> bool:
         return True
     except OSError:
         return False
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -247,8 +245,8 @@ def load_model(
             checkpoint = Path(checkpoint)
             if not checkpoint.is_file():
                 raise ModelError(f"checkpoint file not found: {checkpoint}. Pass the path of a .pt, .bin or .safetensors file")
-            _load_checkpoint(model, checkpoint, arch)
-            model_id = f"{arch}/{BUNDLED}" if source == BUNDLED else f"{arch}/ckpt-{_sha256(checkpoint)[:12]}"
+            load_state(model, checkpoint, arch)
+            model_id = f"{arch}/{BUNDLED}" if source == BUNDLED else f"{arch}/ckpt-{sha256_file(checkpoint)[:12]}"
         else:
             model_id = f"{arch}/random-seed{seed}"
     model.eval()
@@ -259,16 +257,23 @@ def load_model(
     return LoadedModel(model, preprocess, tokenizer, model_id, spec, source, device)
 
 
-def _load_checkpoint(model: torch.nn.Module, path: Path, arch: str) -> None:
-    """Load a state dict (safetensors without pickle; torch files with weights_only=True)."""
+def load_state(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> None:
+    """Load a state dict into ``model`` (strict), cast to the model's dtype.
+
+    Safetensors are read without pickle; torch files with ``weights_only=True``. A torch file
+    may hold the state dict itself, or under ``state_dict`` or ``model`` (a train-toy checkpoint).
+    """
+    path = Path(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
+            for key in ("state_dict", "model"):
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+                    break
         if not isinstance(state, dict):
             raise ModelError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
         state = {k.removeprefix("module."): v for k, v in state.items()}

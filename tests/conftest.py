@@ -17,7 +17,7 @@ def user_text_files(tmp_path_factory) -> dict[str, Path]:
     - ``words.txt``: every distinct word of the atlas bank, one per line.
     Returns {name: path}.
     """
-    from etl.textbank import atlas_bank
+    from etl.text.bank import atlas_bank
     root = tmp_path_factory.mktemp("user_banks")
     texts = [t for t, _ in atlas_bank()]
     lines = []

@@ -191,7 +191,7 @@ def test_run_builds_every_table_and_resumes(tmp_path):
                             ("head_factor_variance", 24 * 7), ("label_agreement", 1)]:
         assert count(wh, f"SELECT count(*) FROM {table}") == expected, table
     # the toy's default bank is the shapes world's own, and TextSpan used it with r capped at 32
-    from etl.textbank import world_bank
+    from etl.text.bank import world_bank
     assert count(wh, "SELECT count(*) FROM texts WHERE bank = 'shapes'") == len(world_bank())
     assert count(wh, "SELECT count(*) FROM head_texts WHERE bank <> 'shapes' OR r IS NULL OR r > 32") == 0
     assert count(wh, "SELECT analysed_layers FROM models WHERE model_id = 'toy-shapes/bundled'") == list(range(6))

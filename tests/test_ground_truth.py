@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from etl import shapes
-from etl.labelers import MIXED, HeadText, OfflineLabeler
-from etl.probe import factor_variance
-from etl.textbank import PROPERTIES, WORLD_FACTOR_PROPERTIES, world_bank, world_texts
+from etl.world import shapes
+from etl.text.labelers import MIXED, HeadText, OfflineLabeler
+from etl.world.probes import factor_variance
+from etl.text.bank import PROPERTIES, WORLD_FACTOR_PROPERTIES, world_bank, world_texts
 from tests.test_text_jobs import q
 
 

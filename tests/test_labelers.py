@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from etl.labelers import (MIXED, HeadText, LLMError, LLMLabeler, OfflineLabeler, normalise_property)
-from etl.textbank import PROPERTIES
+from etl.text.labelers import (MIXED, HeadText, LLMError, LLMLabeler, OfflineLabeler, normalise_property)
+from etl.text.bank import PROPERTIES
 
 KEY = "sk-test-SECRET-4f9a1c"
 
@@ -270,7 +270,7 @@ def test_model_agreement_tells_a_property_head_from_a_lookalike():
     """A head that carries a colour moves with the rest of the model's reading of the colour
     text; a head whose variance lies along the same text direction for another reason (here:
     an unrelated variable) does not."""
-    from etl.labelers import model_agreement
+    from etl.text.labelers import model_agreement
     rng = np.random.default_rng(5)
     n, d = 600, 16
     red, alt = rng.normal(size=d), rng.normal(size=d)
@@ -286,8 +286,8 @@ def test_model_agreement_tells_a_property_head_from_a_lookalike():
         assert rho[0] == pytest.approx(np.corrcoef(b, r)[0, 1])
         assert (rho[0] > 0.8) if expect == "high" else (abs(rho[0]) < 0.15)
     # texts that fail the check do not vote
-    from etl.labelers import HeadText, OfflineLabeler
-    from etl.labelers import agreement_p_value
+    from etl.text.labelers import HeadText, OfflineLabeler
+    from etl.text.labelers import agreement_p_value
     lab = OfflineLabeler(["colors", "shapes"])                       # threshold 0.35, 2 votes
     strong, p_strong = 0.6, agreement_p_value(0.6, 600)
     texts = [HeadText("a", "colors", 0.5, agreement=0.05, agreement_p=agreement_p_value(0.05, 600)),

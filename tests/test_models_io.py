@@ -13,7 +13,8 @@ from PIL import Image
 
 from models import ImageError, ModelError, decompose, load_image, load_model
 from models.decompose import decomposer
-from models.onnx import OnnxRunner, export_onnx, sha256_file
+from models.hashing import sha256_file
+from models.onnx import OnnxRunner, export_onnx
 from tests.model_fixtures import perturb, register_tiny_configs
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from etl.probe import format_matrix, probe_matrix, split_indices
+from etl.world.probes import format_matrix, probe_matrix, split_indices
 
 
 def _synthetic(n=800, d=16, seed=0):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from etl import shapes
-from etl.shapes import FACTORS
+from etl.world import shapes
+from etl.world.shapes import FACTORS
 
 SIZE = 64
 

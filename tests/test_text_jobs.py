@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from etl.cli import main
-from etl.labelers import MIXED
-from etl.textbank import PROPERTIES, atlas_bank, read_text_file
-from etl.textspan import textspan_literal
+from etl.text.labelers import MIXED
+from etl.text.bank import PROPERTIES, atlas_bank, read_text_file
+from etl.text.textspan import textspan_literal
 from tests.model_fixtures import register_tiny_configs
 from tests.test_labelers import KEY, FakeEndpoint
 

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-import etl.textbank as tb
-from etl import shapes
-from etl.textbank import (PROPERTIES, WORLD_FACTOR_PROPERTIES, TextFileError, UnknownTagWarning,
+import etl.text.bank as tb
+from etl.world import shapes
+from etl.text.bank import (PROPERTIES, WORLD_FACTOR_PROPERTIES, TextFileError, UnknownTagWarning,
                           atlas_bank, read_text_file, text_id, unknown_tags)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from etl.textspan import bench_textspan, textspan, textspan_heads, textspan_literal
+from etl.text.textspan import bench_textspan, textspan, textspan_heads, textspan_literal
 
 
 def literal_textspan(C, T, k, r):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from etl import eval_toy, shapes, train_toy
+import models
+from etl.world import evaluate as eval_toy, recipe as train_toy, shapes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "models" / "toy" / "toy-shapes.json"
@@ -36,7 +37,7 @@ def test_config_is_a_class_token_vit_with_the_standard_tokenizer():
     assert v.get("pool_type", "tok") == "tok" and not v.get("attentional_pool")
     assert v["image_size"] == 64 and v["image_size"] % v["patch_size"] == 0
     assert t["context_length"] == 32 and t["vocab_size"] == 49408
-    model, tok = train_toy.create_toy_model(seed=0)
+    model, tok = train_toy.toy_model(seed=0)
     assert tok(["a red circle"]).shape == (1, 32)
     assert model.visual.transformer.resblocks[0].attn.num_heads == v["width"] // v["head_width"]
 
@@ -60,7 +61,7 @@ def test_registered_config_loads_and_decomposes_exactly(weights, toy):
 
 def test_training_tensor_matches_the_eval_transform(toy):
     imgs = _images(4, seed=32)
-    a = train_toy.images_to_tensor(imgs)                                  # [4, 3, 64, 64]
+    a = models.pixels_to_tensor(toy, imgs)                                # [4, 3, 64, 64]
     b = torch.stack([toy.preprocess(shapes.Scene(im, {}, "").to_pil()) for im in imgs])
     assert a.shape == b.shape
     assert torch.allclose(a, b, atol=1e-5)
@@ -78,9 +79,8 @@ def test_shipped_weights_are_small_fp16_safetensors_loaded_as_fp32(toy):
     assert keys == set(toy.model.state_dict())
     assert all(p.dtype == torch.float32 for p in toy.model.parameters())
     assert toy.model_id == "toy-shapes/bundled"
-    # the direct loader (used by eval-toy without the registry) gives the same model
-    model, _ = train_toy.create_toy_model()
-    train_toy.load_toy_weights(model, WEIGHTS)
+    # loading the same file as a checkpoint gives the same model
+    model, _ = eval_toy.load_toy(WEIGHTS)
     sd = toy.model.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
@@ -103,7 +103,7 @@ def test_zero_shot_is_not_a_constant_guess(toy):
 
 
 def test_heads_carry_factors_by_probe(toy):
-    from etl.probe import head_embeddings_for_scenes, probe_matrix
+    from etl.world.probes import head_embeddings_for_scenes, probe_matrix
     scenes = list(shapes.generate(300, seed=33))
     head_cls, layers = head_embeddings_for_scenes(toy, scenes, "all")
     assert head_cls.shape[:3] == (300, toy.layers, toy.heads) and layers == list(range(toy.layers))
@@ -135,15 +135,9 @@ def test_evaluate_rejects_bad_n(toy):
 # ----------------------------------------------------------------------------- training
 
 def _train_args(tmp_path, **kw):
-    p = argparse.ArgumentParser()
-    train_toy.add_arguments(p)
-    args = p.parse_args(["--steps", "4", "--batch-size", "6", "--checkpoint-every", "2",
-                         "--threads", "1", "--no-progress", "--warmup", "1", "--log-every", "1"])
-    args.checkpoint_dir = str(tmp_path / "ckpt")
-    args.out = str(tmp_path / "out.safetensors")
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+    return train_toy.TrainConfig(**{**dict(steps=4, batch_size=6, checkpoint_every=2, threads=1, no_progress=True,
+                                         warmup=1, log_every=1, checkpoint_dir=str(tmp_path / "ckpt"),
+                                         out=str(tmp_path / "out.safetensors")), **kw})
 
 
 def test_training_resumes_to_identical_weights(tmp_path):
@@ -162,7 +156,7 @@ def test_training_resumes_to_identical_weights(tmp_path):
     log = [json.loads(ln) for ln in (tmp_path / "b" / "ckpt" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     # the weights changed from the initialisation
-    init, _ = train_toy.create_toy_model(seed=0)
+    init, _ = train_toy.toy_model(seed=0)
     assert not torch.equal(init.state_dict()["visual.proj"].half(), a["visual.proj"])
 
 
@@ -175,7 +169,7 @@ def test_resume_refuses_a_mismatched_run(tmp_path):
 
 
 def test_trimmed_text_encoding_equals_the_full_one():
-    model, tok = train_toy.create_toy_model(seed=1)
+    model, tok = train_toy.toy_model(seed=1)
     model.eval()
     t = tok(["a red circle", "four small striped blue stars in the top left corner on a grassy field"])
     with torch.no_grad():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from etl.eval_toy import EVAL_TARGETS, evaluate, load_toy
-from etl.train_toy import toy_configs
+from etl.world.evaluate import EVAL_TARGETS, evaluate, load_toy
+from etl.world.recipe import toy_configs
 from models.registry import bundled_weights
 
 ZOO = [m for m in toy_configs() if bundled_weights(m)]

@@ -1,6 +1,6 @@
-"""`ablate` (mean ablation, MATH.md §2) and `probe` (head x factor probes, stored).
+"""`ablate`: mean ablation (MATH.md §2), stored in `ablations` and `component_means`.
 
-Both work on a labelled dataset: the shapes world's factors, or an ImageFolder's classes
+It works on a labelled dataset: the shapes world's factors, or an ImageFolder's classes
 (zero-shot prompts "a photo of a {class}").
 """
 from __future__ import annotations
@@ -27,24 +27,12 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
     p.set_defaults(func=run_ablate)
 
-    q = sub.add_parser("probe", help="per-head ground truth for every shapes-world factor: linear probes (`probes`) "
-                            "and variance shares eta2 (`head_factor_variance`)",
-                       description="Reads head_embeddings and image_factors of a shapes dataset from the warehouse "
-                                   "(run `embed` first) and stores, per head and factor, held-out probe accuracy "
-                                   "and chance, and eta2: the share of the head's variance the factor's class "
-                                   "means explain (MATH.md §7; views head_truth, label_agreement).")
-    q.add_argument("--model", required=True, metavar="MODEL_ID", help="a model_id of the warehouse, e.g. toy-shapes/bundled")
-    add_warehouse_arg(q)
-    q.add_argument("--dataset", required=True, help="a shapes dataset already embedded, e.g. shapes:2000:seed=0")
-    q.add_argument("--seed", type=int, default=0, help="train/test split seed (default 0)")
-    q.set_defaults(func=run_probe)
-
 
 def _targets(lm, dataset) -> dict[str, tuple[list[str], torch.Tensor]]:
     """target name -> (class values, unit class text embeddings [V, d])."""
     from models import encode_texts
     if dataset.source == "shapes":
-        from etl import eval_toy, shapes
+        from etl.world import evaluate as eval_toy, shapes
         return {f: (list(shapes.FACTORS[f]), eval_toy.class_embeddings(lambda t: encode_texts(lm, t), f))
                 for f in shapes.FACTORS}
     classes = getattr(dataset, "classes", [])
@@ -153,56 +141,4 @@ def run_ablate(args) -> int:
     mlps = {r["factor"]: round(r["accuracy"], 4) for r in rows if r["kind"] == "mlps"}
     print(json.dumps({"model_id": lm.model_id, "dataset": dataset.dataset_id, "images": n,
                       "baseline": summary, "mlps_ablated": mlps}))
-    return 0
-
-
-def run_probe(args) -> int:
-    from etl.probe import factor_variance, probe_matrix
-    from etl.textbank import WORLD_FACTOR_PROPERTIES
-    from warehouse import connect, writer
-    from warehouse.runs import run_record
-    path = warehouse_path(args)
-    with connect(path) as con:
-        rows = con.execute(
-            "SELECT h.image_id, h.layer, h.head, h.vec FROM head_embeddings h JOIN images i USING (image_id) "
-            "WHERE h.model_id = ? AND i.dataset_id = ? ORDER BY h.image_id, h.layer, h.head",
-            [args.model, args.dataset]).fetchall()
-        facts = con.execute(
-            "SELECT f.image_id, f.factor, f.value FROM image_factors f JOIN images i USING (image_id) "
-            "WHERE i.dataset_id = ?", [args.dataset]).fetchall()
-    if not rows or not facts:
-        raise ValueError(f"no head embeddings with factor labels for model {args.model} on {args.dataset}: "
-                         f"run `python -m etl embed --model ... --dataset {args.dataset}` first (a shapes dataset)")
-    ids = sorted({r[0] for r in rows})
-    layers = sorted({r[1] for r in rows})
-    heads = sorted({r[2] for r in rows})
-    index = {i: k for k, i in enumerate(ids)}
-    d = len(rows[0][3])
-    X = np.zeros((len(ids), len(layers), len(heads), d), np.float32)            # [n, L', H, d]
-    for image_id, l, h, vec in rows:
-        X[index[image_id], layers.index(l), heads.index(h)] = vec
-    by_factor: dict[str, list] = {}
-    for image_id, factor, value in facts:
-        by_factor.setdefault(factor, [None] * len(ids))
-        if image_id in index:
-            by_factor[factor][index[image_id]] = value
-    with run_record(path, "probe", {"model_id": args.model, "dataset": args.dataset}) as run_id:
-        result = probe_matrix(X, by_factor, seed=args.seed, layers=layers)
-        eta2 = factor_variance(X, by_factor, layers=layers)
-        with writer(path) as con:
-            con.executemany("INSERT INTO factor_properties (factor, property) VALUES (?, ?) "
-                            "ON CONFLICT (factor) DO UPDATE SET property = excluded.property",
-                            list(WORLD_FACTOR_PROPERTIES.items()))
-            con.execute("DELETE FROM head_factor_variance WHERE model_id = ? AND dataset_id = ?",
-                        [args.model, args.dataset])
-            con.executemany("INSERT INTO head_factor_variance (model_id, dataset_id, layer, head, factor, eta2, "
-                            "run_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [[args.model, args.dataset, r["layer"], r["head"], r["factor"], r["eta2"], run_id]
-                             for r in eta2])
-            con.execute("DELETE FROM probes WHERE model_id = ? AND dataset_id = ?", [args.model, args.dataset])
-            con.executemany("INSERT INTO probes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            [[args.model, args.dataset, r["layer"], r["head"], r["factor"], r["accuracy"],
-                              r["chance"], run_id] for r in result])
-    print(json.dumps({"model_id": args.model, "dataset": args.dataset, "rows": len(result),
-                      "eta2_rows": len(eta2)}))
     return 0

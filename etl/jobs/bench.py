@@ -88,12 +88,12 @@ def run(args) -> int:
                + [(k, f"{v:.3f}") for k, v in r["ratios"].items()])
         summary.update({k: round(v, 3) for k, v in r["ratios"].items()})
     if "shapes" in only:
-        from etl.shapes import bench_shapes
+        from etl.world.shapes import bench_shapes
         rate = statistics.median(bench_shapes() for _ in range(3))
         _table("shapes world generator (64 px, one thread)", [("images/s", f"{rate:.0f}")])
         summary["shapes_images_per_s"] = round(rate)
     if "textspan" in only:
-        from etl.textspan import bench_textspan
+        from etl.text.textspan import bench_textspan
         r = bench_textspan()
         _table("TextSpan (48 heads x k=20, 3,500 texts, 5,000 images, d=512)", [(k, v) for k, v in r.items()])
         summary.update({f"textspan_{k}": v for k, v in r.items() if isinstance(v, (int, float))})

@@ -81,7 +81,8 @@ def onnx_file(lm, layers: list[int]) -> Path:
 
 def export(path: str, lm, layers: list[int], out: str | None = None, tokens: bool = False) -> Path:
     """Export once (kept while the file exists and matches the stored sha256)."""
-    from models.onnx import export_onnx, sha256_file
+    from models.hashing import sha256_file
+    from models.onnx import export_onnx
     target = Path(out) if out else onnx_file(lm, layers)
     if tokens and not out:
         target = target.with_name(target.stem + "__tokens.onnx")

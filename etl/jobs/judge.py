@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from etl.jobs.texts import model_row_or_fail
-    from etl.labelers import MIXED, OfflineLabeler
+    from etl.text.labelers import MIXED, OfflineLabeler
     from warehouse import connect
     from warehouse.runs import run_record
     if args.batch_size < 1:

@@ -27,7 +27,7 @@ def add_llm_args(p) -> None:
 
 
 def make_llm(args, vocabulary: dict[str, str]):
-    from etl.labelers import LLMLabeler
+    from etl.text.labelers import LLMLabeler
     if not args.llm_model:
         raise ValueError("the LLM labeler needs --llm-model NAME (e.g. gpt-4o-mini)")
     return LLMLabeler(args.llm_model, vocabulary, timeout_s=args.llm_timeout, max_retries=args.llm_retries)
@@ -43,7 +43,7 @@ def vocabulary(con) -> dict[str, str]:
 
 def head_texts(con, model_id: str, where: str = "", params: list | None = None) -> dict:
     """{(layer, head): [(text_id, HeadText)]} in rank order, for heads of the model with texts."""
-    from etl.labelers import HeadText
+    from etl.text.labelers import HeadText
     rows = con.execute(
         "SELECT ht.layer, ht.head, ht.text_id, coalesce(t.text, ht.text_id), t.property, ht.variance_explained "
         "FROM head_texts ht LEFT JOIN texts t USING (text_id) "
@@ -56,7 +56,7 @@ def head_texts(con, model_id: str, where: str = "", params: list | None = None) 
 
 def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: dict, todo: list,
                          text_ids: list[str], tags: list, T) -> dict:
-    """``heads`` with ``HeadText.agreement`` set for the heads in ``todo`` (etl.labelers.
+    """``heads`` with ``HeadText.agreement`` set for the heads in ``todo`` (etl.text.labelers.
     model_agreement): each tagged text against the mean of its property's texts, over the
     images TextSpan used. text_ids, tags, T [M, d]: the bank's texts embedded for the model.
     Reads one layer's head embeddings at a time."""
@@ -64,7 +64,7 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
 
     import numpy as np
 
-    from etl.labelers import agreement_p_value, model_agreement
+    from etl.text.labelers import agreement_p_value, model_agreement
     from warehouse import connect
     from warehouse.queries import image_matrix, layer_head_matrix
     with connect(path) as con:
@@ -122,7 +122,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from etl.jobs.texts import model_row_or_fail
-    from etl.labelers import (OFFLINE_AGREEMENT, OFFLINE_AGREEMENT_P, OFFLINE_ALPHA, OFFLINE_MIN_VOTES,
+    from etl.text.labelers import (OFFLINE_AGREEMENT, OFFLINE_AGREEMENT_P, OFFLINE_ALPHA, OFFLINE_MIN_VOTES,
                               OFFLINE_THRESHOLD, OfflineLabeler)
     from warehouse import connect
     from warehouse.queries import bank_text_matrix

@@ -9,7 +9,7 @@ from etl.common import add_model_args, add_warehouse_arg, load_model_from_args, 
 
 
 def add_parser(sub) -> None:
-    from etl.textbank import PRODUCT_BANKS
+    from etl.text.bank import PRODUCT_BANKS
     p = sub.add_parser("run", help="all jobs in order: embed, texts, textspan, label, judge, metrics, ablate, probe",
                        description="Build (or complete: every step resumes) the warehouse for one model. "
                                    "Example: python -m etl run --model toy-shapes --dataset shapes:2000:seed=0 "

@@ -16,7 +16,7 @@ from etl.common import add_warehouse_arg, progress, warehouse_path
 
 
 def add_parser(sub) -> None:
-    from etl.textbank import PRODUCT_BANKS
+    from etl.text.bank import PRODUCT_BANKS
     p = sub.add_parser("texts", help="load a text bank (the product's own, or a text file) and embed it for a model",
                        description="Write the bank's texts (with property tags) and the property vocabulary to "
                                    "the warehouse, then the model's unit text embeddings of every text not yet "
@@ -58,7 +58,7 @@ def model_row_or_fail(path: str, model_id: str) -> dict:
 def read_bank(args, arch: str | None = None) -> tuple[str, list[tuple[str, str | None]], dict[str, int]]:
     """(bank name, [(text, tag)], {unknown tag: count}) from --bank / --text-file; without
     either, the default bank of the model's architecture ``arch`` (the atlas bank if None)."""
-    from etl.textbank import ATLAS_BANK, PRODUCT_BANKS, UnknownTagWarning, bank_texts, read_text_file, unknown_tags
+    from etl.text.bank import ATLAS_BANK, PRODUCT_BANKS, UnknownTagWarning, bank_texts, read_text_file, unknown_tags
     from models import default_bank
     if args.text_file is None:
         bank = args.bank or (default_bank(arch) if arch else ATLAS_BANK)
@@ -74,7 +74,7 @@ def read_bank(args, arch: str | None = None) -> tuple[str, list[tuple[str, str |
 
 def run(args) -> int:
     import pyarrow as pa
-    from etl.textbank import PROPERTIES, text_id
+    from etl.text.bank import PROPERTIES, text_id
     from warehouse import connect, writer
     from warehouse.runs import record_error, run_record
     if args.batch_size < 1:

@@ -3,7 +3,7 @@
     python -m etl textspan --model toy-shapes/bundled                    # k = 10, r = 80, bank atlas
 
 Reads the model's head embeddings one layer at a time ([n images, H heads, d]) and the
-bank's text embeddings, runs the fast batched TextSpan (etl/textspan.py) and writes each
+bank's text embeddings, runs the fast batched TextSpan (etl/text/textspan.py) and writes each
 layer's heads in one transaction. Heads already done with the same bank, dataset and k are
 skipped; heads done differently are only replaced with --force. Rewriting a head also drops
 its label and judgments, which were derived from its old texts.
@@ -57,7 +57,7 @@ def _choose_bank(con, model_id: str, arch: str, bank: str | None) -> str:
 
 def run(args) -> int:
     from etl.jobs.texts import model_row_or_fail
-    from etl.textspan import check_sizes, textspan_heads
+    from etl.text.textspan import check_sizes, textspan_heads
     from warehouse import connect, writer
     from warehouse.queries import bank_text_matrix, layer_head_matrix
     from warehouse.runs import record_error, run_record
@@ -115,7 +115,7 @@ def run(args) -> int:
 def _textspan_layer(textspan_heads, C, T, heads, k, r, head_dim):
     """Run the layer's heads together; if that fails, head by head so one bad head costs only itself.
 
-    r is capped per head at its numerical rank and at ``head_dim`` (etl/textspan.py).
+    r is capped per head at its numerical rank and at ``head_dim`` (etl/text/textspan.py).
     Returns ({head: (idx [k], var [k], r used)}, {head: reason})."""
     try:
         idx, var, r_used = textspan_heads(C, T, k=k, r=r, max_rank=head_dim, with_rank=True)

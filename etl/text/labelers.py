@@ -32,7 +32,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import openai
 
-from etl.textbank import PROPERTIES
+from etl.text.bank import PROPERTIES
 
 __all__ = [
     "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",

@@ -419,7 +419,7 @@ def caption_parts(factors: dict[str, str], rng: np.random.Generator, partial_pro
     """``caption_for`` plus the names of the factors the caption states (in FACTORS order).
 
     A caption that leaves a factor out is true of every scene that agrees on the named ones,
-    which is what exact multi-positive contrastive targets need (see etl.train_toy).
+    which is what exact multi-positive contrastive targets need (see etl.world.recipe).
     """
     u = rng.random(12)
     variant = int(u[0] * 12)

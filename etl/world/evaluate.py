@@ -18,14 +18,11 @@ Training used world seed 0 (scene indices from 0 upward); evaluate on other seed
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from etl import shapes
+from etl.world import shapes
 
 COUNT_SEED_OFFSET = 1_000_003
 
@@ -99,28 +96,23 @@ def class_embeddings(encode_text, factor: str):
 
 
 def load_toy(weights: str | Path | None = None, name: str = "toy-shapes"):
-    """(model float32 eval, tokenizer) of a bundled toy CLIP ``name`` (a models/toy config),
-    with its shipped weights or, when given, the safetensors file ``weights``."""
-    from etl.train_toy import create_toy_model, load_toy_weights
-    if weights is None:
-        from models import load_model
-        lm = load_model(name)
-        return lm.model.eval(), lm.tokenizer
-    if not Path(weights).exists():
-        raise SystemExit(f"no toy weights at {weights}; train them with `python -m etl train-zoo --model {name}`")
-    model, tok = create_toy_model(name=name)
-    load_toy_weights(model, weights)
-    return model.eval(), tok
+    """(model float32 eval, tokenizer) of a toy CLIP ``name`` (a models/toy config), with its
+    shipped weights or, when given, the weights file ``weights`` (see ``models.load_model``)."""
+    from models import ModelError, load_model
+    if weights is not None and not Path(weights).exists():
+        raise ModelError(f"no toy weights at {weights}; train them with `python -m etl train-zoo --model {name}`")
+    lm = load_model(name, checkpoint=weights)
+    return lm.model.eval(), lm.tokenizer
 
 
 def _embed_images(model, images: np.ndarray, batch: int = 256):
     """uint8 [N, S, S, 3] -> unit image embeddings [N, d]."""
     import torch
-    from etl.train_toy import images_to_tensor
+    from models import pixels_to_tensor
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            x = images_to_tensor(images[i:i + batch])
+            x = pixels_to_tensor(model, images[i:i + batch])
             out.append(torch.nn.functional.normalize(model.encode_image(x), dim=-1))
     return torch.cat(out)
 
@@ -151,45 +143,3 @@ def evaluate(model, tokenizer, seed: int = 1, n: int = 2000, size: int = 64) -> 
     res["n"] = n
     res["seed"] = seed
     return res
-
-
-def run(args) -> int:
-    import torch
-    torch.set_num_threads(args.threads)
-    model, tok = load_toy(args.weights, args.model)
-    res = {"model": args.model, **evaluate(model, tok, seed=args.seed, n=args.n)}
-    print(json.dumps(res))
-    return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from etl.train_toy import toy_configs
-    p.add_argument("--model", default="toy-shapes", choices=toy_configs(),
-                   help="toy architecture (default toy-shapes)")
-    p.add_argument("--seed", type=int, default=1,
-                   help="shapes-world seed of the held-out scenes (training used 0; default 1)")
-    p.add_argument("--n", type=int, default=2000, help="scenes per evaluation set (default 2000)")
-    p.add_argument("--weights", default=None,
-                   help="safetensors file to evaluate instead of the model's bundled weights")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``eval-toy`` on an argparse sub-parser collection."""
-    p = subparsers.add_parser("eval-toy", help="zero-shot accuracy of the toy CLIP per factor",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m etl.eval_toy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

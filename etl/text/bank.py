@@ -1,7 +1,7 @@
 """The product's own text bank, user text files, and text ids.
 
 The atlas bank is generated deterministically from curated vocabularies, one JSON file per
-property under ``etl/textbank/``::
+property under ``etl/text/banks/``::
 
     {"property": "colors",
      "description": "one line, shown in the dashboard and given to the LLM labeler",
@@ -13,7 +13,7 @@ Each text expresses exactly one property and carries that property as its tag, s
 offline labeler (MATH.md §4) and the tag judge (§5) can read a head's property straight off
 its TextSpan texts. "a photo of a red car" would mix colours and vehicles; the bank says
 "a vivid red color" and "an image of a car" instead. The toy shapes world's vocabulary
-(etl/shapes.py: its shapes, colours, sizes, grid positions, counts, patterns and backgrounds)
+(etl/world/shapes.py: its shapes, colours, sizes, grid positions, counts, patterns and backgrounds)
 is written into the matching properties too.
 
 The shapes-world bank (``world_bank``, bank name 'shapes') is generated from the world's own
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 ATLAS_BANK = "atlas"                                  # bank name of the product's own texts
-VOCABULARY_DIR = Path(__file__).with_name("textbank")
+VOCABULARY_DIR = Path(__file__).with_name("banks")
 
 # "a" before a vowel sound becomes "an"; these vowel-letter words start with a consonant sound.
 _A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])(?!(?:uni|use|usu|eu|one\b|once)\w*)")
@@ -163,7 +163,7 @@ def text_id(bank: str, text: str) -> str:
 
 WORLD_BANK = "shapes"                                 # bank name of the shapes world's own texts
 
-# The one property of each factor of the shapes world (etl/shapes.py FACTORS): a head
+# The one property of each factor of the shapes world (etl/world/shapes.py FACTORS): a head
 # labelled with a property is checked against the matching known factor (MATH.md §7). Sizes
 # and backgrounds are properties of their own: a background colour is a background, not a
 # colour, and a size is not a shape.
@@ -185,7 +185,7 @@ def world_texts(factor: str, value: str) -> list[str]:
     """Every text of the world bank that names one factor value, in the world's own caption
     vocabulary: the one-factor captions training used (``shapes.factor_caption``) plus the
     noun phrase in the full captions' templates. Deterministic order, no duplicates."""
-    from etl import shapes
+    from etl.world import shapes
     texts = [shapes.factor_caption(factor, value, v) for v in range(120)]
     if factor not in ("position", "background"):
         f = {n: (value if n == factor else None) for n in shapes.FACTOR_NAMES}
@@ -198,7 +198,7 @@ def world_texts(factor: str, value: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _world() -> tuple[tuple[str, str], ...]:
-    from etl import shapes
+    from etl.world import shapes
     bank: dict[str, str] = {}
     for factor, values in shapes.FACTORS.items():
         for value in values:

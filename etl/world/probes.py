@@ -1,6 +1,7 @@
 """Per-head linear probes: how well does one head's embedding predict each ground-truth factor?
 
-    python -m etl probe-heads [--n 2000] [--seed 2] [--layers all]
+    python -m etl probe-heads [--n 2000] [--seed 2] [--layers all]   (fresh scenes, printed)
+    python -m etl probe --model MODEL_ID --dataset shapes:N:seed=S     (stored embeddings, stored)
 
 For every head (l, h) and every factor, a closed-form ridge classifier (one-hot targets,
 standardised features plus a bias, ridge strength picked on a validation slice of the
@@ -14,9 +15,6 @@ which TextSpan labels and the association / entanglement scores are judged.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -191,58 +189,3 @@ def head_embeddings_for_scenes(lm, scenes, layers="all", batch_size: int = 256):
         out.append(dec.head_cls.float().cpu().numpy())
         lay = list(dec.layers)
     return np.concatenate(out), lay
-
-
-def run(args) -> int:
-    import torch
-    from models import load_model
-    from etl import shapes
-    torch.set_num_threads(args.threads)
-    lm = load_model(args.model) if args.checkpoint is None else load_model(args.model, checkpoint=args.checkpoint)
-    size = lm.image_size if isinstance(lm.image_size, int) else lm.image_size[0]
-    scenes = list(shapes.generate(args.n, args.seed, size))
-    head_cls, layers = head_embeddings_for_scenes(lm, scenes, args.layers)
-    factors = {f: [s.factors[f] for s in scenes] for f in shapes.FACTORS}
-    rows = probe_matrix(head_cls, factors, seed=args.seed, layers=layers)
-    if args.format == "json":
-        for r in rows:
-            print(json.dumps(r))
-    else:
-        print(f"# linear-probe test accuracy per head and factor; {lm.model_id}, "
-              f"{shapes.dataset_name(args.n, args.seed)}, split seed {args.seed}")
-        print(format_matrix(rows))
-    return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="toy-shapes",
-                   help="open_clip architecture with bundled weights (default toy-shapes)")
-    p.add_argument("--checkpoint", default=None, help="weights file instead of the bundled weights")
-    p.add_argument("--n", type=int, default=2000, help="number of shapes scenes (default 2000)")
-    p.add_argument("--seed", type=int, default=2,
-                   help="shapes-world seed of the scenes and of the train/test split (default 2)")
-    p.add_argument("--layers", default="all", help="layers to probe: all | lastN | 0,1,2 (default all)")
-    p.add_argument("--format", choices=["table", "json"], default="table",
-                   help="table (one row per head) or json (one line per head x factor)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``probe-heads`` on an argparse sub-parser collection."""
-    p = subparsers.add_parser("probe-heads", help="per-head linear probes against the shapes factors",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m etl.probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    raise SystemExit(run(p.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -24,62 +24,33 @@ periodic checkpoints and a log.jsonl under ``var/toy-train/`` (``$ATLAS_HOME`` r
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-TOY_DIR = REPO / "models" / "toy"
-MODEL_NAME = "toy-shapes"
+import models
 
-# open_clip's default (OpenAI) normalisation, which the toy config inherits
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+MODEL_NAME = "toy-shapes"
 
 
 def default_ckpt_dir() -> Path:
-    return Path(os.environ.get("ATLAS_HOME", REPO / "var")) / "toy-train"
+    """``$ATLAS_HOME/toy-train``."""
+    from warehouse import atlas_home
+    return atlas_home() / "toy-train"
 
 
-def toy_configs() -> list[str]:
-    """The toy architectures of the zoo: every ``models/toy/*.json``."""
-    return sorted(p.stem for p in TOY_DIR.glob("*.json"))
-
-
-def create_toy_model(seed: int | None = None, name: str = MODEL_NAME):
-    """A randomly initialised toy open_clip model ``name`` (float32, train mode) and its tokenizer."""
-    import open_clip
-    import torch
-    open_clip.add_model_config(str(TOY_DIR))
-    if seed is not None:
-        torch.manual_seed(seed)
-    import logging
-    lvl = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)      # "no pretrained weights" is expected
-    try:
-        model = open_clip.create_model(name)
-    finally:
-        logging.getLogger().setLevel(lvl)
-    tok = open_clip.get_tokenizer(name)
-    return model, tok
-
-
-def images_to_tensor(images: np.ndarray):
-    """uint8 [B, S, S, 3] -> normalised float32 tensor [B, 3, S, S].
-
-    Same result as open_clip's eval transform on a PIL image that is already S x S.
-    """
-    import torch
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+def toy_model(name: str = MODEL_NAME, seed: int = 0):
+    """A seeded random toy open_clip model ``name`` (float32, train mode) and its tokenizer."""
+    from models import load_model
+    lm = load_model(name, random_init=True, seed=seed)
+    return lm.model.train(), lm.tokenizer
 
 
 def encode_text_trimmed(model, tokens):
@@ -136,26 +107,6 @@ def save_fp16(model, path: Path, meta: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_toy_weights(model, path: Path | str) -> None:
-    """Load weights into a float32 toy model: fp16/fp32 safetensors (safe loading, no pickle),
-    or the model of a train-toy checkpoint ``.pt`` (read with ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
-    if path.suffix == ".pt":
-        import torch
-        sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    else:
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if m != "attn_mask"]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the model's config "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-
-
 # factors a group variant may change, with weights (the hard, spatial ones more often)
 VARY_WEIGHTS = {"shape": 3, "color": 1, "size": 1, "position": 3, "count": 3, "pattern": 2,
                 "background": 1}
@@ -172,7 +123,7 @@ def training_scenes(step: int, seed: int, batch_size: int, group_size: int = 1, 
     object with extra probability ``single_prob`` (single objects meet the patch grid at a
     fixed phase, where shapes are learnt fastest). Returns a list of Scene.
     """
-    from etl import shapes
+    from etl.world import shapes
     first = start_index + step * batch_size
     if group_size <= 1:
         return [shapes.scene(first + j, seed, size, partial_prob) for j in range(batch_size)]
@@ -196,7 +147,7 @@ def training_scenes(step: int, seed: int, batch_size: int, group_size: int = 1, 
 
 def consistency(scenes) -> np.ndarray:
     """bool [B text, B image]: caption j is true of image i (agrees on every factor j names)."""
-    from etl import shapes
+    from etl.world import shapes
     names = shapes.FACTOR_NAMES
     codes = np.array([[shapes.FACTORS[n].index(s.factors[n]) for n in names] for s in scenes])
     named = np.array([[n in s.named for n in names] for s in scenes])
@@ -235,7 +186,7 @@ def factor_captions(variant: int) -> tuple[list[str], list[tuple[str, int, int]]
 
     Returns (texts, spans) with spans = (factor, first row, number of values) into texts.
     """
-    from etl import shapes
+    from etl.world import shapes
     texts, spans = [], []
     for k, (f, values) in enumerate(shapes.FACTORS.items()):
         spans.append((f, len(texts), len(values)))
@@ -248,7 +199,7 @@ FACTOR_LOSS_WEIGHTS = {"shape": 2.0}      # shapes are the slowest factor for a 
 
 def parse_factor_weights(text: str) -> dict[str, float]:
     """'shape=2,count=1.5' -> {'shape': 2.0, 'count': 1.5}; unnamed factors weigh 1."""
-    from etl import shapes
+    from etl.world import shapes
     out = {}
     for part in filter(None, (p.strip() for p in (text or "").split(","))):
         name, sep, val = part.partition("=")
@@ -272,7 +223,7 @@ def factor_loss(scale, img_f, txt_f, spans, scenes, weights: dict[str, float] | 
     """
     import torch
     import torch.nn.functional as F
-    from etl import shapes
+    from etl.world import shapes
     losses = []
     weights = FACTOR_LOSS_WEIGHTS if weights is None else weights
     ws = []
@@ -302,46 +253,77 @@ def paraphrase_loss(scale, txt_a, txt_b, spans):
     return torch.stack(losses).mean()
 
 
-def train(args) -> Path | None:
+@dataclass
+class TrainConfig:
+    """One training run (``python -m etl train-toy --help`` explains every field)."""
+    model: str = MODEL_NAME
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: float = 0.05
+    weight_decay: float = 0.1
+    group_size: int = 4
+    targets: str = "exact"
+    factor_loss: float = 1.0
+    factor_weights: str = "shape=2"
+    text_loss: float = 1.0
+    single_prob: float = 0.5
+    pos_init_scale: float = 10.0
+    partial_prob: float = 0.5
+    image_size: int = 64
+    seed: int = 0
+    threads: int = 2
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 100
+    log_every: int = 20
+    resume: bool = False
+    init: Optional[str] = None
+    start_index: int = 0
+    stop_at: int = 0
+    out: Optional[str] = None
+    snapshot_out: bool = False
+    no_progress: bool = False
+
+
+def train(cfg: TrainConfig) -> Path | None:
     """Run (or resume) training; returns the weights path, or None when --stop-at ended it early."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
-    from etl import shapes
 
-    if args.steps <= 0 or args.batch_size <= 1:
+    if cfg.steps <= 0 or cfg.batch_size <= 1:
         raise SystemExit("--steps must be > 0 and --batch-size > 1")
-    torch.set_num_threads(args.threads)
-    ckpt_dir = Path(args.checkpoint_dir)
+    torch.set_num_threads(cfg.threads)
+    ckpt_dir = Path(cfg.checkpoint_dir or default_ckpt_dir())
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "last.pt"
-    out = Path(args.out or TOY_DIR / f"{args.model}.safetensors")
+    out = Path(cfg.out or models.TOY_DIR / f"{cfg.model}.safetensors")
 
-    model, tok = create_toy_model(args.seed, args.model)
-    if args.init and not args.resume:
-        load_toy_weights(model, args.init)          # .safetensors or a train-toy checkpoint .pt
-    elif args.pos_init_scale != 1.0:
+    model, tok = toy_model(cfg.model, cfg.seed)
+    if cfg.init and not cfg.resume:
+        models.load_state(model, cfg.init, cfg.model)   # .safetensors or a train-toy checkpoint .pt
+    elif cfg.pos_init_scale != 1.0:
         # open_clip draws the image position embedding with std width**-0.5 (0.09 here), far
         # below the patch embeddings (~0.6): a small ViT then takes very long to see *where*
         # things are. A larger draw fixes it (measured: position probe 0.8 vs chance at 120 steps).
         with torch.no_grad():
-            model.visual.positional_embedding.mul_(args.pos_init_scale)
+            model.visual.positional_embedding.mul_(cfg.pos_init_scale)
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=(0.9, 0.98), eps=1e-6)
     start = 0
     elapsed = 0.0
     log_path = ckpt_dir / "log.jsonl"
-    if args.resume:
+    if cfg.resume:
         if not ckpt.exists():
             raise SystemExit(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets", "factor_loss",
                   "text_loss", "pos_init_scale", "single_prob",
                   "factor_weights", "model"):
-            if state["args"].get(k, _OLD_DEFAULTS.get(k, 0)) != getattr(args, k):
+            if state["args"].get(k, _OLD_DEFAULTS.get(k, 0)) != getattr(cfg, k):
                 raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
-                                 f"{state['args'].get(k, _OLD_DEFAULTS.get(k, 0))}, this run asks for {getattr(args, k)}")
+                                 f"{state['args'].get(k, _OLD_DEFAULTS.get(k, 0))}, this run asks for {getattr(cfg, k)}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["torch_rng"])
@@ -355,46 +337,46 @@ def train(args) -> Path | None:
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                     "torch_rng": torch.get_rng_state(), "elapsed": elapsed,
-                    "args": {"seed": args.seed, "batch_size": args.batch_size, "steps": args.steps,
-                             "start_index": args.start_index, "group_size": args.group_size,
-                             "targets": args.targets, "factor_loss": args.factor_loss,
-                             "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale,
-                             "single_prob": args.single_prob, "factor_weights": args.factor_weights,
-                             "model": args.model}},
+                    "args": {"seed": cfg.seed, "batch_size": cfg.batch_size, "steps": cfg.steps,
+                             "start_index": cfg.start_index, "group_size": cfg.group_size,
+                             "targets": cfg.targets, "factor_loss": cfg.factor_loss,
+                             "text_loss": cfg.text_loss, "pos_init_scale": cfg.pos_init_scale,
+                             "single_prob": cfg.single_prob, "factor_weights": cfg.factor_weights,
+                             "model": cfg.model}},
                    tmp)
         os.replace(tmp, ckpt)
 
-    fweights = parse_factor_weights(args.factor_weights)
-    B = args.batch_size
-    warmup = max(1, int(args.warmup * args.steps)) if args.warmup < 1 else int(args.warmup)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train-toy",
-               dynamic_ncols=True, mininterval=2.0, disable=args.no_progress)
+    fweights = parse_factor_weights(cfg.factor_weights)
+    B = cfg.batch_size
+    warmup = max(1, int(cfg.warmup * cfg.steps)) if cfg.warmup < 1 else int(cfg.warmup)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-toy",
+               dynamic_ncols=True, mininterval=2.0, disable=cfg.no_progress)
     ema = None
     t_last = time.perf_counter()
     for step in bar:
-        scenes = training_scenes(step, args.seed, B, args.group_size, args.image_size,
-                                 args.partial_prob, args.start_index, args.single_prob)
-        x = images_to_tensor(np.stack([sc.image for sc in scenes]))
+        scenes = training_scenes(step, cfg.seed, B, cfg.group_size, cfg.image_size,
+                                 cfg.partial_prob, cfg.start_index, cfg.single_prob)
+        x = models.pixels_to_tensor(model, np.stack([sc.image for sc in scenes]))
         t = tok([sc.caption for sc in scenes])
         cons = consistency(scenes)
-        lr = lr_at(step, args.steps, args.lr, warmup)
+        lr = lr_at(step, cfg.steps, cfg.lr, warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         img_f = F.normalize(model.encode_image(x), dim=-1)
         txt_f = F.normalize(encode_text_trimmed(model, t), dim=-1)
         scale = model.logit_scale.exp()
         logits = scale * img_f @ txt_f.T
-        loss = contrastive_loss(logits, args.targets, cons)
-        if args.factor_loss > 0 or args.text_loss > 0:
+        loss = contrastive_loss(logits, cfg.targets, cons)
+        if cfg.factor_loss > 0 or cfg.text_loss > 0:
             va, vb = (int(v) for v in torch.randint(0, 1 << 20, (2,)))
             ftexts, spans = factor_captions(va)
             ftxt = F.normalize(encode_text_trimmed(model, tok(ftexts)), dim=-1)
-            if args.factor_loss > 0:
-                loss = loss + args.factor_loss * factor_loss(scale, img_f, ftxt, spans, scenes, fweights)
-            if args.text_loss > 0:
+            if cfg.factor_loss > 0:
+                loss = loss + cfg.factor_loss * factor_loss(scale, img_f, ftxt, spans, scenes, fweights)
+            if cfg.text_loss > 0:
                 btexts, _ = factor_captions(vb)
                 btxt = F.normalize(encode_text_trimmed(model, tok(btexts)), dim=-1)
-                loss = loss + args.text_loss * paraphrase_loss(scale, ftxt, btxt, spans)
+                loss = loss + cfg.text_loss * paraphrase_loss(scale, ftxt, btxt, spans)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -409,110 +391,40 @@ def train(args) -> Path | None:
         bar.set_postfix(loss=f"{ema:.3f}", T=f"{scale.item():.1f}", acc=f"{acc:.2f}", lr=f"{lr:.1e}",
                         refresh=False)
         done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
+        if done % cfg.log_every == 0 or done == cfg.steps:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": done, "loss": round(ema, 4), "acc": round(acc, 3),
                                      "scale": round(scale.item(), 2), "lr": lr,
                                      "elapsed_s": round(elapsed, 1)}) + "\n")
-        if done % args.checkpoint_every == 0 or done == args.steps:
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint(done)
-            if args.snapshot_out:
-                save_fp16(model, out, {"step": done, "seed": args.seed, "partial": True})
-        if args.stop_at and done >= args.stop_at and done < args.steps:
+            if cfg.snapshot_out:
+                save_fp16(model, out, {"step": done, "seed": cfg.seed, "partial": True})
+        if cfg.stop_at and done >= cfg.stop_at and done < cfg.steps:
             checkpoint(done)
             bar.close()
-            print(f"stopped at step {done} of {args.steps}; continue with --resume "
+            print(f"stopped at step {done} of {cfg.steps}; continue with --resume "
                   f"(checkpoint {ckpt})", file=sys.stderr)
             return None
     bar.close()
     model.eval()
-    meta = {"model": args.model, "step": args.steps, "seed": args.seed, "batch_size": B, "lr": args.lr,
-            "start_index": args.start_index, "init": args.init or "",
-            "group_size": args.group_size, "targets": args.targets, "factor_loss": args.factor_loss,
-            "text_loss": args.text_loss, "pos_init_scale": args.pos_init_scale,
-            "single_prob": args.single_prob, "factor_weights": args.factor_weights,
+    meta = {"model": cfg.model, "step": cfg.steps, "seed": cfg.seed, "batch_size": B, "lr": cfg.lr,
+            "start_index": cfg.start_index, "init": cfg.init or "",
+            "group_size": cfg.group_size, "targets": cfg.targets, "factor_loss": cfg.factor_loss,
+            "text_loss": cfg.text_loss, "pos_init_scale": cfg.pos_init_scale,
+            "single_prob": cfg.single_prob, "factor_weights": cfg.factor_weights,
             "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
     save_fp16(model, out, meta)
     print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))
     return out
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=MODEL_NAME, choices=toy_configs(),
-                   help=f"toy architecture to train (a models/toy/*.json config; default {MODEL_NAME})")
-    p.add_argument("--steps", type=int, default=1000,
-                   help="optimiser steps (each on a fresh batch of scenes); default 1000 "
-                        "(~25-40 min on a shared 2-core CPU)")
-    p.add_argument("--batch-size", type=int, default=128, help="scenes per step (default 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
-    p.add_argument("--warmup", type=float, default=0.05,
-                   help="warm-up steps; a value < 1 is a fraction of --steps (default 0.05)")
-    p.add_argument("--weight-decay", type=float, default=0.1,
-                   help="AdamW weight decay on weight matrices (default 0.1)")
-    p.add_argument("--group-size", type=int, default=4,
-                   help="scenes per group of minimal variants (a random scene plus copies that "
-                        "each change one factor): hard negatives for shape/position/count; "
-                        "1 = independent scenes (default 4)")
-    p.add_argument("--targets", choices=["exact", "diagonal"], default="exact",
-                   help="contrastive targets: 'exact' = every image a caption is true of is a "
-                        "positive (known factors); 'diagonal' = standard CLIP (default exact)")
-    p.add_argument("--factor-loss", type=float, default=1.0,
-                   help="weight of the per-factor contrastive term: each image against the "
-                        "one-factor captions of every value of each factor ('a red shape' vs "
-                        "'a blue shape' ...), a weighted mean over factors (--factor-weights); "
-                        "0 disables (default 1.0)")
-    p.add_argument("--factor-weights", default="shape=2",
-                   help="weights of the factors in the factor term, FACTOR=W,...; unnamed "
-                        "factors weigh 1 (default 'shape=2')")
-    p.add_argument("--text-loss", type=float, default=1.0,
-                   help="weight of the text-side paraphrase term: two wordings of each factor "
-                        "value's caption match each other, not the other values; keeps factor "
-                        "words apart in the text tower; 0 disables (default 1.0)")
-    p.add_argument("--single-prob", type=float, default=0.5,
-                   help="extra probability that a group's base scene holds a single object "
-                        "(only with --group-size > 1; default 0.5)")
-    p.add_argument("--pos-init-scale", type=float, default=10.0,
-                   help="multiply open_clip's initial image position embedding (std width^-0.5) "
-                        "by this; 1 keeps open_clip's init (default 10)")
-    p.add_argument("--partial-prob", type=float, default=0.5,
-                   help="share of captions that name only a random subset of the factors "
-                        "(the rest name all of them; default 0.5)")
-    p.add_argument("--image-size", type=int, default=64,
-                   help="scene size in pixels; must match the config's image_size (default 64)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the model init and of the shapes world used for training (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--checkpoint-dir", default=str(default_ckpt_dir()),
-                   help="where last.pt and log.jsonl go (default $ATLAS_HOME/toy-train, ATLAS_HOME=var)")
-    p.add_argument("--checkpoint-every", type=int, default=100,
-                   help="write a resumable checkpoint every N steps (default 100)")
-    p.add_argument("--log-every", type=int, default=20, help="append a log.jsonl line every N steps")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <checkpoint-dir>/last.pt (same --seed/--steps/--batch-size)")
-    p.add_argument("--init", default=None,
-                   help="start from these safetensors weights instead of a random init "
-                        "(a second training phase); the scenes still come from --seed, "
-                        "starting at --start-index")
-    p.add_argument("--start-index", type=int, default=0,
-                   help="first scene index of the training stream (default 0); a second phase "
-                        "should start after the scenes the first one used (steps x batch size)")
-    p.add_argument("--stop-at", type=int, default=0,
-                   help="checkpoint and stop after this step (0: run to --steps); "
-                        "continue later with --resume")
-    p.add_argument("--out", default=None,
-                   help="final float16 safetensors (default models/toy/<model>.safetensors)")
-    p.add_argument("--snapshot-out", action="store_true",
-                   help="also rewrite --out at every checkpoint (useful to evaluate mid-run)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
 # The zoo recipe: every shipped toy model is trained by these two phases (the first from a
 # random init with the defaults, the second continuing on fresh scenes with shape and count
-# weighted up and more single objects). Flags as train-toy takes them.
-RECIPE_PHASES: tuple[tuple[str, list[str]], ...] = (
-    ("phase1", ["--steps", "1000"]),
-    ("phase2", ["--steps", "800", "--start-index", "128000", "--lr", "7e-4",
-                "--factor-weights", "shape=4,count=2", "--single-prob", "0.7"]),
+# weighted up and more single objects). TrainConfig fields.
+RECIPE_PHASES: tuple[tuple[str, dict], ...] = (
+    ("phase1", dict(steps=1000)),
+    ("phase2", dict(steps=800, start_index=128000, lr=7e-4, factor_weights="shape=4,count=2", single_prob=0.7)),
 )
 
 
@@ -525,69 +437,17 @@ def train_recipe(model: str, seed: int = 0, threads: int = 1, out: str | None = 
     Returns the final weights (default models/toy/<model>.safetensors).
     """
     work = Path(work_dir or default_ckpt_dir() / f"{model}-seed{seed}")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     init = None
     for i, (phase, flags) in enumerate(RECIPE_PHASES):
         last = i == len(RECIPE_PHASES) - 1
-        phase_out = Path(out or TOY_DIR / f"{model}.safetensors") if last else work / f"{phase}.safetensors"
+        phase_out = Path(out or models.TOY_DIR / f"{model}.safetensors") if last else work / f"{phase}.safetensors"
         done = work / f"{phase}.done"
         if not done.exists():
-            argv = ["--model", model, "--seed", str(seed), "--threads", str(threads),
-                    "--checkpoint-dir", str(work / phase), "--out", str(phase_out), *flags]
-            if init:
-                argv += ["--init", str(init)]
-            if (work / phase / "last.pt").exists():
-                argv.append("--resume")
-            if no_progress:
-                argv.append("--no-progress")
+            cfg = TrainConfig(model=model, seed=seed, threads=threads, checkpoint_dir=str(work / phase),
+                              out=str(phase_out), init=str(init) if init else None,
+                              resume=(work / phase / "last.pt").exists(), no_progress=no_progress, **flags)
             print(f"train-zoo {model} seed {seed}: {phase}", file=sys.stderr)
-            train(parser.parse_args(argv))
+            train(cfg)
             done.write_text(str(phase_out))
         init = phase_out
     return Path(init)
-
-
-def _cli(args) -> int:
-    train(args)
-    return 0
-
-
-def _cli_recipe(args) -> int:
-    print(train_recipe(args.model, args.seed, args.threads, args.out, args.work_dir, args.no_progress))
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``train-toy`` on an argparse sub-parser collection."""
-    p = subparsers.add_parser(
-        "train-toy", help="train the bundled toy CLIP on the shapes world (CPU)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=_cli)
-    z = subparsers.add_parser(
-        "train-zoo", help="train a toy model of the zoo by the shipped two-phase recipe (resumable)",
-        description="Train a models/toy/*.json architecture by the zoo recipe (the two phases of "
-                    "RECIPE_PHASES in etl/train_toy.py); a re-run resumes where it stopped. "
-                    "Example: python -m etl train-zoo --model toy-shapes-small --seed 0")
-    z.add_argument("--model", required=True, choices=toy_configs(), help="toy architecture")
-    z.add_argument("--seed", type=int, default=0, help="init and training-world seed (default 0)")
-    z.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    z.add_argument("--out", default=None, help="final weights (default models/toy/<model>.safetensors)")
-    z.add_argument("--work-dir", default=None,
-                   help="phase checkpoints and weights (default $ATLAS_HOME/toy-train/<model>-seed<seed>)")
-    z.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    z.set_defaults(func=_cli_recipe)
-    return p
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m etl.train_toy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    train(args)
-
-
-if __name__ == "__main__":
-    main()

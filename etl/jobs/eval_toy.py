@@ -1,0 +1,30 @@
+"""`eval-toy`: zero-shot accuracy of a toy CLIP per shapes-world factor (etl/world/evaluate.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import models
+from etl.world import evaluate
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval-toy", help="zero-shot accuracy of the toy CLIP per factor",
+                       description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy-shapes", choices=models.toy_architectures(),
+                   help="toy architecture (default toy-shapes)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="shapes-world seed of the held-out scenes (training used 0; default 1)")
+    p.add_argument("--n", type=int, default=2000, help="scenes per evaluation set (default 2000)")
+    p.add_argument("--weights", default=None,
+                   help="weights file to evaluate instead of the model's bundled weights")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+    torch.set_num_threads(args.threads)
+    model, tok = evaluate.load_toy(args.weights, args.model)
+    print(json.dumps({"model": args.model, **evaluate.evaluate(model, tok, seed=args.seed, n=args.n)}))
+    return 0

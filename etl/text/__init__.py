@@ -1,0 +1,1 @@
+"""Texts: the banks, TextSpan and the labelers."""
