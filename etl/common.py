@@ -1,25 +1,18 @@
-"""Flags and helpers shared by the jobs: model selection, warehouse path, progress bars."""
+"""Flags and helpers shared by the jobs: model selection, warehouse path, progress bars, LLM flags."""
 from __future__ import annotations
 
 import argparse
 import os
 from typing import Iterable
 
-import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 
 def user_error_types() -> tuple:
     """Exceptions whose message is meant for the user (printed without a traceback)."""
     from models import ImageError, ModelError
-    types = [ModelError, ImageError, FileNotFoundError, ValueError]
-    try:
-        from warehouse.db import WarehouseError  # type: ignore
-        types.append(WarehouseError)
-    except ImportError:
-        pass
-    return tuple(types)
+    from warehouse import WarehouseError
+    return (ModelError, ImageError, FileNotFoundError, ValueError, WarehouseError)
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -54,19 +47,47 @@ def warehouse_path(args) -> str:
     return str(args.warehouse or default_warehouse_path())
 
 
-def atlas_home() -> str:
-    home = os.environ.get("ATLAS_HOME", "var")
-    os.makedirs(home, exist_ok=True)
-    return home
-
-
 def progress(it: Iterable, **kw):
     """tqdm on stderr; quiet when ATLAS_NO_PROGRESS is set (tests)."""
     return tqdm(it, disable=bool(os.environ.get("ATLAS_NO_PROGRESS")), dynamic_ncols=True, **kw)
 
 
-def vector_column(a: np.ndarray) -> pa.Array:
-    """[n, d] float32 -> an Arrow list<float> column for a FLOAT[] warehouse column (no Python loop)."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    fixed = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
-    return fixed.cast(pa.list_(pa.float32()))
+def add_embed_args(p) -> None:
+    p.add_argument("--dataset", action="append", required=True, metavar="SPEC",
+                   help="shapes:N:seed=S, skimage, an image folder (ImageFolder or flat), or a CSV manifest "
+                        "(columns path[,label][,caption]); repeat for several")
+    p.add_argument("--layers", default="auto", help="analysed layers: auto (default: every layer of a model with at most 12 layers, the last 4 of deeper ones), all, last4, lastN, or 0-based indices")
+    p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="onnxruntime (default) or torch")
+    p.add_argument("--providers", default=None, choices=["cpu", "cuda"], help="onnxruntime provider (default: CUDA if usable)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch and per write transaction (default 64)")
+
+
+def model_row_or_fail(path: str, model_id: str) -> dict:
+    """The `models` row of ``model_id``; a ValueError naming the known models when absent."""
+    from warehouse.queries import model_ids, model_row
+    try:
+        return model_row(path, model_id)
+    except KeyError:
+        raise ValueError(f"model {model_id!r} is not in the warehouse {path} (models there: "
+                         f"{', '.join(model_ids(path)) or 'none'}). Embed images with it first, e.g. "
+                         f"`python -m etl embed --model <arch> ... --warehouse {path}`, and pass the model_id "
+                         f"that job prints.") from None
+
+
+def add_llm_args(p) -> None:
+    """Flags of the LLM labeler and judge (shared by `label` and `judge`)."""
+    g = p.add_argument_group("LLM (an OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL)")
+    g.add_argument("--llm-model", metavar="NAME", default=None,
+                   help="chat model name, e.g. gpt-4o-mini, or whatever model your OPENAI_BASE_URL endpoint serves")
+    g.add_argument("--llm-timeout", type=float, default=60.0, metavar="S", help="seconds per request (default 60)")
+    g.add_argument("--llm-retries", type=int, default=5, metavar="N",
+                   help="retries after a 429, 5xx, timeout or dropped connection, with exponential backoff "
+                        "(default 5)")
+
+
+def make_llm(llm_model: str | None, vocabulary: dict[str, str], timeout: float = 60.0, retries: int = 5):
+    """The LLM labeler/judge for an OpenAI-compatible endpoint."""
+    from etl.text.labelers import LLMLabeler
+    if not llm_model:
+        raise ValueError("the LLM labeler needs --llm-model NAME (e.g. gpt-4o-mini)")
+    return LLMLabeler(llm_model, vocabulary, timeout_s=timeout, max_retries=retries)

@@ -24,6 +24,14 @@ def cli(*args, env=None, timeout=600):
                           timeout=timeout, env={**ENV, **(env or {})})
 
 
+def rows(path, sql, params=()):
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
 def count(path, sql, params=()):
     con = duckdb.connect(str(path), read_only=True)
     try:
@@ -196,10 +204,14 @@ def test_run_builds_every_table_and_resumes(tmp_path):
     assert count(wh, "SELECT count(*) FROM head_texts WHERE bank <> 'shapes' OR r IS NULL OR r > 32") == 0
     assert count(wh, "SELECT analysed_layers FROM models WHERE model_id = 'toy-shapes/bundled'") == list(range(6))
     assert count(wh, "SELECT n_heads FROM model_scores WHERE model_id = 'toy-shapes/bundled'") == 24
-    assert count(wh, "SELECT count(DISTINCT job) FROM runs WHERE status = 'ok'") >= 8
-    # a second run finds everything done and duplicates nothing
-    r = cli("run", "--model", "toy-shapes", "--dataset", "shapes:80:seed=4", "--warehouse", wh, "--skip", "ablate", env=env)
+    jobs = {"embed", "texts", "textspan", "label", "judge", "ablate", "probe"}
+    assert {r[0] for r in rows(wh, "SELECT DISTINCT job FROM runs WHERE status = 'ok'")} == jobs
+    first = {r[0] for r in rows(wh, "SELECT run_id FROM runs")}
+    # a second run recomputes nothing: every job it starts ends 'skipped', and nothing is duplicated
+    r = cli("run", "--model", "toy-shapes", "--dataset", "shapes:80:seed=4", "--warehouse", wh, env=env)
     assert r.returncode == 0, r.stderr
     assert '"skipped_done": 80' in r.stdout
+    second = [(j, st) for i, j, st in rows(wh, "SELECT run_id, job, status FROM runs") if i not in first]
+    assert {j for j, _ in second} == jobs and {s for _, s in second} == {"skipped"}, second
     assert count(wh, "SELECT count(*) FROM head_embeddings") == 80 * 24
     assert count(wh, "SELECT count(*) FROM head_texts") == 24 * 10

@@ -40,3 +40,11 @@ __all__ = [
     "schema_version",
     "writer",
 ]
+
+
+def head_name(layer: int, head: int) -> str:
+    """A head's display name, ``L{layer}.H{head}`` (0-based), the one spelling everywhere."""
+    return f"L{int(layer)}.H{int(head)}"
+
+
+__all__.append("head_name")

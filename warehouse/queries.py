@@ -270,15 +270,6 @@ def stored_text_vector(path, model_id: str, text: str) -> Optional[np.ndarray]:
     return np.asarray(df.vec.iloc[0], dtype=np.float32) if len(df) else None
 
 
-def bank_texts(path, model_id: str, limit: int = 2000) -> pd.DataFrame:
-    """Texts embedded for the model (text, property tag), alphabetical, at most `limit`."""
-    return _df(path, """
-        SELECT t.text, t.property AS tag FROM texts t JOIN text_embeddings te USING (text_id)
-        WHERE te.model_id = $m ORDER BY t.text LIMIT $k""", {"m": model_id, "k": int(limit)})
-
-
-# --------------------------------------------------------------------------- metrics
-
 def head_scores(path) -> pd.DataFrame:
     """The `head_scores` view (association and entanglement per labelled head, all models)."""
     if not has_relation(path, "head_scores"):
@@ -434,3 +425,145 @@ def image_matrix(path, model_id: str, dataset: Optional[str] = None) -> np.ndarr
                       "(SELECT DISTINCT image_id FROM head_embeddings WHERE model_id = ?) ORDER BY image_id",
                       params=[model_id] + extra + [model_id]).to_arrow_table()
     return _vectors(tab)
+
+
+# --------------------------------------------------------------------------- what the jobs read
+
+def model_ids(path) -> list[str]:
+    """Every model_id of the warehouse, sorted."""
+    with connect(path, read_only=True) as con:
+        return [r[0] for r in con.execute("SELECT model_id FROM models ORDER BY model_id").fetchall()]
+
+
+def dataset_exists(path, dataset_id: str) -> bool:
+    with connect(path, read_only=True) as con:
+        return con.execute("SELECT 1 FROM datasets WHERE dataset_id = ?", [dataset_id]).fetchone() is not None
+
+
+def embedded_image_ids(path, model_id: str, dataset_id: str) -> set[str]:
+    """Image ids of a dataset that already have an image embedding for the model."""
+    with connect(path, read_only=True) as con:
+        return {r[0] for r in con.execute(
+            "SELECT e.image_id FROM image_embeddings e JOIN images i USING (image_id) "
+            "WHERE e.model_id = ? AND i.dataset_id = ?", [model_id, dataset_id]).fetchall()}
+
+
+def embedded_text_ids(path, model_id: str, bank: str) -> set[str]:
+    """Text ids of a bank that already have a text embedding for the model."""
+    with connect(path, read_only=True) as con:
+        return {r[0] for r in con.execute(
+            "SELECT e.text_id FROM text_embeddings e JOIN texts t USING (text_id) "
+            "WHERE e.model_id = ? AND t.bank = ?", [model_id, bank]).fetchall()}
+
+
+def embedded_banks(path, model_id: str) -> list[str]:
+    """Banks with at least one text embedded for the model, sorted."""
+    with connect(path, read_only=True) as con:
+        return [r[0] for r in con.execute(
+            "SELECT DISTINCT t.bank FROM text_embeddings e JOIN texts t USING (text_id) WHERE e.model_id = ? "
+            "ORDER BY 1", [model_id]).fetchall()]
+
+
+def property_vocabulary(path) -> dict[str, str]:
+    """The `properties` table as {property: description}."""
+    with connect(path, read_only=True) as con:
+        return dict(con.execute(
+            "SELECT property, coalesce(description, '') FROM properties ORDER BY property").fetchall())
+
+
+def head_text_state(path, model_id: str) -> dict[Head, tuple[int, Optional[str], Optional[str]]]:
+    """{(layer, head): (texts stored, bank, dataset_id)} for the model's heads with TextSpan texts."""
+    with connect(path, read_only=True) as con:
+        return {(int(l), int(h)): (int(n), b, d) for l, h, n, b, d in con.execute(
+            "SELECT layer, head, count(*), any_value(bank), any_value(dataset_id) FROM head_texts "
+            "WHERE model_id = ? GROUP BY layer, head", [model_id]).fetchall()}
+
+
+def head_text_items(path, model_id: str) -> dict[Head, list[tuple[str, str, Optional[str], float]]]:
+    """{(layer, head): [(text_id, text, property tag, variance explained)]} in TextSpan rank order."""
+    with connect(path, read_only=True) as con:
+        rows = con.execute(
+            "SELECT ht.layer, ht.head, ht.text_id, coalesce(t.text, ht.text_id), t.property, ht.variance_explained "
+            "FROM head_texts ht LEFT JOIN texts t USING (text_id) "
+            "WHERE ht.model_id = ? ORDER BY ht.layer, ht.head, ht.rank", [model_id]).fetchall()
+    out: dict = {}
+    for layer, head, tid, text, tag, var in rows:
+        out.setdefault((int(layer), int(head)), []).append((tid, text, tag, float(var)))
+    return out
+
+
+def head_text_banks(path, model_id: str) -> list[str]:
+    """The banks the model's TextSpan texts were drawn from."""
+    with connect(path, read_only=True) as con:
+        return [r[0] for r in con.execute("SELECT DISTINCT bank FROM head_texts WHERE model_id = ? "
+                                          "AND bank IS NOT NULL ORDER BY 1", [model_id]).fetchall()]
+
+
+def head_text_dataset(path, model_id: str) -> Optional[str]:
+    """The dataset the model's TextSpan texts were computed on (None: every image of the model)."""
+    with connect(path, read_only=True) as con:
+        return con.execute("SELECT any_value(dataset_id) FROM head_texts WHERE model_id = ?",
+                           [model_id]).fetchone()[0]
+
+
+def head_label_state(path, model_id: str) -> dict[Head, tuple[str, Optional[str], str]]:
+    """{(layer, head): (labeler, prompt_hash, property)} for the model's labelled heads."""
+    with connect(path, read_only=True) as con:
+        return {(int(l), int(h)): (lab, ph, p) for l, h, lab, ph, p in con.execute(
+            "SELECT layer, head, labeler, prompt_hash, property FROM head_labels WHERE model_id = ?",
+            [model_id]).fetchall()}
+
+
+def judged_texts(path, model_id: str, judge: str) -> set[tuple[int, int, str, str]]:
+    """(layer, head, text_id, property) already judged by ``judge`` for the model."""
+    with connect(path, read_only=True) as con:
+        return {(int(l), int(h), t, p) for l, h, t, p in con.execute(
+            "SELECT layer, head, text_id, property FROM text_judgments WHERE model_id = ? AND judge = ?",
+            [model_id, judge]).fetchall()}
+
+
+def score_rows(path, model_id: Optional[str] = None, heads: bool = False) -> tuple[list[dict], list[dict]]:
+    """(model_scores rows, head_scores rows if ``heads``) as dicts, for one model or all."""
+    where, params = ("WHERE model_id = ?", [model_id]) if model_id else ("", [])
+    with connect(path, read_only=True) as con:
+        m = con.execute(f"SELECT model_id, association, entanglement, n_heads FROM model_scores {where} "
+                        "ORDER BY model_id", params).fetchdf()
+        h = con.execute(f"SELECT model_id, layer, head, property, association, entanglement FROM head_scores "
+                        f"{where} ORDER BY model_id, layer, head", params).fetchdf() if heads else pd.DataFrame()
+    return m.to_dict("records"), h.to_dict("records")
+
+
+def factor_head_embeddings(path, model_id: str, dataset_id: str
+                           ) -> tuple[np.ndarray, list[int], dict[str, list[Optional[str]]]]:
+    """Head embeddings of a labelled (shapes) dataset with the factor values of each image.
+
+    Returns (X float32 [n, L', H, d] in image_id order, analysed layers [L'],
+    {factor: value per image, None where unknown}); X has 0 rows when nothing is stored.
+    """
+    with connect(path, read_only=True) as con:
+        tab = con.sql(
+            "SELECT h.image_id, h.layer, h.head, h.vec FROM head_embeddings h JOIN images i USING (image_id) "
+            "WHERE h.model_id = ? AND i.dataset_id = ? ORDER BY h.image_id, h.layer, h.head",
+            params=[model_id, dataset_id]).to_arrow_table()
+        facts = con.execute(
+            "SELECT f.image_id, f.factor, f.value FROM image_factors f JOIN images i USING (image_id) "
+            "WHERE i.dataset_id = ?", [dataset_id]).fetchall()
+    if tab.num_rows == 0 or not facts:
+        return np.zeros((0, 0, 0, 0), np.float32), [], {}
+    ids = tab.column("image_id").to_pylist()
+    layer = np.asarray(tab.column("layer").to_numpy())
+    head = np.asarray(tab.column("head").to_numpy())
+    layers, heads = sorted(set(layer.tolist())), sorted(set(head.tolist()))
+    images = list(dict.fromkeys(ids))
+    vecs = _vectors(tab)                                                         # [n * L' * H, d]
+    if len(ids) != len(images) * len(layers) * len(heads):
+        raise ValueError(f"head_embeddings of {model_id} on {dataset_id} are not one row per image and head "
+                         f"({len(ids)} rows for {len(images)} images); re-run `python -m etl embed`")
+    X = vecs.reshape(len(images), len(layers), len(heads), -1)
+    index = {i: k for k, i in enumerate(images)}
+    by_factor: dict[str, list] = {}
+    for image_id, factor, value in facts:
+        by_factor.setdefault(factor, [None] * len(images))
+        if image_id in index:
+            by_factor[factor][index[image_id]] = value
+    return X, layers, by_factor

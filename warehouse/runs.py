@@ -7,6 +7,9 @@
                 ...                                       # write the batch
                 record_error(con, run_id, "img/42.png", "truncated PNG")
 
+A job that finds everything already stored marks its run ``run_id.skipped = True``: it ends
+'skipped', so the runs table shows what a re-run recomputed and what it did not.
+
 ``start_run`` and ``finish_run`` each open their own short write batch, so a job never holds
 the warehouse between batches.
 """
@@ -24,9 +27,16 @@ import duckdb
 
 from .db import writer
 
-__all__ = ["STATUSES", "new_run_id", "start_run", "finish_run", "record_error", "run_record"]
+__all__ = ["STATUSES", "RunId", "new_run_id", "start_run", "finish_run", "record_error", "run_record",
+           "completed_run"]
 
-STATUSES = ("running", "ok", "failed")
+STATUSES = ("running", "ok", "skipped", "failed")
+
+
+class RunId(str):
+    """A run's id (a plain ``str`` for every caller) that a job can mark as skipped: set
+    ``run.skipped = True`` when it found everything already done, and the run ends 'skipped'."""
+    skipped = False
 
 
 def new_run_id(job: str) -> str:
@@ -56,8 +66,8 @@ def start_run(path: str | os.PathLike | None, job: str, params: dict | None = No
 def finish_run(path: str | os.PathLike | None, run_id: str, status: str = "ok",
                error: str | None = None) -> None:
     """Set a run's final ``status`` ('ok' or 'failed'), ``finished_at`` and ``error`` text."""
-    if status not in ("ok", "failed"):
-        raise ValueError(f"finish_run status must be 'ok' or 'failed', not {status!r}")
+    if status not in ("ok", "skipped", "failed"):
+        raise ValueError(f"finish_run status must be 'ok', 'skipped' or 'failed', not {status!r}")
     with writer(path) as con:
         found = con.execute(
             "UPDATE runs SET status = ?, finished_at = current_timestamp, error = ? "
@@ -78,7 +88,7 @@ def run_record(path: str | os.PathLike | None, job: str, params: dict | None = N
 
     The exception is re-raised. Ctrl-C (KeyboardInterrupt) is recorded as failed too.
     """
-    run_id = start_run(path, job, params)
+    run_id = RunId(start_run(path, job, params))
     try:
         yield run_id
     except BaseException as exc:
@@ -86,4 +96,13 @@ def run_record(path: str | os.PathLike | None, job: str, params: dict | None = N
         with contextlib.suppress(Exception):
             finish_run(path, run_id, "failed", text)
         raise
-    finish_run(path, run_id, "ok")
+    finish_run(path, run_id, "skipped" if run_id.skipped else "ok")
+
+
+def completed_run(path: str | os.PathLike | None, job: str, params: dict) -> str | None:
+    """The latest run of ``job`` with exactly these ``params`` that ended 'ok' (None if there is none)."""
+    from .db import connect
+    with connect(path, read_only=True) as con:
+        row = con.execute("SELECT run_id FROM runs WHERE job = ? AND status = 'ok' AND params::VARCHAR = ? "
+                          "ORDER BY started_at DESC LIMIT 1", [job, _params_json(params)]).fetchone()
+    return row[0] if row else None

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from etl.common import add_model_args, add_warehouse_arg, load_model_from_args, progress, warehouse_path
+from warehouse import head_name
 
 
 def add_parser(sub) -> None:
@@ -25,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", default="auto", help="layers for per-head ablation (default auto: every layer up to 12 layers, else the last 4)")
     p.add_argument("--max-images", type=int, default=2000, help="images used (default 2000)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute even when this model, dataset and settings are already stored")
     p.set_defaults(func=run_ablate)
 
 
@@ -78,14 +81,30 @@ def ablation_table(comp: dict, labels: dict[str, np.ndarray], text: dict[str, to
 
 
 def run_ablate(args) -> int:
+    lm = load_model_from_args(args)
+    print(json.dumps(ablate(warehouse_path(args), lm, args.dataset, args.layers, args.max_images, args.batch_size,
+                            args.force)))
+    return 0
+
+
+def ablate(path: str, lm, dataset_spec: str, layers: str = "auto", max_images: int = 2000, batch_size: int = 64,
+           force: bool = False) -> dict:
+    """Mean-ablation accuracies of the model on a labelled dataset, stored; skipped (run 'skipped')
+    when the same model, dataset, layers and image count are already stored, unless ``force``."""
     from etl.datasets import open_dataset
     from models import decompose_components, resolve_layers
-    from warehouse import writer
-    from warehouse.runs import run_record
-    path = warehouse_path(args)
-    lm = load_model_from_args(args)
-    dataset = open_dataset(args.dataset)
-    head_layers = resolve_layers(args.layers, lm.layers)
+    from warehouse import writer, writes
+    from warehouse.runs import completed_run, run_record
+    if max_images < 1 or batch_size < 1:
+        raise ValueError("--max-images and --batch-size must be at least 1")
+    dataset = open_dataset(dataset_spec)
+    head_layers = resolve_layers(layers, lm.layers)
+    params = {"model_id": lm.model_id, "dataset": dataset.dataset_id, "max_images": max_images,
+              "layers": head_layers}
+    if not force and completed_run(path, "ablate", params):
+        with run_record(path, "ablate", params) as run_id:
+            run_id.skipped = True
+        return {"model_id": lm.model_id, "dataset": dataset.dataset_id, "skipped": "already stored (--force recomputes)"}
     targets = _targets(lm, dataset)
     parts = {k: [] for k in ("heads", "mlp", "attn_bias", "embedding")}
     labels = {t: [] for t in targets}
@@ -100,12 +119,11 @@ def run_ablate(args) -> int:
             labels[t] += [values.index(v) if v in values else -1 for v in (lab[t] for _, lab in batch)]
         batch.clear()
 
-    params = {"model_id": lm.model_id, "dataset": dataset.dataset_id, "max_images": args.max_images}
     with run_record(path, "ablate", params) as run_id:
         n = 0
-        for item in progress(dataset.items(), total=min(dataset.n_images or args.max_images, args.max_images),
+        for item in progress(dataset.items(), total=min(dataset.n_images or max_images, max_images),
                              desc="ablate", unit="img"):
-            if n >= args.max_images:
+            if n >= max_images:
                 break
             try:
                 img = item.load()
@@ -114,12 +132,12 @@ def run_ablate(args) -> int:
             lab = dict(item.factors) if dataset.source == "shapes" else {"label": item.label}
             batch.append((img, lab))
             n += 1
-            if len(batch) == args.batch_size:
+            if len(batch) == batch_size:
                 flush()
         if batch:
             flush()
         if n == 0:
-            raise ValueError(f"no readable images in {args.dataset}")
+            raise ValueError(f"no readable images in {dataset_spec}")
         comp = {k: torch.cat(v) for k, v in parts.items()}
         y = {t: np.asarray(v) for t, v in labels.items()}
         rows = ablation_table(comp, y, {t: e for t, (_, e) in targets.items()}, head_layers)
@@ -128,17 +146,12 @@ def run_ablate(args) -> int:
         for l in range(lm.layers):
             means.append((f"L{l}.mlp", comp["mlp"][:, l].mean(0)))
             means.append((f"L{l}.attn", (comp["heads"][:, l].sum(1) + comp["attn_bias"][:, l]).mean(0)))
-            means += [(f"L{l}.H{h}", comp["heads"][:, l, h].mean(0)) for h in range(lm.heads)]
+            means += [(head_name(l, h), comp["heads"][:, l, h].mean(0)) for h in range(lm.heads)]
         with writer(path) as con:
-            con.execute("DELETE FROM ablations WHERE model_id = ? AND dataset_id = ?", [lm.model_id, dataset.dataset_id])
-            con.executemany("INSERT INTO ablations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            [[lm.model_id, dataset.dataset_id, r["factor"], r["kind"], r["layer"], r["head"],
-                              r["accuracy"], run_id] for r in rows])
-            con.execute("DELETE FROM component_means WHERE model_id = ? AND dataset_id = ?", [lm.model_id, dataset.dataset_id])
-            con.executemany("INSERT INTO component_means VALUES (?, ?, ?, ?)",
-                            [[lm.model_id, dataset.dataset_id, name, v.tolist()] for name, v in means])
+            writes.replace_ablations(con, lm.model_id, dataset.dataset_id, rows, run_id)
+            writes.replace_component_means(con, lm.model_id, dataset.dataset_id,
+                                           [(name, v.numpy()) for name, v in means])
     summary = {r["factor"]: round(r["accuracy"], 4) for r in rows if r["kind"] == "baseline"}
     mlps = {r["factor"]: round(r["accuracy"], 4) for r in rows if r["kind"] == "mlps"}
-    print(json.dumps({"model_id": lm.model_id, "dataset": dataset.dataset_id, "images": n,
-                      "baseline": summary, "mlps_ablated": mlps}))
-    return 0
+    return {"model_id": lm.model_id, "dataset": dataset.dataset_id, "images": n, "baseline": summary,
+            "mlps_ablated": mlps}

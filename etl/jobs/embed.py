@@ -12,12 +12,9 @@ import queue
 import threading
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import torch
 
-from etl.common import (add_model_args, add_warehouse_arg, atlas_home, load_model_from_args, progress,
-                        vector_column, warehouse_path)
+from etl.common import add_embed_args, add_model_args, add_warehouse_arg, load_model_from_args, progress, warehouse_path
 
 
 def add_parser(sub) -> None:
@@ -41,16 +38,6 @@ def add_parser(sub) -> None:
     e.set_defaults(func=run_embed)
 
 
-def add_embed_args(p) -> None:
-    p.add_argument("--dataset", action="append", required=True, metavar="SPEC",
-                   help="shapes:N:seed=S, skimage, an image folder (ImageFolder or flat), or a CSV manifest "
-                        "(columns path[,label][,caption]); repeat for several")
-    p.add_argument("--layers", default="auto", help="analysed layers: auto (default: every layer of a model with at most 12 layers, the last 4 of deeper ones), all, last4, lastN, or 0-based indices")
-    p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="onnxruntime (default) or torch")
-    p.add_argument("--providers", default=None, choices=["cpu", "cuda"], help="onnxruntime provider (default: CUDA if usable)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch and per write transaction (default 64)")
-
-
 def model_layers(lm, layers) -> list[int]:
     from models import resolve_layers
     return resolve_layers(layers, lm.layers)
@@ -58,25 +45,17 @@ def model_layers(lm, layers) -> list[int]:
 
 def upsert_model(path: str, lm, layers: list[int], onnx_path: str | None = None, onnx_sha: str | None = None) -> None:
     """Insert or refresh the `models` row of a loaded model (analysed layers are unioned)."""
-    from warehouse import writer
-    row = lm.row()
+    from warehouse import writer, writes
     with writer(path) as con:
-        old = con.execute("SELECT analysed_layers, onnx_path, onnx_sha256 FROM models WHERE model_id = ?",
-                          [lm.model_id]).fetchone()
-        if old:
-            layers = sorted(set(layers) | set(old[0] or []))
-            onnx_path, onnx_sha = onnx_path or old[1], onnx_sha or old[2]
-            con.execute("DELETE FROM models WHERE model_id = ?", [lm.model_id])
-        cols = list(row) + ["analysed_layers", "onnx_path", "onnx_sha256"]
-        con.execute(f"INSERT INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    list(row.values()) + [layers, onnx_path, onnx_sha])
+        writes.upsert_model(con, lm.row(), layers, onnx_path, onnx_sha)
 
 
 def onnx_file(lm, layers: list[int]) -> Path:
     from models.onnx import GRAPH_VERSION
     safe = lm.model_id.replace("/", "__")
     name = f"{safe}__L{'-'.join(map(str, layers))}__{lm.fingerprint()[:12]}__g{GRAPH_VERSION}.onnx"
-    return Path(atlas_home()) / "onnx" / name
+    from warehouse import atlas_home
+    return atlas_home() / "onnx" / name
 
 
 def export(path: str, lm, layers: list[int], out: str | None = None, tokens: bool = False) -> Path:
@@ -149,39 +128,22 @@ def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs:
 
 
 def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, errors, dec) -> None:
-    from warehouse import writer
+    """One write transaction: error rows, then images, factors, image and head embeddings."""
+    from warehouse import writer, writes
     from warehouse.runs import record_error
-    n = len(batch)
     with writer(path) as con:
         for item_path, reason in errors:
             record_error(con, run_id, item_path, reason)
-        if not n:
+        if not batch:
             return
         items = [b[0] for b in batch]
-        imgs = pa.table({
-            "image_id": [i.image_id for i in items], "dataset_id": [dataset_id] * n,
-            "path": [i.path for i in items], "sha256": [b[3] for b in batch],
-            "label": [i.label for i in items], "caption": [i.caption for i in items],
-            "width": [b[4][0] for b in batch], "height": [b[4][1] for b in batch],
-            "thumbnail": pa.array([b[2] for b in batch], pa.binary()),
-        })
-        con.execute("INSERT INTO images SELECT * FROM imgs ON CONFLICT DO NOTHING")
-        factors = [(i.image_id, k, str(v)) for i in items for k, v in i.factors.items()]
-        if factors:
-            ftab = pa.table({"image_id": [f[0] for f in factors], "factor": [f[1] for f in factors],
-                             "value": [f[2] for f in factors]})
-            con.execute("INSERT INTO image_factors SELECT * FROM ftab ON CONFLICT DO NOTHING")
-        emb = pa.table({"model_id": [model_id] * n, "image_id": [i.image_id for i in items],
-                        "vec": vector_column(dec.embedding.numpy())})
-        con.execute("INSERT INTO image_embeddings SELECT * FROM emb ON CONFLICT DO NOTHING")
-        heads = dec.head_cls.numpy()                                  # [n, L', H, d]
-        _, L, H, d = heads.shape
-        ids = np.repeat(np.array([i.image_id for i in items], dtype=object), L * H)
-        layer = np.tile(np.repeat(np.array(dec.layers, np.int32), H), n)
-        head = np.tile(np.arange(H, dtype=np.int32), n * L)
-        hemb = pa.table({"model_id": [model_id] * (n * L * H), "image_id": ids.tolist(),
-                         "layer": layer, "head": head, "vec": vector_column(heads.reshape(-1, d))})
-        con.execute("INSERT INTO head_embeddings SELECT * FROM hemb")
+        ids = [i.image_id for i in items]
+        writes.insert_images(con, dataset_id, ids, [i.path for i in items], [b[3] for b in batch],
+                             [i.label for i in items], [i.caption for i in items], [b[4] for b in batch],
+                             [b[2] for b in batch])
+        writes.insert_image_factors(con, [(i.image_id, k, str(v)) for i in items for k, v in i.factors.items()])
+        writes.insert_image_embeddings(con, model_id, ids, dec.embedding.numpy())          # [n, d]
+        writes.insert_head_embeddings(con, model_id, ids, dec.layers, dec.head_cls.numpy())  # [n, L', H, d]
 
 
 def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "onnx", providers=None,
@@ -189,16 +151,12 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
     """Embed one dataset for one model; returns counts. Skips images already embedded."""
     from etl.datasets import open_dataset
     from models import decompose
-    from warehouse import connect, optimize, writer
+    from warehouse import optimize, writer, writes
+    from warehouse.queries import embedded_image_ids
     dataset = open_dataset(dataset_spec)
     with writer(path) as con:
-        con.execute("INSERT INTO datasets (dataset_id, name, source, n_images) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT DO UPDATE SET n_images = excluded.n_images",
-                    [dataset.dataset_id, dataset.name, dataset.source, dataset.n_images])
-    with connect(path) as con:
-        done = {r[0] for r in con.execute(
-            "SELECT e.image_id FROM image_embeddings e JOIN images i USING (image_id) "
-            "WHERE e.model_id = ? AND i.dataset_id = ?", [lm.model_id, dataset.dataset_id]).fetchall()}
+        writes.upsert_dataset(con, dataset.dataset_id, dataset.name, dataset.source, dataset.n_images)
+    done = embedded_image_ids(path, lm.model_id, dataset.dataset_id)
     if backend == "onnx":
         from models.onnx import OnnxRunner, select_providers
         runner = OnnxRunner(export(path, lm, layers), providers=select_providers(providers))
@@ -268,14 +226,23 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
     return {"dataset_id": dataset.dataset_id, "embedded": n_ok, "skipped_done": len(done), "errors": n_err}
 
 
-def run_embed(args) -> int:
+def embed_datasets(path: str, lm, datasets: list[str], layers: list[int], backend: str = "onnx",
+                   providers: str | None = None, batch_size: int = 64) -> list[dict]:
+    """`embed` for each dataset spec, one run record each (a run with nothing left to embed ends 'skipped')."""
     from warehouse.runs import run_record
-    path = warehouse_path(args)
-    lm = load_model_from_args(args)
-    layers = model_layers(lm, args.layers)
-    for spec in args.dataset:
-        params = {"model_id": lm.model_id, "dataset": spec, "layers": layers, "backend": args.backend}
+    results = []
+    for spec in datasets:
+        params = {"model_id": lm.model_id, "dataset": spec, "layers": layers, "backend": backend}
         with run_record(path, "embed", params) as run_id:
-            result = embed(path, lm, spec, layers, args.backend, args.providers, args.batch_size, run_id)
-        print(json.dumps({"model_id": lm.model_id, **result}))
+            result = embed(path, lm, spec, layers, backend, providers, batch_size, run_id)
+            run_id.skipped = result["embedded"] == 0 and result["errors"] == 0
+        results.append({"model_id": lm.model_id, **result})
+        print(json.dumps(results[-1]))
+    return results
+
+
+def run_embed(args) -> int:
+    lm = load_model_from_args(args)
+    embed_datasets(warehouse_path(args), lm, args.dataset, model_layers(lm, args.layers), args.backend,
+                   args.providers, args.batch_size)
     return 0

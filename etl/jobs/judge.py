@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 
-from etl.common import add_warehouse_arg, progress, warehouse_path
-from etl.jobs.label import add_llm_args, head_texts, make_llm, vocabulary
+from etl.common import add_llm_args, add_warehouse_arg, make_llm, model_row_or_fail, progress, warehouse_path
 
 
 def add_parser(sub) -> None:
@@ -33,57 +32,59 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from etl.jobs.texts import model_row_or_fail
-    from etl.text.labelers import MIXED, OfflineLabeler
-    from warehouse import connect
+    print(json.dumps(judge(warehouse_path(args), args.model, args.judge, force=args.force, batch_size=args.batch_size,
+                           llm_model=args.llm_model, llm_timeout=args.llm_timeout, llm_retries=args.llm_retries)))
+    return 0
+
+
+def judge(path: str, model_id: str, judge_kind: str = "tag", *, force: bool = False, batch_size: int = 16,
+          llm_model: str | None = None, llm_timeout: float = 60.0, llm_retries: int = 5) -> dict:
+    """Judge the texts of every labelled head not yet judged by this judge; returns counts."""
+    from etl.text.labelers import MIXED, OfflineLabeler, stored_head_texts, vocabulary
+    from warehouse.queries import head_label_state, judged_texts
     from warehouse.runs import run_record
-    if args.batch_size < 1:
+    if batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    path = warehouse_path(args)
-    model_row_or_fail(path, args.model)
-    with connect(path) as con:
-        vocab = vocabulary(con)
-        all_labels = con.execute("SELECT layer, head, property FROM head_labels WHERE model_id = ?",
-                                 [args.model]).fetchall()
-        labels = {(int(l), int(h)): p for l, h, p in all_labels if p != MIXED}
-        texts = head_texts(con, args.model)
-        done = {(int(l), int(h), t, p) for l, h, t, p in con.execute(
-            "SELECT layer, head, text_id, property FROM text_judgments WHERE model_id = ? AND judge = ?",
-            [args.model, "tag" if args.judge == "tag" else f"llm:{args.llm_model}"]).fetchall()}
+    model_row_or_fail(path, model_id)
+    vocab = vocabulary(path)
+    all_labels = {h: p for h, (_, _, p) in head_label_state(path, model_id).items()}
+    labels = {h: p for h, p in all_labels.items() if p != MIXED}
+    texts = stored_head_texts(path, model_id)
+    done = judged_texts(path, model_id, "tag" if judge_kind == "tag" else f"llm:{llm_model}")
     if not all_labels:
-        raise ValueError(f"no heads of {args.model!r} carry a property label: run `python -m etl label "
-                         f"--model {args.model}` first")
-    judge = OfflineLabeler(vocab) if args.judge == "tag" else make_llm(args, vocab)
-    work = [(head, prop, [(tid, ht) for tid, ht in texts.get(head, []) if args.force or (*head, tid, prop) not in done])
+        raise ValueError(f"no heads of {model_id!r} carry a property label: run `python -m etl label "
+                         f"--model {model_id}` first")
+    chosen = OfflineLabeler(vocab) if judge_kind == "tag" else make_llm(llm_model, vocab, llm_timeout, llm_retries)
+    work = [(head, prop, [(tid, ht) for tid, ht in texts.get(head, []) if force or (*head, tid, prop) not in done])
             for head, prop in sorted(labels.items())]
     work = [w for w in work if w[2]]
-    params = {"model_id": args.model, "judge": judge.judge_name, "force": args.force, "heads": len(work),
-              "prompt_hash": getattr(judge, "judge_prompt_hash", judge.prompt_hash)}
+    params = {"model_id": model_id, "judge": chosen.judge_name, "force": force, "heads": len(work),
+              "prompt_hash": getattr(chosen, "judge_prompt_hash", chosen.prompt_hash)}
     judged = associated = failed = 0
     pending = []
     with run_record(path, "judge", params) as run_id:
+        run_id.skipped = not work
         try:
-            for head, prop, items in progress(work, desc=f"judge {args.model}", unit="head"):
+            for head, prop, items in progress(work, desc=f"judge {model_id}", unit="head"):
                 for tid, ht in items:
-                    j = judge.match(ht, prop)
+                    j = chosen.match(ht, prop)
                     pending.append((head, tid, prop, j))
                     if j.error:
                         failed += 1
                     else:
                         judged += 1
                         associated += bool(j.associated)
-                if len({p[0] for p in pending}) >= args.batch_size:
-                    _write(path, args.model, run_id, pending)
+                if len({p[0] for p in pending}) >= batch_size:
+                    _write(path, model_id, run_id, pending)
                     pending = []
         finally:
-            _write(path, args.model, run_id, pending)
-    print(json.dumps({"model_id": args.model, "judge": judge.judge_name, "judged": judged,
-                      "associated": associated, "failed": failed, "mixed_heads": len(all_labels) - len(labels)}))
-    return 0
+            _write(path, model_id, run_id, pending)
+    return {"model_id": model_id, "judge": chosen.judge_name, "judged": judged, "associated": associated,
+            "failed": failed, "mixed_heads": len(all_labels) - len(labels)}
 
 
 def _write(path: str, model_id: str, run_id: str, pending: list) -> None:
-    from warehouse import writer
+    from warehouse import head_name, writer, writes
     from warehouse.runs import record_error
     if not pending:
         return
@@ -91,11 +92,7 @@ def _write(path: str, model_id: str, run_id: str, pending: list) -> None:
         for (layer, head), tid, prop, j in pending:
             if j.error:
                 raw = (j.raw or "")[:500]
-                record_error(con, run_id, f"{model_id} L{layer}.H{head} text {tid}",
+                record_error(con, run_id, f"{model_id} {head_name(layer, head)} text {tid}",
                              f"{j.judge}: {j.error}" + (f" (raw answer: {raw!r})" if raw else ""))
                 continue
-            con.execute("DELETE FROM text_judgments WHERE model_id = ? AND layer = ? AND head = ? AND text_id = ? "
-                        "AND property = ?", [model_id, layer, head, tid, prop])
-            con.execute("INSERT INTO text_judgments (model_id, layer, head, text_id, property, associated, judge, "
-                        "run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [model_id, layer, head, tid, prop, bool(j.associated), j.judge, run_id])
+            writes.replace_text_judgment(con, model_id, layer, head, tid, prop, bool(j.associated), j.judge, run_id)

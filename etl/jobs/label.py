@@ -10,48 +10,9 @@ re-run carries on. A head whose LLM answer is unusable gets no label and a row i
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 
-from etl.common import add_warehouse_arg, progress, warehouse_path
-
-
-def add_llm_args(p) -> None:
-    """Flags of the LLM labeler and judge (shared by `label` and `judge`)."""
-    g = p.add_argument_group("LLM (an OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL)")
-    g.add_argument("--llm-model", metavar="NAME", default=None,
-                   help="chat model name, e.g. gpt-4o-mini, or whatever model your OPENAI_BASE_URL endpoint serves")
-    g.add_argument("--llm-timeout", type=float, default=60.0, metavar="S", help="seconds per request (default 60)")
-    g.add_argument("--llm-retries", type=int, default=5, metavar="N",
-                   help="retries after a 429, 5xx, timeout or dropped connection, with exponential backoff "
-                        "(default 5)")
-
-
-def make_llm(args, vocabulary: dict[str, str]):
-    from etl.text.labelers import LLMLabeler
-    if not args.llm_model:
-        raise ValueError("the LLM labeler needs --llm-model NAME (e.g. gpt-4o-mini)")
-    return LLMLabeler(args.llm_model, vocabulary, timeout_s=args.llm_timeout, max_retries=args.llm_retries)
-
-
-def vocabulary(con) -> dict[str, str]:
-    """The `properties` table as {property: description}; a ValueError when it is empty."""
-    vocab = dict(con.execute("SELECT property, coalesce(description, '') FROM properties ORDER BY property").fetchall())
-    if not vocab:
-        raise ValueError("the warehouse has no properties yet: run `python -m etl texts` first")
-    return vocab
-
-
-def head_texts(con, model_id: str, where: str = "", params: list | None = None) -> dict:
-    """{(layer, head): [(text_id, HeadText)]} in rank order, for heads of the model with texts."""
-    from etl.text.labelers import HeadText
-    rows = con.execute(
-        "SELECT ht.layer, ht.head, ht.text_id, coalesce(t.text, ht.text_id), t.property, ht.variance_explained "
-        "FROM head_texts ht LEFT JOIN texts t USING (text_id) "
-        f"WHERE ht.model_id = ? {where} ORDER BY ht.layer, ht.head, ht.rank", [model_id] + (params or [])).fetchall()
-    heads = defaultdict(list)
-    for layer, head, tid, text, tag, var in rows:
-        heads[(int(layer), int(head))].append((tid, HeadText(text, tag, float(var))))
-    return dict(heads)
+from etl.common import add_llm_args, add_warehouse_arg, make_llm, model_row_or_fail, progress, warehouse_path
 
 
 def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: dict, todo: list,
@@ -65,10 +26,8 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
     import numpy as np
 
     from etl.text.labelers import agreement_p_value, model_agreement
-    from warehouse import connect
-    from warehouse.queries import image_matrix, layer_head_matrix
-    with connect(path) as con:
-        (dataset,) = con.execute("SELECT any_value(dataset_id) FROM head_texts WHERE model_id = ?", [model_id]).fetchone()
+    from warehouse.queries import head_text_dataset, image_matrix, layer_head_matrix
+    dataset = head_text_dataset(path, model_id)
     row_of = {t: i for i, t in enumerate(text_ids)}
     means = {p: T[[i for i, t in enumerate(tags) if t == p]].mean(0) for p in set(tags) if p is not None}
     Z = image_matrix(path, model_id, dataset)                                        # [n, d]
@@ -121,84 +80,87 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from etl.jobs.texts import model_row_or_fail
-    from etl.text.labelers import (OFFLINE_AGREEMENT, OFFLINE_AGREEMENT_P, OFFLINE_ALPHA, OFFLINE_MIN_VOTES,
-                              OFFLINE_THRESHOLD, OfflineLabeler)
-    from warehouse import connect
-    from warehouse.queries import bank_text_matrix
-    from warehouse.runs import run_record
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
-    if args.min_votes is not None and args.min_votes < 1:
-        raise ValueError("--min-votes must be at least 1")
-    path = warehouse_path(args)
-    row = model_row_or_fail(path, args.model)
-    with connect(path) as con:
-        vocab = vocabulary(con)
-        heads = head_texts(con, args.model)
-        done = {(int(l), int(h)): (lab, ph) for l, h, lab, ph in con.execute(
-            "SELECT layer, head, labeler, prompt_hash FROM head_labels WHERE model_id = ?", [args.model]).fetchall()}
-    if not heads:
-        raise ValueError(f"no heads of {args.model!r} have TextSpan texts: run `python -m etl textspan "
-                         f"--model {args.model}` first")
-    bank = None
-    if args.labeler == "offline":
-        with connect(path) as con:
-            banks = [r[0] for r in con.execute("SELECT DISTINCT bank FROM head_texts WHERE model_id = ? "
-                                               "AND bank IS NOT NULL ORDER BY 1", [args.model]).fetchall()]
-        if len(banks) > 1:
-            raise ValueError(f"the TextSpan texts of {args.model!r} come from several banks ({', '.join(banks)}); "
-                             f"recompute them from one with `python -m etl textspan --model {args.model} "
-                             "--bank NAME --force`")
-        bank = bank_text_matrix(path, args.model, banks[0]) if banks else None     # (text_ids, tags, T)
-        labeler = OfflineLabeler(vocab, OFFLINE_THRESHOLD if args.threshold is None else args.threshold,
-                                 bank_tags=bank[1] if bank else None,
-                                 alpha=OFFLINE_ALPHA if args.alpha is None else args.alpha,
-                                 min_votes=OFFLINE_MIN_VOTES if args.min_votes is None else args.min_votes,
-                                 agreement_min=-1.0 if args.no_agreement_check else OFFLINE_AGREEMENT,
-                                 agreement_p_max=1.0 if args.no_agreement_check else OFFLINE_AGREEMENT_P)
-    else:
-        labeler = make_llm(args, vocab)
-    todo = [h for h in heads if args.force or done.get(h) != (labeler.name, labeler.prompt_hash)]
-    if bank and todo and not args.no_agreement_check:
-        heads = with_model_agreement(path, args.model, int(row["heads"]), heads, todo, *bank)
-    params = {"model_id": args.model, "labeler": labeler.name, "prompt_hash": labeler.prompt_hash,
-              "threshold": getattr(labeler, "threshold", None), "force": args.force, "heads": len(todo)}
-    counts, failed, pending = Counter(), 0, []
-    with run_record(path, "label", params) as run_id:
-        try:
-            for layer, head in progress(todo, desc=f"label {args.model}", unit="head"):
-                label = labeler.label([ht for _, ht in heads[(layer, head)]])
-                pending.append((layer, head, label))
-                if label.error:
-                    failed += 1
-                else:
-                    counts[label.property] += 1
-                if len(pending) >= args.batch_size:
-                    _write(path, args.model, run_id, pending)
-                    pending = []
-        finally:
-            _write(path, args.model, run_id, pending)      # keep what was answered, even on LLMError
-    print(json.dumps({"model_id": args.model, "labeler": labeler.name, "heads_labelled": sum(counts.values()),
-                      "heads_failed": failed, "heads_skipped": len(heads) - len(todo),
-                      "labels": dict(counts.most_common())}))
+    print(json.dumps(label(warehouse_path(args), args.model, args.labeler, threshold=args.threshold, alpha=args.alpha,
+                           min_votes=args.min_votes, agreement_check=not args.no_agreement_check, force=args.force,
+                           batch_size=args.batch_size, llm_model=args.llm_model, llm_timeout=args.llm_timeout,
+                           llm_retries=args.llm_retries)))
     return 0
 
 
+def label(path: str, model_id: str, labeler: str = "offline", *, threshold: float | None = None,
+          alpha: float | None = None, min_votes: int | None = None, agreement_check: bool = True,
+          force: bool = False, batch_size: int = 16, llm_model: str | None = None, llm_timeout: float = 60.0,
+          llm_retries: int = 5) -> dict:
+    """Label every head with TextSpan texts not yet labelled by this labeler and prompt; returns counts."""
+    from etl.text.labelers import (OFFLINE_AGREEMENT, OFFLINE_AGREEMENT_P, OFFLINE_ALPHA, OFFLINE_MIN_VOTES,
+                                   OFFLINE_THRESHOLD, OfflineLabeler, stored_head_texts, vocabulary)
+    from warehouse.queries import bank_text_matrix, head_label_state, head_text_banks
+    from warehouse.runs import run_record
+    if batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if min_votes is not None and min_votes < 1:
+        raise ValueError("--min-votes must be at least 1")
+    row = model_row_or_fail(path, model_id)
+    vocab = vocabulary(path)
+    heads = stored_head_texts(path, model_id)
+    done = {h: (lab, ph) for h, (lab, ph, _) in head_label_state(path, model_id).items()}
+    if not heads:
+        raise ValueError(f"no heads of {model_id!r} have TextSpan texts: run `python -m etl textspan "
+                         f"--model {model_id}` first")
+    bank = None
+    if labeler == "offline":
+        banks = head_text_banks(path, model_id)
+        if len(banks) > 1:
+            raise ValueError(f"the TextSpan texts of {model_id!r} come from several banks ({', '.join(banks)}); "
+                             f"recompute them from one with `python -m etl textspan --model {model_id} "
+                             "--bank NAME --force`")
+        bank = bank_text_matrix(path, model_id, banks[0]) if banks else None     # (text_ids, tags, T)
+        chosen = OfflineLabeler(vocab, OFFLINE_THRESHOLD if threshold is None else threshold,
+                                bank_tags=bank[1] if bank else None,
+                                alpha=OFFLINE_ALPHA if alpha is None else alpha,
+                                min_votes=OFFLINE_MIN_VOTES if min_votes is None else min_votes,
+                                agreement_min=OFFLINE_AGREEMENT if agreement_check else -1.0,
+                                agreement_p_max=OFFLINE_AGREEMENT_P if agreement_check else 1.0)
+    else:
+        chosen = make_llm(llm_model, vocab, llm_timeout, llm_retries)
+    todo = [h for h in heads if force or done.get(h) != (chosen.name, chosen.prompt_hash)]
+    if bank and todo and agreement_check:
+        heads = with_model_agreement(path, model_id, int(row["heads"]), heads, todo, *bank)
+    params = {"model_id": model_id, "labeler": chosen.name, "prompt_hash": chosen.prompt_hash,
+              "threshold": getattr(chosen, "threshold", None), "force": force, "heads": len(todo)}
+    counts, failed, pending = Counter(), 0, []
+    with run_record(path, "label", params) as run_id:
+        run_id.skipped = not todo
+        try:
+            for layer, head in progress(todo, desc=f"label {model_id}", unit="head"):
+                result = chosen.label([ht for _, ht in heads[(layer, head)]])
+                pending.append((layer, head, result))
+                if result.error:
+                    failed += 1
+                else:
+                    counts[result.property] += 1
+                if len(pending) >= batch_size:
+                    _write(path, model_id, run_id, pending)
+                    pending = []
+        finally:
+            _write(path, model_id, run_id, pending)      # keep what was answered, even on LLMError
+    return {"model_id": model_id, "labeler": chosen.name, "heads_labelled": sum(counts.values()),
+            "heads_failed": failed, "heads_skipped": len(heads) - len(todo), "labels": dict(counts.most_common())}
+
+
 def _write(path: str, model_id: str, run_id: str, pending: list) -> None:
-    from warehouse import writer
+    from warehouse import head_name, writer, writes
     from warehouse.runs import record_error
     if not pending:
         return
     with writer(path) as con:
-        for layer, head, label in pending:
-            if label.error:
-                raw = (label.raw or "")[:500]
-                record_error(con, run_id, f"{model_id} L{layer}.H{head}",
-                             f"{label.labeler}: {label.error}" + (f" (raw answer: {raw!r})" if raw else ""))
+        for layer, head, result in pending:
+            if result.error:
+                raw = (result.raw or "")[:500]
+                record_error(con, run_id, f"{model_id} {head_name(layer, head)}",
+                             f"{result.labeler}: {result.error}" + (f" (raw answer: {raw!r})" if raw else ""))
                 continue
-            con.execute("DELETE FROM head_labels WHERE model_id = ? AND layer = ? AND head = ?", [model_id, layer, head])
-            con.execute("INSERT INTO head_labels (model_id, layer, head, property, confidence, labeler, prompt_hash, "
-                        "raw, run_id, p_value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [model_id, layer, head, label.property, label.confidence, label.labeler,
-                         label.prompt_hash, label.raw, run_id, label.p_value])
+            writes.replace_head_label(con, model_id, layer, head, property=result.property,
+                                      confidence=result.confidence, labeler=result.labeler,
+                                      prompt_hash=result.prompt_hash, raw=result.raw, run_id=run_id,
+                                      p_value=result.p_value)

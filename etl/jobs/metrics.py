@@ -9,7 +9,7 @@ from etl.common import add_warehouse_arg, warehouse_path
 def add_parser(sub) -> None:
     p = sub.add_parser("metrics", help="print association/entanglement (the head_scores and model_scores views)",
                        description="The scores are SQL views (warehouse/migrations/002_scores.sql), always current: "
-                                   "this job prints them as JSON lines and records a run.")
+                                   "this job prints them as JSON lines (it writes nothing).")
     p.add_argument("--model", default=None, metavar="MODEL_ID", help="one model_id (default: every model)")
     add_warehouse_arg(p)
     p.add_argument("--heads", action="store_true", help="also print one line per head")
@@ -21,26 +21,24 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from warehouse import connect
-    from warehouse.runs import run_record
     path = warehouse_path(args)
     if args.study:
         print(study_table(path))
         return 0
-    where, params = ("WHERE model_id = ?", [args.model]) if args.model else ("", [])
-    with run_record(path, "metrics", {"model_id": args.model}):
-        with connect(path) as con:
-            models = con.execute(f"SELECT model_id, association, entanglement, n_heads FROM model_scores {where} "
-                                 "ORDER BY model_id", params).fetchall()
-            heads = con.execute(f"SELECT model_id, layer, head, property, association, entanglement FROM head_scores "
-                                f"{where} ORDER BY model_id, layer, head", params).fetchall() if args.heads else []
+    models, heads = metrics(path, args.model, args.heads)
+    for row in models + heads:
+        print(json.dumps(row, default=float))
+    return 0
+
+
+def metrics(path: str, model_id: str | None = None, heads: bool = False) -> tuple[list[dict], list[dict]]:
+    """The model_scores rows (and head_scores rows with ``heads``) of one model or all. The scores are
+    views, always current: nothing is computed or written, so no run is recorded."""
+    from warehouse.queries import score_rows
+    models, head_rows = score_rows(path, model_id, heads)
     if not models:
         raise ValueError("no labelled heads yet: run `python -m etl textspan` and `python -m etl label` first")
-    for m in models:
-        print(json.dumps(dict(zip(["model_id", "association", "entanglement", "n_heads"], m))))
-    for h in heads:
-        print(json.dumps(dict(zip(["model_id", "layer", "head", "property", "association", "entanglement"], h))))
-    return 0
+    return models, head_rows
 
 
 def study_table(path: str) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-
 from etl.common import add_warehouse_arg, warehouse_path
 from etl.world import probes
 
@@ -22,6 +20,8 @@ def add_parser(sub) -> None:
     add_warehouse_arg(q)
     q.add_argument("--dataset", required=True, help="a shapes dataset already embedded, e.g. shapes:2000:seed=0")
     q.add_argument("--seed", type=int, default=0, help="train/test split seed (default 0)")
+    q.add_argument("--force", action="store_true",
+                   help="recompute even when this model, dataset and seed are already stored")
     q.set_defaults(func=run_probe)
 
 
@@ -42,54 +42,33 @@ def add_parser(sub) -> None:
 
 
 def run_probe(args) -> int:
+    print(json.dumps(probe(warehouse_path(args), args.model, args.dataset, args.seed, args.force)))
+    return 0
+
+
+def probe(path: str, model_id: str, dataset_id: str, seed: int = 0, force: bool = False) -> dict:
+    """Per-head probes and eta2 of every factor from the stored head embeddings, stored; skipped
+    (run 'skipped') when the same model, dataset and seed are already stored, unless ``force``."""
     from etl.text.bank import WORLD_FACTOR_PROPERTIES
-    from warehouse import connect, writer
-    from warehouse.runs import run_record
-    path = warehouse_path(args)
-    with connect(path) as con:
-        rows = con.execute(
-            "SELECT h.image_id, h.layer, h.head, h.vec FROM head_embeddings h JOIN images i USING (image_id) "
-            "WHERE h.model_id = ? AND i.dataset_id = ? ORDER BY h.image_id, h.layer, h.head",
-            [args.model, args.dataset]).fetchall()
-        facts = con.execute(
-            "SELECT f.image_id, f.factor, f.value FROM image_factors f JOIN images i USING (image_id) "
-            "WHERE i.dataset_id = ?", [args.dataset]).fetchall()
-    if not rows or not facts:
-        raise ValueError(f"no head embeddings with factor labels for model {args.model} on {args.dataset}: "
-                         f"run `python -m etl embed --model ... --dataset {args.dataset}` first (a shapes dataset)")
-    ids = sorted({r[0] for r in rows})
-    layers = sorted({r[1] for r in rows})
-    heads = sorted({r[2] for r in rows})
-    index = {i: k for k, i in enumerate(ids)}
-    d = len(rows[0][3])
-    X = np.zeros((len(ids), len(layers), len(heads), d), np.float32)            # [n, L', H, d]
-    for image_id, l, h, vec in rows:
-        X[index[image_id], layers.index(l), heads.index(h)] = vec
-    by_factor: dict[str, list] = {}
-    for image_id, factor, value in facts:
-        by_factor.setdefault(factor, [None] * len(ids))
-        if image_id in index:
-            by_factor[factor][index[image_id]] = value
-    with run_record(path, "probe", {"model_id": args.model, "dataset": args.dataset}) as run_id:
-        result = probes.probe_matrix(X, by_factor, seed=args.seed, layers=layers)
+    from warehouse import writer, writes
+    from warehouse.queries import factor_head_embeddings
+    from warehouse.runs import completed_run, run_record
+    params = {"model_id": model_id, "dataset": dataset_id, "seed": seed}
+    if not force and completed_run(path, "probe", params):
+        with run_record(path, "probe", params) as run_id:
+            run_id.skipped = True
+        return {"model_id": model_id, "dataset": dataset_id, "skipped": "already stored (--force recomputes)"}
+    X, layers, by_factor = factor_head_embeddings(path, model_id, dataset_id)      # X: [n, L', H, d]
+    if not len(X):
+        raise ValueError(f"no head embeddings with factor labels for model {model_id} on {dataset_id}: "
+                         f"run `python -m etl embed --model ... --dataset {dataset_id}` first (a shapes dataset)")
+    with run_record(path, "probe", params) as run_id:
+        result = probes.probe_matrix(X, by_factor, seed=seed, layers=layers)
         eta2 = probes.factor_variance(X, by_factor, layers=layers)
         with writer(path) as con:
-            con.executemany("INSERT INTO factor_properties (factor, property) VALUES (?, ?) "
-                            "ON CONFLICT (factor) DO UPDATE SET property = excluded.property",
-                            list(WORLD_FACTOR_PROPERTIES.items()))
-            con.execute("DELETE FROM head_factor_variance WHERE model_id = ? AND dataset_id = ?",
-                        [args.model, args.dataset])
-            con.executemany("INSERT INTO head_factor_variance (model_id, dataset_id, layer, head, factor, eta2, "
-                            "run_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [[args.model, args.dataset, r["layer"], r["head"], r["factor"], r["eta2"], run_id]
-                             for r in eta2])
-            con.execute("DELETE FROM probes WHERE model_id = ? AND dataset_id = ?", [args.model, args.dataset])
-            con.executemany("INSERT INTO probes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            [[args.model, args.dataset, r["layer"], r["head"], r["factor"], r["accuracy"],
-                              r["chance"], run_id] for r in result])
-    print(json.dumps({"model_id": args.model, "dataset": args.dataset, "rows": len(result),
-                      "eta2_rows": len(eta2)}))
-    return 0
+            writes.upsert_factor_properties(con, WORLD_FACTOR_PROPERTIES)
+            writes.replace_probes(con, model_id, dataset_id, result, eta2, run_id)
+    return {"model_id": model_id, "dataset": dataset_id, "rows": len(result), "eta2_rows": len(eta2)}
 
 
 def run_probe_heads(args) -> int:

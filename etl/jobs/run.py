@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from etl.common import add_model_args, add_warehouse_arg, load_model_from_args, warehouse_path
+from etl.common import add_embed_args, add_model_args, add_warehouse_arg, load_model_from_args, warehouse_path
 
 
 def add_parser(sub) -> None:
@@ -16,7 +16,6 @@ def add_parser(sub) -> None:
                                    "--dataset skimage --warehouse var/demo.duckdb")
     add_model_args(p)
     add_warehouse_arg(p)
-    from etl.jobs.embed import add_embed_args
     add_embed_args(p)
     p.add_argument("--text-file", default=None, help="a user text bank (one text per line, optional TAB tag) "
                                                      "instead of the product's own bank")
@@ -28,56 +27,52 @@ def add_parser(sub) -> None:
     p.add_argument("--llm-model", default=None, help="model name for --labeler llm")
     p.add_argument("--skip", action="append", default=[], choices=["ablate", "probe"],
                    help="skip an optional step (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute the ablation and probes even when they are already stored (every other step "
+                        "only does what is missing)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from etl.cli import main
+    """The pipeline: every job in order, called as functions; each resumes or skips what is stored."""
     from etl.datasets import open_dataset
-    from etl.jobs.embed import embed, model_layers
-    from warehouse.runs import run_record
+    from etl.jobs import ablate, embed, judge, label, metrics, probe, texts, textspan
+    from models import default_bank
     path = warehouse_path(args)
     lm = load_model_from_args(args)
-    layers = model_layers(lm, args.layers)
-    model_flags = ["--model", args.model] + (["--pretrained", args.pretrained] if args.pretrained else []) \
-        + (["--checkpoint", args.checkpoint] if args.checkpoint else []) \
-        + (["--random-init", "--seed", str(args.seed)] if args.random_init else []) + ["--device", args.device]
-    wh = ["--warehouse", path]
+    layers = embed.model_layers(lm, args.layers)
+    datasets = [open_dataset(spec) for spec in args.dataset]  # fail early on a bad name
     timings = {}
 
-    def step(name, argv):
+    def step(name, fn, *a, **kw):
         t = time.perf_counter()
-        code = main(argv)
+        out = fn(*a, **kw)
         timings[name] = round(time.perf_counter() - t, 1)
-        if code:
-            raise SystemExit(code)
+        if isinstance(out, dict):
+            print(json.dumps(out))
+        return out
 
-    datasets = [open_dataset(spec) for spec in args.dataset]  # fail early on a bad name
-    t = time.perf_counter()
-    for spec in args.dataset:
-        params = {"model_id": lm.model_id, "dataset": spec, "layers": layers, "backend": args.backend}
-        with run_record(path, "embed", params) as run_id:
-            print(json.dumps({"model_id": lm.model_id, **embed(path, lm, spec, layers, args.backend,
-                                                              args.providers, args.batch_size, run_id)}))
-    timings["embed"] = round(time.perf_counter() - t, 1)
-    from models import default_bank
+    step("embed", embed.embed_datasets, path, lm, args.dataset, layers, args.backend, args.providers,
+         args.batch_size)
     bank = args.bank or default_bank(lm.spec["arch"])
-    step("texts", ["texts", "--model", lm.model_id, *wh,
-                   *(["--text-file", args.text_file] if args.text_file else ["--bank", bank])])
-    bank_name = ["--bank", Path(args.text_file).stem] if args.text_file else ["--bank", bank]
-    step("textspan", ["textspan", "--model", lm.model_id, *wh, *bank_name])
-    step("label", ["label", "--model", lm.model_id, *wh, "--labeler", args.labeler]
-         + (["--llm-model", args.llm_model] if args.llm_model else []))
-    step("judge", ["judge", "--model", lm.model_id, *wh]
-         + (["--judge", "llm"] + (["--llm-model", args.llm_model] if args.llm_model else [])
-            if args.labeler == "llm" else []))
-    step("metrics", ["metrics", "--model", lm.model_id, *wh])
+    if args.text_file:
+        step("texts", texts.load_texts, path, lm.model_id, text_file=args.text_file)
+        bank = Path(args.text_file).stem
+    else:
+        step("texts", texts.load_texts, path, lm.model_id, bank=bank)
+    step("textspan", textspan.textspan, path, lm.model_id, bank=bank)
+    llm = dict(llm_model=args.llm_model)
+    step("label", label.label, path, lm.model_id, args.labeler, **llm)
+    step("judge", judge.judge, path, lm.model_id, "llm" if args.labeler == "llm" else "tag", **llm)
+    models_scores, _ = step("metrics", metrics.metrics, path, lm.model_id)
+    for row in models_scores:
+        print(json.dumps(row, default=float))
     labelled = [d for d in datasets if d.source == "shapes" or len(getattr(d, "classes", [])) >= 2]
     if labelled and "ablate" not in args.skip:
-        step("ablate", ["ablate", *model_flags, *wh, "--dataset", args.dataset[datasets.index(labelled[0])],
-                        "--layers", args.layers])
+        step("ablate", ablate.ablate, path, lm, args.dataset[datasets.index(labelled[0])], args.layers,
+             force=args.force)
     for d in datasets:
         if d.source == "shapes" and "probe" not in args.skip:
-            step(f"probe {d.dataset_id}", ["probe", "--model", lm.model_id, *wh, "--dataset", d.dataset_id])
+            step(f"probe {d.dataset_id}", probe.probe, path, lm.model_id, d.dataset_id, force=args.force)
     print(json.dumps({"model_id": lm.model_id, "warehouse": path, "seconds": timings}))
     return 0

@@ -12,7 +12,7 @@ import json
 import warnings
 from pathlib import Path
 
-from etl.common import add_warehouse_arg, progress, warehouse_path
+from etl.common import add_warehouse_arg, model_row_or_fail, progress, warehouse_path
 
 
 def add_parser(sub) -> None:
@@ -40,92 +40,74 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def model_row_or_fail(path: str, model_id: str) -> dict:
-    """The `models` row of ``model_id``; a ValueError naming the known models when absent."""
-    from warehouse import connect
-    from warehouse.queries import model_row
-    try:
-        return model_row(path, model_id)
-    except KeyError:
-        with connect(path) as con:
-            known = [r[0] for r in con.execute("SELECT model_id FROM models ORDER BY model_id").fetchall()]
-        raise ValueError(f"model {model_id!r} is not in the warehouse {path} (models there: "
-                         f"{', '.join(known) or 'none'}). Embed images with it first, e.g. "
-                         f"`python -m etl embed --model <arch> ... --warehouse {path}`, and pass the model_id "
-                         f"that job prints.") from None
-
-
-def read_bank(args, arch: str | None = None) -> tuple[str, list[tuple[str, str | None]], dict[str, int]]:
-    """(bank name, [(text, tag)], {unknown tag: count}) from --bank / --text-file; without
-    either, the default bank of the model's architecture ``arch`` (the atlas bank if None)."""
+def read_bank(bank: str | None, text_file: str | None, bank_name: str | None, arch: str | None = None
+              ) -> tuple[str, list[tuple[str, str | None]], dict[str, int]]:
+    """(bank name, [(text, tag)], {unknown tag: count}) from a product bank or a text file; with
+    neither, the default bank of the model's architecture ``arch`` (the atlas bank if None)."""
     from etl.text.bank import ATLAS_BANK, PRODUCT_BANKS, UnknownTagWarning, bank_texts, read_text_file, unknown_tags
     from models import default_bank
-    if args.text_file is None:
-        bank = args.bank or (default_bank(arch) if arch else ATLAS_BANK)
+    if text_file is None:
+        bank = bank or (default_bank(arch) if arch else ATLAS_BANK)
         return bank, list(bank_texts(bank)), {}
-    bank = args.bank_name or Path(args.text_file).stem
+    bank = bank_name or Path(text_file).stem
     if bank in PRODUCT_BANKS:
         raise ValueError(f"'{bank}' is a bank of the product's own; give your file another --bank-name")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnknownTagWarning)          # reported below, per tag
-        items = read_text_file(args.text_file)
+        items = read_text_file(text_file)
     return bank, items, dict(unknown_tags(items))
 
 
 def run(args) -> int:
-    import pyarrow as pa
+    print(json.dumps(load_texts(warehouse_path(args), args.model, args.bank, args.text_file, args.bank_name,
+                                args.batch_size)))
+    return 0
+
+
+def load_texts(path: str, model_id: str | None = None, bank: str | None = None, text_file: str | None = None,
+               bank_name: str | None = None, batch_size: int = 256) -> dict:
+    """Store a bank's texts and embed those the model has no embedding for yet; returns counts.
+    A run that finds every text stored and embedded ends 'skipped'."""
     from etl.text.bank import PROPERTIES, text_id
-    from warehouse import connect, writer
+    from warehouse import writer, writes
+    from warehouse.queries import embedded_text_ids
     from warehouse.runs import record_error, run_record
-    if args.batch_size < 1:
+    if batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    path = warehouse_path(args)
-    params = {"bank": args.bank, "text_file": args.text_file, "model_id": args.model}
+    params = {"bank": bank, "text_file": text_file, "model_id": model_id}
     with run_record(path, "texts", params) as run_id:
-        row = model_row_or_fail(path, args.model) if args.model else None
-        bank, items, unknown = read_bank(args, row["arch"] if row else None)
+        row = model_row_or_fail(path, model_id) if model_id else None
+        bank, items, unknown = read_bank(bank, text_file, bank_name, row["arch"] if row else None)
         ids = [text_id(bank, t) for t, _ in items]
-        props = pa.table({"property": list(PROPERTIES), "description": list(PROPERTIES.values())})
-        text_rows = pa.table({"text_id": ids, "bank": [bank] * len(ids), "text": [t for t, _ in items],
-                              "property": pa.array([tag for _, tag in items], pa.string())})
         with writer(path) as con:
-            con.execute("INSERT INTO properties SELECT property, description FROM props "
-                        "ON CONFLICT (property) DO UPDATE SET description = excluded.description")
-            con.execute("INSERT INTO texts SELECT text_id, bank, text, property FROM text_rows "
-                        "ON CONFLICT (text_id) DO UPDATE SET property = excluded.property")
+            writes.upsert_properties(con, dict(PROPERTIES))
+            writes.upsert_texts(con, bank, ids, [t for t, _ in items], [tag for _, tag in items])
             for tag, n in sorted(unknown.items()):
                 record_error(con, run_id, f"tag:{tag}",
-                             f"{n} texts of {args.text_file} carry tag {tag!r}, which is not a property of the "
+                             f"{n} texts of {text_file} carry tag {tag!r}, which is not a property of the "
                              f"vocabulary; kept as given (the offline labeler ignores it)")
         for tag, n in sorted(unknown.items()):
             print(f"warning: {n} texts carry tag {tag!r}, not an atlas property (kept as given)")
         embedded = 0
         if row is not None:
-            with connect(path) as con:
-                done = {r[0] for r in con.execute(
-                    "SELECT e.text_id FROM text_embeddings e JOIN texts t USING (text_id) "
-                    "WHERE e.model_id = ? AND t.bank = ?", [args.model, bank]).fetchall()}
+            done = embedded_text_ids(path, model_id, bank)
             todo = [(i, t) for i, (t, _) in zip(ids, items) if i not in done]
             if todo:
-                embedded = _embed(path, row, todo, args.batch_size)
-    print(json.dumps({"bank": bank, "texts": len(items), "model_id": args.model, "embedded": embedded,
-                      "already_embedded": len(items) - embedded if args.model else 0}))
-    return 0
+                embedded = _embed(path, row, todo, batch_size)
+        run_id.skipped = row is not None and embedded == 0
+    return {"bank": bank, "texts": len(items), "model_id": model_id, "embedded": embedded,
+            "already_embedded": len(items) - embedded if model_id else 0}
 
 
 def _embed(path: str, row: dict, todo: list[tuple[str, str]], batch_size: int) -> int:
     """Encode ``todo`` [(text_id, text)] with the row's model; one write per batch."""
-    import pyarrow as pa
-    from etl.common import vector_column
     from models import encode_texts, model_from_row
-    from warehouse import writer
+    from warehouse import writer, writes
     lm = model_from_row(row)
     bar = progress(range(0, len(todo), batch_size), desc=f"texts -> {row['model_id']}", unit="batch")
     for start in bar:
         batch = todo[start:start + batch_size]
         vecs = encode_texts(lm, [t for _, t in batch], batch_size=batch_size).numpy()     # [B, d] unit
-        emb = pa.table({"model_id": [row["model_id"]] * len(batch), "text_id": [i for i, _ in batch],
-                        "vec": vector_column(vecs)})
         with writer(path) as con:
-            con.execute("INSERT INTO text_embeddings SELECT model_id, text_id, vec FROM emb ON CONFLICT DO NOTHING")
+            writes.insert_text_embeddings(con, row["model_id"], [i for i, _ in batch], vecs)
     return len(todo)

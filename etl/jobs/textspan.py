@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from etl.common import add_warehouse_arg, progress, warehouse_path
+from etl.common import add_warehouse_arg, model_row_or_fail, progress, warehouse_path
 
 
 def add_parser(sub) -> None:
@@ -41,11 +41,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _choose_bank(con, model_id: str, arch: str, bank: str | None) -> str:
+def _choose_bank(path: str, model_id: str, arch: str, bank: str | None) -> str:
     from models import default_bank
-    banks = [r[0] for r in con.execute(
-        "SELECT DISTINCT t.bank FROM text_embeddings e JOIN texts t USING (text_id) WHERE e.model_id = ? "
-        "ORDER BY 1", [model_id]).fetchall()]
+    from warehouse.queries import embedded_banks
+    banks = embedded_banks(path, model_id)
     if bank is None:
         bank = banks[0] if len(banks) == 1 else default_bank(arch)
     if bank not in banks:
@@ -56,60 +55,58 @@ def _choose_bank(con, model_id: str, arch: str, bank: str | None) -> str:
 
 
 def run(args) -> int:
-    from etl.jobs.texts import model_row_or_fail
+    print(json.dumps(textspan(warehouse_path(args), args.model, args.bank, args.dataset, args.k, args.r, args.force)))
+    return 0
+
+
+def textspan(path: str, model_id: str, bank: str | None = None, dataset: str | None = None, k: int = 10,
+             r: int = 80, force: bool = False) -> dict:
+    """TextSpan texts for every analysed head of the model that has none with these settings; returns counts."""
     from etl.text.textspan import check_sizes, textspan_heads
-    from warehouse import connect, writer
-    from warehouse.queries import bank_text_matrix, layer_head_matrix
+    from warehouse import head_name, writer, writes
+    from warehouse.queries import bank_text_matrix, dataset_exists, head_text_state, layer_head_matrix
     from warehouse.runs import record_error, run_record
-    path = warehouse_path(args)
-    row = model_row_or_fail(path, args.model)
+    row = model_row_or_fail(path, model_id)
     layers, H = [int(x) for x in row["analysed_layers"]], int(row["heads"])
     head_dim = int(row["width"]) // H
-    with connect(path) as con:
-        bank = _choose_bank(con, args.model, row["arch"], args.bank)
-        if args.dataset and not con.execute("SELECT 1 FROM datasets WHERE dataset_id = ?", [args.dataset]).fetchone():
-            raise ValueError(f"dataset {args.dataset!r} is not in the warehouse; see `SELECT dataset_id FROM datasets`")
-        existing = {(int(l), int(h)): (n, b, d) for l, h, n, b, d in con.execute(
-            "SELECT layer, head, count(*), any_value(bank), any_value(dataset_id) FROM head_texts "
-            "WHERE model_id = ? GROUP BY layer, head", [args.model]).fetchall()}
-    text_ids, _, T = bank_text_matrix(path, args.model, bank)
-    want = (args.k, bank, args.dataset)
+    bank = _choose_bank(path, model_id, row["arch"], bank)
+    if dataset and not dataset_exists(path, dataset):
+        raise ValueError(f"dataset {dataset!r} is not in the warehouse; see `SELECT dataset_id FROM datasets`")
+    existing = head_text_state(path, model_id)
+    text_ids, _, T = bank_text_matrix(path, model_id, bank)
+    want = (k, bank, dataset)
     other = sorted(h for h, v in existing.items() if v != want)
-    if other and not args.force:
+    if other and not force:
         n, b, d = existing[other[0]]
-        raise ValueError(f"{len(other)} heads of {args.model!r} already have TextSpan texts from bank {b!r}, k = {n}, "
-                         f"dataset {d or 'all'}; pass --force to replace them with bank {bank!r}, k = {args.k}, "
-                         f"dataset {args.dataset or 'all'}")
-    todo = {l: [h for h in range(H) if args.force or existing.get((l, h)) != want] for l in layers}
-    params = {"model_id": args.model, "bank": bank, "dataset": args.dataset, "k": args.k, "r": args.r,
-              "force": args.force, "texts": len(text_ids)}
+        raise ValueError(f"{len(other)} heads of {model_id!r} already have TextSpan texts from bank {b!r}, k = {n}, "
+                         f"dataset {d or 'all'}; pass --force to replace them with bank {bank!r}, k = {k}, "
+                         f"dataset {dataset or 'all'}")
+    todo = {l: [h for h in range(H) if force or existing.get((l, h)) != want] for l in layers}
+    params = {"model_id": model_id, "bank": bank, "dataset": dataset, "k": k, "r": r,
+              "force": force, "texts": len(text_ids)}
     written = failed = 0
     with run_record(path, "textspan", params) as run_id:
-        for layer in progress([l for l in layers if todo[l]], desc=f"textspan {args.model}", unit="layer"):
+        for layer in progress([l for l in layers if todo[l]], desc=f"textspan {model_id}", unit="layer"):
             heads = todo[layer]
-            C = layer_head_matrix(path, args.model, layer, H, args.dataset)[:, heads]   # [n, h, d]
+            C = layer_head_matrix(path, model_id, layer, H, dataset)[:, heads]   # [n, h, d]
             if C.shape[0] == 0:
-                raise ValueError(f"no head embeddings of model {args.model!r} in layer {layer}"
-                                 + (f" for dataset {args.dataset!r}" if args.dataset else "")
+                raise ValueError(f"no head embeddings of model {model_id!r} in layer {layer}"
+                                 + (f" for dataset {dataset!r}" if dataset else "")
                                  + "; run `python -m etl embed` first")
-            check_sizes(C.shape[0], T.shape[0], C.shape[2], T.shape[1], args.k, args.r)
-            results, errors = _textspan_layer(textspan_heads, C, T, heads, args.k, args.r, head_dim)
-            rows = [(args.model, layer, h, rank, text_ids[j], float(v), args.dataset, bank, run_id, r_used)
+            check_sizes(C.shape[0], T.shape[0], C.shape[2], T.shape[1], k, r)
+            results, errors = _textspan_layer(textspan_heads, C, T, heads, k, r, head_dim)
+            rows = [dict(head=h, rank=rank, text_id=text_ids[j], variance_explained=float(v), dataset_id=dataset,
+                         bank=bank, run_id=run_id, r=r_used)
                     for h, (idx, var, r_used) in results.items() for rank, (j, v) in enumerate(zip(idx, var))]
             with writer(path) as con:
-                for table in ("head_texts", "head_labels", "text_judgments"):
-                    con.execute(f"DELETE FROM {table} WHERE model_id = ? AND layer = ? AND list_contains(?, head)",
-                                [args.model, layer, heads])
-                if rows:
-                    con.executemany("INSERT INTO head_texts (model_id, layer, head, rank, text_id, variance_explained,"
-                                    " dataset_id, bank, run_id, r) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                writes.replace_head_texts(con, model_id, layer, heads, rows)
                 for h, reason in errors.items():
-                    record_error(con, run_id, f"{args.model} L{layer}.H{h}", reason)
+                    record_error(con, run_id, f"{model_id} {head_name(layer, h)}", reason)
             written += len(results)
             failed += len(errors)
-    print(json.dumps({"model_id": args.model, "bank": bank, "k": args.k, "r": args.r, "heads_written": written,
-                      "heads_failed": failed, "heads_skipped": sum(H - len(todo[l]) for l in layers)}))
-    return 0
+        run_id.skipped = not any(todo.values())
+    return {"model_id": model_id, "bank": bank, "k": k, "r": r, "heads_written": written,
+            "heads_failed": failed, "heads_skipped": sum(H - len(todo[l]) for l in layers)}
 
 
 def _textspan_layer(textspan_heads, C, T, heads, k, r, head_dim):

@@ -530,3 +530,21 @@ class LLMLabeler:
         except (AttributeError, KeyError, TypeError, ValueError):
             wait = self.backoff_s * 2 ** attempt * random.uniform(0.8, 1.0)
         return min(self.max_backoff_s, max(0.0, wait))
+
+
+# --------------------------------------------------------------------------- inputs from the warehouse
+
+def vocabulary(path: str) -> dict[str, str]:
+    """The warehouse's property vocabulary {property: description}; a ValueError when it is empty."""
+    from warehouse.queries import property_vocabulary
+    vocab = property_vocabulary(path)
+    if not vocab:
+        raise ValueError("the warehouse has no properties yet: run `python -m etl texts` first")
+    return vocab
+
+
+def stored_head_texts(path: str, model_id: str) -> dict[tuple[int, int], list[tuple[str, HeadText]]]:
+    """{(layer, head): [(text_id, HeadText)]} in TextSpan rank order, for the model's heads with texts."""
+    from warehouse.queries import head_text_items
+    return {head: [(tid, HeadText(text, tag, var)) for tid, text, tag, var in items]
+            for head, items in head_text_items(path, model_id).items()}
