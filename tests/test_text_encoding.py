@@ -161,3 +161,13 @@ def test_subclass_overriding_encode_text_runs_unchanged():
     got = encode_texts(lm, TEXTS, batch_size=3)
     assert (got - reference(lm, TEXTS)).abs().max().item() < 1e-5
 
+
+def test_benchmark_reports_both_paths_on_the_same_texts():
+    """models.bench.bench_text_encode (make bench's text_encode_vs_open_clip), on the toy, tiny."""
+    from models.bench import bench_text_encode
+    r = bench_text_encode(TEXTS, arch="toy-shapes", batch_size=3, rounds=1)
+    assert r["texts"] == len(TEXTS) and r["context"] == 32 and r["rounds"] == 1
+    assert r["max_abs_diff"] < 1e-5
+    assert r["open_clip_s"] > 0 and r["encode_texts_s"] > 0
+    assert r["text_encode_vs_open_clip"] == pytest.approx(r["open_clip_s"] / r["encode_texts_s"])
+    assert 2 < r["mean_tokens"] < 32
