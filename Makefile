@@ -26,7 +26,7 @@ DATA_FLAGS := $(if $(IMAGES),--dataset $(IMAGES),--dataset $(DATASET) --dataset 
 help:
 	@echo "make demo     set up, build the default warehouse (the toy zoo + shapes world + scikit-image photos), serve the dashboard"
 	@echo "make test     set up and run the test suite (installs Debian's chromium for the browser test)"
-	@echo "make bench    benchmarks (decomposition, shapes world, TextSpan, warehouse, dashboard)"
+	@echo "make bench    benchmarks (decomposition, shapes world, TextSpan, text encoding, warehouse, dashboard)"
 	@echo "make zoo      retrain the toy zoo by its recipe (CPU, hours; resumable)"
 	@echo "make dashboard PORT=8501 ATLAS_HOME=var"
 	@echo "make demo MODEL=ViT-B-16 PRETRAINED=laion2b_s34b_b88k IMAGES=path/to/images/"

@@ -301,12 +301,117 @@ def model_from_row(row: dict, device: str = "cpu") -> LoadedModel:
     return load_model(row["arch"], random_init=True, seed=int(row["seed"] or 0), device=device)
 
 
+# --------------------------------------------------------------------------- text encoding
+
+_TRIM_POOLS = ("argmax", "eos")     # pool at one token of each text (its end of text), not at a fixed slot
+
+
+def _is_causal(mask: Any, length: int) -> bool:
+    """True when `mask` ([L, L], additive float or boolean 'True = masked') hides every later key
+    (j > i) from every query i, i.e. position i sees positions 0..i only."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != (length, length):
+        return False
+    later = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)   # [L, L], j > i
+    hidden = mask if mask.dtype == torch.bool else torch.isneginf(mask)                 # [L, L]
+    return bool(hidden[later].all())
+
+
+def text_trim_lengths(model: torch.nn.Module, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """How many leading tokens each text's embedding depends on, LongTensor [M], read off the model;
+    None when the text tower cannot be trimmed exactly (it then runs on the full context).
+
+    `tokens`: LongTensor [M, L] from the model's tokenizer, L = the model's context length.
+
+    Trimming is exact when the model's own `encode_text` is open_clip's `CLIP.encode_text` and
+    - its attention mask (`attn_mask`, [L, L]) is causal: token i attends to tokens 0..i only;
+    - it pools one token per text by its content (`text_pool_type` 'argmax': the highest token id,
+      CLIP's end-of-text; 'eos': the first `text_eos_id`), not a fixed slot ('first', 'last') or
+      every token ('none');
+    - positions are absolute (`positional_embedding` is [L, width], added by position) and every
+      block is open_clip's (Custom)ResidualAttentionBlock: position-wise but for the masked attention.
+    Then the pooled output at position p depends on tokens 0..p only, so running the batch on its
+    first max(p) + 1 tokens changes nothing: padding after the end of text never reaches it.
+    'last' pools the context's final slot (padding for short texts): trimming would move it, so no.
+    CustomTextCLIP (Hugging Face towers, CoCa-style towers) and subclasses that override
+    `encode_text` are not trimmed.
+    """
+    from open_clip.model import CLIP
+    from open_clip.transformer import (CustomResidualAttentionBlock, CustomTransformer,
+                                       ResidualAttentionBlock, Transformer)
+    if type(model).encode_text is not CLIP.encode_text:
+        return None
+    pool = getattr(model, "text_pool_type", None)
+    eos = getattr(model, "text_eos_id", None)
+    if pool not in _TRIM_POOLS or (pool == "eos" and eos is None):
+        return None
+    length = tokens.shape[1]
+    pos = getattr(model, "positional_embedding", None)
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 2 or pos.shape[0] != length:
+        return None
+    if not _is_causal(getattr(model, "attn_mask", None), length):
+        return None
+    tower = getattr(model, "transformer", None)
+    if type(tower) not in (Transformer, CustomTransformer) or not all(
+            type(b) in (ResidualAttentionBlock, CustomResidualAttentionBlock) for b in tower.resblocks):
+        return None
+    # the pooled position, exactly as open_clip's text_global_pool picks it      [M]
+    at = tokens.argmax(dim=-1) if pool == "argmax" else (tokens == eos).int().argmax(dim=-1)
+    return at + 1
+
+
+def _encode_text_trimmed(model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """open_clip's `CLIP.encode_text` (open_clip 3.x, unnormalised) on the first n tokens only.
+
+    text: LongTensor [B, n], n <= L; returns [B, d] in the tower's cast dtype. Every step is
+    `CLIP.encode_text`'s with the positional embedding and the causal mask cut to n; with n = L it
+    is `encode_text` itself. Only for models `text_trim_lengths` accepts.
+    """
+    from open_clip.transformer import text_global_pool
+    n = text.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype)                           # [B, n, width]
+    x = x + model.positional_embedding[:n].to(cast_dtype)                    # absolute positions 0..n-1
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])              # [B, n, width], causal [n, n]
+    x = model.ln_final(x)                                                    # [B, n, width]
+    x = text_global_pool(x, text, model.text_pool_type,
+                         eos_token_id=getattr(model, "text_eos_id", None))   # [B, width]
+    if model.text_projection is not None:
+        if isinstance(model.text_projection, torch.nn.Linear):
+            x = model.text_projection(x)
+        else:
+            x = x @ model.text_projection                                    # [B, width] @ [width, d]
+    return x                                                                 # [B, d]
+
+
 @torch.no_grad()
 def encode_texts(lm: LoadedModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Unit text embeddings, FloatTensor [M, d] (float32, on CPU)."""
-    out = []
+    """Unit text embeddings, FloatTensor [M, d] (float32, on CPU), row i for texts[i].
+
+    Equal (to float rounding) to `lm.model.encode_text(lm.tokenizer(texts))`, normalised. When the
+    text tower is causal with end-of-text pooling (`text_trim_lengths`), texts are batched in order
+    of tokenised length and each batch runs on its longest text's tokens only, not the full
+    context (77 for CLIP); other towers run on the full context, in the caller's order.
+    """
+    texts = list(texts)
+    if not texts:
+        return torch.zeros(0, lm.embed_dim)
+    model = lm.model
+    tokens = lm.tokenizer(texts)                                             # LongTensor [M, L]
+    lengths = text_trim_lengths(model, tokens)                               # [M] or None
+    if lengths is None:
+        order, lengths = torch.arange(len(texts)), None
+    else:
+        order = torch.argsort(lengths, stable=True)                          # [M], shortest first
+    out = None
     for i in range(0, len(texts), batch_size):
-        tokens = lm.tokenizer(texts[i:i + batch_size]).to(lm.device)
-        emb = lm.model.encode_text(tokens).float()
-        out.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, lm.embed_dim)
+        rows = order[i:i + batch_size]                                       # [B] indices into texts
+        if lengths is None:
+            emb = model.encode_text(tokens[rows].to(lm.device))              # [B, d], full context
+        else:
+            n = int(lengths[rows].max())
+            emb = _encode_text_trimmed(model, tokens[rows, :n].to(lm.device))  # [B, d], n <= L tokens
+        emb = torch.nn.functional.normalize(emb.float(), dim=-1).cpu()       # [B, d] unit
+        if out is None:
+            out = torch.empty(len(texts), emb.shape[1])                      # [M, d]
+        out[rows] = emb                                                      # back to the caller's order
+    return out

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ["decompose", "shapes", "textspan", "embed", "neighbours", "dashboard"]
+SECTIONS = ["decompose", "shapes", "textspan", "textencode", "embed", "neighbours", "dashboard"]
 
 
 def add_parser(sub) -> None:
@@ -61,6 +61,17 @@ def bench_embed(arch: str = "toy-shapes", n: int = 1024, rounds: int = 3) -> dic
     return {"arch": arch, "images": n, "bare_onnx_img_s": b, "embed_e2e_img_s": e, "embed_vs_bare": e / b}
 
 
+def bench_text_encode(n: int = 512, seed: int = 0, rounds: int = 3) -> dict:
+    """models.bench.bench_text_encode on the product's atlas bank: a fixed subset of `n` texts drawn
+    with `seed` (open_clip's full-context path would take over 10 min a round on all 3,962 texts on 2 cores)."""
+    import random
+    from etl.textbank import ATLAS_BANK, bank_texts
+    from models.bench import bench_text_encode as bench
+    bank = [t for t, _ in bank_texts(ATLAS_BANK)]
+    texts = random.Random(seed).sample(bank, n) if n < len(bank) else bank
+    return {"bank": ATLAS_BANK, "bank_texts": len(bank), "seed": seed, **bench(texts, rounds=rounds)}
+
+
 def embed_peak_rss(n: int) -> float:
     """Peak RSS (MB) of a fresh `embed` process over shapes:n (streaming => ~independent of n).
 
@@ -97,6 +108,21 @@ def run(args) -> int:
         r = bench_textspan()
         _table("TextSpan (48 heads x k=20, 3,500 texts, 5,000 images, d=512)", [(k, v) for k, v in r.items()])
         summary.update({f"textspan_{k}": v for k, v in r.items() if isinstance(v, (int, float))})
+    if "textencode" in only:
+        r = bench_text_encode(rounds=max(3, args.rounds // 2))
+        _table(f"text encoding, {r['arch']} random weights, {r['texts']} of the {r['bank']} bank's {r['bank_texts']:,} "
+               f"texts (seeded subset, seed {r['seed']}), batch {r['batch_size']}, CPU threads {r['threads']}, "
+               f"median of {r['rounds']}",
+               [(f"open_clip encode_text, full {r['context']}-token batches (s)", f"{r['open_clip_s']:.2f}"),
+                (f"encode_texts, sorted + trimmed, mean {r['mean_tokens']:.1f} tokens (s)", f"{r['encode_texts_s']:.2f}"),
+                ("text_encode_vs_open_clip (wall)", f"{r['text_encode_vs_open_clip']:.2f}"),
+                ("the same in process CPU seconds", f"{r['open_clip_cpu_s']:.1f} / {r['encode_texts_cpu_s']:.1f} = "
+                                                    f"{r['text_encode_vs_open_clip_cpu']:.2f}"),
+                ("max abs diff of the unit embeddings", f"{r['max_abs_diff']:.1e}")])
+        summary.update(text_encode_vs_open_clip=round(r["text_encode_vs_open_clip"], 3),
+                       text_encode_subset_texts=r["texts"],
+                       text_encode_open_clip_s=round(r["open_clip_s"], 2),
+                       text_encode_ours_s=round(r["encode_texts_s"], 2))
     if "embed" in only:
         r = bench_embed("ViT-B-32", n=256, rounds=max(1, args.rounds // 2))
         toy = bench_embed("toy-shapes", n=1024, rounds=max(1, args.rounds // 2))
