@@ -69,8 +69,9 @@ browser-deps:
 test: setup browser-deps
 	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q
 
+# The unit layer only (tests/unit: math, models, warehouse, console, text; no job subprocesses).
 test-fast: setup
-	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q -m "not browser and not slow"
+	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q tests/unit -m "not slow"
 
 bench: setup
 	$(PY) -m etl bench

@@ -48,7 +48,7 @@ def _warehouse_with_models(path: Path | None) -> tuple[Path, str]:
     path = Path(path) if path else warehouse_path()
     if path.exists() and queries.warehouse_summary(path)["models"] > 0:
         return path, str(path)
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "dashboard"))
     import fixtures_dashboard
     built = fixtures_dashboard.build_fixture_warehouse(Path(tempfile.mkdtemp(prefix="atlas-bench-")))
     return built, f"fixture {built} (no models in {path}: run `make demo` to bench the demo warehouse)"

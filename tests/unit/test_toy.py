@@ -11,7 +11,7 @@ import torch
 import models
 from etl.world import evaluate as eval_toy, recipe as train_toy, shapes
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "models" / "toy" / "toy-shapes.json"
 WEIGHTS = REPO / "models" / "toy" / "toy-shapes.safetensors"
 TARGETS = {"color": 0.90, "shape": 0.90, "position": 0.80, "background": 0.80, "count": 0.70}

@@ -9,7 +9,7 @@ import numpy as np
 
 from warehouse.console import EXAMPLE_QUERIES, run_console_query
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _clip_text(model_id: str, text: str) -> list[float]:

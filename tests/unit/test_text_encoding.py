@@ -70,14 +70,14 @@ def test_batches_are_sorted_and_trimmed(name, request, monkeypatch):
     assert seen[0] < 10 < lm.tokenizer(["x"]).shape[1]
 
 
-def test_original_order_preserved(vit):
+def test_original_order_preserved(toy):
     """Row i is texts[i]'s embedding whatever the input order (the sort is undone)."""
     perm = [5, 2, 7, 0, 3, 6, 1, 4]
     texts = [TEXTS[i] for i in perm]
-    a = encode_texts(vit, TEXTS, batch_size=3)
-    b = encode_texts(vit, texts, batch_size=3)
+    a = encode_texts(toy, TEXTS, batch_size=3)
+    b = encode_texts(toy, texts, batch_size=3)
     assert (b - a[perm]).abs().max().item() < 1e-5
-    singles = torch.cat([encode_texts(vit, [t]) for t in texts])   # each alone, no batch to sort
+    singles = torch.cat([encode_texts(toy, [t]) for t in texts])   # each alone, no batch to sort
     assert (b - singles).abs().max().item() < 1e-5
     # distinct texts give distinct rows, so a wrong permutation could not pass the checks above
     assert (a[:, None] - a[None]).abs().amax(-1).add(torch.eye(len(TEXTS))).min() > 1e-3
