@@ -250,7 +250,7 @@ def release_readers(path: str | os.PathLike | None = None) -> int:
     """Close this process's warm read instance of ``path`` (all warehouses when None).
 
     Connections already handed out keep working (and keep the instance) until closed. Called by :func:`writer` (a
-    process cannot write a file it holds read-only), the SQL console, and tests.
+    process cannot write a file it holds read-only) and tests.
     """
     with _keepers_lock:
         targets = list(_keepers) if path is None else [Path(path).resolve()]

@@ -409,6 +409,35 @@ def test_sql_console_refuses_with_a_clear_message(warehouse_file, sql, words):
     assert not at.dataframe
 
 
+def test_sql_console_survives_a_killed_query_and_shows_one_line_errors(warehouse_file, monkeypatch):
+    """A bomb is stopped by the time cap in its worker; the page says so in one line and the next
+    query runs; errors that used to escape as tracebacks are one-line messages or values."""
+    monkeypatch.setenv("ATLAS_CONSOLE_TIMEOUT_S", "1")
+    import warehouse.console
+    calls = []
+    real = warehouse.console.run_console_query
+    monkeypatch.setattr(warehouse.console, "run_console_query", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    at = page(nav.SQL)
+    assert "1 s and 2.5 GB of memory per query" in " ".join(c.value for c in at.caption)
+    bomb = "SELECT levenshtein(repeat('a', 150000), repeat('b', 150000))"
+    run_sql(at, bomb)
+    stopped = ["Query stopped: it ran past the 1 s limit. Narrow it with WHERE (e.g. one model_id, layer and head), "
+               "aggregate, or add a LIMIT."]
+    assert [e.value for e in at.error] == stopped
+    at.sidebar.selectbox(key="atlas_model_picker").select(SEED1).run()   # another interaction: not run again
+    assert [e.value for e in at.error] == stopped and calls.count(bomb) == 1
+    run_sql(at, "UPDATE EXTENSIONS")
+    assert at.error and at.error[0].value.startswith("Refused: UPDATE EXTENSIONS statements are not allowed.")
+    run_sql(at, "SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT 1'))")
+    assert at.error and "json_execute_serialized_sql() runs SQL from a string" in at.error[0].value
+    run_sql(at, "SELECT '290000-06-15 12:00:00+00'::TIMESTAMPTZ AS t, count(*) AS n FROM models")
+    assert not at.error, [e.value for e in at.error]
+    out = at.dataframe[0].value
+    assert out.t[0].startswith("290000-06-1") and int(out.n[0]) == 2
+    run_sql(at, "SELECT repeat('x', 10000) AS s FROM range(5000)")
+    assert any("passed the 32 MB limit on result data" in c.value for c in at.caption)
+
+
 def test_sql_console_clip_text_embeds_with_the_models_text_tower(warehouse_file):
     at = run_sql(page(nav.SQL), f"SELECT len(clip_text('{SEED0}', 'a circle')) AS d, "
                                 f"list_inner_product(clip_text('{SEED0}', 'a circle'), "

@@ -1,0 +1,195 @@
+"""Hostile SQL console statements and what the console must answer to each.
+
+Each entry is ``(sql, outcome, words)``:
+
+* ``REFUSED``: :class:`~warehouse.console.QueryRefused` whose one-line message contains ``words``;
+* ``ERROR``: a :class:`~warehouse.console.ConsoleError` that is not a cap (a one-line parse or
+  query error; the statement never ran), message containing ``words``;
+* ``CAPPED``: stopped by a cap: :class:`~warehouse.console.QueryTimeout` or
+  :class:`~warehouse.console.QueryMemoryExceeded` (whichever the machine hits first), or a
+  result cut by the row or byte cap (``truncated``); ``words`` is unused.
+
+Paths named here (``/tmp/atlas_hostile_*``) must not exist after the run: the test checks it.
+Tables are those of the test warehouse (texts, properties, runs, ...).
+"""
+from __future__ import annotations
+
+REFUSED, ERROR, CAPPED = "refused", "error", "capped"
+
+LEAK = "/tmp/atlas_hostile_leak"          # prefix of every path a statement tries to write
+
+FILES = "reads files or the network"
+SQL_TEXT = "runs SQL from a string"
+NOT_ALLOWED = "is not one of the table functions the console allows"
+READ_ONLY = "The SQL console is read-only"
+
+HOSTILE: list[tuple[str, str, str]] = [
+    # ---------------------------------------------------------------- file and network reads
+    ("SELECT * FROM read_csv('/etc/passwd')", REFUSED, "read_csv() " + FILES),
+    ("SELECT * FROM read_csv_auto('/etc/passwd')", REFUSED, "read_csv_auto() " + FILES),
+    ("SELECT * FROM READ_CSV('/etc/passwd')", REFUSED, "read_csv() " + FILES),
+    ('SELECT * FROM "read_csv"(\'/etc/passwd\')', REFUSED, "read_csv() " + FILES),
+    ("SELECT * FROM main.read_csv('/etc/passwd')", REFUSED, "read_csv() " + FILES),
+    ("SELECT * FROM read_csv(['/etc/passwd', '/etc/group'], header = false)", REFUSED, "read_csv() " + FILES),
+    ("SELECT * FROM read_parquet('/tmp/x.parquet')", REFUSED, "read_parquet() " + FILES),
+    ("SELECT * FROM read_parquet('s3://bucket/*.parquet')", REFUSED, "read_parquet() " + FILES),
+    ("SELECT * FROM parquet_scan('http://127.0.0.1:1/x.parquet')", REFUSED, "parquet_scan() " + FILES),
+    ("SELECT * FROM parquet_metadata('/tmp/x.parquet')", REFUSED, "parquet_metadata() " + FILES),
+    ("SELECT * FROM parquet_schema('/tmp/x.parquet')", REFUSED, "parquet_schema() " + FILES),
+    ("SELECT * FROM parquet_file_metadata('/tmp/x.parquet')", REFUSED, "parquet_file_metadata() " + FILES),
+    ("SELECT * FROM parquet_kv_metadata('/tmp/x.parquet')", REFUSED, "parquet_kv_metadata() " + FILES),
+    ("SELECT * FROM read_json('/etc/hosts')", REFUSED, "read_json() " + FILES),
+    ("SELECT * FROM read_json_auto('/etc/hosts')", REFUSED, "read_json_auto() " + FILES),
+    ("SELECT * FROM read_ndjson('/etc/hosts')", REFUSED, "read_ndjson() " + FILES),
+    ("SELECT * FROM read_json_objects('/etc/hosts')", REFUSED, "read_json_objects() " + FILES),
+    ("SELECT * FROM read_text('/etc/passwd')", REFUSED, "read_text() " + FILES),
+    ("SELECT * FROM read_text('/proc/self/environ')", REFUSED, "read_text() " + FILES),
+    ("SELECT * FROM read_blob('/etc/shadow')", REFUSED, "read_blob() " + FILES),
+    ("SELECT * FROM read_duckdb('/tmp/other.duckdb')", REFUSED, "read_duckdb() " + FILES),
+    ("SELECT * FROM glob('/*')", REFUSED, "glob() " + FILES),
+    ("SELECT * FROM glob('/root/**')", REFUSED, "glob() " + FILES),
+    ("SELECT * FROM sniff_csv('/etc/passwd')", REFUSED, "sniff_csv() " + FILES),
+    ("SELECT * FROM sqlite_scan('/tmp/x.db', 't')", REFUSED, "sqlite_scan() " + FILES),
+    ("SELECT * FROM postgres_scan('host=localhost', 'public', 't')", REFUSED, "postgres_scan() " + FILES),
+    ("SELECT * FROM iceberg_scan('/tmp/ice')", REFUSED, "iceberg_scan() " + FILES),
+    ("SELECT * FROM delta_scan('/tmp/delta')", REFUSED, "delta_scan() " + FILES),
+    ("SELECT * FROM read_xlsx('/tmp/x.xlsx')", REFUSED, "read_xlsx() " + FILES),
+    ("SELECT * FROM st_read('/tmp/x.shp')", REFUSED, "st_read() " + FILES),
+    ("SELECT * FROM '/etc/passwd'", REFUSED, "FROM '/etc/passwd' reads a file or URL"),
+    ("SELECT * FROM 'data.parquet'", REFUSED, "FROM 'data.parquet' reads a file or URL"),
+    ('SELECT * FROM "~/notes.csv"', REFUSED, "reads a file or URL"),
+    ("SELECT * FROM 'https://example.com/x.csv'", REFUSED, "reads a file or URL"),
+    ("SELECT * FROM 's3://bucket/x.parquet'", REFUSED, "reads a file or URL"),
+    ("FROM '/etc/passwd'", REFUSED, "reads a file or URL"),
+    ("SELECT * FROM texts, '/etc/passwd'", REFUSED, "reads a file or URL"),
+    ("DESCRIBE '/etc/passwd'", REFUSED, "reads a file or URL"),
+    ("SHOW '/etc/passwd'", REFUSED, "reads a file or URL"),
+    ("SELECT (SELECT count(*) FROM read_csv('/etc/passwd')) AS n", REFUSED, "read_csv() " + FILES),
+    ("WITH x AS (SELECT * FROM read_text('/etc/passwd')) SELECT * FROM x", REFUSED, "read_text() " + FILES),
+    ("SELECT * FROM texts t, LATERAL (SELECT * FROM read_text('/etc/' || t.text)) f", REFUSED, "read_text() " + FILES),
+    ("SELECT * FROM texts WHERE text IN (SELECT column0 FROM read_csv('/etc/passwd'))", REFUSED, "read_csv() " + FILES),
+    ("SELECT 1 AS a UNION ALL SELECT count(*) FROM read_blob('/etc/passwd')", REFUSED, "read_blob() " + FILES),
+    ("EXPLAIN SELECT * FROM read_csv('/etc/passwd')", REFUSED, "read_csv() " + FILES),
+    ("EXPLAIN ANALYZE SELECT * FROM read_text('/etc/passwd')", REFUSED, "read_text() " + FILES),
+    ("DESCRIBE SELECT * FROM read_csv('/etc/passwd')", REFUSED, "read_csv() " + FILES),
+    ("SUMMARIZE SELECT * FROM read_text('/etc/passwd')", REFUSED, "read_text() " + FILES),
+    ("PIVOT (SELECT * FROM read_csv('/etc/passwd')) ON column0 IN ('root') USING count(*)", REFUSED,
+     "read_csv() " + FILES),
+    ("SELECT * FROM arrow_scan(0, 0, 0)", REFUSED, "arrow_scan() " + FILES),
+    ("SELECT * FROM python_map_function('x', 'y')", REFUSED, "python_map_function() " + NOT_ALLOWED),
+    # ---------------------------------------------------------------- table functions with side effects
+    ("SELECT * FROM checkpoint()", REFUSED, "checkpoint() " + NOT_ALLOWED),
+    ("SELECT * FROM force_checkpoint()", REFUSED, "force_checkpoint() " + NOT_ALLOWED),
+    ("SELECT * FROM enable_logging()", REFUSED, "enable_logging() " + NOT_ALLOWED),
+    ("SELECT * FROM enable_profiling()", REFUSED, "enable_profiling() " + NOT_ALLOWED),
+    ("SELECT * FROM truncate_duckdb_logs()", REFUSED, "truncate_duckdb_logs() " + NOT_ALLOWED),
+    ("SELECT * FROM which_secret('s3://bucket/x', 's3')", REFUSED, "which_secret() " + NOT_ALLOWED),
+    ("SELECT * FROM duckdb_secrets()", REFUSED, "duckdb_secrets() " + NOT_ALLOWED),
+    ("SELECT * FROM create_external_resource('x')", REFUSED, "create_external_resource() " + NOT_ALLOWED),
+    ("PIVOT (SELECT * FROM checkpoint()) ON x IN (1) USING count(*)", REFUSED, "checkpoint() " + NOT_ALLOWED),
+    ("SELECT * FROM histogram('/etc/passwd', column0)", REFUSED, "histogram() as a table function reads the table named by a string"),
+    ("SELECT * FROM histogram_values('texts', text)", REFUSED, "histogram_values() as a table function reads"),
+    # ---------------------------------------------------------------- SQL from a string
+    ("SELECT * FROM query('SELECT 1')", REFUSED, "query() " + SQL_TEXT),
+    ("SELECT * FROM Query ('SELECT 1')", REFUSED, "query() " + SQL_TEXT),
+    ('SELECT * FROM "query"(\'SELECT * FROM read_csv(\'\'/etc/passwd\'\')\')', REFUSED, "query() " + SQL_TEXT),
+    ("SELECT * FROM system.main.query('SELECT 1')", REFUSED, "query() " + SQL_TEXT),
+    ("SELECT * FROM query_table('texts')", REFUSED, "query_table() " + SQL_TEXT),
+    ("SELECT * FROM query_table(['texts', 'runs'])", REFUSED, "query_table() " + SQL_TEXT),
+    ("SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT 1'))", REFUSED,
+     "json_execute_serialized_sql() " + SQL_TEXT),
+    (f"SELECT * FROM json_execute_serialized_sql(json_serialize_sql('COPY texts TO ''{LEAK}_1.csv'''))",
+     REFUSED, "json_execute_serialized_sql() " + SQL_TEXT),
+    ("SELECT json_execute_serialized_sql('{}')", REFUSED, "json_execute_serialized_sql() " + SQL_TEXT),
+    ("SELECT query('SELECT 1')", REFUSED, "query() " + SQL_TEXT),
+    ("WITH q AS (SELECT * FROM query('SELECT 1')) SELECT * FROM q", REFUSED, "query() " + SQL_TEXT),
+    ("SELECT * FROM texts WHERE EXISTS (SELECT * FROM query('SELECT 1'))", REFUSED, "query() " + SQL_TEXT),
+    ("PIVOT (SELECT * FROM query('SELECT 1 AS a')) ON a IN (1) USING count(*)", REFUSED, "query() " + SQL_TEXT),
+    ("PIVOT texts ON text_id USING count(*)", REFUSED, "PIVOT without an IN list"),
+    ("EXPLAIN SELECT * FROM query('SELECT 1')", REFUSED, "query() " + SQL_TEXT),
+    ("PRAGMA json_execute_serialized_sql('{}')", REFUSED, "PRAGMA"),
+    # ---------------------------------------------------------------- COPY, EXPORT, ATTACH
+    (f"COPY texts TO '{LEAK}_2.csv'", REFUSED, "COPY reads or writes files"),
+    (f"COPY (SELECT * FROM texts) TO '{LEAK}_3.parquet' (FORMAT parquet)", REFUSED, "COPY reads or writes files"),
+    ("COPY texts FROM '/etc/passwd'", REFUSED, "COPY reads or writes files"),
+    (f"EXPORT DATABASE '{LEAK}_dir'", REFUSED, "EXPORT DATABASE writes files"),
+    (f"IMPORT DATABASE '{LEAK}_dir'", REFUSED, "Refused"),
+    (f"ATTACH '{LEAK}_4.duckdb' AS other", REFUSED, "ATTACH opens other databases"),
+    ("ATTACH ':memory:' AS scratch", REFUSED, "ATTACH opens other databases"),
+    (f"ATTACH 'sqlite:{LEAK}_5.db' AS s", REFUSED, "ATTACH opens other databases"),
+    ("DETACH other", REFUSED, "DETACH"),
+    ("USE other", REFUSED, "SET/RESET/USE"),
+    (f"EXPLAIN COPY texts TO '{LEAK}_6.csv'", REFUSED, "COPY reads or writes files"),
+    # ---------------------------------------------------------------- extensions
+    ("INSTALL httpfs", REFUSED, "INSTALL/LOAD"),
+    ("FORCE INSTALL httpfs", REFUSED, "INSTALL/LOAD"),
+    ("INSTALL httpfs FROM 'http://127.0.0.1:1'", REFUSED, "INSTALL/LOAD"),
+    ("LOAD httpfs", REFUSED, "INSTALL/LOAD"),
+    ("LOAD '/tmp/evil.duckdb_extension'", REFUSED, "INSTALL/LOAD"),
+    ("UPDATE EXTENSIONS", REFUSED, "UPDATE EXTENSIONS statements are not allowed"),
+    ("UPDATE EXTENSIONS (httpfs)", REFUSED, "UPDATE EXTENSIONS statements are not allowed"),
+    # ---------------------------------------------------------------- settings and session state
+    ("PRAGMA version", REFUSED, "PRAGMA"),
+    ("PRAGMA enable_profiling", REFUSED, "PRAGMA"),
+    ("PRAGMA disable_checkpoint_on_shutdown", REFUSED, "PRAGMA"),
+    ("SET enable_external_access = true", REFUSED, "SET/RESET/USE"),
+    ("SET GLOBAL enable_external_access = true", REFUSED, "SET/RESET/USE"),
+    ("SET lock_configuration = false", REFUSED, "SET/RESET/USE"),
+    ("SET memory_limit = '100GB'", REFUSED, "SET/RESET/USE"),
+    ("SET threads = 64", REFUSED, "SET/RESET/USE"),
+    ("SET temp_directory = '/tmp'", REFUSED, "SET/RESET/USE"),
+    ("RESET memory_limit", REFUSED, "SET/RESET/USE"),
+    ("RESET ALL", ERROR, "Syntax error"),
+    ("SET VARIABLE x = 1", REFUSED, "SET/RESET/USE"),
+    ("CREATE SECRET (TYPE s3, KEY_ID 'k', SECRET 's')", REFUSED, "CREATE"),
+    # ---------------------------------------------------------------- procedures and transactions
+    ("CALL pragma_version()", REFUSED, "CALL"),
+    ("CALL checkpoint()", REFUSED, "CALL"),
+    ("CHECKPOINT", REFUSED, "CALL"),
+    ("FORCE CHECKPOINT", REFUSED, "CALL"),
+    ("BEGIN TRANSACTION", REFUSED, "Transactions"),
+    ("COMMIT", REFUSED, "Transactions"),
+    ("VACUUM", REFUSED, "VACUUM"),
+    ("ANALYZE", REFUSED, "VACUUM"),
+    ("PREPARE p AS SELECT 1", REFUSED, "PREPARE/EXECUTE"),
+    ("EXECUTE p", REFUSED, "PREPARE/EXECUTE"),
+    ("DEALLOCATE p", REFUSED, "Refused"),
+    # ---------------------------------------------------------------- writes and schema changes
+    ("INSERT INTO texts VALUES ('x', 'b', 't', NULL)", REFUSED, "INSERT writes"),
+    ("INSERT OR REPLACE INTO properties VALUES ('colors', 'x')", REFUSED, "INSERT writes"),
+    ("UPDATE texts SET text = 'x'", REFUSED, "UPDATE writes"),
+    ("DELETE FROM texts", REFUSED, "DELETE writes"),
+    ("TRUNCATE texts", REFUSED, "DELETE writes"),
+    ("DROP TABLE texts", REFUSED, "DROP changes"),
+    ("DROP VIEW head_scores", REFUSED, "DROP changes"),
+    ("ALTER TABLE texts RENAME TO t2", REFUSED, "ALTER changes"),
+    ("CREATE TABLE t2 AS SELECT 1", REFUSED, "CREATE changes"),
+    ("CREATE TEMP TABLE t3 (a INT)", REFUSED, "CREATE changes"),
+    ("CREATE VIEW v AS SELECT 1", REFUSED, "CREATE changes"),
+    ("CREATE MACRO m(a) AS a", REFUSED, "CREATE"),
+    ("CREATE SEQUENCE s", REFUSED, "CREATE changes"),
+    ("CREATE TYPE mood AS ENUM ('a')", REFUSED, "CREATE changes"),
+    ("CREATE SCHEMA s2", REFUSED, "CREATE changes"),
+    ("CREATE INDEX i ON texts (text)", REFUSED, "CREATE changes"),
+    ("MERGE INTO texts USING texts AS s ON texts.text_id = s.text_id WHEN MATCHED THEN DELETE", REFUSED, "MERGE writes"),
+    ("EXPLAIN ANALYZE DELETE FROM texts", REFUSED, "DELETE writes"),
+    ("EXPLAIN UPDATE texts SET text = 'x'", REFUSED, "UPDATE writes"),
+    ("SELECT 1; DROP TABLE texts", REFUSED, "One statement per query: found 2"),
+    ("SELECT 1; SELECT 2", REFUSED, "One statement per query: found 2"),
+    ("/* */ SELECT 1 ; ; DELETE FROM texts", REFUSED, "One statement per query"),
+    ("WITH x AS (DELETE FROM texts RETURNING *) SELECT * FROM x", REFUSED, "DELETE inside a WITH clause writes"),
+    ("WITH x AS (INSERT INTO properties VALUES ('x', NULL) RETURNING *) SELECT * FROM x", REFUSED, "INSERT inside a WITH clause writes"),
+    ("WITH x AS (UPDATE texts SET text = 'x' RETURNING *) SELECT count(*) FROM x", REFUSED, "UPDATE inside a WITH clause writes"),
+    # ---------------------------------------------------------------- resource bombs
+    # (levenshtein, damerau_levenshtein, UNION ALL and IN-list bombs have their own tests with
+    # exact outcomes in test_console.py)
+    ("SELECT length(repeat('x', 1500000000))", CAPPED, ""),
+    ("SELECT list_sort(range(300000000))[1]", CAPPED, ""),
+    ("SELECT list(repeat('x', 100000)) AS s FROM range(20000)", CAPPED, ""),
+    ("SELECT count(*) FROM range(1000000000) a, range(1000) b WHERE a.range * b.range = -1", CAPPED, ""),
+    ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r", CAPPED, ""),
+    ("SELECT repeat('x', 100000) AS s FROM range(10000)", CAPPED, ""),
+    ("SELECT * FROM range(100000000)", CAPPED, ""),
+    ("SELECT " + "(" * 3000 + "1" + ")" * 3000, ERROR, ""),
+    ("SELECT 1 WHERE 1 IN (" + ",".join(["0"] * 500_000) + ")", REFUSED, "characters long"),
+]
