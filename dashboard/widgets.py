@@ -8,7 +8,6 @@ carry `?model=...&head=L11.H3`, which the pickers consume once and then forget.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -20,7 +19,7 @@ from PIL import Image
 
 from dashboard import nav
 from dashboard.data import fill_commands, q, stamp, warehouse_path
-from warehouse import queries
+from warehouse import head_name, parse_head, queries  # noqa: F401  (w.head_name, w.parse_head for pages)
 
 Head = tuple[int, int]
 MAX_UPLOAD_MB = 20
@@ -30,23 +29,9 @@ PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b
            "#d7b5a6", "#79706e", "#bab0ac", "#499894"]                  # tableau20-like, one per property
 NOT_A_PROPERTY = {"mixed": "#c9c9c9", "unlabelled": "#dedede", "not analysed": "#f0f0f0"}  # greys, in this order
 HEAD_MODES = ("one head", "a layer", "a property's heads", "all analysed heads")
-_HEAD_RE = re.compile(r"^\s*L(\d+)\s*\.\s*H(\d+)\s*$", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------- head addressing
-
-def head_name(layer: int, head: int) -> str:
-    """(11, 3) -> 'L11.H3' (0-based layer and head, as everywhere in the product)."""
-    return f"L{int(layer)}.H{int(head)}"
-
-
-def parse_head(name: str) -> Head:
-    """'L11.H3' -> (11, 3); ValueError that shows the expected form otherwise."""
-    m = _HEAD_RE.match(str(name))
-    if not m:
-        raise ValueError(f"'{name}' is not a head address; write it as L<layer>.H<head>, e.g. L11.H3 (0-based)")
-    return int(m.group(1)), int(m.group(2))
-
 
 def consume_link(name: str) -> Optional[str]:
     """A `?name=value` query parameter from a link: remembered in the session, then removed from the URL."""

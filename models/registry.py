@@ -383,6 +383,15 @@ def _encode_text_trimmed(model: torch.nn.Module, text: torch.Tensor) -> torch.Te
     return x                                                                 # [B, d]
 
 
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` (unnormalised, with autograd: training uses it), run on the batch's
+    longest text only when the tower allows it exactly (`text_trim_lengths`). tokens: [B, L] -> [B, d]."""
+    lengths = text_trim_lengths(model, tokens)                               # [B] or None
+    if lengths is None or not len(tokens):
+        return model.encode_text(tokens)
+    return _encode_text_trimmed(model, tokens[:, :int(lengths.max())])
+
+
 @torch.no_grad()
 def encode_texts(lm: LoadedModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Unit text embeddings, FloatTensor [M, d] (float32, on CPU), row i for texts[i].

@@ -7,6 +7,8 @@
 See warehouse/db.py for the locking design and warehouse/migrations/*.sql for the schema.
 """
 
+import re
+
 from .db import (
     MIGRATIONS_DIR,
     WarehouseBusyError,
@@ -42,9 +44,20 @@ __all__ = [
 ]
 
 
+_HEAD_RE = re.compile(r"^\s*L(\d+)\s*\.\s*H(\d+)\s*$", re.IGNORECASE)
+
+
 def head_name(layer: int, head: int) -> str:
-    """A head's display name, ``L{layer}.H{head}`` (0-based), the one spelling everywhere."""
+    """(11, 3) -> 'L11.H3': a head's name (0-based layer and head), the one spelling everywhere."""
     return f"L{int(layer)}.H{int(head)}"
 
 
-__all__.append("head_name")
+def parse_head(name: str) -> tuple[int, int]:
+    """'L11.H3' -> (11, 3); a ValueError that shows the expected form otherwise."""
+    m = _HEAD_RE.match(str(name))
+    if not m:
+        raise ValueError(f"'{name}' is not a head address; write it as L<layer>.H<head>, e.g. L11.H3 (0-based)")
+    return int(m.group(1)), int(m.group(2))
+
+
+__all__ += ["head_name", "parse_head"]

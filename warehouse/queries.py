@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from warehouse import head_name
 from warehouse.db import connect
 
 Head = tuple[int, int]
@@ -174,7 +175,7 @@ def image_head_vectors(path, model_id: str, image_id: str, heads: Sequence[Head]
         SELECT layer, head, vec FROM head_embeddings
         WHERE model_id = $m AND image_id = $i""", {"m": model_id, "i": image_id})
     by_head = {(int(r.layer), int(r.head)): r.vec for r in df.itertuples()}
-    missing = [f"L{l}.H{h}" for l, h in heads if (int(l), int(h)) not in by_head]
+    missing = [head_name(l, h) for l, h in heads if (int(l), int(h)) not in by_head]
     if missing:
         raise KeyError(f"image '{image_id}' has no head embeddings for {', '.join(missing)} of {model_id}")
     return np.stack([np.asarray(by_head[(int(l), int(h))], dtype=np.float32) for l, h in heads])

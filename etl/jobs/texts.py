@@ -92,6 +92,7 @@ def load_texts(path: str, model_id: str | None = None, bank: str | None = None, 
         if row is not None:
             done = embedded_text_ids(path, model_id, bank)
             todo = [(i, t) for i, (t, _) in zip(ids, items) if i not in done]
+            todo.sort(key=lambda it: len(it[1]))       # similar lengths per batch: tight trimmed batches
             if todo:
                 embedded = _embed(path, row, todo, batch_size)
         run_id.skipped = row is not None and embedded == 0

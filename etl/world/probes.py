@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from warehouse import head_name
+
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)     # multiples of n_fit (features are standardised)
 
 
@@ -169,7 +171,7 @@ def format_matrix(rows: list[dict]) -> str:
     w = max(10, max(len(f) for f in factors) + 1)
     out = ["head    " + "".join(f"{f:>{w}}" for f in factors)]
     for (l, h) in heads:
-        out.append(f"L{l}.H{h}".ljust(8) + "".join(f"{acc[(l, h, f)]:>{w}.3f}" for f in factors))
+        out.append(head_name(l, h).ljust(8) + "".join(f"{acc[(l, h, f)]:>{w}.3f}" for f in factors))
     out.append("chance  " + "".join(f"{chance[f]:>{w}.3f}" for f in factors))
     return "\n".join(out)
 

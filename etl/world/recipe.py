@@ -53,26 +53,6 @@ def toy_model(name: str = MODEL_NAME, seed: int = 0):
     return lm.model.train(), lm.tokenizer
 
 
-def encode_text_trimmed(model, tokens):
-    """``model.encode_text`` on tokens [B, C] trimmed to the longest caption in the batch.
-
-    The text tower is causal and pools at the end-of-text token, so the padding after it
-    cannot change the result; trimming only saves compute. Returns [B, d] (not normalised).
-    """
-    import torch
-    lengths = (tokens != 0).sum(1)
-    L = int(lengths.max().item()) if tokens.numel() else 1
-    t = tokens[:, :max(L, 1)]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(t).to(cast) + model.positional_embedding[:t.shape[1]].to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask[:t.shape[1], :t.shape[1]])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0]), t.argmax(dim=-1)]
-    if isinstance(model.text_projection, torch.nn.Linear):
-        return model.text_projection(x)
-    return x @ model.text_projection
-
-
 def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float = 0.02) -> float:
     """Linear warm-up then cosine decay to ``final_frac * base``."""
     if step < warmup:
@@ -363,19 +343,19 @@ def train(cfg: TrainConfig) -> Path | None:
         for g in opt.param_groups:
             g["lr"] = lr
         img_f = F.normalize(model.encode_image(x), dim=-1)
-        txt_f = F.normalize(encode_text_trimmed(model, t), dim=-1)
+        txt_f = F.normalize(models.encode_tokens(model, t), dim=-1)
         scale = model.logit_scale.exp()
         logits = scale * img_f @ txt_f.T
         loss = contrastive_loss(logits, cfg.targets, cons)
         if cfg.factor_loss > 0 or cfg.text_loss > 0:
             va, vb = (int(v) for v in torch.randint(0, 1 << 20, (2,)))
             ftexts, spans = factor_captions(va)
-            ftxt = F.normalize(encode_text_trimmed(model, tok(ftexts)), dim=-1)
+            ftxt = F.normalize(models.encode_tokens(model, tok(ftexts)), dim=-1)
             if cfg.factor_loss > 0:
                 loss = loss + cfg.factor_loss * factor_loss(scale, img_f, ftxt, spans, scenes, fweights)
             if cfg.text_loss > 0:
                 btexts, _ = factor_captions(vb)
-                btxt = F.normalize(encode_text_trimmed(model, tok(btexts)), dim=-1)
+                btxt = F.normalize(models.encode_tokens(model, tok(btexts)), dim=-1)
                 loss = loss + cfg.text_loss * paraphrase_loss(scale, ftxt, btxt, spans)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -404,19 +404,14 @@ def factor_caption(factor: str, value: str, variant: int = 0) -> str:
     return t.format(np=np_, loc=loc, bg=bg)
 
 
-def caption_for(factors: dict[str, str], rng: np.random.Generator, partial_prob: float = 0.5) -> str:
-    """A caption for a factor record, drawn from varied templates with ``rng``.
+def caption_parts(factors: dict[str, str], rng: np.random.Generator, partial_prob: float = 0.5
+                  ) -> tuple[str, tuple[str, ...]]:
+    """A caption for a factor record, drawn from varied templates with ``rng``, and the names of
+    the factors it states (in FACTORS order).
 
     With probability ``1 - partial_prob`` it names every factor ("two small striped red circles
     in the top left on a grassy field"); otherwise a random non-empty subset of factors
     ("a photo of a blue star", "a red shape in the center").
-    """
-    return caption_parts(factors, rng, partial_prob)[0]
-
-
-def caption_parts(factors: dict[str, str], rng: np.random.Generator, partial_prob: float = 0.5
-                  ) -> tuple[str, tuple[str, ...]]:
-    """``caption_for`` plus the names of the factors the caption states (in FACTORS order).
 
     A caption that leaves a factor out is true of every scene that agrees on the named ones,
     which is what exact multi-positive contrastive targets need (see etl.world.recipe).

@@ -173,7 +173,7 @@ def test_trimmed_text_encoding_equals_the_full_one():
     model.eval()
     t = tok(["a red circle", "four small striped blue stars in the top left corner on a grassy field"])
     with torch.no_grad():
-        assert torch.allclose(model.encode_text(t), train_toy.encode_text_trimmed(model, t), atol=1e-5)
+        assert torch.allclose(model.encode_text(t), models.encode_tokens(model, t), atol=1e-5)
 
 
 def test_lr_schedule_warms_up_and_decays():
