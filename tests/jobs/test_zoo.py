@@ -7,10 +7,10 @@ import duckdb
 import pytest
 
 from etl.world.evaluate import EVAL_TARGETS, evaluate, load_toy
-from etl.world.recipe import toy_configs
+from models import toy_architectures
 from models.registry import bundled_weights
 
-ZOO = [m for m in toy_configs() if bundled_weights(m)]
+ZOO = [m for m in toy_architectures() if bundled_weights(m)]
 HELD_OUT = "shapes:600:seed=23"
 # Floors of label agreement on the held-out world, per size (README, "The size study"): the small
 # models have 5 specialised heads each, so one miss is 20 points; the target is 0.8.
