@@ -79,7 +79,7 @@ def add_llm_args(p) -> None:
     g = p.add_argument_group("LLM (an OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL)")
     g.add_argument("--llm-model", metavar="NAME", default=None,
                    help="chat model name, e.g. gpt-4o-mini, or whatever model your OPENAI_BASE_URL endpoint serves")
-    g.add_argument("--llm-timeout", type=float, default=60.0, metavar="S", help="seconds per request (default 60)")
+    g.add_argument("--llm-timeout", type=float, default=60.0, metavar="S", help="total seconds per request, answer included (default 60)")
     g.add_argument("--llm-retries", type=int, default=5, metavar="N",
                    help="retries after a 429, 5xx, timeout or dropped connection, with exponential backoff "
                         "(default 5)")

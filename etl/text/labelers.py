@@ -364,12 +364,38 @@ def default_cache_dir() -> Path:
     return atlas_home() / "cache" / "llm"
 
 
+MAX_ANSWER_BYTES = 4 * 2**20
+KEY_PREFIX_MIN = 8          # any echo of 8 or more leading characters of the key is redacted
+
+
+def redact(text: str | None, key: str | None) -> str | None:
+    """``text`` with every echo of ``key`` replaced by ``***``: the key in any letter case, its
+    base64 forms (plain, URL-safe, unpadded, and of ``:key`` as HTTP Basic auth would send it), and
+    any run of its first ``KEY_PREFIX_MIN`` or more characters (a truncated echo)."""
+    import base64
+    import re
+    if not text or not key:
+        return text
+    forms = {key}
+    for raw in (key.encode(), b":" + key.encode()):
+        for enc in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+            forms |= {enc.decode(), enc.decode().rstrip("=")}
+    for form in sorted(forms, key=len, reverse=True):
+        text = re.sub(re.escape(form), "***", text, flags=re.IGNORECASE)
+    if len(key) >= KEY_PREFIX_MIN:
+        # the longest prefix of the key (at least KEY_PREFIX_MIN characters) at each place it occurs
+        prefix = "".join(f"(?:{re.escape(c)}" for c in key[KEY_PREFIX_MIN:]) + ")?" * (len(key) - KEY_PREFIX_MIN)
+        text = re.sub(re.escape(key[:KEY_PREFIX_MIN]) + prefix, "***", text, flags=re.IGNORECASE)
+    return text
+
+
 class LLMLabeler:
     """Labels and judgments from an OpenAI-compatible chat model, cached on disk.
 
     model:      the model name the endpoint knows (``--llm-model``)
     api_key:    default ``$OPENAI_API_KEY``; base_url: default ``$OPENAI_BASE_URL`` (else OpenAI)
-    timeout_s:  per request; max_retries: further attempts after a 429 / 5xx / timeout /
+    timeout_s:  total seconds per request (connecting, waiting and reading the whole answer);
+                max_retries: further attempts after a 429 / 5xx / timeout /
                 dropped connection, waiting the server's Retry-After or else
                 backoff_s * 2**attempt, at most max_backoff_s each time
     """
@@ -480,8 +506,7 @@ class LLMLabeler:
         os.replace(tmp, path)
 
     def _scrub(self, text: str) -> str:
-        key = self._api_key
-        return text.replace(key, "***") if key and text else text
+        return redact(text, self._api_key)
 
     def _client_or_fail(self):
         if self._client is None:
@@ -499,9 +524,7 @@ class LLMLabeler:
         for attempt in range(self.max_retries + 1):
             self.requests += 1
             try:
-                response = client.chat.completions.create(model=self.model, messages=messages, temperature=0)
-                content = response.choices[0].message.content if response.choices else None
-                return content or ""
+                return self._answer(client, messages, where)
             except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
                     openai.APIConnectionError) as exc:
                 if attempt == self.max_retries:
@@ -520,6 +543,32 @@ class LLMLabeler:
                 raise LLMError(f"{where} refused the request with HTTP {exc.status_code}: "
                                f"{self._scrub(str(exc))}") from None
         raise AssertionError("unreachable")
+
+    def _answer(self, client, messages: list[dict], where: str) -> str:
+        """One request under a total deadline of ``timeout_s`` (connect, wait and every byte of the
+        body: a server that trickles its answer is cut off), its body parsed here so that a body
+        that is not a chat completion gets a message instead of a JSON traceback."""
+        deadline = time.monotonic() + self.timeout_s
+        with client.chat.completions.with_streaming_response.create(
+                model=self.model, messages=messages, temperature=0) as response:
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if time.monotonic() > deadline:
+                    raise openai.APITimeoutError(request=response.http_request)
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise LLMError(f"{where} sent more than {MAX_ANSWER_BYTES // 2**20} MB for one answer; "
+                                   "check OPENAI_BASE_URL")
+        try:
+            obj = json.loads(bytes(body))
+            choices = obj["choices"]
+            content = choices[0]["message"]["content"] if choices else None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            head = self._scrub(bytes(body[:120]).decode("utf-8", "replace"))
+            raise LLMError(f"{where} answered HTTP {response.status_code} with a body that is not a chat "
+                           f"completion (it starts {head!r}); check OPENAI_BASE_URL (it usually ends in /v1) "
+                           "and that the server speaks the OpenAI chat API") from None
+        return content or ""
 
     def _wait(self, attempt: int, exc: Exception) -> float:
         """Seconds to wait before the next attempt: the server's Retry-After (seconds) when it

@@ -36,16 +36,18 @@ class FakeEndpoint:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 endpoint.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 i = min(len(endpoint.requests), len(endpoint.script)) - 1
-                status, content, delay, headers = endpoint.script[i]
+                status, content, delay, headers, trickle, raw = endpoint.script[i]
                 time.sleep(delay)
-                if status == 200:
+                if raw is not None:
+                    payload = None
+                elif status == 200:
                     payload = {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
                                "choices": [{"index": 0, "finish_reason": "stop",
                                             "message": {"role": "assistant", "content": content}}],
                                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
                 else:
                     payload = {"error": {"message": content, "type": "error", "code": status}}
-                data = json.dumps(payload).encode()
+                data = raw if raw is not None else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -53,7 +55,13 @@ class FakeEndpoint:
                     for k, v in headers.items():
                         self.send_header(k, v)
                     self.end_headers()
-                    self.wfile.write(data)
+                    if trickle:               # one byte at a time: every read is quick, the whole is not
+                        for b in data:
+                            self.wfile.write(bytes([b]))
+                            self.wfile.flush()
+                            time.sleep(trickle)
+                    else:
+                        self.wfile.write(data)
                 except OSError:           # the client gave up (timeout test)
                     pass
 
@@ -62,8 +70,8 @@ class FakeEndpoint:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
-    def answer(self, content, status=200, delay=0.0, headers=None):
-        self.script.append((status, content, delay, headers or {}))
+    def answer(self, content, status=200, delay=0.0, headers=None, trickle=None, raw=None):
+        self.script.append((status, content, delay, headers or {}, trickle, raw))
         return self
 
 
@@ -302,3 +310,40 @@ def test_model_agreement_tells_a_property_head_from_a_lookalike():
             if t.agreement is not None else t for t in texts]
     assert agreement_p_value(0.6, 20) > 0.001 and lab.label(weak).property == MIXED
     assert agreement_p_value(0.6, 600) < 1e-40 and agreement_p_value(-0.3, 600) > 0.99
+
+
+def test_llm_deadline_is_per_request_not_per_read(endpoint, make_llm):
+    """A server that trickles its answer byte by byte (each read quick) is cut off at the total
+    deadline and retried; the retries are bounded too."""
+    endpoint.answer('{"property": "colors", "confidence": 1}', trickle=0.05)      # ~300 bytes: ~15 s
+    llm = make_llm(timeout_s=0.5, max_retries=1)
+    t0 = time.monotonic()
+    with pytest.raises(LLMError, match="kept failing after 2 attempts"):
+        llm.label(COLOR_HEAD)
+    assert time.monotonic() - t0 < 4.0
+    assert len(endpoint.requests) == 2
+
+
+@pytest.mark.parametrize("body", [b"<html>Bad gateway</html>", b"", b'{"object": "list"}', b"[1, 2]"])
+def test_llm_non_json_body_is_a_clear_error(endpoint, make_llm, body):
+    endpoint.answer("", raw=body)
+    with pytest.raises(LLMError, match="not a chat completion") as err:
+        make_llm().label(COLOR_HEAD)
+    assert "Expecting value" not in str(err.value) and "OPENAI_BASE_URL" in str(err.value)
+
+
+@pytest.mark.parametrize("echo", [KEY, KEY.upper(), KEY[:8], KEY[:12] + "...", "Basic " + __import__("base64")
+                                  .b64encode((":" + KEY).encode()).decode(),
+                                  __import__("base64").b64encode(KEY.encode()).decode().rstrip("=")])
+def test_llm_key_echoes_are_redacted_before_storing_or_printing(endpoint, make_llm, tmp_path, echo):
+    endpoint.answer(f'{{"property": "colors", "confidence": 1, "note": "your key {echo} was used"}}')
+    endpoint.answer(f"unauthorised key {echo}", status=401)
+    label = make_llm().label(COLOR_HEAD)
+    assert label.property == "colors" and "***" in label.raw
+    with pytest.raises(LLMError) as err:
+        make_llm().label([HeadText("another head", "colors", 0.3)])
+    for text in (label.raw, str(err.value)):
+        assert echo.lower() not in text.lower() and KEY[:8].lower() not in text.lower()
+    assert_key_nowhere(tmp_path, label.raw, str(err.value))
+    for f in tmp_path.rglob("*.json"):
+        assert KEY[:8].lower() not in f.read_text().lower()
