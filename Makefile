@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 ATLAS_HOME ?= var
 export ATLAS_HOME
 PORT ?= 8501
+HOST ?= 127.0.0.1
 MODEL ?=
 # The toy zoo `make etl` builds when no MODEL is given: three sizes trained by one recipe, a second
 # seed of the small one (every models/toy config with shipped weights), and a random-init control of
@@ -57,9 +58,9 @@ zoo: setup
 	$(PY) -m etl train-zoo --model toy-shapes --seed 0
 	$(PY) -m etl train-zoo --model toy-shapes-large --seed 0
 
+# Binds to 127.0.0.1; HOST=0.0.0.0 shares it on the network and then needs ATLAS_TOKEN.
 dashboard: setup
-	ATLAS_WAREHOUSE=$(WAREHOUSE) $(PY) -m streamlit run dashboard/app.py --server.port $(PORT) \
-		--server.headless true --browser.gatherUsageStats false
+	$(PY) -m dashboard --host $(HOST) --port $(PORT) --warehouse $(WAREHOUSE)
 
 browser-deps:
 	@test -x /usr/bin/chromium || { echo "installing Debian's chromium for the browser test"; \

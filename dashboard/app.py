@@ -9,8 +9,10 @@ if ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
+from dashboard.access import gate  # noqa: E402
 from dashboard.nav import PAGES  # noqa: E402
 
 st.set_page_config(page_title="CLIP Atlas", page_icon=":material/hub:", layout="wide")
+gate()                     # local by default; a token for anything else (dashboard/access.py)
 st.navigation([st.Page(path, title=title, icon=icon, url_path=url, default=(i == 0))
                for i, (path, title, icon, url) in enumerate(PAGES)]).run()
