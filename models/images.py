@@ -12,6 +12,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000      # ~ 6300 x 6300; larger images are refused before decoding
+FULL_DECODE_PIXELS = 16_000_000   # above this a JPEG is decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft), still
+                                  # >= 2000 px on its short side; other formats are refused. Peak memory per image,
+                                  # decoding plus a model's preprocess, then stays under 200 MB (tests/unit/test_hostile_images.py)
+MAX_ASPECT = 50              # longest side / shortest side; a model's resize scales the short side up to its
+                             # input size, so a 100000 x 1 strip would become 224 x 22,400,000 (GBs)
 MAX_BYTES = 50 * 1024 * 1024
 
 
@@ -41,6 +46,15 @@ def load_image(source: Union[str, os.PathLike, bytes, io.IOBase], max_pixels: in
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w} x {h} pixels is over the limit of {max_pixels:,} pixels "
                                  "(a possible decompression bomb); resize it first")
+            if w * h > FULL_DECODE_PIXELS:
+                if img.format != "JPEG":
+                    raise ImageError(f"{name}: {w} x {h} pixels is over {FULL_DECODE_PIXELS // 10**6} MP for a "
+                                     f"{img.format or 'non-JPEG'} file (JPEGs up to {max_pixels // 10**6} MP are "
+                                     "decoded at reduced scale); resize it first")
+                img.draft("RGB", (max(1, w * 2000 // min(w, h)), max(1, h * 2000 // min(w, h))))
+            if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+                raise ImageError(f"{name}: {w} x {h} pixels has an aspect ratio over {MAX_ASPECT}:1; a model "
+                                 "would scale its short side up to the input size and use gigabytes; crop it first")
             img.seek(0)
             img.load()
     except ImageError:
@@ -56,13 +70,13 @@ def load_image(source: Union[str, os.PathLike, bytes, io.IOBase], max_pixels: in
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; 16-bit greys are scaled, alpha composited on white."""
-    img = ImageOps.exif_transpose(img)
+    img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img   # copies only to rotate
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img, dtype=np.float64)
+        a = np.asarray(img, dtype=np.float32)
         hi = a.max() if a.size and a.max() > 0 else 1.0
         img = Image.fromarray((a / hi * 255).clip(0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
+        a = np.asarray(img, dtype=np.float32)
         lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)
         img = Image.fromarray(((a - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
@@ -71,7 +85,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         bg = Image.new("RGB", img.size, (255, 255, 255))
         bg.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
         return bg
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def thumbnail_jpeg(img: Image.Image, side: int = 128, quality: int = 85) -> bytes:

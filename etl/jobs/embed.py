@@ -97,13 +97,11 @@ def _loader(dataset, done: set, lm, batch_size: int, out: queue.Queue, stop: thr
                 continue
             try:
                 img = item.load()
+                batch.append((item, lm.preprocess(img), thumbnail_jpeg(img), sha256_image(img), img.size))
             except ImageError as exc:
                 errors.append((item.path or item.image_id, str(exc)))
-                continue
-            except Exception as exc:  # a damaged file must not stop the job
+            except Exception as exc:  # a damaged file (or one too big to preprocess) costs only itself
                 errors.append((item.path or item.image_id, f"{type(exc).__name__}: {exc}"))
-                continue
-            batch.append((item, lm.preprocess(img), thumbnail_jpeg(img), sha256_image(img), img.size))
             if len(batch) == batch_size:
                 out.put((batch, errors))
                 batch, errors = [], []
