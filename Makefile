@@ -76,6 +76,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m etl bench
+	$(PY) -m dashboard.bench
 
 clean:
 	rm -rf var tests/_artifacts

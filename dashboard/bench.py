@@ -2,13 +2,16 @@
 
 * page switch after first load: each page rendered once (caches warm), then every page
   switched to and timed (server-side script run under streamlit.testing.AppTest, on the
-  warehouse the dashboard would serve); target <= 1 s.
+  warehouse the dashboard would serve; when it holds no model, the product's ETL builds a small
+  one first, in a subprocess); target <= 1 s.
 * live topic segmentation of a fresh 224 px upload, exactly the page's code path (load and
   convert the upload, per-token decomposition, text embedding, map, upsample, overlay) with
   the model already loaded: ViT-B-16 with random weights on CPU (target <= 1.0 s) and the toy
   model (target <= 0.2 s). Each repeat uses a new image and a new text, so no cache helps.
 
-    python -m dashboard.bench [--warehouse PATH] [--repeats 3]     # prints JSON
+    python -m dashboard.bench [--warehouse PATH] [--repeats 3]     # its last line: one JSON object
+
+`make bench` runs it after `python -m etl bench`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,17 +45,33 @@ def _quiet_streamlit() -> None:
     warnings.filterwarnings("ignore")
 
 
+# The warehouse the bench builds when the dashboard's holds no model: the product's own `run` job,
+# in a subprocess (the dashboard reads what the ETL writes; it never imports it).
+BENCH_ETL = ["run", "--model", "toy-shapes", "--dataset", "shapes:200:seed=3", "--skip", "ablate", "--skip", "probe"]
+
+
+def build_bench_warehouse(folder: Path) -> Path:
+    """`python -m etl run ...` (BENCH_ETL) into `folder`/warehouse.duckdb; returns its path."""
+    folder = Path(folder)
+    path = folder / "warehouse.duckdb"
+    env = dict(os.environ, ATLAS_HOME=str(folder), ATLAS_NO_PROGRESS="1")
+    done = subprocess.run([sys.executable, "-m", "etl", *BENCH_ETL, "--warehouse", str(path)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the bench warehouse failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
+    return path
+
+
 def _warehouse_with_models(path: Path | None) -> tuple[Path, str]:
-    """The dashboard's warehouse if it holds a model, else a fixture built in a temp folder."""
+    """The dashboard's warehouse if it holds a model, else one the ETL builds in a temp folder."""
     from dashboard.data import warehouse_path
     from warehouse import queries
     path = Path(path) if path else warehouse_path()
     if path.exists() and queries.warehouse_summary(path)["models"] > 0:
         return path, str(path)
-    sys.path.insert(0, str(ROOT / "tests" / "dashboard"))
-    import fixtures_dashboard
-    built = fixtures_dashboard.build_fixture_warehouse(Path(tempfile.mkdtemp(prefix="atlas-bench-")))
-    return built, f"fixture {built} (no models in {path}: run `make demo` to bench the demo warehouse)"
+    built = build_bench_warehouse(Path(tempfile.mkdtemp(prefix="atlas-bench-")))
+    return built, (f"{built}, built by `python -m etl {' '.join(BENCH_ETL)}` (no models in {path}: "
+                   "run `make demo` to bench the demo warehouse)")
 
 
 def bench_page_switch(warehouse: Path) -> dict:
@@ -145,11 +165,11 @@ def bench_dashboard(warehouse: str | os.PathLike | None = None, repeats: int = 3
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Time page switches and live topic segmentation of the dashboard.")
     ap.add_argument("--warehouse", help="warehouse file (default: ATLAS_WAREHOUSE or $ATLAS_HOME/warehouse.duckdb; "
-                                        "a fixture warehouse is built when it holds no model)")
+                                        "the ETL builds a small one when it holds no model)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per live measurement (median reported)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
-    print(json.dumps(bench_dashboard(args.warehouse, args.repeats, args.threads), indent=2))
+    print(json.dumps(bench_dashboard(args.warehouse, args.repeats, args.threads)))   # one line, like `etl bench`'s last
 
 
 if __name__ == "__main__":

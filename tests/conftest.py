@@ -46,3 +46,34 @@ def toy_warehouse(tmp_path_factory) -> Path:
         assert main(["run", "--model", "toy-shapes", "--dataset", "shapes:300:seed=13", "--warehouse", str(wh),
                      "--skip", "ablate"]) == 0
     return wh
+
+
+# The dashboard tests' warehouse (tests/dashboard): what `make demo` builds, made small.
+DASHBOARD_SHAPES = "shapes:120:seed=13"
+DASHBOARD_JOBS = [
+    # the smallest trained toy (4 layers x 2 heads) on scenes and photos: every step of `run` ...
+    ["run", "--model", "toy-shapes-small", "--dataset", DASHBOARD_SHAPES, "--dataset", "skimage", "--skip", "ablate"],
+    # ... with its ablation on half the scenes (the slowest step, so the job's own --max-images)
+    ["ablate", "--model", "toy-shapes-small", "--dataset", DASHBOARD_SHAPES, "--max-images", "60"],
+    # and its random-init control, as in `make etl` (no ablation: the metrics page shows what a model lacks)
+    ["run", "--model", "toy-shapes-small", "--random-init", "--seed", "0", "--dataset", DASHBOARD_SHAPES,
+     "--skip", "ablate"],
+]
+
+
+@pytest.fixture(scope="session")
+def dashboard_warehouse(tmp_path_factory) -> Path:
+    """The warehouse the dashboard tests (AppTest and the real browser) read, built by the
+    product's own jobs (`etl.cli.main`, DASHBOARD_JOBS): two models (toy-shapes-small with its
+    bundled weights, and its random-init control), 120 shapes scenes and the scikit-image photos,
+    the shapes text bank, TextSpan texts, offline labels, judgments, scores, probes, and a mean
+    ablation of the trained model. 50 to 90 s on two busy cores."""
+    from etl.cli import main
+    tmp = tmp_path_factory.mktemp("dashwh")
+    wh = tmp / "warehouse.duckdb"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATLAS_HOME", str(tmp))
+        mp.setenv("ATLAS_NO_PROGRESS", "1")
+        for argv in DASHBOARD_JOBS:
+            assert main(argv + ["--warehouse", str(wh)]) == 0, argv
+    return wh

@@ -29,7 +29,7 @@ def clip_text(model_id: str, text: str):
     """The console's clip_text(): a cached text-tower call (the model loads on first use)."""
     from dashboard import live
     if model_id not in rows:
-        raise ValueError(f"clip_text: no model '{model_id}' in the warehouse; see SELECT model_id FROM models")
+        raise ValueError(f"clip_text: no model '{model_id}' in the warehouse; the table `models` lists every model_id")
     return live.text_vectors(rows[model_id], [text])[0]
 
 

@@ -1,4 +1,5 @@
-"""`bench`: every benchmark of the project in one process, side by side, medians.
+"""`bench`: the benchmarks of the ETL, models and warehouse in one process, side by side, medians.
+(The dashboard's timings are `python -m dashboard.bench`; `make bench` runs both.)
 
 Prints one table per section and, as the last line, one JSON object whose first keys are the
 decomposition ratios of issue 2 (decompose_vs_forward, decompose_tokens_vs_forward, onnx_vs_torch).
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ["decompose", "shapes", "textspan", "textencode", "embed", "neighbours", "dashboard"]
+SECTIONS = ["decompose", "shapes", "textspan", "textencode", "embed", "neighbours"]
 
 
 def add_parser(sub) -> None:
@@ -140,11 +141,6 @@ def run(args) -> int:
         ms = bench_neighbours()
         _table("top-10 neighbour query for one head over 50,000 images (d=512)", [("median ms", f"{ms:.1f}")])
         summary["neighbours_top10_ms"] = round(ms, 1)
-    if "dashboard" in only:
-        from dashboard.bench import bench_dashboard
-        r = bench_dashboard()
-        _table("dashboard", [(k, v) for k, v in r.items()])
-        summary.update({f"dashboard_{k}": v for k, v in r.items() if isinstance(v, (int, float))})
     print()
     print(json.dumps(summary))
     return 0

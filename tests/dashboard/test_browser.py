@@ -1,5 +1,6 @@
 """The dashboard in a real browser: `streamlit run dashboard/app.py` on 127.0.0.1 (free port) with
-the fixture warehouse, Debian's /usr/bin/chromium driven by the playwright Python package.
+the `dashboard_warehouse` fixture (tests/conftest.py: built by the product's own ETL jobs), Debian's
+/usr/bin/chromium driven by the playwright Python package.
 
 Every page is opened, waited for until its script has finished running, checked for Streamlit
 exception elements and for its own content, and saved to tests/_artifacts/screenshots/<page>.png (or $ATLAS_SCREENSHOTS). Then a
@@ -21,13 +22,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-for p in (str(ROOT), str(ROOT / "tests" / "dashboard")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from dashboard import nav
+from dashboard.widgets import default_model
+from etl.world import shapes
+from warehouse import queries
 
-import fixtures_dashboard as fx  # noqa: E402
-from dashboard import nav  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.browser
 
@@ -58,9 +58,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A streamlit server on the fixture warehouse; yields its base URL."""
-    warehouse = os.environ.get("ATLAS_BROWSER_WAREHOUSE") or fx.build_fixture_warehouse(tmp_path_factory.mktemp("browser"))
+def warehouse(request) -> Path:
+    """$ATLAS_BROWSER_WAREHOUSE when set (e.g. the demo's, for the README's pictures), else the
+    dashboard tests' warehouse (built only when needed)."""
+    if os.environ.get("ATLAS_BROWSER_WAREHOUSE"):
+        return Path(os.environ["ATLAS_BROWSER_WAREHOUSE"])
+    return request.getfixturevalue("dashboard_warehouse")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, warehouse):
+    """A streamlit server on `warehouse`; yields its base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "streamlit.log"
     env = dict(os.environ, ATLAS_WAREHOUSE=str(warehouse))
@@ -172,7 +180,7 @@ def test_real_uploads_segment_or_explain(server, tab):
     tab.goto(url_of(server, nav.TOPIC))
     wait_done(tab, title_of(nav.TOPIC))
     buf = io.BytesIO()
-    fx.draw_scene("triangle", "green", "black", "right", size=224).save(buf, format="PNG")
+    shapes.scene(5, seed=77, size=224).to_pil().save(buf, format="PNG")     # a scene of the product's world
     _upload(tab, "scene.png", buf.getvalue(), "image/png")
     tab.get_by_text("scene.png (the model's").first.wait_for(timeout=PAGE_TIMEOUT_MS)
     wait_done(tab, title_of(nav.TOPIC), tuple(EXPECT[nav.TOPIC]))
@@ -185,22 +193,26 @@ def test_real_uploads_segment_or_explain(server, tab):
     assert_no_exception(tab, "upload notes.png")
 
 
-def test_head_card_link_and_model_choice_carry_across_pages(server, tab):
+def test_head_card_link_and_model_choice_carry_across_pages(server, tab, warehouse):
+    """Pick a model that is not the one the dashboard opens on, follow a head card's link, switch page."""
+    ms = queries.models(warehouse)
+    other = next(m for m in ms.model_id if m != default_model(ms))
     tab.goto(url_of(server, nav.ATLAS))
     wait_done(tab, "CLIP Atlas")
     model_box = tab.get_by_role("combobox", name="Model")
     model_box.click()
-    tab.get_by_role("option", name=re.compile("random-seed1")).click()
-    tab.locator("h3", has_text="Heads of toy-shapes/random-seed1").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    option = re.compile("^" + re.escape(other).replace("/", r"\/") + " ")      # playwright sends it as /.../
+    tab.get_by_role("option", name=option).click()
+    tab.locator("h3", has_text=f"Heads of {other}").first.wait_for(timeout=PAGE_TIMEOUT_MS)
     wait_done(tab, "CLIP Atlas")
     link = tab.get_by_role("link", name=re.compile(r"Topic segmentation of L\d+\.H\d+"))
     head = re.search(r"L\d+\.H\d+", link.first.inner_text()).group(0)
     link.first.click()
     wait_done(tab, "Topic segmentation", tuple(EXPECT[nav.TOPIC]))
     assert_no_exception(tab, "topic page from a head link")
-    assert "random-seed1" in tab.get_by_role("combobox", name="Model").input_value()
+    assert tab.get_by_role("combobox", name="Model").input_value().startswith(other + " ")
     assert tab.get_by_role("combobox", name="Head").input_value().startswith(head + " ")
     tab.locator('[data-testid="stSidebarNav"] a', has_text="Metrics").click()
     wait_done(tab, "Metrics", tuple(EXPECT[nav.METRICS]))
     assert_no_exception(tab, "metrics after a sidebar switch")
-    assert "random-seed1" in tab.get_by_role("combobox", name="Model").input_value()
+    assert tab.get_by_role("combobox", name="Model").input_value().startswith(other + " ")
