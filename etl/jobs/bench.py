@@ -66,7 +66,7 @@ def bench_text_encode(n: int = 512, seed: int = 0, rounds: int = 3) -> dict:
     """models.bench.bench_text_encode on the product's atlas bank: a fixed subset of `n` texts drawn
     with `seed` (open_clip's full-context path would take over 10 min a round on all 3,962 texts on 2 cores)."""
     import random
-    from etl.textbank import ATLAS_BANK, bank_texts
+    from etl.text.bank import ATLAS_BANK, bank_texts
     from models.bench import bench_text_encode as bench
     bank = [t for t, _ in bank_texts(ATLAS_BANK)]
     texts = random.Random(seed).sample(bank, n) if n < len(bank) else bank

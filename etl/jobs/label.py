@@ -64,7 +64,10 @@ def add_parser(sub) -> None:
                    help="offline (default: needs property-tagged texts) or llm (needs OPENAI_API_KEY)")
     p.add_argument("--threshold", type=float, default=None, metavar="SHARE",
                    help="offline: below this share of the head's variance in voting texts the label is 'mixed' "
-                        "(default 0.35)")
+                        "(default 0.15)")
+    p.add_argument("--majority", type=float, default=None, metavar="SHARE",
+                   help="offline: the winning property must also carry this share of the variance of all voting "
+                        "texts (default 0.6)")
     p.add_argument("--alpha", type=float, default=None, metavar="P",
                    help="offline: also require the winning share to beat the same texts with tags shuffled over "
                         "the bank at this significance (default 1: the p-value is recorded, not required)")
@@ -80,7 +83,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    print(json.dumps(label(warehouse_path(args), args.model, args.labeler, threshold=args.threshold, alpha=args.alpha,
+    print(json.dumps(label(warehouse_path(args), args.model, args.labeler, threshold=args.threshold,
+                           majority=args.majority, alpha=args.alpha,
                            min_votes=args.min_votes, agreement_check=not args.no_agreement_check, force=args.force,
                            batch_size=args.batch_size, llm_model=args.llm_model, llm_timeout=args.llm_timeout,
                            llm_retries=args.llm_retries)))
@@ -88,12 +92,12 @@ def run(args) -> int:
 
 
 def label(path: str, model_id: str, labeler: str = "offline", *, threshold: float | None = None,
-          alpha: float | None = None, min_votes: int | None = None, agreement_check: bool = True,
+          majority: float | None = None, alpha: float | None = None, min_votes: int | None = None, agreement_check: bool = True,
           force: bool = False, batch_size: int = 16, llm_model: str | None = None, llm_timeout: float = 60.0,
           llm_retries: int = 5) -> dict:
     """Label every head with TextSpan texts not yet labelled by this labeler and prompt; returns counts."""
     from etl.text.labelers import (OFFLINE_AGREEMENT, OFFLINE_AGREEMENT_P, OFFLINE_ALPHA, OFFLINE_MIN_VOTES,
-                                   OFFLINE_THRESHOLD, OfflineLabeler, stored_head_texts, vocabulary)
+                                   OFFLINE_MAJORITY, OFFLINE_THRESHOLD, OfflineLabeler, stored_head_texts, vocabulary)
     from warehouse.queries import bank_text_matrix, head_label_state, head_text_banks
     from warehouse.runs import run_record
     if batch_size < 1:
@@ -120,7 +124,8 @@ def label(path: str, model_id: str, labeler: str = "offline", *, threshold: floa
                                 alpha=OFFLINE_ALPHA if alpha is None else alpha,
                                 min_votes=OFFLINE_MIN_VOTES if min_votes is None else min_votes,
                                 agreement_min=OFFLINE_AGREEMENT if agreement_check else -1.0,
-                                agreement_p_max=OFFLINE_AGREEMENT_P if agreement_check else 1.0)
+                                agreement_p_max=OFFLINE_AGREEMENT_P if agreement_check else 1.0,
+                                majority=OFFLINE_MAJORITY if majority is None else majority)
     else:
         chosen = make_llm(llm_model, vocab, llm_timeout, llm_retries)
     todo = [h for h in heads if force or done.get(h) != (chosen.name, chosen.prompt_hash)]

@@ -71,7 +71,7 @@ def textspan(path: str, model_id: str, bank: str | None = None, dataset: str | N
     head_dim = int(row["width"]) // H
     bank = _choose_bank(path, model_id, row["arch"], bank)
     if dataset and not dataset_exists(path, dataset):
-        raise ValueError(f"dataset {dataset!r} is not in the warehouse; see `SELECT dataset_id FROM datasets`")
+        raise ValueError(f"dataset {dataset!r} is not in the warehouse; the `datasets` table lists the dataset_ids (SQL console)")
     existing = head_text_state(path, model_id)
     text_ids, _, T = bank_text_matrix(path, model_id, bank)
     want = (k, bank, dataset)

@@ -35,7 +35,7 @@ import openai
 from etl.text.bank import PROPERTIES
 
 __all__ = [
-    "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
+    "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
 
@@ -43,10 +43,11 @@ MIXED = "mixed"
 OFFLINE_AGREEMENT = 0.2          # a text votes when the rest of the model reads it as the head does
 OFFLINE_AGREEMENT_P = 0.001      # ... beyond chance: one-sided p of that correlation (Fisher z)
 OFFLINE_MIN_VOTES = 2            # a label needs this many voting texts of its property
-OFFLINE_THRESHOLD = 0.35         # and this share of the head's TextSpan variance in them
+OFFLINE_THRESHOLD = 0.15         # and this share of the head's TextSpan variance in them
+OFFLINE_MAJORITY = 0.6           # and this share of the variance of all voting texts
 OFFLINE_ALPHA = 1.0              # optional: a shuffled-tag p-value at most this (1: recorded only)
 OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 1/4001)
-OFFLINE_VERSION = "offline-v4"
+OFFLINE_VERSION = "offline-v5"
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,10 @@ class OfflineLabeler:
     towards 'mixed'. Ties go to the tag of the better-ranked text.
 
     Decision. s* = the winning property's share of the head's k TextSpan variances (voting
-    texts only); the confidence. The head is labelled when at least ``min_votes`` texts vote
-    for the property (one text is no agreement) and s* >= ``threshold``; otherwise 'mixed'.
+    texts only); the confidence. m = its share of the variance of all voting texts (the
+    majority among the texts the model agrees with). The head is labelled when at least
+    ``min_votes`` texts vote for the property (one text is no agreement), s* >= ``threshold``
+    and m >= ``majority``; otherwise 'mixed'.
 
     Chance of the share. With ``bank_tags``, s* is also compared with a null in which the tags
     are shuffled over the bank: the head's k texts keep their variances and checks, but take
@@ -207,7 +210,7 @@ class OfflineLabeler:
                  bank_tags: Iterable[str | None] | None = None, alpha: float = OFFLINE_ALPHA,
                  permutations: int = OFFLINE_PERMUTATIONS, seed: int = 0,
                  agreement_min: float = OFFLINE_AGREEMENT, agreement_p_max: float = OFFLINE_AGREEMENT_P,
-                 min_votes: int = OFFLINE_MIN_VOTES):
+                 min_votes: int = OFFLINE_MIN_VOTES, majority: float = OFFLINE_MAJORITY):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"the offline threshold is a share of variance in (0, 1], got {threshold}")
         if not 0.0 < alpha <= 1.0:
@@ -216,6 +219,9 @@ class OfflineLabeler:
             raise ValueError(f"permutations must be at least 1, got {permutations}")
         if min_votes < 1:
             raise ValueError(f"min_votes must be at least 1, got {min_votes}")
+        if not 0.0 <= majority <= 1.0:
+            raise ValueError(f"the majority is a share of the voting texts' variance in [0, 1], got {majority}")
+        self.majority = float(majority)
         self.vocabulary = list(vocabulary)
         self.threshold = float(threshold)
         self.alpha = float(alpha)
@@ -233,7 +239,7 @@ class OfflineLabeler:
         self._draws: dict[int, np.ndarray] = {}
         null = f";alpha={self.alpha};n={self.permutations};seed={self.seed}" if self._bank is not None else ""
         self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold};agreement={self.agreement_min};"
-                                f"p={self.agreement_p_max};votes={self.min_votes}{null}")
+                                f"p={self.agreement_p_max};votes={self.min_votes};majority={self.majority}{null}")
 
     def _null_tags(self, k: int) -> np.ndarray:
         """int [N, k]: tag codes of k bank texts drawn without replacement, N times (cached)."""
@@ -294,8 +300,11 @@ class OfflineLabeler:
             weights = np.array([max(float(ht.variance), 0.0) for ht in head_texts])
             p = self.p_value(weights, share, np.array([self.votes(ht) for ht in head_texts]))
             raw.update(alpha=self.alpha, p_value=p)
-        raw.update(votes=n_votes[best], min_votes=self.min_votes)
-        labelled = n_votes[best] >= self.min_votes and share >= self.threshold and (p is None or p <= self.alpha)
+        majority = weight[best] / sum(weight.values()) if sum(weight.values()) > 0 else 0.0
+        raw.update(votes=n_votes[best], min_votes=self.min_votes, majority=round(majority, 4),
+                   majority_min=self.majority)
+        labelled = (n_votes[best] >= self.min_votes and share >= self.threshold and majority >= self.majority
+                    and (p is None or p <= self.alpha))
         return Label(best if labelled else MIXED, share, self.name, self.prompt_hash, json.dumps(raw), p_value=p)
 
     def match(self, head_text: HeadText, prop: str) -> Judgment:

@@ -118,16 +118,22 @@ def test_offline_label_is_the_variance_weighted_majority():
 def test_offline_label_is_mixed_below_the_threshold_and_untagged_texts_dilute():
     head = [HeadText("a", "colors", 0.3), HeadText("b", "animals", 0.25), HeadText("c", None, 0.2),
             HeadText("d", "not-a-property", 0.25)]
-    label = OfflineLabeler().label(head)
+    label = OfflineLabeler(threshold=0.35, majority=0.0).label(head)
     assert label.property == MIXED
     assert label.confidence == pytest.approx(0.3)
-    assert OfflineLabeler(threshold=0.25, min_votes=1).label(head).property == "colors"
-    assert OfflineLabeler(threshold=0.25).label(head).property == MIXED        # one text is no agreement
+    assert OfflineLabeler(threshold=0.25, min_votes=1, majority=0.0).label(head).property == "colors"
+    assert OfflineLabeler(threshold=0.25, majority=0.0).label(head).property == MIXED   # one text is no agreement
     two = head + [HeadText("e", "colors", 0.1)]
-    assert OfflineLabeler(threshold=0.25).label(two).property == "colors"
+    assert OfflineLabeler(threshold=0.25, majority=0.0).label(two).property == "colors"
+    # the majority among voting texts: colors carry 0.4 of the 0.65 that votes (0.62)
+    assert OfflineLabeler(threshold=0.25, majority=0.6).label(two).property == "colors"
+    assert OfflineLabeler(threshold=0.25, majority=0.65).label(two).property == MIXED
+    assert json.loads(OfflineLabeler().label(two).raw)["majority"] == pytest.approx(0.4 / 0.65, abs=1e-4)
+    with pytest.raises(ValueError, match="majority"):
+        OfflineLabeler(majority=1.5)
     # a tie goes to the property of the better-ranked text
     tie = [HeadText("a", "animals", 0.2), HeadText("b", "colors", 0.2)]
-    assert OfflineLabeler(threshold=0.5, min_votes=1).label(tie).property == "animals"
+    assert OfflineLabeler(threshold=0.5, min_votes=1, majority=0.0).label(tie).property == "animals"
     assert OfflineLabeler().label([]).error
 
 
