@@ -79,7 +79,7 @@ def ablation_table(comp: dict, labels: dict[str, np.ndarray], text: dict[str, to
 
 def run_ablate(args) -> int:
     from etl.datasets import open_dataset
-    from models import decompose_components, resolve_layers
+    from models import decompose, resolve_layers
     from warehouse import writer
     from warehouse.runs import run_record
     path = warehouse_path(args)
@@ -93,7 +93,8 @@ def run_ablate(args) -> int:
 
     def flush():
         x = torch.stack([lm.preprocess(img) for img, _ in batch])
-        comp = decompose_components(lm, x)
+        dec = decompose(lm, x, "all", components=True)
+        comp = dict(heads=dec.head_cls, mlp=dec.mlp, attn_bias=dec.attn_bias, embedding=dec.embedding)
         for k in parts:
             parts[k].append(comp[k].cpu())
         for t, (values, _) in targets.items():
