@@ -107,6 +107,7 @@ def bench_topic_segmentation(row: dict, repeats: int = 3) -> dict:
 
     import models
     from dashboard import live, widgets
+    from models.maps import upsample
     live.model(row)                              # loaded once per process, not timed
     heads = widgets.analysed_heads(row)
     live.text_vectors(row, ["warm up"])
@@ -118,8 +119,8 @@ def bench_topic_segmentation(row: dict, repeats: int = 3) -> dict:
         t_hat, _ = live.text_vector(row, f"a photo of object number {i} {time.time_ns()}")
         grid = live.topic_map(row, img, "bench:" + hashlib.sha1(data).hexdigest() + str(time.time_ns()), heads, t_hat)
         size = int(row["image_size"])
-        heat = live.upsample(grid, size)
-        widgets.overlay(live.model_crop(img, size), heat, float(np.abs(grid).max()) or 1e-12)
+        heat = upsample(grid, size)
+        widgets.overlay(live.model_view(row, img), heat, float(np.abs(grid).max()) or 1e-12)
         if i:                                    # the first repeat warms torch's thread pool
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)

@@ -1,11 +1,10 @@
-"""Live analyses of one image with the models/ API (MATH.md §6.2, §6.3, and the query side of §6.1, §6.4).
+"""Live analyses of one image: the Streamlit caching glue around models/ (MATH.md §6.2, §6.3,
+and the query side of §6.1, §6.4).
 
 Models are loaded once per process (st.cache_resource keyed by the model spec); the per-token
 decomposition of an image is computed once per (model, image) and kept, so changing the text
-or the heads only costs a matrix product. Pure functions (no Streamlit) do the maths:
-
-    head_map(tokens, heads, t_hat, grid)    # sum over heads of c[l,h,i] . t_hat -> [gh, gw]
-    upsample(map, size)                      # [gh, gw] -> [S, S], bilinear
+or the heads only costs a matrix product. The maths is in models/: models.decompose,
+models.maps (the per-patch map and its upsampling), models.model_view (the model's crop).
 """
 from __future__ import annotations
 
@@ -13,11 +12,10 @@ from typing import Sequence
 
 import numpy as np
 import streamlit as st
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import models
+from models import maps
 
 Head = tuple[int, int]
 
@@ -81,56 +79,36 @@ def text_vector(row: dict, text: str) -> tuple[np.ndarray, str]:
     return text_vectors(row, [text])[0], "encoded live"
 
 
-def layer_index(dec: models.Decomposition, heads: Sequence[Head]) -> list[tuple[int, int]]:
-    """(position in dec.layers, head) for each (layer, head); ValueError for a layer not decomposed."""
-    pos = {l: j for j, l in enumerate(dec.layers)}
-    bad = sorted({l for l, _ in heads if l not in pos})
-    if bad:
-        raise ValueError(f"layers {bad} were not analysed for this model (analysed: {dec.layers})")
-    return [(pos[l], h) for l, h in heads]
+@st.cache_resource(show_spinner="Loading the model (once per server process) ...", max_entries=4)
+def _loadable(key: tuple, _row: dict):
+    """The model of a row, or None when it cannot be loaded here (remembered, not retried per rerun)."""
+    try:
+        return load(key, _row)
+    except models.ModelError:
+        return None
 
 
-def head_map(tokens: torch.Tensor, heads: Sequence[tuple[int, int]], t_hat, grid: tuple[int, int]) -> np.ndarray:
-    """Topic map: sum over `heads` of c[l,h,i] . t_hat for the patch tokens, float64 [gh, gw].
+def model_view(row: dict, image: Image.Image) -> Image.Image:
+    """The part of the image the model of `row` sees: models.model_view (the model's own
+    preprocess resize and crop, no normalisation), RGB [S, S].
 
-    tokens: head_tokens of one image [L', H, T, d] (T = 1 + gh*gw); heads: (layer position, head).
-    """
-    t = torch.as_tensor(np.asarray(t_hat, dtype=np.float32).ravel())
-    idx_l = torch.tensor([j for j, _ in heads])
-    idx_h = torch.tensor([h for _, h in heads])
-    per_head = tokens[idx_l, idx_h, 1:] @ t                # [n_heads, gh*gw]
-    gh, gw = grid
-    return per_head.sum(0).reshape(gh, gw).double().numpy()
-
-
-def upsample(m: np.ndarray, size: int) -> np.ndarray:
-    """[gh, gw] -> [size, size], bilinear (the patch grid stretched over the model's input crop)."""
-    t = torch.as_tensor(m, dtype=torch.float32)[None, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].double().numpy()
-
-
-def model_crop(image: Image.Image, size: int) -> Image.Image:
-    """The part of the image the model sees: shortest side resized to `size`, centre-cropped."""
-    w, h = image.size
-    s = size / min(w, h)
-    img = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    Pages that only show the query image (neighbours of a warehouse image, scored from stored
+    rows) must not stop when the model cannot be loaded here: they then show the image as it is."""
+    lm = _loadable(spec_key(row), row)
+    return image if lm is None else models.model_view(lm, image)
 
 
 def topic_map(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head], t_hat) -> np.ndarray:
     """MATH.md §6.2: the map of text `t_hat` over `heads` for an image on the patch grid, [gh, gw]
-    (upsample() stretches it over the model's input crop)."""
+    (models.maps.upsample stretches it over model_view's crop)."""
     lm = model(row)
-    dec = decompose_image(row, image, image_key)
-    return head_map(dec.head_tokens[0], layer_index(dec, heads), t_hat, lm.grid)
+    return maps.topic_map(decompose_image(row, image, image_key), heads, t_hat, lm.grid)
 
 
 def head_vectors(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head]) -> np.ndarray:
     """c[l,h] of an image for each head, float32 [len(heads), d] (the query side of §6.1 and §6.4)."""
     dec = decompose_image(row, image, image_key)
-    idx = layer_index(dec, heads)
+    idx = maps.layer_index(dec.layers, heads)
     return np.stack([dec.head_cls[0, j, h].numpy() for j, h in idx]).astype(np.float32)
 
 

@@ -1,12 +1,20 @@
-"""Everything that touches a model: loading, the exact decomposition, ONNX export and runtime."""
-from models.registry import (TOY_DIR, LoadedModel, ModelError, encode_texts, encode_tokens, default_bank, load_model, load_state,
-                             model_from_row, toy_architectures)
-from models.decompose import (Decomposer, Decomposition, decompose, decompose_components, decomposer,
-                              resolve_layers)
-from models.images import ImageError, load_image, pixels_to_tensor, thumbnail_jpeg, to_rgb
+"""Everything that touches a model: loading, the exact decomposition and the maps built on it
+(MATH.md §1, §2, §6), text encoding, ONNX export and runtime.
+
+    decompose(lm, images, layers, *, tokens, components) -> Decomposition    (models.decompose)
+    maps.topic_map / head_map / layer_index / upsample                       (models.maps)
+    model_view(lm, image) -> the model's crop of an image                    (models.images)
+"""
+from models.registry import (TOY_DIR, LoadedModel, ModelError, encode_texts, encode_tokens, default_bank, load_model,
+                             load_state, model_from_row, toy_architectures)
+from models.decompose import Decomposer, Decomposition, decompose, resolve_layers
+from models.images import ImageError, load_image, model_view, pixels_to_tensor, thumbnail_jpeg, to_rgb
+from models import maps
 
 __all__ = [
-    "TOY_DIR", "LoadedModel", "ModelError", "encode_texts", "encode_tokens", "default_bank", "load_model", "load_state", "model_from_row", "toy_architectures",
-    "Decomposer", "Decomposition", "decompose", "decompose_components", "decomposer", "resolve_layers",
-    "ImageError", "load_image", "pixels_to_tensor", "thumbnail_jpeg", "to_rgb",
+    "TOY_DIR", "LoadedModel", "ModelError", "encode_texts", "encode_tokens", "default_bank", "load_model",
+    "load_state", "model_from_row", "toy_architectures",
+    "Decomposer", "Decomposition", "decompose", "resolve_layers",
+    "ImageError", "load_image", "model_view", "pixels_to_tensor", "thumbnail_jpeg", "to_rgb",
+    "maps",
 ]

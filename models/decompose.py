@@ -16,6 +16,15 @@ values for every token but its query, out-projection and MLP for the class token
 
 `rest` is accumulated independently of the heads (embedding term, MLP terms, out-proj
 biases, the un-analysed layers, beta @ P) so `head_cls.sum + rest == embedding` is a real check.
+With components=True the parts of `rest` (MATH.md §2: MLP terms, out-proj biases, the embedding
+term) are returned as well; the embedding term is accumulated apart from `rest`, so
+`heads + mlp + attn_bias + embedding_term == embedding` is a real check too.
+
+API (one verb, one class, one result):
+    decompose(lm, images, layers="last4", *, tokens=False, components=False) -> Decomposition
+    Decomposer(visual, layers, *, tokens, components, micro_batch, traceable)   # nn.Module
+    Decomposer.for_model(lm, layers, *, tokens, components)   # cached on the LoadedModel
+    Decomposition: embedding, head_cls, rest, layers[, head_tokens][, mlp, attn_bias, embedding_term]
 """
 from __future__ import annotations
 
@@ -74,19 +83,39 @@ def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
     return layers
 
 
+OUTPUTS = ("embedding", "head_cls", "rest", "head_tokens", "mlp", "attn_bias", "embedding_term")
+"""Every tensor a Decomposition can hold, in the one order used to flatten it (ONNX outputs, `Decomposer.flat`)."""
+
+
 @dataclass
 class Decomposition:
-    embedding: torch.Tensor              # [B, d] unit norm
-    head_cls: torch.Tensor               # [B, L', H, d]
-    rest: torch.Tensor                   # [B, d]
-    layers: list[int]                    # [L'] 0-based
-    head_tokens: Optional[torch.Tensor] = None  # [B, L', H, T, d], T = 1 + patches (0 = class token)
+    """The decomposition of a batch of B images (MATH.md §1); one type for every mode.
+
+    Always present (`layers` are the analysed layers L', 0-based, sorted):
+        embedding [B, d] unit norm; head_cls [B, L', H, d] = c[l,h]; rest [B, d] (everything else);
+        head_cls.sum((1, 2)) + rest == embedding.
+    tokens=True adds head_tokens [B, L', H, T, d] = c[l,h,i], T = 1 + patches (i = 0: the class
+        token); head_tokens.sum(3) == head_cls.
+    components=True (every layer analysed) splits `rest` for mean ablation (MATH.md §2):
+        mlp [B, L, d] (MLP terms), attn_bias [B, L, d] (out-proj biases), embedding_term [B, d]
+        (x_0[0] and beta @ P); head_cls.sum((1, 2)) + mlp.sum(1) + attn_bias.sum(1)
+        + embedding_term == embedding.
+    """
+    embedding: torch.Tensor                         # [B, d]
+    head_cls: torch.Tensor                          # [B, L', H, d]
+    rest: torch.Tensor                              # [B, d]
+    layers: list[int]                               # [L']
+    head_tokens: Optional[torch.Tensor] = None      # [B, L', H, T, d]
+    mlp: Optional[torch.Tensor] = None              # [B, L, d]
+    attn_bias: Optional[torch.Tensor] = None        # [B, L, d]
+    embedding_term: Optional[torch.Tensor] = None   # [B, d]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors present, by name, in the order of OUTPUTS."""
+        return {k: getattr(self, k) for k in OUTPUTS if getattr(self, k) is not None}
 
     def numpy(self) -> dict:
-        out = dict(embedding=self.embedding, head_cls=self.head_cls, rest=self.rest)
-        if self.head_tokens is not None:
-            out["head_tokens"] = self.head_tokens
-        out = {k: v.detach().float().cpu().numpy() for k, v in out.items()}
+        out = {k: v.detach().float().cpu().numpy() for k, v in self.tensors().items()}
         out["layers"] = self.layers
         return out
 
@@ -113,25 +142,41 @@ class _MultiHeadAttention(torch.autograd.Function):
 
 
 class Decomposer(nn.Module):
-    """Wraps an open_clip VisionTransformer; forward(images) returns the decomposition.
+    """Wraps an open_clip VisionTransformer; `dec(images)` returns the Decomposition.
 
-    The same module is what the ONNX exporter traces, so torch and ONNX share one definition.
-    Output tuple: (embedding [B, d], head_cls [B, L', H, d], rest [B, d][, head_tokens [B, L', H, T, d]]).
+    Every mode is fixed at construction:
+      layers      the analysed layers L' (0-based; see resolve_layers);
+      tokens      also c[l,h,i] per source token (head_tokens);
+      components  also the split of `rest` into MLP, out-proj bias and embedding terms
+                  (mean ablation; needs every layer analysed);
+      micro_batch images per CPU micro-batch (default: cpu_micro_batch of the model; 0: whole
+                  batch); GPUs always take the whole batch;
+      traceable   run the un-analysed blocks by hand instead of torch's fused block, so that
+                  torch.onnx.export can trace them and their attention becomes onnxruntime's
+                  fused op (_MultiHeadAttention); same numbers; what models/onnx.py exports.
+
+    `flat(images)` is the computation on one batch, returning the Decomposition's tensors as a
+    tuple in the order `self.outputs` (a subsequence of OUTPUTS): it is what the ONNX exporter
+    traces, so torch and ONNX share one definition. `forward` adds the micro-batching and
+    wraps the tensors into a Decomposition.
     """
 
-    def __init__(self, visual: nn.Module, layers: Sequence[int], tokens: bool = False):
+    def __init__(self, visual: nn.Module, layers: Sequence[int], *, tokens: bool = False,
+                 components: bool = False, micro_batch: Optional[int] = None, traceable: bool = False):
         super().__init__()
-        # Un-analysed blocks run as the model's own modules (torch's fused fast path) unless
-        # `by_hand` is set: the ONNX exporter cannot trace that path, and by hand the attention
-        # becomes onnxruntime's fused MultiHeadAttention op (see _MultiHeadAttention).
-        self.by_hand = False
-        self.with_mlps = False  # also return per-layer MLP contributions (ablations; analysed layers only)
-        self.visual = visual
-        self.layers = list(layers)
-        grid = visual.grid_size
-        self.micro_batch = cpu_micro_batch(1 + grid[0] * grid[1], visual.transformer.resblocks[0].mlp.c_fc.out_features)
-        self.tokens = tokens
         blocks = visual.transformer.resblocks
+        self.visual = visual
+        self.layers = sorted(set(int(l) for l in layers))
+        if components and self.layers != list(range(len(blocks))):
+            raise ValueError(f"components=True splits every layer: pass layers='all' (got {self.layers})")
+        self.tokens = bool(tokens)
+        self.components = bool(components)
+        self.traceable = bool(traceable)
+        grid = visual.grid_size
+        if micro_batch is None:
+            micro_batch = cpu_micro_batch(1 + grid[0] * grid[1], blocks[0].mlp.c_fc.out_features)
+        self.micro_batch = int(micro_batch)
+        self.outputs = OUTPUTS[:3] + (("head_tokens",) if self.tokens else ()) + (OUTPUTS[4:] if self.components else ())
         attn = blocks[0].attn
         self.n_heads = attn.num_heads
         self.d_head = attn.head_dim
@@ -143,16 +188,27 @@ class Decomposer(nn.Module):
             C = g[:, None] * P - gP[None, :] / W                       # [W, d]
             self.register_buffer("C", C, persistent=False)
             self.register_buffer("betaP", visual.ln_post.bias.float() @ P, persistent=False)  # [d]
+            ones = torch.ones(W, device=C.device)
             folds, biases = [], []
             for l in self.layers:
                 blk = blocks[l]
-                gamma = blk.ls_1.gamma.float() if hasattr(blk.ls_1, "gamma") else torch.ones(W)
+                gamma = blk.ls_1.gamma.float() if hasattr(blk.ls_1, "gamma") else ones
                 Wo = blk.attn.out_proj.weight.float().T * gamma[None, :]           # [W_in=H*dh, W]
                 folds.append((Wo @ C).view(self.n_heads, self.d_head, -1))        # [H, dh, d]
                 b = blk.attn.out_proj.bias
-                biases.append(b.float() * gamma if b is not None else torch.zeros(W))
+                biases.append(b.float() * gamma if b is not None else 0 * ones)
             self.register_buffer("Fh", torch.stack(folds), persistent=False)      # [L', H, dh, d]
             self.register_buffer("bias", torch.stack(biases), persistent=False)   # [L', W]
+
+    @classmethod
+    def for_model(cls, lm, layers: LayerSpec = "last4", *, tokens: bool = False,
+                  components: bool = False) -> "Decomposer":
+        """The Decomposer of a LoadedModel for one (layers, mode), built once and cached on it."""
+        resolved = resolve_layers(layers, lm.layers)
+        key = ("decomposer", tuple(resolved), bool(tokens), bool(components))
+        if key not in lm._cache:
+            lm._cache[key] = cls(lm.visual, resolved, tokens=tokens, components=components).to(lm.device).eval()
+        return lm._cache[key]
 
     def _attention(self, blk: nn.Module, x: torch.Tensor, tokens: bool):
         """One attention block by hand. x: [B, T, W] -> (x_new, o0 [B,H,dh], v [B,H,T,dh], a0 [B,H,T] | None)."""
@@ -191,10 +247,23 @@ class Decomposer(nn.Module):
         scores = self._heads(q0) @ self._heads(k).transpose(-1, -2) * self.d_head ** -0.5   # [B, H, 1, T]
         return torch.softmax(scores, dim=-1)[:, :, 0]
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor) -> Decomposition:
+        """Preprocessed images [B, 3, S, S] -> Decomposition (CPU: in micro-batches, concatenated)."""
+        p = next(self.visual.parameters())
+        images = images.to(p.device, p.dtype)
+        step = self.micro_batch if self.micro_batch and p.device.type == "cpu" else max(len(images), 1)
+        parts = [self.flat(images[sl]) for sl in micro_batches(len(images), step)]
+        tensors = [torch.cat(t) for t in zip(*parts)] if len(parts) > 1 else parts[0]
+        return Decomposition(layers=list(self.layers), **dict(zip(self.outputs, tensors)))
+
+    def flat(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One batch [B, 3, S, S] -> the Decomposition's tensors in the order `self.outputs`:
+        embedding [B, d], head_cls [B, L', H, d], rest [B, d], then head_tokens [B, L', H, T, d]
+        (tokens), then mlp [B, L, d], attn_bias [B, L, d], embedding_term [B, d] (components)."""
         vis = self.visual
         x = vis._embeds(images)                                   # [B, T, W]
-        rest = x[:, 0].float()                                    # residual summands outside the heads, [B, W]
+        x0 = x[:, 0].float()                                      # the embedding term, [B, W]
+        rest = x0                                                 # residual summands outside the heads, [B, W]
         o0s, vs, a0s, mlps = [], [], [], []
         j = 0
         last = len(vis.transformer.resblocks) - 1
@@ -202,7 +271,7 @@ class Decomposer(nn.Module):
             analysed = j < len(self.layers) and self.layers[j] == l
             if l == last:      # nothing reads the other rows of the last block: x -> [B, 1, W]
                 x_attn, o0, v, a0 = self._attention_cls(blk, x)
-            elif analysed or self.by_hand:
+            elif analysed or self.traceable:
                 x_attn, o0, v, a0 = self._attention(blk, x, self.tokens and analysed)
             else:              # torch's fused block
                 x_new = blk(x)
@@ -212,7 +281,8 @@ class Decomposer(nn.Module):
             mlp = blk.ls_2(blk.mlp(blk.ln_2(x_attn)))             # [B, T or 1, W]
             if analysed:
                 rest = rest + mlp[:, 0].float() + self.bias[j]
-                mlps.append(mlp[:, 0].float())
+                if self.components:
+                    mlps.append(mlp[:, 0].float())
                 o0s.append(o0)
                 vs.append(v)
                 a0s.append(a0)
@@ -224,59 +294,33 @@ class Decomposer(nn.Module):
         ln = vis.ln_post
         s = torch.sqrt(cls.var(dim=-1, unbiased=False, keepdim=True) + ln.eps)   # [B, 1]
         z = cls @ self.C / s + self.betaP                         # [B, d] == ln_post(cls) @ proj
-        scale = s * z.norm(dim=-1, keepdim=True)                  # [B, 1]
-        embedding = z / z.norm(dim=-1, keepdim=True)
+        znorm = z.norm(dim=-1, keepdim=True)                      # [B, 1]
+        scale = s * znorm                                         # [B, 1]
+        embedding = z / znorm
         o0 = torch.stack(o0s, 1).float()                          # [B, L', H, dh]
         head_cls = torch.einsum("blhk,lhkd->blhd", o0, self.Fh) / scale[:, :, None, None]
-        rest = (rest @ self.C) / scale + self.betaP / z.norm(dim=-1, keepdim=True)
-        if self.with_mlps:
-            mlp = torch.stack(mlps, 1) @ self.C / scale[:, :, None]          # [B, L', d]
-            bias = (self.bias @ self.C)[None] / scale[:, :, None]           # [B, L', d]
-            return embedding, head_cls, rest, mlp, bias
-        if not self.tokens:
-            return embedding, head_cls, rest
-        v = torch.stack(vs, 1).float()                            # [B, L', H, T, dh]
-        a0 = torch.stack(a0s, 1).float()                          # [B, L', H, T]
-        weighted = v * (a0 / scale[:, :, None, None])[..., None]   # a_{0,i} v_i / (s ||z||), small: [B, L', H, T, dh]
-        head_tokens = torch.einsum("blhtk,lhkd->blhtd", weighted, self.Fh)
-        return embedding, head_cls, rest, head_tokens
-
-
-def decomposer(lm, layers: LayerSpec = "last4", tokens: bool = False) -> Decomposer:
-    """The Decomposer of a LoadedModel, built once per (layers, tokens) and cached on it."""
-    resolved = resolve_layers(layers, lm.layers)
-    key = ("decomposer", tuple(resolved), tokens)
-    if key not in lm._cache:
-        lm._cache[key] = Decomposer(lm.visual, resolved, tokens).to(lm.device).eval()
-    return lm._cache[key]
+        rest = (rest @ self.C) / scale + self.betaP / znorm
+        out = (embedding, head_cls, rest)
+        if self.tokens:
+            v = torch.stack(vs, 1).float()                        # [B, L', H, T, dh]
+            a0 = torch.stack(a0s, 1).float()                      # [B, L', H, T]
+            weighted = v * (a0 / scale[:, :, None, None])[..., None]   # a_{0,i} v_i / (s ||z||), small: [B, L', H, T, dh]
+            out += (torch.einsum("blhtk,lhkd->blhtd", weighted, self.Fh),)
+        if self.components:
+            mlp = torch.stack(mlps, 1) @ self.C / scale[:, :, None]          # [B, L, d]
+            bias = (self.bias @ self.C)[None] / scale[:, :, None]           # [B, L, d]
+            embedding_term = x0 @ self.C / scale + self.betaP / znorm       # [B, d], accumulated apart from rest
+            out += (mlp, bias, embedding_term)
+        return out
 
 
 @torch.no_grad()
-def decompose(lm, images: torch.Tensor, layers: LayerSpec = "last4", tokens: bool = False) -> Decomposition:
-    """Decompose preprocessed images [B, 3, S, S] into per-head contributions (MATH.md §1)."""
-    dec = decomposer(lm, layers, tokens)
-    out = _run(dec, lm, images)
-    return Decomposition(out[0], out[1], out[2], dec.layers, out[3] if tokens else None)
+def decompose(lm, images: torch.Tensor, layers: LayerSpec = "last4", *, tokens: bool = False,
+              components: bool = False) -> Decomposition:
+    """Decompose preprocessed images [B, 3, S, S] of a LoadedModel (MATH.md §1; §2 with components).
 
-
-def _run(dec: Decomposer, lm, images: torch.Tensor) -> list[torch.Tensor]:
-    """dec(images) in CPU micro-batches (one batch on a GPU); outputs concatenated on the batch axis."""
-    images = images.to(lm.device, next(lm.visual.parameters()).dtype)
-    step = dec.micro_batch if lm.device.type == "cpu" else max(len(images), 1)
-    parts = [dec(images[sl]) for sl in micro_batches(len(images), step)]
-    return [torch.cat(p) for p in zip(*parts)] if len(parts) > 1 else list(parts[0])
-
-
-@torch.no_grad()
-def decompose_components(lm, images: torch.Tensor) -> dict:
-    """Every direct component of the embedding, for ablations (MATH.md §2).
-
-    Returns float32 tensors: heads [B, L, H, d], mlp [B, L, d], attn_bias [B, L, d] (out-proj
-    biases), base [B, d] (embedding term + ln_post bias) and embedding [B, d]; they sum exactly:
-    heads.sum((1, 2)) + mlp.sum(1) + attn_bias.sum(1) + base == embedding.
+    layers: 'auto' | 'last4' | 'all' | 'lastN' | '8,9' | [8, 9] (see resolve_layers); tokens: add
+    head_tokens; components: add mlp, attn_bias, embedding_term (needs layers='all').
+    Runs the model's cached Decomposer for that (layers, mode).
     """
-    dec = Decomposer(lm.visual, list(range(lm.layers)), tokens=False).to(lm.device).eval()
-    dec.with_mlps = True
-    emb, heads, rest, mlp, bias = _run(dec, lm, images)
-    base = rest - mlp.sum(1) - bias.sum(1)
-    return dict(heads=heads, mlp=mlp, attn_bias=bias, base=base, embedding=emb)
+    return Decomposer.for_model(lm, layers, tokens=tokens, components=components)(images)

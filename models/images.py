@@ -111,3 +111,28 @@ def pixels_to_tensor(lm, images: np.ndarray):
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def model_view(lm, image: Image.Image) -> Image.Image:
+    """The part of `image` the model sees, as an RGB PIL image [S, S] (S = lm.image_size).
+
+    Applies the model's own preprocess (``lm.preprocess.transforms``) up to its tensor
+    conversion: its Resize, CenterCrop and mode conversion, with their own sizes and
+    interpolation; no normalisation. ``lm.preprocess(image)`` equals this image converted to a
+    tensor and normalised, so maps upsampled to S x S lie exactly over what the model saw.
+    """
+    transforms = getattr(lm.preprocess, "transforms", None)
+    if transforms is None:
+        raise TypeError(f"the model's preprocess is not a Compose of transforms: {lm.preprocess!r}")
+    view = image
+    for t in transforms:
+        if type(t).__name__.endswith("ToTensor"):     # ToTensor, PILToTensor, open_clip's MaybeToTensor
+            break
+        view = t(view)
+    else:
+        raise TypeError(f"the model's preprocess has no tensor conversion: {lm.preprocess!r}")
+    view = view.convert("RGB")
+    size = getattr(lm, "image_size", None)
+    if size is not None and view.size != (size, size):
+        raise ValueError(f"the model's preprocess gives a {view.size[0]} x {view.size[1]} image, not {size} x {size}")
+    return view

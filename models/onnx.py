@@ -1,8 +1,11 @@
 """ONNX export of the image tower with per-head outputs, and the onnxruntime runner.
 
-The exported graph is the Decomposer itself (models/decompose.py), so torch and ONNX compute
-the same thing: outputs `embedding` [B, d], `head_cls` [B, L', H, d], `rest` [B, d] and,
-optionally, `head_tokens` [B, L', H, T, d]; the batch axis is dynamic.
+The exported graph is the Decomposer's own computation (`Decomposer.flat`, models/decompose.py),
+so torch and ONNX compute the same thing. torch.onnx.export needs tensors as outputs, so a thin
+adapter (_Flat) traces `flat`, which returns the Decomposition's tensors as a tuple in the fixed
+order of decompose.OUTPUTS: `embedding` [B, d], `head_cls` [B, L', H, d], `rest` [B, d] and,
+with tokens, `head_tokens` [B, L', H, T, d]. The graph's output names are those field names, so
+OnnxRunner rebuilds the same Decomposition; the batch axis is dynamic.
 """
 from __future__ import annotations
 
@@ -15,9 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from models.decompose import Decomposition, LayerSpec, decomposer, micro_batches
+from models.decompose import Decomposer, Decomposition, LayerSpec, micro_batches, resolve_layers
 
-OUTPUTS = ["embedding", "head_cls", "rest", "head_tokens"]
 GRAPH_VERSION = 2  # bump when the exported graph changes, so cached exports are redone (2: fused attention)
 
 
@@ -30,17 +32,12 @@ def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dec = decomposer(lm, layers, tokens)
     if next(lm.visual.parameters()).dtype != torch.float32 or lm.device.type != "cpu":
         raise ValueError("export from a float32 model on the CPU (load_model(..., device='cpu'))")
-    names = OUTPUTS if tokens else OUTPUTS[:3]
+    dec = Decomposer(lm.visual, resolve_layers(layers, lm.layers), tokens=tokens, traceable=True).eval()
     dummy = torch.randn(2, 3, lm.image_size, lm.image_size)
     tmp = path.with_suffix(".tmp.onnx")
-    dec.by_hand = True
-    try:
-        _export(dec, dummy, tmp, names, opset)
-    finally:
-        dec.by_hand = False
+    _export(_Flat(dec), dummy, tmp, list(dec.outputs), opset)
     import onnx
     model = _fuse(tmp, lm) if optimize else onnx.load(str(tmp))
     meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size,
@@ -64,11 +61,23 @@ def _fuse(path: Path, lm):
         return onnx.load(str(path))
 
 
-def _export(dec, dummy, tmp, names, opset):
+class _Flat(torch.nn.Module):
+    """The tracing adapter: forward(images) = dec.flat(images), a tuple of tensors in the order
+    dec.outputs (a subsequence of decompose.OUTPUTS), which torch.onnx.export can trace."""
+
+    def __init__(self, dec: Decomposer):
+        super().__init__()
+        self.dec = dec
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.dec.flat(images)
+
+
+def _export(module, dummy, tmp, names, opset):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            dec, (dummy,), str(tmp), input_names=["images"], output_names=names,
+            module, (dummy,), str(tmp), input_names=["images"], output_names=names,
             dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
             opset_version=opset, dynamo=False, do_constant_folding=True,
         )
@@ -90,7 +99,10 @@ def select_providers(prefer: Optional[str] = None) -> list[str]:
 class OnnxRunner:
     """Runs an exported decomposition graph with onnxruntime; same outputs as models.decompose."""
 
-    def __init__(self, path: str | os.PathLike, providers: Optional[Sequence[str]] = None, threads: int = 0):
+    def __init__(self, path: str | os.PathLike, providers: Optional[Sequence[str]] = None, threads: int = 0,
+                 micro_batch: Optional[int] = None):
+        """micro_batch: images per CPU micro-batch (default: the exporting Decomposer's, stored in
+        the file; 0: the whole batch). CUDA always takes the whole batch."""
         import onnxruntime as ort
         self.path = Path(path)
         if not self.path.is_file():
@@ -107,7 +119,7 @@ class OnnxRunner:
         meta = self.session.get_modelmeta().custom_metadata_map.get("clip_atlas", "{}")
         self.meta = json.loads(meta)
         self.layers = list(self.meta.get("layers", []))
-        self.micro_batch = int(self.meta.get("micro_batch", 0))   # CPU only; 0: the whole batch
+        self.micro_batch = int(self.meta.get("micro_batch", 0) if micro_batch is None else micro_batch)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     @property
@@ -122,5 +134,5 @@ class OnnxRunner:
         step = self.micro_batch if self.micro_batch and self.provider == "CPUExecutionProvider" else max(len(images), 1)
         parts = [self.session.run(self.outputs, {"images": images[sl]}) for sl in micro_batches(len(images), step)]
         arrays = [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
-        t = {k: torch.from_numpy(v) for k, v in zip(self.outputs, arrays)}
-        return Decomposition(t["embedding"], t["head_cls"], t["rest"], self.layers, t.get("head_tokens"))
+        t = {k: torch.from_numpy(v) for k, v in zip(self.outputs, arrays)}     # graph output names = field names
+        return Decomposition(layers=list(self.layers), **t)

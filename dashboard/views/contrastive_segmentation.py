@@ -7,6 +7,7 @@ import streamlit as st
 
 from dashboard import live
 from dashboard import widgets as w
+from models.maps import upsample
 
 st.title("Contrastive segmentation")
 st.caption("Per patch, (share of cos(image, A)) - (share of cos(image, B)) summed over every chosen head.")
@@ -27,13 +28,13 @@ if choice is not None and heads:
     map_b = live.topic_map(row, choice.image, choice.key, heads, t_b)
     diff = map_a - map_b
     size = int(row["image_size"])
-    crop = live.model_crop(choice.image, size)
+    crop = live.model_view(row, choice.image)                                    # [S, S] RGB
     elapsed = time.perf_counter() - t0
     vmax = float(np.abs(diff).max()) or 1e-12
     st.markdown(f"**{text_a}** (red) minus **{text_b}** (blue) over {description}")
     a, b = st.columns(2)
     with a:
-        st.image(w.overlay(crop, live.upsample(diff, size), vmax), caption=f"A - B on {choice.caption}")
+        st.image(w.overlay(crop, upsample(diff, size), vmax), caption=f"A - B on {choice.caption}")
     with b:
         st.altair_chart(w.grid_chart(diff, vmax, "A - B per patch (one symmetric scale)"), width="content")
     m1, m2, m3, m4 = st.columns(4)
@@ -44,5 +45,5 @@ if choice is not None and heads:
     with st.expander("A and B separately (one shared scale)"):
         vab = float(max(np.abs(map_a).max(), np.abs(map_b).max())) or 1e-12
         x, y = st.columns(2)
-        x.image(w.overlay(crop, live.upsample(map_a, size), vab), caption=f"A: {text_a}")
-        y.image(w.overlay(crop, live.upsample(map_b, size), vab), caption=f"B: {text_b}")
+        x.image(w.overlay(crop, upsample(map_a, size), vab), caption=f"A: {text_a}")
+        y.image(w.overlay(crop, upsample(map_b, size), vab), caption=f"B: {text_b}")

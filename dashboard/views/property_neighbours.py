@@ -39,7 +39,7 @@ if choice is not None and heads:
     hits = q(queries.neighbours_by_head_sum, model_id, heads, query, k, choice.image_id)
     a, b = st.columns([1, 3])
     with a:
-        st.image(live.model_crop(choice.image, 224), caption=f"query: {choice.caption}")
+        st.image(live.model_view(row, choice.image), caption=f"query: {choice.caption}", width="stretch")
     with b:
         st.markdown(f"**Top {len(hits)} by '{prop}' heads** (score = sum of head embeddings, dot product)")
         w.thumbnails(hits, columns=4)

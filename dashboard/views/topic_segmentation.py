@@ -9,6 +9,7 @@ import streamlit as st
 
 from dashboard import live
 from dashboard import widgets as w
+from models.maps import upsample
 
 st.title("Topic segmentation")
 st.caption("Per patch, the share of cos(image, text) that the chosen heads carry: red pushes towards "
@@ -26,8 +27,8 @@ if choice is not None and heads:
     t_hat, source = live.text_vector(row, text)
     grid = live.topic_map(row, choice.image, choice.key, heads, t_hat)          # [gh, gw]
     size = int(row["image_size"])
-    heat = live.upsample(grid, size)                                             # [S, S]
-    crop = live.model_crop(choice.image, size)
+    heat = upsample(grid, size)                                                  # [S, S]
+    crop = live.model_view(row, choice.image)                                    # [S, S] RGB
     elapsed = time.perf_counter() - t0
     vmax = float(np.abs(grid).max()) or 1e-12
     st.markdown(f"**{text}** ({source}) over {description}")

@@ -92,7 +92,7 @@ def ablate(path: str, lm, dataset_spec: str, layers: str = "auto", max_images: i
     """Mean-ablation accuracies of the model on a labelled dataset, stored; skipped (run 'skipped')
     when the same model, dataset, layers and image count are already stored, unless ``force``."""
     from etl.datasets import open_dataset
-    from models import decompose_components, resolve_layers
+    from models import decompose, resolve_layers
     from warehouse import writer, writes
     from warehouse.runs import completed_run, run_record
     if max_images < 1 or batch_size < 1:
@@ -112,7 +112,8 @@ def ablate(path: str, lm, dataset_spec: str, layers: str = "auto", max_images: i
 
     def flush():
         x = torch.stack([lm.preprocess(img) for img, _ in batch])
-        comp = decompose_components(lm, x)
+        dec = decompose(lm, x, "all", components=True)
+        comp = dict(heads=dec.head_cls, mlp=dec.mlp, attn_bias=dec.attn_bias, embedding=dec.embedding)
         for k in parts:
             parts[k].append(comp[k].cpu())
         for t, (values, _) in targets.items():

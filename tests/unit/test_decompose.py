@@ -1,4 +1,5 @@
-"""The exact decomposition (MATH.md §1) against an independent slow reference, on several configs."""
+"""The exact decomposition (MATH.md §1) and its component split for ablation (§2) against an
+independent slow reference, on several configs."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models import decompose, load_model, resolve_layers
+from models import Decomposer, decompose, load_model, resolve_layers
 from tests.model_fixtures import perturb, register_tiny_configs
 
 ARCHS = ["atlas-test-tiny", "atlas-test-ls", "atlas-test-noln", "ViT-S-32", "ViT-B-32-quickgelu"]
@@ -147,6 +148,71 @@ def test_tokens_against_explicit_attention(tiny, layer, seed, n):
             u = A[:, head, 0, :, None] * (v[:, :, sl] @ blk.attn.out_proj.weight[:, sl].T)   # [B, T, W]
             ref = (vis.ln_post.weight * (u - u.mean(-1, keepdim=True)) / s[:, None]) @ vis.proj / zn[:, None]
             assert torch.allclose(dec.head_tokens[:, 0, head], ref, atol=1e-6), head
+
+
+@torch.no_grad()
+def slow_components(lm, x):
+    """Literal contrib(u) of every non-head summand of the class-token residual:
+    mlp [B, L, d], attn_bias [B, L, d], embedding_term [B, d] (x_0[0] plus beta @ P / ||z||)."""
+    vis = lm.visual
+    h = vis._embeds(x)
+    x0 = h[:, 0]
+    mlps, biases = [], []
+    for blk in vis.transformer.resblocks:
+        h = h + blk.ls_1(blk.attn(blk.ln_1(h), blk.ln_1(h), blk.ln_1(h), need_weights=False)[0])
+        m = blk.ls_2(blk.mlp(blk.ln_2(h)))
+        mlps.append(m[:, 0])
+        biases.append(blk.ls_1(blk.attn.out_proj.bias.expand_as(x0)))
+        h = h + m
+    cls = h[:, 0]
+    zn = (vis.ln_post(cls) @ vis.proj).norm(dim=-1, keepdim=True)
+    s = torch.sqrt(cls.var(-1, unbiased=False, keepdim=True) + vis.ln_post.eps)
+
+    def contrib(u):                                               # [B, ..., W] -> [B, ..., d]
+        return (vis.ln_post.weight * (u - u.mean(-1, keepdim=True)) / s.view(-1, *[1] * (u.dim() - 1))) @ vis.proj \
+            / zn.view(-1, *[1] * (u.dim() - 1))
+    return (contrib(torch.stack(mlps, 1)), contrib(torch.stack(biases, 1)),
+            contrib(x0) + vis.ln_post.bias @ vis.proj / zn)
+
+
+@pytest.mark.parametrize("arch", ["atlas-test-tiny", "atlas-test-ls"])
+def test_component_split_sums_to_the_embedding_and_matches_the_literal_terms(tiny, arch):
+    lm = _model(arch, seed=6)
+    x = _images(lm)
+    dec = decompose(lm, x, "all", components=True)
+    L, d = lm.layers, lm.embed_dim
+    assert dec.mlp.shape == dec.attn_bias.shape == (3, L, d) and dec.embedding_term.shape == (3, d)
+    total = dec.head_cls.sum((1, 2)) + dec.mlp.sum(1) + dec.attn_bias.sum(1) + dec.embedding_term
+    assert (total - dec.embedding).abs().max() < 1e-5
+    # each part on its own, against the literal contrib(u) (a wrong split could still sum right)
+    mlp, bias, emb_term = slow_components(lm, x)
+    assert torch.allclose(dec.mlp, mlp, atol=1e-5), (dec.mlp - mlp).abs().max()
+    assert torch.allclose(dec.attn_bias, bias, atol=1e-5)
+    assert torch.allclose(dec.embedding_term, emb_term, atol=1e-5)
+    assert min(t.norm(dim=-1).min() for t in (dec.mlp, dec.attn_bias, dec.embedding_term)) > 1e-4
+    # the split is of `rest`; the heads and the embedding are those of the default mode
+    plain = decompose(lm, x, "all")
+    assert plain.mlp is None and plain.attn_bias is None and plain.embedding_term is None
+    for name in ("embedding", "head_cls", "rest"):
+        assert torch.allclose(getattr(dec, name), getattr(plain, name), atol=1e-6), name
+    assert torch.allclose(dec.mlp.sum(1) + dec.attn_bias.sum(1) + dec.embedding_term, dec.rest, atol=1e-5)
+
+
+def test_modes_are_fixed_at_construction(tiny):
+    lm = _model("atlas-test-tiny", seed=7)
+    x = _images(lm, n=2)
+    with pytest.raises(ValueError, match="layers='all'"):
+        decompose(lm, x, [1, 2], components=True)
+    both = decompose(lm, x, "all", tokens=True, components=True)
+    assert both.head_tokens is not None and both.mlp is not None
+    assert Decomposer.for_model(lm, "all", tokens=True) is Decomposer.for_model(lm, [0, 1, 2], tokens=True)
+    assert Decomposer.for_model(lm, "all") is not Decomposer.for_model(lm, "all", components=True)
+    assert list(both.tensors()) == ["embedding", "head_cls", "rest", "head_tokens", "mlp", "attn_bias", "embedding_term"]
+    dec = Decomposer(lm.visual, [0, 1, 2], tokens=True)
+    assert dec.outputs == ("embedding", "head_cls", "rest", "head_tokens")
+    with torch.no_grad():
+        flat = dec.flat(x)
+    assert len(flat) == 4 and torch.allclose(flat[3], both.head_tokens, atol=1e-6)
 
 
 def test_resolve_layers():

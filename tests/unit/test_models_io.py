@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import ImageError, ModelError, decompose, load_image, load_model
-from models.decompose import decomposer
+from models import Decomposer, ImageError, ModelError, decompose, load_image, load_model
 from models.hashing import sha256_file
 from models.onnx import OnnxRunner, export_onnx
 from tests.model_fixtures import perturb, register_tiny_configs
@@ -53,20 +52,22 @@ def test_onnx_parity_dynamic_batch(lm, tmp_path, tokens):
 def test_cpu_micro_batches_change_nothing(lm, tmp_path, tokens):
     """torch and onnxruntime split CPU batches into micro-batches; the outputs are those of one batch."""
     runner = OnnxRunner(export_onnx(lm, tmp_path / "m.onnx", "all", tokens=tokens), providers=["CPUExecutionProvider"])
-    dec = decomposer(lm, "all", tokens)
+    dec = Decomposer.for_model(lm, "all", tokens=tokens)
     assert runner.micro_batch == dec.micro_batch >= 5       # a 32 px model: one micro-batch holds them all
     x = torch.randn(5, 3, lm.image_size, lm.image_size)
     whole_torch, whole_onnx = decompose(lm, x, "all", tokens=tokens), runner(x)
-    default = dec.micro_batch
-    runner.micro_batch = dec.micro_batch = 2                # 2 + 2 + 1
-    try:
-        parts_torch, parts_onnx = decompose(lm, x, "all", tokens=tokens), runner(x)
-    finally:
-        dec.micro_batch = default                           # the decomposer is cached on the shared model
+    small = Decomposer(lm.visual, dec.layers, tokens=tokens, micro_batch=2).eval()   # 2 + 2 + 1
+    calls = []
+    flat, small.flat = small.flat, lambda images: calls.append(len(images)) or flat(images)
+    runner2 = OnnxRunner(runner.path, providers=["CPUExecutionProvider"], micro_batch=2)
+    with torch.no_grad():
+        parts_torch, parts_onnx = small(x), runner2(x)
+    assert calls == [2, 2, 1] and runner2.micro_batch == 2  # the micro-batches really ran
     for name in ("embedding", "head_cls", "rest") + (("head_tokens",) if tokens else ()):
         assert getattr(parts_torch, name).shape == getattr(whole_torch, name).shape
         assert torch.allclose(getattr(parts_torch, name), getattr(whole_torch, name), atol=1e-6), name
         assert torch.allclose(getattr(parts_onnx, name), getattr(whole_onnx, name), atol=1e-6), name
+    assert (parts_torch.head_tokens is None) == (not tokens) and parts_torch.mlp is None
 
 
 def test_checkpoint_round_trip(lm, tmp_path):

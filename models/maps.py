@@ -1,0 +1,73 @@
+"""The per-patch map of a text over a set of heads (MATH.md §6, analyses 2 and 3), pure torch/numpy.
+
+For a unit text embedding t_hat and heads S, patch i of the map is
+
+    map[i] = sum_{(l,h) in S} c[l,h,i] . t_hat                   # i = 1..N patches
+
+the additive share of cos(image, text) that reaches the class token from patch i through those
+heads. The class token's own term (i = 0) is left out of the map, so
+
+    map.sum() + sum_S c[l,h,0] . t_hat == sum_S c[l,h] . t_hat   # (tests/test_maps.py)
+
+The map lives on the patch grid [gh, gw] (row-major, the order of the patch tokens);
+`upsample` stretches it over the model's input crop (models.images.model_view).
+
+    layer_index(layers, heads)                    # (layer, head) -> (position in layers, head)
+    head_map(head_tokens, index, t_hat, grid)     # [L', H, T, d] -> [gh, gw]
+    topic_map(dec, heads, t_hat, grid, image=0)   # a Decomposition with head_tokens -> [gh, gw]
+    upsample(map, size)                           # [gh, gw] -> [S, S]
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Head = tuple[int, int]
+
+
+def layer_index(layers: Sequence[int], heads: Sequence[Head]) -> list[Head]:
+    """(position in `layers`, head) for each (layer, head); ValueError for a layer not in `layers`.
+
+    layers: the analysed layers of a Decomposition (dec.layers); heads: (layer, head), 0-based.
+    """
+    pos = {int(l): j for j, l in enumerate(layers)}
+    bad = sorted({l for l, _ in heads if l not in pos})
+    if bad:
+        raise ValueError(f"layers {bad} were not analysed for this model (analysed: {list(layers)})")
+    return [(pos[l], h) for l, h in heads]
+
+
+def head_map(head_tokens: torch.Tensor, index: Sequence[Head], t_hat, grid: tuple[int, int]) -> np.ndarray:
+    """Sum over the heads `index` of c[l,h,i] . t_hat for the patch tokens: float64 [gh, gw].
+
+    head_tokens: c[l,h,i] of one image [L', H, T, d], T = 1 + gh*gw (token 0, the class token,
+    is left out); index: (position in the decomposition's layers, head), see layer_index;
+    t_hat: unit text embedding [d] (array-like).
+    """
+    gh, gw = grid
+    if head_tokens.shape[-2] != 1 + gh * gw:
+        raise ValueError(f"head_tokens hold {head_tokens.shape[-2]} tokens, not 1 + {gh} x {gw} patches")
+    t = torch.as_tensor(np.asarray(t_hat, dtype=np.float32).ravel()).to(head_tokens)   # [d]
+    idx_l = torch.tensor([j for j, _ in index], dtype=torch.long)
+    idx_h = torch.tensor([h for _, h in index], dtype=torch.long)
+    per_head = head_tokens[idx_l, idx_h, 1:] @ t                   # [n_heads, gh*gw]
+    return per_head.sum(0).reshape(gh, gw).double().cpu().numpy()
+
+
+def topic_map(dec, heads: Sequence[Head], t_hat, grid: tuple[int, int], image: int = 0) -> np.ndarray:
+    """The map of text `t_hat` over `heads` ((layer, head), 0-based) for image `image` of a
+    Decomposition computed with tokens=True: float64 [gh, gw]."""
+    if dec.head_tokens is None:
+        raise ValueError("the map needs per-token contributions: decompose(..., tokens=True)")
+    return head_map(dec.head_tokens[image], layer_index(dec.layers, heads), t_hat, grid)
+
+
+def upsample(m: np.ndarray, size: Union[int, tuple[int, int]]) -> np.ndarray:
+    """[gh, gw] -> [S, S] (or [h, w] for size=(h, w)), bilinear, float64: the patch grid stretched
+    over the model's input crop (each patch's value at its centre)."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    t = torch.as_tensor(np.asarray(m), dtype=torch.float32)[None, None]      # [1, 1, gh, gw]
+    return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].double().numpy()
