@@ -56,7 +56,13 @@ started. See the README for the measured overhead.
 2. **Connection settings**: the warehouse is opened read-only with
    ``enable_external_access = false`` (no file system, no network, no ATTACH/COPY/INSTALL/LOAD)
    from the first moment, extension autoload/autoinstall off, Python replacement scans off,
-   then ``lock_configuration = true`` so SQL cannot undo it.
+   then ``lock_configuration = true`` so SQL cannot undo it. One exception: while Parquet shards
+   are attached in place (``shard_sets``, migration 005), ``head_embeddings`` is a view that reads
+   them, so the worker sees that on a first open, closes, opens again with external access on,
+   allows exactly the registered shard files (``allowed_paths``, :func:`allow_shard_files`),
+   turns external access off and locks, all before the query is inspected. A query can then
+   read those files only through the view: naming them (``read_parquet``, ``FROM 'x.parquet'``,
+   ``COPY``) is still refused by the inspection.
 
 Any error the parser, DuckDB, the worker or the conversion of the result can raise
 (``duckdb.Error``, ``ValueError``, ``NotImplementedError``, ``OverflowError``, ...) reaches the
@@ -96,6 +102,7 @@ __all__ = [
     "EXAMPLE_QUERIES",
     "check_query",
     "harden",
+    "allow_shard_files",
     "register_clip_text",
     "limits_text",
     "run_console_query",
@@ -426,6 +433,19 @@ _HARDENING = (
     ("python_enable_replacements", "false"),
     ("enable_external_access", "false"),
 )
+
+
+def allow_shard_files(con: duckdb.DuckDBPyConnection, files: Sequence[str]) -> None:
+    """On a connection opened with external access on (nothing of a query has run on it): allow
+    exactly ``files`` (the Parquet files of shards attached in place, read by the writer's
+    `head_embeddings` view), then turn external access off. :func:`harden` locks it after.
+
+    DuckDB takes ``allowed_paths`` only while external access is on (and not in the connect
+    config), hence this order. A query still cannot name a file itself: read_parquet and every
+    other file function are refused by the inspection; only the view reads these files."""
+    listing = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+    con.execute(f"SET allowed_paths = [{listing}]")
+    con.execute("SET enable_external_access = false")
 
 
 def harden(con: duckdb.DuckDBPyConnection) -> None:

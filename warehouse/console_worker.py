@@ -184,7 +184,7 @@ def _run(req: dict, send, send_json, fail, inp, lock, opened: list) -> None:
     from pathlib import Path
 
     from warehouse import console as C
-    from warehouse.db import WarehouseBusyError, WarehouseMissingError, _open
+    from warehouse.db import WarehouseBusyError, WarehouseMissingError, _open, in_place_shard_files
 
     sql = req["sql"]
     try:
@@ -203,6 +203,15 @@ def _run(req: dict, send, send_json, fail, inp, lock, opened: list) -> None:
     try:
         con = _open(Path(req["path"]), True, cfg, float(req["lock_timeout_s"]))
         opened.append(con)
+        if in_place_shard_files(con):
+            # head_embeddings reads Parquet shards: reopen, allow exactly those files, external
+            # access off (console.allow_shard_files); the files are read again on the new
+            # connection, so a set attached in between is covered
+            _close(opened)
+            con = _open(Path(req["path"]), True, {**cfg, "enable_external_access": True},
+                        float(req["lock_timeout_s"]))
+            opened.append(con)
+            C.allow_shard_files(con, in_place_shard_files(con))
     except WarehouseMissingError as exc:
         fail("missing", str(exc))
     except WarehouseBusyError as exc:

@@ -60,6 +60,7 @@ __all__ = [
     "pending_migrations",
     "available_migrations",
     "optimize",
+    "in_place_shard_files",
     "release_readers",
 ]
 
@@ -418,6 +419,12 @@ def migrate(con: duckdb.DuckDBPyConnection, directory: Path = MIGRATIONS_DIR) ->
     if not pending:
         return []
     _ensure_migrations_table(con)
+    from .writes import head_embeddings_as_table   # shards attached in place: migrate the table, not the view
+    with head_embeddings_as_table(con):
+        return _apply(con, pending)
+
+
+def _apply(con: duckdb.DuckDBPyConnection, pending: list[tuple[int, str, Path]]) -> list[int]:
     done = []
     for version, name, f in pending:
         con.execute("BEGIN TRANSACTION")
@@ -447,19 +454,31 @@ def optimize(con: duckdb.DuckDBPyConnection, model_id: str | None = None) -> int
     Only that model's rows are rewritten (``model_id=None`` rewrites every model, one at a
     time). Idempotent; a killed job leaves correct but unclustered rows until the next call.
     """
+    from .writes import head_embeddings_target
+    table = head_embeddings_target(con)   # the table's own rows, never those of shards read in place
     if model_id is None:
         models = [r[0] for r in con.execute(
-            "SELECT DISTINCT model_id FROM head_embeddings ORDER BY model_id").fetchall()]
+            f"SELECT DISTINCT model_id FROM {table} ORDER BY model_id").fetchall()]
     else:
         models = [model_id]
     moved = 0
     for m in models:
-        con.execute("""
+        con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _atlas_sorted_heads AS
-            SELECT model_id, image_id, layer, head, vec FROM head_embeddings
+            SELECT model_id, image_id, layer, head, vec FROM {table}
             WHERE model_id = ? ORDER BY layer, head, image_id""", [m])
-        con.execute("DELETE FROM head_embeddings WHERE model_id = ?", [m])
-        moved += con.execute("INSERT INTO head_embeddings (model_id, image_id, layer, head, vec) "
+        con.execute(f"DELETE FROM {table} WHERE model_id = ?", [m])
+        moved += con.execute(f"INSERT INTO {table} (model_id, image_id, layer, head, vec) "
                              "SELECT * FROM _atlas_sorted_heads").fetchall()[0][0]
         con.execute("DROP TABLE _atlas_sorted_heads")
     return moved
+
+
+def in_place_shard_files(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The head_embeddings Parquet files of shard sets attached in place (migration 005's
+    `shard_sets`), in a stable order; [] before that migration or when none is."""
+    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'shard_sets' "
+                       "AND schema_name = 'main' AND database_name = current_database()").fetchall()[0][0]:
+        return []
+    return [f for (files,) in con.execute("SELECT files FROM shard_sets WHERE mode = 'in_place' "
+                                          "ORDER BY shard_dir").fetchall() for f in files]

@@ -47,8 +47,9 @@ def warehouse_summary(path) -> dict:
     if not os.path.exists(path):
         return {"missing": True, "models": 0, "images": 0, "head_embeddings": 0, "head_labels": 0}
     with connect(path, read_only=True) as con:
-        tables = {r[0] for r in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+        tables = {r[0] for r in con.execute(     # head_embeddings is a view while shards are attached in place
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' "
+            "UNION ALL SELECT view_name FROM duckdb_views() WHERE schema_name = 'main' AND NOT internal").fetchall()}
         out = {"missing": False}
         for t in ("models", "images", "head_embeddings", "head_labels"):
             out[t] = int(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) if t in tables else 0
@@ -568,3 +569,17 @@ def factor_head_embeddings(path, model_id: str, dataset_id: str
         if image_id in index:
             by_factor[factor][index[image_id]] = value
     return X, layers, by_factor
+
+
+# --------------------------------------------------------------------------- Parquet shards
+
+def shard_set(path, shard_dir: str) -> Optional[dict]:
+    """The `shard_sets` row of a shard directory (None when it is not attached, or the warehouse or
+    the table is missing)."""
+    if not os.path.exists(path):
+        return None
+    with connect(path, read_only=True) as con:
+        if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'shard_sets'").fetchall()[0][0]:
+            return None
+        df = con.execute("SELECT * FROM shard_sets WHERE shard_dir = ?", [shard_dir]).fetchdf()
+    return df.iloc[0].to_dict() if len(df) else None

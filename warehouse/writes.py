@@ -7,7 +7,9 @@ cannot shift values. Vectors are float32 arrays ``[n, d]``; heads are 0-based (l
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import re
 from typing import Iterable, Optional, Sequence
 
 import duckdb
@@ -100,7 +102,7 @@ def insert_head_embeddings(con, model_id: str, image_ids: Sequence[str], layers:
     ids = np.repeat(np.array(list(image_ids), dtype=object), L * H)
     layer = np.tile(np.repeat(np.array(layers, np.int32), H), n)
     head = np.tile(np.arange(H, dtype=np.int32), n * L)
-    _insert(con, "head_embeddings", pa.table({"model_id": [model_id] * (n * L * H), "image_id": ids.tolist(),
+    _insert(con, head_embeddings_target(con), pa.table({"model_id": [model_id] * (n * L * H), "image_id": ids.tolist(),
                                               "layer": layer, "head": head,
                                               "vec": vector_column(heads.reshape(-1, d))}))
 
@@ -192,3 +194,213 @@ def replace_probes(con, model_id: str, dataset_id: str, probes: Sequence[dict], 
                   for r in probes])
     _insert_rows(con, "head_factor_variance", ["model_id", "dataset_id", "layer", "head", "factor", "eta2", "run_id"],
                  [(model_id, dataset_id, r["layer"], r["head"], r["factor"], r["eta2"], run_id) for r in eta2])
+
+
+# --------------------------------------------------------------------------- Parquet shards (embed --engine ray, attach)
+
+# The Arrow schema of each table a shard holds: exactly the warehouse columns (INTEGER -> int32,
+# FLOAT[] -> list<float32>), so a shard file reads back as the table's own rows. Write order:
+# `images` last, so a shard whose `images` file exists is complete (the commit mark).
+SHARD_SCHEMAS: dict[str, pa.Schema] = {
+    "head_embeddings": pa.schema([("model_id", pa.string()), ("image_id", pa.string()), ("layer", pa.int32()),
+                                  ("head", pa.int32()), ("vec", pa.list_(pa.float32()))]),
+    "image_embeddings": pa.schema([("model_id", pa.string()), ("image_id", pa.string()),
+                                   ("vec", pa.list_(pa.float32()))]),
+    "image_factors": pa.schema([("image_id", pa.string()), ("factor", pa.string()), ("value", pa.string())]),
+    "images": pa.schema([("image_id", pa.string()), ("dataset_id", pa.string()), ("path", pa.string()),
+                         ("sha256", pa.string()), ("label", pa.string()), ("caption", pa.string()),
+                         ("width", pa.int32()), ("height", pa.int32()), ("thumbnail", pa.binary())]),
+}
+SHARD_TABLES = tuple(SHARD_SCHEMAS)
+HEAD_EMBEDDINGS_BASE = "head_embeddings_base"
+
+
+def shard_tables(model_id: str, dataset_id: str, image_ids: Sequence[str], paths: Sequence[Optional[str]],
+                 sha256: Sequence[str], labels: Sequence[Optional[str]], captions: Sequence[Optional[str]],
+                 sizes: Sequence[tuple[int, int]], thumbnails: Sequence[bytes],
+                 factors: Sequence[tuple[str, str, str]], layers: Sequence[int], embeddings: np.ndarray,
+                 heads: np.ndarray) -> dict[str, pa.Table]:
+    """The rows that insert_images, insert_image_factors, insert_image_embeddings and
+    insert_head_embeddings would write for one batch, as Arrow tables (SHARD_SCHEMAS) for a
+    Parquet shard. embeddings: [n, d]; heads: [n, L', H, d]; head rows sorted by (layer, head,
+    image_id), the order `optimize` gives the table."""
+    n = len(image_ids)
+    ids = list(image_ids)
+    n_, L, H, d = heads.shape
+    if n_ != n or len(embeddings) != n or len(layers) != L:
+        raise ValueError(f"shard rows disagree: {n} images, embeddings {tuple(embeddings.shape)}, heads "
+                         f"{tuple(heads.shape)}, layers {list(layers)}")
+    order = sorted(range(n), key=ids.__getitem__)
+    ids_sorted = np.array([ids[i] for i in order], dtype=object)
+    h = np.ascontiguousarray(np.asarray(heads, np.float32)[order].transpose(1, 2, 0, 3))      # [L', H, n, d]
+    s = SHARD_SCHEMAS
+    return {
+        "head_embeddings": pa.table({
+            "model_id": pa.array([model_id] * (n * L * H), pa.string()),
+            "image_id": pa.array(np.tile(ids_sorted, L * H).tolist(), pa.string()),
+            "layer": pa.array(np.repeat(np.asarray(layers, np.int32), H * n), pa.int32()),
+            "head": pa.array(np.tile(np.repeat(np.arange(H, dtype=np.int32), n), L), pa.int32()),
+            "vec": vector_column(h.reshape(-1, d))}, schema=s["head_embeddings"]),
+        "image_embeddings": pa.table({"model_id": pa.array([model_id] * n, pa.string()),
+                                      "image_id": pa.array(ids, pa.string()),
+                                      "vec": vector_column(np.asarray(embeddings, np.float32))},
+                                     schema=s["image_embeddings"]),
+        "image_factors": pa.table({"image_id": [r[0] for r in factors], "factor": [r[1] for r in factors],
+                                   "value": [r[2] for r in factors]}, schema=s["image_factors"]),
+        "images": pa.table({
+            "image_id": ids, "dataset_id": [dataset_id] * n, "path": list(paths), "sha256": list(sha256),
+            "label": list(labels), "caption": list(captions), "width": [int(x[0]) for x in sizes],
+            "height": [int(x[1]) for x in sizes], "thumbnail": list(thumbnails)}, schema=s["images"]),
+    }
+
+
+def insert_shard_rows(con, table: str, rows: pa.Table) -> None:
+    """Copy one shard table into the warehouse; idempotent: a row already stored is left as it is
+    (head_embeddings: matched on model_id, image_id, layer, head, and written to the base table
+    while shards are attached in place)."""
+    schema = SHARD_SCHEMAS.get(table)
+    if schema is None:
+        raise ValueError(f"{table!r} is not a shard table (one of {', '.join(SHARD_TABLES)})")
+    if rows.schema.names != schema.names:
+        raise ValueError(f"shard table {table} has columns {rows.schema.names}, expected {schema.names}")
+    rows = rows.cast(schema)
+    if table != "head_embeddings":
+        _insert(con, table, rows, "ON CONFLICT DO NOTHING")
+        return
+    if rows.num_rows == 0:
+        return
+    target = head_embeddings_target(con)
+    name = f"_rows_{next(_names)}"
+    con.register(name, rows)
+    try:
+        con.execute(f"""
+            INSERT INTO {target} (model_id, image_id, layer, head, vec)
+            SELECT r.model_id, r.image_id, r.layer, r.head, r.vec FROM {name} r
+            WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.model_id = r.model_id AND t.image_id = r.image_id
+                              AND t.layer = r.layer AND t.head = r.head)""")
+    finally:
+        con.unregister(name)
+
+
+def delete_head_embeddings_of_images(con, model_id: str, image_ids: Sequence[str], layers: Sequence[int]) -> None:
+    """Delete the model's head rows of ``image_ids`` in ``layers`` from the table (the base table
+    while shards are attached in place): a set attached in place brings these rows itself."""
+    if not image_ids:
+        return
+    name = f"_ids_{next(_names)}"
+    con.register(name, pa.table({"image_id": pa.array(list(image_ids), pa.string())}))
+    try:
+        con.execute(f"DELETE FROM {head_embeddings_target(con)} WHERE model_id = ? AND list_contains(?, layer) "
+                    f"AND image_id IN (SELECT image_id FROM {name})", [model_id, [int(x) for x in layers]])
+    finally:
+        con.unregister(name)
+
+
+def insert_errors_once(con, run_id: Optional[str], rows: Sequence[tuple[str, str]]) -> None:
+    """(item, reason) rows of `errors` that are not stored yet (a re-attached manifest adds none)."""
+    for item, reason in rows:
+        con.execute("INSERT INTO errors (run_id, item, reason) SELECT ?, ?, ? WHERE NOT EXISTS "
+                    "(SELECT 1 FROM errors WHERE item = ? AND reason = ?)",
+                    [run_id, str(item), str(reason), str(item), str(reason)])
+
+
+def upsert_shard_set(con, shard_dir: str, model_id: str, dataset_id: str, mode: str, manifest_sha256: str,
+                     n_shards: int, n_images: int, n_head_rows: int, files: Sequence[str],
+                     run_id: Optional[str]) -> None:
+    """Register (or re-register) a shard directory; ``files``: its head_embeddings files read in place
+    (mode 'in_place'), empty for mode 'copy'. Call refresh_head_embeddings_view after it."""
+    if mode not in ("copy", "in_place"):
+        raise ValueError(f"shard set mode must be 'copy' or 'in_place', not {mode!r}")
+    delete_shard_set(con, shard_dir)
+    _insert_rows(con, "shard_sets", ["shard_dir", "model_id", "dataset_id", "mode", "manifest_sha256", "n_shards",
+                                     "n_images", "n_head_rows", "files", "run_id"],
+                 [(shard_dir, model_id, dataset_id, mode, manifest_sha256, int(n_shards), int(n_images),
+                   int(n_head_rows), [str(f) for f in files], run_id)])
+
+
+def delete_shard_set(con, shard_dir: str) -> None:
+    """Forget a shard directory (call refresh_head_embeddings_view after it)."""
+    con.execute("DELETE FROM shard_sets WHERE shard_dir = ?", [shard_dir])
+
+
+def delete_other_shard_sets(con, model_id: str, dataset_id: str, shard_dir: str) -> list[str]:
+    """Forget the sets of the same model and dataset registered from another directory (a set that
+    was moved, attached from its new place); returns their directories. Call
+    refresh_head_embeddings_view after it."""
+    return [r[0] for r in con.execute(
+        "DELETE FROM shard_sets WHERE model_id = ? AND dataset_id = ? AND shard_dir <> ? RETURNING shard_dir",
+        [model_id, dataset_id, shard_dir]).fetchall()]
+
+
+def head_embeddings_target(con) -> str:
+    """The table that holds head_embeddings rows written by jobs: `head_embeddings`, or
+    `head_embeddings_base` while `head_embeddings` is the view over shards attached in place."""
+    return HEAD_EMBEDDINGS_BASE if _head_embeddings_is_view(con) else "head_embeddings"
+
+
+def _head_embeddings_is_view(con) -> bool:
+    return bool(con.execute(
+        "SELECT count(*) FROM duckdb_views() WHERE view_name = 'head_embeddings' AND schema_name = 'main' "
+        "AND database_name = current_database()").fetchall()[0][0])
+
+
+def _sql_string(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _rename_table(con, old: str, new: str) -> None:
+    """ALTER TABLE old RENAME TO new; DuckDB refuses that while an index (CREATE INDEX) depends on
+    the table, so such indexes are dropped and made again on the renamed table."""
+    indexes = con.execute(
+        "SELECT index_name, sql FROM duckdb_indexes() WHERE table_name = ? AND schema_name = 'main' "
+        "AND database_name = current_database() AND sql IS NOT NULL", [old]).fetchall()
+    for name, _ in indexes:
+        con.execute(f'DROP INDEX "{name}"')
+    con.execute(f"ALTER TABLE {old} RENAME TO {new}")
+    for _, sql in indexes:
+        con.execute(re.sub(rf'\bON\s+(?:"{old}"|{old})\s*\(', f"ON {new}(", sql, count=1, flags=re.I))
+
+
+def refresh_head_embeddings_view(con) -> int:
+    """Make `head_embeddings` match `shard_sets`, inside the caller's write transaction.
+
+    With head_embeddings files registered in place: the table is (or stays) renamed
+    `head_embeddings_base` and `head_embeddings` is a view, its rows UNION ALL read_parquet(the
+    files), so every query, view and page reads both. With none: the view is dropped and the
+    table gets its name back. Returns the number of files read in place.
+    """
+    from warehouse.db import in_place_shard_files
+    files = in_place_shard_files(con)
+    is_view = _head_embeddings_is_view(con)
+    if files:
+        if not is_view:
+            _rename_table(con, "head_embeddings", HEAD_EMBEDDINGS_BASE)
+        listing = ", ".join(_sql_string(f) for f in files)
+        con.execute(f"""
+            CREATE OR REPLACE VIEW head_embeddings AS
+            SELECT model_id, image_id, layer, head, vec FROM {HEAD_EMBEDDINGS_BASE}
+            UNION ALL
+            SELECT model_id, image_id, layer, head, vec FROM read_parquet([{listing}])""")
+    elif is_view:
+        con.execute("DROP VIEW head_embeddings")
+        _rename_table(con, HEAD_EMBEDDINGS_BASE, "head_embeddings")
+    return len(files)
+
+
+@contextlib.contextmanager
+def head_embeddings_as_table(con):
+    """For migrations (warehouse.db.migrate, outside a transaction): inside, `head_embeddings` is the
+    table of the migrations, whatever shards are attached in place; the view is made again after."""
+    if not _head_embeddings_is_view(con):
+        yield
+        return
+    con.execute("BEGIN TRANSACTION")
+    con.execute("DROP VIEW head_embeddings")
+    _rename_table(con, HEAD_EMBEDDINGS_BASE, "head_embeddings")
+    con.execute("COMMIT")
+    try:
+        yield
+    finally:
+        con.execute("BEGIN TRANSACTION")
+        refresh_head_embeddings_view(con)
+        con.execute("COMMIT")

@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     add_model_args(e)
     add_warehouse_arg(e)
     add_embed_args(e)
+    from etl.ray_engine import add_engine_args
+    add_engine_args(e)
     e.set_defaults(func=run_embed)
 
 
@@ -241,6 +243,10 @@ def embed_datasets(path: str, lm, datasets: list[str], layers: list[int], backen
 
 def run_embed(args) -> int:
     lm = load_model_from_args(args)
+    if args.engine == "ray":            # Ray Data actors -> Parquet shards -> attach (etl/ray_engine.py)
+        from etl.ray_engine import embed_datasets_ray
+        embed_datasets_ray(warehouse_path(args), lm, args, model_layers(lm, args.layers), export)
+        return 0
     embed_datasets(warehouse_path(args), lm, args.dataset, model_layers(lm, args.layers), args.backend,
                    args.providers, args.batch_size)
     return 0

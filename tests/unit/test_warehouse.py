@@ -553,3 +553,33 @@ def test_neighbour_benchmark_runs_and_clusters(tmp_path):
     assert set(details["appended"]) == set(details["clustered"]) == {
         "query_ms", "query_min_ms", "query_cpu_ms", "connect_query_ms", "fresh_instance_ms"}
     assert list(tmp_path.iterdir()) == []                 # the temporary warehouse is removed
+
+
+def test_migration_005_upgrades_a_warehouse_in_place(tmp_path):
+    """005 (shard_sets) on a warehouse built by 001-003: rows kept, head_embeddings still the table,
+    the new table empty, and writes through the shard registry work."""
+    from warehouse import writes
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in available_migrations():
+        if f[0] < 5:
+            (old / f[2].name).write_text(f[2].read_text())
+    p = tmp_path / "w.duckdb"
+    con = duckdb.connect(str(p))
+    try:
+        migrate(con, old)
+        writes.insert_head_embeddings(con, "m/x", ["i/0"], [0], np.ones((1, 1, 2, 3), np.float32))
+        writes.upsert_dataset(con, "d", "d", "shapes", 1)
+    finally:
+        con.close()
+    with writer(p) as con:                                   # the writer applies 005
+        assert schema_version(con) >= 5
+        assert con.execute("SELECT count(*) FROM head_embeddings").fetchall() == [(2,)]
+        assert con.execute("SELECT count(*) FROM datasets").fetchall() == [(1,)]
+        assert con.execute("SELECT count(*) FROM shard_sets").fetchall() == [(0,)]
+        assert writes.head_embeddings_target(con) == "head_embeddings"
+        writes.upsert_shard_set(con, "/s", "m/x", "d", "copy", "0" * 64, 1, 1, 2, [], None)
+        assert writes.refresh_head_embeddings_view(con) == 0
+    with connect(p) as con:
+        assert con.execute("SELECT shard_dir, mode, files FROM shard_sets").fetchall() == [("/s", "copy", [])]
+        assert con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'head_embeddings'").fetchall() == [(0,)]
