@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_models_io import bomb_png
+from tests.unit.test_models_io import bomb_png
 
 ENV = {**os.environ, "ATLAS_NO_PROGRESS": "1"}
 

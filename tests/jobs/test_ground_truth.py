@@ -12,7 +12,7 @@ from etl.world import shapes
 from etl.text.labelers import MIXED, HeadText, OfflineLabeler
 from etl.world.probes import factor_variance
 from etl.text.bank import PROPERTIES, WORLD_FACTOR_PROPERTIES, world_bank, world_texts
-from tests.test_text_jobs import q
+from tests.jobs.test_text_jobs import q
 
 
 # --------------------------------------------------------------------------- eta2

@@ -15,7 +15,7 @@ from etl.text.labelers import MIXED
 from etl.text.bank import PROPERTIES, atlas_bank, read_text_file
 from etl.text.textspan import textspan_literal
 from tests.model_fixtures import register_tiny_configs
-from tests.test_labelers import KEY, FakeEndpoint
+from tests.unit.test_labelers import KEY, FakeEndpoint
 
 MODEL = "atlas-test-tiny/random-seed0"          # 3 layers x 4 heads, d = 24
 N_HEADS = 12
