@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,20 +36,25 @@ def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens
         raise ValueError("export from a float32 model on the CPU (load_model(..., device='cpu'))")
     names = OUTPUTS if tokens else OUTPUTS[:3]
     dummy = torch.randn(2, 3, lm.image_size, lm.image_size)
-    tmp = path.with_suffix(".tmp.onnx")
-    dec.by_hand = True
+    # a per-process temporary name: two jobs exporting the same model at once must not write
+    # into one file (each then moves its own complete file into place)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp.onnx")
     try:
-        _export(dec, dummy, tmp, names, opset)
+        dec.by_hand = True
+        try:
+            _export(dec, dummy, tmp, names, opset)
+        finally:
+            dec.by_hand = False
+        import onnx
+        model = _fuse(tmp, lm) if optimize else onnx.load(str(tmp))
+        meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size,
+                    graph_version=GRAPH_VERSION, micro_batch=dec.micro_batch)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "clip_atlas", json.dumps(meta)
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
     finally:
-        dec.by_hand = False
-    import onnx
-    model = _fuse(tmp, lm) if optimize else onnx.load(str(tmp))
-    meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size,
-                graph_version=GRAPH_VERSION, micro_batch=dec.micro_batch)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "clip_atlas", json.dumps(meta)
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+        tmp.unlink(missing_ok=True)
     return path
 
 
