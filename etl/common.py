@@ -2,17 +2,105 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from typing import Iterable
+import re
+from typing import Callable, Iterable
 
 from tqdm import tqdm
 
 
+class UsageError(ValueError):
+    """A flag or input the user can fix; the message says what was wrong and what to do."""
+
+
 def user_error_types() -> tuple:
-    """Exceptions whose message is meant for the user (printed without a traceback)."""
-    from models import ImageError, ModelError
+    """Exceptions whose message is meant for the user (printed as one line, without a traceback):
+    the product's own errors, bad values, and files that are missing, unreadable or unwritable."""
+    import sys
     from warehouse import WarehouseError
-    return (ModelError, ImageError, FileNotFoundError, ValueError, WarehouseError)
+    found = [UsageError, WarehouseError, ValueError, OSError]
+    # the models' errors only when `models` was imported (an error cannot come from a module that
+    # never loaded, and importing it here would load torch just to print a line)
+    for module, names in (("models.registry", ["ModelError"]), ("models.images", ["ImageError"])):
+        if module in sys.modules:
+            found += [getattr(sys.modules[module], n) for n in names]
+    return tuple(found)
+
+
+# --------------------------------------------------------------------------- flag types
+# argparse `type=` functions: a bad value is refused while the flags are parsed, with a message
+# that names the value and what is accepted (argparse adds the flag's name).
+
+def _number(kind: Callable, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (batch sizes, counts, steps, threads)."""
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (use 1 or more)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (seeds, retries, start indices)."""
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative (use 0 or more)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (timeouts, learning rates, scales)."""
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number (use a value above 0)")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (loss weights, weight decay, warm-up)."""
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative (use 0 or more)")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability (use a value from 0 to 1)")
+    return value
+
+
+def open_unit(text: str) -> float:
+    """A number in (0, 1] (shares, significance levels)."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1] (use a value above 0, at most 1)")
+    return value
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def device_arg(text: str) -> str:
+    """A torch device this product runs on: cpu, cuda or cuda:N (whether the GPU exists is
+    checked when the model loads)."""
+    value = text.strip().lower()
+    if not _DEVICE_RE.match(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device this product runs on (use cpu, cuda or cuda:N)")
+    return value
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -24,8 +112,9 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                      help="open_clip pretrained tag as open_clip.list_pretrained() prints it, e.g. laion2b_s34b_b88k")
     src.add_argument("--checkpoint", metavar="FILE", help="local checkpoint (.pt, .bin or .safetensors state dict)")
     src.add_argument("--random-init", action="store_true", help="random weights (tests, benchmarks)")
-    g.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
-    g.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed for --random-init (default 0)")
+    g.add_argument("--device", type=device_arg, default="cpu",
+                   help="torch device: cpu (default), cuda or cuda:N (needs a GPU torch can use)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weights precision; fp16/bf16 need a GPU (default fp32)")
 
@@ -43,8 +132,11 @@ def add_warehouse_arg(p: argparse.ArgumentParser) -> None:
 
 
 def warehouse_path(args) -> str:
-    from warehouse import default_warehouse_path
-    return str(args.warehouse or default_warehouse_path())
+    """--warehouse, else $ATLAS_HOME/warehouse.duckdb, checked (a folder, a path under a file or a
+    file that is not DuckDB is a WarehouseError at once). Nothing is created here: a writer creates
+    the file and its folder, a reader of a missing warehouse gets WarehouseMissingError."""
+    from warehouse import check_location, default_warehouse_path
+    return str(check_location(args.warehouse or default_warehouse_path(create=False)))
 
 
 def progress(it: Iterable, **kw):
@@ -59,7 +151,8 @@ def add_embed_args(p) -> None:
     p.add_argument("--layers", default="auto", help="analysed layers: auto (default: every layer of a model with at most 12 layers, the last 4 of deeper ones), all, last4, lastN, or 0-based indices")
     p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="onnxruntime (default) or torch")
     p.add_argument("--providers", default=None, choices=["cpu", "cuda"], help="onnxruntime provider (default: CUDA if usable)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch and per write transaction (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images per batch and per write transaction (default 64)")
 
 
 def model_row_or_fail(path: str, model_id: str) -> dict:
@@ -79,8 +172,9 @@ def add_llm_args(p) -> None:
     g = p.add_argument_group("LLM (an OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL)")
     g.add_argument("--llm-model", metavar="NAME", default=None,
                    help="chat model name, e.g. gpt-4o-mini, or whatever model your OPENAI_BASE_URL endpoint serves")
-    g.add_argument("--llm-timeout", type=float, default=60.0, metavar="S", help="total seconds per request, answer included (default 60)")
-    g.add_argument("--llm-retries", type=int, default=5, metavar="N",
+    g.add_argument("--llm-timeout", type=positive_float, default=60.0, metavar="S",
+                   help="total seconds per request, answer included (default 60)")
+    g.add_argument("--llm-retries", type=non_negative_int, default=5, metavar="N",
                    help="retries after a 429, 5xx, timeout or dropped connection, with exponential backoff "
                         "(default 5)")
 

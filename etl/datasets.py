@@ -1,5 +1,9 @@
 """Image sources for the embed job: the shapes world, scikit-image's photos, a folder
-(torchvision ImageFolder layout or flat), or a CSV manifest. Each yields Items lazily."""
+(torchvision ImageFolder layout or flat), or a CSV manifest. Each yields Items lazily.
+
+A dataset yields each image once: a manifest that lists a file twice (or as ``a.png`` and
+``./a.png``, or by a relative and an absolute path), or a folder that reaches one file by two
+names (a symlink), yields it under its first spelling; ``Dataset.duplicates`` counts the rest."""
 from __future__ import annotations
 
 import csv
@@ -35,6 +39,7 @@ class Dataset:
     source: str                            # 'shapes' | 'skimage' | 'folder' | 'csv'
     items: Callable[[], Iterator[Item]]
     n_images: Optional[int] = None
+    duplicates: int = 0                    # entries left out because they name a file already listed
 
 
 def open_dataset(spec: str) -> Dataset:
@@ -96,9 +101,26 @@ def _file_loader(path: Path) -> Callable[[], Image.Image]:
     return load
 
 
+def _unique_files(paths: list[Path]) -> tuple[list[int], int]:
+    """Indices of the first entry naming each file (by resolved path), and how many were left out."""
+    seen: set[Path] = set()
+    keep = []
+    for i, p in enumerate(paths):
+        try:
+            key = p.resolve()
+        except (OSError, RuntimeError):   # a symlink loop: keep it, loading it reports the error
+            key = p.absolute()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep, len(paths) - len(keep)
+
+
 def _folder(root: Path) -> Dataset:
     root = root.resolve()
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    keep, duplicates = _unique_files(files)
+    files = [files[i] for i in keep]
     if not files:
         raise ValueError(f"image folder {root} is empty: put images in it (flat, or one subfolder per class)")
     dataset_id = f"folder:{root}"
@@ -109,26 +131,44 @@ def _folder(root: Path) -> Dataset:
             rel = p.relative_to(root)
             label = rel.parts[0] if len(rel.parts) > 1 else None
             yield Item(f"{dataset_id}/{rel.as_posix()}", _file_loader(p), path=str(p), label=label)
-    ds = Dataset(dataset_id, root.name, "folder", items, len(files))
+    ds = Dataset(dataset_id, root.name, "folder", items, len(files), duplicates)
     ds.classes = classes  # type: ignore[attr-defined]
     return ds
 
 
 def _csv(manifest: Path) -> Dataset:
     manifest = manifest.resolve()
-    with open(manifest, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "path" not in rows[0]:
-        raise ValueError(f"CSV manifest {manifest} needs a header with a 'path' column (optional: label, caption)")
+    try:
+        # utf-8-sig: a manifest saved by Excel or Notepad starts with a byte-order mark
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = [h.strip() for h in reader.fieldnames or []]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"CSV manifest {manifest} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         f"save it as UTF-8") from None
+    except csv.Error as exc:
+        raise ValueError(f"CSV manifest {manifest} is not a readable CSV ({exc}); fix the file") from None
+    if "path" not in header:
+        raise ValueError(f"CSV manifest {manifest} needs a header with a 'path' column (optional: label, caption); "
+                         f"its header is {', '.join(repr(h) for h in header) or 'empty'}")
+    rows = [{(k or "").strip(): v for k, v in row.items()} for row in rows]
+    if not rows:
+        raise ValueError(f"CSV manifest {manifest} lists no image: add one row per image under its 'path' header")
     dataset_id = f"csv:{manifest}"
+
+    def file_of(row) -> Path:
+        p = Path((row["path"] or "").strip()).expanduser()
+        return p if p.is_absolute() else manifest.parent / p
+    keep, duplicates = _unique_files([file_of(r) for r in rows])
+    rows = [rows[i] for i in keep]
 
     def items():
         for row in rows:
-            p = Path(row["path"])
-            p = p if p.is_absolute() else manifest.parent / p
+            p = file_of(row)
             yield Item(f"{dataset_id}/{row['path']}", _file_loader(p), path=str(p),
                        label=row.get("label") or None, caption=row.get("caption") or None)
-    return Dataset(dataset_id, manifest.stem, "csv", items, len(rows))
+    return Dataset(dataset_id, manifest.stem, "csv", items, len(rows), duplicates)
 
 
 def sha256_image(img: Image.Image) -> str:

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from etl import shards
+from etl.common import non_negative_float, non_negative_int, positive_int
 
 
 def add_engine_args(p) -> None:
@@ -40,14 +41,14 @@ def add_engine_args(p) -> None:
     g.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local Ray "
                         "instance for the job and stop it after)")
-    g.add_argument("--workers", type=int, default=1, metavar="N", help="actors in the pool (default 1)")
-    g.add_argument("--num-gpus-per-worker", type=float, default=0, metavar="G",
+    g.add_argument("--workers", type=positive_int, default=1, metavar="N", help="actors in the pool (default 1)")
+    g.add_argument("--num-gpus-per-worker", type=non_negative_float, default=0, metavar="G",
                    help="GPUs per actor (default 0: CPU actors); with 1, each actor runs ONNX on its own GPU")
-    g.add_argument("--shard-size", type=int, default=1024, metavar="N",
+    g.add_argument("--shard-size", type=positive_int, default=1024, metavar="N",
                    help="images per input block and per shard (default 1024)")
     g.add_argument("--shards-root", default=None, metavar="DIR",
                    help="where shard sets go, as <model>/<dataset>/ (default: $ATLAS_HOME/shards)")
-    g.add_argument("--copy-below", type=int, default=shards.DEFAULT_COPY_BELOW, metavar="ROWS",
+    g.add_argument("--copy-below", type=non_negative_int, default=shards.DEFAULT_COPY_BELOW, metavar="ROWS",
                    help="attach: copy head_embeddings into the warehouse when the set has fewer rows than this, "
                         f"else read them in place (default {shards.DEFAULT_COPY_BELOW:,})")
     g.add_argument("--no-attach", action="store_true",

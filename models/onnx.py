@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,16 +37,21 @@ def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens
         raise ValueError("export from a float32 model on the CPU (load_model(..., device='cpu'))")
     dec = Decomposer(lm.visual, resolve_layers(layers, lm.layers), tokens=tokens, traceable=True).eval()
     dummy = torch.randn(2, 3, lm.image_size, lm.image_size)
-    tmp = path.with_suffix(".tmp.onnx")
-    _export(_Flat(dec), dummy, tmp, list(dec.outputs), opset)
-    import onnx
-    model = _fuse(tmp, lm) if optimize else onnx.load(str(tmp))
-    meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size,
-                graph_version=GRAPH_VERSION, micro_batch=dec.micro_batch)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "clip_atlas", json.dumps(meta)
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    # a per-process temporary name: two jobs exporting the same model at once must not write
+    # into one file (each then moves its own complete file into place)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp.onnx")
+    try:
+        _export(_Flat(dec), dummy, tmp, list(dec.outputs), opset)
+        import onnx
+        model = _fuse(tmp, lm) if optimize else onnx.load(str(tmp))
+        meta = dict(model_id=lm.model_id, layers=dec.layers, tokens=tokens, image_size=lm.image_size,
+                    graph_version=GRAPH_VERSION, micro_batch=dec.micro_batch)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "clip_atlas", json.dumps(meta)
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

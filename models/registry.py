@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -214,9 +215,9 @@ def load_model(
         checkpoint, source = shipped, BUNDLED
     else:
         source = "pretrained" if pretrained else "checkpoint" if checkpoint else "random"
-    if precision != "fp32" and torch.device(device).type == "cpu":
+    device = check_device(device)
+    if precision != "fp32" and device.type == "cpu":
         raise ModelError(f"precision {precision} needs a GPU (--device cuda); use fp32 on CPU")
-    device = torch.device(device)
 
     if pretrained is not None:
         tags = open_clip.list_pretrained_tags_by_model(arch)
@@ -257,6 +258,27 @@ def load_model(
     return LoadedModel(model, preprocess, tokenizer, model_id, spec, source, device)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has; a ModelError that says what to use instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelError(f"'{device}' is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device} needs a GPU that torch can use, and torch finds none on this machine "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ModelError(f"device {device} does not exist: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        return dev
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return dev
+    raise ModelError(f"device {device} is not supported here; use cpu, cuda or cuda:N")
+
+
 def load_state(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> None:
     """Load a state dict into ``model`` (strict), cast to the model's dtype.
 
@@ -269,7 +291,18 @@ def load_state(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> No
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                said = str(exc)
+                if "Unsupported global" in said:   # a class or function: unpickling would run code
+                    raise ModelError(
+                        f"checkpoint {path} is not a plain state dict (it would run code when unpickled); save it "
+                        f"with torch.save(model.state_dict()) or as .safetensors") from None
+                detail = said.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0]
+                raise ModelError(f"cannot read checkpoint {path}: it is not a torch state dict (torch: "
+                                 f"{' '.join(detail.split())[:200]}); pass a .pt, .bin or .safetensors state dict "
+                                 f"saved with torch.save(model.state_dict())") from None
             for key in ("state_dict", "model"):
                 if isinstance(state, dict) and isinstance(state.get(key), dict):
                     state = state[key]
@@ -283,10 +316,11 @@ def load_state(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> No
     except ModelError:
         raise
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0:3]
-        raise ModelError(f"checkpoint {path} does not match architecture '{arch}': {' '.join(first)}") from exc
+        first = " ".join(" ".join(str(exc).splitlines()[0:3]).split())
+        raise ModelError(f"checkpoint {path} does not match architecture '{arch}': {first}") from exc
     except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        said = " ".join(str(exc).split())
+        raise ModelError(f"cannot read checkpoint {path}: {type(exc).__name__}: {said}") from exc
 
 
 def model_from_row(row: dict, device: str = "cpu") -> LoadedModel:

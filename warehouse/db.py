@@ -51,6 +51,7 @@ __all__ = [
     "WarehouseMissingError",
     "WarehouseBusyError",
     "MIGRATIONS_DIR",
+    "check_location",
     "atlas_home",
     "default_warehouse_path",
     "connect",
@@ -87,16 +88,87 @@ class WarehouseBusyError(WarehouseError, TimeoutError):
 
 # --------------------------------------------------------------------------- locations
 
-def atlas_home() -> Path:
-    """``$ATLAS_HOME`` (default ``./var``), created if missing."""
+def atlas_home(create: bool = True) -> Path:
+    """``$ATLAS_HOME`` (default ``./var``), created if missing (unless ``create`` is False)."""
     home = Path(os.environ.get("ATLAS_HOME") or "var")
-    home.mkdir(parents=True, exist_ok=True)
+    if create:
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WarehouseError(
+                f"ATLAS_HOME {home} cannot be used as a folder ({exc.strerror or exc}); set ATLAS_HOME to a "
+                f"writable folder, or pass --warehouse PATH") from None
     return home
 
 
-def default_warehouse_path() -> Path:
-    """``$ATLAS_HOME/warehouse.duckdb`` (ATLAS_HOME defaults to ``./var``, created on demand)."""
-    return atlas_home() / "warehouse.duckdb"
+def default_warehouse_path(create: bool = True) -> Path:
+    """``$ATLAS_HOME/warehouse.duckdb`` (ATLAS_HOME defaults to ``./var``, created on demand;
+    ``create=False`` for readers, which must not leave a folder behind)."""
+    return atlas_home(create) / "warehouse.duckdb"
+
+
+_DUCKDB_MAGIC = b"DUCK"      # bytes 8-12 of every DuckDB database file
+
+
+def check_location(path: str | os.PathLike) -> Path:
+    """A WarehouseError, before anything is opened or loaded, for a path that can hold no
+    warehouse: a folder, a path under a file, or an existing file that is not a DuckDB database.
+    Jobs call it first, so a wrong --warehouse fails before a model loads. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise WarehouseError(f"warehouse path {path} is a folder, not a DuckDB file; pass a file path, "
+                             f"e.g. --warehouse {path / 'warehouse.duckdb'}")
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(12)
+        except OSError as exc:
+            raise WarehouseError(f"warehouse {path} cannot be read ({exc.strerror or exc}); fix its "
+                                 f"permissions or choose another --warehouse PATH") from None
+        if head[8:12] != _DUCKDB_MAGIC:
+            raise WarehouseError(f"{path} is not a DuckDB warehouse (it does not start like a DuckDB database "
+                                 f"file); point --warehouse at a .duckdb file these jobs wrote, or at a new path")
+        return path
+    for above in path.absolute().parents:
+        if above.exists():
+            if not above.is_dir():
+                raise WarehouseError(f"warehouse path {path} lies under {above}, which is a file, not a folder; "
+                                     f"choose another --warehouse PATH")
+            break
+    return path
+
+
+def _check_location(path: Path, read_only: bool) -> None:
+    """A WarehouseError for a path that cannot hold a warehouse (a folder, a file's child, an
+    unwritable place for a writer), before DuckDB gets to answer with an IO error."""
+    if path.is_dir():
+        raise WarehouseError(f"warehouse path {path} is a folder, not a DuckDB file; pass a file path, "
+                             f"e.g. --warehouse {path / 'warehouse.duckdb'}")
+    if read_only:
+        return
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WarehouseError(f"cannot create the folder {parent} for warehouse {path} "
+                             f"({exc.strerror or type(exc).__name__}); choose a writable location with "
+                             f"--warehouse PATH or ATLAS_HOME") from None
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise WarehouseError(f"warehouse {path} is not writable by this user; fix its permissions or "
+                             f"choose another --warehouse PATH")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise WarehouseError(f"cannot create warehouse {path}: the folder {parent} is not writable; choose "
+                             f"a writable location with --warehouse PATH or ATLAS_HOME")
+
+
+def _open_error(path: Path, exc: Exception) -> WarehouseError:
+    """A one-line WarehouseError for a DuckDB error that is not a lock conflict."""
+    said = " ".join(str(exc).split())
+    if "not a valid DuckDB database file" in said:
+        return WarehouseError(f"{path} is not a DuckDB warehouse (DuckDB: {said}); point --warehouse at a "
+                              f".duckdb file these jobs wrote, or at a new path")
+    return WarehouseError(f"cannot open warehouse {path} (DuckDB: {said}); check the path, or point "
+                          f"--warehouse at another file")
 
 
 # --------------------------------------------------------------------------- connecting
@@ -178,6 +250,7 @@ def _open(path: Path, read_only: bool, cfg: dict, timeout_s: float | None) -> du
             while _writer_waiting(path) and time.monotonic() < yield_until:
                 time.sleep(0.02)
         while True:
+            _check_location(path, read_only)
             if read_only and not path.exists():
                 raise WarehouseMissingError(
                     f"No warehouse at {path}. Fill it first: `{FILL_COMMAND} --warehouse {path}` "
@@ -187,7 +260,7 @@ def _open(path: Path, read_only: bool, cfg: dict, timeout_s: float | None) -> du
                 return _quiet(duckdb.connect(str(path), read_only=read_only, config=cfg))
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if not _is_lock_error(exc):
-                    raise
+                    raise _open_error(path, exc) from exc
                 if time.monotonic() >= deadline:
                     raise WarehouseBusyError(
                         f"Warehouse {path} is held by {_holder(exc)} for more than {timeout:g} s "
@@ -206,6 +279,8 @@ def _open(path: Path, read_only: bool, cfg: dict, timeout_s: float | None) -> du
                         marker.touch()  # keep it fresh while we wait
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())) * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 0.5)
+            except duckdb.Error as exc:   # a newer file format, a damaged file, ...
+                raise _open_error(path, exc) from exc
     finally:
         if announced:
             with contextlib.suppress(OSError):
@@ -316,13 +391,13 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = True,
     :func:`writer`, which also wraps the work in one transaction. ``memory_limit`` defaults to
     ``$ATLAS_DUCKDB_MEMORY`` or ``2GB``; ``threads`` to ``$ATLAS_DUCKDB_THREADS`` or all cores.
     """
-    p = Path(path) if path is not None else default_warehouse_path()
+    p = Path(path) if path is not None else default_warehouse_path(create=not read_only)
     cfg = _config(memory_limit, threads)
     if read_only:
         if _keep_seconds() > 0:
             return _warm_connection(p, cfg, timeout_s)
         return _open(p, True, cfg, timeout_s)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    _check_location(p, read_only=False)
     release_readers(p)
     con = _open(p, False, cfg, timeout_s)
     try:

@@ -293,6 +293,23 @@ def property_head_counts(path) -> pd.DataFrame:
         GROUP BY property, model_id ORDER BY property, model_id""")
 
 
+def runs(path, job: Optional[str] = None, limit: int = 50) -> pd.DataFrame:
+    """The latest job runs, newest first: run_id, job, status, started_at, finished_at, error,
+    pid, host, n_errors. A 'running' run of this host whose process is gone shows as
+    'interrupted' (warehouse.runs.effective_status; the next writing job stores that status)."""
+    from warehouse.runs import effective_status
+    where = "WHERE r.job = $j" if job else ""
+    df = _df(path, f"""
+        SELECT r.run_id, r.job, r.status, r.started_at, r.finished_at, r.error, r.pid, r.host,
+               count(e.item) AS n_errors
+        FROM runs r LEFT JOIN errors e USING (run_id) {where}
+        GROUP BY ALL ORDER BY r.started_at DESC LIMIT $k""", {"k": int(limit), **({"j": job} if job else {})})
+    if len(df):
+        df["status"] = [effective_status(s, None if p != p or p is None else int(p), h)
+                        for s, p, h in zip(df["status"], df["pid"], df["host"])]
+    return df
+
+
 def ablations(path) -> pd.DataFrame:
     """All mean-ablation results: model_id, dataset_id, factor, kind, layer, head, accuracy."""
     return _df(path, """

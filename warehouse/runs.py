@@ -12,6 +12,11 @@ A job that finds everything already stored marks its run ``run_id.skipped = True
 
 ``start_run`` and ``finish_run`` each open their own short write batch, so a job never holds
 the warehouse between batches.
+
+A run records the process that runs it (``pid``, ``host``). A job killed outright (SIGKILL, a
+crash, a power cut) never finishes its run; :func:`mark_interrupted`, called by every
+:func:`start_run`, turns the 'running' rows of this host whose process is gone into
+'interrupted', and :func:`effective_status` tells a reader the same without writing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
@@ -28,9 +34,9 @@ import duckdb
 from .db import writer
 
 __all__ = ["STATUSES", "RunId", "new_run_id", "start_run", "finish_run", "record_error", "run_record",
-           "completed_run"]
+           "completed_run", "mark_interrupted", "pid_alive", "effective_status", "this_host"]
 
-STATUSES = ("running", "ok", "skipped", "failed")
+STATUSES = ("running", "ok", "skipped", "failed", "interrupted")
 
 
 class RunId(str):
@@ -52,20 +58,67 @@ def _params_json(params: Any) -> str:
         raise ValueError(f"run params must be JSON-serialisable (a dict of plain values): {exc}") from exc
 
 
+def this_host() -> str:
+    """The name this machine records in ``runs.host``."""
+    return socket.gethostname()
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` exists on this host (a process we may not signal exists too)."""
+    if pid is None or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def effective_status(status: str, pid: int | None, host: str | None) -> str:
+    """A run's status as a reader should show it: 'interrupted' for a 'running' run of this host
+    whose process is gone. Runs of other hosts, and runs recorded before their process was
+    (``pid`` NULL), keep their stored status: their process cannot be checked from here."""
+    if status == "running" and pid is not None and host == this_host() and not pid_alive(pid):
+        return "interrupted"
+    return status
+
+
+def mark_interrupted(path: str | os.PathLike | None, con: duckdb.DuckDBPyConnection | None = None) -> list[str]:
+    """Set status 'interrupted' (and ``finished_at``) on the 'running' runs of this host whose
+    process is gone; returns their run ids. Inside ``con``'s write batch when given, else in its own."""
+    if con is None:
+        with writer(path) as own:
+            return mark_interrupted(path, own)
+    rows = con.execute("SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ? AND pid IS NOT NULL",
+                       [this_host()]).fetchall()
+    dead = [run_id for run_id, pid in rows if not pid_alive(pid)]
+    if dead:
+        con.execute("UPDATE runs SET status = 'interrupted', finished_at = current_timestamp, "
+                    "error = 'the process ' || pid || ' on ' || host || ' ended without finishing the run' "
+                    "WHERE list_contains(?, run_id)", [dead])
+    return dead
+
+
 def start_run(path: str | os.PathLike | None, job: str, params: dict | None = None) -> str:
-    """Insert a ``runs`` row with status 'running' and return its ``run_id``."""
+    """Insert a ``runs`` row with status 'running' (this process's pid and host) and return its
+    ``run_id``; earlier runs of this host whose process is gone become 'interrupted' first."""
     if not job:
         raise ValueError("start_run needs a job name, e.g. 'embed'")
     run_id = new_run_id(job)
     with writer(path) as con:
-        con.execute("INSERT INTO runs (run_id, job, params, status) VALUES (?, ?, ?, 'running')",
-                    [run_id, job, _params_json(params)])
+        mark_interrupted(path, con)
+        con.execute("INSERT INTO runs (run_id, job, params, status, pid, host) VALUES (?, ?, ?, 'running', ?, ?)",
+                    [run_id, job, _params_json(params), os.getpid(), this_host()])
     return run_id
 
 
 def finish_run(path: str | os.PathLike | None, run_id: str, status: str = "ok",
                error: str | None = None) -> None:
-    """Set a run's final ``status`` ('ok' or 'failed'), ``finished_at`` and ``error`` text."""
+    """Set a run's final ``status`` ('ok', 'skipped' or 'failed'), ``finished_at`` and ``error`` text."""
     if status not in ("ok", "skipped", "failed"):
         raise ValueError(f"finish_run status must be 'ok', 'skipped' or 'failed', not {status!r}")
     with writer(path) as con:

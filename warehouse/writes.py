@@ -4,6 +4,12 @@ Each function takes an open write connection (``with warehouse.writer(path) as c
 caller decides how much goes into one transaction; nothing here commits or opens files.
 Rows are inserted by column name (never by position), so a migration that adds a column
 cannot shift values. Vectors are float32 arrays ``[n, d]``; heads are 0-based (layer, head).
+
+Every table with a natural key refuses duplicates (migrations 001, 003, 004). The ``insert_*``
+functions are idempotent on that key: a row whose key is already stored is left as it is
+(``ON CONFLICT DO NOTHING``), and a key repeated within one call is written once (its first
+row), so two processes that embed the same images store exactly what one would. They return
+the number of rows they newly stored.
 """
 from __future__ import annotations
 
@@ -26,17 +32,35 @@ def vector_column(a: np.ndarray) -> pa.Array:
     return fixed.cast(pa.list_(pa.float32()))
 
 
-def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, on_conflict: str = "") -> None:
-    """INSERT the Arrow table ``rows`` into ``table``, matching columns by name."""
+def _first_of_each(keys: Sequence) -> list[int]:
+    """Indices of the first occurrence of each key, in order (a key repeated within one batch is
+    written once)."""
+    seen: set = set()
+    keep = []
+    for i, k in enumerate(keys):
+        if k not in seen:
+            seen.add(k)
+            keep.append(i)
+    return keep
+
+
+def _last_of_each(rows: Sequence, key) -> list:
+    """``rows`` with a repeated ``key(row)`` kept once, at its last occurrence (for replace_*)."""
+    return list({key(r): r for r in rows}.values())
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, on_conflict: str = "") -> int:
+    """INSERT the Arrow table ``rows`` into ``table``, matching columns by name; returns rows inserted."""
     if rows.num_rows == 0:
-        return
+        return 0
     name = f"_rows_{next(_names)}"
     cols = ", ".join(rows.column_names)
     con.register(name, rows)
     try:
-        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name} {on_conflict}")
+        got = con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name} {on_conflict}").fetchone()
     finally:
         con.unregister(name)
+    return int(got[0]) if got else 0
 
 
 def _insert_rows(con, table: str, columns: Sequence[str], rows: Sequence[Sequence], on_conflict: str = "") -> None:
@@ -73,38 +97,50 @@ def upsert_dataset(con, dataset_id: str, name: str, source: str, n_images: Optio
 
 def insert_images(con, dataset_id: str, image_ids: Sequence[str], paths: Sequence[Optional[str]],
                   sha256: Sequence[str], labels: Sequence[Optional[str]], captions: Sequence[Optional[str]],
-                  sizes: Sequence[tuple[int, int]], thumbnails: Sequence[bytes]) -> None:
-    """`images` rows (an image already stored is left as it is)."""
-    n = len(image_ids)
-    _insert(con, "images", pa.table({
-        "image_id": list(image_ids), "dataset_id": [dataset_id] * n, "path": list(paths), "sha256": list(sha256),
-        "label": pa.array(list(labels), pa.string()), "caption": pa.array(list(captions), pa.string()),
-        "width": [s[0] for s in sizes], "height": [s[1] for s in sizes],
-        "thumbnail": pa.array(list(thumbnails), pa.binary())}), "ON CONFLICT DO NOTHING")
+                  sizes: Sequence[tuple[int, int]], thumbnails: Sequence[bytes]) -> int:
+    """`images` rows (an image already stored is left as it is); returns rows newly stored."""
+    k = _first_of_each(image_ids)
+    return _insert(con, "images", pa.table({
+        "image_id": [image_ids[i] for i in k], "dataset_id": [dataset_id] * len(k),
+        "path": [paths[i] for i in k], "sha256": [sha256[i] for i in k],
+        "label": pa.array([labels[i] for i in k], pa.string()),
+        "caption": pa.array([captions[i] for i in k], pa.string()),
+        "width": [sizes[i][0] for i in k], "height": [sizes[i][1] for i in k],
+        "thumbnail": pa.array([thumbnails[i] for i in k], pa.binary())}), "ON CONFLICT DO NOTHING")
 
 
-def insert_image_factors(con, rows: Sequence[tuple[str, str, str]]) -> None:
-    """(image_id, factor, value) rows of `image_factors`."""
-    _insert(con, "image_factors", pa.table({"image_id": [r[0] for r in rows], "factor": [r[1] for r in rows],
-                                            "value": [r[2] for r in rows]}), "ON CONFLICT DO NOTHING")
+def insert_image_factors(con, rows: Sequence[tuple[str, str, str]]) -> int:
+    """(image_id, factor, value) rows of `image_factors` (a stored (image, factor) is kept)."""
+    rows = [rows[i] for i in _first_of_each([(r[0], r[1]) for r in rows])]
+    return _insert(con, "image_factors", pa.table({"image_id": [r[0] for r in rows], "factor": [r[1] for r in rows],
+                                                   "value": [r[2] for r in rows]}), "ON CONFLICT DO NOTHING")
 
 
-def insert_image_embeddings(con, model_id: str, image_ids: Sequence[str], vecs: np.ndarray) -> None:
-    """vecs: [n, d] unit image embeddings, one per image id."""
-    _insert(con, "image_embeddings", pa.table({"model_id": [model_id] * len(image_ids), "image_id": list(image_ids),
-                                               "vec": vector_column(vecs)}), "ON CONFLICT DO NOTHING")
+def insert_image_embeddings(con, model_id: str, image_ids: Sequence[str], vecs: np.ndarray) -> int:
+    """vecs: [n, d] unit image embeddings, one per image id; returns the embeddings newly stored
+    (an image the model already has keeps its stored vector)."""
+    k = _first_of_each(image_ids)
+    return _insert(con, "image_embeddings", pa.table({
+        "model_id": [model_id] * len(k), "image_id": [image_ids[i] for i in k],
+        "vec": vector_column(np.asarray(vecs)[k])}), "ON CONFLICT DO NOTHING")
 
 
 def insert_head_embeddings(con, model_id: str, image_ids: Sequence[str], layers: Sequence[int],
-                           heads: np.ndarray) -> None:
-    """heads: [n, L', H, d], the head contributions c[l,h] of ``image_ids`` for the analysed ``layers``."""
+                           heads: np.ndarray) -> int:
+    """heads: [n, L', H, d], the head contributions c[l,h] of ``image_ids`` for the analysed ``layers``.
+    Returns the rows newly stored (a stored (model, image, layer, head) keeps its vector)."""
+    k = _first_of_each(image_ids)
+    heads = np.asarray(heads)
+    if len(k) < len(image_ids):                     # a repeated image: its first rows only
+        heads, image_ids = heads[k], [image_ids[i] for i in k]
     n, L, H, d = heads.shape
-    ids = np.repeat(np.array(list(image_ids), dtype=object), L * H)
+    ids = np.repeat(np.array(image_ids, dtype=object), L * H)
     layer = np.tile(np.repeat(np.array(layers, np.int32), H), n)
     head = np.tile(np.arange(H, dtype=np.int32), n * L)
-    _insert(con, head_embeddings_target(con), pa.table({"model_id": [model_id] * (n * L * H), "image_id": ids.tolist(),
-                                              "layer": layer, "head": head,
-                                              "vec": vector_column(heads.reshape(-1, d))}))
+    return _insert(con, head_embeddings_target(con), pa.table({"model_id": [model_id] * (n * L * H),
+                                                               "image_id": ids.tolist(), "layer": layer, "head": head,
+                                                               "vec": vector_column(heads.reshape(-1, d))}),
+                   "ON CONFLICT DO NOTHING")
 
 
 # --------------------------------------------------------------------------- texts
@@ -118,15 +154,19 @@ def upsert_properties(con, properties: dict[str, str]) -> None:
 def upsert_texts(con, bank: str, text_ids: Sequence[str], texts: Sequence[str],
                  tags: Sequence[Optional[str]]) -> None:
     """A bank's texts into `texts` (a text's property tag is refreshed)."""
-    _insert(con, "texts", pa.table({"text_id": list(text_ids), "bank": [bank] * len(text_ids), "text": list(texts),
-                                    "property": pa.array(list(tags), pa.string())}),
+    k = sorted({t: i for i, t in enumerate(text_ids)}.values())      # a repeated text: its last tag
+    _insert(con, "texts", pa.table({"text_id": [text_ids[i] for i in k], "bank": [bank] * len(k),
+                                    "text": [texts[i] for i in k],
+                                    "property": pa.array([tags[i] for i in k], pa.string())}),
             "ON CONFLICT (text_id) DO UPDATE SET property = excluded.property")
 
 
-def insert_text_embeddings(con, model_id: str, text_ids: Sequence[str], vecs: np.ndarray) -> None:
-    """vecs: [m, d] unit text embeddings of ``text_ids`` for the model."""
-    _insert(con, "text_embeddings", pa.table({"model_id": [model_id] * len(text_ids), "text_id": list(text_ids),
-                                              "vec": vector_column(vecs)}), "ON CONFLICT DO NOTHING")
+def insert_text_embeddings(con, model_id: str, text_ids: Sequence[str], vecs: np.ndarray) -> int:
+    """vecs: [m, d] unit text embeddings of ``text_ids`` for the model; returns those newly stored."""
+    k = _first_of_each(text_ids)
+    return _insert(con, "text_embeddings", pa.table({
+        "model_id": [model_id] * len(k), "text_id": [text_ids[i] for i in k],
+        "vec": vector_column(np.asarray(vecs)[k])}), "ON CONFLICT DO NOTHING")
 
 
 # --------------------------------------------------------------------------- heads
@@ -138,7 +178,8 @@ def replace_head_texts(con, model_id: str, layer: int, heads: Sequence[int], row
     for table in ("head_texts", "head_labels", "text_judgments"):
         con.execute(f"DELETE FROM {table} WHERE model_id = ? AND layer = ? AND list_contains(?, head)",
                     [model_id, layer, list(heads)])
-    rows = [{"model_id": model_id, "layer": layer, **r} for r in rows]
+    rows = _last_of_each([{"model_id": model_id, "layer": layer, **r} for r in rows],
+                         key=lambda r: (r["head"], r["rank"]))
     if rows:
         _insert_rows(con, "head_texts", list(rows[0]), [list(r.values()) for r in rows])
 
@@ -166,6 +207,7 @@ def replace_text_judgment(con, model_id: str, layer: int, head: int, text_id: st
 def replace_ablations(con, model_id: str, dataset_id: str, rows: Sequence[dict], run_id: Optional[str]) -> None:
     """rows: dicts with factor, kind, layer, head, accuracy (etl ablation_table)."""
     con.execute("DELETE FROM ablations WHERE model_id = ? AND dataset_id = ?", [model_id, dataset_id])
+    rows = _last_of_each(rows, key=lambda r: (r["factor"], r["kind"], r["layer"], r["head"]))
     _insert_rows(con, "ablations", ["model_id", "dataset_id", "factor", "kind", "layer", "head", "accuracy", "run_id"],
                  [(model_id, dataset_id, r["factor"], r["kind"], r["layer"], r["head"], r["accuracy"], run_id)
                   for r in rows])
@@ -174,6 +216,7 @@ def replace_ablations(con, model_id: str, dataset_id: str, rows: Sequence[dict],
 def replace_component_means(con, model_id: str, dataset_id: str, means: Sequence[tuple[str, np.ndarray]]) -> None:
     """means: (component name, mean vector [d]) pairs."""
     con.execute("DELETE FROM component_means WHERE model_id = ? AND dataset_id = ?", [model_id, dataset_id])
+    means = _last_of_each(means, key=lambda m: m[0])
     _insert_rows(con, "component_means", ["model_id", "dataset_id", "component", "vec"],
                  [(model_id, dataset_id, name, np.asarray(v, np.float32).tolist()) for name, v in means])
 
@@ -189,6 +232,8 @@ def replace_probes(con, model_id: str, dataset_id: str, probes: Sequence[dict], 
     """Probe accuracies (layer, head, factor, accuracy, chance) and variance shares (layer, head, factor, eta2)."""
     for table in ("probes", "head_factor_variance"):
         con.execute(f"DELETE FROM {table} WHERE model_id = ? AND dataset_id = ?", [model_id, dataset_id])
+    probes = _last_of_each(probes, key=lambda r: (r["layer"], r["head"], r["factor"]))
+    eta2 = _last_of_each(eta2, key=lambda r: (r["layer"], r["head"], r["factor"]))
     _insert_rows(con, "probes", ["model_id", "dataset_id", "layer", "head", "factor", "accuracy", "chance", "run_id"],
                  [(model_id, dataset_id, r["layer"], r["head"], r["factor"], r["accuracy"], r["chance"], run_id)
                   for r in probes])

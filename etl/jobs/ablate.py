@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import torch
-
-from etl.common import add_model_args, add_warehouse_arg, load_model_from_args, progress, warehouse_path
+from etl.common import (add_model_args, add_warehouse_arg, load_model_from_args, positive_int, progress,
+                        warehouse_path)
 from warehouse import head_name
 
 
@@ -24,8 +22,8 @@ def add_parser(sub) -> None:
     add_warehouse_arg(p)
     p.add_argument("--dataset", required=True, help="shapes:N:seed=S or an ImageFolder-layout folder")
     p.add_argument("--layers", default="auto", help="layers for per-head ablation (default auto: every layer up to 12 layers, else the last 4)")
-    p.add_argument("--max-images", type=int, default=2000, help="images used (default 2000)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+    p.add_argument("--max-images", type=positive_int, default=2000, help="images used (default 2000)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default 64)")
     p.add_argument("--force", action="store_true",
                    help="recompute even when this model, dataset and settings are already stored")
     p.set_defaults(func=run_ablate)
@@ -52,6 +50,7 @@ def ablation_table(comp: dict, labels: dict[str, np.ndarray], text: dict[str, to
     comp: heads [n, L, H, d], mlp [n, L, d], attn_bias [n, L, d], embedding [n, d];
     labels: target -> class index per image [n] (-1 = unknown); text: target -> [V, d].
     """
+    import torch
     emb, heads, mlp = comp["embedding"], comp["heads"], comp["mlp"]
     attn = heads.sum(2) + comp["attn_bias"]                              # [n, L, d]
 
@@ -81,8 +80,9 @@ def ablation_table(comp: dict, labels: dict[str, np.ndarray], text: dict[str, to
 
 
 def run_ablate(args) -> int:
+    path = warehouse_path(args)       # a wrong --warehouse fails before the model loads
     lm = load_model_from_args(args)
-    print(json.dumps(ablate(warehouse_path(args), lm, args.dataset, args.layers, args.max_images, args.batch_size,
+    print(json.dumps(ablate(path, lm, args.dataset, args.layers, args.max_images, args.batch_size,
                             args.force)))
     return 0
 
@@ -91,6 +91,8 @@ def ablate(path: str, lm, dataset_spec: str, layers: str = "auto", max_images: i
            force: bool = False) -> dict:
     """Mean-ablation accuracies of the model on a labelled dataset, stored; skipped (run 'skipped')
     when the same model, dataset, layers and image count are already stored, unless ``force``."""
+    import numpy as np
+    import torch
     from etl.datasets import open_dataset
     from models import decompose, resolve_layers
     from warehouse import writer, writes

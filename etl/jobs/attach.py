@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from etl.common import add_warehouse_arg, warehouse_path
+from etl.common import add_warehouse_arg, non_negative_int, warehouse_path
 from etl.shards import DEFAULT_COPY_BELOW
 from warehouse.runs import run_record
 
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                    help="a shard directory (it holds manifest.json), or a folder of them such as $ATLAS_HOME/shards "
                         "(every <model>/<dataset>/ below it)")
     add_warehouse_arg(p)
-    p.add_argument("--copy-below", type=int, default=DEFAULT_COPY_BELOW, metavar="ROWS",
+    p.add_argument("--copy-below", type=non_negative_int, default=DEFAULT_COPY_BELOW, metavar="ROWS",
                    help=f"copy head_embeddings in when a set has fewer rows than this, else read them in place "
                         f"(default {DEFAULT_COPY_BELOW:,}; 0 reads every set in place)")
     p.add_argument("--detach", action="store_true",

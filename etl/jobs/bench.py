@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from etl.common import positive_int
+
 SECTIONS = ["decompose", "shapes", "textspan", "textencode", "embed", "neighbours"]
 
 
@@ -22,7 +24,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run the benchmarks (make bench)",
                        description="Throughputs and ratios measured side by side in one run (medians).")
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds per measurement (default 5)")
+    p.add_argument("--rounds", type=positive_int, default=5, help="rounds per measurement (default 5)")
     p.set_defaults(func=run)
 
 

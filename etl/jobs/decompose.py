@@ -5,10 +5,7 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from etl.common import add_model_args, load_model_from_args
+from etl.common import add_model_args, load_model_from_args, positive_int
 
 
 def add_parser(sub) -> None:
@@ -21,7 +18,9 @@ def add_parser(sub) -> None:
                    help="an image file (repeat the flag for several)")
     p.add_argument("--layers", default="last4", help="last4 (default), all, lastN, or 0-based indices like 8,9,10,11")
     p.add_argument("--no-tokens", action="store_true", help="skip head_tokens (smaller file)")
-    p.add_argument("--out", required=True, metavar="OUT.npz", help="output file")
+    p.add_argument("--out", required=True, metavar="OUT.npz",
+                   help="output file (.npz is appended when the name lacks it; the JSON line reports the path "
+                        "written)")
     p.set_defaults(func=run_decompose)
 
     v = sub.add_parser("verify", help="check the decomposition identity and ONNX parity for a model",
@@ -29,25 +28,38 @@ def add_parser(sub) -> None:
                                    "over all layers, and max |onnxruntime - torch| over every output. Prints one JSON "
                                    "line; exits 1 when identity > 1e-4 or parity > 1e-3.")
     add_model_args(v)
-    v.add_argument("--n-images", type=int, default=4, help="generated test images (default 4)")
+    v.add_argument("--n-images", type=positive_int, default=4, help="generated test images (default 4)")
     v.add_argument("--providers", default=None, choices=["cpu", "cuda"], help="onnxruntime provider (default: CUDA if usable, else CPU)")
     v.set_defaults(func=run_verify)
 
 
 def preprocess_files(lm, files: list[str]) -> torch.Tensor:
     """Load image files (clear errors) and apply the model's eval transform -> [B, 3, S, S]."""
+    import torch
     from models import load_image
     return torch.stack([lm.preprocess(load_image(f)) for f in files])
 
 
+def npz_path(out: str) -> Path:
+    """The file ``--out`` names, as numpy writes it (``.npz`` appended when missing); a ValueError
+    for a folder."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; pass a file name, e.g. --out {path / 'decomposition.npz'}")
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    return path
+
+
 def run_decompose(args) -> int:
+    out = npz_path(args.out)          # before the model loads: a bad --out fails at once
+    import numpy as np
     from models import decompose
     lm = load_model_from_args(args)
     images = preprocess_files(lm, args.image)
     dec = decompose(lm, images, args.layers, tokens=not args.no_tokens)
     arrays = dec.numpy()
     arrays["layers"] = np.asarray(arrays["layers"], dtype=np.int64)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
     shapes = {k: list(v.shape) for k, v in arrays.items()}
@@ -57,6 +69,7 @@ def run_decompose(args) -> int:
 
 def generated_images(lm, n: int, seed: int = 0) -> torch.Tensor:
     """Smooth colour fields plus noise, as model inputs [n, 3, S, S] (normalised like real images)."""
+    import torch
     g = torch.Generator().manual_seed(seed)
     S = lm.image_size
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, S), torch.linspace(-1, 1, S), indexing="ij")

@@ -4,6 +4,10 @@ embed streams: a loader thread reads and preprocesses batches, the main thread r
 model (onnxruntime by default), a writer thread commits each batch in its own short write
 transaction. Re-running skips images already embedded for the model; a killed job loses
 nothing committed. Memory stays bounded by the queue depth, not the dataset size.
+
+The writes are idempotent on the tables' keys: two `embed` processes on the same model and
+dataset store each image once, and each reports what it stored itself (``embedded``) and what
+the other had stored first (``stored_by_another``).
 """
 from __future__ import annotations
 
@@ -11,8 +15,6 @@ import json
 import queue
 import threading
 from pathlib import Path
-
-import torch
 
 from etl.common import add_embed_args, add_model_args, add_warehouse_arg, load_model_from_args, progress, warehouse_path
 
@@ -114,8 +116,10 @@ def _loader(dataset, done: set, lm, batch_size: int, out: queue.Queue, stop: thr
         out.put(None)
 
 
-def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs: list) -> None:
-    """Commit several (batch, errors, decomposition) jobs in one write transaction."""
+def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs: list) -> int:
+    """Commit several (batch, errors, decomposition) jobs in one write transaction; returns the
+    image embeddings newly stored."""
+    import torch
     batch = [b for job in jobs for b in job[0]]
     errors = [e for job in jobs for e in job[1]]
     decs = [job[2] for job in jobs if job[2] is not None]
@@ -124,31 +128,34 @@ def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs:
         dec = decs[0]
         dec.embedding = torch.cat([d.embedding for d in decs])
         dec.head_cls = torch.cat([d.head_cls for d in decs])
-    _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec)
+    return _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec)
 
 
-def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, errors, dec) -> None:
-    """One write transaction: error rows, then images, factors, image and head embeddings."""
+def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, errors, dec) -> int:
+    """One write transaction: error rows, then images, factors, image and head embeddings.
+    Returns the image embeddings newly stored (images another process stored first are left)."""
     from warehouse import writer, writes
     from warehouse.runs import record_error
     with writer(path) as con:
         for item_path, reason in errors:
             record_error(con, run_id, item_path, reason)
         if not batch:
-            return
+            return 0
         items = [b[0] for b in batch]
         ids = [i.image_id for i in items]
         writes.insert_images(con, dataset_id, ids, [i.path for i in items], [b[3] for b in batch],
                              [i.label for i in items], [i.caption for i in items], [b[4] for b in batch],
                              [b[2] for b in batch])
         writes.insert_image_factors(con, [(i.image_id, k, str(v)) for i in items for k, v in i.factors.items()])
-        writes.insert_image_embeddings(con, model_id, ids, dec.embedding.numpy())          # [n, d]
+        stored = writes.insert_image_embeddings(con, model_id, ids, dec.embedding.numpy())   # [n, d]
         writes.insert_head_embeddings(con, model_id, ids, dec.layers, dec.head_cls.numpy())  # [n, L', H, d]
+        return stored
 
 
 def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "onnx", providers=None,
           batch_size: int = 64, run_id: str | None = None) -> dict:
     """Embed one dataset for one model; returns counts. Skips images already embedded."""
+    import torch
     from etl.datasets import open_dataset
     from models import decompose
     from warehouse import optimize, writer, writes
@@ -171,6 +178,7 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
     to_write: queue.Queue = queue.Queue(maxsize=8)
     stop = threading.Event()
     failure: list = []
+    stored: list[int] = []
 
     def write_loop():
         done_writing = False
@@ -184,7 +192,7 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
             if failure or not jobs:
                 continue
             try:
-                _write_batches(path, run_id, lm.model_id, dataset.dataset_id, jobs)
+                stored.append(_write_batches(path, run_id, lm.model_id, dataset.dataset_id, jobs))
             except BaseException as exc:
                 failure.append(exc)
 
@@ -223,7 +231,9 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
         raise ValueError(f"no readable image in dataset {dataset_spec}: {n_err} file(s) failed (see the `errors` table)")
     with writer(path) as con:
         optimize(con, lm.model_id)
-    return {"dataset_id": dataset.dataset_id, "embedded": n_ok, "skipped_done": len(done), "errors": n_err}
+    n_stored = sum(stored)
+    return {"dataset_id": dataset.dataset_id, "embedded": n_stored, "skipped_done": len(done), "errors": n_err,
+            "stored_by_another": n_ok - n_stored, "duplicates": dataset.duplicates}
 
 
 def embed_datasets(path: str, lm, datasets: list[str], layers: list[int], backend: str = "onnx",
@@ -242,11 +252,12 @@ def embed_datasets(path: str, lm, datasets: list[str], layers: list[int], backen
 
 
 def run_embed(args) -> int:
+    path = warehouse_path(args)       # a wrong --warehouse fails before the model loads
     lm = load_model_from_args(args)
     if args.engine == "ray":            # Ray Data actors -> Parquet shards -> attach (etl/ray_engine.py)
         from etl.ray_engine import embed_datasets_ray
-        embed_datasets_ray(warehouse_path(args), lm, args, model_layers(lm, args.layers), export)
+        embed_datasets_ray(path, lm, args, model_layers(lm, args.layers), export)
         return 0
-    embed_datasets(warehouse_path(args), lm, args.dataset, model_layers(lm, args.layers), args.backend,
+    embed_datasets(path, lm, args.dataset, model_layers(lm, args.layers), args.backend,
                    args.providers, args.batch_size)
     return 0

@@ -5,6 +5,7 @@ import argparse
 import json
 
 import models
+from etl.common import non_negative_int, positive_int
 from etl.world import evaluate
 
 
@@ -13,12 +14,12 @@ def add_parser(sub) -> None:
                        description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy-shapes", choices=models.toy_architectures(),
                    help="toy architecture (default toy-shapes)")
-    p.add_argument("--seed", type=int, default=1,
+    p.add_argument("--seed", type=non_negative_int, default=1,
                    help="shapes-world seed of the held-out scenes (training used 0; default 1)")
-    p.add_argument("--n", type=int, default=2000, help="scenes per evaluation set (default 2000)")
+    p.add_argument("--n", type=positive_int, default=2000, help="scenes per evaluation set (default 2000)")
     p.add_argument("--weights", default=None,
                    help="weights file to evaluate instead of the model's bundled weights")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     p.set_defaults(func=run)
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 
-from etl.common import add_llm_args, add_warehouse_arg, make_llm, model_row_or_fail, progress, warehouse_path
+from etl.common import (add_llm_args, add_warehouse_arg, make_llm, model_row_or_fail, positive_int, progress,
+                        warehouse_path)
 
 
 def add_parser(sub) -> None:
@@ -26,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--judge", choices=["tag", "llm"], default="tag",
                    help="tag (default: the text's property tag equals the label) or llm (needs OPENAI_API_KEY)")
     p.add_argument("--force", action="store_true", help="judge again texts this judge has already judged")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="heads per write transaction (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="heads per write transaction (default 16)")
     add_llm_args(p)
     p.set_defaults(func=run)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from etl.common import add_llm_args, add_warehouse_arg, make_llm, model_row_or_fail, progress, warehouse_path
+from etl.common import (add_llm_args, add_warehouse_arg, make_llm, model_row_or_fail, open_unit, positive_int,
+                        probability, progress, warehouse_path)
 
 
 def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: dict, todo: list,
@@ -62,22 +63,22 @@ def add_parser(sub) -> None:
                    help="a model_id of the warehouse `models` table whose heads have TextSpan texts")
     p.add_argument("--labeler", choices=["offline", "llm"], default="offline",
                    help="offline (default: needs property-tagged texts) or llm (needs OPENAI_API_KEY)")
-    p.add_argument("--threshold", type=float, default=None, metavar="SHARE",
+    p.add_argument("--threshold", type=probability, default=None, metavar="SHARE",
                    help="offline: below this share of the head's variance in voting texts the label is 'mixed' "
                         "(default 0.15)")
-    p.add_argument("--majority", type=float, default=None, metavar="SHARE",
+    p.add_argument("--majority", type=probability, default=None, metavar="SHARE",
                    help="offline: the winning property must also carry this share of the variance of all voting "
                         "texts (default 0.6)")
-    p.add_argument("--alpha", type=float, default=None, metavar="P",
+    p.add_argument("--alpha", type=open_unit, default=None, metavar="P",
                    help="offline: also require the winning share to beat the same texts with tags shuffled over "
                         "the bank at this significance (default 1: the p-value is recorded, not required)")
-    p.add_argument("--min-votes", type=int, default=None, metavar="N",
+    p.add_argument("--min-votes", type=positive_int, default=None, metavar="N",
                    help="offline: texts of the winning property that must vote (default 2)")
     p.add_argument("--no-agreement-check", action="store_true",
                    help="offline: let every tagged text vote, without checking that the rest of the model reads "
                         "it as the head does (the check needs the image embeddings; it is on by default)")
     p.add_argument("--force", action="store_true", help="relabel heads already labelled by this labeler")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="heads per write transaction (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="heads per write transaction (default 16)")
     add_llm_args(p)
     p.set_defaults(func=run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from etl.common import add_warehouse_arg, warehouse_path
+from etl.common import add_warehouse_arg, non_negative_int, positive_int, warehouse_path
 from etl.world import probes
 
 
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     q.add_argument("--model", required=True, metavar="MODEL_ID", help="a model_id of the warehouse, e.g. toy-shapes/bundled")
     add_warehouse_arg(q)
     q.add_argument("--dataset", required=True, help="a shapes dataset already embedded, e.g. shapes:2000:seed=0")
-    q.add_argument("--seed", type=int, default=0, help="train/test split seed (default 0)")
+    q.add_argument("--seed", type=non_negative_int, default=0, help="train/test split seed (default 0)")
     q.add_argument("--force", action="store_true",
                    help="recompute even when this model, dataset and seed are already stored")
     q.set_defaults(func=run_probe)
@@ -31,13 +31,13 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="toy-shapes",
                    help="open_clip architecture with bundled weights (default toy-shapes)")
     p.add_argument("--checkpoint", default=None, help="weights file instead of the bundled weights")
-    p.add_argument("--n", type=int, default=2000, help="number of shapes scenes (default 2000)")
-    p.add_argument("--seed", type=int, default=2,
+    p.add_argument("--n", type=positive_int, default=2000, help="number of shapes scenes (default 2000)")
+    p.add_argument("--seed", type=non_negative_int, default=2,
                    help="shapes-world seed of the scenes and of the train/test split (default 2)")
     p.add_argument("--layers", default="all", help="layers to probe: all | lastN | 0,1,2 (default all)")
     p.add_argument("--format", choices=["table", "json"], default="table",
                    help="table (one row per head) or json (one line per head x factor)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     p.set_defaults(func=run_probe_heads)
 
 

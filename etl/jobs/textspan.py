@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from etl.common import add_warehouse_arg, model_row_or_fail, progress, warehouse_path
+from etl.common import add_warehouse_arg, model_row_or_fail, positive_int, progress, warehouse_path
 
 
 def add_parser(sub) -> None:
@@ -30,8 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", metavar="DATASET_ID", default=None,
                    help="use only this dataset's images (a dataset_id of the `datasets` table; default: every "
                         "image embedded for the model)")
-    p.add_argument("-k", "--k", type=int, default=10, help="texts per head (default 10; the paper uses 20)")
-    p.add_argument("-r", "--r", type=int, default=80,
+    p.add_argument("-k", "--k", type=positive_int, default=10, help="texts per head (default 10; the paper uses 20)")
+    p.add_argument("-r", "--r", type=positive_int, default=80,
                    help="texts are projected on the head's top-r singular directions first (default 80, the "
                         "published value), capped per head at its numerical rank and head dimension (the r "
                         "used is stored in head_texts.r)")

@@ -215,3 +215,93 @@ def test_run_builds_every_table_and_resumes(tmp_path):
     assert {j for j, _ in second} == jobs and {s for _, s in second} == {"skipped"}, second
     assert count(wh, "SELECT count(*) FROM head_embeddings") == 80 * 24
     assert count(wh, "SELECT count(*) FROM head_texts") == 24 * 10
+
+
+# --------------------------------------------------------------------------- keys that refuse duplicates
+
+TABLES = ("images", "image_factors", "image_embeddings", "head_embeddings", "datasets", "models")
+
+
+def _counts(path) -> dict:
+    return {t: count(path, f"SELECT count(*) FROM {t}") for t in TABLES}
+
+
+def _json_lines(text: str) -> list[dict]:
+    import json
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_two_embed_processes_on_one_warehouse_store_each_image_once(tmp_path):
+    """Two `embed` processes on the same model, dataset and warehouse (and the same ONNX file to
+    export): both succeed and the warehouse holds exactly what one run stores."""
+    wh, single = tmp_path / "w.duckdb", tmp_path / "single.duckdb"
+    args = ["embed", "--model", "toy-shapes-small", "--dataset", "shapes:60:seed=0", "--batch-size", "8"]
+    env = {**ENV, "ATLAS_HOME": str(tmp_path / "home")}
+    procs = [subprocess.Popen([sys.executable, "-m", "etl", *args, "--warehouse", str(wh)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert err == ""
+    results = [_json_lines(out)[-1] for out, _ in outs]
+    for r in results:
+        assert r["embedded"] + r["stored_by_another"] + r["skipped_done"] == 60, r
+    assert sum(r["embedded"] for r in results) == 60, results         # each image stored by one of them
+    r = cli(*args, "--warehouse", str(single), env={"ATLAS_HOME": str(tmp_path / "home")})
+    assert r.returncode == 0, r.stderr
+    assert _counts(wh) == _counts(single) == {"images": 60, "image_factors": 60 * 7, "image_embeddings": 60,
+                                              "head_embeddings": 60 * 4 * 2, "datasets": 1, "models": 1}
+    assert rows(wh, "SELECT DISTINCT status FROM runs WHERE job = 'embed'") in ([("ok",)], [("ok",), ("skipped",)],
+                                                                               [("skipped",), ("ok",)])
+    assert list((tmp_path / "home" / "onnx").glob("*.tmp.onnx")) == []
+
+
+def _png_folder(root, n: int):
+    root.mkdir()
+    for i in range(n):
+        img = Image.new("RGB", (48, 48), (255 - 20 * i, 15 * i, (97 * i) % 256))
+        for x in range(8 + i, 30 + i):
+            for y in range(10, 20 + i):
+                img.putpixel((x, y), ((50 * i) % 256, 255 - 10 * i, 30))
+        img.save(root / f"img{i:02d}.png")
+    return root
+
+
+def test_a_manifest_that_lists_files_twice_embeds_each_once_and_textspan_force_works(tmp_path):
+    imgs = _png_folder(tmp_path / "imgs", 12)
+    lines = ["path,label"] + [f"img{i:02d}.png,c{i % 3}" for i in range(12)]
+    lines += ["img00.png,c0", "./img01.png,c1", f"{imgs / 'img02.png'},c2", "img03.png,c0"]
+    manifest = imgs / "manifest.csv"
+    manifest.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")     # as Excel saves it
+    wh = str(tmp_path / "w.duckdb")
+    env = {"ATLAS_HOME": str(tmp_path / "home")}
+    r = cli("embed", "--model", "toy-shapes-small", "--dataset", str(manifest), "--warehouse", wh, env=env)
+    assert r.returncode == 0, r.stderr
+    out = _json_lines(r.stdout)[-1]
+    assert (out["embedded"], out["duplicates"], out["errors"]) == (12, 4, 0)
+    assert count(wh, "SELECT count(*) FROM images") == 12
+    assert count(wh, "SELECT count(*) FROM image_embeddings") == 12
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 12 * 4 * 2
+    assert count(wh, "SELECT count(DISTINCT label) FROM images") == 3
+    for step in (["texts", "--model", "toy-shapes-small/bundled"], ["textspan", "--model", "toy-shapes-small/bundled"],
+                 ["textspan", "--model", "toy-shapes-small/bundled", "--force"]):
+        r = cli(*step, "--warehouse", wh, env=env)
+        assert r.returncode == 0, (step, r.stderr)
+    assert _json_lines(r.stdout)[-1]["heads_written"] == 4 * 2
+    assert count(wh, "SELECT count(*) FROM head_texts") == 4 * 2 * 10
+    # a second embed of the same manifest stores nothing new
+    r = cli("embed", "--model", "toy-shapes-small", "--dataset", str(manifest), "--warehouse", wh, env=env)
+    assert r.returncode == 0 and _json_lines(r.stdout)[-1]["skipped_done"] == 12
+    assert count(wh, "SELECT count(*) FROM head_embeddings") == 12 * 4 * 2
+
+
+def test_decompose_reports_the_file_it_wrote(tmp_path):
+    import json
+    _png_folder(tmp_path / "imgs", 1)
+    r = cli("decompose", "--model", "toy-shapes-small", "--image", str(tmp_path / "imgs" / "img00.png"),
+            "--layers", "all", "--no-tokens", "--out", str(tmp_path / "out" / "heads"))
+    assert r.returncode == 0, r.stderr
+    written = json.loads(r.stdout.splitlines()[-1])["out"]
+    assert written == str(tmp_path / "out" / "heads.npz") and os.path.isfile(written)
+    with np.load(written) as z:
+        assert z["head_cls"].shape == (1, 4, 2, 128)

@@ -136,6 +136,22 @@ def test_missing_and_mismatched_checkpoints(tiny, tmp_path):
         load_model("atlas-test-tiny", checkpoint=tmp_path / "junk.pt")
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tiny, tmp_path, capsys):
+    torch.save({"visual.proj": _RunsCode()}, tmp_path / "evil.pt")
+    torch.save(load_model("atlas-test-tiny", random_init=True).model, tmp_path / "module.pt")   # a whole nn.Module
+    for name in ("evil.pt", "module.pt"):
+        with pytest.raises(ModelError) as err:
+            load_model("atlas-test-tiny", checkpoint=tmp_path / name)
+        assert str(err.value) == (f"checkpoint {tmp_path / name} is not a plain state dict (it would run code when "
+                                  f"unpickled); save it with torch.save(model.state_dict()) or as .safetensors")
+    assert "unpickling ran code" not in capsys.readouterr().out
+
+
 def test_weight_source_rules(tiny):
     with pytest.raises(ModelError, match="only one of"):
         load_model("atlas-test-tiny", pretrained="x", random_init=True)

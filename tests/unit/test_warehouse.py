@@ -583,3 +583,252 @@ def test_migration_005_upgrades_a_warehouse_in_place(tmp_path):
     with connect(p) as con:
         assert con.execute("SELECT shard_dir, mode, files FROM shard_sets").fetchall() == [("/s", "copy", [])]
         assert con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'head_embeddings'").fetchall() == [(0,)]
+
+
+# --------------------------------------------------------------------------- keys (migration 004)
+
+def _warehouse_at(p: Path, version: int, tmp_path: Path) -> duckdb.DuckDBPyConnection:
+    """A warehouse built by the shipped migrations up to ``version`` only (an older release's file)."""
+    d = tmp_path / f"migrations_upto_{version}"
+    d.mkdir()
+    for v, _, f in available_migrations():
+        if v <= version:
+            (d / f.name).write_text(f.read_text())
+    con = duckdb.connect(str(p))
+    assert migrate(con, d) == list(range(1, version + 1))
+    return con
+
+
+def _keyed_tables(con) -> dict[str, str]:
+    """{table: how its rows are keyed} for every table with a primary key or a unique index."""
+    keyed = {r[0]: r[1] for r in con.execute(
+        "SELECT table_name, constraint_text FROM duckdb_constraints() "
+        "WHERE constraint_type IN ('PRIMARY KEY', 'UNIQUE')").fetchall()}
+    keyed.update({r[0]: r[1] for r in con.execute(
+        "SELECT table_name, sql FROM duckdb_indexes() WHERE is_unique").fetchall()})
+    return keyed
+
+
+def test_every_table_with_a_natural_key_refuses_duplicates(tmp_path):
+    p = tmp_path / "w.duckdb"
+    with writer(p):
+        pass
+    with connect(p) as con:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        keyed = _keyed_tables(con)
+    assert tables - set(keyed) == {"errors"}          # a log: one row per failed item and attempt
+    assert keyed["head_embeddings"] == "PRIMARY KEY(model_id, image_id, layer, head)"
+    assert "coalesce(layer, -1)" in keyed["ablations"].lower()
+    with writer(p) as con:
+        con.execute("INSERT INTO head_embeddings VALUES ('m', 'i', 0, 1, [1.0])")
+        con.execute("INSERT INTO ablations VALUES ('m', 'd', 'shape', 'baseline', NULL, NULL, 0.5, NULL)")
+        con.execute("INSERT INTO ablations VALUES ('m', 'd', 'shape', 'head', 0, 1, 0.5, NULL)")
+    for sql in ("INSERT INTO head_embeddings VALUES ('m', 'i', 0, 1, [2.0])",
+                "INSERT INTO ablations VALUES ('m', 'd', 'shape', 'baseline', NULL, NULL, 0.7, NULL)",
+                "INSERT INTO ablations VALUES ('m', 'd', 'shape', 'head', 0, 1, 0.7, NULL)"):
+        with pytest.raises(duckdb.ConstraintException):
+            with writer(p) as con:
+                con.execute(sql)
+    with connect(p) as con:
+        assert con.execute("SELECT count(*) FROM head_embeddings").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM ablations").fetchone()[0] == 2
+
+
+def test_migration_004_upgrades_a_003_warehouse_and_removes_duplicates(tmp_path):
+    p = tmp_path / "old.duckdb"
+    con = _warehouse_at(p, 3, tmp_path)
+    # head_embeddings as a manifest listing image 'a' twice and a second embed process left it:
+    # every (image, layer, head) of a and b stored twice, c once; the first copy of a is [1, x]
+    rows = []
+    for copy in (1.0, 2.0):
+        for image in ("a", "b"):
+            rows += [("m", image, layer, head, [copy, 10.0 * layer + head]) for layer in (0, 1) for head in (0, 1, 2)]
+    rows += [("m", "c", layer, head, [3.0, 10.0 * layer + head]) for layer in (0, 1) for head in (0, 1, 2)]
+    rows += [("other", "a", 0, 0, [9.0, 9.0])]
+    con.executemany("INSERT INTO head_embeddings VALUES (?, ?, ?, ?, ?)", rows)
+    con.executemany("INSERT INTO ablations VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
+        ("m", "d", "shape", "baseline", None, None, 0.5, "r1"),
+        ("m", "d", "shape", "mlps", None, None, 0.4, "r1"),
+        ("m", "d", "shape", "attn_upto", 0, None, 0.3, "r1"),
+        ("m", "d", "shape", "head", 0, 1, 0.2, "r1"),
+        ("m", "d", "shape", "head", 0, 2, 0.25, "r1"),
+        ("m", "d", "shape", "baseline", None, None, 0.55, "r2"),     # the same keys again, newer
+        ("m", "d", "shape", "head", 0, 1, 0.22, "r2"),
+        ("m", "d", "color", "baseline", None, None, 0.9, "r1"),
+    ])
+    con.execute("INSERT INTO image_embeddings VALUES ('m', 'a', [1.0]), ('m', 'b', [1.0]), ('m', 'c', [1.0])")
+    con.execute("INSERT INTO runs (run_id, job, status) VALUES ('embed-old', 'embed', 'running')")
+    con.close()
+    assert len(rows) == 2 * 2 * 6 + 6 + 1
+
+    with writer(p) as con:                      # a writer applies the pending migration 004
+        assert schema_version(con) == available_migrations()[-1][0] >= 4
+    with connect(p) as con:
+        he = con.execute("SELECT model_id, image_id, layer, head, vec FROM head_embeddings").fetchall()
+        ab = con.execute("SELECT factor, kind, layer, head, accuracy, run_id FROM ablations "
+                         "ORDER BY factor, kind, layer, head").fetchall()
+        run = con.execute("SELECT status, pid, host FROM runs WHERE run_id = 'embed-old'").fetchone()
+        n_images = con.execute("SELECT count(*) FROM image_embeddings").fetchone()[0]
+        for (view,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall():
+            con.execute(f"SELECT * FROM {view}").fetchall()       # every view still binds
+        keyed = _keyed_tables(con)
+        storage = {r[0] for r in con.execute(
+            "SELECT compression FROM pragma_storage_info('head_embeddings') WHERE segment_type = 'FLOAT'").fetchall()}
+    # exactly one row per key; every key of every model kept; the first copy of each kept
+    assert len(he) == 3 * 6 + 1
+    assert len({r[:4] for r in he}) == len(he)
+    assert {r[:4] for r in he} == {r[:4] for r in rows}
+    assert {tuple(r[4]) for r in he if r[0] == "m" and r[1] in ("a", "b")} == {
+        (1.0, 10.0 * layer + head) for layer in (0, 1) for head in (0, 1, 2)}
+    assert [r[4][0] for r in he if r[1] == "c"] == [3.0] * 6
+    assert storage == {"Uncompressed"}
+    # ablations: one row per key, NULL layer/head included; the newest of each duplicate kept
+    assert ab == [("color", "baseline", None, None, 0.9, "r1"),
+                  ("shape", "attn_upto", 0, None, 0.3, "r1"),
+                  ("shape", "baseline", None, None, 0.55, "r2"),
+                  ("shape", "head", 0, 1, 0.22, "r2"),
+                  ("shape", "head", 0, 2, 0.25, "r1"),
+                  ("shape", "mlps", None, None, 0.4, "r1")]
+    assert n_images == 3
+    assert run == ("running", None, None)       # no process recorded: left as it was
+    assert {"head_embeddings", "ablations"} <= set(keyed)
+
+
+def test_embedding_writes_are_idempotent_on_their_keys(tmp_path):
+    from warehouse import writes
+    p = tmp_path / "w.duckdb"
+    rng = np.random.default_rng(0)
+    heads = rng.standard_normal((3, 2, 4, 8)).astype(np.float32)        # [n, L', H, d]
+    emb = rng.standard_normal((3, 8)).astype(np.float32)
+    ids = ["x/0", "x/1", "x/0"]                                          # x/0 twice in one batch
+    with writer(p) as con:
+        assert writes.insert_head_embeddings(con, "m", ids, [4, 5], heads) == 2 * 2 * 4
+        assert writes.insert_image_embeddings(con, "m", ids, emb) == 2
+        assert writes.insert_images(con, "x", ids, [None] * 3, ["s"] * 3, [None] * 3, [None] * 3,
+                                    [(1, 1)] * 3, [b""] * 3) == 2
+        assert writes.insert_image_factors(con, [("x/0", "shape", "a"), ("x/0", "shape", "b")]) == 1
+    with writer(p) as con:                 # a second writer with the same images stores nothing new
+        assert writes.insert_head_embeddings(con, "m", ["x/1", "x/2"], [4, 5], heads[:2]) == 2 * 4
+        assert writes.insert_image_embeddings(con, "m", ["x/1", "x/2"], emb[:2]) == 1
+        assert writes.insert_text_embeddings(con, "m", ["t", "t"], emb[:2]) == 1
+    with connect(p) as con:
+        assert con.execute("SELECT count(*) FROM head_embeddings").fetchone()[0] == 3 * 2 * 4
+        assert con.execute("SELECT count(*) FROM image_embeddings").fetchone()[0] == 3
+        # the stored vector of a repeated key is the first one written
+        got = np.array(con.execute("SELECT vec FROM head_embeddings WHERE image_id = 'x/1' AND layer = 5 "
+                                   "AND head = 3").fetchone()[0], np.float32)
+        assert np.array_equal(got, heads[1, 1, 3])
+        got = np.array(con.execute("SELECT vec FROM head_embeddings WHERE image_id = 'x/0' AND layer = 4 "
+                                   "AND head = 0").fetchone()[0], np.float32)
+        assert np.array_equal(got, heads[0, 0, 0])
+    # the replace_* writers keep one row per key too (the last one given)
+    with writer(p) as con:
+        writes.replace_ablations(con, "m", "d", [
+            dict(factor="shape", kind="baseline", layer=None, head=None, accuracy=0.1),
+            dict(factor="shape", kind="baseline", layer=None, head=None, accuracy=0.2)], "r")
+    with connect(p) as con:
+        assert con.execute("SELECT accuracy FROM ablations").fetchall() == [(0.2,)]
+
+
+# --------------------------------------------------------------------------- interrupted runs
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_run_whose_process_is_gone_shows_and_becomes_interrupted(tmp_path):
+    from warehouse import queries
+    from warehouse.runs import STATUSES, mark_interrupted, this_host
+    p = tmp_path / "w.duckdb"
+    run_id = start_run(p, "embed", {})
+    dead = _dead_pid()
+    with writer(p) as con:
+        pid, host = con.execute("SELECT pid, host FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        assert (pid, host) == (os.getpid(), this_host())
+        con.executemany("INSERT INTO runs (run_id, job, status, pid, host) VALUES (?, 'embed', 'running', ?, ?)",
+                        [["killed", dead, this_host()], ["elsewhere", dead, "another-host"],
+                         ["finished", dead, this_host()]])
+        con.execute("UPDATE runs SET status = 'ok' WHERE run_id = 'finished'")
+    assert "interrupted" in STATUSES
+    # a reader sees it at once, without writing
+    shown = dict(queries.runs(p)[["run_id", "status"]].itertuples(index=False))
+    assert shown == {run_id: "running", "killed": "interrupted", "elsewhere": "running", "finished": "ok"}
+    with connect(p) as con:
+        assert con.execute("SELECT status FROM runs WHERE run_id = 'killed'").fetchone()[0] == "running"
+    # the next writing job stores it
+    later = start_run(p, "texts", {})
+    with connect(p) as con:
+        stored = dict(con.execute("SELECT run_id, status FROM runs").fetchall())
+        error = con.execute("SELECT error FROM runs WHERE run_id = 'killed'").fetchone()[0]
+    assert stored == {run_id: "running", "killed": "interrupted", "elsewhere": "running", "finished": "ok",
+                      later: "running"}
+    assert str(dead) in error
+    assert mark_interrupted(p) == []
+
+
+def test_a_killed_job_process_is_interrupted_on_the_next_start(tmp_path):
+    p = tmp_path / "w.duckdb"
+    proc = _python("""
+        import sys, time
+        from warehouse.runs import start_run
+        print(start_run(sys.argv[1], "embed", {}), flush=True)
+        time.sleep(60)
+    """, str(p))
+    run_id = proc.stdout.readline().strip()
+    proc.kill()
+    proc.wait()
+    with connect(p) as con:
+        assert con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == "running"
+    start_run(p, "texts", {})
+    with connect(p) as con:
+        assert con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == "interrupted"
+
+
+# --------------------------------------------------------------------------- unusable locations
+
+def test_unusable_warehouse_locations_are_one_line_errors(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n")
+    cases = [(folder, True, "is a folder"), (folder, False, "is a folder"),
+             (text, True, "is not a DuckDB warehouse"), (text, False, "is not a DuckDB warehouse"),
+             (text / "w.duckdb", False, "cannot create the folder")]
+    for path, read_only, phrase in cases:
+        with pytest.raises(WarehouseError) as err:
+            if read_only:
+                connect(path).close()
+            else:
+                with writer(path):
+                    pass
+        assert phrase in str(err.value) and "\n" not in str(err.value), (path, read_only, err.value)
+    assert text.read_text() == "not a database\n"
+
+
+def test_check_location_refuses_what_can_hold_no_warehouse_and_creates_nothing(tmp_path):
+    from warehouse import check_location
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n")
+    good = tmp_path / "good.duckdb"
+    with writer(good):
+        pass
+    for path, phrase in [(folder, "is a folder"), (text, "is not a DuckDB warehouse"),
+                         (text / "sub" / "w.duckdb", "which is a file, not a folder")]:
+        with pytest.raises(WarehouseError, match=phrase):
+            check_location(path)
+    assert check_location(good) == good
+    assert check_location(tmp_path / "new" / "w.duckdb") == tmp_path / "new" / "w.duckdb"
+    assert not (tmp_path / "new").exists()
+
+
+def test_reading_the_default_warehouse_creates_nothing(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("ATLAS_HOME", str(home))
+    with pytest.raises(WarehouseMissingError):
+        connect()
+    assert not home.exists()
+    assert default_warehouse_path(create=False) == home / "warehouse.duckdb" and not home.exists()
