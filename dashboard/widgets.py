@@ -175,21 +175,15 @@ class ImageChoice:
     key: str                    # identifies the pixels (cache key of the live decomposition)
     caption: str
     image_id: Optional[str]     # warehouse image id, None for uploads
+    faithful: bool = True       # False: a warehouse image shown from its thumbnail (the original is gone)
+    note: str = ""              # where a warehouse image's pixels came from
 
 
-def _load_warehouse_image(image_id: str) -> tuple[Image.Image, str]:
-    import models
+def _load_warehouse_image(image_id: str):
+    """The embedded pixels of a warehouse image (dashboard.originals.resolve), else its thumbnail."""
+    from dashboard.originals import resolve
     rec = q(queries.image_record, image_id)
-    path = rec.get("path")
-    try:
-        if path and __import__("os").path.isfile(path):
-            return models.load_image(path), f"{image_id} ({describe(rec) or 'no label'})"
-    except models.ImageError:
-        pass
-    if rec.get("thumbnail") is None:
-        raise models.ImageError(f"{image_id}: the original file is gone and no thumbnail is stored")
-    return (models.load_image(bytes(rec["thumbnail"])),
-            f"{image_id} ({describe(rec) or 'no label'}; from its stored thumbnail: no original file on this machine)")
+    return resolve(rec), f"{image_id} ({describe(rec) or 'no label'})"
 
 
 def image_input(row: dict, key: str) -> Optional[ImageChoice]:
@@ -221,11 +215,17 @@ def image_input(row: dict, key: str) -> Optional[ImageChoice]:
     image_id = st.selectbox("Warehouse image", list(ims.image_id), key=f"{key}_image",
                             format_func=lambda i: f"{i}  {labels.get(i, '')}")
     try:
-        img, caption = _load_warehouse_image(image_id)
+        resolved, caption = _load_warehouse_image(image_id)
     except models.ImageError as exc:
         st.error(str(exc))
         return None
-    return ImageChoice(img, f"warehouse:{image_id}:{stamp(warehouse_path())}", caption, image_id)
+    if resolved.faithful:
+        st.caption(f"Live map on the {resolved.note}: it decomposes the stored embedding exactly.")
+    else:
+        st.warning(f"Not the embedded image: {resolved.note}.", icon=":material/warning:")
+        caption += " — from its stored thumbnail"
+    return ImageChoice(resolved.image, f"warehouse:{image_id}:{resolved.source}:{stamp(warehouse_path())}",
+                       caption, image_id, resolved.faithful, resolved.note)
 
 
 # --------------------------------------------------------------------------- heatmaps

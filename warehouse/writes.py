@@ -71,10 +71,13 @@ def upsert_dataset(con, dataset_id: str, name: str, source: str, n_images: Optio
 
 def insert_images(con, dataset_id: str, image_ids: Sequence[str], paths: Sequence[Optional[str]],
                   sha256: Sequence[str], labels: Sequence[Optional[str]], captions: Sequence[Optional[str]],
-                  sizes: Sequence[tuple[int, int]], thumbnails: Sequence[bytes]) -> None:
-    """`images` rows (an image already stored is left as it is)."""
+                  sizes: Sequence[tuple[int, int]], thumbnails: Sequence[bytes],
+                  originals: Optional[Sequence[Optional[bytes]]] = None) -> None:
+    """`images` rows (an image already stored is left as it is). originals: lossless PNG bytes of
+    images with no file on disk (migration 006), None where the image can be read again."""
     n = len(image_ids)
-    _insert(con, "images", pa.table({
+    extra = {} if originals is None else {"original": pa.array(list(originals), pa.binary())}
+    _insert(con, "images", pa.table({**extra,
         "image_id": list(image_ids), "dataset_id": [dataset_id] * n, "path": list(paths), "sha256": list(sha256),
         "label": pa.array(list(labels), pa.string()), "caption": pa.array(list(captions), pa.string()),
         "width": [s[0] for s in sizes], "height": [s[1] for s in sizes],

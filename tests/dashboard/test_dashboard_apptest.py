@@ -124,11 +124,10 @@ def scene(index: int, size: int = 96) -> Image.Image:
 
 
 def warehouse_image(warehouse, image_id: str) -> Image.Image:
-    """The pixels the pages analyse for a warehouse image: its file, else its stored thumbnail."""
-    rec = queries.image_record(warehouse, image_id)
-    if rec.get("path") and os.path.isfile(rec["path"]):
-        return models.load_image(rec["path"])
-    return models.load_image(bytes(rec["thumbnail"]))
+    """The pixels the pages analyse for a warehouse image: the embedded original (stored PNG,
+    scikit-image photo or file, checked by pixel sha256), else its stored thumbnail."""
+    from dashboard.originals import resolve
+    return resolve(queries.image_record(warehouse, image_id)).image
 
 
 # --------------------------------------------------------------------------- every page
@@ -335,6 +334,9 @@ def test_topic_map_changes_with_text_and_matches_the_decomposition(warehouse_fil
     dec = models.decompose(lm, lm.preprocess(img)[None], layers=row["analysed_layers"], tokens=True)
     t = models.encode_texts(lm, [text])[0]
     assert float(first) == pytest.approx(float((dec.head_tokens[0, :, :, 1:] @ t).sum()), abs=1e-4)
+    # a shapes scene: the map runs on its stored lossless original, and the page says so
+    assert any("decomposes the stored embedding exactly" in c.value for c in at.caption), [c.value for c in at.caption]
+    assert not any("Not the embedded image" in x.value for x in at.warning)
     at.text_input(key="topic_text").set_value("a square").run()
     assert_ok(at)
     assert metric(at, "sum over patches") != first
