@@ -375,6 +375,38 @@ def test_head_map_is_additive_over_heads_and_colours_are_symmetric():
     assert a_pos == a_neg and rgb_pos[0, 0] > rgb_pos[0, 2] and rgb_neg[0, 2] > rgb_neg[0, 0]
 
 
+def test_overlay_is_drawn_on_the_image_patch_aligned_with_a_full_range_legend():
+    img = Image.new("RGB", (64, 64), (0, 128, 0))                      # a plain green image
+    grid = np.array([[1.0, -1.0], [0.0, 0.5]])                            # 2 x 2 patches
+    out = np.asarray(widgets.overlay(img, grid, 1.0, size=100), dtype=int)
+    tl, tr, bl = out[20, 20], out[20, 80], out[80, 20]
+    assert tl[0] > tl[2] and tl[0] > 120                                  # +vmax: red over the image
+    assert tr[2] > tr[0] and tr[2] > 120                                  # -vmax: blue
+    assert bl[1] > bl[0] and bl[1] > bl[2]                                # 0: the image shows through
+    assert (out[5:45, 5:45] == out[5, 5]).all()                           # one block per patch
+    assert not (out[5:45, 55:95] == out[5, 5]).all()
+    lg = widgets.legend(2.5, width=200)
+    a = np.asarray(lg, dtype=int)
+    assert lg.size[0] == 200 and a[5, 1, 2] > a[5, 1, 0] and a[5, 198, 0] > a[5, 198, 2]   # blue .. red
+
+
+def test_plurals():
+    assert [widgets.plural(n, "head") for n in (0, 1, 2)] == ["0 heads", "1 head", "2 heads"]
+    assert widgets.plural(1, "property", "properties") == "1 property"
+    assert widgets.plural(3, "property", "properties") == "3 properties"
+
+
+def test_topic_page_shows_small_multiples_for_several_heads(warehouse_file, chosen):
+    at = page(nav.TOPIC)
+    n_one = len(at.get("image"))
+    at.radio(key="topic_mode").set_value("a layer").run()
+    assert_ok(at)
+    row = queries.model_row(warehouse_file, chosen[0])
+    n_heads = int(row["heads"])
+    assert len(at.get("image")) == n_one + n_heads + 1                     # one overlay per head, one legend
+    assert any(f"Each head separately** ({widgets.plural(n_heads, 'head')}" in m.value for m in at.markdown)
+
+
 def test_head_addresses_round_trip_and_bad_ones_explain_the_form():
     assert widgets.parse_head(widgets.head_name(11, 3)) == (11, 3)
     assert widgets.parse_head(" l2.h10 ") == (2, 10)
