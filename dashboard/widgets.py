@@ -158,8 +158,21 @@ def head_set_picker(row: dict, key: str, modes: Sequence[str] = HEAD_MODES) -> t
     return heads, f"all {len(heads)} analysed heads (layers {', '.join(map(str, row['analysed_layers']))})"
 
 
-def head_links(model_id: str, layer: int, head: int, prop: Optional[str] = None) -> None:
-    """Links from a head to every analysis of it (pages open with this model and head chosen)."""
+def head_page_params(model_id: str, layer: int, head: int) -> dict:
+    """The query of a head's permalink: /head?model=...&layer=...&head=..."""
+    return {"model": model_id, "layer": str(int(layer)), "head": str(int(head))}
+
+
+def head_page_link(model_id: str, layer: int, head: int, label: Optional[str] = None) -> None:
+    """A link to the head page (its permalink) of one head."""
+    st.page_link(nav.HEAD, label=label or f"{nav.TITLES[nav.HEAD]} page of {head_name(layer, head)} (permalink)",
+                 query_params=head_page_params(model_id, layer, head), icon=":material/center_focus_strong:")
+
+
+def head_links(model_id: str, layer: int, head: int, prop: Optional[str] = None, head_page: bool = True) -> None:
+    """Links from a head to its head page and every analysis of it (pages open with this model and head chosen)."""
+    if head_page:
+        head_page_link(model_id, layer, head)
     params = {"model": model_id, "head": head_name(layer, head)}
     for page in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN, nav.PROPERTY_NN):
         st.page_link(page, label=f"{nav.TITLES[page]} of {head_name(layer, head)}"
