@@ -32,6 +32,7 @@ def _url_head() -> tuple:
     return model, name
 
 
+st.title("Head")
 url_model, url_head = _url_head()
 if (url_model, url_head) != st.session_state.get("_head_page_url"):   # a link or a reload: the URL wins
     if url_model:
@@ -46,7 +47,6 @@ name = w.head_name(layer, head)
 st.query_params.from_dict({"model": model_id, "layer": str(layer), "head": str(head)})
 st.session_state["_head_page_url"] = (model_id, name)
 
-st.title("Head")
 st.header(f"{name} of {model_id}", anchor=False)
 st.caption(f"Permalink: `?model={model_id}&layer={layer}&head={head}` — reload or share this URL to "
            "open the same head.")
