@@ -26,6 +26,7 @@ from streamlit.testing.v1 import AppTest
 
 import models
 from dashboard import live, nav, widgets
+from models import maps
 from etl.world import shapes
 from warehouse import queries, writer
 
@@ -367,10 +368,10 @@ def test_head_map_is_additive_over_heads_and_colours_are_symmetric():
     tokens = torch.randn(2, 3, 1 + 4 * 4, 8)                    # [L', H, T, d], grid 4 x 4
     t = np.random.default_rng(0).standard_normal(8)
     heads = [(0, 1), (1, 2), (1, 0)]
-    together = live.head_map(tokens, heads, t, (4, 4))
-    apart = sum(live.head_map(tokens, [h], t, (4, 4)) for h in heads)
+    together = maps.head_map(tokens, heads, t, (4, 4))
+    apart = sum(maps.head_map(tokens, [h], t, (4, 4)) for h in heads)
     np.testing.assert_allclose(together, apart, rtol=1e-5, atol=1e-6)
-    assert live.upsample(together, 32).shape == (32, 32)
+    assert maps.upsample(together, 32).shape == (32, 32)
     rgb_pos, a_pos = widgets.colorize(np.array([0.5]), 1.0)
     rgb_neg, a_neg = widgets.colorize(np.array([-0.5]), 1.0)
     assert a_pos == a_neg and rgb_pos[0, 0] > rgb_pos[0, 2] and rgb_neg[0, 2] > rgb_neg[0, 0]
