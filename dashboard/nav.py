@@ -3,6 +3,7 @@ head cards link to pages through it, so a page is named in one place only."""
 from __future__ import annotations
 
 ATLAS = "views/atlas.py"
+HEAD = "views/head.py"
 PROPERTY_NN = "views/property_neighbours.py"
 TOPIC = "views/topic_segmentation.py"
 CONTRASTIVE = "views/contrastive_segmentation.py"
@@ -16,6 +17,7 @@ SQL = "views/sql_console.py"
 # directly (bypassing app.py) or shows "Page not found" when a URL is opened or reloaded.
 PAGES: list[tuple[str, str, str, str]] = [
     (ATLAS, "Atlas", ":material/grid_view:", "head-atlas"),
+    (HEAD, "Head", ":material/center_focus_strong:", "head"),
     (PROPERTY_NN, "Property neighbours", ":material/join_inner:", "property-neighbours"),
     (TOPIC, "Topic segmentation", ":material/layers:", "topic-segmentation"),
     (CONTRASTIVE, "Contrastive segmentation", ":material/compare:", "contrastive-segmentation"),

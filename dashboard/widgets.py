@@ -158,8 +158,21 @@ def head_set_picker(row: dict, key: str, modes: Sequence[str] = HEAD_MODES) -> t
     return heads, f"all {len(heads)} analysed heads (layers {', '.join(map(str, row['analysed_layers']))})"
 
 
-def head_links(model_id: str, layer: int, head: int, prop: Optional[str] = None) -> None:
-    """Links from a head to every analysis of it (pages open with this model and head chosen)."""
+def head_page_params(model_id: str, layer: int, head: int) -> dict:
+    """The query of a head's permalink: /head?model=...&layer=...&head=..."""
+    return {"model": model_id, "layer": str(int(layer)), "head": str(int(head))}
+
+
+def head_page_link(model_id: str, layer: int, head: int, label: Optional[str] = None) -> None:
+    """A link to the head page (its permalink) of one head."""
+    st.page_link(nav.HEAD, label=label or f"{nav.TITLES[nav.HEAD]} page of {head_name(layer, head)} (permalink)",
+                 query_params=head_page_params(model_id, layer, head), icon=":material/center_focus_strong:")
+
+
+def head_links(model_id: str, layer: int, head: int, prop: Optional[str] = None, head_page: bool = True) -> None:
+    """Links from a head to its head page and every analysis of it (pages open with this model and head chosen)."""
+    if head_page:
+        head_page_link(model_id, layer, head)
     params = {"model": model_id, "head": head_name(layer, head)}
     for page in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN, nav.PROPERTY_NN):
         st.page_link(page, label=f"{nav.TITLES[page]} of {head_name(layer, head)}"
@@ -175,21 +188,15 @@ class ImageChoice:
     key: str                    # identifies the pixels (cache key of the live decomposition)
     caption: str
     image_id: Optional[str]     # warehouse image id, None for uploads
+    faithful: bool = True       # False: a warehouse image shown from its thumbnail (the original is gone)
+    note: str = ""              # where a warehouse image's pixels came from
 
 
-def _load_warehouse_image(image_id: str) -> tuple[Image.Image, str]:
-    import models
+def _load_warehouse_image(image_id: str):
+    """The embedded pixels of a warehouse image (dashboard.originals.resolve), else its thumbnail."""
+    from dashboard.originals import resolve
     rec = q(queries.image_record, image_id)
-    path = rec.get("path")
-    try:
-        if path and __import__("os").path.isfile(path):
-            return models.load_image(path), f"{image_id} ({describe(rec) or 'no label'})"
-    except models.ImageError:
-        pass
-    if rec.get("thumbnail") is None:
-        raise models.ImageError(f"{image_id}: the original file is gone and no thumbnail is stored")
-    return (models.load_image(bytes(rec["thumbnail"])),
-            f"{image_id} ({describe(rec) or 'no label'}; from its stored thumbnail: no original file on this machine)")
+    return resolve(rec), f"{image_id} ({describe(rec) or 'no label'})"
 
 
 def image_input(row: dict, key: str) -> Optional[ImageChoice]:
@@ -221,11 +228,17 @@ def image_input(row: dict, key: str) -> Optional[ImageChoice]:
     image_id = st.selectbox("Warehouse image", list(ims.image_id), key=f"{key}_image",
                             format_func=lambda i: f"{i}  {labels.get(i, '')}")
     try:
-        img, caption = _load_warehouse_image(image_id)
+        resolved, caption = _load_warehouse_image(image_id)
     except models.ImageError as exc:
         st.error(str(exc))
         return None
-    return ImageChoice(img, f"warehouse:{image_id}:{stamp(warehouse_path())}", caption, image_id)
+    if resolved.faithful:
+        st.caption(f"Live map on the {resolved.note}: it decomposes the stored embedding exactly.")
+    else:
+        st.warning(f"Not the embedded image: {resolved.note}.", icon=":material/warning:")
+        caption += " — from its stored thumbnail"
+    return ImageChoice(resolved.image, f"warehouse:{image_id}:{resolved.source}:{stamp(warehouse_path())}",
+                       caption, image_id, resolved.faithful, resolved.note)
 
 
 # --------------------------------------------------------------------------- heatmaps
@@ -238,13 +251,63 @@ def colorize(values: np.ndarray, vmax: float) -> tuple[np.ndarray, np.ndarray]:
     return rgb.round().astype(np.uint8), np.abs(v)
 
 
-def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 320, opacity: float = 0.75) -> Image.Image:
-    """The heatmap blended over the image (both resized to `size`): strong colour where |value| is large."""
+def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 320, opacity: float = 0.8,
+            floor: float = 0.25) -> Image.Image:
+    """The map drawn on the image itself (both at `size` px).
+
+    heat: the patch grid [gh, gw] of the model's crop (each patch becomes one block, aligned with the
+    patch it is the share of) or an already upsampled map. Diverging colours on [-vmax, vmax]; the
+    colour's alpha is opacity * (floor + (1 - floor) * |v| / vmax), so weak patches stay visible but
+    let the image through, strong ones cover it."""
     base = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float64)
-    h = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+    h = np.asarray(Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize((size, size), Image.NEAREST))
     rgb, a = colorize(h, vmax)
-    out = base * (1 - opacity * a) + rgb * (opacity * a)
+    a = opacity * (floor + (1 - floor) * a)
+    out = base * (1 - a) + rgb * a
+    gh, gw = np.asarray(heat).shape
+    if gh <= 64 and gw <= 64:                                  # faint patch borders on a patch grid
+        img = out.clip(0, 255)
+        for k in range(1, gh):
+            img[round(k * size / gh), :, :] = img[round(k * size / gh), :, :] * 0.85
+        for k in range(1, gw):
+            img[:, round(k * size / gw), :] = img[:, round(k * size / gw), :] * 0.85
+        out = img
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def legend(vmax: float, low: str = "away from the text", high: str = "towards the text",
+           width: int = 320) -> Image.Image:
+    """A colour bar for overlay: the full range -vmax .. 0 .. +vmax with its numbers and meanings."""
+    from PIL import ImageDraw
+    bar_h, pad = 14, 4
+    img = Image.new("RGB", (width, bar_h + 34), (255, 255, 255))
+    v = np.linspace(-vmax, vmax, width)
+    rgb, _ = colorize(v, vmax)
+    img.paste(Image.fromarray(np.repeat(rgb[None], bar_h, axis=0)), (0, 0))
+    d = ImageDraw.Draw(img)
+    y = bar_h + pad
+    d.text((0, y), f"-{vmax:.4g}", fill=(30, 30, 30))
+    d.text((width // 2 - 3, y), "0", fill=(30, 30, 30))
+    d.text((width - 6 * len(f"+{vmax:.4g}") - 2, y), f"+{vmax:.4g}", fill=(30, 30, 30))
+    d.text((0, y + 14), low, fill=tuple(NEG))
+    d.text((width - 6 * len(high) - 2, y + 14), high, fill=tuple(POS))
+    return img
+
+
+def map_with_legend(crop: Image.Image, grid: np.ndarray, vmax: float, caption: str,
+                    low: str = "away from the text", high: str = "towards the text", size: int = 320) -> None:
+    """The overlay of a patch-grid map on the crop, then its legend with the full range."""
+    st.image(overlay(crop, grid, vmax, size=size), caption=caption)
+    st.image(legend(vmax, low, high, width=size))
+
+
+def small_multiples(crop: Image.Image, maps: dict, vmax: float, columns: int = 4, size: int = 200) -> None:
+    """One overlay per head (name -> patch grid), all on the same scale [-vmax, vmax]."""
+    items = list(maps.items())
+    for start in range(0, len(items), columns):
+        cols = st.columns(columns)
+        for col, (name, g) in zip(cols, items[start:start + columns]):
+            col.image(overlay(crop, g, vmax, size=size), caption=f"{name}: sum {float(np.sum(g)):+.4f}")
 
 
 def grid_chart(grid: np.ndarray, vmax: float, title: str) -> alt.Chart:
@@ -261,6 +324,11 @@ def grid_chart(grid: np.ndarray, vmax: float, title: str) -> alt.Chart:
 
 
 # --------------------------------------------------------------------------- tables and thumbnails
+
+def plural(n: int, word: str, many: Optional[str] = None) -> str:
+    """'1 head', '2 heads' (many: an irregular plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
 
 def describe(r) -> str:
     """An image hit's class label, else its caption (shortened), else ''."""

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 
 from PIL import Image
 
-from models.hashing import sha256_bytes
+from models.images import pixel_sha256
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                   ".ico", ".jfif", ".tga", ".pcx", ".dds", ".icns", ".psd"}
@@ -80,16 +80,9 @@ def _skimage() -> Dataset:
             fn = getattr(data, name, None)
             if fn is None:
                 continue
-            def load(fn=fn):
-                import numpy as np
-                a = fn()
-                a = np.asarray(a)
-                if a.dtype == bool:
-                    a = a.astype(np.uint8) * 255
-                elif a.dtype != np.uint8:
-                    a = (255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-9)).astype(np.uint8)
-                from models import to_rgb
-                return to_rgb(Image.fromarray(a))
+            def load(name=name):
+                from models.images import skimage_photo
+                return skimage_photo(name)
             yield Item(f"skimage/{name}", load, path=f"skimage.data.{name}", label=name)
     return Dataset("skimage", "scikit-image sample photos", "skimage", items, None)
 
@@ -171,6 +164,4 @@ def _csv(manifest: Path) -> Dataset:
     return Dataset(dataset_id, manifest.stem, "csv", items, len(rows), duplicates)
 
 
-def sha256_image(img: Image.Image) -> str:
-    """sha256 of the decoded RGB pixels (the same picture hashes the same in any file format)."""
-    return sha256_bytes(img.tobytes())
+sha256_image = pixel_sha256     # the one definition is models.images.pixel_sha256

@@ -88,6 +88,42 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def pixel_sha256(img: Image.Image) -> str:
+    """sha256 of the decoded RGB pixels (the same picture hashes the same in any file format):
+    what the embed job stores in `images.sha256`, and what tells a file on disk is still that image."""
+    from models.hashing import sha256_bytes
+    return sha256_bytes(img.tobytes())
+
+
+def skimage_photo(name: str) -> Image.Image:
+    """scikit-image's sample photo `name` (``skimage.data.<name>``) as 8-bit RGB, exactly as the
+    embed job reads it (booleans to 0/255, other non-uint8 arrays min-max scaled).
+    ImageError when scikit-image or the photo is not available."""
+    try:
+        import skimage.data as data
+    except ImportError:
+        raise ImageError(f"skimage.data.{name}: scikit-image is not installed") from None
+    fn = getattr(data, name, None)
+    if fn is None or not callable(fn):
+        raise ImageError(f"skimage.data.{name}: no such photo in this scikit-image")
+    try:
+        a = np.asarray(fn())
+    except Exception as exc:       # a photo fetched on demand (pooch) that is not in the cache offline
+        raise ImageError(f"skimage.data.{name}: cannot be loaded here ({type(exc).__name__}: {exc})") from None
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        a = (255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-9)).astype(np.uint8)
+    return to_rgb(Image.fromarray(a))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """Lossless PNG bytes of an image (what `images.original` stores for images with no file)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
 def thumbnail_jpeg(img: Image.Image, side: int = 128, quality: int = 85) -> bytes:
     """JPEG bytes of the image with its longest side `side` px."""
     t = img.copy()

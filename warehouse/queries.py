@@ -209,6 +209,66 @@ def head_top_images(path, model_id: str, layer: int, head: int, k: int = 8) -> p
                {"m": model_id, "l": int(layer), "h": int(head), "k": int(k)})
 
 
+def head_image_scores(path, model_id: str, layer: int, head: int, direction) -> pd.DataFrame:
+    """Every image's projection of head (layer, head) on a direction: score = c[l,h] . direction.
+
+    With a unit text embedding as direction, score is the head's additive share of cos(image,
+    text) (MATH.md §1). Columns: image_id, score, label, caption (no thumbnails: see
+    image_thumbnails); highest score first, ties by image_id."""
+    return _df(path, """
+        SELECT he.image_id, list_inner_product(he.vec, $v::FLOAT[]) AS score, i.label, i.caption
+        FROM head_embeddings he JOIN images i USING (image_id)
+        WHERE he.model_id = $m AND he.layer = $l AND he.head = $h
+        ORDER BY score DESC, he.image_id""",
+               {"m": model_id, "l": int(layer), "h": int(head), "v": _vec(direction)})
+
+
+def image_thumbnails(path, image_ids: Sequence[str]) -> pd.DataFrame:
+    """image_id, label, caption, thumbnail of the given images, in the order given."""
+    ids = list(image_ids)
+    if not ids:
+        return pd.DataFrame(columns=["image_id", "label", "caption", "thumbnail"])
+    df = _df(path, "SELECT image_id, label, caption, thumbnail FROM images WHERE list_contains($ids, image_id)",
+             {"ids": ids})
+    return df.set_index("image_id").loc[[i for i in ids if i in set(df.image_id)]].reset_index()
+
+
+def head_text_ranking(path, model_id: str, layer: int, head: int) -> pd.DataFrame:
+    """Every text embedded for the model, ranked by its mean projection on head (layer, head).
+
+    With C [n, d] the head's embeddings c[l,h] over the model's images and t a unit text
+    embedding: mean = mean_n(C) . t (the head's average share of cos(image, t)) and
+    variance = t' cov(C) t (how much the head varies along t, what TextSpan maximises).
+    Columns: text, tag, bank, mean, variance; highest mean first. Empty when either is missing."""
+    with connect(path, read_only=True) as con:
+        heads = con.sql("SELECT vec FROM head_embeddings WHERE model_id = ? AND layer = ? AND head = ?",
+                        params=[model_id, int(layer), int(head)]).to_arrow_table()
+        texts = con.sql("SELECT t.text, t.property AS tag, t.bank, e.vec FROM text_embeddings e "
+                        "JOIN texts t USING (text_id) WHERE e.model_id = ? ORDER BY t.text_id",
+                        params=[model_id]).to_arrow_table()
+    cols = ["text", "tag", "bank", "mean", "variance"]
+    if heads.num_rows == 0 or texts.num_rows == 0:
+        return pd.DataFrame(columns=cols)
+    C = _vectors(heads).astype(np.float64)                         # [n, d]
+    T = _vectors(texts).astype(np.float64)                         # [m, d]
+    mu = C.mean(0)
+    X = C - mu
+    cov = X.T @ X / max(len(C) - 1, 1)                             # [d, d]
+    out = pd.DataFrame({"text": texts.column("text").to_pylist(), "tag": texts.column("tag").to_pylist(),
+                        "bank": texts.column("bank").to_pylist(), "mean": T @ mu,
+                        "variance": np.einsum("md,de,me->m", T, cov, T)})
+    return out.sort_values(["mean", "text"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def head_truth_of(path, model_id: str, layer: int, head: int) -> pd.DataFrame:
+    """The `head_truth` rows of one head (one per shapes dataset probed): top_factor, top_eta2,
+    second_eta2, specialised, true_factor, true_property. Empty when nothing was probed."""
+    if not has_relation(path, "head_truth"):
+        return pd.DataFrame()
+    return _df(path, "SELECT * FROM head_truth WHERE model_id = $m AND layer = $l AND head = $h ORDER BY dataset_id",
+               {"m": model_id, "l": int(layer), "h": int(head)})
+
+
 # --------------------------------------------------------------------------- nearest neighbours
 
 def neighbours_by_head_sum(path, model_id: str, heads: Sequence[Head], query, k: int = 8,

@@ -97,10 +97,14 @@ def upsert_dataset(con, dataset_id: str, name: str, source: str, n_images: Optio
 
 def insert_images(con, dataset_id: str, image_ids: Sequence[str], paths: Sequence[Optional[str]],
                   sha256: Sequence[str], labels: Sequence[Optional[str]], captions: Sequence[Optional[str]],
-                  sizes: Sequence[tuple[int, int]], thumbnails: Sequence[bytes]) -> int:
-    """`images` rows (an image already stored is left as it is); returns rows newly stored."""
+                  sizes: Sequence[tuple[int, int]], thumbnails: Sequence[bytes],
+                  originals: Optional[Sequence[Optional[bytes]]] = None) -> int:
+    """`images` rows (an image already stored is left as it is); returns rows newly stored.
+    originals: lossless PNG bytes of images with no file on disk (migration 006), None where the
+    image can be read again."""
     k = _first_of_each(image_ids)
-    return _insert(con, "images", pa.table({
+    extra = {} if originals is None else {"original": pa.array([originals[i] for i in k], pa.binary())}
+    return _insert(con, "images", pa.table({**extra,
         "image_id": [image_ids[i] for i in k], "dataset_id": [dataset_id] * len(k),
         "path": [paths[i] for i in k], "sha256": [sha256[i] for i in k],
         "label": pa.array([labels[i] for i in k], pa.string()),

@@ -7,7 +7,6 @@ import streamlit as st
 
 from dashboard import live
 from dashboard import widgets as w
-from models.maps import upsample
 
 st.title("Contrastive segmentation")
 st.caption("Per patch, (share of cos(image, A)) - (share of cos(image, B)) summed over every chosen head.")
@@ -34,7 +33,8 @@ if choice is not None and heads:
     st.markdown(f"**{text_a}** (red) minus **{text_b}** (blue) over {description}")
     a, b = st.columns(2)
     with a:
-        st.image(w.overlay(crop, upsample(diff, size), vmax), caption=f"A - B on {choice.caption}")
+        w.map_with_legend(crop, diff, vmax, f"A - B on {choice.caption} (one block per patch)",
+                          low="towards B", high="towards A")
     with b:
         st.altair_chart(w.grid_chart(diff, vmax, "A - B per patch (one symmetric scale)"), width="content")
     m1, m2, m3, m4 = st.columns(4)
@@ -45,5 +45,13 @@ if choice is not None and heads:
     with st.expander("A and B separately (one shared scale)"):
         vab = float(max(np.abs(map_a).max(), np.abs(map_b).max())) or 1e-12
         x, y = st.columns(2)
-        x.image(w.overlay(crop, upsample(map_a, size), vab), caption=f"A: {text_a}")
-        y.image(w.overlay(crop, upsample(map_b, size), vab), caption=f"B: {text_b}")
+        x.image(w.overlay(crop, map_a, vab), caption=f"A: {text_a}")
+        y.image(w.overlay(crop, map_b, vab), caption=f"B: {text_b}")
+        st.image(w.legend(vab))
+    if 1 < len(heads) <= 32:
+        per_head = {w.head_name(*h): live.topic_map(row, choice.image, choice.key, [h], t_a)
+                    - live.topic_map(row, choice.image, choice.key, [h], t_b) for h in heads}
+        vh = float(max(np.abs(g).max() for g in per_head.values())) or 1e-12
+        st.markdown(f"**A - B for each head separately** ({w.plural(len(heads), 'head')}, one shared scale ±{vh:.4g})")
+        w.small_multiples(crop, per_head, vh)
+        st.image(w.legend(vh, "towards B", "towards A"))

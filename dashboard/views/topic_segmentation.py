@@ -9,7 +9,6 @@ import streamlit as st
 
 from dashboard import live
 from dashboard import widgets as w
-from models.maps import upsample
 
 st.title("Topic segmentation")
 st.caption("Per patch, the share of cos(image, text) that the chosen heads carry: red pushes towards "
@@ -27,17 +26,22 @@ if choice is not None and heads:
     t_hat, source = live.text_vector(row, text)
     grid = live.topic_map(row, choice.image, choice.key, heads, t_hat)          # [gh, gw]
     size = int(row["image_size"])
-    heat = upsample(grid, size)                                                  # [S, S]
     crop = live.model_view(row, choice.image)                                    # [S, S] RGB
     elapsed = time.perf_counter() - t0
     vmax = float(np.abs(grid).max()) or 1e-12
     st.markdown(f"**{text}** ({source}) over {description}")
     a, b = st.columns(2)
     with a:
-        st.image(w.overlay(crop, heat, vmax), caption=f"{choice.caption} (the model's {size} px crop)")
+        w.map_with_legend(crop, grid, vmax, f"{choice.caption} (the model's {size} px crop, one block per patch)")
     with b:
         st.altair_chart(w.grid_chart(grid, vmax, f"patch grid {grid.shape[0]} x {grid.shape[1]}"), width="content")
     m1, m2, m3 = st.columns(3)
     m1.metric("sum over patches", f"{grid.sum():+.4f}", help="these heads' share of cos(image, text), class token excluded")
     m2.metric("max |patch|", f"{vmax:.4f}")
     m3.metric("computed in", f"{elapsed * 1000:.0f} ms")
+    if 1 < len(heads) <= 32:
+        per_head = {w.head_name(*h): live.topic_map(row, choice.image, choice.key, [h], t_hat) for h in heads}
+        vh = float(max(np.abs(g).max() for g in per_head.values())) or 1e-12
+        st.markdown(f"**Each head separately** ({w.plural(len(heads), 'head')}, one shared scale ±{vh:.4g})")
+        w.small_multiples(crop, per_head, vh)
+        st.image(w.legend(vh))

@@ -91,6 +91,7 @@ def run_export(args) -> int:
 def _loader(dataset, done: set, lm, batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
     """Thread: read + preprocess images into batches; bad files become error records."""
     from models import ImageError, thumbnail_jpeg
+    from models.images import png_bytes
     from etl.datasets import sha256_image
     batch, errors = [], []
     try:
@@ -101,7 +102,8 @@ def _loader(dataset, done: set, lm, batch_size: int, out: queue.Queue, stop: thr
                 continue
             try:
                 img = item.load()
-                batch.append((item, lm.preprocess(img), thumbnail_jpeg(img), sha256_image(img), img.size))
+                original = png_bytes(img) if dataset.source == "shapes" else None   # no file to read it again from
+                batch.append((item, lm.preprocess(img), thumbnail_jpeg(img), sha256_image(img), img.size, original))
             except ImageError as exc:
                 errors.append((item.path or item.image_id, str(exc)))
             except Exception as exc:  # a damaged file (or one too big to preprocess) costs only itself
@@ -145,7 +147,7 @@ def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, 
         ids = [i.image_id for i in items]
         writes.insert_images(con, dataset_id, ids, [i.path for i in items], [b[3] for b in batch],
                              [i.label for i in items], [i.caption for i in items], [b[4] for b in batch],
-                             [b[2] for b in batch])
+                             [b[2] for b in batch], [b[5] for b in batch])
         writes.insert_image_factors(con, [(i.image_id, k, str(v)) for i in items for k, v in i.factors.items()])
         stored = writes.insert_image_embeddings(con, model_id, ids, dec.embedding.numpy())   # [n, d]
         writes.insert_head_embeddings(con, model_id, ids, dec.layers, dec.head_cls.numpy())  # [n, L', H, d]

@@ -41,6 +41,8 @@ PAGE_TIMEOUT_MS = 120_000
 # what proves each page rendered its results, beyond the absence of exceptions
 EXPECT = {
     nav.ATLAS: ['[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]', '[data-testid="stImage"]'],
+    nav.HEAD: ['[data-testid="stImage"]', '[data-testid="stDataFrame"]', '[data-testid="stVegaLiteChart"]',
+               '[data-testid="stMetric"]'],
     nav.PROPERTY_NN: ['[data-testid="stImage"]', '[data-testid="stDataFrame"]'],
     nav.TOPIC: ['[data-testid="stImage"]', '[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]'],
     nav.CONTRASTIVE: ['[data-testid="stImage"]', '[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]'],
@@ -216,3 +218,40 @@ def test_head_card_link_and_model_choice_carry_across_pages(server, tab, warehou
     wait_done(tab, "Metrics", tuple(EXPECT[nav.METRICS]))
     assert_no_exception(tab, "metrics after a sidebar switch")
     assert tab.get_by_role("combobox", name="Model").input_value().startswith(other + " ")
+
+
+def test_head_permalink_survives_reload_and_page_switch(server, tab, warehouse):
+    """Open /head?model=&layer=&head= for a model and head that are not the defaults, reload, switch
+    page and come back: the same head each time, and the URL still names it. Saves docs/screenshots/head.png."""
+    from urllib.parse import parse_qs, urlparse
+    ms = queries.models(warehouse)
+    other = next(m for m in ms.model_id if m != default_model(ms))
+    row = queries.model_row(warehouse, other)
+    layer, head = int(row["analysed_layers"][0]), 0                     # not the pickers' default (the last head)
+    name = f"L{layer}.H{head}"
+    want = {"model": [other], "layer": [str(layer)], "head": [str(head)]}
+    tab.goto(f"{server}/{nav.URLS[nav.HEAD]}?model={other}&layer={layer}&head={head}")
+
+    def check(where: str) -> None:
+        wait_done(tab, "Head", tuple(EXPECT[nav.HEAD]))
+        assert_no_exception(tab, where)
+        tab.locator("h2", has_text=f"{name} of {other}").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+        assert tab.get_by_role("combobox", name="Model").input_value().startswith(other + " "), where
+        assert tab.get_by_role("combobox", name="Head").input_value().startswith(name + " "), where
+        tab.wait_for_function(f"() => window.location.search.includes('layer={layer}')", timeout=PAGE_TIMEOUT_MS)
+        assert parse_qs(urlparse(tab.url).query) == want, (where, tab.url)
+
+    check("head permalink")
+    tab.reload()
+    check("head permalink after reload")
+    tab.locator('[data-testid="stSidebarNav"] a', has_text="Metrics").click()
+    wait_done(tab, "Metrics", tuple(EXPECT[nav.METRICS]))
+    tab.locator('[data-testid="stSidebarNav"] a[href$="/head"]').click()
+    check("head page after a sidebar switch")
+    shot = ROOT / "docs" / "screenshots" / "head.png"
+    height = tab.evaluate("""() => Math.max(...Array.from(document.querySelectorAll('[data-testid="stMain"] *'))
+                                   .map(e => e.scrollHeight))""")
+    tab.set_viewport_size({"width": 1440, "height": min(max(1000, int(height) + 80), 6000)})
+    tab.wait_for_timeout(800)
+    tab.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000

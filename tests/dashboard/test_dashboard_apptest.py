@@ -26,6 +26,7 @@ from streamlit.testing.v1 import AppTest
 
 import models
 from dashboard import live, nav, widgets
+from models import maps
 from etl.world import shapes
 from warehouse import queries, writer
 
@@ -124,11 +125,10 @@ def scene(index: int, size: int = 96) -> Image.Image:
 
 
 def warehouse_image(warehouse, image_id: str) -> Image.Image:
-    """The pixels the pages analyse for a warehouse image: its file, else its stored thumbnail."""
-    rec = queries.image_record(warehouse, image_id)
-    if rec.get("path") and os.path.isfile(rec["path"]):
-        return models.load_image(rec["path"])
-    return models.load_image(bytes(rec["thumbnail"]))
+    """The pixels the pages analyse for a warehouse image: the embedded original (stored PNG,
+    scikit-image photo or file, checked by pixel sha256), else its stored thumbnail."""
+    from dashboard.originals import resolve
+    return resolve(queries.image_record(warehouse, image_id)).image
 
 
 # --------------------------------------------------------------------------- every page
@@ -217,7 +217,8 @@ def test_atlas_grid_and_head_card_follow_the_choice(warehouse_file, chosen):
         assert list(table.variance_explained) == pytest.approx(list(expected.variance_explained))
         assert metric(at, "label") == queries.head_label(warehouse_file, first, l, h)["property"]
     links = at.get("page_link")
-    assert len(links) == 5 and all(picked[-1] in pl.proto.label for pl in links), [pl.proto.label for pl in links]
+    assert len(links) == 6 and all(picked[-1] in pl.proto.label for pl in links), [pl.proto.label for pl in links]
+    assert links[0].proto.page == nav.URLS[nav.HEAD]                     # the head's permalink first
     at.sidebar.selectbox(key="atlas_model_picker").select(other).run()
     assert_ok(at)
     now = {(r["layer"], r["head"], r["property"]) for r in chart_rows(charts(at)[0])}
@@ -335,6 +336,9 @@ def test_topic_map_changes_with_text_and_matches_the_decomposition(warehouse_fil
     dec = models.decompose(lm, lm.preprocess(img)[None], layers=row["analysed_layers"], tokens=True)
     t = models.encode_texts(lm, [text])[0]
     assert float(first) == pytest.approx(float((dec.head_tokens[0, :, :, 1:] @ t).sum()), abs=1e-4)
+    # a shapes scene: the map runs on its stored lossless original, and the page says so
+    assert any("decomposes the stored embedding exactly" in c.value for c in at.caption), [c.value for c in at.caption]
+    assert not any("Not the embedded image" in x.value for x in at.warning)
     at.text_input(key="topic_text").set_value("a square").run()
     assert_ok(at)
     assert metric(at, "sum over patches") != first
@@ -364,13 +368,45 @@ def test_head_map_is_additive_over_heads_and_colours_are_symmetric():
     tokens = torch.randn(2, 3, 1 + 4 * 4, 8)                    # [L', H, T, d], grid 4 x 4
     t = np.random.default_rng(0).standard_normal(8)
     heads = [(0, 1), (1, 2), (1, 0)]
-    together = live.head_map(tokens, heads, t, (4, 4))
-    apart = sum(live.head_map(tokens, [h], t, (4, 4)) for h in heads)
+    together = maps.head_map(tokens, heads, t, (4, 4))
+    apart = sum(maps.head_map(tokens, [h], t, (4, 4)) for h in heads)
     np.testing.assert_allclose(together, apart, rtol=1e-5, atol=1e-6)
-    assert live.upsample(together, 32).shape == (32, 32)
+    assert maps.upsample(together, 32).shape == (32, 32)
     rgb_pos, a_pos = widgets.colorize(np.array([0.5]), 1.0)
     rgb_neg, a_neg = widgets.colorize(np.array([-0.5]), 1.0)
     assert a_pos == a_neg and rgb_pos[0, 0] > rgb_pos[0, 2] and rgb_neg[0, 2] > rgb_neg[0, 0]
+
+
+def test_overlay_is_drawn_on_the_image_patch_aligned_with_a_full_range_legend():
+    img = Image.new("RGB", (64, 64), (0, 128, 0))                      # a plain green image
+    grid = np.array([[1.0, -1.0], [0.0, 0.5]])                            # 2 x 2 patches
+    out = np.asarray(widgets.overlay(img, grid, 1.0, size=100), dtype=int)
+    tl, tr, bl = out[20, 20], out[20, 80], out[80, 20]
+    assert tl[0] > tl[2] and tl[0] > 120                                  # +vmax: red over the image
+    assert tr[2] > tr[0] and tr[2] > 120                                  # -vmax: blue
+    assert bl[1] > bl[0] and bl[1] > bl[2]                                # 0: the image shows through
+    assert (out[5:45, 5:45] == out[5, 5]).all()                           # one block per patch
+    assert not (out[5:45, 55:95] == out[5, 5]).all()
+    lg = widgets.legend(2.5, width=200)
+    a = np.asarray(lg, dtype=int)
+    assert lg.size[0] == 200 and a[5, 1, 2] > a[5, 1, 0] and a[5, 198, 0] > a[5, 198, 2]   # blue .. red
+
+
+def test_plurals():
+    assert [widgets.plural(n, "head") for n in (0, 1, 2)] == ["0 heads", "1 head", "2 heads"]
+    assert widgets.plural(1, "property", "properties") == "1 property"
+    assert widgets.plural(3, "property", "properties") == "3 properties"
+
+
+def test_topic_page_shows_small_multiples_for_several_heads(warehouse_file, chosen):
+    at = page(nav.TOPIC)
+    n_one = len(at.get("image"))
+    at.radio(key="topic_mode").set_value("a layer").run()
+    assert_ok(at)
+    row = queries.model_row(warehouse_file, chosen[0])
+    n_heads = int(row["heads"])
+    assert len(at.get("image")) == n_one + n_heads + 1                     # one overlay per head, one legend
+    assert any(f"Each head separately** ({widgets.plural(n_heads, 'head')}" in m.value for m in at.markdown)
 
 
 def test_head_addresses_round_trip_and_bad_ones_explain_the_form():
@@ -591,3 +627,82 @@ def test_the_dashboard_opens_on_the_most_recent_trained_model():
                        "created_at": pd.to_datetime(["2026-01-04", "2026-01-01", "2026-01-02", "2026-01-05"])})
     assert default_model(df) == "c/bundled"                 # newest trained; random-init models never
     assert default_model(df[df.source == "random"]) == "a/random-seed0"
+
+
+# --------------------------------------------------------------------------- the head page (issue 10.3)
+
+def _labelled_head(warehouse, model_id):
+    """A head of the model with TextSpan texts (the last analysed one that has some)."""
+    for l, h in reversed(widgets.analysed_heads(queries.model_row(warehouse, model_id))):
+        if not queries.head_texts(warehouse, model_id, l, h).empty:
+            return l, h
+    raise AssertionError("no head with TextSpan texts")
+
+
+def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_file, chosen):
+    model_id = chosen[1]                                   # not the model the dashboard opens on
+    l, h = _labelled_head(warehouse_file, model_id)
+    at = page(nav.HEAD, model=model_id, layer=str(l), head=str(h))
+    name = widgets.head_name(l, h)
+    assert at.header[0].value == f"{name} of {model_id}"
+    assert at.sidebar.selectbox(key="atlas_model_picker").value == model_id
+    assert at.selectbox(key=f"head_page@{model_id}").value == name
+    # the URL keeps the state (not consumed like other pages' links)
+    assert dict(at.query_params) == {"model": model_id, "layer": str(l), "head": str(h)}
+    # label and TextSpan texts as stored
+    label = queries.head_label(warehouse_file, model_id, l, h)
+    assert metric(at, "label") == label.get("property", "unlabelled")
+    texts = queries.head_texts(warehouse_file, model_id, l, h)
+    frames = [d.value for d in at.dataframe]
+    shown = next(f for f in frames if "variance_explained" in f.columns)
+    assert list(shown.text) == list(texts.text)
+    np.testing.assert_allclose(shown.variance_explained, texts.variance_explained)
+    # the bank's texts at both ends of the head's mean projection
+    ranking = queries.head_text_ranking(warehouse_file, model_id, l, h)
+    assert len(ranking) > 20 and ranking["mean"].is_monotonic_decreasing
+    top_frame, bottom_frame = [f for f in frames if "mean" in f.columns]
+    assert list(top_frame.text) == list(ranking.text.head(10))
+    assert list(bottom_frame.text) == list(ranking.text.tail(10))[::-1]
+    np.testing.assert_allclose(top_frame["mean"], ranking["mean"].head(10))
+    # top and bottom images on the first TextSpan text, scored as the query scores them
+    t = queries.stored_text_vector(warehouse_file, model_id, texts.text.iloc[0])
+    scores = queries.head_image_scores(warehouse_file, model_id, l, h, t)
+    heads = [(l, h)]
+    top_id = scores.image_id.iloc[0]
+    c = queries.image_head_vectors(warehouse_file, model_id, top_id, heads)[0]
+    assert scores.score.iloc[0] == pytest.approx(float(c @ t), abs=1e-5)
+    assert scores.score.iloc[0] >= scores.score.max() - 1e-9
+    captions = [x.value for x in at.caption]
+    assert any(x.startswith(top_id) for x in captions)                                  # top image shown
+    assert any(x.startswith(scores.image_id.iloc[-1]) for x in captions)                # bottom image shown
+    hist = [r for r in charts_with(at, "score") if len(r) == len(scores)]
+    assert hist and sorted(r["score"] for r in hist[0]) == pytest.approx(sorted(scores.score), abs=1e-6)
+    assert sum(x.value.startswith("Q") and "scores" in x.value for x in at.caption) == 4   # quartile samples
+    # a typed text changes the direction and the scores
+    at.radio(key="head_basis").set_value("typed text").run()
+    at.text_input(key="head_text").set_value("a green square").run()
+    assert_ok(at)
+    hist2 = [r for r in charts_with(at, "score") if len(r) == len(scores)]
+    assert sorted(r["score"] for r in hist2[0]) != pytest.approx(sorted(scores.score), abs=1e-6)
+
+
+def test_head_page_accepts_head_names_and_links_to_every_analysis(warehouse_file, chosen):
+    model_id = chosen[0]
+    l, h = widgets.analysed_heads(queries.model_row(warehouse_file, model_id))[0]
+    at = page(nav.HEAD, model=model_id, head=widgets.head_name(l, h))
+    assert at.selectbox(key=f"head_page@{model_id}").value == widgets.head_name(l, h)
+    assert dict(at.query_params) == {"model": model_id, "layer": str(l), "head": str(h)}   # rewritten as a permalink
+    l2, h2 = widgets.analysed_heads(queries.model_row(warehouse_file, model_id))[-1]
+    at.selectbox(key=f"head_page@{model_id}").set_value(widgets.head_name(l2, h2)).run()
+    assert dict(at.query_params) == {"model": model_id, "layer": str(l2), "head": str(h2)}   # follows the choice
+    links = [e for e in at.get("page_link")]
+    pages = {e.proto.page for e in links} if links else set()
+    for p in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN, nav.PROPERTY_NN):
+        assert nav.URLS[p] in pages, (p, pages)
+
+
+def test_atlas_head_card_links_to_the_head_permalink(warehouse_file, chosen):
+    at = page(nav.ATLAS)
+    links = [e.proto for e in at.get("page_link")]
+    heads = [p for p in links if "head" in p.page and "Head page" in p.label]
+    assert heads, [(p.page, p.label) for p in links]

@@ -832,3 +832,24 @@ def test_reading_the_default_warehouse_creates_nothing(tmp_path, monkeypatch):
         connect()
     assert not home.exists()
     assert default_warehouse_path(create=False) == home / "warehouse.duckdb" and not home.exists()
+
+
+def test_006_originals_upgrades_a_warehouse_in_place_and_keeps_its_images(tmp_path):
+    """Migration 006 adds images.original (NULL for existing rows); insert_images fills it."""
+    from warehouse import writes
+    from warehouse.db import MIGRATIONS_DIR
+    old = tmp_path / "old"
+    old.mkdir()
+    for v, _, f in available_migrations():
+        if v < 6:
+            (old / f.name).write_text(f.read_text())
+    con = duckdb.connect(str(tmp_path / "u.duckdb"))
+    migrate(con, old)
+    writes.insert_images(con, "d", ["d/1"], ["/nowhere.png"], ["ab"], [None], [None], [(4, 4)], [b"jpg"])
+    assert "original" not in [r[0] for r in con.execute("DESCRIBE images").fetchall()]
+    assert 6 in migrate(con, MIGRATIONS_DIR)
+    assert con.execute("SELECT image_id, path, thumbnail, original FROM images").fetchall() == \
+        [("d/1", "/nowhere.png", b"jpg", None)]
+    writes.insert_images(con, "d", ["d/2"], [None], ["cd"], [None], [None], [(4, 4)], [b"jpg"], [b"png"])
+    assert con.execute("SELECT original FROM images WHERE image_id = 'd/2'").fetchall() == [(b"png",)]
+    con.close()
