@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from warehouse import WarehouseError, queries
+from warehouse import WarehouseError, default_warehouse_path, queries
 from warehouse.db import FILL_COMMAND
 
 DEMO_COMMAND = "make demo"
@@ -30,7 +30,7 @@ def warehouse_path() -> Path:
             return Path(a.split("=", 1)[1])
     if os.environ.get("ATLAS_WAREHOUSE"):
         return Path(os.environ["ATLAS_WAREHOUSE"])
-    return Path(os.environ.get("ATLAS_HOME") or "var") / "warehouse.duckdb"
+    return default_warehouse_path(create=False)
 
 
 def fill_commands(path: Path) -> list[str]:
