@@ -61,7 +61,8 @@ class ShardEmbedder:
     """A Ray Data actor: one model and one ONNX session per actor; one shard per input block."""
 
     def __init__(self, spec: dict, model_id: str, dataset_id: str, layers: list[int], onnx_path: Optional[str],
-                 backend: str, providers: Optional[str], batch_size: int, directory: str):
+                 backend: str, providers: Optional[str], batch_size: int, directory: str,
+                 keep_originals: bool = False):
         import torch
 
         from models import load_model
@@ -69,6 +70,7 @@ class ShardEmbedder:
         self.lm = load_model(**spec, device=device)
         self.model_id, self.dataset_id, self.layers = model_id, dataset_id, list(layers)
         self.batch_size, self.directory = int(batch_size), directory
+        self.keep_originals = keep_originals          # generated images (shapes): no file to read them again from
         if backend == "onnx":
             from models.onnx import OnnxRunner, select_providers
             runner = OnnxRunner(onnx_path, providers=select_providers(providers))
@@ -86,6 +88,7 @@ class ShardEmbedder:
 
         from etl.datasets import sha256_image
         from models import ImageError, thumbnail_jpeg
+        from models.images import png_bytes
         from warehouse.writes import shard_tables
         batch = {name: block.column(name).to_pylist() for name in block.column_names}
         index = np.asarray(batch["index"], dtype=np.int64)
@@ -94,7 +97,8 @@ class ShardEmbedder:
             image_id, path = batch["image_id"][k], batch["path"][k]
             try:
                 img = cloudpickle.loads(batch["load"][k])()
-                good.append((k, self.lm.preprocess(img), thumbnail_jpeg(img), sha256_image(img), img.size))
+                good.append((k, self.lm.preprocess(img), thumbnail_jpeg(img), sha256_image(img), img.size,
+                             png_bytes(img) if self.keep_originals else None))
             except ImageError as exc:
                 errors.append({"image_id": image_id, "item": path or image_id, "reason": str(exc)})
             except Exception as exc:  # a damaged file (or one too big to preprocess) costs only itself
@@ -114,7 +118,7 @@ class ShardEmbedder:
                 self.model_id, self.dataset_id, [batch["image_id"][k] for k in ks], [batch["path"][k] for k in ks],
                 [g[3] for g in good], [batch["label"][k] for k in ks], [batch["caption"][k] for k in ks],
                 [g[4] for g in good], [g[2] for g in good], factors,
-                self.layers, np.concatenate(embs), np.concatenate(heads))
+                self.layers, np.concatenate(embs), np.concatenate(heads), originals=[g[5] for g in good])
             entry = shards.write_shard(self.directory, int(index.min()), tables)
         return {"entry": [json.dumps(entry) if entry else ""], "errors": [json.dumps(errors)]}
 
@@ -216,7 +220,8 @@ def embed_with_ray(path: str, lm, dataset_spec: str, layers: list[int], *, onnx_
                     fn_constructor_kwargs=dict(spec=lm.spec, model_id=lm.model_id, dataset_id=dataset.dataset_id,
                                                layers=list(layers), onnx_path=onnx_path, backend=backend,
                                                providers=providers, batch_size=batch_size,
-                                               directory=str(directory)))
+                                               directory=str(directory),
+                                               keep_originals=dataset.source == "shapes"))
                 bar = progress(None, total=len(rows), desc=f"embed (ray) {dataset.dataset_id}", unit="img")
                 last = time.monotonic()
                 try:

@@ -258,7 +258,8 @@ SHARD_SCHEMAS: dict[str, pa.Schema] = {
     "image_factors": pa.schema([("image_id", pa.string()), ("factor", pa.string()), ("value", pa.string())]),
     "images": pa.schema([("image_id", pa.string()), ("dataset_id", pa.string()), ("path", pa.string()),
                          ("sha256", pa.string()), ("label", pa.string()), ("caption", pa.string()),
-                         ("width", pa.int32()), ("height", pa.int32()), ("thumbnail", pa.binary())]),
+                         ("width", pa.int32()), ("height", pa.int32()), ("thumbnail", pa.binary()),
+                         ("original", pa.binary())]),
 }
 SHARD_TABLES = tuple(SHARD_SCHEMAS)
 HEAD_EMBEDDINGS_BASE = "head_embeddings_base"
@@ -268,7 +269,7 @@ def shard_tables(model_id: str, dataset_id: str, image_ids: Sequence[str], paths
                  sha256: Sequence[str], labels: Sequence[Optional[str]], captions: Sequence[Optional[str]],
                  sizes: Sequence[tuple[int, int]], thumbnails: Sequence[bytes],
                  factors: Sequence[tuple[str, str, str]], layers: Sequence[int], embeddings: np.ndarray,
-                 heads: np.ndarray) -> dict[str, pa.Table]:
+                 heads: np.ndarray, originals: Optional[Sequence[Optional[bytes]]] = None) -> dict[str, pa.Table]:
     """The rows that insert_images, insert_image_factors, insert_image_embeddings and
     insert_head_embeddings would write for one batch, as Arrow tables (SHARD_SCHEMAS) for a
     Parquet shard. embeddings: [n, d]; heads: [n, L', H, d]; head rows sorted by (layer, head,
@@ -299,7 +300,8 @@ def shard_tables(model_id: str, dataset_id: str, image_ids: Sequence[str], paths
         "images": pa.table({
             "image_id": ids, "dataset_id": [dataset_id] * n, "path": list(paths), "sha256": list(sha256),
             "label": list(labels), "caption": list(captions), "width": [int(x[0]) for x in sizes],
-            "height": [int(x[1]) for x in sizes], "thumbnail": list(thumbnails)}, schema=s["images"]),
+            "height": [int(x[1]) for x in sizes], "thumbnail": list(thumbnails),
+            "original": list(originals) if originals is not None else [None] * n}, schema=s["images"]),
     }
 
 

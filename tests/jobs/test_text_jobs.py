@@ -22,6 +22,8 @@ N_HEADS = 12
 
 
 def q(path, sql, params=()):
+    from warehouse import release_readers
+    release_readers()                  # the jobs ran in this process: close their warm read instance first
     con = duckdb.connect(str(path), read_only=True)
     try:
         return con.execute(sql, list(params)).fetchall()
