@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 40_000_000      # ~ 6300 x 6300; larger images are refused before decoding
 FULL_DECODE_PIXELS = 16_000_000   # above this a JPEG is decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft), still
                                   # >= 2000 px on its short side; other formats are refused. Peak memory per image,
-                                  # decoding plus a model's preprocess, then stays under 200 MB (tests/unit/test_hostile_images.py)
+                                  # decoding plus a model's preprocess, then stays under 200 MB (tests/jobs/test_hostile_images.py)
 MAX_ASPECT = 50              # longest side / shortest side; a model's resize scales the short side up to its
                              # input size, so a 100000 x 1 strip would become 224 x 22,400,000 (GBs)
 MAX_BYTES = 50 * 1024 * 1024

@@ -11,7 +11,7 @@ import duckdb
 import numpy as np
 from PIL import Image
 
-from tests.unit.test_hostile_images import hostile_zoo
+from tests.jobs.test_hostile_images import hostile_zoo
 
 ROOT = Path(__file__).resolve().parents[2]
 

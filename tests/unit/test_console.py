@@ -312,6 +312,7 @@ def test_every_example_query_runs(wh):
 
 # --------------------------------------------------------------------------- the worker's caps
 
+@pytest.mark.slow
 def test_levenshtein_bomb_is_stopped_by_the_time_cap_and_the_next_query_works(wh):
     p, _ = wh
     stats = {}
@@ -326,6 +327,7 @@ def test_levenshtein_bomb_is_stopped_by_the_time_cap_and_the_next_query_works(wh
     assert df["n"].tolist() == [3] and not truncated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sql", [
     " UNION ALL ".join(f"SELECT {i} AS x" for i in range(20_000)),
     "SELECT count(*) FROM range(10) WHERE range IN (" + ",".join(str(i) for i in range(150_000)) + ")",
@@ -350,6 +352,7 @@ def test_an_overlong_query_text_is_refused_before_any_parsing(wh):
     assert time.monotonic() - t0 < 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sql", [
     "SELECT damerau_levenshtein(repeat('a', 20000), repeat('b', 20000))",
     "SELECT list(repeat('x', 100000)) AS s FROM range(20000)",
@@ -373,6 +376,7 @@ def test_memory_bombs_are_stopped_by_the_memory_cap(wh, sql):
     assert df["x"].tolist() == [7]
 
 
+@pytest.mark.slow
 def test_the_row_bomb_is_cut_by_the_byte_cap_and_never_materialised(wh):
     """`repeat('x', 100000) FROM range(10000)` (1 GB of rows) used to be fetched whole (3.9 GB peak);
     now the worker stops reading at the byte cap."""
@@ -516,6 +520,7 @@ def test_every_duckdb_table_function_outside_the_allow_list_is_refused():
 
 # --------------------------------------------------------------------------- hostile statements
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sql, outcome, words", HOSTILE,
                          ids=[f"{i:03d}-{sql[:40]}" for i, (sql, _, _) in enumerate(HOSTILE)])
 def test_hostile_statements_are_refused_or_capped(wh, sql, outcome, words):
@@ -539,6 +544,7 @@ def test_hostile_statements_are_refused_or_capped(wh, sql, outcome, words):
     assert time.monotonic() - t0 - (stats.get("startup_s") or 0) < 6
 
 
+@pytest.mark.slow
 def test_hostile_statements_left_no_trace(wh):
     p, _ = wh
     assert glob.glob(LEAK + "*") == []

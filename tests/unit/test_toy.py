@@ -140,6 +140,7 @@ def _train_args(tmp_path, **kw):
                                          out=str(tmp_path / "out.safetensors")), **kw})
 
 
+@pytest.mark.slow
 def test_training_resumes_to_identical_weights(tmp_path):
     from safetensors.torch import load_file
     full = _train_args(tmp_path / "a")
@@ -160,6 +161,7 @@ def test_training_resumes_to_identical_weights(tmp_path):
     assert not torch.equal(init.state_dict()["visual.proj"].half(), a["visual.proj"])
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_mismatched_run(tmp_path):
     train_toy.train(_train_args(tmp_path, stop_at=2))
     with pytest.raises(SystemExit, match="--steps"):

@@ -220,6 +220,7 @@ WRITER = """
 """
 
 
+@pytest.mark.slow
 def test_reader_process_sees_only_committed_batches_while_writer_process_commits(tmp_path):
     p = tmp_path / "w.duckdb"
     stop = tmp_path / "writer-done"

@@ -1,0 +1,48 @@
+"""The decompose/verify commands and their errors, end to end (subprocesses)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "etl", *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_cli_decompose_and_verify(tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (300, 200), (10, 120, 200)).save(img)
+    Image.new("RGB", (50, 80), (250, 120, 0)).save(tmp_path / "b.jpg")
+    out = tmp_path / "d.npz"
+    r = _cli("decompose", "--model", "ViT-S-32", "--random-init", "--image", str(img),
+             "--image", str(tmp_path / "b.jpg"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    z = np.load(out)
+    assert z["embedding"].shape == (2, 384) and z["head_cls"].shape == (2, 4, 6, 384)
+    assert z["head_tokens"].shape == (2, 4, 6, 50, 384) and list(z["layers"]) == [8, 9, 10, 11]
+    assert np.allclose(np.linalg.norm(z["embedding"], axis=1), 1, atol=1e-5)
+    assert np.abs(z["head_cls"].sum((1, 2)) + z["rest"] - z["embedding"]).max() < 1e-5
+    assert np.abs(z["head_tokens"].sum(3) - z["head_cls"]).max() < 1e-5
+
+    r = _cli("verify", "--model", "ViT-S-32", "--random-init", "--seed", "2")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["identity_max_rel_err"] < 1e-4 and report["onnx_max_abs_err"] < 1e-3
+    assert report["onnx_provider"] == "CPUExecutionProvider"
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = _cli("decompose", "--model", "ViT-B-61", "--random-init", "--image", "x.png", "--out", str(tmp_path / "o.npz"))
+    assert r.returncode == 2 and "unknown model architecture" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "notes.txt").write_text("not an image")
+    r = _cli("decompose", "--model", "ViT-S-32", "--random-init", "--image", str(tmp_path / "notes.txt"),
+             "--out", str(tmp_path / "o.npz"))
+    assert r.returncode == 2 and "not an image" in r.stderr and not (tmp_path / "o.npz").exists()
+    r = _cli("--help")
+    assert r.returncode == 0 and "decompose" in r.stdout and "verify" in r.stdout
