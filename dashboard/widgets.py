@@ -149,11 +149,18 @@ def head_set_picker(row: dict, key: str, modes: Sequence[str] = HEAD_MODES) -> t
         if props.empty:
             st.info("No head of this model is labelled yet; run `python -m etl label` or pick another head set.")
             st.stop()
-        prop = st.selectbox("Property", list(props.property), key=f"{key}_prop@{row['model_id']}",
-                            format_func=lambda p: f"{p} ({int(props.set_index('property').n_heads[p])} heads)")
+        names = [p for p in props.property if p not in NOT_A_PROPERTY]           # 'mixed' is no property
+        if not names:
+            st.info("No head of this model carries a property label (every labelled head is 'mixed'); "
+                    "pick another head set.")
+            st.stop()
+        counts = dict(zip(props.property, props.n_heads))
+        prop = st.selectbox("Property", names, key=f"{key}_prop@{row['model_id']}",
+                            format_func=lambda p: f"{p} ({plural(int(counts[p]), 'head')})")
         ph = q(queries.property_heads, row["model_id"], prop)
         heads = [(int(r.layer), int(r.head)) for r in ph.itertuples()]
-        return heads, f"the {len(heads)} heads labelled '{prop}': " + ", ".join(head_name(*h) for h in heads)
+        return heads, (f"the {plural(len(heads), 'head')} labelled '{prop}': "
+                       + ", ".join(head_name(*h) for h in heads))
     heads = analysed_heads(row)
     return heads, f"all {len(heads)} analysed heads (layers {', '.join(map(str, row['analysed_layers']))})"
 

@@ -19,7 +19,10 @@ if props.empty:
     st.info("No head of this model is labelled yet. Label heads with `python -m etl label` "
             "(or `python -m etl run ...`), then reload.")
     st.stop()
-names = list(props.property)
+names = [p for p in props.property if p not in w.NOT_A_PROPERTY]      # 'mixed' is no property
+if not names:
+    st.info("No head of this model carries a property label: every labelled head is 'mixed'.")
+    st.stop()
 if st.session_state.pop("_atlas_head_link_new", False):     # opened from a head card: that head's property
     try:
         prop_of_head = w.head_labels(row).get(w.parse_head(st.session_state["_atlas_head"]))
@@ -28,9 +31,9 @@ if st.session_state.pop("_atlas_head_link_new", False):     # opened from a head
     if prop_of_head in names:
         st.session_state[f"pnn_prop@{model_id}"] = prop_of_head
 counts = dict(zip(props.property, props.n_heads))
-prop = st.selectbox("Property", names, key=f"pnn_prop@{model_id}", format_func=lambda p: f"{p} ({counts[p]} heads)")
+prop = st.selectbox("Property", names, key=f"pnn_prop@{model_id}", format_func=lambda p: f"{p} ({w.plural(int(counts[p]), 'head')})")
 heads = [(int(r.layer), int(r.head)) for r in q(queries.property_heads, model_id, prop).itertuples()]
-st.caption(f"{len(heads)} heads labelled '{prop}': " + ", ".join(w.head_name(*h) for h in heads))
+st.caption(f"{w.plural(len(heads), 'head')} labelled '{prop}': " + ", ".join(w.head_name(*h) for h in heads))
 choice = w.image_input(row, "pnn")
 k = st.slider("Neighbours", 1, 24, 8, key="pnn_k")
 

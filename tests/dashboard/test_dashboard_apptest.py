@@ -238,7 +238,8 @@ def test_head_link_to_property_neighbours_opens_that_heads_property(warehouse_fi
     """A head whose label is not the page's default property (the one with most heads)."""
     found = []
     for model_id in (chosen[1], chosen[0]):
-        default_prop = queries.properties(warehouse_file, model_id).property.iloc[0]
+        default_prop = [p for p in queries.properties(warehouse_file, model_id).property
+                        if p not in widgets.NOT_A_PROPERTY][0]
         g = queries.head_grid(warehouse_file, model_id)
         found += [(model_id, widgets.head_name(l, h), p) for l, h, p in zip(g["layer"], g["head"], g["property"])
                   if p != default_prop and p not in widgets.NOT_A_PROPERTY]
@@ -260,8 +261,12 @@ def test_links_to_unknown_models_or_heads_fall_back_quietly(warehouse_file, chos
 def test_property_neighbours_change_with_property_and_k(warehouse_file, chosen):
     first = chosen[0]
     at = page(nav.PROPERTY_NN)
-    props = list(queries.properties(warehouse_file, first).property)
+    props = [p for p in queries.properties(warehouse_file, first).property if p not in widgets.NOT_A_PROPERTY]
     assert len(props) >= 2 and at.selectbox(key=f"pnn_prop@{first}").value == props[0]
+    # properties only, never 'mixed', each with its head count in the right number ("1 head", "4 heads")
+    n = dict(zip(queries.properties(warehouse_file, first).property, queries.properties(warehouse_file, first).n_heads))
+    assert at.selectbox(key=f"pnn_prop@{first}").options == [
+        f"{p} ({int(n[p])} head{'' if int(n[p]) == 1 else 's'})" for p in props]
     n_images = int(queries.models(warehouse_file).set_index("model_id").n_images[first])
     first_hits = at.dataframe[-1].value
     assert len(first_hits) == min(8, n_images - 1)
