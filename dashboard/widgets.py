@@ -332,6 +332,19 @@ def grid_chart(grid: np.ndarray, vmax: float, title: str) -> alt.Chart:
 
 # --------------------------------------------------------------------------- tables and thumbnails
 
+def head_metrics(label: dict, score: dict, columns) -> None:
+    """A head's label, confidence, association and entanglement as four metrics in ``columns``."""
+    def num(v):
+        return f"{v:.2f}" if v is not None else "n/a"
+    c1, c2, c3, c4 = columns
+    c1.metric("label", label.get("property", "unlabelled"))
+    c2.metric("confidence", num(label.get("confidence")))
+    c3.metric("association", num(score.get("association")),
+              help="share of the head's texts that express its label (MATH.md §5)")
+    c4.metric("entanglement", num(score.get("entanglement")),
+              help="normalised entropy of the properties of its texts: 0 one property, 1 all mixed")
+
+
 def plural(n: int, word: str, many: Optional[str] = None) -> str:
     """'1 head', '2 heads' (many: an irregular plural)."""
     return f"{n} {word if n == 1 else (many or word + 's')}"

@@ -52,13 +52,7 @@ st.subheader("Head card")
 layer, head = w.one_head_picker(row, "atlas_head")
 label = q(queries.head_label, model_id, layer, head)
 score = q(queries.head_score, model_id, layer, head)
-c1, c2, c3, c4 = st.columns(4)
-c1.metric("label", label.get("property", "unlabelled"))
-c2.metric("confidence", f"{label['confidence']:.2f}" if label.get("confidence") is not None else "n/a")
-c3.metric("association", f"{score['association']:.2f}" if score.get("association") is not None else "n/a",
-          help="share of the head's texts that express its label (MATH.md §5)")
-c4.metric("entanglement", f"{score['entanglement']:.2f}" if score.get("entanglement") is not None else "n/a",
-          help="normalised entropy of the properties of its texts: 0 one property, 1 all mixed")
+w.head_metrics(label, score, st.columns(4))
 if label:
     st.caption(f"labeller: {label.get('labeler')}")
 

@@ -54,13 +54,8 @@ st.caption(f"Permalink: `?model={model_id}&layer={layer}&head={head}` — reload
 label = q(queries.head_label, model_id, layer, head)
 score = q(queries.head_score, model_id, layer, head)
 truth = q(queries.head_truth_of, model_id, layer, head)
-c1, c2, c3, c4, c5 = st.columns(5)
-c1.metric("label", label.get("property", "unlabelled"))
-c2.metric("confidence", f"{label['confidence']:.2f}" if label.get("confidence") is not None else "n/a")
-c3.metric("association", f"{score['association']:.2f}" if score.get("association") is not None else "n/a",
-          help="share of the head's texts that express its label (MATH.md §5)")
-c4.metric("entanglement", f"{score['entanglement']:.2f}" if score.get("entanglement") is not None else "n/a",
-          help="normalised entropy of the properties of its texts: 0 one property, 1 all mixed")
+*cols, c5 = st.columns(5)
+w.head_metrics(label, score, cols)
 if truth.empty:
     c5.metric("ground truth", "n/a", help="no probe of a generated world for this model (MATH.md §7)")
 else:
