@@ -660,3 +660,44 @@ def shard_set(path, shard_dir: str) -> Optional[dict]:
             return None
         df = con.execute("SELECT * FROM shard_sets WHERE shard_dir = ?", [shard_dir]).fetchdf()
     return df.iloc[0].to_dict() if len(df) else None
+
+
+# --------------------------------------------------------------------------- heads across models
+
+def model_head_tensor(path, model_id: str) -> tuple[list[str], list[Head], np.ndarray]:
+    """Every stored head embedding of a model as one tensor, for comparing heads across models
+    (models.similarity): (image_ids [n] sorted, heads [(layer, head)] sorted, X float32 [n, H, d]).
+
+    Only images that have every head are kept (a partly embedded image would misalign rows);
+    n = 0 when the model has no head embeddings. Read unordered and sorted here: an ORDER BY over
+    list columns costs more than the read itself."""
+    with connect(path, read_only=True) as con:
+        tab = con.sql("SELECT image_id, layer, head, vec FROM head_embeddings WHERE model_id = ?",
+                      params=[model_id]).to_arrow_table()
+    if tab.num_rows == 0:
+        return [], [], np.zeros((0, 0, 0), np.float32)
+    enc = tab.column("image_id").combine_chunks().dictionary_encode()
+    images = np.asarray(enc.dictionary.to_pylist(), dtype=object)
+    order = np.argsort(images, kind="stable")
+    images, rank = images[order], np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    img = rank[enc.indices.to_numpy()]
+    lh = np.stack([tab.column("layer").to_numpy(), tab.column("head").to_numpy()], 1).astype(np.int64)
+    heads, hd = np.unique(lh, axis=0, return_inverse=True)
+    hd = hd.ravel()
+    vec = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in tab.column("vec").chunks])
+    d = vec.size // tab.num_rows
+    X = np.zeros((len(images), len(heads), d), np.float32)
+    seen = np.zeros((len(images), len(heads)), bool)
+    X[img, hd] = vec.astype(np.float32).reshape(tab.num_rows, d)
+    seen[img, hd] = True
+    full = seen.all(1)
+    return [str(i) for i in images[full]], [(int(l), int(h)) for l, h in heads], X[full]
+
+
+def text_matrix(path, model_id: str) -> tuple[list[str], np.ndarray]:
+    """Every text embedded for the model (all banks): (text_ids [M] sorted, T float32 [M, d] unit rows)."""
+    with connect(path, read_only=True) as con:
+        tab = con.sql("SELECT text_id, vec FROM text_embeddings WHERE model_id = ? ORDER BY text_id",
+                      params=[model_id]).to_arrow_table()
+    return tab.column("text_id").to_pylist(), _vectors(tab)
