@@ -5,12 +5,16 @@ Models are loaded once per process (st.cache_resource keyed by the model spec); 
 decomposition of an image is computed once per (model, image) and kept, so changing the text
 or the heads only costs a matrix product. The maths is in models/: models.decompose,
 models.maps (the per-patch map and its upsampling), models.model_view (the model's crop).
+`breakdown` (the match page) turns one image's whole decomposition and a text into the bars of
+every component's direct share of cos(image, text).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 from PIL import Image
 
@@ -120,3 +124,79 @@ def query_head_vectors(row: dict, choice, heads: Sequence[Head]) -> np.ndarray:
         from warehouse import queries
         return q(queries.image_head_vectors, row["model_id"], choice.image_id, list(heads))
     return head_vectors(row, choice.image, choice.key, heads)
+
+
+# --------------------------------------------------------------------------- which heads make this match?
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _decompose_components(key: tuple, image_key: str, _lm, _image) -> models.Decomposition:
+    x = _lm.preprocess(_image)[None]                        # [1, 3, S, S]
+    return models.decompose(_lm, x, layers="all", components=True)
+
+
+def decompose_components(row: dict, image: Image.Image, image_key: str) -> models.Decomposition:
+    """The whole decomposition of one image (MATH.md §1, §2; cached per image): head_cls of every
+    layer [1, L, H, d], mlp and attn_bias [1, L, d], embedding_term [1, d]; they sum to the unit
+    embedding."""
+    return _decompose_components(spec_key(row), image_key, model(row), image)
+
+
+KINDS = ("head", "attention of a layer", "MLP", "out-proj biases", "embedding term")
+
+
+@dataclass
+class Breakdown:
+    """Every component's direct share of cos(image, text) (MATH.md §1): `components` sums to `cos`.
+
+    components: one row per bar, highest share first: rank, component, kind (KINDS), layer, head
+        (NaN unless a head), share (float64); every head of an analysed layer is one row, the heads
+        of another layer one row per layer, each layer's MLP one row, the out-proj biases of all
+        layers one row, the embedding term (class token and positions through ln_post, and its
+        bias) one row.
+    layers: per layer and part ('attention heads', 'MLP', 'out-proj bias'): its share.
+    cos: cos(image, text) from the model's own embedding; sum_of_bars: components.share.sum().
+    embedding: the unit image embedding [d] (float32).
+    """
+    components: pd.DataFrame
+    layers: pd.DataFrame
+    cos: float
+    sum_of_bars: float
+    embedding: np.ndarray
+
+
+def breakdown_of(dec: models.Decomposition, t_hat, analysed_layers: Sequence[int]) -> Breakdown:
+    """The bars of one decomposed image (a Decomposition with components, layers 'all') for a text."""
+    t = np.asarray(t_hat, dtype=np.float64).ravel()
+    emb = dec.embedding[0].double().cpu().numpy()
+    norm = float(np.linalg.norm(emb) * np.linalg.norm(t))          # |img| |t| (both 1 up to float32)
+    heads = dec.head_cls[0].double().cpu().numpy() @ t / norm       # [L, H]
+    mlp = dec.mlp[0].double().cpu().numpy() @ t / norm              # [L]
+    bias = dec.attn_bias[0].double().cpu().numpy() @ t / norm       # [L]
+    embed = float(dec.embedding_term[0].double().cpu().numpy() @ t / norm)
+    analysed = {int(l) for l in analysed_layers}
+    n_layers, n_heads = heads.shape
+    rows = []
+    for l in range(n_layers):
+        if l in analysed:
+            rows += [(f"L{l}.H{h}", "head", l, h, heads[l, h]) for h in range(n_heads)]
+        else:
+            rows.append((f"L{l} attention ({n_heads} heads, not analysed)", "attention of a layer", l, None,
+                         heads[l].sum()))
+    rows += [(f"L{l} MLP", "MLP", l, None, mlp[l]) for l in range(n_layers)]
+    rows.append(("out-proj biases (all layers)", "out-proj biases", None, None, bias.sum()))
+    rows.append(("embedding term (class token, positions, ln_post)", "embedding term", None, None, embed))
+    comp = pd.DataFrame(rows, columns=["component", "kind", "layer", "head", "share"])
+    comp = comp.sort_values("share", ascending=False, kind="stable").reset_index(drop=True)
+    comp.insert(0, "rank", np.arange(1, len(comp) + 1))
+    per_layer = pd.DataFrame(
+        [(l, part, float(v)) for l in range(n_layers)
+         for part, v in (("attention heads", heads[l].sum()), ("MLP", mlp[l]), ("out-proj bias", bias[l]))],
+        columns=["layer", "part", "share"])
+    return Breakdown(comp, per_layer, float(emb @ t / norm), float(comp.share.sum()), emb.astype(np.float32))
+
+
+def breakdown(row: dict, image: Image.Image, image_key: str, t_hat) -> Breakdown:
+    """Which heads make this match: every analysed head's and every layer's direct share of
+    cos(image, text) for one image, from its cached whole decomposition (only the text changes
+    cost a matrix product)."""
+    return breakdown_of(decompose_components(row, image, image_key), t_hat, row["analysed_layers"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 ATLAS = "views/atlas.py"
 HEAD = "views/head.py"
+MATCH = "views/match.py"
 PROPERTY_NN = "views/property_neighbours.py"
 TOPIC = "views/topic_segmentation.py"
 CONTRASTIVE = "views/contrastive_segmentation.py"
@@ -18,6 +19,7 @@ SQL = "views/sql_console.py"
 PAGES: list[tuple[str, str, str, str]] = [
     (ATLAS, "Atlas", ":material/grid_view:", "head-atlas"),
     (HEAD, "Head", ":material/center_focus_strong:", "head"),
+    (MATCH, "Head match", ":material/leaderboard:", "head-match"),
     (PROPERTY_NN, "Property neighbours", ":material/join_inner:", "property-neighbours"),
     (TOPIC, "Topic segmentation", ":material/layers:", "topic-segmentation"),
     (CONTRASTIVE, "Contrastive segmentation", ":material/compare:", "contrastive-segmentation"),

@@ -233,6 +233,34 @@ def image_thumbnails(path, image_ids: Sequence[str]) -> pd.DataFrame:
     return df.set_index("image_id").loc[[i for i in ids if i in set(df.image_id)]].reset_index()
 
 
+def image_embedding(path, model_id: str, image_id: str) -> np.ndarray:
+    """The stored unit image embedding of one warehouse image, float32 [d]; KeyError when absent."""
+    df = _df(path, "SELECT vec FROM image_embeddings WHERE model_id = $m AND image_id = $i",
+             {"m": model_id, "i": image_id})
+    if df.empty:
+        raise KeyError(f"image '{image_id}' has no embedding for {model_id}")
+    return np.asarray(df.vec.iloc[0], dtype=np.float32)
+
+
+def schema_browser(path) -> pd.DataFrame:
+    """Every table and view of the warehouse with its columns, types and one-line meanings (the
+    SQL console's schema browser): relation, kind ('table' | 'view'), relation_meaning, column,
+    type, meaning; in relation then column order. Meanings: warehouse.schema_docs (the README's
+    one-liners for relations, the migrations' SQL comments for columns)."""
+    from warehouse.schema_docs import column_meaning, relation_meaning
+    df = _df(path, """
+        SELECT c.table_name AS relation,
+               CASE WHEN t.table_type = 'VIEW' THEN 'view' ELSE 'table' END AS kind,
+               c.column_name AS "column", c.data_type AS type, c.ordinal_position
+        FROM information_schema.columns c
+        JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+        WHERE c.table_schema = 'main'
+        ORDER BY c.table_name, c.ordinal_position""")
+    df.insert(2, "relation_meaning", [relation_meaning(r) for r in df.relation])
+    df["meaning"] = [column_meaning(r, c) for r, c in zip(df.relation, df["column"])]
+    return df.drop(columns=["ordinal_position"]).reset_index(drop=True)
+
+
 def head_text_ranking(path, model_id: str, layer: int, head: int) -> pd.DataFrame:
     """Every text embedded for the model, ranked by its mean projection on head (layer, head).
 

@@ -1,8 +1,10 @@
-"""Atlas (home): the models in the warehouse, a layer x head grid coloured by property label,
-and a head card (TextSpan texts, label, scores, top images, links to every analysis)."""
+"""Atlas (home): the models in the warehouse, a layer x head grid coloured by property label (a
+click on an analysed head opens its head page, /head?model=&layer=&head=), and a head card
+(TextSpan texts, label, scores, top images, links to every analysis)."""
 import altair as alt
 import streamlit as st
 
+from dashboard import nav
 from dashboard import widgets as w
 from dashboard.data import q
 from warehouse import queries
@@ -21,7 +23,8 @@ grid = q(queries.head_grid, model_id)
 grid["head_name"] = [w.head_name(l, h) for l, h in zip(grid["layer"], grid["head"])]
 st.subheader(f"Heads of {model_id}")
 st.caption(f"{row['layers']} layers x {row['heads']} heads; analysed layers "
-           f"{', '.join(map(str, row['analysed_layers']))}. Click a head to open its card.")
+           f"{', '.join(map(str, row['analysed_layers']))}. Click an analysed head to open its page; "
+           "the head card below follows the head picker.")
 pick = alt.selection_point(name="pick", fields=["layer", "head"], on="click")
 labels = sorted(set(grid.property) - set(w.NOT_A_PROPERTY))
 greys = [p for p in w.NOT_A_PROPERTY if p in set(grid.property)]
@@ -40,12 +43,16 @@ names = base.mark_text(fontSize=10, color="#222").encode(text=alt.Text("property
 chart = alt.layer(cells, names).properties(height=30 * int(row["layers"]),   # the plot's height; width fits the page
                                            autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
 event = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key="atlas_grid", width="stretch")
-picked = (event.selection.get("pick") or []) if event else []
-if picked and picked[0].get("layer") in row["analysed_layers"]:
-    name = w.head_name(picked[0]["layer"], picked[0]["head"])
+picked = ((event or {}).get("selection") or {}).get("pick") or []      # a dict-like chart state
+if not picked:
+    st.session_state.pop("_atlas_grid_pick", None)
+elif picked[0].get("layer") in row["analysed_layers"]:
+    layer_, head_ = int(picked[0]["layer"]), int(picked[0]["head"])
+    name = w.head_name(layer_, head_)
     if st.session_state.get("_atlas_grid_pick") != name:       # a new click, not the same selection again
         st.session_state["_atlas_grid_pick"] = name
         st.session_state["_atlas_head"] = name
+        st.switch_page(nav.HEAD, query_params=w.head_page_params(model_id, layer_, head_))   # its permalink
 w.csv_download(grid, f"heads_{model_id.replace('/', '_')}", key="dl_grid")
 
 st.subheader("Head card")

@@ -2,7 +2,11 @@
 (warehouse/console.py refuses writes, file and network access, INSTALL/LOAD, settings and SQL
 from strings, and caps time, memory, rows and result bytes; a stopped query cannot take this
 server down), with example queries, `clip_text(model_id, text)` for semantic questions, and the
-result as CSV."""
+result as CSV. Beside the editor, a schema browser: every table and view, its columns and types, with
+one-line meanings (warehouse.queries.schema_browser, read outside the console's worker: the console's
+allow-list is unchanged). A result with an `image_id` column can show each image's thumbnail (its
+first THUMB_ROWS rows, thumbnails fetched by warehouse.queries.image_thumbnails)."""
+import base64
 import os
 
 import streamlit as st
@@ -14,6 +18,7 @@ from warehouse.console import (EXAMPLE_QUERIES, ConsoleError, QueryMemoryExceede
                                limits_text, run_console_query, warm_up)
 
 MAX_ROWS = 10_000
+THUMB_ROWS = 200                                                    # rows shown with thumbnails
 TIMEOUT_S = float(os.environ.get("ATLAS_CONSOLE_TIMEOUT_S") or 10)   # memory and bytes: warehouse/console.py
 
 warm_up()   # a query worker waits, imported, for the first query of this page
@@ -49,14 +54,39 @@ def use_example() -> None:
     st.session_state["sql_text"] = EXAMPLE_QUERIES[st.session_state["sql_example"]]
 
 
+def schema_browser() -> None:
+    """Tables and views, their columns, types and meanings (static tables: the result is the page's only dataframe)."""
+    schema = q(queries.schema_browser)
+    rels = schema.drop_duplicates("relation")[["relation", "kind", "relation_meaning"]]
+    kinds = dict(zip(rels.relation, rels.kind))
+    st.markdown(f"**Schema** ({w.plural(int((rels.kind == 'table').sum()), 'table')}, "
+                f"{w.plural(int((rels.kind == 'view').sum()), 'view')})")
+    names = list(rels.relation)
+    if st.session_state.get("sql_schema_relation") not in names:
+        st.session_state["sql_schema_relation"] = "head_scores" if "head_scores" in names else names[0]
+    rel = st.selectbox("Table or view", names, key="sql_schema_relation",
+                       format_func=lambda r: f"{r} ({kinds[r]})")
+    meaning = dict(zip(rels.relation, rels.relation_meaning)).get(rel) or ""
+    st.caption(f"`{rel}`: {meaning}" if meaning else f"`{rel}`")
+    cols = schema[schema.relation == rel][["column", "type", "meaning"]]
+    st.table(cols.set_index("column"))
+    with st.expander("Every table and view"):
+        st.markdown("\n".join(f"- `{r.relation}` ({r.kind}): {r.relation_meaning or '(no description)'}"
+                              for r in rels.itertuples()))
+
+
 names = list(EXAMPLE_QUERIES)
-st.selectbox("Example queries", names, key="sql_example", on_change=use_example, index=None,
-             placeholder="Choose an example to load it into the editor")
-if "sql_text" not in st.session_state:
-    st.session_state["sql_text"] = EXAMPLE_QUERIES[names[0]]
-with st.form("sql_form"):
-    st.text_area("SQL", key="sql_text", height=200)
-    st.form_submit_button("Run", icon=":material/play_arrow:", type="primary")
+editor, browser = st.columns([3, 2])
+with editor:
+    st.selectbox("Example queries", names, key="sql_example", on_change=use_example, index=None,
+                 placeholder="Choose an example to load it into the editor")
+    if "sql_text" not in st.session_state:
+        st.session_state["sql_text"] = EXAMPLE_QUERIES[names[0]]
+    with st.form("sql_form"):
+        st.text_area("SQL", key="sql_text", height=260)
+        st.form_submit_button("Run", icon=":material/play_arrow:", type="primary")
+with browser:
+    schema_browser()
 
 sql = st.session_state["sql_text"].strip()
 if not sql:
@@ -74,10 +104,29 @@ except WarehouseError as exc:
 if stopped:
     st.error(stopped)
     st.stop()
+def with_thumbnails(df):
+    """The first THUMB_ROWS rows with an `image` column of thumbnail data URIs (None where the
+    image_id is not a warehouse image), and the ImageColumn that shows it."""
+    shown = df.head(THUMB_ROWS).copy()
+    ids = list(dict.fromkeys(i for i in shown.image_id if isinstance(i, str)))
+    th = q(queries.image_thumbnails, tuple(ids))
+    uris = {r.image_id: "data:image/jpeg;base64," + base64.b64encode(bytes(r.thumbnail)).decode()
+            for r in th.itertuples() if r.thumbnail is not None}
+    shown.insert(0, "image", [uris.get(i) if isinstance(i, str) else None for i in shown.image_id])
+    return shown, {"image": st.column_config.ImageColumn("image", width="small",
+                                                         help="the image's stored thumbnail")}
+
+
 note = df.attrs.get("console_note") or f"stopped at the first {MAX_ROWS:,} rows"
 st.caption(f"{len(df):,} rows" + (f" ({note}; add a LIMIT or WHERE)" if truncated else ""))
 try:
-    st.dataframe(df, hide_index=True, width="stretch")
+    thumbs = "image_id" in df.columns and "image" not in df.columns and len(df) > 0
+    if thumbs and st.toggle(f"Show thumbnails (the first {THUMB_ROWS} rows)", value=True, key="sql_thumbs",
+                            help="the result has an image_id column: each row gets its image's stored thumbnail"):
+        shown, config = with_thumbnails(df)
+        st.dataframe(shown, hide_index=True, width="stretch", column_config=config, row_height=60)
+    else:
+        st.dataframe(df, hide_index=True, width="stretch")
     w.csv_download(df, "query_result", key="dl_sql")
 except Exception as exc:  # noqa: BLE001 - a value the table cannot show: one line, not a traceback
     st.error(f"The result could not be shown: {' '.join(str(exc).split())[:300]} "
