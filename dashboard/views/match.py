@@ -121,7 +121,8 @@ st.altair_chart(alt.layer(bars, rule), width="stretch", key="match_bars")
 
 st.markdown("**Head pages** (the heads that push most towards the text, then most away from it)")
 heads_only = comp[is_head]
-top, bottom = heads_only.head(6), heads_only.tail(3).iloc[::-1]
+top = heads_only.head(6)
+bottom = heads_only.iloc[len(top):].tail(3).iloc[::-1]              # never a head twice
 cols = st.columns(3)
 for i, r in enumerate(list(top.itertuples()) + list(bottom.itertuples())):
     with cols[i % 3]:
