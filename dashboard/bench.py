@@ -4,6 +4,10 @@
   switched to and timed (server-side script run under streamlit.testing.AppTest, on the
   warehouse the dashboard would serve; when it holds no model, the product's ETL builds a small
   one first, in a subprocess); target <= 1 s.
+* the head page and the match page ("Which heads make this match?", the breakdown chart), each opened
+  by a link on a head, or an image and text, it has not rendered before (server-side script run under
+  AppTest; the model already loaded, so a match run is the page's queries, the text tower and the
+  image's whole decomposition); target <= 1 s each.
 * live topic segmentation of a fresh 224 px upload, exactly the page's code path (load and
   convert the upload, per-token decomposition, text embedding, map, upsample, overlay) with
   the model already loaded: ViT-B-16 with random weights on CPU (target <= 1.0 s) and the toy
@@ -34,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TARGETS = {"page_switch_s": 1.0, "topic_vit_b16_s": 1.0, "topic_toy_s": 0.2}
+TARGETS = {"page_switch_s": 1.0, "head_page_s": 1.0, "match_page_s": 1.0, "topic_vit_b16_s": 1.0, "topic_toy_s": 0.2}
 
 
 def _quiet_streamlit() -> None:
@@ -91,6 +95,43 @@ def bench_page_switch(warehouse: Path) -> dict:
         if at.exception:
             raise RuntimeError(f"page {path} raised: {at.exception[0].value}")
     return {"per_page_s": times, "max_s": max(times.values()), "median_s": statistics.median(times.values())}
+
+
+def bench_head_and_match(warehouse: Path, repeats: int = 3) -> dict:
+    """Median seconds of the head page opened by its permalink (?model=&layer=&head=) and of the match
+    page opened by a link (?model=&image=&text=), on the model the dashboard opens on; every timed
+    run is on a head, or an image and a text, that no earlier run rendered (AppTest, server side)."""
+    from streamlit.testing.v1 import AppTest
+    from dashboard import nav, widgets
+    from warehouse import queries
+    os.environ["ATLAS_WAREHOUSE"] = str(warehouse)
+    model_id = widgets.default_model(queries.models(warehouse))
+    row = queries.model_row(warehouse, model_id)
+    heads = widgets.analysed_heads(row)
+    images = list(queries.images(warehouse, model_id).image_id)
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=600)
+    at.run()
+
+    def visit(path: str, **query) -> float:
+        at.query_params.clear()
+        at.query_params.update({k: str(v) for k, v in query.items()})
+        t0 = time.perf_counter()
+        at.switch_page(path).run()
+        took = time.perf_counter() - t0
+        if at.exception:
+            raise RuntimeError(f"page {path} with {query} raised: {at.exception[0].value}")
+        return took
+
+    head_pages = [heads[(len(heads) - 1 - i) % len(heads)] for i in range(repeats + 1)]
+    match_links = [(images[(17 * i + 5) % len(images)], f"a photo of {i + 2} objects, bench {time.time_ns()}")
+                   for i in range(repeats + 1)]
+    head_s = [visit(nav.HEAD, model=model_id, layer=l, head=h) for l, h in head_pages][1:]       # the first warms up
+    match_s = [visit(nav.MATCH, model=model_id, image=i, text=t) for i, t in match_links][1:]
+    return {"model": model_id,
+            "head_page": {"median_s": round(statistics.median(head_s), 3), "runs_s": [round(t, 3) for t in head_s],
+                          "heads": [f"L{l}.H{h}" for l, h in head_pages[1:]]},
+            "match_page": {"median_s": round(statistics.median(match_s), 3), "runs_s": [round(t, 3) for t in match_s],
+                           "images": [i for i, _ in match_links[1:]]}}
 
 
 def _upload_bytes(i: int, size: int = 224) -> bytes:
@@ -151,12 +192,16 @@ def bench_dashboard(warehouse: str | os.PathLike | None = None, repeats: int = 3
     out: dict = {"warehouse": wh_note, "torch_threads": torch.get_num_threads(),
                  "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     out["page_switch"] = bench_page_switch(wh)
+    hm = bench_head_and_match(wh, repeats)
+    out["head_page"], out["match_page"] = hm["head_page"] | {"model": hm["model"]}, hm["match_page"] | {"model": hm["model"]}
     out["topic_vit_b16"] = bench_topic_segmentation(_row_for("ViT-B-16", "random"), repeats)
     toy_source = "bundled" if models.registry.bundled_weights("toy-shapes") else "random"
     out["topic_toy"] = bench_topic_segmentation(_row_for("toy-shapes", toy_source), repeats) | {"weights": toy_source}
     out["targets_s"] = TARGETS
     out["meets_targets"] = {
         "page_switch": out["page_switch"]["max_s"] <= TARGETS["page_switch_s"],
+        "head_page": out["head_page"]["median_s"] <= TARGETS["head_page_s"],
+        "match_page": out["match_page"]["median_s"] <= TARGETS["match_page_s"],
         "topic_vit_b16": out["topic_vit_b16"]["median_s"] <= TARGETS["topic_vit_b16_s"],
         "topic_toy": out["topic_toy"]["median_s"] <= TARGETS["topic_toy_s"],
     }
@@ -164,7 +209,8 @@ def bench_dashboard(warehouse: str | os.PathLike | None = None, repeats: int = 3
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Time page switches and live topic segmentation of the dashboard.")
+    ap = argparse.ArgumentParser(description="Time page switches, the head and match pages, and live topic "
+                                             "segmentation of the dashboard.")
     ap.add_argument("--warehouse", help="warehouse file (default: ATLAS_WAREHOUSE or $ATLAS_HOME/warehouse.duckdb; "
                                         "the ETL builds a small one when it holds no model)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per live measurement (median reported)")
