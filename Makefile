@@ -22,12 +22,13 @@ WAREHOUSE ?= $(ATLAS_HOME)/warehouse.duckdb
 MODEL_FLAGS := --model $(MODEL) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 DATA_FLAGS := $(if $(IMAGES),--dataset $(IMAGES),--dataset $(DATASET) --dataset skimage)
 
-.PHONY: setup demo etl zoo dashboard test test-fast bench browser-deps clean help
+.PHONY: setup demo etl zoo dashboard test test-fast bench bench-scale browser-deps clean help
 
 help:
 	@echo "make demo     set up, build the default warehouse (the toy zoo + shapes world + scikit-image photos), serve the dashboard"
 	@echo "make test     set up and run the test suite (installs Debian's chromium for the browser test)"
 	@echo "make bench    benchmarks (decomposition, shapes world, TextSpan, text encoding, warehouse, dashboard)"
+	@echo "make bench-scale  the store at 1,000,000 images: synthetic shards (~27 GB, deleted after), attach, neighbours, TextSpan"
 	@echo "make zoo      retrain the toy zoo by its recipe (CPU, hours; resumable)"
 	@echo "make dashboard PORT=8501 ATLAS_HOME=var"
 	@echo "make demo MODEL=ViT-B-16 PRETRAINED=laion2b_s34b_b88k IMAGES=path/to/images/"
@@ -77,6 +78,11 @@ test-fast: setup
 bench: setup
 	$(PY) -m etl bench
 	$(PY) -m dashboard.bench
+
+# Not part of `bench`: a synthetic 1,000,000-image shard set (about 27 GB, in a temporary folder under
+# $(ATLAS_HOME), deleted afterwards; the free disk is checked first). Last line: JSON, keys with `1m`.
+bench-scale: setup
+	$(PY) -m etl bench-scale
 
 clean:
 	rm -rf var tests/_artifacts

@@ -18,6 +18,7 @@ deflate ``S~ <- (I - uu^T) S~ (I - uu^T)`` and orthogonalise the texts
 
     textspan(C, T, k, r)          one head:    C [n, d]     -> idx [k], variance [k]
     textspan_heads(C, T, k, r)    many heads:  C [n, H, d]  -> idx [H, k], variance [H, k]
+    textspan_from_moments(M, T)   many heads, streamed: HeadMoments M fed batch by batch (n unbounded)
     textspan_literal(C, T, k, r)  the literal n x d algorithm, for the benchmark
     bench_textspan()              48 heads x k = 20, 3,500 texts, 5,000 images, d = 512
 
@@ -39,11 +40,13 @@ text_id). A float64 literal implementation picks the same texts (a test on a toy
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
 
-__all__ = ["textspan", "textspan_heads", "textspan_literal", "numerical_rank", "check_sizes", "bench_textspan"]
+__all__ = ["textspan", "textspan_heads", "textspan_from_moments", "HeadMoments", "textspan_literal", "numerical_rank",
+           "check_sizes", "bench_textspan"]
 
 EXHAUSTED_EPS = 100  # no text left when the best score < 100 eps (of C's dtype) x the best score of step 1
 # eigenvalues of C^T C below this x the largest are rounding noise (numerical_rank), by the
@@ -105,15 +108,23 @@ def _textspan_chunk(C: torch.Tensor, T: torch.Tensor, k: int, r: int, max_rank: 
     Each head uses r_h = min(r, its numerical rank, max_rank) directions: the columns of V
     past r_h are zeroed, which is the projection on its top-r_h subspace exactly.
     """
-    n, h, d = C.shape
-    f64, dt = torch.float64, C.dtype
-    eps = torch.finfo(dt).eps                                             # of the values as given
+    n = C.shape[0]
     mu = C.mean(dim=0)                                                    # [h, d]
     Cc = (C - mu).transpose(0, 1)                                         # [h, n, d] centred
-    S = torch.bmm(Cc.transpose(1, 2), Cc).to(f64)                         # [h, d, d] = Cc^T Cc
+    S = torch.bmm(Cc.transpose(1, 2), Cc).to(torch.float64)               # [h, d, d] = Cc^T Cc
     del Cc
-    mu = mu.to(f64)
-    G = S + n * mu.unsqueeze(2) * mu.unsqueeze(1)                         # [h, d, d] raw Gram C^T C
+    return _textspan_moments(torch.full((C.shape[1],), n, dtype=torch.float64), mu.to(torch.float64), S, T,
+                             k, r, max_rank, C.dtype)
+
+
+def _textspan_moments(n: torch.Tensor, mu: torch.Tensor, S: torch.Tensor, T: torch.Tensor, k: int, r: int,
+                      max_rank: int | None, dt: torch.dtype):
+    """The rest of :func:`_textspan_chunk` from the heads' moments: n [h] images, mu [h, d] means and
+    S [h, d, d] centred Grams Cc^T Cc (float64), dt the dtype the embeddings were stored in."""
+    h, d = mu.shape
+    f64 = torch.float64
+    eps = torch.finfo(dt).eps                                             # of the values as given
+    G = S + n[:, None, None] * mu.unsqueeze(2) * mu.unsqueeze(1)          # [h, d, d] raw Gram C^T C
     # numpy's LAPACK eigh: ~5x faster than torch's float64 eigh on CPU (measured, d = 512)
     evals, evecs = (torch.from_numpy(a) for a in np.linalg.eigh(G.numpy()))   # ascending, float64
     r_used = numerical_rank(evals, max_rank, RANK_RTOL[dt]).clamp_max(r)  # [h]
@@ -178,6 +189,73 @@ def textspan_heads(C, T, k: int = 10, r: int = 80, *, chunk: int = 4, with_direc
     n, H, d = C.shape
     r = check_sizes(n, T.shape[0], d, T.shape[1], k, r)
     parts = [_textspan_chunk(C[:, h0:h0 + chunk], T, k, r, max_rank) for h0 in range(0, H, max(1, chunk))]
+    idx, var, dirs, r_used = (torch.cat(p) for p in zip(*parts))
+    out = (idx.numpy(), var.numpy())
+    if with_directions:
+        out += (dirs.numpy(),)
+    if with_rank:
+        out += (r_used.numpy(),)
+    return out
+
+
+class HeadMoments:
+    """What TextSpan needs of H heads' embeddings, accumulated batch by batch so that n never has
+    to fit in memory: per head the count n, the mean mu [d] and the centred Gram S = Cc^T Cc [d, d]
+    (float64). Each batch is centred on its own mean and its Gram taken in the stored dtype, as
+    :func:`textspan_heads` does for the whole of C; batches are merged with the exact pairwise
+    update (Chan, Golub & LeVeque): S = S_a + S_b + n_a n_b / n (mu_b - mu_a)(mu_b - mu_a)^T.
+    One float64 batch per head gives bit for bit the moments :func:`textspan_heads` computes (a
+    float32 one: up to the float32 Gram's rounding, the kernel sees another memory layout); any
+    split gives them up to that rounding (what decides a pick, the eigenbasis and the scores, runs
+    in float64 either way). Memory: H d^2 float64 (12 MB for 12 heads at d = 512) plus one batch."""
+
+    def __init__(self, heads: int, d: int):
+        self.n = torch.zeros(heads, dtype=torch.float64)
+        self.mu = torch.zeros(heads, d, dtype=torch.float64)
+        self.S = torch.zeros(heads, d, d, dtype=torch.float64)
+        self.dtype: torch.dtype | None = None
+
+    def add(self, head: int, X) -> None:
+        """Add a batch of rows X [m, d] (numpy or torch, float32 or float64) of head ``head`` (0-based)."""
+        with warnings.catch_warnings():           # a read-only numpy batch (Arrow's buffers): only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            X = _as_tensor(X, "X (a batch of one head's embeddings [m, d])", 2)
+        if X.shape[1] != self.mu.shape[1]:
+            raise ValueError(f"batch has d = {X.shape[1]}, the moments d = {self.mu.shape[1]}")
+        if self.dtype is not None and X.dtype != self.dtype:
+            raise ValueError(f"batches must share one dtype ({self.dtype}), got {X.dtype}")
+        self.dtype = X.dtype
+        m = X.shape[0]
+        if m == 0:
+            return
+        mu_b = X.mean(dim=0)
+        Xc = X - mu_b
+        S_b = (Xc.T @ Xc).to(torch.float64)
+        mu_b = mu_b.to(torch.float64)
+        n_a = float(self.n[head])
+        n = n_a + m
+        delta = mu_b - self.mu[head]
+        if n_a == 0:                               # the first batch: its own moments, exactly
+            self.S[head] = S_b
+            self.mu[head] = mu_b
+        else:
+            self.S[head] += S_b + (n_a * m / n) * torch.outer(delta, delta)
+            self.mu[head] += delta * (m / n)
+        self.n[head] = n
+
+
+def textspan_from_moments(moments: HeadMoments, T, k: int = 10, r: int = 80, *, chunk: int = 4,
+                          max_rank: int | None = None, with_directions: bool = False, with_rank: bool = False):
+    """:func:`textspan_heads` from :class:`HeadMoments` (the embeddings streamed, e.g. from
+    ``warehouse.queries.head_vector_batches``): same arguments after the data, same results."""
+    if moments.dtype is None:
+        raise ValueError("TextSpan needs at least 2 images per head, got none")
+    T = _as_tensor(T, "T (text embeddings [M, d])", 2)
+    H, d = moments.mu.shape
+    r = check_sizes(int(moments.n.min()), T.shape[0], d, T.shape[1], k, r)
+    step = max(1, chunk)
+    parts = [_textspan_moments(moments.n[h0:h0 + step], moments.mu[h0:h0 + step], moments.S[h0:h0 + step], T,
+                               k, r, max_rank, moments.dtype) for h0 in range(0, H, step)]
     idx, var, dirs, r_used = (torch.cat(p) for p in zip(*parts))
     out = (idx.numpy(), var.numpy())
     if with_directions:

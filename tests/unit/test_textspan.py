@@ -176,3 +176,32 @@ def test_exact_ties_go_to_the_lowest_text_row():
     best = textspan_heads(C, T, k=1, r=24)[0][0, 0]
     dup = np.concatenate([T[:2], T[best:best + 1], T])     # the winner at row 2 and again at row best + 3
     assert textspan_heads(C, dup, k=1, r=24)[0][0, 0] == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_streamed_moments_give_the_same_texts(dtype):
+    """HeadMoments fed in batches (the 1M-image path: warehouse.queries.head_vector_batches) picks
+    what textspan_heads picks on the whole C; one float64 batch per head gives the same moments bit
+    for bit (float32: to the rounding of the float32 Gram, whose kernel layout differs)."""
+    from etl.text.textspan import HeadMoments, textspan_from_moments
+    C, T = make_heads(seed=5).astype(dtype), make_texts(seed=6).astype(dtype)
+    n, H, d = C.shape
+    idx, var, dirs = textspan_heads(C, T, k=10, r=24, with_directions=True)
+    whole = HeadMoments(H, d)
+    for h in range(H):
+        whole.add(h, C[:, h])
+    i1, v1, d1 = textspan_from_moments(whole, T, k=10, r=24, with_directions=True)
+    np.testing.assert_array_equal(i1, idx)
+    np.testing.assert_allclose(v1, var, atol=1e-12 if dtype == np.float64 else 1e-6, rtol=0)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(v1, var)
+        np.testing.assert_array_equal(d1, dirs)
+    parts = HeadMoments(H, d)
+    for h in range(H):
+        for a in range(0, n, 37):                          # uneven batches, heads interleaved by batch
+            parts.add(h, C[a:a + 37, h])
+    np.testing.assert_array_equal(parts.n.numpy(), np.full(H, n))
+    np.testing.assert_allclose(parts.mu.numpy(), C.astype(np.float64).mean(0), atol=1e-6 if dtype == np.float32 else 1e-12)
+    i2, v2 = textspan_from_moments(parts, T, k=10, r=24)
+    np.testing.assert_array_equal(i2, idx)
+    np.testing.assert_allclose(v2, var, atol=1e-5 if dtype == np.float32 else 1e-10, rtol=0)
