@@ -152,7 +152,10 @@ def add_embed_args(p) -> None:
     p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="onnxruntime (default) or torch")
     p.add_argument("--providers", default=None, choices=["cpu", "cuda"], help="onnxruntime provider (default: CUDA if usable)")
     p.add_argument("--batch-size", type=positive_int, default=64,
-                   help="images per batch and per write transaction (default 64)")
+                   help="images per model batch (default 64; the writer coalesces batches into transactions)")
+    p.add_argument("--loader-workers", type=non_negative_int, default=None, metavar="N",
+                   help="processes that read, decode and preprocess images ahead of the model "
+                        "(default: one per spare core, at most 8; 0: one thread in the job's process)")
 
 
 def model_row_or_fail(path: str, model_id: str) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from PIL import Image
 
@@ -37,9 +37,37 @@ class Dataset:
     dataset_id: str
     name: str
     source: str                            # 'shapes' | 'skimage' | 'folder' | 'csv'
-    items: Callable[[], Iterator[Item]]
+    # items(shard=(k, w)): every w-th item from the k-th, in order (default: all); a parallel
+    # loader's workers each take one shard without building the others' items
+    items: Callable[..., Iterator[Item]]
     n_images: Optional[int] = None
     duplicates: int = 0                    # entries left out because they name a file already listed
+
+
+@dataclass
+class Prepared:
+    """One image ready for the model and the warehouse."""
+    item: Item
+    pixels: Any                            # torch.Tensor [3, H, W], the model's own preprocess
+    thumbnail: bytes                       # JPEG, longest side 128 px
+    sha256: str                            # of the decoded pixels
+    size: tuple[int, int]                  # (width, height) of the original
+    original: Optional[bytes]              # lossless PNG when no file can be read again (shapes), else None
+
+
+def prepare_item(item: Item, preprocess: Callable, keep_original: bool) -> Prepared | tuple[str, str]:
+    """Read, decode and preprocess one item; a bad file costs only itself: it comes back as
+    ``(path or image_id, reason)`` for the `errors` table instead of raising."""
+    from models import ImageError, thumbnail_jpeg
+    from models.images import png_bytes
+    try:
+        img = item.load()
+        return Prepared(item, preprocess(img), thumbnail_jpeg(img), pixel_sha256(img), img.size,
+                        png_bytes(img) if keep_original else None)
+    except ImageError as exc:
+        return (item.path or item.image_id, str(exc))
+    except Exception as exc:  # a damaged file (or one too big to preprocess)
+        return (item.path or item.image_id, f"{type(exc).__name__}: {exc}")
 
 
 def open_dataset(spec: str) -> Dataset:
@@ -64,8 +92,8 @@ def _shapes(spec: str) -> Dataset:
     n, seed = shapes.parse_dataset_name(spec)
     dataset_id = shapes.dataset_name(n, seed)
 
-    def items():
-        for i in range(n):
+    def items(shard=(0, 1)):
+        for i in range(shard[0], n, shard[1]):
             s = shapes.scene(i, seed)  # pixels, factors and caption in one deterministic draw
             yield Item(f"{dataset_id}/{i}", (lambda s=s: s.to_pil()), path=f"shapes:{seed}:{i}",
                        caption=s.caption, factors=dict(s.factors))
@@ -75,16 +103,15 @@ def _shapes(spec: str) -> Dataset:
 def _skimage() -> Dataset:
     import skimage.data as data
 
-    def items():
-        for name in SKIMAGE_PHOTOS:
-            fn = getattr(data, name, None)
-            if fn is None:
-                continue
+    names = [n for n in SKIMAGE_PHOTOS if getattr(data, n, None) is not None]   # this scikit-image's photos
+
+    def items(shard=(0, 1)):
+        for name in names[shard[0]::shard[1]]:
             def load(name=name):
                 from models.images import skimage_photo
                 return skimage_photo(name)
             yield Item(f"skimage/{name}", load, path=f"skimage.data.{name}", label=name)
-    return Dataset("skimage", "scikit-image sample photos", "skimage", items, None)
+    return Dataset("skimage", "scikit-image sample photos", "skimage", items, len(names))
 
 
 def _file_loader(path: Path) -> Callable[[], Image.Image]:
@@ -119,8 +146,8 @@ def _folder(root: Path) -> Dataset:
     dataset_id = f"folder:{root}"
     classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
 
-    def items():
-        for p in files:
+    def items(shard=(0, 1)):
+        for p in files[shard[0]::shard[1]]:
             rel = p.relative_to(root)
             label = rel.parts[0] if len(rel.parts) > 1 else None
             yield Item(f"{dataset_id}/{rel.as_posix()}", _file_loader(p), path=str(p), label=label)
@@ -156,8 +183,8 @@ def _csv(manifest: Path) -> Dataset:
     keep, duplicates = _unique_files([file_of(r) for r in rows])
     rows = [rows[i] for i in keep]
 
-    def items():
-        for row in rows:
+    def items(shard=(0, 1)):
+        for row in rows[shard[0]::shard[1]]:
             p = file_of(row)
             yield Item(f"{dataset_id}/{row['path']}", _file_loader(p), path=str(p),
                        label=row.get("label") or None, caption=row.get("caption") or None)

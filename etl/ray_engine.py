@@ -86,24 +86,19 @@ class ShardEmbedder:
         import torch
         from ray import cloudpickle
 
-        from etl.datasets import sha256_image
-        from models import ImageError, thumbnail_jpeg
-        from models.images import png_bytes
+        from etl.datasets import Item, Prepared, prepare_item
         from warehouse.writes import shard_tables
         batch = {name: block.column(name).to_pylist() for name in block.column_names}
         index = np.asarray(batch["index"], dtype=np.int64)
         good, errors = [], []
         for k in np.argsort(index, kind="stable"):
             image_id, path = batch["image_id"][k], batch["path"][k]
-            try:
-                img = cloudpickle.loads(batch["load"][k])()
-                good.append((k, self.lm.preprocess(img), thumbnail_jpeg(img), sha256_image(img), img.size,
-                             png_bytes(img) if self.keep_originals else None))
-            except ImageError as exc:
-                errors.append({"image_id": image_id, "item": path or image_id, "reason": str(exc)})
-            except Exception as exc:  # a damaged file (or one too big to preprocess) costs only itself
-                errors.append({"image_id": image_id, "item": path or image_id,
-                               "reason": f"{type(exc).__name__}: {exc}"})
+            got = prepare_item(Item(image_id, cloudpickle.loads(batch["load"][k]), path=path),
+                               self.lm.preprocess, self.keep_originals)
+            if isinstance(got, Prepared):
+                good.append((k, got.pixels, got.thumbnail, got.sha256, got.size, got.original))
+            else:
+                errors.append({"image_id": image_id, "item": got[0], "reason": got[1]})
         entry = None
         if good:
             embs, heads = [], []

@@ -30,7 +30,8 @@ duckdb and pyarrow, no torch). Nothing of a query, its parsing included, runs in
   (default 32 MB, env ``ATLAS_CONSOLE_MAX_BYTES``) come back; the rest is never fetched, and
   ``df.attrs["console_note"]`` says which cap cut the result; query texts longer than
   :data:`MAX_SQL_CHARS` are refused before any parsing;
-* **CPU**: DuckDB in the worker runs ``ATLAS_CONSOLE_THREADS`` threads (default: 4 or the number
+* **CPU**: the worker runs at nice 10 (``ATLAS_CONSOLE_NICE``), so page renders come first on a busy
+  host; DuckDB in the worker runs ``ATLAS_CONSOLE_THREADS`` threads (default: 4 or the number
   of cores, whichever is smaller); at most ``ATLAS_CONSOLE_WORKERS`` (default 2) console queries
   run at once per process.
 

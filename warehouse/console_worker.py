@@ -15,6 +15,7 @@ protocol's frames (described in warehouse/console.py); anything else printed goe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -68,8 +69,15 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
+NICE = 10      # a console query yields the CPU to page renders (CFS weight 110 vs 1024 at nice 0)
+
+
 def main() -> None:
     _die_with_parent()
+    # Lower priority first: a CPU-bound query (a function-call bomb, a big join) then costs the
+    # dashboard's own page renders little on a busy host; it still gets every idle cycle.
+    with contextlib.suppress(OSError):
+        os.nice(int(os.environ.get("ATLAS_CONSOLE_NICE", NICE)))
     # The protocol owns the real stdout; anything else printed (by DuckDB, warnings) goes to
     # stderr so it cannot corrupt a frame.
     out = os.fdopen(os.dup(1), "wb", buffering=0)

@@ -1,9 +1,10 @@
 """`export` (ONNX with per-head outputs) and `embed` (images -> image and head embeddings).
 
-embed streams: a loader thread reads and preprocesses batches, the main thread runs the
-model (onnxruntime by default), a writer thread commits each batch in its own short write
-transaction. Re-running skips images already embedded for the model; a killed job loses
-nothing committed. Memory stays bounded by the queue depth, not the dataset size.
+embed streams: loader worker processes read, decode and preprocess batches ahead of the model
+(etl/loader.py), the main thread runs the model (onnxruntime by default), and a writer thread,
+the one writer, commits behind it, coalescing batches into few short write transactions.
+Re-running skips images already embedded for the model; a killed job loses nothing committed.
+Memory stays bounded by the batches in flight, not the dataset size.
 
 The writes are idempotent on the tables' keys: two `embed` processes on the same model and
 dataset store each image once, and each reports what it stored itself (``embedded``) and what
@@ -14,7 +15,10 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from etl.common import add_embed_args, add_model_args, add_warehouse_arg, load_model_from_args, progress, warehouse_path
 
@@ -88,34 +92,13 @@ def run_export(args) -> int:
 
 # ----------------------------------------------------------------------------------- embed
 
-def _loader(dataset, done: set, lm, batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
-    """Thread: read + preprocess images into batches; bad files become error records."""
-    from models import ImageError, thumbnail_jpeg
-    from models.images import png_bytes
-    from etl.datasets import sha256_image
-    batch, errors = [], []
-    try:
-        for item in dataset.items():
-            if stop.is_set():
-                return
-            if item.image_id in done:
-                continue
-            try:
-                img = item.load()
-                original = png_bytes(img) if dataset.source == "shapes" else None   # no file to read it again from
-                batch.append((item, lm.preprocess(img), thumbnail_jpeg(img), sha256_image(img), img.size, original))
-            except ImageError as exc:
-                errors.append((item.path or item.image_id, str(exc)))
-            except Exception as exc:  # a damaged file (or one too big to preprocess) costs only itself
-                errors.append((item.path or item.image_id, f"{type(exc).__name__}: {exc}"))
-            if len(batch) == batch_size:
-                out.put((batch, errors))
-                batch, errors = [], []
-        out.put((batch, errors))
-    except BaseException as exc:  # surfaced in the main thread
-        out.put(exc)
-    finally:
-        out.put(None)
+# A write transaction costs about 0.1 s of fixed work (open, migrate check, commit, close), so the
+# writer coalesces model batches: it commits when FLUSH_IMAGES images or FLUSH_BYTES of head
+# embeddings are pending, or FLUSH_S after the first pending one, whichever comes first. A reader
+# waits at most one such commit; a killed job loses at most the pending batches.
+FLUSH_IMAGES = 1024
+FLUSH_BYTES = 64 << 20
+FLUSH_S = 1.0
 
 
 def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs: list) -> int:
@@ -135,6 +118,7 @@ def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs:
 
 def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, errors, dec) -> int:
     """One write transaction: error rows, then images, factors, image and head embeddings.
+    batch: list[Prepared]; dec: its Decomposition (embedding [n, d], head_cls [n, L', H, d]).
     Returns the image embeddings newly stored (images another process stored first are left)."""
     from warehouse import writer, writes
     from warehouse.runs import record_error
@@ -143,110 +127,131 @@ def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, 
             record_error(con, run_id, item_path, reason)
         if not batch:
             return 0
-        items = [b[0] for b in batch]
+        items = [b.item for b in batch]
         ids = [i.image_id for i in items]
-        writes.insert_images(con, dataset_id, ids, [i.path for i in items], [b[3] for b in batch],
-                             [i.label for i in items], [i.caption for i in items], [b[4] for b in batch],
-                             [b[2] for b in batch], [b[5] for b in batch])
+        writes.insert_images(con, dataset_id, ids, [i.path for i in items], [b.sha256 for b in batch],
+                             [i.label for i in items], [i.caption for i in items], [b.size for b in batch],
+                             [b.thumbnail for b in batch], [b.original for b in batch])
         writes.insert_image_factors(con, [(i.image_id, k, str(v)) for i in items for k, v in i.factors.items()])
         stored = writes.insert_image_embeddings(con, model_id, ids, dec.embedding.numpy())   # [n, d]
         writes.insert_head_embeddings(con, model_id, ids, dec.layers, dec.head_cls.numpy())  # [n, L', H, d]
         return stored
 
 
+class _Writer(threading.Thread):
+    """The one writer, behind the model: coalesces queued jobs into few transactions (FLUSH_*)."""
+
+    def __init__(self, commit: Callable[[list], int], depth: int = 8):
+        super().__init__(name="atlas-embed-writer", daemon=True)
+        self.commit, self.jobs = commit, queue.Queue(maxsize=depth)
+        self.stored: list[int] = []
+        self.failure: list[BaseException] = []
+
+    def run(self) -> None:
+        pending: list = []
+        n = size = 0
+        first = 0.0
+        while True:
+            wait = None if not pending else max(0.0, first + FLUSH_S - time.monotonic())
+            try:
+                job = self.jobs.get(timeout=wait)
+            except queue.Empty:
+                job = False                              # FLUSH_S passed: commit what is pending
+            if job:
+                if not pending:
+                    first = time.monotonic()
+                pending.append(job)
+                n += len(job[0]) + len(job[1])
+                size += job[2].head_cls.nbytes if job[2] is not None else 0
+            if pending and (job is None or job is False or n >= FLUSH_IMAGES or size >= FLUSH_BYTES):
+                if not self.failure:
+                    try:
+                        self.stored.append(self.commit(pending))
+                    except BaseException as exc:
+                        self.failure.append(exc)
+                pending, n, size = [], 0, 0
+            if job is None:
+                return
+
+    def put(self, job) -> None:
+        if self.failure:
+            raise self.failure[0]
+        self.jobs.put(job)
+
+
+def _runner(path: str, lm, layers: list[int], backend: str, providers) -> Callable:
+    """The model as a function of a [b, 3, H, W] batch -> Decomposition (exported once for onnx)."""
+    if backend == "onnx":
+        from models.onnx import OnnxRunner, select_providers
+        runner = OnnxRunner(export(path, lm, layers), providers=select_providers(providers))
+        if runner.layers != layers:
+            raise ValueError(f"ONNX file {runner.path} analyses layers {runner.layers}, not {layers}; delete it to re-export")
+        return runner
+    from models import decompose
+    upsert_model(path, lm, layers)
+    return lambda x: decompose(lm, x, layers)
+
+
 def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "onnx", providers=None,
-          batch_size: int = 64, run_id: str | None = None) -> dict:
-    """Embed one dataset for one model; returns counts. Skips images already embedded."""
+          batch_size: int = 64, run_id: str | None = None, workers: int | None = None) -> dict:
+    """Embed one dataset for one model; returns counts. Skips images already embedded.
+    workers: loader processes ahead of the model (None: ``etl.loader.default_workers()``, 0: a thread)."""
     import torch
     from etl.datasets import open_dataset
-    from models import decompose
+    from etl.loader import Loader
     from warehouse import optimize, writer, writes
     from warehouse.queries import embedded_image_ids
     dataset = open_dataset(dataset_spec)
     with writer(path) as con:
         writes.upsert_dataset(con, dataset.dataset_id, dataset.name, dataset.source, dataset.n_images)
     done = embedded_image_ids(path, lm.model_id, dataset.dataset_id)
-    if backend == "onnx":
-        from models.onnx import OnnxRunner, select_providers
-        runner = OnnxRunner(export(path, lm, layers), providers=select_providers(providers))
-        if runner.layers != layers:
-            raise ValueError(f"ONNX file {runner.path} analyses layers {runner.layers}, not {layers}; delete it to re-export")
-        run = runner
-    else:
-        upsert_model(path, lm, layers)
-        def run(x):
-            return decompose(lm, x, layers)
-    loaded: queue.Queue = queue.Queue(maxsize=3)
-    to_write: queue.Queue = queue.Queue(maxsize=8)
-    stop = threading.Event()
-    failure: list = []
-    stored: list[int] = []
-
-    def write_loop():
-        done_writing = False
-        while not done_writing:
-            jobs = [to_write.get()]
-            while not to_write.empty():  # coalesce what queued up while the last commit ran
-                jobs.append(to_write.get_nowait())
-            if jobs[-1] is None:
-                done_writing = True
-                jobs.pop()
-            if failure or not jobs:
-                continue
-            try:
-                stored.append(_write_batches(path, run_id, lm.model_id, dataset.dataset_id, jobs))
-            except BaseException as exc:
-                failure.append(exc)
-
-    loader = threading.Thread(target=_loader, args=(dataset, done, lm, batch_size, loaded, stop), daemon=True)
-    writer_thread = threading.Thread(target=write_loop, daemon=True)
-    loader.start()
+    loader = Loader(dataset, done, lm.preprocess, batch_size, keep_originals=dataset.source == "shapes",
+                    workers=workers)
+    # (the runner is made after the loader's workers forked: a fork copies only the calling thread)
+    run = _runner(path, lm, layers, backend, providers)
+    writer_thread = _Writer(partial(_write_batches, path, run_id, lm.model_id, dataset.dataset_id))
     writer_thread.start()
     total = (dataset.n_images - len(done)) if dataset.n_images else None
     n_ok = n_err = 0
     bar = progress(None, total=total, desc=f"embed {dataset.dataset_id}", unit="img")
     try:
-        while (got := loaded.get()) is not None:
-            if isinstance(got, BaseException):
-                raise got
-            if failure:
-                raise failure[0]
-            batch, errors = got
+        for batch, errors in loader:
             dec = None
             if batch:
                 with torch.no_grad():
-                    out = run(torch.stack([b[1] for b in batch]))
+                    out = run(torch.stack([b.pixels for b in batch]))      # [b, 3, H, W]
                 out.embedding, out.head_cls = out.embedding.float().cpu(), out.head_cls.float().cpu()
                 dec = out
-            to_write.put((batch, errors, dec))
+            writer_thread.put((batch, errors, dec))
             n_ok += len(batch)
             n_err += len(errors)
             bar.update(len(batch) + len(errors))
     finally:
-        stop.set()
-        to_write.put(None)
+        loader.close()
+        writer_thread.jobs.put(None)
         writer_thread.join()
         bar.close()
-    if failure:
-        raise failure[0]
+    if writer_thread.failure:
+        raise writer_thread.failure[0]
     if n_ok == 0 and not done and n_err:
         raise ValueError(f"no readable image in dataset {dataset_spec}: {n_err} file(s) failed (see the `errors` table)")
     with writer(path) as con:
         optimize(con, lm.model_id)
-    n_stored = sum(stored)
+    n_stored = sum(writer_thread.stored)
     return {"dataset_id": dataset.dataset_id, "embedded": n_stored, "skipped_done": len(done), "errors": n_err,
             "stored_by_another": n_ok - n_stored, "duplicates": dataset.duplicates}
 
 
 def embed_datasets(path: str, lm, datasets: list[str], layers: list[int], backend: str = "onnx",
-                   providers: str | None = None, batch_size: int = 64) -> list[dict]:
+                   providers: str | None = None, batch_size: int = 64,
+                   workers: int | None = None) -> list[dict]:
     """`embed` for each dataset spec, one run record each (a run with nothing left to embed ends 'skipped')."""
     from warehouse.runs import run_record
     results = []
     for spec in datasets:
         params = {"model_id": lm.model_id, "dataset": spec, "layers": layers, "backend": backend}
         with run_record(path, "embed", params) as run_id:
-            result = embed(path, lm, spec, layers, backend, providers, batch_size, run_id)
+            result = embed(path, lm, spec, layers, backend, providers, batch_size, run_id, workers)
             run_id.skipped = result["embedded"] == 0 and result["errors"] == 0
         results.append({"model_id": lm.model_id, **result})
         print(json.dumps(results[-1]))
@@ -261,5 +266,5 @@ def run_embed(args) -> int:
         embed_datasets_ray(path, lm, args, model_layers(lm, args.layers), export)
         return 0
     embed_datasets(path, lm, args.dataset, model_layers(lm, args.layers), args.backend,
-                   args.providers, args.batch_size)
+                   args.providers, args.batch_size, args.loader_workers)
     return 0

@@ -53,7 +53,7 @@ def run(args) -> int:
         return out
 
     step("embed", embed.embed_datasets, path, lm, args.dataset, layers, args.backend, args.providers,
-         args.batch_size)
+         args.batch_size, args.loader_workers)
     bank = args.bank or default_bank(lm.spec["arch"])
     if args.text_file:
         step("texts", texts.load_texts, path, lm.model_id, text_file=args.text_file)
