@@ -132,6 +132,17 @@ COMMON_COLUMNS: dict[str, str] = {
     "head_name": "the head written L<layer>.H<head>",
     "run_id": "the job run that wrote the row (runs.run_id)",
     "created_at": "when the row was written",
+    "property": "a property of the vocabulary (properties.property), or 'mixed'",
+    "confidence": "the labeler's confidence in the head's label (0..1)",
+    "labeler": "'offline' | 'llm:<model>'",
+    "association": "mean match of the head's TextSpan texts with its label (MATH.md §5; 1: all match)",
+    "entanglement": "normalised entropy of the properties of the head's texts (MATH.md §5; 0: one property)",
+    "variance_explained": "fraction of the head's total variance (MATH.md §3)",
+    "top_text": "the head's first TextSpan text",
+    "text": "the text itself (texts.text)",
+    "n_texts": "number of TextSpan texts",
+    "n_heads": "number of heads",
+    "vec": "a vector [d] (FLOAT[])",
 }
 
 

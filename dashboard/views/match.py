@@ -112,10 +112,11 @@ tips = ["rank", "component", "kind", "label", alt.Tooltip("share:Q", format="+.5
 bars = (alt.Chart(comp[["rank", "bar", "component", "kind", "label", "share", "head page"]],
                   title=f"Direct shares of cos(image, text), highest first ({len(comp)} bars)")
         .mark_bar()
-        .encode(y=alt.Y("bar:N", sort=alt.SortField("rank"), title=None, axis=alt.Axis(labelLimit=320)),
+        .encode(y=alt.Y("bar:N", sort=alt.SortField("rank"), title=None,
+                        axis=alt.Axis(labelLimit=320, labelOverlap=False)),
                 x=alt.X("share:Q", title="share of cos(image, text)"),
                 color=colour, href="head page:N", tooltip=tips)
-        .properties(height=alt.Step(17)))
+        .properties(height=alt.Step(20)))
 rule = alt.Chart().mark_rule(color="#555").encode(x=alt.datum(0))
 st.altair_chart(alt.layer(bars, rule), width="stretch", key="match_bars")
 

@@ -4,7 +4,8 @@ the `dashboard_warehouse` fixture (tests/conftest.py: built by the product's own
 
 Every page is opened, waited for until its script has finished running, checked for Streamlit
 exception elements and for its own content, and saved to tests/_artifacts/screenshots/<page>.png (or $ATLAS_SCREENSHOTS). Then a
-real upload, a head-card link and the model picker across a sidebar page switch.
+real upload, a head-card link and the model picker across a sidebar page switch; the head page and
+the match page by their URLs, through a reload (match.png is saved from its link's state).
 
 Needs the system browser (no browser downloads): `apt-get install -y chromium`.
 """
@@ -43,6 +44,8 @@ EXPECT = {
     nav.ATLAS: ['[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]', '[data-testid="stImage"]'],
     nav.HEAD: ['[data-testid="stImage"]', '[data-testid="stDataFrame"]', '[data-testid="stVegaLiteChart"]',
                '[data-testid="stMetric"]'],
+    nav.MATCH: ['[data-testid="stImage"]', '[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]',
+                '[data-testid="stAlertContentSuccess"]'],
     nav.PROPERTY_NN: ['[data-testid="stImage"]', '[data-testid="stDataFrame"]'],
     nav.TOPIC: ['[data-testid="stImage"]', '[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]'],
     nav.CONTRASTIVE: ['[data-testid="stImage"]', '[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]'],
@@ -201,7 +204,7 @@ def test_head_card_link_and_model_choice_carry_across_pages(server, tab, warehou
     other = next(m for m in ms.model_id if m != default_model(ms))
     tab.goto(url_of(server, nav.ATLAS))
     wait_done(tab, "CLIP Atlas")
-    model_box = tab.get_by_role("combobox", name="Model")
+    model_box = tab.get_by_role("combobox", name="Model", exact=True)
     model_box.click()
     option = re.compile("^" + re.escape(other).replace("/", r"\/") + " ")      # playwright sends it as /.../
     tab.get_by_role("option", name=option).click()
@@ -212,12 +215,12 @@ def test_head_card_link_and_model_choice_carry_across_pages(server, tab, warehou
     link.first.click()
     wait_done(tab, "Topic segmentation", tuple(EXPECT[nav.TOPIC]))
     assert_no_exception(tab, "topic page from a head link")
-    assert tab.get_by_role("combobox", name="Model").input_value().startswith(other + " ")
-    assert tab.get_by_role("combobox", name="Head").input_value().startswith(head + " ")
+    assert tab.get_by_role("combobox", name="Model", exact=True).input_value().startswith(other + " ")
+    assert tab.get_by_role("combobox", name="Head", exact=True).input_value().startswith(head + " ")
     tab.locator('[data-testid="stSidebarNav"] a', has_text="Metrics").click()
     wait_done(tab, "Metrics", tuple(EXPECT[nav.METRICS]))
     assert_no_exception(tab, "metrics after a sidebar switch")
-    assert tab.get_by_role("combobox", name="Model").input_value().startswith(other + " ")
+    assert tab.get_by_role("combobox", name="Model", exact=True).input_value().startswith(other + " ")
 
 
 def test_head_permalink_survives_reload_and_page_switch(server, tab, warehouse):
@@ -236,8 +239,8 @@ def test_head_permalink_survives_reload_and_page_switch(server, tab, warehouse):
         wait_done(tab, "Head", tuple(EXPECT[nav.HEAD]))
         assert_no_exception(tab, where)
         tab.locator("h2", has_text=f"{name} of {other}").first.wait_for(timeout=PAGE_TIMEOUT_MS)
-        assert tab.get_by_role("combobox", name="Model").input_value().startswith(other + " "), where
-        assert tab.get_by_role("combobox", name="Head").input_value().startswith(name + " "), where
+        assert tab.get_by_role("combobox", name="Model", exact=True).input_value().startswith(other + " "), where
+        assert tab.get_by_role("combobox", name="Head", exact=True).input_value().startswith(name + " "), where
         tab.wait_for_function(f"() => window.location.search.includes('layer={layer}')", timeout=PAGE_TIMEOUT_MS)
         assert parse_qs(urlparse(tab.url).query) == want, (where, tab.url)
 
@@ -256,3 +259,46 @@ def test_head_permalink_survives_reload_and_page_switch(server, tab, warehouse):
     tab.wait_for_timeout(800)
     tab.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_match_page_keeps_its_link_through_a_reload_and_links_heads(server, tab, warehouse):
+    """Open /head-match?model=&image=&text= for a model that is not the default, reload: the same model,
+    image and text, the sum check, and links to head pages; one of them opens that head's page.
+    Saves match.png beside the other screenshots."""
+    from urllib.parse import parse_qs, urlencode, urlparse
+    ms = queries.models(warehouse)
+    other = next(m for m in ms.model_id if m != default_model(ms))
+    ims = list(queries.images(warehouse, other).image_id)
+    image_id = "skimage/astronaut" if "skimage/astronaut" in ims else ims[-1]    # not the picker's default
+    text = "there is a red shape"
+    want = {"model": [other], "image": [image_id], "text": [text]}
+    tab.goto(f"{server}/{nav.URLS[nav.MATCH]}?{urlencode({'model': other, 'image': image_id, 'text': text})}")
+
+    def check(where: str) -> None:
+        wait_done(tab, nav.TITLES[nav.MATCH], tuple(EXPECT[nav.MATCH]))
+        assert_no_exception(tab, where)
+        assert tab.get_by_role("combobox", name="Model", exact=True).input_value().startswith(other + " "), where
+        assert tab.get_by_role("combobox", name="Warehouse image", exact=True).input_value().startswith(image_id), where
+        assert tab.locator('[data-testid="stTextInputField"][aria-label="Text"]').input_value() == text, where
+        assert "sum of the bars" in tab.locator('[data-testid="stAlertContentSuccess"]').first.inner_text(), where
+        tab.wait_for_function("() => window.location.search.includes('image=')", timeout=PAGE_TIMEOUT_MS)
+        assert parse_qs(urlparse(tab.url).query) == want, (where, tab.url)
+
+    check("match page from its link")
+    tab.reload()
+    check("match page after reload")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SHOTS / "match.png"
+    height = tab.evaluate("""() => Math.max(...Array.from(document.querySelectorAll('[data-testid="stMain"] *'))
+                                   .map(e => e.scrollHeight))""")
+    tab.set_viewport_size({"width": 1440, "height": min(max(1000, int(height) + 80), 6000)})
+    tab.wait_for_timeout(800)
+    tab.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    links = tab.locator('[data-testid="stMain"] a[href*="head?model="]')
+    assert links.count() >= 3
+    name = re.search(r"L\d+\.H\d+", links.first.inner_text()).group(0)
+    links.first.click()
+    wait_done(tab, "Head", tuple(EXPECT[nav.HEAD]))
+    assert_no_exception(tab, "head page from the match page")
+    tab.locator("h2", has_text=f"{name} of {other}").first.wait_for(timeout=PAGE_TIMEOUT_MS)
