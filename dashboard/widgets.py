@@ -330,6 +330,60 @@ def grid_chart(grid: np.ndarray, vmax: float, title: str) -> alt.Chart:
             .properties(width=260, height=260))
 
 
+# --------------------------------------------------------------------------- one colour per model
+
+MODEL_PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#b279a2", "#72b7b2", "#eeca3b", "#9d755d",
+                 "#ff9da6", "#17becf"]      # tableau10-like, distinct hues (no grey), for trained models
+CONTROL_GREYS = ["#7f7f7f", "#bdbdbd", "#525252", "#a3a3a3"]   # random-init controls: greys, never a hue
+CONTROL_BAND = "#9e9e9e"
+
+
+def model_colours(models_df: Optional[pd.DataFrame] = None) -> dict[str, str]:
+    """{model_id: colour} for every model of the warehouse, fixed by the sorted model ids: trained
+    models take MODEL_PALETTE in order, random-init controls (source 'random') take greys. Every
+    chart that colours by model uses it (model_colour), so a model has one colour everywhere."""
+    df = q(queries.models) if models_df is None else models_df
+    ids = sorted(str(m) for m in df.model_id)
+    random = {str(m) for m, s in zip(df.model_id, df.source) if s == "random"}
+    out, k, g = {}, 0, 0
+    for m in ids:
+        if m in random:
+            out[m] = CONTROL_GREYS[g % len(CONTROL_GREYS)]
+            g += 1
+        else:
+            out[m] = MODEL_PALETTE[k % len(MODEL_PALETTE)]
+            k += 1
+    return out
+
+
+def model_colour(field: str = "model_id", title: str = "model", legend: Optional[alt.Legend] = None,
+                 show_legend: bool = True) -> alt.Color:
+    """The Altair colour channel for a model-id field on model_colours' fixed scale."""
+    colours = model_colours()
+    lg = None if not show_legend else (legend or alt.Legend(orient="bottom", labelLimit=400, columns=3))
+    return alt.Color(f"{field}:N", title=title, legend=lg,
+                     scale=alt.Scale(domain=list(colours), range=list(colours.values())))
+
+
+def random_models(models_df: Optional[pd.DataFrame] = None) -> list[str]:
+    """The random-init control models of the warehouse (source 'random'), sorted."""
+    df = q(queries.models) if models_df is None else models_df
+    return sorted(str(m) for m, s in zip(df.model_id, df.source) if s == "random")
+
+
+def zoom_domain(values, step: float = 0.1, lo: float = 0.0, hi: float = 1.0) -> list[float]:
+    """A y domain that shows the differences: [min, max] of the values widened to whole `step`s,
+    kept inside [lo, hi] (a score in [0, 1] whose values span 0.4 .. 0.8 is drawn on 0.4 .. 0.8)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return [lo, hi]
+    a = max(lo, np.floor(v.min() / step - 1e-9) * step)
+    b = min(hi, np.ceil(v.max() / step + 1e-9) * step)
+    if b - a < step:
+        a, b = max(lo, a - step), min(hi, b + step)
+    return [round(float(a), 6), round(float(b), 6)]
+
+
 # --------------------------------------------------------------------------- tables and thumbnails
 
 def head_metrics(label: dict, score: dict, columns) -> None:

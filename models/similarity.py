@@ -40,11 +40,14 @@ image_id) and the texts both embedded (rows of text_embeddings joined on text_id
   A and B live on the same texts (by text_id), so they are compared by Spearman's rho (Pearson on
   ranks): a head that varies most along colour words in A and one that does so in B agree
   whatever the overall variance scale of each model. Before projecting, the bank's mean text
-  embedding is removed from every text (per model): real and toy text embeddings share one large
-  common direction, and the variance along it would otherwise rank the same texts first for
-  every head (every head would look alike). Chosen over the overlap of the TextSpan sets because
-  the sets are short (k = 10 of hundreds of texts), greedy (later texts depend on earlier
-  deflations) and rarely share a text exactly across models; the profile uses every text.
+  embedding is removed from every text (per model, over the shared texts): real and toy text
+  embeddings share one large common direction, and the variance along it lifts every pair's
+  correlation (on the demo warehouse, centring lowers the random-init control's mean best match
+  from about 0.2 to 0.14 while trained pairs stay at 0.5 to 0.7). Chosen over the overlap of
+  the TextSpan sets because the sets are short (k = 10 of hundreds of texts), greedy (later texts
+  depend on earlier deflations) and rarely share a text exactly across models; the profile uses
+  every text.
+  A random-init control has a random text tower too, so against it this measure tests both towers.
 
 Everything here is numpy in, numpy out; heads are the rows of a stacked tensor [n, H, d] in the
 order the caller gives (the caller keeps the (layer, head) names).

@@ -6,13 +6,15 @@ Shows: label, confidence, scores and the ground-truth factor (head_truth); TextS
 their variance; the bank's texts ranked by their mean projection on the head (both ends, with the
 head's variance along each); the images at both ends of the head's projection on a direction (its
 first TextSpan text or a typed text), random samples per score quartile and the histogram of the
-scores; links to every analysis of this head."""
+scores; links to every analysis of this head; the most similar heads of another model (by their
+outputs on the shared images and by their text behaviour, dashboard/similar.py), each linking to
+its own page."""
 import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import live
+from dashboard import live, similar
 from dashboard import widgets as w
 from dashboard.data import q
 from warehouse import queries
@@ -98,6 +100,41 @@ with right:
         st.markdown("Lowest mean projection")
         st.dataframe(ranking.tail(k).iloc[::-1], hide_index=True, width="stretch", column_config=fmt,
                      key="head_rank_bottom")
+
+st.subheader("Similar heads in other models")
+others = [m for m in q(queries.models).model_id if m != model_id]
+if not others:
+    st.info("No other model in the warehouse to compare this head with: embed another model "
+            "(`python -m etl run --model ...`) on the same images and texts.")
+else:
+    controls = set(w.random_models())
+    pick_key = f"head_similar_model@{model_id}"
+    if st.session_state.get(pick_key) not in others:            # default: the first other trained model
+        st.session_state[pick_key] = next((m for m in others if m not in controls), others[0])
+    sc1, sc2 = st.columns([2, 3])
+    other = sc1.selectbox("Other model", others, key=pick_key,
+                          format_func=lambda m: f"{m} (random init)" if m in controls else m)
+    by = sc2.radio("Similarity", list(similar.MEASURES), key="head_similar_by", horizontal=True,
+                   format_func=lambda k: similar.MEASURES[k])
+    matches = similar.similar_heads(model_id, (layer, head), other, by=by, k=5)
+    pr = similar.pair(model_id, other)
+    if matches.empty:
+        st.info(f"{model_id} and {other} share no images (CKA needs the same images embedded by both) "
+                if by == "cka" else f"{model_id} and {other} share no embedded texts.")
+    else:
+        st.caption(f"The heads of {other} most like {name}: CKA of their outputs on the "
+                   f"{w.plural(pr['n_images'], 'image')} both models embedded (1: the same geometry up to "
+                   f"rotation and scale), and Spearman's rho of their variance along each of the "
+                   f"{w.plural(pr['n_texts'], 'text')} both embedded (1: the same texts in the same order). "
+                   "The two joint spaces differ, so no vectors are compared directly (models/similarity.py).")
+        for r in matches.itertuples():
+            c1, c2, c3, c4 = st.columns([3, 1, 1, 2])
+            with c1:
+                w.head_page_link(other, r.layer, r.head, label=f"{r.rank}. {r.head_name} of {other}")
+            c2.markdown(f"CKA **{r.cka:.3f}**")
+            c3.markdown(f"rho **{r.text:+.3f}**")
+            c4.markdown(f"{r.property}")
+        w.csv_download(matches, f"similar_{name}_in_{other.replace('/', '_')}", key="dl_head_similar")
 
 st.subheader("Images along a direction")
 options = (["first TextSpan text"] if not texts.empty else []) + ["typed text"]

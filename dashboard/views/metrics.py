@@ -1,9 +1,17 @@
 """Metrics: association and entanglement per model side by side with the per-layer spread,
-property x model head counts, mean-ablation curves, and (on labelled factors such as the shapes
-world) the head x factor probe matrix beside the head labels. Every chart's table is a CSV away."""
+property x model head counts, mean-ablation curves, heads across models (a model x model matrix of
+best-match similarity, dashboard/similar.py), and (on labelled factors such as the shapes world)
+the head x factor probe matrix beside the head labels. Every chart's table is a CSV away.
+
+Every chart that tells models apart colours them with widgets.model_colour (one fixed colour per
+model, greys for random-init controls) and names them on an axis or in a legend; the depth axis can
+be the layer index or the relative depth (layer + 1) / layers; a random-init control's range is
+drawn as a grey band behind the scores; the ablation target opens on the largest per-head drop."""
 import altair as alt
+import pandas as pd
 import streamlit as st
 
+from dashboard import similar
 from dashboard import widgets as w
 from dashboard.data import q
 from warehouse import queries
@@ -14,31 +22,112 @@ row = w.model_picker()
 model_id = row["model_id"]
 
 # --------------------------------------------------------------------------- scores
+models_df = q(queries.models)
+controls = w.random_models(models_df)
+depth_mode = st.radio("Depth axis", ["layer", "relative depth"], key="metrics_depth", horizontal=True,
+                      help="relative depth = (layer + 1) / layers: 1 is the last block of every model, so a "
+                           "4-layer and an 8-layer model line up")
+relative = depth_mode == "relative depth"
+n_layers = dict(zip(models_df.model_id, models_df.layers))
+
+
+def with_depth(df):
+    """df (with model_id, layer) plus `depth` = (layer + 1) / layers of its model (NaN where layer is NULL)."""
+    df = df.copy()
+    df["depth"] = [float("nan") if pd.isna(l) else (int(l) + 1) / int(n_layers[m])    # NULL layer: a whole-model row
+                   for m, l in zip(df.model_id, df.layer)]
+    return df
+
+
+def head_drops(abl):
+    """Per-head accuracy drops: model_id, dataset_id, factor, layer, head, drop = baseline - accuracy."""
+    base = (abl[abl.kind == "baseline"].groupby(["model_id", "dataset_id", "factor"]).accuracy.max()
+            .rename("base").reset_index())
+    d = abl[abl.kind == "head"].merge(base, on=["model_id", "dataset_id", "factor"])
+    d["drop"] = d["base"] - d["accuracy"]
+    return d
+
+
+def largest_drop(drops, model, target):
+    """The largest |drop| of one head of `model` on `target` (dataset, factor); None without per-head rows."""
+    d = drops[(drops.model_id == model) & (drops.dataset_id == target[0]) & (drops.factor == target[1])]
+    return float(d["drop"].abs().max()) if len(d) else None
+
+
+def default_ablation_target(drops, model, targets):
+    """The target where one head of `model` matters most (largest |drop|); for a model without per-head
+    ablations, the target with the largest drop of any model; the first target when every drop is 0."""
+    d = drops[drops.model_id == model]
+    if d.empty or float(d["drop"].abs().max()) == 0:
+        d = drops
+    if d.empty or float(d["drop"].abs().max()) == 0:
+        return targets[0]
+    best = d.assign(m=d["drop"].abs()).groupby(["dataset_id", "factor"]).m.max()
+    return tuple(best.sort_values(ascending=False, kind="stable").index[0])
+
+
 st.header("Association and entanglement")
 hs = q(queries.head_scores)
 if hs.empty:
     st.info("No head scores yet: label heads (`python -m etl label`) so the head_scores view has rows.")
 else:
-    hs = hs[hs.property.notna()].copy()
+    hs = with_depth(hs[hs.property.notna()])
     ms = q(queries.model_scores)
     st.dataframe(ms, hide_index=True, width="stretch")
     w.csv_download(ms, "model_scores", key="dl_model_scores")
+    order = sorted(hs.model_id.unique())
+    if controls:
+        st.caption(f"Grey band: the range of the random-init control{'s' if len(controls) > 1 else ''} "
+                   f"({', '.join(controls)}) over its heads, dashed line its mean: what training adds is "
+                   "the distance from it.")
     for score, meaning in (("association", "higher: a head's texts agree with its label"),
                            ("entanglement", "lower: a head's texts share one property")):
         st.subheader(f"{score.capitalize()} ({meaning})")
-        colour = alt.Color("model_id:N", title="model", legend=alt.Legend(orient="bottom", labelLimit=400))
-        y = alt.Y(f"{score}:Q", scale=alt.Scale(domain=[0, 1]))
-        per_model = (alt.Chart(hs).mark_boxplot(extent="min-max", size=28)
-                     .encode(x=alt.X("model_id:N", title=None, axis=alt.Axis(labels=False, ticks=False)), y=y,
-                             color=colour)
-                     .properties(title="per model (all labelled heads)", width=60 * hs.model_id.nunique() + 60,
-                                 height=260))
-        per_layer = (alt.Chart(hs).mark_boxplot(extent="min-max")
-                     .encode(x=alt.X("layer:O", axis=alt.Axis(labelAngle=0)), xOffset="model_id:N", y=y, color=colour)
-                     .properties(title="per layer (spread over the layer's heads)", width=480, height=260))
+        domain = w.zoom_domain(hs[score])
+        y = alt.Y(f"{score}:Q", scale=alt.Scale(domain=domain, clamp=True), title=score)
+        x_model = alt.X("model_id:N", sort=order, title=None,
+                        axis=alt.Axis(labelAngle=-30, labelLimit=240, labelOverlap=False))
+        layers = []
+        ctl = hs[hs.model_id.isin(controls)]
+        if len(ctl):
+            band = alt.Chart(pd.DataFrame({"lo": [ctl[score].min()], "hi": [ctl[score].max()],
+                                           "mean": [ctl[score].mean()], "control": [", ".join(controls)]}))
+            layers = [band.mark_rect(color=w.CONTROL_BAND, opacity=0.18).encode(
+                          y=alt.Y("lo:Q", scale=alt.Scale(domain=domain, clamp=True)), y2="hi:Q",
+                          tooltip=["control", "lo", "hi", "mean"]),
+                      band.mark_rule(color=w.CONTROL_BAND, strokeDash=[5, 3], strokeWidth=2).encode(
+                          y=alt.Y("mean:Q", scale=alt.Scale(domain=domain, clamp=True)))]
+        colour = w.model_colour()
+        boxes = (alt.Chart(hs).mark_boxplot(extent="min-max", size=28, opacity=0.85)
+                 .encode(x=x_model, y=y, color=colour))
+        means = (alt.Chart(hs).mark_point(shape="diamond", filled=True, size=70, color="black")
+                 .encode(x=x_model, y=alt.Y(f"mean({score}):Q", scale=alt.Scale(domain=domain, clamp=True)), tooltip=["model_id", alt.Tooltip(f"mean({score}):Q", format=".3f")]))
+        per_model = alt.layer(*layers, boxes, means).properties(
+            title="per model (all labelled heads; diamond: mean)", width=70 * len(order) + 60, height=260)
+        if relative:
+            agg = (hs.groupby(["model_id", "layer", "depth"])[score]
+                   .agg(["mean", "min", "max", "count"]).reset_index())
+            base = alt.Chart(agg).encode(x=alt.X("depth:Q", title="relative depth (layer + 1) / layers",
+                                                 scale=alt.Scale(domain=[0, 1])), color=colour)
+            per_layer = alt.layer(
+                *layers,
+                base.mark_line(point=True).encode(y=alt.Y("mean:Q", scale=alt.Scale(domain=domain, clamp=True),
+                                                          title=score),
+                                                  tooltip=["model_id", "layer", "depth", "mean", "min", "max",
+                                                           "count"]),
+                base.mark_rule(opacity=0.5).encode(y="min:Q", y2="max:Q")
+            ).properties(title="per relative depth (mean over the layer's heads, bar: min-max)", width=480,
+                         height=260)
+        else:
+            per_layer = alt.layer(*layers, alt.Chart(hs).mark_boxplot(extent="min-max")
+                                  .encode(x=alt.X("layer:O", axis=alt.Axis(labelAngle=0)),
+                                          xOffset=alt.XOffset("model_id:N", sort=order), y=y, color=colour)
+                                  ).properties(title="per layer (spread over the layer's heads)", width=480,
+                                               height=260)
         st.altair_chart(alt.hconcat(per_model, per_layer), key=f"chart_{score}")
-        w.csv_download(hs[["model_id", "layer", "head", "head_name", "property", score]], f"{score}_per_head",
-                       key=f"dl_{score}")
+        st.caption(f"y axis zoomed to {domain[0]:g} .. {domain[1]:g}, where the {score} values lie.")
+        w.csv_download(hs[["model_id", "layer", "head", "head_name", "property", "depth", score]],
+                       f"{score}_per_head", key=f"dl_{score}")
 
 # --------------------------------------------------------------------------- property counts
 st.header("Heads per property and model")
@@ -63,15 +152,28 @@ if abl.empty:
     st.info("No ablation results yet: run `python -m etl ablate`.")
 else:
     targets = sorted({(d, f) for d, f in zip(abl.dataset_id, abl.factor)})
-    target = st.selectbox("Dataset and target", targets, format_func=lambda t: f"{t[0]} · {t[1]}", key="abl_target")
-    a = abl[(abl.dataset_id == target[0]) & (abl.factor == target[1])]
+    drops = head_drops(abl)
+    default = default_ablation_target(drops, model_id, targets)
+    tkey = f"abl_target@{model_id}"
+    if st.session_state.get(tkey) not in targets:
+        st.session_state[tkey] = default
+    target = st.selectbox("Dataset and target", targets, key=tkey,
+                          format_func=lambda t: f"{t[0]} · {t[1]}"
+                          + (f"  (largest drop {largest_drop(drops, model_id, t):.3f})"
+                             if largest_drop(drops, model_id, t) is not None else ""),
+                          help="opens on the target where one head of this model matters most (largest drop)")
+    a = with_depth(abl[(abl.dataset_id == target[0]) & (abl.factor == target[1])])
     curve = a[a.kind == "attn_upto"]
     refs = a[a.kind.isin(["baseline", "mlps"])]
+    x_curve = (alt.X("depth:Q", title="attention ablated up to relative depth (layer + 1) / layers",
+                     scale=alt.Scale(domain=[0, 1]))
+               if relative else alt.X("layer:O", title="attention ablated in layers <= l"))
+    colour = w.model_colour(legend=alt.Legend(orient="right", labelLimit=400))   # below, it would squash the plot
     lines = (alt.Chart(curve).mark_line(point=True)
-             .encode(x=alt.X("layer:O", title="attention ablated in layers <= l"),
-                     y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color="model_id:N"))
+             .encode(x=x_curve, y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color=colour,
+                     tooltip=["model_id", "layer", "depth", "accuracy"]))
     rules = (alt.Chart(refs).mark_rule(strokeDash=[4, 3])
-             .encode(y="accuracy:Q", color="model_id:N", tooltip=["model_id", "kind", "accuracy"]))
+             .encode(y="accuracy:Q", color=colour, tooltip=["model_id", "kind", "accuracy"]))
     st.altair_chart((lines + rules).properties(height=280, title="cumulative attention ablation "
                                                                  "(dashed: baseline and all MLPs ablated)"),
                     key="chart_ablation")
@@ -79,13 +181,70 @@ else:
     if not per_head.empty:
         base_acc = float(a[(a.kind == "baseline") & (a.model_id == model_id)].accuracy.max())
         per_head["drop"] = base_acc - per_head.accuracy
+        big = float(max(per_head["drop"].abs().max(), 1e-3))
         st.altair_chart(alt.Chart(per_head).mark_rect()
                         .encode(x="head:O", y=alt.Y("layer:O", sort="descending"),
-                                color=alt.Color("drop:Q", scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)),
+                                color=alt.Color("drop:Q", scale=alt.Scale(scheme="redblue", domain=[-big, big],
+                                                                          domainMid=0, reverse=True)),
                                 tooltip=["layer", "head", "accuracy", "drop"])
                         .properties(title=f"accuracy drop when one head of {model_id} is mean-ablated", height=200),
                         key="chart_head_ablation")
     w.csv_download(a, "ablations", key="dl_ablations")
+
+# --------------------------------------------------------------------------- heads across models
+st.header("Heads across models")
+all_models = sorted(models_df.model_id)
+if len(all_models) < 2:
+    st.info("One model only: heads across models need a second model embedded on the same images and texts.")
+else:
+    by = st.radio("Similarity", list(similar.MEASURES), key="metrics_similar_by", horizontal=True,
+                  format_func=lambda k: similar.MEASURES[k])
+    mm = similar.model_matrix(all_models, by)
+    st.caption("Row model A, column model B: the mean over A's heads of each head's best match among B's heads "
+               "(models/similarity.py). CKA compares the heads' outputs on the images both models embedded; rho "
+               "compares which of the shared texts each head varies along. Directed: a small model's few heads "
+               "find partners among a large model's many more easily than the reverse. A random-init control "
+               "row or column is the measure's floor: where the control scores as high as a trained model "
+               "(CKA on the toy world, whose image variance is mostly the background that untrained heads "
+               "carry too), the measure sees what training did not add.")
+    label = {m: f"{m} (random init)" if m in controls else m for m in all_models}
+    mm["A"] = mm.model_a.map(label)
+    mm["B"] = mm.model_b.map(label)
+    names = [label[m] for m in all_models]
+    base = alt.Chart(mm).encode(x=alt.X("B:N", sort=names, title="model B (matched in)",
+                                        axis=alt.Axis(labelAngle=-30, labelLimit=260, orient="top",
+                                                      labelOverlap=False)),
+                                y=alt.Y("A:N", sort=names, title="model A (its heads)", axis=alt.Axis(labelLimit=260)))
+    heat = (base.mark_rect().encode(color=alt.Color("mean_best:Q", title="mean best match",
+                                                    scale=alt.Scale(scheme="viridis", domain=[0, 1])),
+                                    tooltip=["model_a", "model_b", alt.Tooltip("mean_best:Q", format=".3f"),
+                                             "n_heads", "n_images", "n_texts"])
+            + base.mark_text(fontSize=12).encode(text=alt.Text("mean_best:Q", format=".2f"),
+                                                 color=alt.condition("datum.mean_best > 0.6", alt.value("black"),
+                                                                     alt.value("white"))))
+    st.altair_chart(heat.properties(width=110 * len(all_models), height=34 * len(all_models),
+                                    autosize=alt.AutoSizeParams(type="pad")),
+                    key="chart_model_similarity", width="content")
+    w.csv_download(mm.drop(columns=["A", "B"]), f"model_similarity_{by}", key="dl_model_similarity")
+    pairs = [(a, b) for a in all_models for b in all_models if a != b]
+    pkey = "metrics_similar_pair"
+    if st.session_state.get(pkey) not in pairs:
+        st.session_state[pkey] = next(((a, b) for a, b in pairs if a == model_id), pairs[0])
+    pa_, pb_ = st.selectbox("Per-head matching", pairs, key=pkey, format_func=lambda p: f"{p[0]}  →  {p[1]}")
+    bm = similar.best_matches(pa_, pb_, by)
+    if bm.empty:
+        st.info(f"{pa_} and {pb_} share no " + ("images." if by == "cka" else "texts."))
+    else:
+        st.dataframe(bm[["head_name", "match", "similarity", "link"]], hide_index=True, width="stretch",
+                     key="similar_pairs_table",
+                     column_config={"head_name": st.column_config.TextColumn(f"head of {pa_}"),
+                                    "match": st.column_config.TextColumn(f"best match in {pb_}"),
+                                    "similarity": st.column_config.ProgressColumn(
+                                        "similarity", format="%.3f", min_value=0.0, max_value=1.0),
+                                    "link": st.column_config.LinkColumn("head page of the match",
+                                                                        display_text="open")})
+        w.csv_download(bm, f"best_matches_{pa_.replace('/', '_')}_{pb_.replace('/', '_')}_{by}",
+                       key="dl_best_matches")
 
 # --------------------------------------------------------------------------- probes
 st.header("Probe matrix")
@@ -132,7 +291,7 @@ else:
         order = list(dict.fromkeys(study.model_id))
         x = alt.X("model_id:N", sort=order, title=None,
                   axis=alt.Axis(labelAngle=-25, labelLimit=240, labelOverlap=False))
-        colour = alt.Color("model_id:N", sort=order, legend=None, scale=alt.Scale(scheme="tableau10"))
+        colour = w.model_colour(show_legend=False)
         charts = []
         for col, title in (("agreement", "label agreement (specialised heads)"),
                            ("false_label_rate", "false labels (unspecialised heads)"),

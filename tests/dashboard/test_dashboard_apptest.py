@@ -491,9 +491,10 @@ def test_metrics_charts_and_downloads_follow_the_model(warehouse_file, chosen):
 
     probes = charts_with(at, "factor", "above_chance")
     assert len(probes) == 1 and probe_cells(probes[0]) == stored_probes(first)
-    # the ablation study: the first target's curves, and the per-head drops of this model
+    # the ablation study: the chosen target's curves (it opens on the largest per-head drop: test_compare.py),
+    # and the per-head drops of this model
     abl = queries.ablations(warehouse_file)
-    dataset_id, factor = sorted(set(zip(abl.dataset_id, abl.factor)))[0]
+    dataset_id, factor = at.selectbox(key=f"abl_target@{first}").value
     a = abl[(abl.dataset_id == dataset_id) & (abl.factor == factor)]
     drops = charts_with(at, "drop")
     assert len(drops) == 1
