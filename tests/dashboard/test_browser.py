@@ -302,3 +302,24 @@ def test_match_page_keeps_its_link_through_a_reload_and_links_heads(server, tab,
     wait_done(tab, "Head", tuple(EXPECT[nav.HEAD]))
     assert_no_exception(tab, "head page from the match page")
     tab.locator("h2", has_text=f"{name} of {other}").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+
+
+def test_a_click_on_an_atlas_grid_cell_opens_that_heads_page(server, tab, warehouse):
+    """The Atlas grid is an Altair chart with a point selection: clicking an analysed head's cell opens
+    /head?model=&layer=&head= on that head."""
+    from urllib.parse import parse_qs, urlparse
+    ms = queries.models(warehouse)
+    model_id = default_model(ms)
+    row = queries.model_row(warehouse, model_id)
+    layer, head = int(row["analysed_layers"][0]), 0                       # not the pickers' default
+    name = f"L{layer}.H{head}"
+    tab.goto(url_of(server, nav.ATLAS))
+    wait_done(tab, "CLIP Atlas", tuple(EXPECT[nav.ATLAS]))
+    cell = tab.locator(f'[data-testid="stVegaLiteChart"] [aria-roledescription="rect mark"][aria-label*="head_name: {name};"]')
+    assert cell.count() == 1, cell.count()
+    cell.first.click(position={"x": 8, "y": 6})                           # a corner: the label is drawn in the middle
+    tab.locator("h2", has_text=f"{name} of {model_id}").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    wait_done(tab, "Head", tuple(EXPECT[nav.HEAD]))
+    assert_no_exception(tab, "head page from an Atlas grid click")
+    tab.wait_for_function(f"() => window.location.search.includes('layer={layer}')", timeout=PAGE_TIMEOUT_MS)
+    assert parse_qs(urlparse(tab.url).query) == {"model": [model_id], "layer": [str(layer)], "head": [str(head)]}
