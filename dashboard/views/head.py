@@ -119,8 +119,9 @@ else:
     matches = similar.similar_heads(model_id, (layer, head), other, by=by, k=5)
     pr = similar.pair(model_id, other)
     if matches.empty:
-        st.info(f"{model_id} and {other} share no images (CKA needs the same images embedded by both) "
-                if by == "cka" else f"{model_id} and {other} share no embedded texts.")
+        st.info(f"No head embeddings of {name} to compare." if (layer, head) not in pr["heads_a"] else
+                f"{model_id} and {other} share no images (CKA needs images embedded by both)." if by == "cka"
+                else f"{model_id} and {other} share no embedded texts.")
     else:
         st.caption(f"The heads of {other} most like {name}: CKA of their outputs on the "
                    f"{w.plural(pr['n_images'], 'image')} both models embedded (1: the same geometry up to "

@@ -116,13 +116,13 @@ else:
                                                   tooltip=["model_id", "layer", "depth", "mean", "min", "max",
                                                            "count"]),
                 base.mark_rule(opacity=0.5).encode(y="min:Q", y2="max:Q")
-            ).properties(title="per relative depth (mean over the layer's heads, bar: min-max)", width=480,
+            ).properties(title="per relative depth (mean over the layer's heads, bar: min-max)", width=430,
                          height=260)
         else:
             per_layer = alt.layer(*layers, alt.Chart(hs).mark_boxplot(extent="min-max")
                                   .encode(x=alt.X("layer:O", axis=alt.Axis(labelAngle=0)),
                                           xOffset=alt.XOffset("model_id:N", sort=order), y=y, color=colour)
-                                  ).properties(title="per layer (spread over the layer's heads)", width=480,
+                                  ).properties(title="per layer (spread over the layer's heads)", width=430,
                                                height=260)
         st.altair_chart(alt.hconcat(per_model, per_layer), key=f"chart_{score}")
         st.caption(f"y axis zoomed to {domain[0]:g} .. {domain[1]:g}, where the {score} values lie.")
