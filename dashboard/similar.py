@@ -16,6 +16,8 @@ from models import similarity as sim
 from warehouse import WarehouseError, head_name, queries
 
 Head = tuple[int, int]
+MAX_IMAGES = 4000       # images per model at most (a fixed md5 sample): CKA and the covariances are stable
+                        # long before, and a 12-layer ViT's heads on 100k images would not fit in memory
 MEASURES = {
     "cka": "outputs on the shared images (linear CKA)",
     "text": "text behaviour over the shared texts (Spearman's rho of variance profiles)",
@@ -24,14 +26,14 @@ MEASURES = {
 
 @st.cache_data(show_spinner="Summarising the model's heads (once per warehouse version) ...", max_entries=16)
 def _summary(path: str, key: tuple, model_id: str) -> sim.HeadSummary:
-    image_ids, heads, X = queries.model_head_tensor(path, model_id)     # X [n, H, d]
+    image_ids, heads, X = queries.model_head_tensor(path, model_id, MAX_IMAGES)     # X [n, H, d]
     text_ids, T = queries.text_matrix(path, model_id)                   # T [M, d]
     return sim.summarise(image_ids, heads, X, text_ids, T)
 
 
 def _restricted(path: str, model_id: str, keep: list[str]) -> sim.HeadSummary:
     """A model's summary on a subset of its images (the ones another model embedded too)."""
-    image_ids, heads, X = queries.model_head_tensor(path, model_id)
+    image_ids, heads, X = queries.model_head_tensor(path, model_id, MAX_IMAGES)
     index = {i: k for k, i in enumerate(image_ids)}
     rows = [index[i] for i in keep]
     text_ids, T = queries.text_matrix(path, model_id)

@@ -721,16 +721,24 @@ def shard_set(path, shard_dir: str) -> Optional[dict]:
 
 # --------------------------------------------------------------------------- heads across models
 
-def model_head_tensor(path, model_id: str) -> tuple[list[str], list[Head], np.ndarray]:
+def model_head_tensor(path, model_id: str, max_images: Optional[int] = None
+                      ) -> tuple[list[str], list[Head], np.ndarray]:
     """Every stored head embedding of a model as one tensor, for comparing heads across models
     (models.similarity): (image_ids [n] sorted, heads [(layer, head)] sorted, X float32 [n, H, d]).
 
-    Only images that have every head are kept (a partly embedded image would misalign rows);
-    n = 0 when the model has no head embeddings. Read unordered and sorted here: an ORDER BY over
-    list columns costs more than the read itself."""
+    max_images: at most this many images, the first by md5(image_id) (the same sample for every
+    model that embedded them, so two models' samples coincide on shared images). Only images that
+    have every head are kept (a partly embedded image would misalign rows); n = 0 when the model
+    has no head embeddings. Read unordered and sorted here: an ORDER BY over list columns costs
+    more than the read itself."""
+    sample, params = "", [model_id]
+    if max_images is not None:
+        sample = ("AND image_id IN (SELECT image_id FROM (SELECT DISTINCT image_id FROM head_embeddings "
+                  "WHERE model_id = ?) ORDER BY md5(image_id), image_id LIMIT ?)")
+        params += [model_id, int(max_images)]
     with connect(path, read_only=True) as con:
-        tab = con.sql("SELECT image_id, layer, head, vec FROM head_embeddings WHERE model_id = ?",
-                      params=[model_id]).to_arrow_table()
+        tab = con.sql(f"SELECT image_id, layer, head, vec FROM head_embeddings WHERE model_id = ? {sample}",
+                      params=params).to_arrow_table()
     if tab.num_rows == 0:
         return [], [], np.zeros((0, 0, 0), np.float32)
     enc = tab.column("image_id").combine_chunks().dictionary_encode()

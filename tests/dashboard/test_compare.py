@@ -8,6 +8,7 @@ Expectations are computed here from the warehouse (warehouse.queries) and the ma
 (models.similarity), never read back from the page's own helpers."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -212,6 +213,11 @@ def test_model_head_tensor_matches_the_per_layer_reads(wh, trained):
         C = queries.layer_head_matrix(wh, trained, layer, row["heads"])             # [n, H, d], image_id order
         cols = [k for k, (l, _) in enumerate(heads) if l == layer]
         np.testing.assert_array_equal(X[:, cols], C)
+    # a capped read: the first images by md5(image_id), the same rows as the full read
+    ids50, heads50, X50 = queries.model_head_tensor(wh, trained, max_images=50)
+    assert heads50 == heads and len(ids50) == 50
+    assert ids50 == sorted(sorted(image_ids, key=lambda i: (hashlib.md5(i.encode()).hexdigest(), i))[:50])
+    np.testing.assert_array_equal(X50, X[[image_ids.index(i) for i in ids50]])
 
 
 def test_head_page_lists_similar_heads_of_the_other_model_with_links(wh, trained, control):
