@@ -39,7 +39,7 @@ from typing import Optional
 
 import numpy as np
 
-from etl.common import UsageError, positive_int
+from etl.common import UsageError, non_negative_int, positive_int
 
 MODEL_ID = "bench-scale/random-vectors"
 # shaped like ViT-B-16's image tower (12 layers of 12 heads of 64, joint embedding d = 512)
@@ -48,6 +48,7 @@ MODEL_ROW = {"model_id": MODEL_ID, "arch": "ViT-B-16", "pretrained": None, "sour
              "image_size": 224, "pooling": "tok"}
 LAYER, HEADS, D, HEAD_DIM = 11, 12, 512, 64
 QUERY_HEAD = 5
+TEXTSPAN_K, TEXTSPAN_R = 10, 80     # the textspan job's defaults
 TARGET_NEIGHBOURS_S = 2.0        # top-10 over 1M images, one head
 TARGET_TEXTSPAN_S = 120.0        # the layer's 12 heads over 1M images, 2 cores
 BRUTE_FORCE_MAX = 200_000        # images: check the neighbour answer by numpy below this
@@ -67,7 +68,7 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-size", type=positive_int, default=65_536, metavar="N",
                    help="images per shard (default 65,536: 16 shard files for 1M images, one 65,536-row row group "
                         "per head)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random vectors (default 0)")
     p.add_argument("--texts", type=positive_int, default=None, metavar="M",
                    help="text bank size for TextSpan (default: the size of the product's atlas bank)")
     p.add_argument("--runs", type=positive_int, default=5, help="warm neighbour queries, median (default 5)")
@@ -260,7 +261,8 @@ def _prefetched(path: str, heads: int, batch_rows: int):
                 pass
 
 
-def time_textspan(path: str, seed: int, texts: int, k: int = 10, r: int = 80, batch_rows: int = 65_536) -> dict:
+def time_textspan(path: str, seed: int, texts: int, k: int = TEXTSPAN_K, r: int = TEXTSPAN_R,
+                  batch_rows: int = 65_536) -> dict:
     """TextSpan of the layer's heads over every image, streamed; the picks are returned for checking."""
     import torch
 
@@ -296,6 +298,9 @@ def bench_scale(images: int = 1_000_000, directory: Optional[str] = None, shard_
         raise UsageError(f"bench-scale with {images:,} images needs about {need / 1e9:.1f} GB free in {parent}, "
                          f"{free / 1e9:.1f} GB are; free some space, pass --dir on a larger disk, or fewer --images")
     texts = texts or len(bank_texts(ATLAS_BANK))
+    if texts < TEXTSPAN_K or images < 2:
+        raise UsageError(f"bench-scale needs at least {TEXTSPAN_K} texts and 2 images (TextSpan picks "
+                         f"{TEXTSPAN_K} texts per head), got --texts {texts} and --images {images}")
     tag = _suffix(images)
     out: dict = {"images": images, "layer": LAYER, "heads": HEADS, "d": D, "shard_size": shard_size, "seed": seed,
                  "vectors": "random float32 (seeded): this measures the store, not a model",
