@@ -136,12 +136,6 @@ def bench_head_and_match(warehouse: Path, repeats: int = 3) -> dict:
                            "images": [i for i, _ in match_links[1:]]}}
 
 
-# CPU-bound console queries that only the console's 10 s cap stops (from the hostile suite): one long
-# function call, one scan that hashes two billion rows.
-ABUSE_SQL = ["SELECT levenshtein(repeat('a', 150000), repeat('b', 150000))",
-             "SELECT count(*) FROM range(2000000000) t(x) WHERE hash(x) % 7 = 3"]
-
-
 def _p95(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
@@ -154,6 +148,7 @@ def bench_console_abuse(warehouse: Path, rounds: int = 3, abusers: int = 2) -> d
     import threading
     from streamlit.testing.v1 import AppTest
     from dashboard.nav import PAGES
+    from warehouse.bench import CONSOLE_CPU_BOMBS
     from warehouse.console import run_console_query
     os.environ["ATLAS_WAREHOUSE"] = str(warehouse)
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=600)
@@ -177,7 +172,7 @@ def bench_console_abuse(warehouse: Path, rounds: int = 3, abusers: int = 2) -> d
     def abuse(k: int) -> None:
         while not stop.is_set():
             try:
-                run_console_query(warehouse, ABUSE_SQL[k % len(ABUSE_SQL)])
+                run_console_query(warehouse, CONSOLE_CPU_BOMBS[k % len(CONSOLE_CPU_BOMBS)])
                 answers.append("returned")
             except Exception as exc:            # the expected end: "Query stopped: it ran past ..."
                 answers.append(str(exc).split(":")[0])
