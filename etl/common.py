@@ -155,7 +155,8 @@ def add_embed_args(p) -> None:
                    help="images per model batch (default 64; the writer coalesces batches into transactions)")
     p.add_argument("--loader-workers", type=non_negative_int, default=None, metavar="N",
                    help="processes that read, decode and preprocess images ahead of the model "
-                        "(default: one per spare core, at most 8; 0: one thread in the job's process)")
+                        "(default: with the model on a GPU one per spare core, at most 8; on the CPU one per "
+                        "8 cores; 0: one thread in the job's process)")
 
 
 def model_row_or_fail(path: str, model_id: str) -> dict:

@@ -93,12 +93,13 @@ def embed_peak_rss(n: int) -> dict:
         code = ("import resource, sys; from etl.cli import main; from etl.loader import default_workers; "
                 "main(sys.argv[1:]); "
                 "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0], "
-                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, default_workers())")
+                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, default_workers(False))")
         env = {**os.environ, "ATLAS_HOME": tmp, "ATLAS_NO_PROGRESS": "1"}
         out = subprocess.run([sys.executable, "-c", code, "embed", "--model", "toy-shapes", "--dataset",
                               f"shapes:{n}:seed=9", "--warehouse", f"{tmp}/w.duckdb"],
                              capture_output=True, text=True, env=env, check=True)
         job, worker, workers = (int(x) for x in out.stdout.strip().splitlines()[-1].split())
+        worker = worker if workers else 0            # (RUSAGE_CHILDREN also counts the job's other children)
         return {"job_mb": job / 1024, "worker_mb": worker / 1024, "workers": workers,
                 "bound_mb": (job + workers * worker) / 1024}
 

@@ -1,10 +1,11 @@
 """`export` (ONNX with per-head outputs) and `embed` (images -> image and head embeddings).
 
-embed streams: loader worker processes read, decode and preprocess batches ahead of the model
-(etl/loader.py), the main thread runs the model (onnxruntime by default), and a writer thread,
-the one writer, commits behind it, coalescing batches into few short write transactions.
-Re-running skips images already embedded for the model; a killed job loses nothing committed.
-Memory stays bounded by the batches in flight, not the dataset size.
+embed streams: a loader (worker processes, or a thread when the model needs every core) reads,
+decodes and preprocesses batches ahead of the model (etl/loader.py), the main thread runs the
+model (onnxruntime by default), and a writer thread, the one writer, commits behind it, coalescing
+batches into few short write transactions. Re-running skips images already embedded for the
+model; a killed job loses nothing committed. Memory stays bounded by the batches in flight and
+DuckDB's memory_limit, not by the dataset size.
 
 The writes are idempotent on the tables' keys: two `embed` processes on the same model and
 dataset store each image once, and each reports what it stored itself (``embedded``) and what
@@ -192,19 +193,30 @@ def _runner(path: str, lm, layers: list[int], backend: str, providers) -> Callab
     return lambda x: decompose(lm, x, layers)
 
 
+def _model_on_gpu(lm, backend: str, providers) -> bool:
+    """Whether the model will run on a GPU (the onnxruntime provider chosen, or torch's device)."""
+    if backend == "onnx":
+        from models.onnx import select_providers
+        return select_providers(providers)[0] == "CUDAExecutionProvider"
+    return str(getattr(lm, "device", "cpu")).startswith("cuda")
+
+
 def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "onnx", providers=None,
           batch_size: int = 64, run_id: str | None = None, workers: int | None = None) -> dict:
     """Embed one dataset for one model; returns counts. Skips images already embedded.
-    workers: loader processes ahead of the model (None: ``etl.loader.default_workers()``, 0: a thread)."""
+    workers: loader processes ahead of the model (None: ``etl.loader.default_workers``, by where the
+    model runs; 0: the loader thread)."""
     import torch
     from etl.datasets import open_dataset
-    from etl.loader import Loader
+    from etl.loader import Loader, default_workers
     from warehouse import optimize, writer, writes
     from warehouse.queries import embedded_image_ids
     dataset = open_dataset(dataset_spec)
     with writer(path) as con:
         writes.upsert_dataset(con, dataset.dataset_id, dataset.name, dataset.source, dataset.n_images)
     done = embedded_image_ids(path, lm.model_id, dataset.dataset_id)
+    if workers is None:
+        workers = default_workers(_model_on_gpu(lm, backend, providers))
     loader = Loader(dataset, done, lm.preprocess, batch_size, keep_originals=dataset.source == "shapes",
                     workers=workers)
     # (the runner is made after the loader's workers forked: a fork copies only the calling thread)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from etl.datasets import Dataset, Item, open_dataset
-from etl.loader import Loader
+from etl.loader import Loader, default_workers
 from tests.jobs.test_etl_jobs import cli, count
 from tests.unit.test_models_io import bomb_png
 
@@ -113,3 +113,10 @@ def test_loader_workers_flag_is_validated(tmp_path):
     r = cli("embed", "--model", "toy-shapes", "--dataset", "shapes:5:seed=0", "--loader-workers", "-1",
             "--warehouse", str(tmp_path / "w.duckdb"))
     assert r.returncode == 2 and "--loader-workers" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cores, on_gpu, want", [(2, False, 0), (2, True, 1), (8, False, 1), (16, False, 2),
+                                                 (16, True, 8), (64, True, 8), (None, False, 0)])
+def test_default_workers_leave_the_cpu_to_a_cpu_model(monkeypatch, cores, on_gpu, want):
+    monkeypatch.setattr("etl.loader.os.cpu_count", lambda: cores)
+    assert default_workers(on_gpu) == want
