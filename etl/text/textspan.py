@@ -189,6 +189,11 @@ def textspan_heads(C, T, k: int = 10, r: int = 80, *, chunk: int = 4, with_direc
     n, H, d = C.shape
     r = check_sizes(n, T.shape[0], d, T.shape[1], k, r)
     parts = [_textspan_chunk(C[:, h0:h0 + chunk], T, k, r, max_rank) for h0 in range(0, H, max(1, chunk))]
+    return _joined(parts, with_directions, with_rank)
+
+
+def _joined(parts: list, with_directions: bool, with_rank: bool) -> tuple:
+    """Per-chunk (idx, var, dirs, r_used) tensors -> the batched functions' numpy result tuple."""
     idx, var, dirs, r_used = (torch.cat(p) for p in zip(*parts))
     out = (idx.numpy(), var.numpy())
     if with_directions:
@@ -256,13 +261,7 @@ def textspan_from_moments(moments: HeadMoments, T, k: int = 10, r: int = 80, *, 
     step = max(1, chunk)
     parts = [_textspan_moments(moments.n[h0:h0 + step], moments.mu[h0:h0 + step], moments.S[h0:h0 + step], T,
                                k, r, max_rank, moments.dtype) for h0 in range(0, H, step)]
-    idx, var, dirs, r_used = (torch.cat(p) for p in zip(*parts))
-    out = (idx.numpy(), var.numpy())
-    if with_directions:
-        out += (dirs.numpy(),)
-    if with_rank:
-        out += (r_used.numpy(),)
-    return out
+    return _joined(parts, with_directions, with_rank)
 
 
 def textspan(C, T, k: int = 10, r: int = 80, max_rank: int | None = None):
