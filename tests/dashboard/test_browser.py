@@ -163,16 +163,23 @@ def test_every_page_renders_without_exception(server, tab, path):
     for selector in EXPECT[path]:
         assert tab.locator(selector).count() > 0, f"{path}: nothing matches {selector}"
     assert not errors, f"{path}: JavaScript errors {errors}"
+    shot = whole_page_screenshot(tab, f"{Path(path).stem}.png", check=lambda: assert_no_exception(tab, path))
+    assert shot.stat().st_size > 10_000
+
+
+def whole_page_screenshot(tab, name: str, check=None) -> Path:
+    """Save SHOTS/name: the app scrolls inside its main container, so the window grows to the
+    content (at most 6,000 px) for a whole-page shot; ``check`` runs just before it is taken."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    shot = SHOTS / f"{Path(path).stem}.png"
-    # the app scrolls inside its main container, so grow the window to the content for a whole-page shot
+    shot = SHOTS / name
     height = tab.evaluate("""() => Math.max(...Array.from(document.querySelectorAll('[data-testid="stMain"] *'))
                                    .map(e => e.scrollHeight))""")
     tab.set_viewport_size({"width": 1440, "height": min(max(1000, int(height) + 80), 6000)})
     tab.wait_for_timeout(800)
-    assert_no_exception(tab, path)
+    if check is not None:
+        check()
     tab.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
+    return shot
 
 
 def _upload(tab, name: str, data: bytes, mime: str) -> None:
@@ -251,13 +258,7 @@ def test_head_permalink_survives_reload_and_page_switch(server, tab, warehouse):
     wait_done(tab, "Metrics", tuple(EXPECT[nav.METRICS]))
     tab.locator('[data-testid="stSidebarNav"] a[href$="/head"]').click()
     check("head page after a sidebar switch")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    shot = SHOTS / "head.png"          # the ignored folder, like every page (ATLAS_SCREENSHOTS=docs/screenshots)
-    height = tab.evaluate("""() => Math.max(...Array.from(document.querySelectorAll('[data-testid="stMain"] *'))
-                                   .map(e => e.scrollHeight))""")
-    tab.set_viewport_size({"width": 1440, "height": min(max(1000, int(height) + 80), 6000)})
-    tab.wait_for_timeout(800)
-    tab.screenshot(path=str(shot), full_page=True)
+    shot = whole_page_screenshot(tab, "head.png")
     assert shot.stat().st_size > 10_000
 
 
@@ -287,13 +288,7 @@ def test_match_page_keeps_its_link_through_a_reload_and_links_heads(server, tab,
     check("match page from its link")
     tab.reload()
     check("match page after reload")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    shot = SHOTS / "match.png"
-    height = tab.evaluate("""() => Math.max(...Array.from(document.querySelectorAll('[data-testid="stMain"] *'))
-                                   .map(e => e.scrollHeight))""")
-    tab.set_viewport_size({"width": 1440, "height": min(max(1000, int(height) + 80), 6000)})
-    tab.wait_for_timeout(800)
-    tab.screenshot(path=str(shot), full_page=True)
+    shot = whole_page_screenshot(tab, "match.png")
     assert shot.stat().st_size > 10_000
     links = tab.locator('[data-testid="stMain"] a[href*="head?model="]')
     assert links.count() >= 3
