@@ -646,20 +646,50 @@ def layer_head_matrix(path, model_id: str, layer: int, heads: int, dataset: Opti
     return _vectors(tab).reshape(n, heads, -1)
 
 
-def head_vector_batches(path, model_id: str, layer: int, head: int, batch_rows: int = 65_536) -> Iterator[np.ndarray]:
-    """The embeddings c[l,h] of one head over the model's images, streamed: float32 [m, d] arrays of
-    about ``batch_rows`` rows each, in no particular order (for sums over images, such as TextSpan's
-    covariance: etl.text.textspan.HeadMoments), so memory holds one batch whatever the number of
-    images (1,000,000 images x d = 512 is 2 GB per head). The filter reaches the scan: a clustered
-    table or Parquet shards (one row group per head) are read only where the head lives. Holds one
-    read connection while it is iterated."""
+def head_vector_batches(path, model_id: str, layer: int, head: int, batch_rows: int = 65_536,
+                        dataset: Optional[str] = None) -> Iterator[np.ndarray]:
+    """The embeddings c[l,h] of one head over the model's images (only ``dataset``'s when given),
+    streamed: float32 [m, d] arrays of at most ``batch_rows`` rows each, in no particular order (for
+    sums over images, such as TextSpan's covariance: etl.text.textspan.HeadMoments), so memory holds
+    a few batches whatever the number of images (1,000,000 images x d = 512 is 2 GB per head).
+
+    The table's rows come through DuckDB (the filter reaches the scan of a clustered table); rows in
+    shard files attached in place are read by ``warehouse.shard_files`` (only the row groups of the
+    head, by their statistics; the floats taken from the pages as they lie, a few row groups read
+    ahead on threads), about 5x less CPU than DuckDB rebuilding the lists. A shard file that cannot be
+    read so raises a ValueError (``shard_files.Irregular``) naming it. Holds one read connection while
+    the table's rows are iterated."""
+    from warehouse import shard_files as sf
+    from warehouse.db import in_place_shard_files
+    where, extra = _dataset_filter(dataset)
+    batch_rows = max(1, int(batch_rows))
     with connect(path, read_only=True) as con:
-        reader = con.sql("SELECT vec FROM head_embeddings WHERE model_id = ? AND layer = ? AND head = ?",
-                         params=[model_id, int(layer), int(head)]).to_arrow_reader(int(batch_rows))
+        files = in_place_shard_files(con)
+        source = _HEAD_EMBEDDINGS_BASE if files else "head_embeddings"
+        wanted = None
+        if files and dataset is not None:
+            wanted = con.sql("SELECT image_id FROM images WHERE dataset_id = ?", params=[dataset]).to_arrow_table() \
+                .column(0).combine_chunks()
+        reader = con.sql(f"SELECT vec FROM {source} WHERE model_id = ? AND layer = ? AND head = ? {where}",
+                         params=[model_id, int(layer), int(head)] + extra).to_arrow_reader(batch_rows)
         for batch in reader:
             if batch.num_rows:
                 flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
                 yield flat.astype(np.float32, copy=False).reshape(batch.num_rows, -1)
+    if not files:
+        return
+    groups = sf.head_groups(files, model_id, int(layer), int(head))
+
+    def read(group):
+        X, cols = sf.read_rows(group, model_id, int(layer), int(head), ("image_id",) if wanted is not None else ())
+        if wanted is not None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+            X = X[pc.is_in(pa.array(cols["image_id"], pa.string()), value_set=wanted).to_numpy(zero_copy_only=False)]
+        return X                                                           # [m, d]
+    for X in sf.map_groups(read, groups):
+        for a in range(0, len(X), batch_rows):
+            yield X[a:a + batch_rows]
 
 
 def image_matrix(path, model_id: str, dataset: Optional[str] = None) -> np.ndarray:

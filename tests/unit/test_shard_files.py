@@ -62,8 +62,9 @@ def attached(tmp_path_factory):
     with writer(p) as con:
         writes.insert_head_embeddings(con, MODEL_ROW["model_id"], extra, LAYERS, vecs)
         writes.insert_head_embeddings(con, "other/model", _ids(0, 3), LAYERS, vecs[:3] * 100)
+        writes.upsert_dataset(con, "extra:5", "extra:5", "synthetic", 5)
         con.execute("INSERT INTO images (image_id, dataset_id, label) SELECT unnest($i), $d, 'extra'",
-                    {"i": extra, "d": DATASET["dataset_id"]})
+                    {"i": extra, "d": "extra:5"})
     return p, tmp / "set"
 
 
@@ -167,3 +168,21 @@ def test_a_missing_shard_file_goes_through_the_view(attached, monkeypatch):
     q = np.ones((1, D), np.float32)
     got = queries.neighbours_per_head(p, MODEL_ROW["model_id"], [(0, 1)], q, k=4)
     assert calls == ["head_embeddings"] and len(got) == 4
+
+
+@pytest.mark.parametrize("dataset, n", [(None, 45), (DATASET["dataset_id"], 40), ("extra:5", 5)])
+def test_head_vector_batches_read_the_files_and_the_table(attached, dataset, n):
+    """The streamed rows of one head (files through shard_files, the table through DuckDB) are the
+    view's rows of that head, as a multiset, in batches of at most batch_rows; --dataset filters both."""
+    p, _ = attached
+    batches = list(queries.head_vector_batches(p, MODEL_ROW["model_id"], 1, 2, batch_rows=7, dataset=dataset))
+    assert all(0 < len(b) <= 7 and b.dtype == np.float32 and b.shape[1] == D for b in batches)
+    got = np.concatenate(batches)
+    sql = ("SELECT vec FROM head_embeddings WHERE model_id = ? AND layer = 1 AND head = 2"
+           + ("" if dataset is None else " AND image_id IN (SELECT image_id FROM images WHERE dataset_id = ?)"))
+    with connect(p) as con:
+        want = np.array([r[0] for r in con.execute(sql, [MODEL_ROW["model_id"]] + ([dataset] if dataset else [])).fetchall()],
+                        np.float32)
+    assert len(got) == len(want) == n
+    np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(want, axis=0))
+    np.testing.assert_array_equal(np.sort(got.sum(1)), np.sort(want.sum(1)))          # multiplicities too

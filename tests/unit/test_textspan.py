@@ -205,3 +205,19 @@ def test_streamed_moments_give_the_same_texts(dtype):
     i2, v2 = textspan_from_moments(parts, T, k=10, r=24)
     np.testing.assert_array_equal(i2, idx)
     np.testing.assert_allclose(v2, var, atol=1e-5 if dtype == np.float32 else 1e-10, rtol=0)
+
+
+def test_float32_gram_is_the_symmetric_half_flop_product():
+    """HeadMoments' float32 Gram (BLAS ssyrk, one triangle mirrored) is Xc^T Xc: exactly symmetric and
+    equal to the float64 product up to float32 rounding; float64 batches keep the plain product."""
+    import torch
+
+    from etl.text.textspan import _gram
+    X = np.random.default_rng(3).standard_normal((1000, 48)).astype(np.float32)
+    G = _gram(torch.from_numpy(X)).numpy()
+    assert G.dtype == np.float32 and G.shape == (48, 48)
+    np.testing.assert_array_equal(G, G.T)
+    ref = X.astype(np.float64).T @ X.astype(np.float64)
+    np.testing.assert_allclose(G, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    X64 = X.astype(np.float64)
+    np.testing.assert_array_equal(_gram(torch.from_numpy(X64)).numpy(), (torch.from_numpy(X64).T @ torch.from_numpy(X64)).numpy())
