@@ -411,8 +411,10 @@ def _shard_candidates(files: list[str], model_id: str, heads: Sequence[Head], qs
     import pyarrow as pa
 
     from warehouse import shard_files as sf
+    import threading
     d = qs.shape[1]
     gamma = d * _U32 / (1 - d * _U32)
+    local = threading.local()
     parts = []
     for j, (l, h) in enumerate(heads):
         q = qs[j]
@@ -420,26 +422,30 @@ def _shard_candidates(files: list[str], model_id: str, heads: Sequence[Head], qs
         groups = sf.head_groups(files, model_id, int(l), int(h))
 
         def narrow(group, q=q, q1=q1, l=l, h=h):
-            X, cols = sf.read_rows(group, model_id, int(l), int(h), ("image_id",))   # [m, d], {image_id: [m]}
+            import pyarrow.compute as pc
+            buf = getattr(local, "buf", None)               # one reused buffer per thread (X[keep] copies)
+            X, cols = sf.read_rows(group, model_id, int(l), int(h), ("image_id",), out=buf)   # [m, d], {image_id: [m]}
+            if (buf is None or X.size > buf.size) and X.flags.writeable and X.flags.c_contiguous:
+                local.buf = X
             ids = cols["image_id"]
             if not len(X):
-                return X, ids, np.zeros(0, np.float32), 0.0
+                return X, np.zeros(0, object), np.zeros(0, np.float32), 0.0
             if X.shape[1] != d:
                 raise sf.Irregular(f"vectors of d = {X.shape[1]}, the query d = {d}")
             a = X @ q                                                          # [m] float32
             if exclude is not None:
-                a[ids == exclude] = -np.inf
+                a[pc.fill_null(pc.equal(ids, exclude), False).to_numpy(zero_copy_only=False)] = -np.inf
             if np.isnan(a).any():
                 raise sf.Irregular("NaN scores")
-            vmax = max(float(X.max()), -float(X.min()))
+            vmax = group[3] if group[3] is not None else max(float(X.max()), -float(X.min()))
             bound = 4 * gamma * vmax * q1
+            keep = np.arange(len(a))
             if len(a) > k:
                 ak = np.partition(a, len(a) - k)[len(a) - k]
                 keep = np.flatnonzero(a >= ak - 2 * bound)
                 if len(keep) > _MAX_CANDIDATES:
                     raise sf.Irregular(f"{len(keep)} candidates in one row group")
-                X, ids, a = X[keep], ids[keep], a[keep]
-            return X, ids, a, bound
+            return X[keep], np.asarray(ids.take(keep).to_pylist(), dtype=object), a[keep], bound
 
         got = list(sf.map_groups(narrow, groups))
         if not got:
@@ -683,9 +689,8 @@ def head_vector_batches(path, model_id: str, layer: int, head: int, batch_rows: 
     def read(group):
         X, cols = sf.read_rows(group, model_id, int(layer), int(head), ("image_id",) if wanted is not None else ())
         if wanted is not None:
-            import pyarrow as pa
             import pyarrow.compute as pc
-            X = X[pc.is_in(pa.array(cols["image_id"], pa.string()), value_set=wanted).to_numpy(zero_copy_only=False)]
+            X = X[pc.is_in(cols["image_id"], value_set=wanted).to_numpy(zero_copy_only=False)]
         return X                                                           # [m, d]
     for X in sf.map_groups(read, groups):
         for a in range(0, len(X), batch_rows):

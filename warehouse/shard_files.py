@@ -28,7 +28,9 @@ import numpy as np
 
 __all__ = ["Irregular", "HeadGroup", "head_groups", "read_vectors", "read_rows", "map_groups", "threads"]
 
-HeadGroup = tuple[str, int, bool]          # (file, row group index, rows must be filtered by model/layer/head)
+# (file, row group index, rows must be filtered by model/layer/head, max |element| of vec by the
+# statistics or None)
+HeadGroup = tuple[str, int, bool, Optional[float]]
 
 
 class Irregular(ValueError):
@@ -57,6 +59,7 @@ def head_groups(files: Sequence[str], model_id: str, layer: int, head: int) -> l
     import pyarrow.parquet as pq
     out: list[HeadGroup] = []
     want = {"model_id": model_id, "layer": int(layer), "head": int(head)}
+    import math
     for f in files:
         try:
             md = pq.ParquetFile(f).metadata
@@ -65,6 +68,7 @@ def head_groups(files: Sequence[str], model_id: str, layer: int, head: int) -> l
         cols = {md.schema.column(j).path: j for j in range(md.num_columns)}
         if not set(want) <= set(cols):
             raise Irregular(f"{f} lacks a column of {sorted(want)}")
+        vec_leaf = next((j for p, j in cols.items() if p.split(".")[0] == "vec"), None)
         for i in range(md.num_row_groups):
             rg = md.row_group(i)
             if rg.num_rows == 0:
@@ -84,7 +88,11 @@ def head_groups(files: Sequence[str], model_id: str, layer: int, head: int) -> l
                 if lo != hi:
                     exact = False
             if not skip:
-                out.append((str(f), i, not exact))
+                r = _stat_range(rg, vec_leaf) if vec_leaf is not None else None
+                vmax = None
+                if r is not None and isinstance(r[0], float) and not (math.isnan(r[0]) or math.isnan(r[1])):
+                    vmax = max(abs(r[0]), abs(r[1]))
+                out.append((str(f), i, not exact, vmax))
     return out
 
 
@@ -193,7 +201,8 @@ def _row_unit(levels: bytes, d: int) -> Optional[bytes]:
     return levels[:pos]
 
 
-def _fast_vectors(f, meta, rg: int, j: int, max_def: int, max_rep: int) -> Optional[np.ndarray]:
+def _fast_vectors(f, meta, rg: int, j: int, max_def: int, max_rep: int, out: Optional[np.ndarray] = None
+                  ) -> Optional[np.ndarray]:
     """float32 [rows, d] of leaf column j of row group rg, read page by page; None when a page is not
     PLAIN v1 data with every list present, non-null and of one length d (pyarrow then reads it)."""
     import pyarrow as pa
@@ -203,7 +212,9 @@ def _fast_vectors(f, meta, rg: int, j: int, max_def: int, max_rep: int) -> Optio
         return None
     d = col.num_values // rows
     codec = col.compression
-    out = np.empty(rows * d, np.float32)
+    if out is None or out.dtype != np.float32 or not out.flags.c_contiguous or out.size < rows * d:
+        out = np.empty(rows * d, np.float32)
+    out = out.reshape(-1)[:rows * d]
     raw = out.view(np.uint8)
     pos, end = col.data_page_offset, col.data_page_offset + col.total_compressed_size
     filled = 0
@@ -287,9 +298,11 @@ def _arrow_vectors(pf, rg: int, column: str) -> np.ndarray:
     return flat.astype(np.float32, copy=False).reshape(rows, d)
 
 
-def read_vectors(file: str, rg: int, column: str = "vec") -> np.ndarray:
+def read_vectors(file: str, rg: int, column: str = "vec", out: Optional[np.ndarray] = None) -> np.ndarray:
     """float32 [rows, d]: the ``column`` (a list of d floats per row) of row group ``rg``, rows in file
-    order. :class:`Irregular` when the rows are not such lists (or the file cannot be read)."""
+    order. :class:`Irregular` when the rows are not such lists (or the file cannot be read). ``out``: a
+    float32 buffer to fill when it is large enough (the result may be a view of it), which spares
+    the page faults of a fresh 128 MB array per row group."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
@@ -300,20 +313,22 @@ def read_vectors(file: str, rg: int, column: str = "vec") -> np.ndarray:
             if len(leaves) != 1:
                 raise Irregular(f"{file} has no single leaf column for {column}")
             leaf = meta.schema.column(leaves[0])
-            fast = _fast_vectors(f, meta, rg, leaves[0], leaf.max_definition_level, leaf.max_repetition_level)
+            fast = _fast_vectors(f, meta, rg, leaves[0], leaf.max_definition_level, leaf.max_repetition_level, out)
             return fast if fast is not None else _arrow_vectors(pf, rg, column)
     except (OSError, pa.ArrowException, IndexError, KeyError, TypeError) as exc:
         raise Irregular(f"cannot read {column} of {file} row group {rg}: {exc}") from None
 
 
-def read_rows(group: HeadGroup, model_id: str, layer: int, head: int, columns: Sequence[str] = ("image_id",)
-              ) -> tuple[np.ndarray, dict]:
-    """One row group's rows of (model_id, layer, head): (vectors float32 [m, d], {column: numpy [m]})."""
+def read_rows(group: HeadGroup, model_id: str, layer: int, head: int, columns: Sequence[str] = ("image_id",),
+              out: Optional[np.ndarray] = None) -> tuple[np.ndarray, dict]:
+    """One row group's rows of (model_id, layer, head): (vectors float32 [m, d], {column: Arrow array [m]})."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    file, rg, needs_filter = group
-    X = read_vectors(file, rg)
+    file, rg, needs_filter = group[:3]
+    X = read_vectors(file, rg, out=out)
     names = list(columns) + (["model_id", "layer", "head"] if needs_filter else [])
+    if not names:
+        return X, {}
     try:
         tab = pq.ParquetFile(file).read_row_group(rg, columns=list(dict.fromkeys(names)), use_threads=False)
     except OSError as exc:
@@ -325,7 +340,7 @@ def read_rows(group: HeadGroup, model_id: str, layer: int, head: int, columns: S
                        pc.equal(tab.column("head"), int(head)))
         keep = pc.fill_null(keep, False)
         X, tab = X[keep.to_numpy(zero_copy_only=False)], tab.filter(keep)
-    return X, {c: tab.column(c).to_numpy(zero_copy_only=False) for c in columns}
+    return X, {c: tab.column(c).combine_chunks() for c in columns}
 
 
 def map_groups(fn: Callable[[HeadGroup], object], groups: Sequence[HeadGroup], workers: Optional[int] = None

@@ -2,9 +2,12 @@
 
     python -m etl textspan --model toy-shapes/bundled                    # k = 10, r = 80, bank atlas
 
-Reads the model's head embeddings one layer at a time ([n images, H heads, d]) and the
-bank's text embeddings, runs the fast batched TextSpan (etl/text/textspan.py) and writes each
-layer's heads in one transaction. Heads already done with the same bank, dataset and k are
+Streams the model's head embeddings one head at a time (warehouse.queries.head_vector_batches:
+batches of [m images, d], shard files attached in place read straight from their pages) into each
+head's moments (count, mean, centred Gram: etl.text.textspan.HeadMoments), so the number of images
+never has to fit in memory, then runs TextSpan on the layer's moments with the bank's text
+embeddings (textspan_from_moments, the same picks as the batched form) and writes each layer's
+heads in one transaction. Heads already done with the same bank, dataset and k are
 skipped; heads done differently are only replaced with --force. Rewriting a head also drops
 its label and judgments, which were derived from its old texts.
 """
@@ -62,9 +65,9 @@ def run(args) -> int:
 def textspan(path: str, model_id: str, bank: str | None = None, dataset: str | None = None, k: int = 10,
              r: int = 80, force: bool = False) -> dict:
     """TextSpan texts for every analysed head of the model that has none with these settings; returns counts."""
-    from etl.text.textspan import check_sizes, textspan_heads
+    from etl.text.textspan import check_sizes
     from warehouse import head_name, writer, writes
-    from warehouse.queries import bank_text_matrix, dataset_exists, head_text_state, layer_head_matrix
+    from warehouse.queries import bank_text_matrix, dataset_exists, head_text_state
     from warehouse.runs import record_error, run_record
     row = model_row_or_fail(path, model_id)
     layers, H = [int(x) for x in row["analysed_layers"]], int(row["heads"])
@@ -88,13 +91,9 @@ def textspan(path: str, model_id: str, bank: str | None = None, dataset: str | N
     with run_record(path, "textspan", params) as run_id:
         for layer in progress([l for l in layers if todo[l]], desc=f"textspan {model_id}", unit="layer"):
             heads = todo[layer]
-            C = layer_head_matrix(path, model_id, layer, H, dataset)[:, heads]   # [n, h, d]
-            if C.shape[0] == 0:
-                raise ValueError(f"no head embeddings of model {model_id!r} in layer {layer}"
-                                 + (f" for dataset {dataset!r}" if dataset else "")
-                                 + "; run `python -m etl embed` first")
-            check_sizes(C.shape[0], T.shape[0], C.shape[2], T.shape[1], k, r)
-            results, errors = _textspan_layer(textspan_heads, C, T, heads, k, r, head_dim)
+            moments = _layer_moments(path, model_id, layer, heads, H, dataset)
+            check_sizes(int(moments.n[0]), T.shape[0], moments.mu.shape[1], T.shape[1], k, r)
+            results, errors = _textspan_layer(moments, T, heads, k, r, head_dim)
             rows = [dict(head=h, rank=rank, text_id=text_ids[j], variance_explained=float(v), dataset_id=dataset,
                          bank=bank, run_id=run_id, r=r_used)
                     for h, (idx, var, r_used) in results.items() for rank, (j, v) in enumerate(zip(idx, var))]
@@ -109,20 +108,46 @@ def textspan(path: str, model_id: str, bank: str | None = None, dataset: str | N
             "heads_failed": failed, "heads_skipped": sum(H - len(todo[l]) for l in layers)}
 
 
-def _textspan_layer(textspan_heads, C, T, heads, k, r, head_dim):
+def _layer_moments(path: str, model_id: str, layer: int, heads: list[int], H: int, dataset: str | None):
+    """The streamed moments (etl.text.textspan.HeadMoments) of the layer's ``heads``, read batch by batch
+    (warehouse.queries.head_vector_batches), so the number of images never has to fit in memory.
+    A ValueError when the layer has no head embeddings (of the dataset), or when the heads do not
+    all have the same number of images (not one row per image and head)."""
+    from etl.text.textspan import HeadMoments
+    from warehouse.queries import head_vector_batches
+    moments = None
+    for i, h in enumerate(heads):
+        for X in head_vector_batches(path, model_id, layer, h, dataset=dataset):       # [m, d] float32
+            if moments is None:
+                moments = HeadMoments(len(heads), X.shape[1])
+            moments.add(i, X)
+    if moments is None:
+        raise ValueError(f"no head embeddings of model {model_id!r} in layer {layer}"
+                         + (f" for dataset {dataset!r}" if dataset else "")
+                         + "; run `python -m etl embed` first")
+    counts = moments.n.numpy().astype(int)
+    if (counts != counts[0]).any():
+        raise ValueError(f"head_embeddings of model {model_id!r}, layer {layer} are not one row per image and "
+                         f"head (expected {H} heads per image; images per head: "
+                         f"{dict(zip(heads, counts.tolist()))}); re-run `python -m etl embed` for the model")
+    return moments
+
+
+def _textspan_layer(moments, T, heads, k, r, head_dim):
     """Run the layer's heads together; if that fails, head by head so one bad head costs only itself.
 
     r is capped per head at its numerical rank and at ``head_dim`` (etl/text/textspan.py).
     Returns ({head: (idx [k], var [k], r used)}, {head: reason})."""
+    from etl.text.textspan import textspan_from_moments
     try:
-        idx, var, r_used = textspan_heads(C, T, k=k, r=r, max_rank=head_dim, with_rank=True)
+        idx, var, r_used = textspan_from_moments(moments, T, k=k, r=r, max_rank=head_dim, with_rank=True)
         return {h: (idx[i], var[i], int(r_used[i])) for i, h in enumerate(heads)}, {}
     except ValueError:
         pass
     results, errors = {}, {}
     for i, h in enumerate(heads):
         try:
-            idx, var, r_used = textspan_heads(C[:, i:i + 1], T, k=k, r=r, max_rank=head_dim, with_rank=True)
+            idx, var, r_used = textspan_from_moments(moments.head(i), T, k=k, r=r, max_rank=head_dim, with_rank=True)
             results[h] = (idx[0], var[0], int(r_used[0]))
         except ValueError as exc:
             errors[h] = str(exc)

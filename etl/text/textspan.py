@@ -222,6 +222,12 @@ class HeadMoments:
         self.S = torch.zeros(heads, d, d, dtype=torch.float64)
         self.dtype: torch.dtype | None = None
 
+    def head(self, i: int) -> "HeadMoments":
+        """The moments of head ``i`` alone (a one-head view: TextSpan of one head, e.g. when the layer's fail)."""
+        one = HeadMoments.__new__(HeadMoments)
+        one.n, one.mu, one.S, one.dtype = self.n[i:i + 1], self.mu[i:i + 1], self.S[i:i + 1], self.dtype
+        return one
+
     def add(self, head: int, X) -> None:
         """Add a batch of rows X [m, d] (numpy or torch, float32 or float64) of head ``head`` (0-based)."""
         with warnings.catch_warnings():           # a read-only numpy batch (Arrow's buffers): only read here

@@ -315,3 +315,79 @@ def test_llm_label_job_stops_on_a_rejected_key_and_keeps_what_it_wrote(wht, caps
     before = len(endpoint.requests)
     out = job(capsys, "label", "--model", MODEL, "--warehouse", wht, *llm)
     assert out["heads_labelled"] == N_HEADS - 2 and len(endpoint.requests) - before == N_HEADS - 2
+
+
+def _batched_picks(wh, layer, dataset=None):
+    """The batched, in-memory TextSpan of a layer (textspan_heads on layer_head_matrix): idx [H, k], var, r."""
+    from etl.text.textspan import textspan_heads
+    from warehouse import release_readers
+    from warehouse.queries import bank_text_matrix, layer_head_matrix
+    release_readers()
+    _, _, T = bank_text_matrix(str(wh), MODEL, "atlas")
+    C = layer_head_matrix(str(wh), MODEL, layer, 4, dataset)                     # [n, 4, d]
+    head_dim = one(wh, "SELECT width // heads FROM models WHERE model_id = ?", [MODEL])      # the job's max_rank
+    return textspan_heads(C, T, k=10, r=80, max_rank=head_dim, with_rank=True), len(C)
+
+
+def _stored(wh, layer):
+    rows = q(wh, "SELECT head, rank, text_id, variance_explained, r FROM head_texts WHERE model_id = ? AND layer = ? "
+                 "ORDER BY head, rank", [MODEL, layer])
+    ids = [r[0] for r in q(wh, "SELECT e.text_id FROM text_embeddings e JOIN texts USING (text_id) "
+                               "WHERE bank = 'atlas' ORDER BY e.text_id")]
+    by_head = defaultdict(list)
+    for head, _, tid, var, r in rows:
+        by_head[head].append((ids.index(tid), var, r))
+    return by_head
+
+
+def test_textspan_job_streams_to_the_batched_result(wht, capsys):
+    """The job's streamed moments (head_vector_batches -> HeadMoments -> textspan_from_moments) store
+    what the batched in-memory form picks, for every head; --dataset streams only that dataset's images."""
+    job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+    for layer in range(3):
+        (idx, var, r_used), n = _batched_picks(wht, layer)
+        stored = _stored(wht, layer)
+        assert n == 30 and sorted(stored) == [0, 1, 2, 3]
+        for h in range(4):
+            assert [s[0] for s in stored[h]] == idx[h].tolist()
+            # float32 Grams in another order (ssyrk, storage order): this model's heads (rank 16 of d = 24)
+            # make the later variances sensitive; both forms are 1e-4 to 3e-4 from a float64 run here
+            np.testing.assert_allclose([s[1] for s in stored[h]], var[h], atol=5e-4, rtol=0)
+            assert {s[2] for s in stored[h]} == {int(r_used[h])}
+    # a second dataset of 24 of the 30 images (more than the heads' rank, 16): the job with --dataset sees those only
+    with duckdb.connect(str(wht)) as con:
+        con.execute("INSERT INTO datasets (dataset_id, name, source, n_images) VALUES ('part:24', 'part', 'test', 24)")
+        con.execute("UPDATE images SET dataset_id = 'part:24' WHERE image_id IN "
+                    "(SELECT image_id FROM images ORDER BY image_id LIMIT 24)")
+    out = job(capsys, "textspan", "--model", MODEL, "--warehouse", wht, "--dataset", "part:24", "--force")
+    assert out["heads_written"] == N_HEADS
+    (idx, var, _), n = _batched_picks(wht, 1, "part:24")
+    assert n == 24
+    stored = _stored(wht, 1)
+    for h in range(4):
+        assert [s[0] for s in stored[h]] == idx[h].tolist()
+        np.testing.assert_allclose([s[1] for s in stored[h]], var[h], atol=5e-4, rtol=0)
+    assert q(wht, "SELECT DISTINCT dataset_id FROM head_texts") == [("part:24",)]
+
+
+def test_textspan_job_refuses_heads_with_differing_image_counts(wht, capsys):
+    with duckdb.connect(str(wht)) as con:
+        con.execute("DELETE FROM head_embeddings WHERE (image_id, layer, head) IN "
+                    "(SELECT image_id, 1, 2 FROM head_embeddings WHERE layer = 1 AND head = 2 ORDER BY image_id LIMIT 1)")
+    err = job_error(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+    assert "not one row per image and head" in err and "layer 1" in err and "re-run `python -m etl embed`" in err
+    with duckdb.connect(str(wht)) as con:
+        con.execute("DELETE FROM head_texts")                       # layer 0 was written before layer 1 failed
+        con.execute("DELETE FROM head_embeddings WHERE layer = 0")
+    assert "no head embeddings of model" in job_error(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+
+
+def test_textspan_job_keeps_the_other_heads_when_one_fails(wht, capsys):
+    """A head without variance (every image the same vector) fails alone: its layer's other heads are
+    written (the per-head fallback on the streamed moments) and the failure is recorded."""
+    with duckdb.connect(str(wht)) as con:
+        con.execute("UPDATE head_embeddings SET vec = [0.5 for x in vec] WHERE layer = 2 AND head = 1")
+    out = job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+    assert (out["heads_written"], out["heads_failed"]) == (N_HEADS - 1, 1)
+    assert q(wht, "SELECT DISTINCT head FROM head_texts WHERE layer = 2 ORDER BY head") == [(0,), (2,), (3,)]
+    assert one(wht, "SELECT count(*) FROM errors WHERE item LIKE '%L2.H1%'") == 1

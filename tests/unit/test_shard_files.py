@@ -123,7 +123,8 @@ def test_row_groups_are_chosen_by_statistics(attached):
     groups = sf.head_groups(files, MODEL_ROW["model_id"], 1, 2)
     assert [(g[0], g[2]) for g in groups] == [(f, False) for f in files]        # one exact group per file
     X, cols = sf.read_rows(groups[0], MODEL_ROW["model_id"], 1, 2)
-    assert np.array_equal(X, _heads(0, 16)[:, 1, 2]) and cols["image_id"].tolist() == _ids(0, 16)
+    assert np.array_equal(X, _heads(0, 16)[:, 1, 2]) and cols["image_id"].to_pylist() == _ids(0, 16)
+    assert groups[0][3] == np.abs(_heads(0, 16)[:, 1, 2]).max()    # the bound of the values, from the statistics
     assert sf.head_groups(files, "other/model", 1, 2) == [] and sf.head_groups(files, MODEL_ROW["model_id"], 1, 3) == []
 
 
