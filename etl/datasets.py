@@ -48,7 +48,7 @@ class Dataset:
 class Prepared:
     """One image ready for the model and the warehouse."""
     item: Item
-    pixels: Any                            # torch.Tensor [3, H, W], the model's own preprocess
+    pixels: Any                            # what the preprocess gave: torch.Tensor [3, H, W], or [S, S, 3] uint8 (BatchedPreprocess.image)
     thumbnail: bytes                       # JPEG, longest side 128 px
     sha256: str                            # of the decoded pixels
     size: tuple[int, int]                  # (width, height) of the original

@@ -3,8 +3,9 @@ processes ahead of the model, through a bounded queue.
 
 Each worker (a torch DataLoader worker, forked, one torch thread) takes every w-th item of the
 dataset (``Dataset.items(shard=(k, w))``), prepares it (``etl.datasets.prepare_item``) and hands
-over whole batches: ``(list[Prepared], errors)``, where ``Prepared.pixels`` are [3, H, W] tensors
-and ``errors`` are ``(path or image_id, reason)`` pairs. Batches cross the process boundary in
+over whole batches: ``(list[Prepared], errors)``, where ``Prepared.pixels`` are what the given
+``preprocess`` returns (the embed job's: ``models.images.BatchedPreprocess.image``, uint8 crops
+[S, S, 3]) and ``errors`` are ``(path or image_id, reason)`` pairs. Batches cross the process boundary in
 shared memory. With ``workers=0`` (or no ``fork``, e.g. on Windows) one thread does the same work.
 
 Memory is bounded by the batches in flight, not by the dataset: at most ``prefetch`` batches per

@@ -172,3 +172,50 @@ def model_view(lm, image: Image.Image) -> Image.Image:
     if size is not None and view.size != (size, size):
         raise ValueError(f"the model's preprocess gives a {view.size[0]} x {view.size[1]} image, not {size} x {size}")
     return view
+
+
+class BatchedPreprocess:
+    """A model's preprocess split at its tensor conversion, so the per-image part stays small.
+
+    ``image(img)`` runs the PIL transforms (Resize, CenterCrop, mode conversion) and returns the
+    crop as uint8 [S, S, 3]; ``batch(list of those)`` converts and normalises the whole batch at once
+    -> float32 [B, 3, S, S]. ``batch([image(x) for x in imgs])`` equals ``torch.stack([preprocess(x)
+    for x in imgs])`` bit for bit: the same float32 operations (x / 255, then (x - mean) / std), one
+    batch at a time instead of one image at a time (toy model: 0.55 -> 0.2 ms per image; the uint8
+    crop is also a quarter of the float32 tensor in the loader's queue).
+
+    A preprocess that is not a Compose ending in a tensor conversion and a Normalize (open_clip's
+    own always is) runs unsplit: ``image`` is the preprocess, ``batch`` stacks."""
+
+    def __init__(self, preprocess):
+        import torch
+        self.preprocess = preprocess
+        self.pil_steps = None
+        transforms = list(getattr(preprocess, "transforms", None) or [])
+        names = [type(t).__name__ for t in transforms]
+        cut = next((i for i, n in enumerate(names) if n.endswith("ToTensor")), None)
+        if cut is not None and names[cut] in ("ToTensor", "MaybeToTensor") and names[cut + 1:] == ["Normalize"]:
+            norm = transforms[-1]
+            self.pil_steps = transforms[:cut]
+            self.mean = torch.as_tensor(norm.mean, dtype=torch.float32).view(1, -1, 1, 1)
+            self.std = torch.as_tensor(norm.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def image(self, img: Image.Image):
+        """One image -> uint8 tensor [S, S, 3] (split) or the preprocess's own output (unsplit)."""
+        import torch
+        if self.pil_steps is None:
+            return self.preprocess(img)
+        for t in self.pil_steps:
+            img = t(img)
+        if not isinstance(img, Image.Image) or img.mode != "RGB":
+            raise TypeError(f"the preprocess's PIL steps gave {img!r}, not an RGB image")
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+
+    def batch(self, pixels: list):
+        """What ``image`` gave for each image of a batch -> float32 [B, 3, S, S]."""
+        import torch
+        x = torch.stack(pixels)
+        if self.pil_steps is None:
+            return x
+        x = x.permute(0, 3, 1, 2).to(dtype=torch.float32).div(255)      # as torchvision's to_tensor
+        return x.sub_(self.mean).div_(self.std)                           # as torchvision's normalize

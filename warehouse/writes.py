@@ -9,7 +9,8 @@ Every table with a natural key refuses duplicates (migrations 001, 003, 004). Th
 functions are idempotent on that key: a row whose key is already stored is left as it is
 (``ON CONFLICT DO NOTHING``), and a key repeated within one call is written once (its first
 row), so two processes that embed the same images store exactly what one would. They return
-the number of rows they newly stored.
+the number of rows they newly stored. (One exception, for speed: ``insert_head_embeddings(new=True)``
+is a plain INSERT, for callers that know the rows are new and roll back on a key error.)
 """
 from __future__ import annotations
 
@@ -58,8 +59,12 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, on_confl
     con.register(name, rows)
     try:
         got = con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name} {on_conflict}").fetchone()
-    finally:
-        con.unregister(name)
+    except duckdb.Error:
+        # a failed INSERT aborts the transaction, and then unregister fails too: keep the first error
+        with contextlib.suppress(duckdb.Error):
+            con.unregister(name)
+        raise
+    con.unregister(name)
     return int(got[0]) if got else 0
 
 
@@ -130,9 +135,15 @@ def insert_image_embeddings(con, model_id: str, image_ids: Sequence[str], vecs: 
 
 
 def insert_head_embeddings(con, model_id: str, image_ids: Sequence[str], layers: Sequence[int],
-                           heads: np.ndarray) -> int:
+                           heads: np.ndarray, new: bool = False) -> int:
     """heads: [n, L', H, d], the head contributions c[l,h] of ``image_ids`` for the analysed ``layers``.
-    Returns the rows newly stored (a stored (model, image, layer, head) keeps its vector)."""
+    Returns the rows newly stored (a stored (model, image, layer, head) keeps its vector).
+
+    ``new``: the caller knows that none of these rows is stored yet, so a plain INSERT does (under
+    the table's key, ``ON CONFLICT DO NOTHING`` costs about 5x a plain insert: 0.63 s against 0.13 s
+    for 12,288 rows of d = 512). If a row was stored after all, the INSERT raises
+    ``duckdb.ConstraintException`` and the caller's transaction must be rolled back and written
+    again without ``new`` (etl/jobs/embed.py does)."""
     k = _first_of_each(image_ids)
     heads = np.asarray(heads)
     if len(k) < len(image_ids):                     # a repeated image: its first rows only
@@ -144,7 +155,7 @@ def insert_head_embeddings(con, model_id: str, image_ids: Sequence[str], layers:
     return _insert(con, head_embeddings_target(con), pa.table({"model_id": [model_id] * (n * L * H),
                                                                "image_id": ids.tolist(), "layer": layer, "head": head,
                                                                "vec": vector_column(heads.reshape(-1, d))}),
-                   "ON CONFLICT DO NOTHING")
+                   "" if new else "ON CONFLICT DO NOTHING")
 
 
 # --------------------------------------------------------------------------- texts

@@ -69,14 +69,14 @@ def onnx_file(lm, layers: list[int]) -> Path:
 
 def export(path: str, lm, layers: list[int], out: str | None = None, tokens: bool = False) -> Path:
     """Export once (kept while the file exists and matches the stored sha256)."""
-    from models.hashing import sha256_file
+    from models.hashing import sha256_file_cached
     from models.onnx import export_onnx
     target = Path(out) if out else onnx_file(lm, layers)
     if tokens and not out:
         target = target.with_name(target.stem + "__tokens.onnx")
     if not target.exists():
         export_onnx(lm, target, layers, tokens=tokens)
-    upsert_model(path, lm, layers, str(target), sha256_file(target))
+    upsert_model(path, lm, layers, str(target), sha256_file_cached(target))
     return target
 
 
@@ -99,12 +99,18 @@ def run_export(args) -> int:
 # waits at most one such commit; a killed job loses at most the pending batches.
 FLUSH_IMAGES = 1024
 FLUSH_BYTES = 64 << 20
-FLUSH_S = 1.0
+FLUSH_S = 2.0
 
 
 def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs: list) -> int:
     """Commit several (batch, errors, decomposition) jobs in one write transaction; returns the
-    image embeddings newly stored."""
+    image embeddings newly stored.
+
+    The head rows of images whose image embedding is new go in with a plain INSERT (the cheap
+    path, ``writes.insert_head_embeddings(new=True)``). Should one of them be stored all the same
+    (head rows left without their image embedding), the key refuses it, the transaction is rolled
+    back, and the same jobs are written again with every insert skipping stored rows."""
+    import duckdb
     import torch
     batch = [b for job in jobs for b in job[0]]
     errors = [e for job in jobs for e in job[1]]
@@ -114,10 +120,14 @@ def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs:
         dec = decs[0]
         dec.embedding = torch.cat([d.embedding for d in decs])
         dec.head_cls = torch.cat([d.head_cls for d in decs])
-    return _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec)
+    try:
+        return _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec, optimistic=True)
+    except duckdb.ConstraintException:
+        return _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec, optimistic=False)
 
 
-def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, errors, dec) -> int:
+def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, errors, dec,
+                 optimistic: bool = False) -> int:
     """One write transaction: error rows, then images, factors, image and head embeddings.
     batch: list[Prepared]; dec: its Decomposition (embedding [n, d], head_cls [n, L', H, d]).
     Returns the image embeddings newly stored (images another process stored first are left)."""
@@ -135,7 +145,8 @@ def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, 
                              [b.thumbnail for b in batch], [b.original for b in batch])
         writes.insert_image_factors(con, [(i.image_id, k, str(v)) for i in items for k, v in i.factors.items()])
         stored = writes.insert_image_embeddings(con, model_id, ids, dec.embedding.numpy())   # [n, d]
-        writes.insert_head_embeddings(con, model_id, ids, dec.layers, dec.head_cls.numpy())  # [n, L', H, d]
+        new = optimistic and stored == len(set(ids))       # no image of the batch was stored before
+        writes.insert_head_embeddings(con, model_id, ids, dec.layers, dec.head_cls.numpy(), new=new)  # [n, L', H, d]
         return stored
 
 
@@ -184,7 +195,8 @@ def _runner(path: str, lm, layers: list[int], backend: str, providers) -> Callab
     """The model as a function of a [b, 3, H, W] batch -> Decomposition (exported once for onnx)."""
     if backend == "onnx":
         from models.onnx import OnnxRunner, select_providers
-        runner = OnnxRunner(export(path, lm, layers), providers=select_providers(providers))
+        # no busy-waiting intra-op threads: the loader and the writer share the cores
+        runner = OnnxRunner(export(path, lm, layers), providers=select_providers(providers), spin=False)
         if runner.layers != layers:
             raise ValueError(f"ONNX file {runner.path} analyses layers {runner.layers}, not {layers}; delete it to re-export")
         return runner
@@ -209,6 +221,7 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
     import torch
     from etl.datasets import open_dataset
     from etl.loader import Loader, default_workers
+    from models.images import BatchedPreprocess
     from warehouse import optimize, writer, writes
     from warehouse.queries import embedded_image_ids
     dataset = open_dataset(dataset_spec)
@@ -217,7 +230,8 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
     done = embedded_image_ids(path, lm.model_id, dataset.dataset_id)
     if workers is None:
         workers = default_workers(_model_on_gpu(lm, backend, providers))
-    loader = Loader(dataset, done, lm.preprocess, batch_size, keep_originals=dataset.source == "shapes",
+    pre = BatchedPreprocess(lm.preprocess)       # per image: the crop (uint8); per batch: normalise
+    loader = Loader(dataset, done, pre.image, batch_size, keep_originals=dataset.source == "shapes",
                     workers=workers)
     # (the runner is made after the loader's workers forked: a fork copies only the calling thread)
     run = _runner(path, lm, layers, backend, providers)
@@ -231,7 +245,7 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
             dec = None
             if batch:
                 with torch.no_grad():
-                    out = run(torch.stack([b.pixels for b in batch]))      # [b, 3, H, W]
+                    out = run(pre.batch([b.pixels for b in batch]))        # [b, 3, H, W]
                 out.embedding, out.head_cls = out.embedding.float().cpu(), out.head_cls.float().cpu()
                 dec = out
             writer_thread.put((batch, errors, dec))

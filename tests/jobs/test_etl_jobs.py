@@ -96,6 +96,29 @@ def test_embed_torch_and_onnx_backends_agree(tmp_path):
     assert count(tmp_path / "onnx.duckdb", "SELECT count(*) FROM image_factors") == 20 * 7
 
 
+def test_embed_over_head_rows_left_without_their_image_embedding(tmp_path):
+    """The writer inserts the head rows of new images with a plain INSERT (no ON CONFLICT: 5x
+    cheaper). Head rows stored without their image embedding make that INSERT fail on the key; the
+    batch is then rolled back and written again skipping stored rows: nothing doubled, nothing lost,
+    stored vectors kept."""
+    wh = tmp_path / "w.duckdb"
+    args = ("embed", "--model", "toy-shapes", "--dataset", "shapes:12:seed=4", "--warehouse", str(wh))
+    env = {"ATLAS_HOME": str(tmp_path)}
+    assert cli(*args, env=env).returncode == 0
+    q = "SELECT image_id, layer, head, vec FROM head_embeddings ORDER BY ALL"
+    con = duckdb.connect(str(wh))
+    con.execute("UPDATE head_embeddings SET vec = [v * 2 FOR v IN vec] WHERE image_id LIKE '%/3'")
+    con.execute("DELETE FROM image_embeddings WHERE image_id LIKE '%/3' OR image_id LIKE '%/7'")
+    con.close()
+    before = rows(wh, q)
+    r = cli(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert _json_lines(r.stdout)[-1]["embedded"] == 2
+    assert rows(wh, q) == before                     # the doubled vectors kept, no row twice
+    assert count(wh, "SELECT count(*) FROM image_embeddings") == 12
+    assert len(before) == 12 * 6 * 4                 # toy, auto: all 6 layers x 4 heads per image
+
+
 def test_embed_killed_midway_loses_nothing(tmp_path):
     wh = tmp_path / "w.duckdb"
     args = [sys.executable, "-m", "etl", "embed", "--model", "toy-shapes", "--dataset", "shapes:6000:seed=1",

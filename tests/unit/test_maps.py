@@ -100,6 +100,24 @@ def test_upsample_keeps_the_grid_layout():
     assert maps.upsample(np.full((2, 2), 0.25), 10) == pytest.approx(np.full((10, 10), 0.25))
 
 
+def test_batched_preprocess_equals_the_preprocess_bit_for_bit(lm):
+    """The embed job's split preprocess (per image: the uint8 crop; per batch: to float, normalise)."""
+    from models.images import BatchedPreprocess
+    S = lm.image_size
+    bp = BatchedPreprocess(lm.preprocess)
+    imgs = [_photo(w, h, seed=w) for w, h in ((300, 200), (90, 160), (S, S))] + [_photo(120, 100).convert("L")]
+    crops = [bp.image(i) for i in imgs]
+    assert all(c.dtype == torch.uint8 and tuple(c.shape) == (S, S, 3) for c in crops)
+    got = bp.batch(crops)
+    assert got.dtype == torch.float32 and tuple(got.shape) == (len(imgs), 3, S, S)
+    assert torch.equal(got, torch.stack([lm.preprocess(i) for i in imgs]))
+    # a preprocess that is not a Compose ending in ToTensor + Normalize runs unsplit
+    plain = BatchedPreprocess(lambda img: lm.preprocess(img) * 2)
+    assert plain.pil_steps is None
+    assert torch.equal(plain.batch([plain.image(i) for i in imgs[:2]]),
+                       torch.stack([lm.preprocess(i) * 2 for i in imgs[:2]]))
+
+
 def test_model_view_is_what_the_preprocess_crops(lm):
     S = lm.image_size
     mean = torch.tensor(lm.visual.preprocess_cfg["mean"]).view(3, 1, 1)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from models import Decomposer, ImageError, ModelError, decompose, load_image, load_model
-from models.hashing import sha256_file
+from models.hashing import sha256_file, sha256_file_cached
 from models.onnx import OnnxRunner, export_onnx
 from tests.model_fixtures import perturb, register_tiny_configs
 
@@ -43,6 +43,41 @@ def test_onnx_parity_dynamic_batch(lm, tmp_path, tokens):
     import onnx
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("MultiHeadAttention") == lm.layers - 1
+
+
+def test_runner_without_spinning_threads_gives_the_same_outputs(lm, tmp_path):
+    """embed runs onnxruntime with spin=False (its loader and writer share the cores): the session
+    is configured so, and its outputs are those of the default session, bit for bit."""
+    path = export_onnx(lm, tmp_path / "m.onnx", "all")
+    x = torch.randn(3, 3, lm.image_size, lm.image_size)
+    calm, spinning = OnnxRunner(path, spin=False), OnnxRunner(path)
+    assert calm.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    a, b = calm(x), spinning(x)
+    assert torch.equal(a.head_cls, b.head_cls) and torch.equal(a.embedding, b.embedding)
+
+
+def test_cached_file_digest_is_reused_only_while_the_file_is_unchanged(tmp_path):
+    f = tmp_path / "graph.onnx"
+    f.write_bytes(b"first version")
+    side = tmp_path / ".graph.onnx.sha256.json"
+    assert sha256_file_cached(f) == sha256_file(f) and side.is_file()
+    import json
+    saved = json.loads(side.read_text())
+    side.write_text(json.dumps({**saved, "sha256": "f" * 64}))     # a planted digest is returned: it was reused
+    assert sha256_file_cached(f) == "f" * 64
+    f.write_bytes(b"second, longer version")                          # size and mtime change: hashed again
+    assert sha256_file_cached(f) == sha256_file(f) != "f" * 64
+    side.write_text("{not json")                                      # a damaged sidecar is ignored and rewritten
+    assert sha256_file_cached(f) == sha256_file(f)
+    assert json.loads(side.read_text())["sha256"] == sha256_file(f)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "w.bin").write_bytes(b"x")
+    ro.chmod(0o555)                                                   # no sidecar can be written: still the digest
+    try:
+        assert sha256_file_cached(ro / "w.bin") == sha256_file(ro / "w.bin")
+    finally:
+        ro.chmod(0o755)
 
 
 @pytest.mark.parametrize("tokens", [False, True])
