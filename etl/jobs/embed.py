@@ -102,9 +102,10 @@ FLUSH_BYTES = 64 << 20
 FLUSH_S = 2.0
 
 
-def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs: list) -> int:
+def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs: list, last: bool = False) -> int:
     """Commit several (batch, errors, decomposition) jobs in one write transaction; returns the
-    image embeddings newly stored.
+    image embeddings newly stored. ``last``: the job's final commit, which also re-clusters the
+    model's head rows (``warehouse.optimize``) in the same transaction.
 
     The head rows of images whose image embedding is new go in with a plain INSERT (the cheap
     path, ``writes.insert_head_embeddings(new=True)``). Should one of them be stored all the same
@@ -121,39 +122,50 @@ def _write_batches(path: str, run_id: str, model_id: str, dataset_id: str, jobs:
         dec.embedding = torch.cat([d.embedding for d in decs])
         dec.head_cls = torch.cat([d.head_cls for d in decs])
     try:
-        return _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec, optimistic=True)
+        return _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec, optimistic=True, last=last)
     except duckdb.ConstraintException:
-        return _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec, optimistic=False)
+        return _write_batch(path, run_id, model_id, dataset_id, batch, errors, dec, optimistic=False, last=last)
 
 
 def _write_batch(path: str, run_id: str, model_id: str, dataset_id: str, batch, errors, dec,
-                 optimistic: bool = False) -> int:
-    """One write transaction: error rows, then images, factors, image and head embeddings.
-    batch: list[Prepared]; dec: its Decomposition (embedding [n, d], head_cls [n, L', H, d]).
-    Returns the image embeddings newly stored (images another process stored first are left)."""
-    from warehouse import writer, writes
+                 optimistic: bool = False, last: bool = False) -> int:
+    """One write transaction: error rows, then images, factors, image and head embeddings, and
+    with ``last`` the re-clustering. batch: list[Prepared]; dec: its Decomposition (embedding
+    [n, d], head_cls [n, L', H, d]). Returns the image embeddings newly stored (images another
+    process stored first are left)."""
+    from warehouse import optimize, writer
     from warehouse.runs import record_error
     with writer(path) as con:
         for item_path, reason in errors:
             record_error(con, run_id, item_path, reason)
-        if not batch:
-            return 0
-        items = [b.item for b in batch]
-        ids = [i.image_id for i in items]
-        writes.insert_images(con, dataset_id, ids, [i.path for i in items], [b.sha256 for b in batch],
-                             [i.label for i in items], [i.caption for i in items], [b.size for b in batch],
-                             [b.thumbnail for b in batch], [b.original for b in batch])
-        writes.insert_image_factors(con, [(i.image_id, k, str(v)) for i in items for k, v in i.factors.items()])
-        stored = writes.insert_image_embeddings(con, model_id, ids, dec.embedding.numpy())   # [n, d]
-        new = optimistic and stored == len(set(ids))       # no image of the batch was stored before
-        writes.insert_head_embeddings(con, model_id, ids, dec.layers, dec.head_cls.numpy(), new=new)  # [n, L', H, d]
+        stored = _insert_batch(con, model_id, dataset_id, batch, dec, optimistic) if batch else 0
+        if last:
+            optimize(con, model_id)
         return stored
 
 
-class _Writer(threading.Thread):
-    """The one writer, behind the model: coalesces queued jobs into few transactions (FLUSH_*)."""
+def _insert_batch(con, model_id: str, dataset_id: str, batch, dec, optimistic: bool) -> int:
+    """The rows of a batch of prepared images and their decomposition; the image embeddings newly stored."""
+    from warehouse import writes
+    items = [b.item for b in batch]
+    ids = [i.image_id for i in items]
+    writes.insert_images(con, dataset_id, ids, [i.path for i in items], [b.sha256 for b in batch],
+                         [i.label for i in items], [i.caption for i in items], [b.size for b in batch],
+                         [b.thumbnail for b in batch], [b.original for b in batch])
+    writes.insert_image_factors(con, [(i.image_id, k, str(v)) for i in items for k, v in i.factors.items()])
+    stored = writes.insert_image_embeddings(con, model_id, ids, dec.embedding.numpy())   # [n, d]
+    new = optimistic and stored == len(set(ids))       # no image of the batch was stored before
+    writes.insert_head_embeddings(con, model_id, ids, dec.layers, dec.head_cls.numpy(), new=new)  # [n, L', H, d]
+    return stored
 
-    def __init__(self, commit: Callable[[list], int], depth: int = 8):
+
+class _Writer(threading.Thread):
+    """The one writer, behind the model: coalesces queued jobs into few transactions (FLUSH_*).
+    ``close(last=True)`` makes the final commit the job's last one (``commit(jobs, last=True)``)."""
+
+    LAST = "last"
+
+    def __init__(self, commit: Callable[..., int], depth: int = 8):
         super().__init__(name="atlas-embed-writer", daemon=True)
         self.commit, self.jobs = commit, queue.Queue(maxsize=depth)
         self.stored: list[int] = []
@@ -169,16 +181,19 @@ class _Writer(threading.Thread):
                 job = self.jobs.get(timeout=wait)
             except queue.Empty:
                 job = False                              # FLUSH_S passed: commit what is pending
+            last = job == self.LAST
+            if last:
+                job = None
             if job:
                 if not pending:
                     first = time.monotonic()
                 pending.append(job)
                 n += len(job[0]) + len(job[1])
                 size += job[2].head_cls.nbytes if job[2] is not None else 0
-            if pending and (job is None or job is False or n >= FLUSH_IMAGES or size >= FLUSH_BYTES):
+            if (pending or last) and (job is None or job is False or n >= FLUSH_IMAGES or size >= FLUSH_BYTES):
                 if not self.failure:
                     try:
-                        self.stored.append(self.commit(pending))
+                        self.stored.append(self.commit(pending, last=last))
                     except BaseException as exc:
                         self.failure.append(exc)
                 pending, n, size = [], 0, 0
@@ -189,6 +204,11 @@ class _Writer(threading.Thread):
         if self.failure:
             raise self.failure[0]
         self.jobs.put(job)
+
+    def close(self, last: bool) -> None:
+        """Commit what is pending and stop; ``last``: as the job's last commit (the job completed)."""
+        self.jobs.put(self.LAST if last else None)
+        self.join()
 
 
 def _runner(path: str, lm, layers: list[int], backend: str, providers) -> Callable:
@@ -222,7 +242,7 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
     from etl.datasets import open_dataset
     from etl.loader import Loader, default_workers
     from models.images import BatchedPreprocess
-    from warehouse import optimize, writer, writes
+    from warehouse import writer, writes
     from warehouse.queries import embedded_image_ids
     dataset = open_dataset(dataset_spec)
     with writer(path) as con:
@@ -240,6 +260,7 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
     total = (dataset.n_images - len(done)) if dataset.n_images else None
     n_ok = n_err = 0
     bar = progress(None, total=total, desc=f"embed {dataset.dataset_id}", unit="img")
+    completed = False
     try:
         for batch, errors in loader:
             dec = None
@@ -252,17 +273,15 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
             n_ok += len(batch)
             n_err += len(errors)
             bar.update(len(batch) + len(errors))
+        completed = True
     finally:
         loader.close()
-        writer_thread.jobs.put(None)
-        writer_thread.join()
+        writer_thread.close(last=completed)   # the last commit also re-clusters the model's head rows
         bar.close()
     if writer_thread.failure:
         raise writer_thread.failure[0]
     if n_ok == 0 and not done and n_err:
         raise ValueError(f"no readable image in dataset {dataset_spec}: {n_err} file(s) failed (see the `errors` table)")
-    with writer(path) as con:
-        optimize(con, lm.model_id)
     n_stored = sum(writer_thread.stored)
     return {"dataset_id": dataset.dataset_id, "embedded": n_stored, "skipped_done": len(done), "errors": n_err,
             "stored_by_another": n_ok - n_stored, "duplicates": dataset.duplicates}

@@ -94,6 +94,9 @@ def test_embed_torch_and_onnx_backends_agree(tmp_path):
     assert len(a) == len(b) == 20 * 16
     assert max(np.abs(np.array(x[3]) - np.array(y[3])).max() for x, y in zip(a, b)) < 1e-4
     assert count(tmp_path / "onnx.duckdb", "SELECT count(*) FROM image_factors") == 20 * 7
+    # the job's last commit re-clustered the rows (written image by image) head by head
+    physical = rows(tmp_path / "onnx.duckdb", "SELECT layer, head, image_id FROM head_embeddings ORDER BY rowid")
+    assert physical == sorted(physical) and physical[0][:2] == (2, 0) and physical[-1][:2] == (5, 3)
 
 
 def test_embed_over_head_rows_left_without_their_image_embedding(tmp_path):
