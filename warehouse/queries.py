@@ -653,7 +653,7 @@ def layer_head_matrix(path, model_id: str, layer: int, heads: int, dataset: Opti
 
 
 def head_vector_batches(path, model_id: str, layer: int, head: int, batch_rows: int = 65_536,
-                        dataset: Optional[str] = None) -> Iterator[np.ndarray]:
+                        dataset: Optional[str] = None, reuse: bool = False) -> Iterator[np.ndarray]:
     """The embeddings c[l,h] of one head over the model's images (only ``dataset``'s when given),
     streamed: float32 [m, d] arrays of at most ``batch_rows`` rows each, in no particular order (for
     sums over images, such as TextSpan's covariance: etl.text.textspan.HeadMoments), so memory holds
@@ -664,7 +664,12 @@ def head_vector_batches(path, model_id: str, layer: int, head: int, batch_rows: 
     head, by their statistics; the floats taken from the pages as they lie, a few row groups read
     ahead on threads), about 5x less CPU than DuckDB rebuilding the lists. A shard file that cannot be
     read so raises a ValueError (``shard_files.Irregular``) naming it. Holds one read connection while
-    the table's rows are iterated."""
+    the table's rows are iterated.
+
+    ``reuse``: a shard batch is a view of a buffer that is filled again once the batch after it is
+    asked for (a consumer that folds each batch in before asking for the next, as HeadMoments does):
+    a few row-group buffers serve the whole stream instead of a fresh 128 MB array per row group,
+    whose page faults cost as much as reading it on a busy host."""
     from warehouse import shard_files as sf
     from warehouse.db import in_place_shard_files
     where, extra = _dataset_filter(dataset)
@@ -684,17 +689,27 @@ def head_vector_batches(path, model_id: str, layer: int, head: int, batch_rows: 
                 yield flat.astype(np.float32, copy=False).reshape(batch.num_rows, -1)
     if not files:
         return
+    import queue
     groups = sf.head_groups(files, model_id, int(layer), int(head))
+    workers = sf.threads()
+    free: queue.LifoQueue = queue.LifoQueue()    # buffers for `reuse`: one per group in flight, one being consumed
+    for _ in range(2 * workers + 1 if reuse else 0):
+        free.put(None)
 
     def read(group):
-        X, cols = sf.read_rows(group, model_id, int(layer), int(head), ("image_id",) if wanted is not None else ())
+        buf = free.get() if reuse else None
+        X, cols = sf.read_rows(group, model_id, int(layer), int(head), ("image_id",) if wanted is not None else (),
+                               out=buf)
         if wanted is not None:
             import pyarrow.compute as pc
             X = X[pc.is_in(cols["image_id"], value_set=wanted).to_numpy(zero_copy_only=False)]
-        return X                                                           # [m, d]
-    for X in sf.map_groups(read, groups):
+        own = sf.owner(X) if reuse else None
+        return X, (own if own is not None else buf)                         # [m, d], the buffer to give back
+    for X, buf in sf.map_groups(read, groups, workers):
         for a in range(0, len(X), batch_rows):
             yield X[a:a + batch_rows]
+        if reuse:
+            free.put(buf)
 
 
 def image_matrix(path, model_id: str, dataset: Optional[str] = None) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Irregular", "HeadGroup", "head_groups", "read_vectors", "read_rows", "map_groups", "threads"]
+__all__ = ["Irregular", "HeadGroup", "head_groups", "read_vectors", "read_rows", "map_groups", "owner", "threads"]
 
 # (file, row group index, rows must be filtered by model/layer/head, max |element| of vec by the
 # statistics or None)
@@ -341,6 +341,14 @@ def read_rows(group: HeadGroup, model_id: str, layer: int, head: int, columns: S
         keep = pc.fill_null(keep, False)
         X, tab = X[keep.to_numpy(zero_copy_only=False)], tab.filter(keep)
     return X, {c: tab.column(c).combine_chunks() for c in columns}
+
+
+def owner(a: np.ndarray) -> Optional[np.ndarray]:
+    """The writable, contiguous numpy array that owns ``a``'s memory (to fill again as ``out``), or None
+    (memory of Arrow's, or not one block)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None and a.flags.writeable and a.flags.c_contiguous else None
 
 
 def map_groups(fn: Callable[[HeadGroup], object], groups: Sequence[HeadGroup], workers: Optional[int] = None

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -223,57 +221,21 @@ def brute_force_top10(images: int, seed: int, shard_size: int) -> list[str]:
     return [ids[i] for i in order]
 
 
-def _prefetched(path: str, heads: int, batch_rows: int):
-    """(head, batch) pairs of the layer's heads from warehouse.queries.head_vector_batches, read by a
-    thread two batches ahead, so DuckDB's Parquet decoding overlaps the Gram products."""
-    from warehouse.queries import head_vector_batches
-    q: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-    done = object()
-
-    def read():
-        try:
-            for h in range(heads):
-                for X in head_vector_batches(path, MODEL_ID, LAYER, h, batch_rows):
-                    if stop.is_set():
-                        return
-                    q.put((h, X))
-            q.put(done)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put(exc)
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():          # unblock a reader waiting on a full queue
-            try:
-                q.get(timeout=0.1)
-            except queue.Empty:
-                pass
-
-
 def time_textspan(path: str, seed: int, texts: int, k: int = TEXTSPAN_K, r: int = TEXTSPAN_R,
                   batch_rows: int = 65_536) -> dict:
     """TextSpan of the layer's heads over every image, streamed; the picks are returned for checking."""
     import torch
 
     from etl.text.textspan import HeadMoments, textspan_from_moments
+    from warehouse.queries import head_vector_batches
     T = text_vectors(seed, texts)
     t0, c0 = time.perf_counter(), time.process_time()
     moments = HeadMoments(HEADS, D)
     rows = 0
-    for h, X in _prefetched(path, HEADS, batch_rows):
-        moments.add(h, X)
-        rows += len(X)
+    for h in range(HEADS):              # as the textspan job streams a layer (shard row groups read ahead on threads)
+        for X in head_vector_batches(path, MODEL_ID, LAYER, h, batch_rows, reuse=True):
+            moments.add(h, X)
+            rows += len(X)
     read_s = time.perf_counter() - t0
     idx, var = textspan_from_moments(moments, T, k=k, r=r, max_rank=HEAD_DIM)
     total = time.perf_counter() - t0

@@ -117,7 +117,7 @@ def _layer_moments(path: str, model_id: str, layer: int, heads: list[int], H: in
     from warehouse.queries import head_vector_batches
     moments = None
     for i, h in enumerate(heads):
-        for X in head_vector_batches(path, model_id, layer, h, dataset=dataset):       # [m, d] float32
+        for X in head_vector_batches(path, model_id, layer, h, dataset=dataset, reuse=True):   # [m, d] float32
             if moments is None:
                 moments = HeadMoments(len(heads), X.shape[1])
             moments.add(i, X)

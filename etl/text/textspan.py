@@ -213,8 +213,8 @@ class HeadMoments:
     float32 one: up to the float32 Gram's rounding, the kernel sees another memory layout); any
     split gives them up to that rounding (what decides a pick, the eigenbasis and the scores, runs
     in float64 either way). A float32 batch's Gram is a symmetric rank-m update (BLAS ssyrk: half the
-    flops of the full product, :func:`_gram`). Memory: H d^2 float64 (12 MB for 12 heads at d = 512)
-    plus one batch."""
+    flops of the full product, on a few threads, :func:`_centred_gram`). Memory: H d^2 float64 (12 MB
+    for 12 heads at d = 512) plus one batch and one reused centring buffer of its size."""
 
     def __init__(self, heads: int, d: int):
         self.n = torch.zeros(heads, dtype=torch.float64)
@@ -242,8 +242,12 @@ class HeadMoments:
         if m == 0:
             return
         mu_b = X.mean(dim=0)
-        Xc = X - mu_b
-        S_b = _gram(Xc).to(torch.float64)
+        if X.dtype == torch.float32:               # the stored dtype (the 1M-image path): symmetric, threaded
+            G, self._buf = _centred_gram(X.numpy(), mu_b.numpy(), getattr(self, "_buf", None))
+            S_b = torch.from_numpy(G)
+        else:                                      # float64: the plain product, as textspan_heads takes it
+            Xc = X - mu_b
+            S_b = (Xc.T @ Xc).to(torch.float64)
         mu_b = mu_b.to(torch.float64)
         n_a = float(self.n[head])
         n = n_a + m
@@ -257,23 +261,79 @@ class HeadMoments:
         self.n[head] = n
 
 
-def _gram(Xc: torch.Tensor) -> torch.Tensor:
-    """Xc^T Xc for Xc [m, d] -> [d, d], in Xc's dtype. float32 (the stored dtype, the 1M-image path):
-    BLAS ssyrk, which computes one triangle (half the flops of the full product; about 30 % less time
-    than torch's gemm, measured single-threaded at m = 65,536, d = 512), mirrored. float64 stays the
-    plain product, so one float64 batch still gives textspan_heads' moments bit for bit. Without scipy
-    (a scikit-image dependency, not a requirement of its own) the plain product."""
-    if Xc.dtype != torch.float32 or Xc.shape[0] < 2:
-        return Xc.T @ Xc
+_GRAM_POOL = None
+_GRAM_MIN_ROWS = 4096            # rows per worker below which one call does it all
+
+
+def _gram_workers() -> int:
+    import os
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _scipy_blas_threads(n: int | None):
+    """Set scipy's OpenBLAS thread count (process-wide; scipy-openblas exports the call), returning the
+    previous one, or None where that library is not found (then BLAS threads as it will)."""
+    import ctypes
+    import glob
+    import os
+    try:
+        import scipy
+        libs = sorted(glob.glob(os.path.dirname(scipy.__file__) + ".libs/libscipy_openblas*.so*"))
+        lib = ctypes.CDLL(libs[0]) if libs else None
+        get, put = lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
+    except (ImportError, OSError, AttributeError):
+        return None
+    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+    before = int(get())
+    if n is not None:
+        put(int(n))
+    return before
+
+
+def _centred_gram(X: np.ndarray, mu: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(X - mu)^T (X - mu) for float32 X [m, d], mu [d] -> (float64 [d, d], the float32 [m, d] buffer used
+    for X - mu, to pass again as ``out``).
+
+    BLAS ssyrk computes one triangle (half the flops of the full product), mirrored here. The rows are
+    split over a few threads, each a single-threaded ssyrk on its part (the triangles summed in
+    float64): on a shared 2-core host one multi-threaded BLAS call waits on its slowest thread (1.2 to
+    1.6 s for m = 65,536, d = 512 while another process ran, torch's gemm 0.45 s), independent
+    single-threaded calls do not (0.3 s of CPU per batch). Without scipy's ssyrk (scipy comes with
+    scikit-image, not a requirement of its own): the plain product."""
+    m, d = X.shape
+    if out is None or out.shape[1] != d or out.shape[0] < m:
+        out = np.empty((m, d), np.float32)
+    Xc = out[:m]
     try:
         from scipy.linalg.blas import ssyrk
-    except ImportError:                            # pragma: no cover - scipy comes with scikit-image
-        return Xc.T @ Xc
-    a = np.ascontiguousarray(Xc.numpy())           # [m, d] row-major: a.T is [d, m] column-major, no copy
-    low = ssyrk(1.0, a.T, trans=0, lower=1)        # [d, d], lower triangle of a.T a (upper: zeros or junk)
-    low = np.tril(low)
-    low += np.tril(low, -1).T
-    return torch.from_numpy(low)
+    except ImportError:                                                   # pragma: no cover
+        np.subtract(X, mu, out=Xc)
+        return (torch.from_numpy(Xc).T @ torch.from_numpy(Xc)).numpy().astype(np.float64), out
+    parts = max(1, min(_gram_workers(), m // _GRAM_MIN_ROWS))
+    cuts = np.linspace(0, m, parts + 1).astype(int)
+
+    def part(i: int) -> np.ndarray:
+        a, b = cuts[i], cuts[i + 1]
+        np.subtract(X[a:b], mu, out=Xc[a:b])
+        return ssyrk(1.0, Xc[a:b].T, trans=0, lower=1)                  # [d, d] lower; Xc[a:b].T is column-major
+    if parts == 1:
+        tris = [part(0)]
+    else:
+        global _GRAM_POOL
+        if _GRAM_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _GRAM_POOL = ThreadPoolExecutor(max_workers=_gram_workers(), thread_name_prefix="gram")
+        before = _scipy_blas_threads(1)
+        try:
+            tris = list(_GRAM_POOL.map(part, range(parts)))
+        finally:
+            if before is not None:
+                _scipy_blas_threads(before)
+    G = np.tril(tris[0]).astype(np.float64)
+    for t in tris[1:]:
+        G += np.tril(t)
+    G += np.tril(G, -1).T
+    return G, out
 
 
 def textspan_from_moments(moments: HeadMoments, T, k: int = 10, r: int = 80, *, chunk: int = 4,

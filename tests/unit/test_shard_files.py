@@ -187,3 +187,22 @@ def test_head_vector_batches_read_the_files_and_the_table(attached, dataset, n):
     assert len(got) == len(want) == n
     np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(want, axis=0))
     np.testing.assert_array_equal(np.sort(got.sum(1)), np.sort(want.sum(1)))          # multiplicities too
+
+
+def test_head_vector_batches_reuse_gives_the_same_rows_in_few_buffers(attached, monkeypatch):
+    """With reuse=True the shard batches are views of recycled buffers: folded in one by one (as
+    HeadMoments does) they give what fresh arrays give; read one group at a time, one buffer serves all."""
+    p, _ = attached
+    fresh = [b.copy() for b in queries.head_vector_batches(p, MODEL_ROW["model_id"], 0, 1)]
+    for workers in (1, 2):
+        monkeypatch.setattr(sf, "threads", lambda: workers)
+        seen, owners = [], []
+        for b in queries.head_vector_batches(p, MODEL_ROW["model_id"], 0, 1, reuse=True):
+            seen.append(b.copy())                  # consumed before the next batch is asked for
+            owners.append(sf.owner(b))             # (kept alive: identities stay distinct)
+        np.testing.assert_array_equal(np.concatenate(seen), np.concatenate(fresh))
+        shard_owners = {id(o) for o in owners[-3:]}                     # the 3 files' row groups come last
+        assert all(o is not None for o in owners[-3:]) and len(seen) == 4         # 1 table batch + 3 row groups
+        if workers == 1:
+            assert len(shard_owners) == 1
+        assert len(shard_owners) <= 3

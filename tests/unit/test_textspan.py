@@ -207,17 +207,27 @@ def test_streamed_moments_give_the_same_texts(dtype):
     np.testing.assert_allclose(v2, var, atol=1e-5 if dtype == np.float32 else 1e-10, rtol=0)
 
 
-def test_float32_gram_is_the_symmetric_half_flop_product():
-    """HeadMoments' float32 Gram (BLAS ssyrk, one triangle mirrored) is Xc^T Xc: exactly symmetric and
-    equal to the float64 product up to float32 rounding; float64 batches keep the plain product."""
-    import torch
-
-    from etl.text.textspan import _gram
-    X = np.random.default_rng(3).standard_normal((1000, 48)).astype(np.float32)
-    G = _gram(torch.from_numpy(X)).numpy()
-    assert G.dtype == np.float32 and G.shape == (48, 48)
+def test_float32_gram_is_the_symmetric_half_flop_product(monkeypatch):
+    """HeadMoments' float32 Gram (BLAS ssyrk on row parts in threads, one triangle mirrored) is
+    (X - mu)^T (X - mu): exactly symmetric, equal to the float64 product up to float32 rounding, the
+    same whether one part or several, and its centring buffer is reused."""
+    from etl.text import textspan as ts
+    X = np.random.default_rng(3).standard_normal((10_000, 48)).astype(np.float32) + 3
+    mu = X.mean(0)
+    G, buf = ts._centred_gram(X, mu)
+    assert G.dtype == np.float64 and G.shape == (48, 48) and buf.shape == X.shape and buf.dtype == np.float32
     np.testing.assert_array_equal(G, G.T)
-    ref = X.astype(np.float64).T @ X.astype(np.float64)
+    Xc = X.astype(np.float64) - mu.astype(np.float64)
+    ref = Xc.T @ Xc
     np.testing.assert_allclose(G, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-    X64 = X.astype(np.float64)
-    np.testing.assert_array_equal(_gram(torch.from_numpy(X64)).numpy(), (torch.from_numpy(X64).T @ torch.from_numpy(X64)).numpy())
+    G2, buf2 = ts._centred_gram(X[:6000], mu, buf)                      # the buffer is used again, not grown
+    assert buf2 is buf
+    np.testing.assert_allclose(G2, Xc[:6000].T @ Xc[:6000], rtol=0, atol=1e-5 * np.abs(ref).max())
+    monkeypatch.setattr(ts, "_gram_workers", lambda: 1)
+    G1, _ = ts._centred_gram(X, mu)
+    np.testing.assert_allclose(G1, G, rtol=0, atol=1e-5 * np.abs(ref).max())
+    if ts._scipy_blas_threads(None) is not None:                        # the BLAS thread count is given back
+        before = ts._scipy_blas_threads(None)
+        monkeypatch.setattr(ts, "_gram_workers", lambda: 2)
+        ts._centred_gram(X, mu)
+        assert ts._scipy_blas_threads(None) == before
