@@ -6,7 +6,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -143,10 +143,25 @@ def pixels_to_tensor(lm, images: np.ndarray):
     import torch
     model = getattr(lm, "model", lm)
     cfg = model.visual.preprocess_cfg
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return _normalised(torch.from_numpy(np.ascontiguousarray(images)), cfg["mean"], cfg["std"])
+
+
+def _normalised(pixels, mean, std):
+    """uint8 tensor [B, S, S, 3] -> float32 [B, 3, S, S], as torchvision's to_tensor then normalize
+    compute it (x / 255, then (x - mean) / std, in float32: the same bits)."""
+    import torch
+    x = pixels.permute(0, 3, 1, 2).to(dtype=torch.float32).div(255)
+    return x.sub_(torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)) \
+            .div_(torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+
+def _pil_steps(transforms) -> Optional[list]:
+    """The transforms of a preprocess before its tensor conversion (ToTensor, PILToTensor, open_clip's
+    MaybeToTensor), or None when it has none."""
+    for i, t in enumerate(transforms):
+        if type(t).__name__.endswith("ToTensor"):
+            return list(transforms[:i])
+    return None
 
 
 def model_view(lm, image: Image.Image) -> Image.Image:
@@ -160,13 +175,12 @@ def model_view(lm, image: Image.Image) -> Image.Image:
     transforms = getattr(lm.preprocess, "transforms", None)
     if transforms is None:
         raise TypeError(f"the model's preprocess is not a Compose of transforms: {lm.preprocess!r}")
-    view = image
-    for t in transforms:
-        if type(t).__name__.endswith("ToTensor"):     # ToTensor, PILToTensor, open_clip's MaybeToTensor
-            break
-        view = t(view)
-    else:
+    steps = _pil_steps(transforms)
+    if steps is None:
         raise TypeError(f"the model's preprocess has no tensor conversion: {lm.preprocess!r}")
+    view = image
+    for t in steps:
+        view = t(view)
     view = view.convert("RGB")
     size = getattr(lm, "image_size", None)
     if size is not None and view.size != (size, size):
@@ -188,17 +202,13 @@ class BatchedPreprocess:
     own always is) runs unsplit: ``image`` is the preprocess, ``batch`` stacks."""
 
     def __init__(self, preprocess):
-        import torch
         self.preprocess = preprocess
-        self.pil_steps = None
         transforms = list(getattr(preprocess, "transforms", None) or [])
-        names = [type(t).__name__ for t in transforms]
-        cut = next((i for i, n in enumerate(names) if n.endswith("ToTensor")), None)
-        if cut is not None and names[cut] in ("ToTensor", "MaybeToTensor") and names[cut + 1:] == ["Normalize"]:
-            norm = transforms[-1]
-            self.pil_steps = transforms[:cut]
-            self.mean = torch.as_tensor(norm.mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self.std = torch.as_tensor(norm.std, dtype=torch.float32).view(1, -1, 1, 1)
+        steps = _pil_steps(transforms)
+        tail = [type(t).__name__ for t in transforms[len(steps):]] if steps is not None else []
+        self.pil_steps = steps if tail in (["ToTensor", "Normalize"], ["MaybeToTensor", "Normalize"]) else None
+        if self.pil_steps is not None:
+            self.mean, self.std = transforms[-1].mean, transforms[-1].std
 
     def image(self, img: Image.Image):
         """One image -> uint8 tensor [S, S, 3] (split) or the preprocess's own output (unsplit)."""
@@ -215,7 +225,4 @@ class BatchedPreprocess:
         """What ``image`` gave for each image of a batch -> float32 [B, 3, S, S]."""
         import torch
         x = torch.stack(pixels)
-        if self.pil_steps is None:
-            return x
-        x = x.permute(0, 3, 1, 2).to(dtype=torch.float32).div(255)      # as torchvision's to_tensor
-        return x.sub_(self.mean).div_(self.std)                           # as torchvision's normalize
+        return x if self.pil_steps is None else _normalised(x, self.mean, self.std)
