@@ -183,7 +183,7 @@ class _Writer(threading.Thread):
                 job = self.jobs.get(timeout=wait)
             except queue.Empty:
                 job = False                              # FLUSH_S passed: commit what is pending
-            last = job == self.LAST
+            last = job is self.LAST
             if last:
                 job = None
             if job:
