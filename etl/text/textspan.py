@@ -39,6 +39,7 @@ text_id). A float64 literal implementation picks the same texts (a test on a toy
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 
@@ -270,9 +271,9 @@ def _gram_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _scipy_blas_threads(n: int | None):
-    """Set scipy's OpenBLAS thread count (process-wide; scipy-openblas exports the call), returning the
-    previous one, or None where that library is not found (then BLAS threads as it will)."""
+@functools.lru_cache(maxsize=1)
+def _scipy_openblas():
+    """(get, set) of scipy's OpenBLAS thread count, found once per process, or None."""
     import ctypes
     import glob
     import os
@@ -284,6 +285,16 @@ def _scipy_blas_threads(n: int | None):
     except (ImportError, OSError, AttributeError):
         return None
     get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+    return get, put
+
+
+def _scipy_blas_threads(n: int | None):
+    """Set scipy's OpenBLAS thread count (process-wide; scipy-openblas exports the call), returning the
+    previous one, or None where that library is not found (then BLAS threads as it will)."""
+    found = _scipy_openblas()
+    if found is None:
+        return None
+    get, put = found
     before = int(get())
     if n is not None:
         put(int(n))
