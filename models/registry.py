@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import open_clip
 import torch
 from models.hashing import sha256_file
+from models.towers import toys
 
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 BUNDLED = "bundled"
@@ -32,6 +33,7 @@ def _register_bundled_configs() -> None:
     """Make the product's own configs (models/toy/*.json) known to open_clip, once."""
     global _registered
     if not _registered and TOY_DIR.is_dir():
+        toys.register()          # the timm tower names the toy configs use
         open_clip.add_model_config(TOY_DIR)
         _registered = True
 
@@ -73,7 +75,9 @@ def _check_supported(arch: str, cfg: dict) -> None:
     """Refuse towers the exact decomposition does not cover, saying why."""
     v = cfg.get("vision_cfg", {})
     why = None
-    if v.get("timm_model_name"):
+    if v.get("timm_model_name") in toys.TIMM_TOYS:
+        pass
+    elif v.get("timm_model_name"):
         why = f"its image tower is a timm model ({v['timm_model_name']}), not an open_clip VisionTransformer"
     elif isinstance(v.get("layers"), (list, tuple)):
         why = "its image tower is a ResNet, not a vision transformer"
