@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import open_clip
 import torch
 from models.hashing import sha256_file
+from models import towers
 from models.towers import toys
 
 TOY_DIR = Path(__file__).resolve().parent / "toy"
@@ -72,26 +73,13 @@ def _check_arch(arch: str) -> dict:
 
 
 def _check_supported(arch: str, cfg: dict) -> None:
-    """Refuse towers the exact decomposition does not cover, saying why."""
-    v = cfg.get("vision_cfg", {})
-    why = None
-    if v.get("timm_model_name") in toys.TIMM_TOYS:
-        pass
-    elif v.get("timm_model_name"):
-        why = f"its image tower is a timm model ({v['timm_model_name']}), not an open_clip VisionTransformer"
-    elif isinstance(v.get("layers"), (list, tuple)):
-        why = "its image tower is a ResNet, not a vision transformer"
-    elif "multimodal_cfg" in cfg or v.get("attentional_pool"):
-        why = "it pools the image with attention (CoCa-style attentional pooler), not with the class token"
-    elif v.get("pool_type", "tok") != "tok":
-        why = f"it pools with '{v.get('pool_type')}' instead of the class token"
-    elif any(v.get(k) for k in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner",
-                                "scale_attn", "scale_fc", "block_type")):
-        why = "its blocks use custom attention (qk-norm / scaled cosine / head scaling)"
+    """Refuse towers the exact decomposition does not cover, saying why (models.towers.config_support)."""
+    why = towers.config_support(arch, cfg)
     if why:
         raise ModelError(
-            f"model '{arch}' is not supported: {why}. CLIP Atlas decomposes class-token "
-            "open_clip ViTs (e.g. ViT-B-32, ViT-B-16, ViT-L-14, toy-shapes)."
+            f"model '{arch}' is not supported: {why}. CLIP Atlas decomposes transformer image towers "
+            "(open_clip ViTs, CLIPA, CoCa, and timm ViTs: SigLIP, SigLIP 2, PE-Core, EVA, MobileCLIP-B, ViTamin); "
+            "list them with: python -m etl models"
         )
 
 
@@ -139,32 +127,45 @@ class LoadedModel:
         return self.model.visual
 
     @property
+    def tower(self) -> "towers.Tower":
+        """The image tower's adapter (models/towers): what the decomposition reads; built once."""
+        if "tower" not in self._cache:
+            self._cache["tower"] = towers.tower(self.visual)
+        return self._cache["tower"]
+
+    @property
     def layers(self) -> int:
-        return len(self.visual.transformer.resblocks)
+        return self.tower.layers
 
     @property
     def heads(self) -> int:
-        return self.visual.transformer.resblocks[0].attn.num_heads
+        return self.tower.heads
 
     @property
     def width(self) -> int:
-        return self.visual.transformer.width
+        return self.tower.width
 
     @property
     def embed_dim(self) -> int:
-        return self.visual.proj.shape[1]
+        return self.tower.embed_dim
 
     @property
     def image_size(self) -> int:
-        return int(self.visual.image_size[0])
+        return self.tower.image_size
 
     @property
     def patch_size(self) -> int:
-        return int(self.visual.patch_size[0])
+        return self.tower.patch_size
 
     @property
     def grid(self) -> tuple[int, int]:
-        return tuple(self.visual.grid_size)
+        return self.tower.grid
+
+    @property
+    def pooling(self) -> str:
+        """How the tower pools its tokens: 'tok' (class token), 'avg', 'map' (attention pool with a
+        latent query and an MLP: SigLIP, PE-Core) or 'attn' (CoCa's attentional pooler)."""
+        return self.tower.pooling
 
     def fingerprint(self) -> str:
         """sha256 of the image tower's weights (cached): names exported files so they never go stale."""
@@ -183,7 +184,7 @@ class LoadedModel:
             source=self.source, checkpoint_path=self.spec.get("checkpoint"),
             seed=self.spec.get("seed") if self.source == "random" else None,
             layers=self.layers, heads=self.heads, width=self.width, embed_dim=self.embed_dim,
-            patch_size=self.patch_size, image_size=self.image_size, pooling="tok",
+            patch_size=self.patch_size, image_size=self.image_size, pooling=self.pooling,
         )
 
 

@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 import models
-from models.towers import position_embedding
+from models import position_embedding
 
 MODEL_NAME = "toy-shapes"
 
