@@ -155,12 +155,12 @@ class _MultiHeadAttention(torch.autograd.Function):
         return out
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, S, H, dh], k and v [B, T, H, dh] -> attention output [B, S, H, dh] (fused)."""
-    B, S, H, dh = q.shape
-    o = _MultiHeadAttention.apply(q.reshape(B, S, H * dh), k.reshape(B, k.shape[1], H * dh),
-                                  v.reshape(B, v.shape[1], H * dh), H, scale)
-    return o.view(B, S, H, dh)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """q [B, S, H, dh], k and v [B, T, H, dh] -> attention output [B, S, H, dh] (fused). `heads` is
+    the block's own int (a traced shape would not do as the ONNX op's attribute)."""
+    B, S = q.shape[:2]
+    o = _MultiHeadAttention.apply(q.flatten(2), k.flatten(2), v.flatten(2), heads, scale)
+    return o.view(B, S, heads, -1)
 
 
 def _weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -311,15 +311,13 @@ class Decomposer(nn.Module):
                 continue
             q, k, v = blk.qkv(x, ctx, rows)                       # [B, S, H, dh], [B, T, H, dh] x 2
             A = None
-            if analysed and self.tokens:
-                if q.shape[1] == R == T:                          # every row is read: one explicit pass
-                    A = _weights(q, k, blk.scale)                 # [B, H, T, T]
-                    o = torch.einsum("bhst,bthk->bshk", A, v)     # [B, T, H, dh]
-                else:
-                    o = _attend(q, k, v, blk.scale)
-                    A = _weights(q[:, :R], k, blk.scale)          # [B, H, R, T]
+            if rows or (analysed and self.tokens and R == T):     # every query row is read: explicit weights
+                A = _weights(q, k, blk.scale)                     # [B, H, S, T]
+                o = torch.einsum("bhst,bthk->bshk", A, v)         # [B, S, H, dh]
             else:
-                o = _attend(q, k, v, blk.scale)                   # [B, S, H, dh]
+                o = _attend(q, k, v, blk.heads, blk.scale)        # [B, S, H, dh], fused
+                if analysed and self.tokens:
+                    A = _weights(q[:, :R], k, blk.scale)          # [B, H, R, T]
             delta, r, bias = blk.attn_out(o)                      # [B, S, W], [B, S, 1] | None, [W] | [B, S, W]
             xs = x if rows is None else x[:, :rows]
             x_attn = xs + delta
@@ -330,7 +328,7 @@ class Decomposer(nn.Module):
                 if r is not None:
                     o_r = o_r / r[:, :R, :, None].to(cd)          # head h writes (o_h / r) @ head_out[h]
                 os_.append(o_r)
-                if A is not None:
+                if self.tokens:
                     A = A.to(cd)
                     As.append(A / r[:, None, :R].to(cd) if r is not None else A)
                     vs.append(v.to(cd))

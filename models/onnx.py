@@ -21,7 +21,8 @@ import torch
 
 from models.decompose import Decomposer, Decomposition, LayerSpec, micro_batches, resolve_layers
 
-GRAPH_VERSION = 2  # bump when the exported graph changes, so cached exports are redone (2: fused attention)
+GRAPH_VERSION = 3  # bump when the exported graph changes, so cached exports are redone (2: fused attention;
+                   # 3: any tower through models/towers, pool_mlp output)
 
 
 def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens: bool = False,

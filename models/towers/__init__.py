@@ -70,8 +70,8 @@ def config_support(arch: str, cfg: dict) -> Optional[str]:
         kind = TIMM_MODULES.get(module or "")
         if kind in NO_HEADS:
             return NO_HEADS[kind]
-        if kind is None:
-            return f"its image tower is the timm model {name} (module {module}), which no adapter covers"
+        if kind is None:                    # a timm model of another module: build it and look
+            return _built_support(cfg)
         if v.get("timm_pool") in ("abs_attn", "rot_attn"):
             return f"open_clip pools its timm trunk with a '{v['timm_pool']}' attention pool over a feature map"
         if v.get("timm_proj") == "mlp":
@@ -87,6 +87,23 @@ def config_support(arch: str, cfg: dict) -> Optional[str]:
     if v.get("pool_type", "tok") not in ("tok", "avg"):
         return f"it pools with '{v.get('pool_type')}'"
     return None
+
+
+def _built_support(cfg: dict) -> Optional[str]:
+    """tower_support of the config's image tower built on the meta device (no memory, no weights)."""
+    import logging
+    from open_clip.model import _build_vision_tower
+    log = logging.getLogger()
+    level = log.level
+    log.setLevel(logging.ERROR)                                      # timm's "no pretrained config" note
+    try:
+        with torch.device("meta"):
+            visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+    except Exception as exc:                                         # timm cannot build it at all
+        return f"its image tower could not be built ({type(exc).__name__}: {exc})"
+    finally:
+        log.setLevel(level)
+    return tower_support(visual)
 
 
 def tower_support(visual: torch.nn.Module) -> Optional[str]:
