@@ -83,6 +83,34 @@ def _check_supported(arch: str, cfg: dict) -> None:
         )
 
 
+def catalogue() -> list[dict[str, Any]]:
+    """Every open_clip architecture (and the toy zoo), with its pretrained tags and whether CLIP
+    Atlas decomposes its image tower, in `open_clip.list_models()` order:
+
+        {"arch", "tags": [...], "supported": bool, "reason": str | None, "tower": str}
+
+    `tower` names the image tower's family as the config says it (open_clip's VisionTransformer
+    with its pooling, a timm model, a ResNet); nothing is built but unknown timm modules, on meta.
+    """
+    _register_bundled_configs()
+    out = []
+    for arch in open_clip.list_models():
+        cfg = open_clip.get_model_config(arch)
+        v = cfg.get("vision_cfg", {})
+        if v.get("timm_model_name"):
+            tower = f"timm {v['timm_model_name']} (pool {v.get('timm_pool') or 'default'})"
+        elif isinstance(v.get("layers"), (list, tuple)):
+            tower = "open_clip ModifiedResNet"
+        elif v.get("attentional_pool"):
+            tower = "open_clip VisionTransformer (attentional pooler)"
+        else:
+            tower = f"open_clip VisionTransformer (pool {v.get('pool_type', 'tok')})"
+        why = towers.config_support(arch, cfg)
+        out.append(dict(arch=arch, tags=list(open_clip.list_pretrained_tags_by_model(arch)),
+                        supported=why is None, reason=why, tower=tower))
+    return out
+
+
 def _offline_if_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> None:
     """Without network, use the Hugging Face cache only (instead of a minute of retries)."""
     import logging
