@@ -287,8 +287,31 @@ def load_model(
     spec = dict(arch=arch, pretrained=pretrained,
                 checkpoint=str(checkpoint) if checkpoint is not None and source != BUNDLED else None,
                 random_init=bool(random_init), seed=seed if random_init else None)
-    tokenizer = open_clip.get_tokenizer(arch)
+    tokenizer = tokenizer_for(arch)
     return LoadedModel(model, preprocess, tokenizer, model_id, spec, source, device)
+
+
+def tokenizer_for(arch: str) -> Callable:
+    """The text tokenizer of `arch` (open_clip's choice: CLIP's own BPE, or a Hugging Face tokenizer
+    named in the config, e.g. SigLIP's `timm/ViT-B-16-SigLIP`, read from the Hugging Face cache or
+    fetched once with network). A ModelError says what is missing and what to do."""
+    cfg = _check_arch(arch)
+    hf_name = cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+    if hf_name:
+        _offline_if_unreachable()
+        try:
+            import transformers  # noqa: F401  (open_clip's HFTokenizer needs it)
+        except ImportError:
+            raise ModelError(f"the text tokenizer of '{arch}' ({hf_name}) needs the transformers package: "
+                             "pip install -r requirements.txt") from None
+    try:
+        return open_clip.get_tokenizer(arch)
+    except Exception as exc:  # hub, cache, a missing tokenizer library: say which and what to do
+        said = " ".join(str(exc).split())[:300]
+        raise ModelError(
+            f"the text tokenizer of '{arch}' ({hf_name or 'open_clip'}) could not be loaded ({type(exc).__name__}: "
+            f"{said}). With network it is fetched once into the Hugging Face cache; without, copy a cache that "
+            "holds it and set HF_HUB_CACHE to it") from exc
 
 
 def check_device(device: str | torch.device) -> torch.device:
