@@ -297,7 +297,7 @@ class Decomposer(nn.Module):
         B, T, W = x.shape
         R = tower.readout.rows or T                               # rows the readout reads
         x0 = x[:, :R].to(cd)                                      # the embedding term, [B, R, W]
-        rest = x0                                                 # residual summands outside the heads
+        rest = x0.clone()                                         # residual summands outside the heads (added in place)
         os_, vs, As, mlps, biases = [], [], [], [], []
         j = 0
         last = len(tower.blocks) - 1
@@ -306,7 +306,7 @@ class Decomposer(nn.Module):
             rows = tower.readout.rows if l == last else None      # the last block: the read rows only
             if not (analysed or self.traceable or rows):          # the tower's own (fused) block
                 x_new = blk.forward(x, ctx)
-                rest = rest + (x_new[:, :R] - x[:, :R]).to(cd)
+                rest += (x_new[:, :R] - x[:, :R]).to(cd)
                 x = x_new
                 continue
             q, k, v = blk.qkv(x, ctx, rows)                       # [B, S, H, dh], [B, T, H, dh] x 2
@@ -323,7 +323,8 @@ class Decomposer(nn.Module):
             x_attn = xs + delta
             mlp = blk.mlp(x_attn)                                 # [B, S, W]
             if analysed:
-                rest = rest + mlp[:, :R].to(cd) + (bias[:, :R] if bias.dim() == 3 else bias).to(cd)
+                rest += mlp[:, :R].to(cd)
+                rest += (bias[:, :R] if bias.dim() == 3 else bias).to(cd)
                 o_r = o[:, :R].to(cd)
                 if r is not None:
                     o_r = o_r / r[:, :R, :, None].to(cd)          # head h writes (o_h / r) @ head_out[h]
@@ -337,7 +338,7 @@ class Decomposer(nn.Module):
                     biases.append((bias[:, :R] if bias.dim() == 3 else bias.expand(B, R, W)).to(cd))
                 j += 1
             else:
-                rest = rest + (x_attn[:, :R] + mlp[:, :R] - xs[:, :R]).to(cd)
+                rest += (x_attn[:, :R] + mlp[:, :R] - xs[:, :R]).to(cd)
             x = x_attn + mlp
         read = tower.readout.read(x[:, :R])
         K = read.weights.to(cd)                                   # [B, M, R]

@@ -46,9 +46,28 @@ VisionTransformer and Eva); nothing outside models/ learns a tower's class.
                                               pool_mlp: the attention pool's MLP term (not linear: a
                                               named remainder), so that lin(x_L) + const + pool_mlp == z
 
-A MAP-pooled tower (SigLIP, PE-Core) has no class token: what reaches the embedding from head
-(l, h) is everything the head writes, at every token, read by the pool's own attention (MATH.md
-§9 and models/decompose.py).
+What a head is for a MAP-pooled tower (SigLIP, SigLIP 2, PE-Core; MATH.md §9).
+A class-token ViT reads its embedding at one token, so head (l, h)'s share is what it writes into
+that token's residual. A MAP-pooled tower has no such token. After the last block the final
+LayerNorm normalises every token (scale sigma_i at token i), and an attention pool with a learnt
+latent query and M heads of its own reads all of them: pool head m weighs token i by a[m, i] and
+outputs sum_i a[m, i] (W_V^m LN(x_i) + b_V^m); W_P projects the M outputs to u, and the pool adds
+its MLP: out = u + W2 GELU(W1 LN(u) + b1) + b2. So a trunk head reaches the embedding through
+everything it writes, at every token, weighted by how much the pool reads that token. With
+rho[m, i] = a[m, i] / sigma_i and o^{lh}_i the head's attention output at token i,
+
+    c[l,h] = sum_m W_P^m W_V^m G Pi sum_i rho[m, i] (o^{lh}_i W_O^h)        (then the projection, / ||z||)
+
+(G = diag of the final LayerNorm's gain, Pi = centring). Per source patch j, o^{lh}_i =
+sum_j A^{lh}[i, j] v_j gives the weight w[m, j] = sum_i rho[m, i] A^{lh}[i, j]: the pool's read
+weights pulled back through the head's own attention. A "head" is the trunk's head, not the
+pool's: the pool's M heads are readers whose weights are held at their forward values, as every
+attention weight is, and their mixing is folded into each trunk head's share. Two parts belong to
+no trunk head: the pool's constants (sum_m W_P^m (W_V^m beta + b_V^m) + b_P, in the embedding term)
+and the pool's MLP, which is not linear in the summands of u and is reported whole as the named
+remainder `pool_mlp` (inside `rest`), so heads + rest == embedding exactly. A head's share is thus
+its direct path through the pool's attention; what the pool MLP makes of it is not split (on
+random weights the MLP term is most of the output's norm; on a trained SigLIP, measure it).
 """
 from __future__ import annotations
 

@@ -211,15 +211,16 @@ class TimmReadout(Readout):
             self.pool_mlp = ap.mlp is not None
 
     # ---- the linear maps
-    def _affine(self, like):
-        """A [W, d], c [d]: the chain after fc_norm (identity when empty)."""
-        W = self.visual.trunk.embed_dim
-        A = torch.eye(W).to(like)
-        c = torch.zeros(W).to(like)
+    def _chain(self, v, bias: bool = True):
+        """v [..., W] through the chain after fc_norm (timm's head, open_clip's proj): [..., d]."""
         for lin in self.chain:
-            A = A @ lin.weight.T
-            c = c @ lin.weight.T + (lin.bias if lin.bias is not None else 0)
-        return A, c
+            v = F.linear(v, lin.weight, lin.bias if bias else None)
+        return v
+
+    def _affine(self, like):
+        """A [W, d], c [d]: the chain after fc_norm as a matrix and a vector (identity when empty)."""
+        W = self.visual.trunk.embed_dim
+        return self._chain(torch.eye(W).to(like), bias=False), self._chain(torch.zeros(W).to(like))
 
     def _post(self, like):
         """Pi G_fc A: what the pooled vector meets after the pool ([W, d])."""
@@ -266,19 +267,18 @@ class TimmReadout(Readout):
             K, pooled, p_const, pool_mlp = self._map(xn[:, self.first:], s[:, self.first:], beta)
             if self.first:
                 K = torch.cat([torch.zeros(B, K.shape[1], self.first).to(K), K], dim=-1)
-        A, c = self._affine(x)
         if self.fc is not None:
             s_fc = self.fc.scale(pooled)                                      # [B, 1]
-            z = trunk.fc_norm(pooled) @ A + c
+            z = self._chain(trunk.fc_norm(pooled))
             K = K / s_fc[:, :, None]
-            const = (self.fc.fold_out(p_const) / s_fc + self.fc.beta(x)) @ A + c
+            const = self._chain(self.fc.fold_out(p_const) / s_fc + self.fc.beta(x))
             if pool_mlp is not None:
-                pool_mlp = (self.fc.fold_out(pool_mlp) / s_fc) @ A
+                pool_mlp = self._chain(self.fc.fold_out(pool_mlp) / s_fc, bias=False)
         else:
-            z = pooled @ A + c
-            const = (p_const @ A + c).expand_as(z)
+            z = self._chain(pooled)
+            const = self._chain(p_const).expand_as(z)
             if pool_mlp is not None:
-                pool_mlp = pool_mlp @ A
+                pool_mlp = self._chain(pool_mlp, bias=False)
         return Read(weights=K, z=z, const=const, pool_mlp=pool_mlp)
 
     def _map(self, xn, s, beta):
