@@ -56,22 +56,25 @@ def bench_decompose(arch: str = "ViT-B-16", batch: int = 32, rounds: int = 5, wa
 
 
 @torch.no_grad()
-def bench_decompose_siglip(arch: str = "ViT-B-16-SigLIP", batch: int = 16, rounds: int = 5, warmup: int = 1,
-                           layers: str = "auto") -> dict:
+def bench_decompose_siglip(arch: str = "ViT-B-16-SigLIP", batch: int = 16, rounds: int = 5, warmup: int = 1) -> dict:
     """images/s of a MAP-pooled tower's encode_image (normalize=False) and of its decomposition
-    (heads of `layers`, 'auto' = every layer of a ViT-B), random weights, CPU, interleaved rounds.
-    Only the image tower is timed; no tokenizer is needed (open_clip.create_model, no weights)."""
+    (heads of the last 4 layers, as decompose_vs_forward; and of every layer, what the jobs' 'auto'
+    analyses on a ViT-B), random weights, CPU, interleaved rounds. Only the image tower runs; no
+    tokenizer is needed (open_clip.create_model, no weights)."""
     import open_clip
     from models.decompose import Decomposer, resolve_layers
     torch.manual_seed(0)
     model = open_clip.create_model(arch, pretrained=None).eval()
     visual = model.visual
-    dec = Decomposer(visual, resolve_layers(layers, len(visual.trunk.blocks))).eval()
+    n = len(visual.trunk.blocks)
+    dec = Decomposer(visual, resolve_layers("last4", n)).eval()
+    dec_all = Decomposer(visual, resolve_layers("all", n)).eval()
     x = torch.randn(batch, 3, *visual.image_size)
     step = dec.micro_batch
     variants = {
         f"encode_image (torch, micro-batches of {step})": lambda: [model.encode_image(c) for c in x.split(step)],
-        f"decompose heads, layers {layers} (torch)": lambda: dec(x),
+        "decompose heads, last4 (torch)": lambda: dec(x),
+        f"decompose heads, all {n} layers (torch)": lambda: dec_all(x),
     }
     for _ in range(warmup):
         for fn in variants.values():
@@ -83,7 +86,8 @@ def bench_decompose_siglip(arch: str = "ViT-B-16-SigLIP", batch: int = 16, round
     rate = {k: batch / statistics.median(v) for k, v in times.items()}
     names = list(rate)
     return dict(arch=arch, batch=batch, rounds=rounds, threads=torch.get_num_threads(), images_per_s=rate,
-                ratios=dict(decompose_vs_forward_siglip=rate[names[1]] / rate[names[0]]))
+                ratios=dict(decompose_vs_forward_siglip=rate[names[1]] / rate[names[0]],
+                            decompose_all_vs_forward_siglip=rate[names[2]] / rate[names[0]]))
 
 
 @torch.no_grad()

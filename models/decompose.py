@@ -298,6 +298,7 @@ class Decomposer(nn.Module):
         R = tower.readout.rows or T                               # rows the readout reads
         x0 = x[:, :R].to(cd)                                      # the embedding term, [B, R, W]
         rest = x0.clone()                                         # residual summands outside the heads (added in place)
+        bias_sum = torch.zeros(W, dtype=cd, device=x.device)      # the analysed layers' out-proj biases, [W]
         os_, vs, As, mlps, biases = [], [], [], [], []
         j = 0
         last = len(tower.blocks) - 1
@@ -324,7 +325,10 @@ class Decomposer(nn.Module):
             mlp = blk.mlp(x_attn)                                 # [B, S, W]
             if analysed:
                 rest += mlp[:, :R].to(cd)
-                rest += (bias[:, :R] if bias.dim() == 3 else bias).to(cd)
+                if bias.dim() == 3:                               # per token (a norm after attention)
+                    rest += bias[:, :R].to(cd)
+                else:                                             # one vector: summed, added once at the end
+                    bias_sum = bias_sum + bias.to(cd)
                 o_r = o[:, :R].to(cd)
                 if r is not None:
                     o_r = o_r / r[:, :R, :, None].to(cd)          # head h writes (o_h / r) @ head_out[h]
@@ -340,6 +344,7 @@ class Decomposer(nn.Module):
             else:
                 rest += (x_attn[:, :R] + mlp[:, :R] - xs[:, :R]).to(cd)
             x = x_attn + mlp
+        rest += bias_sum
         read = tower.readout.read(x[:, :R])
         K = read.weights.to(cd)                                   # [B, M, R]
         z = read.z.to(cd)                                         # [B, d]

@@ -23,16 +23,22 @@ APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 MODEL = "toy-shapes-map/random-seed0"
 
 
+pytestmark = pytest.mark.slow          # builds a warehouse for one more model (about 1.5 min on two idle cores)
+SHAPES = "shapes:24:seed=13"
+
+
 @pytest.fixture(scope="module")
 def map_warehouse(tmp_path_factory) -> Path:
+    """`run` (every step) and `ablate` (on half the scenes) on the SigLIP-style toy, random init."""
     from etl.cli import main
     tmp = tmp_path_factory.mktemp("mapwh")
     wh = tmp / "w.duckdb"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATLAS_HOME", str(tmp))
         mp.setenv("ATLAS_NO_PROGRESS", "1")
-        assert main(["run", "--model", "toy-shapes-map", "--random-init", "--seed", "0", "--dataset",
-                     "shapes:40:seed=13", "--warehouse", str(wh)]) == 0
+        common = ["--model", "toy-shapes-map", "--random-init", "--seed", "0", "--dataset", SHAPES, "--warehouse", str(wh)]
+        assert main(["run", *common, "--skip", "ablate"]) == 0
+        assert main(["ablate", *common, "--max-images", "12"]) == 0
     return wh
 
 
@@ -42,7 +48,7 @@ def test_jobs_fill_the_warehouse_for_a_map_tower(map_warehouse):
     assert list(row["analysed_layers"]) == list(range(6))
     lm = models.model_from_row(row)
     ims = list(queries.images(map_warehouse, MODEL).image_id)
-    assert len(ims) == 40
+    assert len(ims) == 24
     # the stored head vectors of an image are its live decomposition's, and sum with rest to the embedding
     img = resolve(queries.image_record(map_warehouse, ims[0])).image
     dec = models.decompose(lm, lm.preprocess(img)[None], layers=row["analysed_layers"])
