@@ -36,6 +36,7 @@ EVAL_TARGETS: dict[str, dict[str, float]] = {
     "toy-shapes-small-seed1": _SMALL,
     "toy-shapes-small-seed2": _SMALL,
     "toy-shapes": _MIDDLE,
+    "toy-shapes-seed1": _MIDDLE,
     "toy-shapes-seed2": _MIDDLE,
     "toy-shapes-large": {"color": 0.95, "shape": 0.95, "size": 0.95, "position": 0.95, "pattern": 0.95,
                          "count": 0.75, "background": 0.95},
