@@ -42,7 +42,7 @@ def one_line(text: str) -> str:
 
 # Commands whose module is not named after them (every other command `a-b` lives in etl/jobs/a_b.py
 # or etl/jobs/a.py). Only a speed-up: an unlisted command is found by importing every job module.
-_COMMAND_MODULES = {"verify": "decompose", "export": "embed"}
+_COMMAND_MODULES = {"verify": "decompose", "export": "embed", "pack-zoo": "train"}
 
 
 def _job_module_names() -> list[str]:
