@@ -177,7 +177,9 @@ def add_llm_args(p) -> None:
     g.add_argument("--llm-model", metavar="NAME", default=None,
                    help="chat model name, e.g. gpt-4o-mini, or whatever model your OPENAI_BASE_URL endpoint serves")
     g.add_argument("--llm-timeout", type=positive_float, default=60.0, metavar="S",
-                   help="total seconds per request, answer included (default 60)")
+                   help="wall-clock seconds per attempt, enforced outside the HTTP client: connecting, headers "
+                        "and the whole answer (default 60); a call takes at most (retries + 1) x S plus the "
+                        "waits between attempts (each at most 30 s)")
     g.add_argument("--llm-retries", type=non_negative_int, default=5, metavar="N",
                    help="retries after a 429, 5xx, timeout or dropped connection, with exponential backoff "
                         "(default 5)")

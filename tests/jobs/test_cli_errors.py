@@ -34,10 +34,13 @@ def places(tmp_path_factory):
         def __reduce__(self):
             return (print, ("this would run",))
     torch.save({"visual.conv1.weight": Evil()}, root / "evil.pt")
+    import pickle
+    with open(root / "raw.pt", "wb") as f:      # a raw pickle (not torch.save): torch warned before refusing it
+        pickle.dump({"visual.conv1.weight": Evil()}, f, protocol=4)
     (root / "nopath.csv").write_text("file,label\na.png,x\n")
     return {"folder": str(root / "folder"), "text": str(root / "notes.txt"), "empty": str(root / "empty.duckdb"),
             "missing": str(root / "missing.duckdb"), "evil": str(root / "evil.pt"),
-            "nopath": str(root / "nopath.csv"), "home": str(root / "home"), "root": root}
+            "nopath": str(root / "nopath.csv"), "raw": str(root / "raw.pt"), "home": str(root / "home"), "root": root}
 
 
 def _args(template: list[str], places: dict) -> list[str]:
@@ -110,6 +113,8 @@ CASES = [
      "checkpoint file not found", 2),
     ("checkpoint-pickle", ["embed", *TOY, "--checkpoint", "{evil}", "--dataset", "shapes:4", *WH],
      "is not a plain state dict (it would run code when unpickled)", 2),
+    ("checkpoint-raw-pickle", ["embed", *TOY, "--checkpoint", "{raw}", "--dataset", "shapes:4", *WH],
+     "raw.pt: it is not a torch state dict", 2),
     ("decompose-out-folder", ["decompose", *TOY, "--image", "{text}", "--out", "{folder}"], "is a folder", 2),
     ("decompose-bad-image", ["decompose", *TOY, "--image", "{text}", "--out", "{root}/d.npz"], "notes.txt", 2),
 ]
