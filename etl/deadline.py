@@ -35,12 +35,14 @@ def _signals_usable() -> bool:
     return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
 
 
-def call_with_deadline(fn: Callable[[], T], seconds: float) -> T:
-    """``fn()``, or :class:`DeadlineExceeded` once ``seconds`` of wall-clock time have passed."""
+def call_with_deadline(fn: Callable[[], T], seconds: float, signals: bool = True) -> T:
+    """``fn()``, or :class:`DeadlineExceeded` once ``seconds`` of wall-clock time have passed.
+    ``signals=False``: always the watched thread (for a call that blocks inside C code, where a
+    signal handler would only run once the C call returns)."""
     seconds = float(seconds)
     if seconds <= 0:
         raise DeadlineExceeded(seconds)
-    if _signals_usable():
+    if signals and _signals_usable():
         return _with_alarm(fn, seconds)
     return _with_thread(fn, seconds)
 

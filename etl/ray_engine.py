@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -121,6 +122,8 @@ class ShardEmbedder:
 # --------------------------------------------------------------------------- the driver
 
 def _require_ray():
+    # the driver's C++ side logs every failed retry to reach a cluster on stderr: errors only (read at import)
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     try:
         import ray
         import ray.data  # noqa: F401
@@ -130,8 +133,36 @@ def _require_ray():
     return ray
 
 
+RAY_PROBE_S = 5.0        # a --ray-address must accept a TCP connection within this
+RAY_CONNECT_S = 10.0     # ... and Ray's own connect (ray.init) must finish within this
+_ADDRESS = re.compile(r"(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})")
+
+
+def check_ray_address(address: Optional[str]) -> None:
+    """Refuse a ``--ray-address`` that is malformed, or (HOST:PORT, ray://HOST:PORT) where nothing
+    accepts a TCP connection within RAY_PROBE_S (DNS included): one line at once, instead of Ray's
+    retries. ``auto`` and None are left to Ray (``_start_ray`` bounds its connect too)."""
+    if address is None or address.strip() == "auto":
+        return
+    import socket
+
+    from etl.deadline import DeadlineExceeded, call_with_deadline
+    m = _ADDRESS.fullmatch(address.strip())
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"--ray-address {address!r} is not auto, HOST:PORT or ray://HOST:PORT (port 1-65535)")
+    host, port = m.group(1).strip("[]"), int(m.group(2))
+    try:
+        call_with_deadline(lambda: socket.create_connection((host, port), timeout=RAY_PROBE_S).close(),
+                           RAY_PROBE_S, signals=False)
+    except (OSError, DeadlineExceeded) as exc:
+        why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no answer within {RAY_PROBE_S:g} s"
+        raise ValueError(f"no Ray cluster answers at {address} ({why}); start one there (`ray start --head`) or "
+                         f"leave --ray-address out to run a local Ray instance for the job") from None
+
+
 def _start_ray(address: Optional[str], quiet: bool) -> bool:
-    """Connect to ``address`` or start a local instance; True when this call started Ray."""
+    """Connect to ``address`` (within RAY_CONNECT_S) or start a local instance; True when this call
+    started Ray."""
     import logging
     import warnings
 
@@ -146,8 +177,19 @@ def _start_ray(address: Optional[str], quiet: bool) -> bool:
         import etl
         import models
         import warehouse
+        from etl.deadline import DeadlineExceeded, call_with_deadline
         code = [str(Path(m.__file__).parent) for m in (etl, models, warehouse)]
-        ray.init(address=address, runtime_env={"py_modules": code, "excludes": ["__pycache__"]}, **kw)
+        kw["logging_level"] = logging.ERROR          # (its warnings while joining are about this thread)
+        try:        # ray.init blocks inside C++ (no signal handler runs there): a watched thread
+            call_with_deadline(lambda: ray.init(address=address, runtime_env={"py_modules": code,
+                                                                              "excludes": ["__pycache__"]}, **kw),
+                               RAY_CONNECT_S, signals=False)
+        except DeadlineExceeded:
+            raise ValueError(f"the Ray cluster at {address} did not take the job within {RAY_CONNECT_S:g} s (is it a "
+                             f"Ray head's GCS port, default 6379, and does this Ray ({ray.__version__}) match the "
+                             f"cluster's?); or leave --ray-address out to run a local Ray instance") from None
+        except ConnectionError as exc:
+            raise ValueError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}") from None
     else:
         ray.init(include_dashboard=False, **kw)
     return True

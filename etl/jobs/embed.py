@@ -309,6 +309,9 @@ def embed_datasets(path: str, lm, datasets: list[str], layers: list[int], backen
 
 
 def run_embed(args) -> int:
+    if args.engine == "ray":            # an address that does not answer: one line now, not Ray's retries later
+        from etl.ray_engine import check_ray_address
+        check_ray_address(args.ray_address)
     path = warehouse_path(args)       # a wrong --warehouse fails before the model loads
     lm = load_model_from_args(args)
     if args.engine == "ray":            # Ray Data actors -> Parquet shards -> attach (etl/ray_engine.py)
