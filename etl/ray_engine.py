@@ -30,7 +30,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from etl import shards
-from etl.common import non_negative_float, non_negative_int, positive_int
+from etl.common import (IMAGE_BYTES_MIN, fits_in_memory, machine_cores, machine_memory, non_negative_float,
+                        non_negative_int, positive_int)
 
 
 def add_engine_args(p) -> None:
@@ -42,10 +43,12 @@ def add_engine_args(p) -> None:
     g.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local Ray "
                         "instance for the job and stop it after)")
-    g.add_argument("--workers", type=positive_int, default=1, metavar="N", help="actors in the pool (default 1)")
+    g.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="actors in the pool (default 1; without --ray-address at most one per CPU core, with one "
+                        "at most the cluster's CPUs)")
     g.add_argument("--num-gpus-per-worker", type=non_negative_float, default=0, metavar="G",
                    help="GPUs per actor (default 0: CPU actors); with 1, each actor runs ONNX on its own GPU")
-    g.add_argument("--shard-size", type=positive_int, default=1024, metavar="N",
+    g.add_argument("--shard-size", type=shard_images, default=1024, metavar="N",
                    help="images per input block and per shard (default 1024)")
     g.add_argument("--shards-root", default=None, metavar="DIR",
                    help="where shard sets go, as <model>/<dataset>/ (default: $ATLAS_HOME/shards)")
@@ -54,6 +57,47 @@ def add_engine_args(p) -> None:
                         f"else read them in place (default {shards.DEFAULT_COPY_BELOW:,})")
     g.add_argument("--no-attach", action="store_true",
                    help="only write the shards; attach them later with `python -m etl attach --shards DIR`")
+
+
+def shard_images(text: str) -> int:
+    """Images per input block and shard: at least 1, as many as half the memory holds (an actor
+    prepares a whole block at once)."""
+    value = positive_int(text)
+    fits_in_memory(value, IMAGE_BYTES_MIN, "images in one shard")
+    return value
+
+
+# the driver lists every image not done as a Ray row: its loader pickled, and for generated scenes
+# the scene itself (pixels included); measured 13.4 KB per shapes scene, well under 2 KB per file
+RAY_ROW_BYTES = {"shapes": 16 * 2**10}
+RAY_ROW_BYTES_FILE = 2 * 2**10
+
+
+def check_ray_workers(workers: int, address: Optional[str]) -> None:
+    """A local Ray instance has one CPU per core and each actor takes one: more actors than cores
+    would wait for a CPU forever. (On a cluster, ``_check_cluster_cpus`` once joined.)"""
+    if address is None and workers > machine_cores():
+        raise ValueError(f"--workers {workers:,} is more than this machine's {machine_cores()} CPU core(s), and each "
+                         f"actor of the local Ray instance takes one (use at most {machine_cores()}, or join a "
+                         f"cluster with --ray-address)")
+
+
+def _check_cluster_cpus(workers: int, address: str) -> None:
+    import ray
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if workers > cpus:
+        raise ValueError(f"--workers {workers:,} is more than the {cpus} CPU(s) of the Ray cluster at {address}, and "
+                         f"each actor takes one (use at most {cpus})")
+
+
+def _check_rows_fit(dataset, n_rows: int) -> None:
+    each = RAY_ROW_BYTES.get(dataset.source, RAY_ROW_BYTES_FILE)
+    budget = machine_memory() // 2
+    if n_rows * each > budget:
+        raise ValueError(f"dataset {dataset.dataset_id}: {n_rows:,} images would take the Ray driver at least "
+                         f"{n_rows * each / 2**30:,.1f} GB to list ({each // 2**10} KB each) but this machine has "
+                         f"{machine_memory() / 2**30:,.1f} GB; embed it in parts of at most {budget // each:,} images "
+                         f"or with the local engine (--engine local streams it)")
 
 
 # --------------------------------------------------------------------------- the actor
@@ -238,6 +282,8 @@ def embed_with_ray(path: str, lm, dataset_spec: str, layers: list[int], *, onnx_
         else:
             manifest = shards.new_manifest(lm.row(), layers, onnx_path, onnx_sha256, info, shard_size)
         manifest, done, fixed = shards.resume(directory, manifest)
+        if dataset.n_images:
+            _check_rows_fit(dataset, dataset.n_images - len(done))
         rows, n_items = _rows(dataset, done)
         manifest["n_items"] = n_items
         shards.write_manifest(directory, manifest)
@@ -247,6 +293,8 @@ def embed_with_ray(path: str, lm, dataset_spec: str, layers: list[int], *, onnx_
             quiet = bool(os.environ.get("ATLAS_NO_PROGRESS"))
             started = _start_ray(address, quiet)
             try:
+                if address:
+                    _check_cluster_cpus(workers, address)
                 ctx = ray.data.DataContext.get_current()
                 ctx.enable_progress_bars = False
                 ctx.print_on_execution_start = False
