@@ -48,18 +48,27 @@ def state(path) -> dict:
         con.close()
 
 
+@pytest.fixture(scope="module")
+def base_warehouse(tmp_path_factory):
+    """Built once: a warehouse that holds a set attached in place (``first``, left untouched by the
+    tests) and rows of the local engine."""
+    root = tmp_path_factory.mktemp("hostile_shards")
+    wh = root / "w.duckdb"
+    make_set(root / "first")
+    shards.attach_set(str(wh), root / "first", copy_below=0)
+    with writer(wh) as con:
+        writes.insert_head_embeddings(con, "other/model", ["x/0"], [0], np.ones((1, 1, 2, 4), np.float32))
+    release_readers()
+    return wh
+
+
 @pytest.fixture()
-def setup(tmp_path, monkeypatch):
-    """A warehouse that already holds a set attached in place and rows of the local engine, and a
-    fresh set (another dataset of the same model) to attack with."""
+def setup(base_warehouse, tmp_path, monkeypatch):
+    """A copy of the base warehouse, and a fresh set (another dataset of the same model) to attack with."""
     monkeypatch.setenv("ATLAS_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ATLAS_NO_PROGRESS", "1")
     wh = tmp_path / "w.duckdb"
-    first = tmp_path / "first"
-    make_set(first)
-    shards.attach_set(str(wh), first, copy_below=0)
-    with writer(wh) as con:
-        writes.insert_head_embeddings(con, "other/model", ["x/0"], [0], np.ones((1, 1, 2, 4), np.float32))
+    shutil.copy(base_warehouse, wh)
     victim = tmp_path / "set"
     make_other_set(victim)
     return wh, victim
@@ -260,7 +269,16 @@ def test_head_rows_belong_to_the_set(setup, capsys, column, value, phrase):
     assert state(wh) == before
 
 
-def test_keys_hold_against_the_warehouse(setup, capsys, tmp_path):
+def base_warehouse_dir(wh) -> str:
+    release_readers()
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        return con.execute("SELECT shard_dir FROM shard_sets").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_keys_hold_against_the_warehouse(setup, capsys):
     """A second set whose images are those of a set already read in place (another dataset's ids)
     would double the view's rows: refused with the count, naming the set to detach."""
     wh, victim = setup
@@ -271,7 +289,8 @@ def test_keys_hold_against_the_warehouse(setup, capsys, tmp_path):
     t = read(victim, "images", 0)
     err = attach_error(capsys, wh, victim)
     assert "4 of its images are stored under another dataset" in err, err
-    assert f"16 of its (model, image, layer, head) keys are already read in place from {tmp_path / 'first'}" in err
+    first = base_warehouse_dir(wh)
+    assert f"16 of its (model, image, layer, head) keys are already read in place from {first}" in err
     assert t.column("dataset_id").to_pylist() == ["shapes:6:seed=1-copy"] * 2
     assert state(wh) == before
 
