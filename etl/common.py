@@ -91,6 +91,107 @@ def open_unit(text: str) -> float:
     return value
 
 
+# --------------------------------------------------------------------------- the machine
+# Flags that set parallelism or the size of what is held at once are checked against the machine
+# while the flags are parsed: a value it cannot hold is one error line (exit 2), not a fork bomb,
+# a swap storm or a job that dies hours in. The per-item figures are floors (the least one item
+# costs); the embed job checks its batch again against the model's own size once it is loaded.
+
+LOADER_WORKER_BYTES = 300 * 2**20   # a loader process: one image decoded (models.images caps it at 200 MB) + its batches
+IMAGE_BYTES_MIN = 2**20             # one image in a model batch, at the least (a 64 px toy: ~0.7 MB of activations)
+TEXT_BYTES_MIN = 2**18              # one text in a text-encoder batch, at the least (77 tokens x 512 x 4 B, a few buffers)
+DATASET_IMAGE_BYTES = 256           # one image of a dataset in a job's memory, at the least (its id in the set of those done)
+MAX_DATASET_IMAGES = 2**31 - 1      # the warehouse counts images in INTEGER columns
+
+
+def machine_cores() -> int:
+    """CPU cores this process may use: its affinity mask, or a cgroup (v2) CPU quota when lower."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: physical memory, or a cgroup (v2) limit when lower."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = 8 * 2**30
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return int(total)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GB"
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:,.2f} MB" if n >= 2**20 else f"{n / 2**10:,.2f} KB" if n >= 2**10 else f"{n:,.0f} B"
+
+
+def fits_in_memory(count: int, each: int, what: str, share: float = 0.5) -> None:
+    """ArgumentTypeError unless ``count`` items of ``each`` bytes fit in ``share`` of the machine's memory."""
+    budget = int(machine_memory() * share)
+    if count * each > budget:
+        raise argparse.ArgumentTypeError(
+            f"{count:,} {what} need at least {_gib(count * each)} ({_size(each)} each) but this machine "
+            f"has {_gib(machine_memory())} of memory (use at most {max(1, budget // each):,})")
+
+
+def loader_workers(text: str) -> int:
+    """Loader processes: 0 (a thread) up to one per CPU core, as many as the memory holds."""
+    value = non_negative_int(text)
+    cores = machine_cores()
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"{value:,} is more than this machine's {cores} CPU core(s) (use at most "
+                                         f"{cores}; 0: one thread in the job's process)")
+    fits_in_memory(value, LOADER_WORKER_BYTES, "loader processes")
+    return value
+
+
+def image_batch(text: str) -> int:
+    """Images per model batch (at least 1; as many as half the memory holds at IMAGE_BYTES_MIN each)."""
+    value = positive_int(text)
+    fits_in_memory(value, IMAGE_BYTES_MIN, "images in one batch")
+    return value
+
+
+def text_batch(text: str) -> int:
+    """Texts per text-encoder batch (at least 1; as many as half the memory holds at TEXT_BYTES_MIN each)."""
+    value = positive_int(text)
+    fits_in_memory(value, TEXT_BYTES_MIN, "texts in one batch")
+    return value
+
+
+def dataset_spec(text: str) -> str:
+    """A --dataset: ``shapes:N[:seed=S]`` is checked here (N at most MAX_DATASET_IMAGES and what the
+    memory holds at DATASET_IMAGE_BYTES an image); folders, manifests and 'skimage' when opened."""
+    if text.strip().startswith("shapes"):
+        from etl.world.shapes import parse_dataset_name
+        try:
+            n, _ = parse_dataset_name(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if n > MAX_DATASET_IMAGES:
+            raise argparse.ArgumentTypeError(f"{text}: {n:,} scenes is more than a warehouse counts "
+                                             f"(at most {MAX_DATASET_IMAGES:,})")
+        fits_in_memory(n, DATASET_IMAGE_BYTES, f"scenes of {text}")
+    return text
+
+
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -145,18 +246,19 @@ def progress(it: Iterable, **kw):
 
 
 def add_embed_args(p) -> None:
-    p.add_argument("--dataset", action="append", required=True, metavar="SPEC",
+    p.add_argument("--dataset", action="append", required=True, metavar="SPEC", type=dataset_spec,
                    help="shapes:N:seed=S, skimage, an image folder (ImageFolder or flat), or a CSV manifest "
                         "(columns path[,label][,caption]); repeat for several")
     p.add_argument("--layers", default="auto", help="analysed layers: auto (default: every layer of a model with at most 12 layers, the last 4 of deeper ones), all, last4, lastN, or 0-based indices")
     p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="onnxruntime (default) or torch")
     p.add_argument("--providers", default=None, choices=["cpu", "cuda"], help="onnxruntime provider (default: CUDA if usable)")
-    p.add_argument("--batch-size", type=positive_int, default=64,
-                   help="images per model batch (default 64; the writer coalesces batches into transactions)")
-    p.add_argument("--loader-workers", type=non_negative_int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=image_batch, default=64,
+                   help="images per model batch (default 64; the writer coalesces batches into transactions; "
+                        "checked against the machine's memory)")
+    p.add_argument("--loader-workers", type=loader_workers, default=None, metavar="N",
                    help="processes that read, decode and preprocess images ahead of the model "
                         "(default: with the model on a GPU one per spare core, at most 8; on the CPU one per "
-                        "8 cores; 0: one thread in the job's process)")
+                        "8 cores; 0: one thread in the job's process; at most one per CPU core)")
 
 
 def model_row_or_fail(path: str, model_id: str) -> dict:
@@ -177,7 +279,9 @@ def add_llm_args(p) -> None:
     g.add_argument("--llm-model", metavar="NAME", default=None,
                    help="chat model name, e.g. gpt-4o-mini, or whatever model your OPENAI_BASE_URL endpoint serves")
     g.add_argument("--llm-timeout", type=positive_float, default=60.0, metavar="S",
-                   help="total seconds per request, answer included (default 60)")
+                   help="wall-clock seconds per attempt, enforced outside the HTTP client: connecting, headers "
+                        "and the whole answer (default 60); a call takes at most (retries + 1) x S plus the "
+                        "waits between attempts (each at most 30 s)")
     g.add_argument("--llm-retries", type=non_negative_int, default=5, metavar="N",
                    help="retries after a 429, 5xx, timeout or dropped connection, with exponential backoff "
                         "(default 5)")

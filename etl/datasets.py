@@ -7,6 +7,7 @@ names (a symlink), yields it under its first spelling; ``Dataset.duplicates`` co
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -136,19 +137,55 @@ def _unique_files(paths: list[Path]) -> tuple[list[int], int]:
     return keep, len(paths) - len(keep)
 
 
+def printable_path(p: str | os.PathLike) -> str:
+    """A path as valid UTF-8 text: bytes that are not UTF-8 (a name Python decoded with surrogate
+    escapes) are written as ``\\xNN``, so the name can be stored and shown."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _require_utf8(path: Path, what: str) -> None:
+    if not _is_utf8(str(path)):
+        raise ValueError(f"{what} {printable_path(path)} has a path that is not valid UTF-8; rename it (its images "
+                         f"are stored under that path)")
+
+
+def _unnamable(dataset_id: str, path: Path, rel: str) -> Item:
+    """An item for a file whose name is not valid UTF-8: loading it is an ImageError, so it becomes one
+    `errors` row under its printable name, and the rest of the folder is embedded."""
+    shown = printable_path(path)
+
+    def load():
+        from models import ImageError
+        raise ImageError(f"{shown}: the file name is not valid UTF-8, so it cannot be stored; rename it "
+                         f"(e.g. with `convmv -f latin1 -t utf8`) and run the job again")
+    return Item(f"{dataset_id}/{printable_path(rel)}", load, path=shown)
+
+
 def _folder(root: Path) -> Dataset:
     root = root.resolve()
+    _require_utf8(root, "image folder")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     keep, duplicates = _unique_files(files)
     files = [files[i] for i in keep]
     if not files:
         raise ValueError(f"image folder {root} is empty: put images in it (flat, or one subfolder per class)")
     dataset_id = f"folder:{root}"
-    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    classes = sorted({printable_path(p.relative_to(root).parts[0]) for p in files if len(p.relative_to(root).parts) > 1})
 
     def items(shard=(0, 1)):
         for p in files[shard[0]::shard[1]]:
             rel = p.relative_to(root)
+            if not _is_utf8(rel.as_posix()):
+                yield _unnamable(dataset_id, p, rel.as_posix())
+                continue
             label = rel.parts[0] if len(rel.parts) > 1 else None
             yield Item(f"{dataset_id}/{rel.as_posix()}", _file_loader(p), path=str(p), label=label)
     ds = Dataset(dataset_id, root.name, "folder", items, len(files), duplicates)
@@ -156,39 +193,127 @@ def _folder(root: Path) -> Dataset:
     return ds
 
 
-def _csv(manifest: Path) -> Dataset:
-    manifest = manifest.resolve()
+def _csv_rows(manifest: Path, columns: dict[str, int]) -> Iterator[tuple[str, Optional[str], Optional[str]]]:
+    """(path, label, caption) of each row of a manifest, read as a stream (``columns``: the header's
+    index of each; a missing cell is ''); a ValueError that names the line when the file is not
+    UTF-8 or not CSV."""
+    ip, il, ic = columns["path"], columns.get("label"), columns.get("caption")
+    line = 1
     try:
         # utf-8-sig: a manifest saved by Excel or Notepad starts with a byte-order mark
         with open(manifest, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = [h.strip() for h in reader.fieldnames or []]
+            reader = csv.reader(f)
+            next(reader, None)                                         # the header
+            for row in reader:
+                line = reader.line_num
+                if not row:                                            # a blank line (DictReader skipped them too)
+                    continue
+                n = len(row)
+                yield (row[ip] if ip < n else "", row[il] if il is not None and il < n else None,
+                       row[ic] if ic is not None and ic < n else None)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"CSV manifest {manifest} is not UTF-8 text ({exc.reason} after line {line}); "
+                         f"save it as UTF-8") from None
+    except csv.Error as exc:
+        raise ValueError(f"CSV manifest {manifest} is not a readable CSV after line {line} ({exc}); fix the file") \
+            from None
+
+
+def _csv_header(manifest: Path) -> list[str]:
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            return [h.strip() for h in next(csv.reader(f), [])]
     except UnicodeDecodeError as exc:
         raise ValueError(f"CSV manifest {manifest} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
                          f"save it as UTF-8") from None
     except csv.Error as exc:
         raise ValueError(f"CSV manifest {manifest} is not a readable CSV ({exc}); fix the file") from None
+
+
+def _listed_file(folder: str, listed: str) -> str:
+    """``str(Path(folder) / Path(listed.strip()).expanduser())`` (an absolute path as it is), without
+    pathlib's cost (a third of the time to open a 2,000,000-row manifest): '' and '.' parts dropped,
+    repeated slashes folded, '..' kept."""
+    p = os.path.expanduser(listed.strip())
+    full = p if p.startswith("/") else f"{folder}/{p}"
+    if full.startswith("//") and not full.startswith("///"):       # POSIX keeps exactly two leading slashes
+        return str(Path(full))
+    return "/" + "/".join(c for c in full.split("/") if c and c != ".")
+
+
+class _FileKeys:
+    """The identity of a listed file, cheaply: its folder resolved once (a bounded cache of folders),
+    then its name, resolved too only when it is a symlink; as a 16-byte digest."""
+
+    def __init__(self):
+        self.folders: dict[str, str] = {}
+
+    def __call__(self, path: str) -> bytes:
+        import hashlib
+        folder, name = os.path.split(path)
+        real = self.folders.get(folder)
+        if real is None:
+            if len(self.folders) > 4096:
+                self.folders.clear()
+            real = self.folders[folder] = os.path.realpath(folder)
+        full = os.path.join(real, name)
+        if name in ("", ".", "..") or os.path.islink(full):
+            full = os.path.realpath(full)
+        return hashlib.blake2b(full.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+def _first_of_each(digests: bytearray, n: int):
+    """bool [n]: True at the first row naming each file (rows' 16-byte digests, in order)."""
+    import numpy as np
+    keys = np.frombuffer(bytes(digests), dtype=">u8").reshape(n, 2)        # [n, 2]
+    order = np.lexsort((keys[:, 1], keys[:, 0]))       # stable: equal files keep their row order
+    ordered = keys[order]
+    first = np.ones(n, bool)
+    first[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    keep = np.zeros(n, bool)
+    keep[order[first]] = True
+    return keep
+
+
+def _csv(manifest: Path) -> Dataset:
+    """A CSV manifest, streamed: opening it reads it once (the header, and each row's file identity
+    to find repeated files: 16 bytes a row while it opens, one byte a row kept after), and each pass
+    over the items reads it again. Rows are never all held at once."""
+    manifest = manifest.resolve()
+    _require_utf8(manifest, "CSV manifest")
+    header = _csv_header(manifest)
     if "path" not in header:
         raise ValueError(f"CSV manifest {manifest} needs a header with a 'path' column (optional: label, caption); "
                          f"its header is {', '.join(repr(h) for h in header) or 'empty'}")
-    rows = [{(k or "").strip(): v for k, v in row.items()} for row in rows]
-    if not rows:
-        raise ValueError(f"CSV manifest {manifest} lists no image: add one row per image under its 'path' header")
+    columns = {name: header.index(name) for name in ("path", "label", "caption") if name in header}
     dataset_id = f"csv:{manifest}"
-
-    def file_of(row) -> Path:
-        p = Path((row["path"] or "").strip()).expanduser()
-        return p if p.is_absolute() else manifest.parent / p
-    keep, duplicates = _unique_files([file_of(r) for r in rows])
-    rows = [rows[i] for i in keep]
+    folder = str(manifest.parent)
+    key = _FileKeys()
+    digests = bytearray()
+    n_rows = 0
+    for listed, _, _ in _csv_rows(manifest, columns):
+        digests += key(_listed_file(folder, listed))
+        n_rows += 1
+    if not n_rows:
+        raise ValueError(f"CSV manifest {manifest} lists no image: add one row per image under its 'path' header")
+    keep = _first_of_each(digests, n_rows)
+    del digests
+    n_kept = int(keep.sum())
 
     def items(shard=(0, 1)):
-        for row in rows[shard[0]::shard[1]]:
-            p = file_of(row)
-            yield Item(f"{dataset_id}/{row['path']}", _file_loader(p), path=str(p),
-                       label=row.get("label") or None, caption=row.get("caption") or None)
-    return Dataset(dataset_id, manifest.stem, "csv", items, len(rows), duplicates)
+        j = -1
+        for i, (listed, label, caption) in enumerate(_csv_rows(manifest, columns)):
+            if i >= n_rows:            # (the file grew since it was opened)
+                return
+            if not keep[i]:
+                continue
+            j += 1
+            if j % shard[1] != shard[0]:
+                continue
+            p = _listed_file(folder, listed)
+            yield Item(f"{dataset_id}/{listed}", _file_loader(p), path=p, label=label or None,
+                       caption=caption or None)
+    return Dataset(dataset_id, manifest.stem, "csv", items, n_kept, n_rows - n_kept)
 
 
 sha256_image = pixel_sha256     # the one definition is models.images.pixel_sha256

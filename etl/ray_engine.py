@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,7 +30,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from etl import shards
-from etl.common import non_negative_float, non_negative_int, positive_int
+from etl.common import (IMAGE_BYTES_MIN, fits_in_memory, machine_cores, machine_memory, non_negative_float,
+                        non_negative_int, positive_int)
 
 
 def add_engine_args(p) -> None:
@@ -41,10 +43,12 @@ def add_engine_args(p) -> None:
     g.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local Ray "
                         "instance for the job and stop it after)")
-    g.add_argument("--workers", type=positive_int, default=1, metavar="N", help="actors in the pool (default 1)")
+    g.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="actors in the pool (default 1; without --ray-address at most one per CPU core, with one "
+                        "at most the cluster's CPUs)")
     g.add_argument("--num-gpus-per-worker", type=non_negative_float, default=0, metavar="G",
                    help="GPUs per actor (default 0: CPU actors); with 1, each actor runs ONNX on its own GPU")
-    g.add_argument("--shard-size", type=positive_int, default=1024, metavar="N",
+    g.add_argument("--shard-size", type=shard_images, default=1024, metavar="N",
                    help="images per input block and per shard (default 1024)")
     g.add_argument("--shards-root", default=None, metavar="DIR",
                    help="where shard sets go, as <model>/<dataset>/ (default: $ATLAS_HOME/shards)")
@@ -53,6 +57,47 @@ def add_engine_args(p) -> None:
                         f"else read them in place (default {shards.DEFAULT_COPY_BELOW:,})")
     g.add_argument("--no-attach", action="store_true",
                    help="only write the shards; attach them later with `python -m etl attach --shards DIR`")
+
+
+def shard_images(text: str) -> int:
+    """Images per input block and shard: at least 1, as many as half the memory holds (an actor
+    prepares a whole block at once)."""
+    value = positive_int(text)
+    fits_in_memory(value, IMAGE_BYTES_MIN, "images in one shard")
+    return value
+
+
+# the driver lists every image not done as a Ray row: its loader pickled, and for generated scenes
+# the scene itself (pixels included); measured 13.4 KB per shapes scene, well under 2 KB per file
+RAY_ROW_BYTES = {"shapes": 16 * 2**10}
+RAY_ROW_BYTES_FILE = 2 * 2**10
+
+
+def check_ray_workers(workers: int, address: Optional[str]) -> None:
+    """A local Ray instance has one CPU per core and each actor takes one: more actors than cores
+    would wait for a CPU forever. (On a cluster, ``_check_cluster_cpus`` once joined.)"""
+    if address is None and workers > machine_cores():
+        raise ValueError(f"--workers {workers:,} is more than this machine's {machine_cores()} CPU core(s), and each "
+                         f"actor of the local Ray instance takes one (use at most {machine_cores()}, or join a "
+                         f"cluster with --ray-address)")
+
+
+def _check_cluster_cpus(workers: int, address: str) -> None:
+    import ray
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if workers > cpus:
+        raise ValueError(f"--workers {workers:,} is more than the {cpus} CPU(s) of the Ray cluster at {address}, and "
+                         f"each actor takes one (use at most {cpus})")
+
+
+def _check_rows_fit(dataset, n_rows: int) -> None:
+    each = RAY_ROW_BYTES.get(dataset.source, RAY_ROW_BYTES_FILE)
+    budget = machine_memory() // 2
+    if n_rows * each > budget:
+        raise ValueError(f"dataset {dataset.dataset_id}: {n_rows:,} images would take the Ray driver at least "
+                         f"{n_rows * each / 2**30:,.1f} GB to list ({each // 2**10} KB each) but this machine has "
+                         f"{machine_memory() / 2**30:,.1f} GB; embed it in parts of at most {budget // each:,} images "
+                         f"or with the local engine (--engine local streams it)")
 
 
 # --------------------------------------------------------------------------- the actor
@@ -121,6 +166,8 @@ class ShardEmbedder:
 # --------------------------------------------------------------------------- the driver
 
 def _require_ray():
+    # the driver's C++ side logs every failed retry to reach a cluster on stderr: errors only (read at import)
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     try:
         import ray
         import ray.data  # noqa: F401
@@ -130,8 +177,36 @@ def _require_ray():
     return ray
 
 
+RAY_PROBE_S = 5.0        # a --ray-address must accept a TCP connection within this
+RAY_CONNECT_S = 10.0     # ... and Ray's own connect (ray.init) must finish within this
+_ADDRESS = re.compile(r"(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})")
+
+
+def check_ray_address(address: Optional[str]) -> None:
+    """Refuse a ``--ray-address`` that is malformed, or (HOST:PORT, ray://HOST:PORT) where nothing
+    accepts a TCP connection within RAY_PROBE_S (DNS included): one line at once, instead of Ray's
+    retries. ``auto`` and None are left to Ray (``_start_ray`` bounds its connect too)."""
+    if address is None or address.strip() == "auto":
+        return
+    import socket
+
+    from etl.deadline import DeadlineExceeded, call_with_deadline
+    m = _ADDRESS.fullmatch(address.strip())
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"--ray-address {address!r} is not auto, HOST:PORT or ray://HOST:PORT (port 1-65535)")
+    host, port = m.group(1).strip("[]"), int(m.group(2))
+    try:
+        call_with_deadline(lambda: socket.create_connection((host, port), timeout=RAY_PROBE_S).close(),
+                           RAY_PROBE_S, signals=False)
+    except (OSError, DeadlineExceeded) as exc:
+        why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no answer within {RAY_PROBE_S:g} s"
+        raise ValueError(f"no Ray cluster answers at {address} ({why}); start one there (`ray start --head`) or "
+                         f"leave --ray-address out to run a local Ray instance for the job") from None
+
+
 def _start_ray(address: Optional[str], quiet: bool) -> bool:
-    """Connect to ``address`` or start a local instance; True when this call started Ray."""
+    """Connect to ``address`` (within RAY_CONNECT_S) or start a local instance; True when this call
+    started Ray."""
     import logging
     import warnings
 
@@ -146,8 +221,19 @@ def _start_ray(address: Optional[str], quiet: bool) -> bool:
         import etl
         import models
         import warehouse
+        from etl.deadline import DeadlineExceeded, call_with_deadline
         code = [str(Path(m.__file__).parent) for m in (etl, models, warehouse)]
-        ray.init(address=address, runtime_env={"py_modules": code, "excludes": ["__pycache__"]}, **kw)
+        kw["logging_level"] = logging.ERROR          # (its warnings while joining are about this thread)
+        try:        # ray.init blocks inside C++ (no signal handler runs there): a watched thread
+            call_with_deadline(lambda: ray.init(address=address, runtime_env={"py_modules": code,
+                                                                              "excludes": ["__pycache__"]}, **kw),
+                               RAY_CONNECT_S, signals=False)
+        except DeadlineExceeded:
+            raise ValueError(f"the Ray cluster at {address} did not take the job within {RAY_CONNECT_S:g} s (is it a "
+                             f"Ray head's GCS port, default 6379, and does this Ray ({ray.__version__}) match the "
+                             f"cluster's?); or leave --ray-address out to run a local Ray instance") from None
+        except ConnectionError as exc:
+            raise ValueError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}") from None
     else:
         ray.init(include_dashboard=False, **kw)
     return True
@@ -196,6 +282,8 @@ def embed_with_ray(path: str, lm, dataset_spec: str, layers: list[int], *, onnx_
         else:
             manifest = shards.new_manifest(lm.row(), layers, onnx_path, onnx_sha256, info, shard_size)
         manifest, done, fixed = shards.resume(directory, manifest)
+        if dataset.n_images:
+            _check_rows_fit(dataset, dataset.n_images - len(done))
         rows, n_items = _rows(dataset, done)
         manifest["n_items"] = n_items
         shards.write_manifest(directory, manifest)
@@ -205,6 +293,8 @@ def embed_with_ray(path: str, lm, dataset_spec: str, layers: list[int], *, onnx_
             quiet = bool(os.environ.get("ATLAS_NO_PROGRESS"))
             started = _start_ray(address, quiet)
             try:
+                if address:
+                    _check_cluster_cpus(workers, address)
                 ctx = ray.data.DataContext.get_current()
                 ctx.enable_progress_bars = False
                 ctx.print_on_execution_start = False

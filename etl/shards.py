@@ -17,6 +17,13 @@ temporary name, then renamed) after shards complete, so it never names a file th
 A job killed between a shard and the manifest leaves an orphan: the next run adopts it (a shard
 whose four files are all there) or deletes its pieces (a shard without its ``images`` file).
 Images that cannot be read become error records in the manifest (``errors``); they count as done.
+
+``attach`` treats a set as untrusted (whoever wrote it): the manifest is checked field by field
+(``check_manifest``), every file it names must be exactly ``<table>/<id>.parquet`` of the set's
+own folder, reached through no symlink (``shard_file``), match its size and sha256, the
+warehouse's columns and types, the model's d and hold only finite vectors, and every key must
+hold within the set (``check_set``) and against the warehouse; only then is the set written, in
+one transaction (``attach_set``).
 """
 from __future__ import annotations
 
@@ -25,9 +32,10 @@ import json
 import os
 import re
 import secrets
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 MANIFEST = "manifest.json"
 FORMAT = "clip-atlas-shards"
@@ -88,18 +96,133 @@ def new_manifest(model_row: dict, layers: list[int], onnx_path: Optional[str], o
             "tables": list(_tables()), "n_items": None, "complete": False, "shards": [], "errors": []}
 
 
+MAX_MANIFEST_BYTES = 512 * 2**20   # a million-image set's manifest is a few MB (its error records the most)
+MAX_ROWS = 2**40                   # rows a manifest may claim for one file (each is checked against the file)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of a shard set, checked field by field (``check_manifest``): a ValueError of one
+    line names the first field that is missing or of the wrong kind."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {directory}: it is not a shard directory written by "
                                 f"`python -m etl embed --engine ray`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path} is {path.stat().st_size / 2**20:,.0f} MB, over the {MAX_MANIFEST_BYTES >> 20} MB a "
+                         f"manifest may take; it is not one written by `python -m etl embed --engine ray`")
     try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        m = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         raise ValueError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+    check_manifest(m, path)
     return m
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _field(obj, key, kind: str, where: str, optional: bool = False):
+    """obj[key] checked to be ``kind`` (str: non-empty, text, int, nonneg, pos, bool, dict, list; 'str?' also
+    None); _Bad naming it."""
+    if not isinstance(obj, dict):
+        raise _Bad(f"{where or 'the manifest'} is {type(obj).__name__}, not an object")
+    name = f"{where}.{key}" if where else key
+    if key not in obj:
+        if optional:
+            return None
+        raise _Bad(f"{name} is missing")
+    return _value(obj[key], kind, name)
+
+
+def _value(v, kind: str, name: str):
+    if kind.endswith("?") and v is None:
+        return None
+    kind = kind.rstrip("?")
+    ok = {"str": isinstance(v, str) and v != "", "text": isinstance(v, str), "bool": isinstance(v, bool),
+          "dict": isinstance(v, dict), "list": isinstance(v, list),
+          "int": isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_ROWS,
+          "nonneg": isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ROWS,
+          "pos": isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_ROWS}[kind]
+    if not ok:
+        what = {"str": "a non-empty string", "text": "a string", "bool": "true or false", "dict": "an object", "list": "a list",
+                "int": "an integer", "nonneg": f"an integer from 0 to {MAX_ROWS:,}",
+                "pos": f"an integer from 1 to {MAX_ROWS:,}"}[kind]
+        shown = json.dumps(v)
+        raise _Bad(f"{name} is {shown[:60] + '...' if len(shown) > 60 else shown}, not {what}")
+    return v
+
+
+_MODEL_ROW = {"model_id": "str", "arch": "str", "pretrained": "str?", "source": "str", "checkpoint_path": "str?",
+              "seed": "int?", "layers": "pos", "heads": "pos", "width": "pos", "embed_dim": "pos",
+              "patch_size": "pos", "image_size": "pos", "pooling": "str"}
+
+
+def check_manifest(m: dict, path: str | os.PathLike = MANIFEST) -> None:
+    """Every field attach and the Ray engine read, of the kind they expect, and consistent: the model
+    row's columns, analysed layers within the model, per shard an id of 9+ digits equal to its first
+    index, the four tables' entries (path, rows, bytes, sha256), images = image embeddings rows, head
+    rows = images x layers x heads, no shard twice. A ValueError of one line names the first field
+    that is wrong."""
+    try:
+        model_id = _field(m, "model_id", "str", "")
+        model = _field(m, "model", "dict", "")
+        row = _field(model, "row", "dict", "model")
+        for key, kind in _MODEL_ROW.items():
+            _field(row, key, kind, "model.row")
+        if row["model_id"] != model_id:
+            raise _Bad(f"model.row.model_id {row['model_id']!r} is not model_id {model_id!r}")
+        _field(model, "onnx_path", "str?", "model", optional=True)
+        _field(model, "onnx_sha256", "str?", "model", optional=True)
+        layers = _field(m, "layers", "list", "")
+        for i, layer in enumerate(layers):
+            _value(layer, "nonneg", f"layers[{i}]")
+        if not layers or len(set(layers)) != len(layers) or max(layers) >= row["layers"]:
+            raise _Bad(f"layers {json.dumps(layers)[:60]} are not distinct layers of a {row['layers']}-layer model")
+        dataset = _field(m, "dataset", "dict", "")
+        for key, kind in (("dataset_id", "str"), ("name", "text"), ("source", "str"), ("n_images", "nonneg?")):
+            _field(dataset, key, kind, "dataset")
+        _field(m, "shard_size", "pos", "", optional=True)
+        _field(m, "n_items", "nonneg?", "", optional=True)
+        _field(m, "complete", "bool", "", optional=True)
+        errors = _field(m, "errors", "list", "")
+        for i, e in enumerate(errors):
+            _field(e, "item", "str", f"errors[{i}]")
+            _field(e, "reason", "text", f"errors[{i}]")
+        heads = row["heads"]
+        seen: set[str] = set()
+        for i, entry in enumerate(_field(m, "shards", "list", "")):
+            where = f"shards[{i}]"
+            sid = _field(entry, "id", "str", where)
+            if not _SHARD_FILE.match(f"{sid}.parquet"):
+                raise _Bad(f"{where}.id {sid[:40]!r} is not a shard id ({_ID_DIGITS} or more digits)")
+            if sid in seen:
+                raise _Bad(f"{where}.id {sid!r} names a shard a second time")
+            seen.add(sid)
+            if _field(entry, "first_index", "nonneg", where) != int(sid):
+                raise _Bad(f"{where}.first_index {entry['first_index']} is not its id {sid}")
+            n = _field(entry, "n_images", "nonneg", where)
+            files = _field(entry, "files", "dict", where)
+            if sorted(files) != sorted(_tables()):
+                raise _Bad(f"{where}.files names {sorted(files)}, not the tables {sorted(_tables())}")
+            for table in _tables():
+                f = _field(files, table, "dict", f"{where}.files")
+                for key, kind in (("path", "str"), ("rows", "nonneg"), ("bytes", "nonneg"), ("sha256", "str")):
+                    _field(f, key, kind, f"{where}.files.{table}")
+                if not _SHA256.match(f["sha256"]):
+                    raise _Bad(f"{where}.files.{table}.sha256 is not 64 lower-case hex digits")
+            if files["images"]["rows"] != n or files["image_embeddings"]["rows"] != n:
+                raise _Bad(f"{where} counts {n:,} images but its images and image_embeddings files "
+                           f"{files['images']['rows']:,} and {files['image_embeddings']['rows']:,} rows")
+            if files["head_embeddings"]["rows"] != n * len(layers) * heads:
+                raise _Bad(f"{where}.files.head_embeddings.rows {files['head_embeddings']['rows']:,} is not "
+                           f"{n:,} images x {len(layers)} layers x {heads} heads")
+    except _Bad as exc:
+        raise ValueError(f"{path}: {exc}; the manifest is damaged or was not written by `python -m etl embed "
+                         f"--engine ray`: write the set again") from None
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -256,20 +379,66 @@ def resume(directory: Path, manifest: dict) -> tuple[dict, set[str], dict]:
     return manifest, done, fixed
 
 
-def verify(directory: Path, manifest: dict) -> None:
-    """Every file the manifest names exists with its recorded size and sha256; a ValueError names
-    the first that does not."""
+def shard_file(directory: Path, manifest: dict, entry: dict, table: str) -> Path:
+    """The file a manifest entry names for ``table``, refused (ValueError) unless it is exactly
+    ``<table>/<id>.parquet`` of the set's own folder: no other name, no '..', no absolute path, and
+    a regular file reached through no symlink (so no file outside the folder is ever read, hashed
+    or registered for the SQL console)."""
+    directory = Path(directory)
+    rel, want = entry["files"][table]["path"], f"{table}/{entry['id']}.parquet"
+    if rel != want:
+        raise ValueError(f"{directory / MANIFEST} names {rel[:200]!r} as the {table} file of shard {entry['id']}, "
+                         f"not {want!r}: a set names only its own files, inside its folder; write the set again")
+    p = directory / want
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        raise ValueError(f"shard file {p} named in the manifest is missing; re-run `python -m etl embed "
+                         f"--engine ray` with the same model and dataset to write it again") from None
+    if stat.S_ISLNK(st.st_mode) or os.path.realpath(p) != str(p):
+        raise ValueError(f"shard file {p} is reached through a symlink; a set's files must lie in its folder "
+                         f"{directory} themselves: copy them there")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"shard file {p} is not a regular file")
+    return p
+
+
+def verify(directory: Path, manifest: dict, check: Optional[Callable[[str, Path, dict], Optional[str]]] = None
+           ) -> None:
+    """Every file the manifest names is the set's own (``shard_file``) with its recorded size and
+    sha256, and, with ``check(table, path, manifest entry of the file)``, has nothing that check says
+    is wrong (right after the file's sha256, so its bytes come from the page cache); a ValueError
+    names the first that fails."""
     from models.hashing import sha256_file
+    directory = Path(directory)
     for entry in manifest["shards"]:
-        for f in entry["files"].values():
-            p = directory / f["path"]
-            if not p.is_file():
-                raise ValueError(f"shard file {p} named in the manifest is missing; re-run `python -m etl embed "
-                                 f"--engine ray` with the same model and dataset to write it again")
+        for table, f in entry["files"].items():
+            p = shard_file(directory, manifest, entry, table)
             if p.stat().st_size != f["bytes"] or sha256_file(p) != f["sha256"]:
                 raise ValueError(f"shard file {p} does not match its sha256 in the manifest (changed or damaged "
                                  f"after it was written); delete it and re-run `python -m etl embed --engine ray` "
                                  f"with the same model and dataset")
+            problem = check(table, p, f) if check is not None else None
+            if problem:
+                raise ValueError(f"shard file {p} {problem}; the set cannot be attached: write it again with "
+                                 f"`python -m etl embed --engine ray`")
+
+
+def check_set(directory: Path, manifest: dict) -> None:
+    """Everything ``attach`` checks before the warehouse is touched, read-only and streaming: every
+    file (``verify``: its own, its sha256, the warehouse's schema exactly, its rows, vectors of the
+    model's d, all finite: ``warehouse.shard_checks.file_problem``), then the keys within the set
+    (``set_key_problems``). A ValueError of one line says what is wrong."""
+    from warehouse.shard_checks import file_problem, set_key_problems
+    row = manifest["model"]["row"]
+    d = int(row["embed_dim"])
+    verify(directory, manifest, lambda table, p, f: file_problem(table, p, f["rows"], d))
+    files = {t: [str(directory / e["files"][t]["path"]) for e in manifest["shards"]] for t in _tables()}
+    problems = set_key_problems(files, manifest["model_id"], manifest["layers"], int(row["heads"]),
+                                manifest["dataset"]["dataset_id"], image_rows(manifest))
+    if problems:
+        raise ValueError(f"shard set {directory} cannot be attached: {'; '.join(problems)}; write it again with "
+                         f"`python -m etl embed --engine ray`")
 
 
 def find_sets(path: str | os.PathLike) -> list[Path]:
@@ -287,21 +456,25 @@ def find_sets(path: str | os.PathLike) -> list[Path]:
 # --------------------------------------------------------------------------- attach
 
 def attach_set(path: str, directory: str | os.PathLike, copy_below: int = DEFAULT_COPY_BELOW,
-               run_id: Optional[str] = None, batch_rows: int = 200_000) -> dict:
+               run_id: Optional[str] = None) -> dict:
     """Register one shard set in the warehouse at ``path`` (through warehouse.writer).
 
-    Reads the manifest, verifies every file's sha256, then copies `images`, `image_factors` and
-    `image_embeddings` in (idempotent), and `head_embeddings` too when the set has fewer than
-    ``copy_below`` head rows (mode 'copy'); otherwise they stay in the Parquet files and the writer
-    makes `head_embeddings` the view over them (mode 'in_place'). Attaching the same manifest in
-    the same mode again does nothing; a set can move between modes without duplicating a row; a set
-    of the same model and dataset registered from another directory (the set was moved) is replaced.
+    The set is untrusted: first, read-only, its manifest is checked field by field, every file it
+    names must be its own (``shard_file``), match its sha256, the warehouse's schema and the model's
+    d, hold finite vectors, and the set's keys must hold (``check_set``). Then ONE write
+    transaction, so a failed or killed attach leaves the warehouse exactly as it was: the keys
+    against the warehouse (``warehouse_key_problems``), then `images`, `image_factors` and
+    `image_embeddings` copied in (idempotent; streamed by DuckDB from the files), and
+    `head_embeddings` too when the set has fewer than ``copy_below`` head rows (mode 'copy');
+    otherwise they stay in the Parquet files and the writer makes `head_embeddings` the view over
+    them (mode 'in_place'). Attaching the same manifest in the same mode again does nothing; a set
+    can move between modes without duplicating a row; a set of the same model and dataset registered
+    from another directory (the set was moved) is replaced.
     """
-    import pyarrow.parquet as pq
-
     from models.hashing import sha256_file
     from warehouse import optimize, writer, writes
     from warehouse.queries import shard_set
+    from warehouse.shard_checks import warehouse_key_problems
     directory = Path(directory).resolve()
     manifest = read_manifest(directory)
     key = str(directory)
@@ -315,43 +488,33 @@ def attach_set(path: str, directory: str | os.PathLike, copy_below: int = DEFAUL
     before = shard_set(path, key)
     if before and before["manifest_sha256"] == msha and before["mode"] == mode:
         return {**result, "skipped": True}
-    verify(directory, manifest)
+    check_set(directory, manifest)
+    shards = manifest["shards"]
+    files = {t: [str(directory / e["files"][t]["path"]) for e in shards] for t in _tables()}
     model = manifest["model"]
-    with writer(path) as con:
+    with writer(path) as con:           # the whole set or nothing
+        moved = writes.delete_other_shard_sets(con, model_id, dataset["dataset_id"], key)   # a moved set
+        if shards:
+            problems = warehouse_key_problems(con, key, model_id, manifest["layers"], files["images"])
+            if problems:
+                raise ValueError(f"shard set {directory} cannot be attached to {path}: {'; '.join(problems)}")
         writes.upsert_model(con, model["row"], manifest["layers"], model.get("onnx_path"), model.get("onnx_sha256"))
         writes.upsert_dataset(con, dataset["dataset_id"], dataset["name"], dataset["source"], dataset.get("n_images"))
-        moved = writes.delete_other_shard_sets(con, model_id, dataset["dataset_id"], key)   # a moved set
-        if before and before["mode"] == "in_place" and mode == "copy":   # its rows come into the table now
-            writes.delete_shard_set(con, key)
-        writes.refresh_head_embeddings_view(con)
         writes.insert_errors_once(con, run_id, [(e["item"], e["reason"]) for e in manifest["errors"]])
-    tables = ["images", "image_factors", "image_embeddings"] + (["head_embeddings"] if mode == "copy" else [])
-    image_ids: list[str] = []
-    group, rows = [], 0
-    shards = manifest["shards"]
-    for k, entry in enumerate(shards):                  # a few shards per write transaction
-        group.append(entry)
-        rows += entry["files"]["head_embeddings"]["rows"] if mode == "copy" else entry["n_images"]
-        if rows < batch_rows and k + 1 < len(shards):
-            continue
-        with writer(path) as con:
-            for e in group:
-                for table in tables:
-                    t = pq.read_table(directory / e["files"][table]["path"])
-                    if table == "images":
-                        image_ids += t.column("image_id").to_pylist()
-                    writes.insert_shard_rows(con, table, t)
-        group, rows = [], 0
-    with writer(path) as con:
-        files: list[str] = []
-        if mode == "in_place":    # rows of these images stored in the table (an earlier copy) would be doubled
-            writes.delete_head_embeddings_of_images(con, model_id, image_ids, manifest["layers"])
-            files = [str(directory / e["files"]["head_embeddings"]["path"]) for e in shards]
-        writes.upsert_shard_set(con, key, model_id, dataset["dataset_id"], mode, msha, len(shards),
-                                image_rows(manifest), n_head, files, run_id)
-        result["files_in_place"] = writes.refresh_head_embeddings_view(con)
+        # rows first, into the table as it is named now (the base table while a view stands): DuckDB
+        # cannot insert into a table renamed earlier in the same transaction when an index was made
+        # again on it, so the view <-> table change comes last (refresh_head_embeddings_view)
+        for table in ["images", "image_factors", "image_embeddings"] + (["head_embeddings"] if mode == "copy" else []):
+            writes.insert_shard_files(con, table, files[table])
+        in_place: list[str] = []
         if mode == "copy":
             optimize(con, model_id)
+        else:                     # rows of these images stored in the table (an earlier copy) would be doubled
+            writes.delete_head_embeddings_of_image_files(con, model_id, files["images"], manifest["layers"])
+            in_place = files["head_embeddings"]
+        writes.upsert_shard_set(con, key, model_id, dataset["dataset_id"], mode, msha, len(shards),
+                                image_rows(manifest), n_head, in_place, run_id)
+        result["files_in_place"] = writes.refresh_head_embeddings_view(con)
     if moved:
         result["replaced"] = moved
     return result

@@ -3,6 +3,7 @@ files that are not images, truncated, decompression bombs, or too large."""
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -18,6 +19,16 @@ FULL_DECODE_PIXELS = 16_000_000   # above this a JPEG is decoded at 1/2, 1/4 or 
 MAX_ASPECT = 50              # longest side / shortest side; a model's resize scales the short side up to its
                              # input size, so a 100000 x 1 strip would become 224 x 22,400,000 (GBs)
 MAX_BYTES = 50 * 1024 * 1024
+# What one image may take to decode and convert to RGB, estimated from its header before any pixel is
+# decoded (``decode_bytes``): Pillow's own copy of the pixels (1, 2 or 4 bytes each by mode and bit
+# depth), the RGB result, a rotated copy for an EXIF orientation, and what a decoder holds beside
+# the image (libwebp decodes a whole frame into buffers of its own). With a model's preprocess the
+# peak stays under 200 MB (tests/jobs/test_hostile_images.py measures it for every mode).
+MAX_DECODE_BYTES = 150 * 2**20
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}   # else 4 a pixel
+_DECODER_BYTES = {"WEBP": 12}      # measured: WebP files (RGB, RGBA, lossy or not) took 11-13 bytes a pixel beyond the image
+_SLACK_BYTES = 1                   # the strips, the preprocess's first resize and the thumbnail: under 1 byte a pixel
+_STRIP_ROWS = 256                  # conversions run strip by strip: one strip of a temporary at a time
 
 
 class ImageError(ValueError):
@@ -55,6 +66,12 @@ def load_image(source: Union[str, os.PathLike, bytes, io.IOBase], max_pixels: in
             if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
                 raise ImageError(f"{name}: {w} x {h} pixels has an aspect ratio over {MAX_ASPECT}:1; a model "
                                  "would scale its short side up to the input size and use gigabytes; crop it first")
+            need = decode_bytes(img)
+            if need > MAX_DECODE_BYTES:
+                dw, dh = img.size          # (a JPEG's reduced decoding size)
+                raise ImageError(f"{name}: {dw} x {dh} pixels of mode {img.mode} ({img.format or 'unknown'} file) "
+                                 f"would take {need / 2**20:.0f} MB to decode and convert, over the "
+                                 f"{MAX_DECODE_BYTES / 2**20:.0f} MB limit; resize it or save it as 8-bit RGB first")
             img.seek(0)
             img.load()
     except ImageError:
@@ -68,31 +85,76 @@ def load_image(source: Union[str, os.PathLike, bytes, io.IOBase], max_pixels: in
     return to_rgb(img)
 
 
+def decode_bytes(img: Image.Image) -> int:
+    """Bytes that decoding ``img`` (opened, not yet loaded) and converting it to RGB take at the
+    peak, from its header alone: its pixels as Pillow keeps them (1 byte for 1-bit, L and P; 2 for
+    16-bit greys; 4 for every other mode: RGB is stored as 4), the RGB result (none when it is RGB),
+    a rotated copy when EXIF says to rotate, the decoder's own buffers (``_DECODER_BYTES``) and a
+    byte a pixel for what works beside them (measured per mode and format: the estimate is within
+    a few MB of the peak RSS, or above it)."""
+    w, h = img.size
+    stored = _STORED_BYTES.get(img.mode, 4)
+    out = 0 if img.mode == "RGB" else 4
+    try:
+        rotate = 4 if img.getexif().get(0x0112, 1) != 1 else 0
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: loading reports it
+        rotate = 0
+    return w * h * (stored + out + rotate + _DECODER_BYTES.get(img.format or "", 0) + _SLACK_BYTES)
+
+
+def _strips(size: tuple[int, int]):
+    w, h = size
+    for y in range(0, h, _STRIP_ROWS):
+        yield (0, y, w, min(h, y + _STRIP_ROWS))
+
+
+def _grey_to_l(img: Image.Image, lo, span) -> Image.Image:
+    """A 16/32-bit grey or float image -> 8-bit L as ``(x - lo) / span * 255`` in float32, one strip
+    at a time (a whole-image float32 copy of a 12 MP 16-bit PNG was 190 MB)."""
+    out = Image.new("L", img.size)
+    for box in _strips(img.size):
+        a = np.asarray(img.crop(box), dtype=np.float32)
+        v = (a - lo) / span * 255 if lo is not None else a / span * 255
+        out.paste(Image.fromarray(v.clip(0, 255).astype(np.uint8), "L"), box)
+    return out
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """An image with alpha (RGBA, LA, PA, P with a transparent colour) composited on white, one strip
+    at a time (whole-image RGBA copies and bands of a 16 MP image were 240 MB)."""
+    out = Image.new("RGB", img.size, (255, 255, 255))
+    for box in _strips(img.size):
+        tile = img.crop(box).convert("RGBA")
+        out.paste(tile, box, tile.getchannel("A"))
+    return out
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB; 16-bit greys are scaled, alpha composited on white."""
+    """Any Pillow mode -> 8-bit RGB; 16-bit greys are scaled, alpha composited on white. Beside the
+    image it takes the RGB result (and a rotated copy for an EXIF orientation), no more
+    (``decode_bytes``)."""
     img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img   # copies only to rotate
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img, dtype=np.float32)
-        hi = a.max() if a.size and a.max() > 0 else 1.0
-        img = Image.fromarray((a / hi * 255).clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        hi = img.getextrema()[1] if img.size[0] * img.size[1] else 0
+        img = _grey_to_l(img, None, np.float32(hi if hi > 0 else 1.0))
     elif img.mode == "F":
-        a = np.asarray(img, dtype=np.float32)
-        lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)
-        img = Image.fromarray(((a - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        bg = Image.new("RGB", img.size, (255, 255, 255))
-        bg.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        return bg
+        lo, hi = img.getextrema() if img.size[0] * img.size[1] else (0.0, 1.0)
+        lo, hi = np.float32(lo), np.float32(hi)
+        img = _grey_to_l(img, lo, max(hi - lo, 1e-12))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return _on_white(img)
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def pixel_sha256(img: Image.Image) -> str:
     """sha256 of the decoded RGB pixels (the same picture hashes the same in any file format):
-    what the embed job stores in `images.sha256`, and what tells a file on disk is still that image."""
-    from models.hashing import sha256_bytes
-    return sha256_bytes(img.tobytes())
+    what the embed job stores in `images.sha256`, and what tells a file on disk is still that image.
+    Hashed strip by strip (the digest of ``img.tobytes()`` without a whole-image copy)."""
+    import hashlib
+    h = hashlib.sha256()
+    for box in _strips(img.size):
+        h.update(img.crop(box).tobytes())
+    return h.hexdigest()
 
 
 def skimage_photo(name: str) -> Image.Image:
@@ -125,9 +187,21 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def thumbnail_jpeg(img: Image.Image, side: int = 128, quality: int = 85) -> bytes:
-    """JPEG bytes of the image with its longest side `side` px."""
-    t = img.copy()
-    t.thumbnail((side, side))
+    """JPEG bytes of the image with its longest side `side` px: what ``img.copy().thumbnail((side,
+    side))`` gives, without the whole-image copy (the resize reads the image and makes the small one)."""
+    w, h = img.size
+    t = img
+    if w > side or h > side:          # Pillow's thumbnail size: the aspect kept, each side rounded to the closer
+        aspect = w / h
+        x, y = side, side
+
+        def closer(number: float, key) -> int:
+            return max(min(math.floor(number), math.ceil(number), key=key), 1)
+        if x / y >= aspect:
+            x = closer(y * aspect, key=lambda n: abs(aspect - n / y))
+        else:
+            y = closer(x / aspect, key=lambda n: 0 if n == 0 else abs(aspect - x / n))
+        t = img.resize((x, y), Image.Resampling.BICUBIC, reducing_gap=2.0)
     buf = io.BytesIO()
     t.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -347,7 +348,9 @@ def load_state(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> No
             state = read_safetensors(path, arch)
         else:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():   # torch warns about the pickle protocol of a raw
+                    warnings.simplefilter("ignore")   # pickle before refusing it: the error says it all
+                    state = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
                 said = str(exc)
                 if "Unsupported global" in said:   # a class or function: unpickling would run code

@@ -316,46 +316,41 @@ def shard_tables(model_id: str, dataset_id: str, image_ids: Sequence[str], paths
     }
 
 
-def insert_shard_rows(con, table: str, rows: pa.Table) -> None:
-    """Copy one shard table into the warehouse; idempotent: a row already stored is left as it is
+def insert_shard_files(con, table: str, files: Sequence[str]) -> int:
+    """Copy shard files of one table into the warehouse, streamed by DuckDB (``read_parquet``: no
+    file is loaded whole); idempotent: a row whose key is already stored is left as it is
     (head_embeddings: matched on model_id, image_id, layer, head, and written to the base table
-    while shards are attached in place)."""
+    while shards are attached in place). The files must have been checked (etl.shards.check_set:
+    exactly the SHARD_SCHEMAS columns, keys unique within the set). Returns the rows inserted."""
     schema = SHARD_SCHEMAS.get(table)
     if schema is None:
         raise ValueError(f"{table!r} is not a shard table (one of {', '.join(SHARD_TABLES)})")
-    if rows.schema.names != schema.names:
-        raise ValueError(f"shard table {table} has columns {rows.schema.names}, expected {schema.names}")
-    rows = rows.cast(schema)
+    if not files:
+        return 0
+    cols = ", ".join(schema.names)
     if table != "head_embeddings":
-        _insert(con, table, rows, "ON CONFLICT DO NOTHING")
-        return
-    if rows.num_rows == 0:
-        return
+        got = con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM read_parquet($files) ON CONFLICT DO NOTHING",
+                          {"files": list(files)}).fetchone()
+        return int(got[0]) if got else 0
     target = head_embeddings_target(con)
-    name = f"_rows_{next(_names)}"
-    con.register(name, rows)
-    try:
-        con.execute(f"""
-            INSERT INTO {target} (model_id, image_id, layer, head, vec)
-            SELECT r.model_id, r.image_id, r.layer, r.head, r.vec FROM {name} r
-            WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.model_id = r.model_id AND t.image_id = r.image_id
-                              AND t.layer = r.layer AND t.head = r.head)""")
-    finally:
-        con.unregister(name)
+    got = con.execute(f"""
+        INSERT INTO {target} (model_id, image_id, layer, head, vec)
+        SELECT r.model_id, r.image_id, r.layer, r.head, r.vec FROM read_parquet($files) r
+        WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.model_id = r.model_id AND t.image_id = r.image_id
+                          AND t.layer = r.layer AND t.head = r.head)""", {"files": list(files)}).fetchone()
+    return int(got[0]) if got else 0
 
 
-def delete_head_embeddings_of_images(con, model_id: str, image_ids: Sequence[str], layers: Sequence[int]) -> None:
-    """Delete the model's head rows of ``image_ids`` in ``layers`` from the table (the base table
-    while shards are attached in place): a set attached in place brings these rows itself."""
-    if not image_ids:
+def delete_head_embeddings_of_image_files(con, model_id: str, image_files: Sequence[str],
+                                          layers: Sequence[int]) -> None:
+    """Delete the model's head rows in ``layers`` of the images listed in shard ``image_files`` from the
+    table (the base table while shards are attached in place): a set attached in place brings these
+    rows itself."""
+    if not image_files:
         return
-    name = f"_ids_{next(_names)}"
-    con.register(name, pa.table({"image_id": pa.array(list(image_ids), pa.string())}))
-    try:
-        con.execute(f"DELETE FROM {head_embeddings_target(con)} WHERE model_id = ? AND list_contains(?, layer) "
-                    f"AND image_id IN (SELECT image_id FROM {name})", [model_id, [int(x) for x in layers]])
-    finally:
-        con.unregister(name)
+    con.execute(f"DELETE FROM {head_embeddings_target(con)} WHERE model_id = $m AND list_contains($layers, layer) "
+                f"AND image_id IN (SELECT image_id FROM read_parquet($files))",
+                {"m": model_id, "layers": [int(x) for x in layers], "files": list(image_files)})
 
 
 def insert_errors_once(con, run_id: Optional[str], rows: Sequence[tuple[str, str]]) -> None:

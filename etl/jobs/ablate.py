@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from etl.common import (add_model_args, add_warehouse_arg, load_model_from_args, positive_int, progress,
-                        warehouse_path)
+from etl.common import (add_model_args, add_warehouse_arg, dataset_spec, image_batch, load_model_from_args,
+                        positive_int, progress, warehouse_path)
 from warehouse import head_name
 
 
@@ -20,10 +20,11 @@ def add_parser(sub) -> None:
                                    "`component_means`.")
     add_model_args(p)
     add_warehouse_arg(p)
-    p.add_argument("--dataset", required=True, help="shapes:N:seed=S or an ImageFolder-layout folder")
+    p.add_argument("--dataset", required=True, type=dataset_spec, help="shapes:N:seed=S or an ImageFolder-layout folder")
     p.add_argument("--layers", default="auto", help="layers for per-head ablation (default auto: every layer up to 12 layers, else the last 4)")
     p.add_argument("--max-images", type=positive_int, default=2000, help="images used (default 2000)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default 64)")
+    p.add_argument("--batch-size", type=image_batch, default=64,
+                   help="images per forward (default 64; checked against the machine's memory)")
     p.add_argument("--force", action="store_true",
                    help="recompute even when this model, dataset and settings are already stored")
     p.set_defaults(func=run_ablate)

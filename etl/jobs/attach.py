@@ -3,6 +3,9 @@
 Small sets are copied in; large ones stay where they are and `head_embeddings` becomes a view over
 the table and the shard files (etl/shards.py attach_set; warehouse/writes.py
 refresh_head_embeddings_view), so every page, view and SQL query reads them unchanged.
+
+A set is untrusted input: it is checked whole, read-only and streaming, before the warehouse is
+touched (etl/shards.py check_set, warehouse/shard_checks.py), and then written in one transaction.
 """
 from __future__ import annotations
 
@@ -15,8 +18,12 @@ from warehouse.runs import run_record
 
 def add_parser(sub) -> None:
     p = sub.add_parser("attach", help="register Parquet shards of `embed --engine ray` in the warehouse",
-                       description="Read a shard set's manifest.json, verify every file's sha256 and register "
-                                   "the set: images, factors and image embeddings are copied in; head embeddings "
+                       description="Read a shard set's manifest.json and check the set as untrusted input (every "
+                                   "field of the manifest; every file the set's own, inside its folder, with its "
+                                   "sha256, the warehouse's columns and types, vectors of the model's d, all finite; "
+                                   "every key once, within the set and against the warehouse), then register it in "
+                                   "one transaction (a failed attach changes nothing): images, factors and image "
+                                   "embeddings are copied in; head embeddings "
                                    "too when the set has fewer than --copy-below rows, else they are read in place "
                                    "(head_embeddings becomes a view over the table and the shard files). "
                                    "Idempotent: attaching a set again adds no row.")

@@ -292,6 +292,29 @@ def embed(path: str, lm, dataset_spec: str, layers: list[int], backend: str = "o
             "stored_by_another": n_ok - n_stored, "duplicates": dataset.duplicates}
 
 
+def batch_bytes(lm, batch_size: int, n_layers: int) -> int:
+    """A floor on the memory one model batch takes (float32): the input [b, 3, S, S] and its uint8
+    crops, per layer being computed the residual stream, q, k, v and the MLP's 4x hidden layer
+    (~12 x [b, T, width]) and the attention scores and weights (2 x [b, heads, T, T]), and the head
+    embeddings out [b, L', heads, d]. T = (S / patch)^2 + 1 tokens."""
+    S, P = lm.image_size, lm.patch_size
+    T = (S // P) ** 2 + 1
+    per_image = 4 * (3 * S * S + 12 * T * lm.width + 2 * lm.heads * T * T + n_layers * lm.heads * lm.embed_dim) \
+        + 3 * S * S
+    return int(batch_size) * per_image
+
+
+def check_batch_fits(lm, batch_size: int, n_layers: int) -> None:
+    """ValueError when one batch of this model cannot fit in half the machine's memory."""
+    from etl.common import machine_memory
+    need, budget = batch_bytes(lm, batch_size, n_layers), machine_memory() // 2
+    if need > budget:
+        per = batch_bytes(lm, 1, n_layers)
+        raise ValueError(f"--batch-size {batch_size:,} of {lm.model_id} needs at least {need / 2**30:,.1f} GB "
+                         f"({per / 2**20:,.1f} MB an image) but this machine has {machine_memory() / 2**30:,.1f} GB; "
+                         f"use --batch-size {max(1, budget // per):,} or less")
+
+
 def embed_datasets(path: str, lm, datasets: list[str], layers: list[int], backend: str = "onnx",
                    providers: str | None = None, batch_size: int = 64,
                    workers: int | None = None) -> list[dict]:
@@ -309,8 +332,13 @@ def embed_datasets(path: str, lm, datasets: list[str], layers: list[int], backen
 
 
 def run_embed(args) -> int:
+    if args.engine == "ray":            # an address that does not answer: one line now, not Ray's retries later
+        from etl.ray_engine import check_ray_address, check_ray_workers
+        check_ray_workers(args.workers, args.ray_address)
+        check_ray_address(args.ray_address)
     path = warehouse_path(args)       # a wrong --warehouse fails before the model loads
     lm = load_model_from_args(args)
+    check_batch_fits(lm, args.batch_size, len(model_layers(lm, args.layers)))
     if args.engine == "ray":            # Ray Data actors -> Parquet shards -> attach (etl/ray_engine.py)
         from etl.ray_engine import embed_datasets_ray
         embed_datasets_ray(path, lm, args, model_layers(lm, args.layers), export)

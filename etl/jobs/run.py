@@ -41,6 +41,7 @@ def run(args) -> int:
     path = warehouse_path(args)
     lm = load_model_from_args(args)
     layers = embed.model_layers(lm, args.layers)
+    embed.check_batch_fits(lm, args.batch_size, len(layers))
     datasets = [open_dataset(spec) for spec in args.dataset]  # fail early on a bad name
     timings = {}
 

@@ -12,7 +12,7 @@ import json
 import warnings
 from pathlib import Path
 
-from etl.common import add_warehouse_arg, model_row_or_fail, positive_int, progress, warehouse_path
+from etl.common import add_warehouse_arg, model_row_or_fail, progress, text_batch, warehouse_path
 
 
 def add_parser(sub) -> None:
@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
                      help="a UTF-8 file, one text per line, optionally followed by TAB and a property tag")
     p.add_argument("--bank-name", metavar="NAME", default=None,
                    help="bank name for --text-file (default: the file name without extension)")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="texts per encoder batch and write (default 256)")
+    p.add_argument("--batch-size", type=text_batch, default=256,
+                   help="texts per encoder batch and write (default 256; checked against the machine's memory)")
     p.set_defaults(func=run)
 
 

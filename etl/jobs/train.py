@@ -8,7 +8,7 @@ import argparse
 from dataclasses import asdict
 
 import models
-from etl.common import (non_negative_float, non_negative_int, positive_float, positive_int,
+from etl.common import (image_batch, non_negative_float, non_negative_int, positive_float, positive_int,
                         probability)
 from etl.world import recipe
 from etl.world.recipe import MODEL_NAME, TrainConfig
@@ -20,7 +20,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int,
                    help="optimiser steps (each on a fresh batch of scenes); default 1000 "
                         "(~25-40 min on a shared 2-core CPU)")
-    p.add_argument("--batch-size", type=positive_int, help="scenes per step (default 128)")
+    p.add_argument("--batch-size", type=image_batch, help="scenes per step (default 128; checked against the machine's memory)")
     p.add_argument("--lr", type=positive_float, help="peak AdamW learning rate (default 1e-3)")
     p.add_argument("--warmup", type=non_negative_float,
                    help="warm-up steps; a value < 1 is a fraction of --steps (default 0.05)")

@@ -32,6 +32,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import openai
 
+from etl.deadline import DeadlineExceeded, call_with_deadline
 from etl.text.bank import PROPERTIES
 
 __all__ = [
@@ -377,12 +378,25 @@ MAX_ANSWER_BYTES = 4 * 2**20
 KEY_PREFIX_MIN = 8          # any echo of 8 or more leading characters of the key is redacted
 
 
+_SEP = r"[\W_]{0,3}"        # what a spaced echo puts between two characters of the key: spaces, dashes, dots
+
+
+def _spaced(chars: str, min_len: int) -> str:
+    """A pattern for ``chars`` with up to 3 separator characters between any two of them, matching
+    its first ``min_len`` characters or more (as many as the text holds)."""
+    parts = [re.escape(c) for c in chars]
+    min_len = min(min_len, len(parts))
+    tail = parts[min_len:]
+    return _SEP.join(parts[:min_len]) + "".join(f"(?:{_SEP}{p}" for p in tail) + ")?" * len(tail)
+
+
 def redact(text: str | None, key: str | None) -> str | None:
-    """``text`` with every echo of ``key`` replaced by ``***``: the key in any letter case, its
-    base64 forms (plain, URL-safe, unpadded, and of ``:key`` as HTTP Basic auth would send it), and
-    any run of its first ``KEY_PREFIX_MIN`` or more characters (a truncated echo)."""
+    """``text`` with every echo of ``key`` replaced by ``***``, in any letter case: the key itself,
+    reversed, or in hex (of its UTF-8 bytes), each also spaced out (up to 3 spaces, dashes or other
+    separators between characters) and each also truncated (a run of its first ``KEY_PREFIX_MIN`` or
+    more characters; 2 x that many hex digits); and its base64 forms (plain, URL-safe, unpadded, and
+    of ``:key`` as HTTP Basic auth would send it)."""
     import base64
-    import re
     if not text or not key:
         return text
     forms = {key}
@@ -391,10 +405,9 @@ def redact(text: str | None, key: str | None) -> str | None:
             forms |= {enc.decode(), enc.decode().rstrip("=")}
     for form in sorted(forms, key=len, reverse=True):
         text = re.sub(re.escape(form), "***", text, flags=re.IGNORECASE)
-    if len(key) >= KEY_PREFIX_MIN:
-        # the longest prefix of the key (at least KEY_PREFIX_MIN characters) at each place it occurs
-        prefix = "".join(f"(?:{re.escape(c)}" for c in key[KEY_PREFIX_MIN:]) + ")?" * (len(key) - KEY_PREFIX_MIN)
-        text = re.sub(re.escape(key[:KEY_PREFIX_MIN]) + prefix, "***", text, flags=re.IGNORECASE)
+    for chars, min_len in ((key, KEY_PREFIX_MIN), (key[::-1], KEY_PREFIX_MIN),
+                           (key.encode().hex(), 2 * KEY_PREFIX_MIN)):
+        text = re.sub(_spaced(chars, min_len), "***", text, flags=re.IGNORECASE)
     return text
 
 
@@ -403,7 +416,8 @@ class LLMLabeler:
 
     model:      the model name the endpoint knows (``--llm-model``)
     api_key:    default ``$OPENAI_API_KEY``; base_url: default ``$OPENAI_BASE_URL`` (else OpenAI)
-    timeout_s:  total seconds per request (connecting, waiting and reading the whole answer);
+    timeout_s:  wall-clock seconds per attempt (connecting, headers and the whole answer), enforced
+                outside the HTTP client (etl.deadline);
                 max_retries: further attempts after a 429 / 5xx / timeout /
                 dropped connection, waiting the server's Retry-After or else
                 backoff_s * 2**attempt, at most max_backoff_s each time
@@ -528,17 +542,25 @@ class LLMLabeler:
         return self._client
 
     def _request(self, messages: list[dict]) -> str:
-        client = self._client_or_fail()
+        """The answer, in at most ``max_retries + 1`` attempts of at most ``timeout_s`` wall-clock seconds
+        each (etl.deadline: enforced outside the HTTP client, so connecting, headers, body and the
+        client's own logic all count), with waits of at most ``max_backoff_s`` between them."""
         where = self.base_url or "the OpenAI API"
         for attempt in range(self.max_retries + 1):
+            client = self._client_or_fail()
             self.requests += 1
             try:
-                return self._answer(client, messages, where)
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
+                return call_with_deadline(lambda: self._answer(client, messages, where), self.timeout_s)
+            except (DeadlineExceeded, openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
                     openai.APIConnectionError) as exc:
+                if isinstance(exc, DeadlineExceeded):
+                    self._client = None          # cut mid-request: the next attempt gets a fresh connection
+                    said = f"no complete answer within --llm-timeout {self.timeout_s:g} s"
+                else:
+                    said = f"{type(exc).__name__}: {self._scrub(str(exc))}"
                 if attempt == self.max_retries:
                     raise LLMError(f"{where} kept failing after {attempt + 1} attempts "
-                                   f"(last: {type(exc).__name__}: {self._scrub(str(exc))}). Check the endpoint "
+                                   f"(last: {said}). Check the endpoint "
                                    f"and try again later; answers so far are cached.") from None
                 time.sleep(self._wait(attempt, exc))
             except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
@@ -554,17 +576,13 @@ class LLMLabeler:
         raise AssertionError("unreachable")
 
     def _answer(self, client, messages: list[dict], where: str) -> str:
-        """One request under a total deadline of ``timeout_s`` (connect, wait and every byte of the
-        body: a server that trickles its answer is cut off), its body parsed here so that a body
+        """One request (the caller bounds its wall-clock time), its body parsed here so that a body
         that is not a chat completion gets a message instead of a JSON traceback."""
-        deadline = time.monotonic() + self.timeout_s
         with client.chat.completions.with_streaming_response.create(
                 model=self.model, messages=messages, temperature=0) as response:
             body = bytearray()
             for chunk in response.iter_bytes():
                 body += chunk
-                if time.monotonic() > deadline:
-                    raise openai.APITimeoutError(request=response.http_request)
                 if len(body) > MAX_ANSWER_BYTES:
                     raise LLMError(f"{where} sent more than {MAX_ANSWER_BYTES // 2**20} MB for one answer; "
                                    "check OPENAI_BASE_URL")

@@ -34,10 +34,13 @@ def places(tmp_path_factory):
         def __reduce__(self):
             return (print, ("this would run",))
     torch.save({"visual.conv1.weight": Evil()}, root / "evil.pt")
+    import pickle
+    with open(root / "raw.pt", "wb") as f:      # a raw pickle (not torch.save): torch warned before refusing it
+        pickle.dump({"visual.conv1.weight": Evil()}, f, protocol=4)
     (root / "nopath.csv").write_text("file,label\na.png,x\n")
     return {"folder": str(root / "folder"), "text": str(root / "notes.txt"), "empty": str(root / "empty.duckdb"),
             "missing": str(root / "missing.duckdb"), "evil": str(root / "evil.pt"),
-            "nopath": str(root / "nopath.csv"), "home": str(root / "home"), "root": root}
+            "nopath": str(root / "nopath.csv"), "raw": str(root / "raw.pt"), "home": str(root / "home"), "root": root}
 
 
 def _args(template: list[str], places: dict) -> list[str]:
@@ -96,6 +99,27 @@ CASES = [
     ("train-lr-nan", ["train-toy", "--lr", "nan"], "not a finite number", 2),
     ("train-single-prob", ["train-toy", "--single-prob", "2"], "not a probability", 2),
     ("train-zoo-threads", ["train-zoo", "--model", "toy-shapes", "--threads", "0"], "not a positive integer", 2),
+    # bounded parallelism and sizes, checked against the machine while the flags are parsed (issue 21 breaks 3, 11)
+    ("loader-workers-bomb", ["embed", *TOY, "--dataset", "shapes:4", "--loader-workers", "100000", *WH],
+     "argument --loader-workers: 100,000 is more than this machine's", 2),
+    ("run-loader-workers-bomb", ["run", *TOY, "--dataset", "shapes:4", "--loader-workers", "100000", *WH],
+     "argument --loader-workers: 100,000 is more than this machine's", 2),
+    ("batch-size-bomb", ["embed", *TOY, "--dataset", "shapes:4", "--batch-size", "100000000", *WH],
+     "argument --batch-size: 100,000,000 images in one batch need at least", 2),
+    ("ablate-batch-bomb", ["ablate", *TOY, "--dataset", "shapes:4", "--batch-size", "100000000", *WH],
+     "images in one batch need at least", 2),
+    ("texts-batch-bomb", ["texts", "--batch-size", "10000000000", *WH], "texts in one batch need at least", 2),
+    ("train-batch-bomb", ["train-toy", "--batch-size", "100000000"], "images in one batch need at least", 2),
+    ("shapes-huge", ["embed", *TOY, "--dataset", "shapes:10000000000000:seed=1", *WH],
+     "10,000,000,000,000 scenes is more than a warehouse counts (at most 2,147,483,647)", 2),
+    ("shapes-over-memory", ["embed", *TOY, "--dataset", "shapes:2000000000", *WH],
+     "2,000,000,000 scenes of shapes:2000000000 need at least", 2),
+    ("ablate-shapes-huge", ["ablate", *TOY, "--dataset", "shapes:10000000000000", *WH],
+     "scenes is more than a warehouse counts", 2),
+    ("ray-workers-bomb", ["embed", *TOY, "--dataset", "shapes:4", "--engine", "ray", "--workers", "100000", *WH],
+     "--workers 100,000 is more than this machine's", 2),
+    ("ray-shard-size-bomb", ["embed", *TOY, "--dataset", "shapes:4", "--engine", "ray", "--shard-size",
+                             "100000000000", *WH], "images in one shard need at least", 2),
     # usage
     ("unknown-job", ["nope"], "invalid choice: 'nope'", 2),
     ("missing-flag", ["embed", *TOY], "the following arguments are required: --dataset", 2),
@@ -110,6 +134,8 @@ CASES = [
      "checkpoint file not found", 2),
     ("checkpoint-pickle", ["embed", *TOY, "--checkpoint", "{evil}", "--dataset", "shapes:4", *WH],
      "is not a plain state dict (it would run code when unpickled)", 2),
+    ("checkpoint-raw-pickle", ["embed", *TOY, "--checkpoint", "{raw}", "--dataset", "shapes:4", *WH],
+     "raw.pt: it is not a torch state dict", 2),
     ("decompose-out-folder", ["decompose", *TOY, "--image", "{text}", "--out", "{folder}"], "is a folder", 2),
     ("decompose-bad-image", ["decompose", *TOY, "--image", "{text}", "--out", "{root}/d.npz"], "notes.txt", 2),
 ]
@@ -151,3 +177,15 @@ def test_reading_jobs_create_no_warehouse_and_no_home(tmp_path):
         r = cli(*argv, env={"ATLAS_HOME": str(home)})
         assert r.returncode == 2 and "No warehouse at" in r.stderr, r.stderr
     assert not home.exists()
+
+
+def test_a_batch_the_model_cannot_hold_is_refused_before_it_runs(places):
+    """Past the parse-time floor (1 MB an image), the embed job checks a batch against the loaded
+    model's own size: ViT-B-16 takes ~11.6 MB an image, so the largest batch the floor lets through is refused."""
+    from etl.common import IMAGE_BYTES_MIN, machine_memory
+    batch = machine_memory() // 2 // IMAGE_BYTES_MIN                  # the most the floor allows
+    r = cli("embed", "--model", "ViT-B-16", "--random-init", "--dataset", "shapes:4", "--batch-size", str(batch),
+            "--warehouse", places["missing"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"--batch-size {batch:,} of ViT-B-16/random-seed0 needs at least" in r.stderr, r.stderr
+    assert not os.path.exists(places["missing"])

@@ -218,3 +218,20 @@ def test_the_actor_turns_bad_images_into_error_records(tmp_path, env):
     out = actor(pa.Table.from_pylist(rows[1:]))
     assert out["entry"] == [""] and len(json.loads(out["errors"][0])) == 2
     assert sorted(p.name for p in (tmp_path / "set" / "images").iterdir()) == ["000000000.parquet"]
+
+
+@pytest.mark.parametrize("address,phrase", [
+    ("127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1 (Connection refused)"),
+    ("ray://127.0.0.1:1", "no Ray cluster answers at ray://127.0.0.1:1 (Connection refused)"),
+    ("127.0.0.1:99999", "is not auto, HOST:PORT or ray://HOST:PORT"),
+    ("http://x", "is not auto, HOST:PORT or ray://HOST:PORT")])
+def test_a_ray_address_that_does_not_answer_is_one_line_within_10_s(tmp_path, env, address, phrase):
+    """Break 11 of issue 21: `--ray-address 127.0.0.1:1` hung past 180 s with 10 lines of Ray logs."""
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "etl", "embed", "--model", MODEL, "--dataset", DATASET, "--engine", "ray",
+                        "--ray-address", address, "--warehouse", str(tmp_path / "w.duckdb")], capture_output=True,
+                       text=True, env=env, timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert phrase in r.stderr and took < 10.0, (took, r.stderr)
+    assert not (tmp_path / "w.duckdb").exists()                  # refused before anything was written

@@ -15,7 +15,7 @@ from etl.text.labelers import MIXED
 from etl.text.bank import PROPERTIES, atlas_bank, read_text_file
 from etl.text.textspan import textspan_literal
 from tests.model_fixtures import register_tiny_configs
-from tests.unit.test_labelers import KEY, FakeEndpoint
+from tests.unit.test_labelers import KEY, FakeEndpoint, TrickleHeaders
 
 MODEL = "atlas-test-tiny/random-seed0"          # 3 layers x 4 heads, d = 24
 N_HEADS = 12
@@ -315,6 +315,27 @@ def test_llm_label_job_stops_on_a_rejected_key_and_keeps_what_it_wrote(wht, caps
     before = len(endpoint.requests)
     out = job(capsys, "label", "--model", MODEL, "--warehouse", wht, *llm)
     assert out["heads_labelled"] == N_HEADS - 2 and len(endpoint.requests) - before == N_HEADS - 2
+
+
+def test_llm_label_job_ends_at_its_deadline_when_the_headers_trickle(wht, capsys, monkeypatch):
+    """Break 5 of issue 21: `label --labeler llm --llm-timeout 3 --llm-retries 1` against a server that
+    sends one header line every 0.5 s ran past 400 s. Now: two attempts of 3 s, one short wait, one line."""
+    import time
+    job(capsys, "textspan", "--model", MODEL, "--warehouse", wht)
+    server = TrickleHeaders(every=0.5)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    try:
+        t0 = time.monotonic()
+        err = job_error(capsys, "label", "--model", MODEL, "--warehouse", wht, "--labeler", "llm",
+                        "--llm-model", "test-model", "--llm-timeout", "3", "--llm-retries", "1")
+        took = time.monotonic() - t0
+    finally:
+        server.close()
+    assert err.count("\n") == 1 and err.startswith("error: ") and "kept failing after 2 attempts" in err, err
+    assert "no complete answer within --llm-timeout 3 s" in err
+    assert 6.0 <= took < 6.0 + 1.0 + 2.0, took          # 2 x 3 s, a backoff of at most 1 s, a margin
+    assert server.connections == 2
 
 
 def _batched_picks(wh, layer, dataset=None):

@@ -2,6 +2,7 @@
 against a small OpenAI-compatible HTTP server on 127.0.0.1 that each test scripts."""
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -353,3 +354,119 @@ def test_llm_key_echoes_are_redacted_before_storing_or_printing(endpoint, make_l
     assert_key_nowhere(tmp_path, label.raw, str(err.value))
     for f in tmp_path.rglob("*.json"):
         assert KEY[:8].lower() not in f.read_text().lower()
+
+
+# --------------------------------------------------------------------------- issue 21: headers trickled, keys disguised
+
+class TrickleHeaders:
+    """A raw TCP server on 127.0.0.1 that answers every request with a status line and then one
+    header line every ``every`` seconds, never ending its headers (each read is quick, the whole is not)."""
+
+    def __init__(self, every: float = 0.5):
+        import socket
+        self.every, self.connections = every, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            i = 0
+            while not self.stop.is_set():
+                time.sleep(self.every)
+                conn.sendall(f"X-Trickle-{i}: {'x' * 20}\r\n".encode())
+                i += 1
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def trickle_headers():
+    server = TrickleHeaders(every=0.5)
+    yield server
+    server.close()
+
+
+def test_llm_deadline_holds_when_the_headers_trickle(trickle_headers, tmp_path):
+    """Break 5 of issue 21: one header line every 0.5 s kept a 3 s timeout waiting for 400 s. Each
+    attempt is now cut at its wall-clock deadline, wherever the client is (here: reading headers)."""
+    llm = LLMLabeler("test-model", api_key=KEY, base_url=trickle_headers.url, cache_dir=tmp_path / "llm",
+                     timeout_s=1.5, max_retries=1, backoff_s=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(LLMError, match=r"kept failing after 2 attempts \(last: no complete answer within "
+                                       r"--llm-timeout 1.5 s\)"):
+        llm.label(COLOR_HEAD)
+    took = time.monotonic() - t0
+    assert 2 * 1.5 <= took < 2 * 1.5 + 1.0, took
+    assert trickle_headers.connections == 2 and llm.requests == 2
+
+
+def test_deadline_outside_the_main_thread_and_inside_another(tmp_path):
+    """etl.deadline: in a worker thread (no signals) the caller stops waiting at the deadline; a
+    deadline inside a longer one fires first and gives the outer one its remaining time back."""
+    from etl.deadline import DeadlineExceeded, call_with_deadline
+    got = {}
+
+    def worker():
+        t0 = time.monotonic()
+        try:
+            call_with_deadline(lambda: time.sleep(5), 0.3)
+        except DeadlineExceeded as exc:
+            got["took"], got["seconds"] = time.monotonic() - t0, exc.seconds
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(3)
+    assert 0.3 <= got["took"] < 1.0 and got["seconds"] == 0.3
+
+    def inner_then_sleep():
+        with pytest.raises(DeadlineExceeded) as inner:
+            call_with_deadline(lambda: time.sleep(5), 0.2)
+        assert inner.value.seconds == 0.2
+        time.sleep(5)
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as outer:
+        call_with_deadline(inner_then_sleep, 0.6)
+    assert outer.value.seconds == 0.6 and 0.6 <= time.monotonic() - t0 < 1.2
+    assert call_with_deadline(lambda: 7, 1.0) == 7
+
+
+SPACED = " ".join(KEY)
+HEX = KEY.encode().hex()
+
+
+@pytest.mark.parametrize("echo", [HEX, HEX.upper(), " ".join(HEX[i:i + 2] for i in range(0, len(HEX), 2)),
+                                  SPACED, "-".join(KEY), KEY[::-1], " ".join(KEY[::-1]), HEX[:20],
+                                  " ".join(KEY[:10])], ids=["hex", "HEX", "hex-spaced", "spaced", "dashed",
+                                                            "reversed", "reversed-spaced", "hex-prefix",
+                                                            "spaced-prefix"])
+def test_llm_key_echoes_in_disguise_are_redacted(endpoint, make_llm, tmp_path, echo):
+    """Break 12 of issue 21: the key echoed in hex, spaced out or reversed was stored in head_labels.raw."""
+    endpoint.answer(f'{{"property": "colors", "confidence": 1, "note": "your key {echo} was used"}}')
+    endpoint.answer(f"unauthorised key {echo}", status=401)
+    label = make_llm().label(COLOR_HEAD)
+    assert label.property == "colors" and "***" in label.raw
+    with pytest.raises(LLMError) as err:
+        make_llm().label([HeadText("another head", "colors", 0.3)])
+    squash = lambda t: re.sub(r"[\W_]", "", t).lower()      # noqa: E731 - the text with every separator gone
+    for text in (label.raw, str(err.value), *[f.read_text() for f in tmp_path.rglob("*.json")]):
+        for form in (KEY, KEY[::-1], HEX):
+            assert squash(form)[:8] not in squash(text), (form, text)
+    assert "your key *** was used" in label.raw and "***" in str(err.value)
