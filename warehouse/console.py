@@ -166,6 +166,10 @@ _REFUSALS = {
     "TRANSACTION": "Transactions are not needed: every console query is read-only.",
     "VACUUM": "VACUUM changes the database.",
     "ANALYZE": "ANALYZE changes the database's statistics.",
+    "CHECKPOINT": "CHECKPOINT writes the database file.",
+    "TRUNCATE": "TRUNCATE deletes every row of a table.",
+    "DEALLOCATE": "DEALLOCATE drops a prepared statement; PREPARE/EXECUTE are not supported either.",
+    "COMMENT": "COMMENT ON changes the schema.",
     "PREPARE": "PREPARE/EXECUTE are not supported; write the values into the query.",
     "EXECUTE": "PREPARE/EXECUTE are not supported; write the values into the query.",
     "UPDATE_EXTENSIONS": "Updating extensions is not allowed in the console.",
@@ -219,10 +223,40 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+# DuckDB parses some statements as another type (ANALYZE is a VACUUM, CHECKPOINT a CALL, COPY FROM
+# DATABASE a PRAGMA, TRUNCATE a DELETE, ...): the refusal names the statement the user wrote, found
+# by its leading keywords.
+_LEADING = {
+    "ANALYZE": "ANALYZE", "ANALYSE": "ANALYZE", "CHECKPOINT": "CHECKPOINT", "FORCE CHECKPOINT": "CHECKPOINT",
+    "COPY FROM DATABASE": "COPY_DATABASE", "TRUNCATE": "TRUNCATE", "DEALLOCATE": "DEALLOCATE",
+    "COMMENT ON": "COMMENT", "SET VARIABLE": "VARIABLE_SET", "RESET VARIABLE": "VARIABLE_SET",
+}
+
+
+def _leading_words(query: str, n: int = 3) -> list[str]:
+    """The first ``n`` words of a statement, upper case, comments skipped (DuckDB's tokenizer)."""
+    try:
+        tokens = duckdb.tokenize(query)
+    except Exception:  # noqa: BLE001 - a statement the tokenizer refuses: no words
+        return []
+    words = []
+    for i, (start, kind) in enumerate(tokens):
+        if kind == duckdb.token_type.comment:
+            continue
+        end = tokens[i + 1][0] if i + 1 < len(tokens) else len(query)
+        words.append(query[start:end].strip().upper())
+        if len(words) == n:
+            break
+    return words
+
+
 def _refuse_type(kind: str, query: str = "") -> None:
-    if kind == "UNKNOWN":    # a type this duckdb's Python client has no name for (UPDATE EXTENSIONS)
-        words = " ".join(query.split()[:2]).upper()
-        reason = f"{words} statements are not allowed." if words else "This statement is not allowed."
+    words = _leading_words(query)
+    named = next((_LEADING[" ".join(words[:k])] for k in (3, 2, 1) if " ".join(words[:k]) in _LEADING), None)
+    if named:
+        reason = _REFUSALS[named]
+    elif kind == "UNKNOWN":    # a type this duckdb's Python client has no name for (UPDATE EXTENSIONS)
+        reason = f"{' '.join(words[:2])} statements are not allowed." if words else "This statement is not allowed."
     else:
         reason = _REFUSALS.get(kind, f"{kind} statements are not allowed.")
     raise QueryRefused(f"Refused: {reason} {_WRITE_HINT}")

@@ -161,7 +161,7 @@ def test_a_long_query_is_interrupted(wh):
     ("RESET memory_limit", "SET/RESET/USE"),
     ("CALL pragma_version()", "CALL"),
     ("BEGIN TRANSACTION", "Transactions"),
-    ("CHECKPOINT", "CALL"),
+    ("CHECKPOINT", "CHECKPOINT writes the database file"),
     ("EXPLAIN ANALYZE DELETE FROM texts", "DELETE writes"),
 ])
 def test_writes_files_extensions_and_settings_are_refused(wh, sql, words):
@@ -170,6 +170,28 @@ def test_writes_files_extensions_and_settings_are_refused(wh, sql, words):
         run_console_query(p, sql)
     assert words in str(err.value)
     assert _count(p, "texts") == 3
+
+
+@pytest.mark.parametrize("sql, words", [
+    ("ANALYZE", "Refused: ANALYZE changes the database's statistics."),
+    ("analyse texts", "Refused: ANALYZE changes the database's statistics."),
+    ("VACUUM", "Refused: VACUUM changes the database."),
+    ("COPY FROM DATABASE memory TO other", "Refused: COPY FROM DATABASE writes a database."),
+    ("/* c */ CHECKPOINT", "Refused: CHECKPOINT writes the database file."),
+    ("FORCE CHECKPOINT", "Refused: CHECKPOINT writes the database file."),
+    ("CALL checkpoint()", "Refused: CALL runs a procedure"),
+    ("PRAGMA version", "Refused: PRAGMA changes or inspects settings"),
+    ("TRUNCATE texts", "Refused: TRUNCATE deletes every row of a table."),
+    ("DEALLOCATE p", "Refused: DEALLOCATE drops a prepared statement"),
+    ("SET VARIABLE x = 1", "Refused: SET VARIABLE changes session state"),
+    ("COMMENT ON TABLE texts IS 'x'", "Refused: COMMENT ON changes the schema."),
+])
+def test_refusals_name_the_statement_that_was_written(sql, words):
+    """Break 12: DuckDB parses ANALYZE as a VACUUM, COPY FROM DATABASE as a PRAGMA and CHECKPOINT as
+    a CALL; the refusals named those. They name what the user wrote (statement types only: no worker)."""
+    with pytest.raises(QueryRefused) as err:
+        check_query(sql)
+    assert str(err.value).startswith(words)
 
 
 def test_copy_creates_no_file(wh, tmp_path):
