@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import os
 import resource
+import threading
 import time
 
 import duckdb
@@ -96,6 +97,31 @@ def test_read_only_forms_are_allowed(wh, sql, n):
     assert len(df) >= 1 and not truncated
     if n is not None:
         assert len(df) == n
+
+
+def test_a_spare_worker_outlives_the_thread_that_started_it(wh):
+    """Streamlit runs each script run in a thread of its own. A worker dies with its parent
+    (PR_SET_PDEATHSIG), which Linux counts per thread: a spare started by the console page's
+    warm_up() was killed when that run's thread ended, and the next query met a dying worker
+    ("the query worker ended unexpectedly (signal 9, SIGKILL)"). Workers are now started from one
+    long-lived thread."""
+    p, _ = wh
+    console_mod._stop_spare()
+
+    def page_run():                   # the page's run: warm_up(), then more rendering, then the thread ends
+        console_mod.warm_up()
+        console_mod._spare.wait_started()
+
+    t = threading.Thread(target=page_run)
+    t.start()
+    t.join()
+    spare = console_mod._spare
+    assert spare is not None
+    time.sleep(0.5)
+    assert spare.proc.poll() is None
+    stats = {}
+    df, _ = run_console_query(p, "SELECT 41 + 1 AS x", stats=stats)
+    assert df["x"].tolist() == [42] and stats["spare"] is True and stats["outcome"] == "ok"
 
 
 def test_console_workers_yield_the_cpu_to_the_dashboard(wh):
