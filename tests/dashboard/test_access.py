@@ -363,6 +363,14 @@ def test_the_login_form_sets_the_cookie_and_never_redirects_off_site(token_serve
     assert status == 413
 
 
+def test_the_login_page_shows_the_requested_path_as_text(token_server):
+    """The login form echoes the path it will return to; it is escaped, and the page runs no script."""
+    status, headers, body = _http("127.0.0.1", token_server, path='/x"><script>alert(1)</script><img%20src=//evil>')
+    assert status == 401 and b"<script" not in body and b"<img" not in body
+    assert b"&lt;script&gt;" in body or b"%3Cscript%3E" in body
+    assert "default-src 'none'" in headers["content-security-policy"]
+
+
 def test_an_attackers_wrong_tokens_do_not_lock_the_owner_out(token_server):
     """Break 9 against the real server: 25 wrong tokens from one address (127.0.0.2) in a few
     seconds; that address is then made to wait, while the owner's right token, from another

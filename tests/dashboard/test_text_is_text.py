@@ -163,3 +163,65 @@ def test_a_value_quoted_in_a_console_error_is_text(hostile):
     at.button[0].click().run()
     _check(at, QUERY_VALUE)
     assert at.error and QUERY_VALUE in shown(at.error[0].value)
+
+
+# --------------------------------------------------------------------------- the same in a real browser
+
+@pytest.mark.browser
+def test_hostile_text_in_chromium_loads_nothing_and_links_nowhere(hostile, tmp_path):
+    """The head page (label, TextSpan text, image labels) and the match page with a hostile
+    `?text=` in chromium: no request leaves for a URL taken from data, no link or image element
+    points at one, and the strings read as written."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.parse
+    import urllib.request
+    from playwright.sync_api import sync_playwright
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.fail(f"{chromium} is missing: `apt-get install -y chromium`")
+    path, model_id, (layer, head) = hostile
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "ATLAS_TOKEN"}
+    env["ATLAS_WAREHOUSE"] = str(path)
+    with open(tmp_path / "log.txt", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port)],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    requests: list[str] = []
+    try:
+        for _ in range(400):
+            try:
+                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.3)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_context(viewport={"width": 1400, "height": 2200}).new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            urls = [(f"{base}/head?model={urllib.parse.quote(model_id)}&layer={layer}&head={head}", (LABEL, TEXT)),
+                     (f"{base}/head-match?text={urllib.parse.quote(URL_TEXT)}", (URL_TEXT,))]
+            for url, texts in urls:
+                page.goto(url)
+                page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=240_000)
+                page.wait_for_selector('[data-testid="stImage"]', timeout=240_000)
+                page.wait_for_timeout(1500)
+                assert not page.locator('[data-testid="stException"]').count()
+                body = page.locator("body").inner_text()
+                for text in texts:
+                    assert text in body, text
+                hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))")
+                srcs = page.eval_on_selector_all("img[src]", "els => els.map(e => e.getAttribute('src'))")
+                assert not [h for h in hrefs if "evil.example" in h or "127.0.0.1:9" in h or "javascript:" in h]
+                assert not [s for s in srcs if "127.0.0.1:9" in s]
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert not [u for u in requests if "127.0.0.1:9/" in u or "evil.example" in u]
