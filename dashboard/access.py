@@ -255,15 +255,18 @@ class _Guard:
 
 
 GUARD = _Guard()
+RESCAN_S = 2.0
 _listening: list[str] = []
+_scanned_at = float("-inf")
 
 
 def serving_addresses() -> list[str]:
-    """Where this process serves: its listening sockets (cached once found) and the configured
-    ``server.address`` as a bind resolves it, when one is set."""
-    global _listening
-    if not _listening:
-        _listening = listening_addresses()
+    """Where this process serves: its listening sockets (kept once found; while none is found, looked
+    for again at most every RESCAN_S seconds) and the configured ``server.address`` as a bind
+    resolves it, when one is set."""
+    global _listening, _scanned_at
+    if not _listening and time.monotonic() - _scanned_at > RESCAN_S:
+        _listening, _scanned_at = listening_addresses(), time.monotonic()
     out = list(_listening)
     try:
         from streamlit import config

@@ -10,15 +10,26 @@ selectbox options, chart text and Vega tooltips (which escape HTML) show text as
 """
 from __future__ import annotations
 
+import re
+
 _MD_SPECIAL = set("\\`*_{}[]()<>#+-.!|~:$=&\"'@%^;,?/")
+
+
+WORD_JOINER = "\u2060"
+# GFM's autolink literals (http://, https://, www., mailto:, xmpp:, an e-mail address) are found
+# after escapes are resolved, so escaping cannot stop them: a WORD JOINER (invisible, zero width)
+# after the scheme's letters, after "www" and after "@" breaks each pattern.
+_AUTOLINK = re.compile(r"(?i)(https?|mailto|xmpp)(?=:)|\bwww(?=\.)|@")
 
 
 def plain(value) -> str:
     """``value`` as Markdown source that renders as exactly its text: every ASCII punctuation
     character is backslash-escaped (CommonMark lets any be), so labels, texts, file names and URL
     parameters taken from data can never become links, images (a fetched URL), emphasis, HTML,
-    Streamlit's ``:color[...]``/``:icon:`` directives, math or an autolink. Line breaks stay breaks."""
-    text = "" if value is None else str(value)
+    Streamlit's ``:color[...]``/``:icon:`` directives or math; an autolink literal (``http://``,
+    ``www.``, an e-mail address) gets an invisible WORD JOINER that GFM does not accept in one.
+    Line breaks stay breaks."""
+    text = _AUTOLINK.sub(lambda m: m.group(0) + WORD_JOINER, "" if value is None else str(value))
     out = []
     for ch in text:
         if ch in _MD_SPECIAL:

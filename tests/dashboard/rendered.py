@@ -9,5 +9,6 @@ _ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")      # CommonMark: a backslash befo
 
 
 def shown(markdown) -> str:
-    """``markdown`` as read: backslash escapes removed."""
-    return _ESCAPE.sub(r"\1", str(markdown))
+    """``markdown`` as read: backslash escapes removed, invisible word joiners (which break autolinks,
+    dashboard/safe_text.py) dropped."""
+    return _ESCAPE.sub(r"\1", str(markdown)).replace("\u2060", "")

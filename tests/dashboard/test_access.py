@@ -425,6 +425,7 @@ def test_a_listener_beyond_loopback_closes_the_script_without_the_guard(monkeypa
     token, but no HTTP guard (a bare `streamlit run` of another entry file), renders only the refusal."""
     at, restore = _apptest(monkeypatch, tmp_path, address="127.0.0.1", token=TOKEN)
     monkeypatch.setattr(access, "_listening", [])
+    monkeypatch.setattr(access, "_scanned_at", float("-inf"))
     try:
         with socket.socket() as wild:
             wild.bind(("0.0.0.0", 0))
@@ -435,6 +436,7 @@ def test_a_listener_beyond_loopback_closes_the_script_without_the_guard(monkeypa
         assert len(at.text_input) == 0
     finally:
         monkeypatch.setattr(access, "_listening", [])
+        monkeypatch.setattr(access, "_scanned_at", float("-inf"))
         restore()
 
 

@@ -36,7 +36,7 @@ FILE_NAME = "![b](http://127.0.0.1:9/upload-beacon.png).png"
 URL_TEXT = "[Session expired: re-enter token](http://evil.example/url) ![u](http://127.0.0.1:9/url.png)"
 QUERY_VALUE = "![q](http://127.0.0.1:9/query.png)"
 HOSTILE = (LABEL, TEXT, IMAGE_LABEL, FILE_NAME, URL_TEXT, QUERY_VALUE)
-LIVE = ("](http", "![", "<img", ":red[", "](javascript")        # what live Markdown/HTML would need
+LIVE = ("](http", "![", "<img", ":red[", "](javascript", "http:", "www.")   # live Markdown, HTML or an autolink
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_hostile_text_in_chromium_loads_nothing_and_links_nowhere(hostile, tmp_p
                 page.wait_for_selector('[data-testid="stImage"]', timeout=240_000)
                 page.wait_for_timeout(1500)
                 assert not page.locator('[data-testid="stException"]').count()
-                body = page.locator("body").inner_text()
+                body = page.locator("body").inner_text().replace("\u2060", "")    # word joiners: invisible
                 for text in texts:
                     assert text in body, text
                 hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))")
@@ -224,4 +224,4 @@ def test_hostile_text_in_chromium_loads_nothing_and_links_nowhere(hostile, tmp_p
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-    assert not [u for u in requests if "127.0.0.1:9/" in u or "evil.example" in u]
+    assert not [u for u in requests if not u.startswith(base) and ("127.0.0.1:9/" in u or "evil.example" in u)]
