@@ -200,8 +200,8 @@ def test_atlas_grid_and_head_card_follow_the_choice(warehouse_file, chosen):
 
     grid = chart_rows(charts(at)[0])
     assert len(grid) == int(row["layers"]) * int(row["heads"])
-    shown = {(r["layer"], r["head"], r["property"]) for r in grid}
-    assert shown == cells(first)
+    drawn = {(r["layer"], r["head"], r["property"]) for r in grid}
+    assert drawn == cells(first)
     names = head_names(warehouse_file, first)
     picked = [names[0], names[len(names) // 2]]       # neither is the picker's default (the last head)
     for name in picked:
@@ -650,7 +650,7 @@ def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_
     l, h = _labelled_head(warehouse_file, model_id)
     at = page(nav.HEAD, model=model_id, layer=str(l), head=str(h))
     name = widgets.head_name(l, h)
-    assert at.header[0].value == f"{name} of {model_id}"
+    assert shown(at.header[0].value) == f"{name} of {model_id}"
     assert at.sidebar.selectbox(key="atlas_model_picker").value == model_id
     assert at.selectbox(key=f"head_page@{model_id}").value == name
     # the URL keeps the state (not consumed like other pages' links)
@@ -660,9 +660,9 @@ def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_
     assert metric(at, "label") == label.get("property", "unlabelled")
     texts = queries.head_texts(warehouse_file, model_id, l, h)
     frames = [d.value for d in at.dataframe]
-    shown = next(f for f in frames if "variance_explained" in f.columns)
-    assert list(shown.text) == list(texts.text)
-    np.testing.assert_allclose(shown.variance_explained, texts.variance_explained)
+    textspan = next(f for f in frames if "variance_explained" in f.columns)
+    assert list(textspan.text) == list(texts.text)
+    np.testing.assert_allclose(textspan.variance_explained, texts.variance_explained)
     # the bank's texts at both ends of the head's mean projection
     ranking = queries.head_text_ranking(warehouse_file, model_id, l, h)
     assert len(ranking) > 20 and ranking["mean"].is_monotonic_decreasing
