@@ -12,6 +12,7 @@ import streamlit as st
 
 from dashboard import nav
 from dashboard.data import q, stamp, warehouse_path
+from dashboard.safe_text import plain
 from models import similarity as sim
 from warehouse import WarehouseError, head_name, queries
 
@@ -61,7 +62,7 @@ def pair(a: str, b: str) -> dict:
     try:
         r = _pair(str(path), stamp(path), lo, hi)
     except WarehouseError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         st.stop()
     if (lo, hi) == (a, b):
         return r
@@ -122,7 +123,7 @@ def model_matrix(model_ids: list[str], by: str = "cka") -> pd.DataFrame:
     try:
         return _matrix(str(path), stamp(path), tuple(model_ids), by)
     except WarehouseError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         st.stop()
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from dashboard import nav
 from dashboard.data import fill_commands, q, stamp, warehouse_path
+from dashboard.safe_text import code, plain  # noqa: F401  (w.plain, w.code for pages)
 from warehouse import head_name, parse_head, queries  # noqa: F401  (w.head_name, w.parse_head for pages)
 
 Head = tuple[int, int]
@@ -50,7 +51,7 @@ def require_warehouse() -> dict:
     summary = q(queries.warehouse_summary)
     if summary["missing"] or summary["models"] == 0:
         what = "does not exist yet" if summary["missing"] else "holds no model yet"
-        st.warning(f"The warehouse `{path}` {what}. Fill it with the demo (toy model on 2,000 generated "
+        st.warning(f"The warehouse {code(path)} {what}. Fill it with the demo (toy model on 2,000 generated "
                    "scenes, a few minutes on CPU), then reload this page:")
         st.code("\n".join(fill_commands(path)[:1]), language="bash")
         st.caption("or, for this warehouse file directly:")
@@ -90,7 +91,7 @@ def model_picker() -> dict:
         "Model", ids, key="atlas_model_picker", on_change=_remember_model,
         format_func=lambda m: f"{m}  ({info[m].n_images} images)",
         help="Every model in the warehouse; the choice follows you across pages.")
-    st.sidebar.caption(f"Warehouse: `{warehouse_path()}`")
+    st.sidebar.caption(f"Warehouse: {code(warehouse_path())}")
     return q(queries.model_row, current)
 
 
@@ -183,7 +184,7 @@ def head_links(model_id: str, layer: int, head: int, prop: Optional[str] = None,
     params = {"model": model_id, "head": head_name(layer, head)}
     for page in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN, nav.PROPERTY_NN):
         st.page_link(page, label=f"{nav.TITLES[page]} of {head_name(layer, head)}"
-                     + (f" ({prop})" if page == nav.PROPERTY_NN and prop else ""),
+                     + (f" ({plain(prop)})" if page == nav.PROPERTY_NN and prop else ""),
                      query_params=params)
 
 
@@ -218,13 +219,13 @@ def image_input(row: dict, key: str) -> Optional[ImageChoice]:
             return None
         data = up.getvalue()
         if len(data) > MAX_UPLOAD_MB * 2**20:
-            st.error(f"{up.name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB upload limit; "
-                     "resize or recompress it.")
+            st.error(f"{plain(up.name)}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB upload "
+                     "limit; resize or recompress it.")
             return None
         try:
             img = models.load_image(data)
         except models.ImageError as exc:
-            st.error(f"{up.name}: {str(exc).removeprefix('upload: ')}")
+            st.error(plain(f"{up.name}: {str(exc).removeprefix('upload: ')}"))
             return None
         return ImageChoice(img, "upload:" + hashlib.sha1(data).hexdigest(), up.name, None)
     ims = q(queries.images, row["model_id"])
@@ -237,12 +238,12 @@ def image_input(row: dict, key: str) -> Optional[ImageChoice]:
     try:
         resolved, caption = _load_warehouse_image(image_id)
     except models.ImageError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         return None
     if resolved.faithful:
-        st.caption(f"Live map on the {resolved.note}: it decomposes the stored embedding exactly.")
+        st.caption(f"Live map on the {plain(resolved.note)}: it decomposes the stored embedding exactly.")
     else:
-        st.warning(f"Not the embedded image: {resolved.note}.", icon=":material/warning:")
+        st.warning(f"Not the embedded image: {plain(resolved.note)}.", icon=":material/warning:")
         caption += " — from its stored thumbnail"
     return ImageChoice(resolved.image, f"warehouse:{image_id}:{resolved.source}:{stamp(warehouse_path())}",
                        caption, image_id, resolved.faithful, resolved.note)
@@ -391,7 +392,7 @@ def head_metrics(label: dict, score: dict, columns) -> None:
     def num(v):
         return f"{v:.2f}" if v is not None else "n/a"
     c1, c2, c3, c4 = columns
-    c1.metric("label", label.get("property", "unlabelled"))
+    c1.metric("label", plain(label.get("property", "unlabelled")))
     c2.metric("confidence", num(label.get("confidence")))
     c3.metric("association", num(score.get("association")),
               help="share of the head's texts that express its label (MATH.md §5)")
@@ -422,7 +423,7 @@ def thumbnails(df: pd.DataFrame, columns: int = 6, score: str = "score") -> None
             with col:
                 if getattr(r, "thumbnail", None) is not None:
                     st.image(bytes(r.thumbnail), width="stretch")
-                st.caption(f"{r.image_id}  \n{describe(r)}  \n{score} {getattr(r, score):.4f}")
+                st.caption(f"{plain(r.image_id)}  \n{plain(describe(r))}  \n{score} {getattr(r, score):.4f}")
 
 
 def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head], k: int) -> None:
@@ -430,7 +431,7 @@ def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head]
     by_head = {key: g for key, g in hits.groupby(["layer", "head"])}
     for l, h in heads:
         cols = st.columns([1.3] + [1] * k)
-        cols[0].markdown(f"**{head_name(l, h)}**  \n{labels.get((l, h), '')}")
+        cols[0].markdown(f"**{head_name(l, h)}**  \n{plain(labels.get((l, h), ''))}")
         g = by_head.get((l, h))
         if g is None:
             cols[1].caption("no head embeddings")
@@ -438,7 +439,7 @@ def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head]
         for col, r in zip(cols[1:], g.itertuples()):
             if r.thumbnail is not None:
                 col.image(bytes(r.thumbnail), width="stretch")
-            col.caption(f"{describe(r) or r.image_id}  \n{r.score:.4f}")
+            col.caption(f"{plain(describe(r) or r.image_id)}  \n{r.score:.4f}")
 
 
 def csv_download(df: pd.DataFrame, name: str, key: str) -> None:

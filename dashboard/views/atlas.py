@@ -21,7 +21,7 @@ with st.expander(f"Models in the warehouse ({len(q(queries.models))})", expanded
 
 grid = q(queries.head_grid, model_id)
 grid["head_name"] = [w.head_name(l, h) for l, h in zip(grid["layer"], grid["head"])]
-st.subheader(f"Heads of {model_id}")
+st.subheader(f"Heads of {w.plain(model_id)}")
 st.caption(f"{row['layers']} layers x {row['heads']} heads; analysed layers "
            f"{', '.join(map(str, row['analysed_layers']))}. Click an analysed head to open its page; "
            "the head card below follows the head picker.")
@@ -61,7 +61,7 @@ label = q(queries.head_label, model_id, layer, head)
 score = q(queries.head_score, model_id, layer, head)
 w.head_metrics(label, score, st.columns(4))
 if label:
-    st.caption(f"labeller: {label.get('labeler')}")
+    st.caption(f"labeller: {w.plain(label.get('labeler'))}")
 
 left, right = st.columns([1, 1])
 with left:
@@ -77,7 +77,7 @@ with left:
         w.csv_download(texts, f"texts_{w.head_name(layer, head)}", key="dl_texts")
 with right:
     top = q(queries.head_top_images, model_id, layer, head, 8)
-    st.markdown(f"**Top images** (score = c[l,h] · {top.basis.iloc[0] if len(top) else 'text'})")
+    st.markdown(f"**Top images** (score = c[l,h] · {w.plain(top.basis.iloc[0]) if len(top) else 'text'})")
     if top.empty:
         st.info("No head embeddings for this head yet: run `python -m etl embed`.")
     else:

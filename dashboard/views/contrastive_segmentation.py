@@ -30,10 +30,10 @@ if choice is not None and heads:
     crop = live.model_view(row, choice.image)                                    # [S, S] RGB
     elapsed = time.perf_counter() - t0
     vmax = float(np.abs(diff).max()) or 1e-12
-    st.markdown(f"**{text_a}** (red) minus **{text_b}** (blue) over {description}")
+    st.markdown(f"**{w.plain(text_a)}** (red) minus **{w.plain(text_b)}** (blue) over {w.plain(description)}")
     a, b = st.columns(2)
     with a:
-        w.map_with_legend(crop, diff, vmax, f"A - B on {choice.caption} (one block per patch)",
+        w.map_with_legend(crop, diff, vmax, f"A - B on {w.plain(choice.caption)} (one block per patch)",
                           low="towards B", high="towards A")
     with b:
         st.altair_chart(w.grid_chart(diff, vmax, "A - B per patch (one symmetric scale)"), width="content")
@@ -45,8 +45,8 @@ if choice is not None and heads:
     with st.expander("A and B separately (one shared scale)"):
         vab = float(max(np.abs(map_a).max(), np.abs(map_b).max())) or 1e-12
         x, y = st.columns(2)
-        x.image(w.overlay(crop, map_a, vab), caption=f"A: {text_a}")
-        y.image(w.overlay(crop, map_b, vab), caption=f"B: {text_b}")
+        x.image(w.overlay(crop, map_a, vab), caption=f"A: {w.plain(text_a)}")
+        y.image(w.overlay(crop, map_b, vab), caption=f"B: {w.plain(text_b)}")
         st.image(w.legend(vab))
     if 1 < len(heads) <= 32:
         per_head = {w.head_name(*h): live.topic_map(row, choice.image, choice.key, [h], t_a)

@@ -71,7 +71,7 @@ t_hat, source = live.text_vector(row, text)
 b = live.breakdown(row, choice.image, choice.key, t_hat)
 elapsed = time.perf_counter() - t0
 with left:
-    st.image(live.model_view(row, choice.image), caption=f"{choice.caption} (the model's crop)", width=280)
+    st.image(live.model_view(row, choice.image), caption=f"{w.plain(choice.caption)} (the model's crop)", width=280)
 
 comp = b.components.copy()
 labels = w.head_labels(row)
@@ -98,7 +98,7 @@ with right:
         st.success(f"{check} ≤ {TOL:g}", icon=":material/check:")
     else:
         st.error(f"{check} > {TOL:g}: the bars do not add up", icon=":material/error:")
-    st.caption(f"**{text}** ({source}) on {choice.caption}; model {model_id}.")
+    st.caption(f"**{w.plain(text)}** ({source}) on {w.plain(choice.caption)}; model {w.plain(model_id)}.")
     if choice.image_id is not None and choice.faithful:
         stored = q(queries.image_embedding, model_id, choice.image_id).astype(np.float64)
         t64 = np.asarray(t_hat, dtype=np.float64)
@@ -129,7 +129,7 @@ cols = st.columns(3)
 for i, r in enumerate(list(top.itertuples()) + list(bottom.itertuples())):
     with cols[i % 3]:
         w.head_page_link(model_id, int(r.layer), int(r.head),
-                         label=f"{r.component}{f' · {r.label}' if r.label else ''}: {r.share:+.4f}")
+                         label=f"{r.component}{f' · {w.plain(r.label)}' if r.label else ''}: {r.share:+.4f}")
 
 per_layer = b.layers.copy()
 outside = comp[comp.kind.isin(["embedding term", "pool MLP"])]

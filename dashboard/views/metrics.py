@@ -78,7 +78,7 @@ else:
     order = sorted(hs.model_id.unique())
     if controls:
         st.caption(f"Grey band: the range of the random-init control{'s' if len(controls) > 1 else ''} "
-                   f"({', '.join(controls)}) over its heads, dashed line its mean: what training adds is "
+                   f"({w.plain(', '.join(controls))}) over its heads, dashed line its mean: what training adds is "
                    "the distance from it.")
     for score, meaning in (("association", "higher: a head's texts agree with its label"),
                            ("entanglement", "lower: a head's texts share one property")):
@@ -233,7 +233,7 @@ else:
     pa_, pb_ = st.selectbox("Per-head matching", pairs, key=pkey, format_func=lambda p: f"{p[0]}  →  {p[1]}")
     bm = similar.best_matches(pa_, pb_, by)
     if bm.empty:
-        st.info(f"{pa_} and {pb_} share no " + ("images." if by == "cka" else "texts."))
+        st.info(f"{w.plain(pa_)} and {w.plain(pb_)} share no " + ("images." if by == "cka" else "texts."))
     else:
         st.dataframe(bm[["head_name", "match", "similarity", "link"]], hide_index=True, width="stretch",
                      key="similar_pairs_table",

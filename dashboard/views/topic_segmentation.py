@@ -29,10 +29,10 @@ if choice is not None and heads:
     crop = live.model_view(row, choice.image)                                    # [S, S] RGB
     elapsed = time.perf_counter() - t0
     vmax = float(np.abs(grid).max()) or 1e-12
-    st.markdown(f"**{text}** ({source}) over {description}")
+    st.markdown(f"**{w.plain(text)}** ({source}) over {w.plain(description)}")
     a, b = st.columns(2)
     with a:
-        w.map_with_legend(crop, grid, vmax, f"{choice.caption} (the model's {size} px crop, one block per patch)")
+        w.map_with_legend(crop, grid, vmax, f"{w.plain(choice.caption)} (the model's {size} px crop, one block per patch)")
     with b:
         st.altair_chart(w.grid_chart(grid, vmax, f"patch grid {grid.shape[0]} x {grid.shape[1]}"), width="content")
     m1, m2, m3 = st.columns(3)

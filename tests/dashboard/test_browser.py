@@ -52,7 +52,7 @@ EXPECT = {
     nav.IMAGE_NN: ['[data-testid="stImage"]'],
     nav.TEXT_NN: ['[data-testid="stImage"]'],
     nav.METRICS: ['[data-testid="stVegaLiteChart"]', '[data-testid="stDownloadButton"]'],
-    nav.SQL: ['[data-testid="stDataFrame"]', '[data-testid="stDownloadButton"]'],
+    nav.SQL: ['[data-testid="stDataFrame"]', '[data-testid="stLinkButton"]'],
 }
 
 

@@ -20,6 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import nav, widgets
 from models import similarity as sim
+from tests.dashboard.rendered import shown
 from warehouse import queries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,23 +226,23 @@ def test_head_page_lists_similar_heads_of_the_other_model_with_links(wh, trained
     i = len(exp["heads_a"]) - 1
     layer, head = exp["heads_a"][i]
     at = page(nav.HEAD, model=trained, layer=str(layer), head=str(head))
-    assert at.header[0].value == f"{widgets.head_name(layer, head)} of {trained}"
+    assert shown(at.header[0].value) == f"{widgets.head_name(layer, head)} of {trained}"
     assert at.selectbox(key=f"head_similar_model@{trained}").value == control
     assert "Similar heads in other models" in [s.value for s in at.subheader]
     for by in ("cka", "text"):
         at.radio(key="head_similar_by").set_value(by).run()
         assert not at.exception, [e.value for e in at.exception]
         links = [p.proto for p in at.get("page_link") if p.proto.page == nav.URLS[nav.HEAD]]
-        shown = []
+        listed = []
         for p in links:
             qs = parse_qs(p.query_string)
             assert qs["model"] == [control], p.query_string
-            shown.append((int(qs["layer"][0]), int(qs["head"][0])))
+            listed.append((int(qs["layer"][0]), int(qs["head"][0])))
         order = sorted(range(len(exp["heads_b"])), key=lambda j: (-exp[by][i, j], exp["heads_b"][j]))
-        assert shown == [exp["heads_b"][j] for j in order[:min(5, len(order))]], (by, shown)
+        assert listed == [exp["heads_b"][j] for j in order[:min(5, len(order))]], (by, listed)
         values = [m.value for m in at.markdown if m.value.startswith("CKA **")]
         assert [float(v.split("**")[1]) for v in values] == pytest.approx(
-            [round(float(exp["cka"][i, j]), 3) for j in order[:len(shown)]], abs=1.5e-3)
+            [round(float(exp["cka"][i, j]), 3) for j in order[:len(listed)]], abs=1.5e-3)
 
 
 def test_metrics_matrix_is_the_mean_best_match_and_shows_the_per_head_matching(wh, trained, control):

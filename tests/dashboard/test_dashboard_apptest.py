@@ -25,6 +25,7 @@ from streamlit.testing.v1 import AppTest
 import models
 from dashboard import nav, widgets
 from etl.world import shapes
+from tests.dashboard.rendered import shown
 from warehouse import queries, writer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +106,7 @@ def model_options(at: AppTest) -> list[str]:
 
 
 def metric(at: AppTest, label: str) -> str:
-    found = [m.value for m in at.metric if m.label == label]
+    found = [shown(m.value) for m in at.metric if m.label == label]
     assert found, f"no metric '{label}' in {[m.label for m in at.metric]}"
     return found[0]
 
@@ -199,8 +200,8 @@ def test_atlas_grid_and_head_card_follow_the_choice(warehouse_file, chosen):
 
     grid = chart_rows(charts(at)[0])
     assert len(grid) == int(row["layers"]) * int(row["heads"])
-    shown = {(r["layer"], r["head"], r["property"]) for r in grid}
-    assert shown == cells(first)
+    drawn = {(r["layer"], r["head"], r["property"]) for r in grid}
+    assert drawn == cells(first)
     names = head_names(warehouse_file, first)
     picked = [names[0], names[len(names) // 2]]       # neither is the picker's default (the last head)
     for name in picked:
@@ -320,7 +321,7 @@ def test_bad_uploads_get_a_clear_message(warehouse_file, name):
     at.file_uploader(key="topic_upload").upload(name, make())
     at.run()
     assert_ok(at)
-    assert at.error and name in at.error[0].value and words in at.error[0].value, [e.value for e in at.error]
+    assert at.error and name in shown(at.error[0].value) and words in shown(at.error[0].value), [e.value for e in at.error]
     assert not [m for m in at.metric if m.label == "max |patch|"]
 
 
@@ -534,7 +535,17 @@ def test_sql_console_runs_examples_and_changes_with_the_query(warehouse_file):
     ms = queries.models(warehouse_file).sort_values("model_id")
     expected = [int(r.n_images) * len(r.analysed_layers) * int(r.heads) for r in ms.itertuples()]
     assert list(at.dataframe[0].value.n) == expected
-    assert any("query_result" in d.proto.label for d in at.download_button)
+    links = [b for b in at.get("link_button") if "query_result.csv" in b.proto.label]
+    assert len(links) == 1 and links[0].proto.url.startswith("/_atlas/download/") and links[0].proto.url.endswith(".csv")
+    assert not at.download_button                      # the result is never built into a download here
+    run_sql(at, "SELECT repeat('x', 10000) AS s FROM range(5000)")    # long texts: previews, every row
+    out = at.dataframe[0].value
+    assert len(out) == 5000 and set(out.s) == {"x" * 300 + " \u2026 (10,000 characters)"}
+    run_sql(at, "SELECT " + ", ".join(f"repeat('x', 290) AS s{i}" for i in range(10)) + " FROM range(20000)")
+    n_shown = len(at.dataframe[0].value)                 # 10 cells of 290 characters (+64 B each) a row
+    assert 8000 < n_shown < 9500
+    assert any(f"stopped at the first {n_shown:,} rows: the result passed the 32 MB limit on result data" in c.value
+               for c in at.caption)
 
 
 @pytest.mark.parametrize("sql, words", [
@@ -546,7 +557,7 @@ def test_sql_console_runs_examples_and_changes_with_the_query(warehouse_file):
 ])
 def test_sql_console_refuses_with_a_clear_message(warehouse_file, sql, words):
     at = run_sql(page(nav.SQL), sql)
-    assert at.error and words.lower() in at.error[0].value.lower(), [e.value for e in at.error]
+    assert at.error and words.lower() in shown(at.error[0].value).lower(), [e.value for e in at.error]
     assert not at.dataframe
 
 
@@ -564,19 +575,17 @@ def test_sql_console_survives_a_killed_query_and_shows_one_line_errors(warehouse
     run_sql(at, bomb)
     stopped = ["Query stopped: it ran past the 1 s limit. Narrow it with WHERE (e.g. one model_id, layer and head), "
                "aggregate, or add a LIMIT."]
-    assert [e.value for e in at.error] == stopped
+    assert [shown(e.value) for e in at.error] == stopped
     at.sidebar.selectbox(key="atlas_model_picker").select(chosen[1]).run()   # another interaction: not run again
-    assert [e.value for e in at.error] == stopped and calls.count(bomb) == 1
+    assert [shown(e.value) for e in at.error] == stopped and calls.count(bomb) == 1
     run_sql(at, "UPDATE EXTENSIONS")
-    assert at.error and at.error[0].value.startswith("Refused: UPDATE EXTENSIONS statements are not allowed.")
+    assert at.error and shown(at.error[0].value).startswith("Refused: UPDATE EXTENSIONS statements are not allowed.")
     run_sql(at, "SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT 1'))")
-    assert at.error and "json_execute_serialized_sql() runs SQL from a string" in at.error[0].value
+    assert at.error and "json_execute_serialized_sql() runs SQL from a string" in shown(at.error[0].value)
     run_sql(at, "SELECT '290000-06-15 12:00:00+00'::TIMESTAMPTZ AS t, count(*) AS n FROM models")
     assert not at.error, [e.value for e in at.error]
     out = at.dataframe[0].value
     assert out.t[0].startswith("290000-06-1") and int(out.n[0]) == len(model_ids(warehouse_file))
-    run_sql(at, "SELECT repeat('x', 10000) AS s FROM range(5000)")
-    assert any("passed the 32 MB limit on result data" in c.value for c in at.caption)
 
 
 def test_sql_console_clip_text_embeds_with_the_models_text_tower(warehouse_file, chosen):
@@ -641,7 +650,7 @@ def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_
     l, h = _labelled_head(warehouse_file, model_id)
     at = page(nav.HEAD, model=model_id, layer=str(l), head=str(h))
     name = widgets.head_name(l, h)
-    assert at.header[0].value == f"{name} of {model_id}"
+    assert shown(at.header[0].value) == f"{name} of {model_id}"
     assert at.sidebar.selectbox(key="atlas_model_picker").value == model_id
     assert at.selectbox(key=f"head_page@{model_id}").value == name
     # the URL keeps the state (not consumed like other pages' links)
@@ -651,9 +660,9 @@ def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_
     assert metric(at, "label") == label.get("property", "unlabelled")
     texts = queries.head_texts(warehouse_file, model_id, l, h)
     frames = [d.value for d in at.dataframe]
-    shown = next(f for f in frames if "variance_explained" in f.columns)
-    assert list(shown.text) == list(texts.text)
-    np.testing.assert_allclose(shown.variance_explained, texts.variance_explained)
+    textspan = next(f for f in frames if "variance_explained" in f.columns)
+    assert list(textspan.text) == list(texts.text)
+    np.testing.assert_allclose(textspan.variance_explained, texts.variance_explained)
     # the bank's texts at both ends of the head's mean projection
     ranking = queries.head_text_ranking(warehouse_file, model_id, l, h)
     assert len(ranking) > 20 and ranking["mean"].is_monotonic_decreasing
@@ -669,7 +678,7 @@ def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_
     c = queries.image_head_vectors(warehouse_file, model_id, top_id, heads)[0]
     assert scores.score.iloc[0] == pytest.approx(float(c @ t), abs=1e-5)
     assert scores.score.iloc[0] >= scores.score.max() - 1e-9
-    captions = [x.value for x in at.caption]
+    captions = [shown(x.value) for x in at.caption]
     assert any(x.startswith(top_id) for x in captions)                                  # top image shown
     assert any(x.startswith(scores.image_id.iloc[-1]) for x in captions)                # bottom image shown
     hist = [r for r in charts_with(at, "score") if len(r) == len(scores)]
