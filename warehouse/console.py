@@ -1023,7 +1023,7 @@ def run_console_query(path: str | os.PathLike | None, sql: str, max_rows: int = 
 EXAMPLE_QUERIES: dict[str, str] = {
     "Colour heads of every model": """\
 -- heads labelled with the property 'colors', most consistent first
-SELECT model_id, head_name, association, entanglement, confidence, top_text
+SELECT model_id, head_name, association, tag_entropy, confidence, top_text
 FROM head_scores
 WHERE property = 'colors'
 ORDER BY association DESC, model_id, layer, head;""",
@@ -1060,8 +1060,20 @@ JOIN q ON e.model_id = q.model_id AND e.layer = q.layer AND e.head = q.head
 LEFT JOIN images i ON i.image_id = e.image_id
 ORDER BY share DESC
 LIMIT 8;""",
+    "Labels beyond chance, beside both baselines": """\
+-- Cohen's kappa of the labels over all heads, the best constant labeler and the tag-shuffled
+-- labeler beside it, and the invented labels (a property whose factor explains < 0.2)
+SELECT model_id, dataset_id, round(kappa, 3) AS kappa, round(kappa_lo, 3) AS lo, round(kappa_hi, 3) AS hi,
+       constant_label, round(shuffled_kappa, 3) AS shuffled_kappa, round(margin_shuffled, 3) AS margin,
+       n_wrong, n_specialised, n_invented, n_heads
+FROM label_kappa
+ORDER BY model_id, dataset_id;""",
+    "Every score of every model": """\
+SELECT model_id, dataset_id, score, round(value, 3) AS value, round(lo, 3) AS lo, round(hi, 3) AS hi
+FROM model_measures
+ORDER BY model_id, dataset_id, score;""",
     "Model scores": """\
-SELECT model_id, association, entanglement, n_heads, n_analysed_heads, n_mixed_heads, n_properties
+SELECT model_id, association, tag_entropy, n_heads, n_analysed_heads, n_mixed_heads, n_properties
 FROM model_scores
 ORDER BY association DESC;""",
     "Label counts per property": """\
@@ -1069,7 +1081,7 @@ SELECT property, model_id, n_heads, share_of_heads, heads
 FROM property_heads
 ORDER BY property, n_heads DESC, model_id;""",
     "Per-layer scores": """\
-SELECT model_id, layer, association, entanglement, n_heads
+SELECT model_id, layer, association, tag_entropy, n_heads
 FROM layer_scores
 ORDER BY model_id, layer;""",
     "Recent job runs and their errors": """\

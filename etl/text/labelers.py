@@ -35,7 +35,7 @@ import openai
 from etl.text.bank import PROPERTIES
 
 __all__ = [
-    "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
+    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
 
@@ -48,6 +48,9 @@ OFFLINE_MAJORITY = 0.6           # and this share of the variance of all voting 
 OFFLINE_ALPHA = 1.0              # optional: a shuffled-tag p-value at most this (1: recorded only)
 OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 1/4001)
 OFFLINE_VERSION = "offline-v5"
+BASELINE = "tag-shuffled"        # the baseline labeler stored beside the labels (baseline_labels)
+BASELINE_DRAWS = 20              # its draws: seeded permutations of the bank's tags
+BASELINE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,14 @@ class HeadText:
     variance: float
     agreement: float | None = None
     agreement_p: float | None = None
+
+
+def shuffled_tags(tags: list, draw: int, seed: int = BASELINE_SEED) -> list:
+    """The bank's property tags permuted over its texts (draw ``draw`` of the tag-shuffled baseline,
+    a seeded permutation): every property keeps its number of texts, but which texts carry it is
+    random, so a labeler reading these tags carries no information about the heads."""
+    perm = np.random.default_rng([seed, draw]).permutation(len(tags))
+    return [tags[i] for i in perm]
 
 
 def agreement_p_value(rho: float, n: int) -> float:
