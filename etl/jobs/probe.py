@@ -50,6 +50,7 @@ def run_probe(args) -> int:
 
 
 CODE_SCORE_BOOTSTRAP = 200
+CODE_SCORE_FOLDS = 4
 CODE_SCORES_VERSION = 1          # in the run's params: a warehouse probed before code_scores existed is re-probed
 
 
@@ -77,8 +78,11 @@ def probe(path: str, model_id: str, dataset_id: str, seed: int = 0, force: bool 
         predictions = probes.probe_predictions(X, by_factor, seed=seed, layers=layers)
         result = probes.probe_rows(predictions, layers, X.shape[2])
         eta2 = probes.factor_variance(X, by_factor, layers=layers)
-        codes = disentanglement.code_scores(predictions, probes.joint_probe_predictions(X, by_factor, seed=seed),
-                                            len(X), n_boot=bootstrap, seed=seed)
+        # the code scores' information comes from cross-fitted predictions: every image is a test image
+        # once, so the plug-in information's upward bias (which grows with classes^2 / test images) is 4x smaller
+        crossfit = probes.probe_predictions(X, by_factor, seed=seed, layers=layers, folds=CODE_SCORE_FOLDS)
+        joint = probes.joint_probe_predictions(X, by_factor, seed=seed, folds=CODE_SCORE_FOLDS)
+        codes = disentanglement.code_scores(crossfit, joint, len(X), n_boot=bootstrap, seed=seed)
         scores = [dict(score=k, value=codes.value[k], lo=codes.lo[k], hi=codes.hi[k], n_boot=bootstrap)
                   for k in disentanglement.SCORES]
         with writer(path) as con:

@@ -67,12 +67,13 @@ def _ridge_predict(xf: np.ndarray, yf: np.ndarray, xs: list[np.ndarray], lams: S
 class FactorProbe:
     """Held-out predictions of one factor by every head's ridge probe (``probe_predictions``).
 
-    test:    int [m]: the images (indices into the n images) of the factor's test split
+    test:    int [m]: the images (indices into the n images) of the factor's test split (cross-fitted:
+             every image with a known value, each predicted by the fold that held it out)
     y:       int [m]: their true class (index into ``classes``)
     pred:    int [G, m]: each head's predicted class (G = L' x H heads, layer-major)
     classes: the factor's values, sorted
     chance:  majority-class accuracy on the test split (the training split's most frequent value)
-    n_train: images the probes were fitted on
+    n_train: images the probes were fitted on (per fold, on average)
     """
     factor: str
     test: np.ndarray
@@ -100,9 +101,8 @@ def _check_heads(head_cls: np.ndarray, factors: dict, layers: Sequence[int] | No
     return x, layers
 
 
-def _factor_split(labels: Sequence, n: int, name: str, fi: int, seed: int, test_frac: float):
-    """(known image indices [k], class ids [k], classes, train positions, test positions) of one factor;
-    positions index into the known images. The split is deterministic by (seed, factor position)."""
+def _factor_labels(labels: Sequence, n: int, name: str):
+    """(known image indices [k], class ids [k], classes) of one factor."""
     labels = list(labels)
     if len(labels) != n:
         raise ValueError(f"factor {name!r} has {len(labels)} labels for {n} images")
@@ -111,70 +111,95 @@ def _factor_split(labels: Sequence, n: int, name: str, fi: int, seed: int, test_
         raise ValueError(f"factor {name!r} has only {len(idx)} known labels (need >= 8)")
     classes = sorted({labels[i] for i in idx}, key=str)
     cid = {c: k for k, c in enumerate(classes)}
-    y = np.array([cid[labels[i]] for i in idx])
-    tr, te = split_indices(len(idx), seed + 7919 * fi, test_frac)
-    return idx, y, classes, tr, te
+    return idx, np.array([cid[labels[i]] for i in idx]), classes
+
+
+def _splits(k: int, fi: int, seed: int, test_frac: float, folds: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train positions, test positions) into a factor's k known images: one split (deterministic by
+    seed and factor position), or with ``folds`` a cross-fitting: a seeded permutation cut into
+    ``folds`` parts, each predicted once by a probe fitted on the others."""
+    if not folds:
+        return [split_indices(k, seed + 7919 * fi, test_frac)]
+    if not 2 <= folds <= k:
+        raise ValueError(f"folds must be in [2, {k}], got {folds}")
+    parts = np.array_split(np.random.default_rng([seed, fi]).permutation(k), folds)
+    return [(np.sort(np.concatenate(parts[:j] + parts[j + 1:])), np.sort(parts[j])) for j in range(folds)]
+
+
+def _collect(name: str, idx, y, classes, splits, predict) -> FactorProbe:
+    """One FactorProbe from ``predict(tr, te) -> pred [G, |te|]`` over the splits (their test parts
+    concatenated; chance: each training part's majority class, scored on its test part)."""
+    tests, preds, right = [], [], 0
+    for tr, te in splits:
+        maj = np.bincount(y[tr], minlength=len(classes)).argmax()
+        right += int((y[te] == maj).sum())
+        tests.append(te)
+        preds.append(predict(tr, te))
+    te = np.concatenate(tests)
+    n_train = int(np.mean([len(tr) for tr, _ in splits]))
+    return FactorProbe(name, idx[te], y[te], np.concatenate(preds, axis=1), classes, right / len(te), n_train)
 
 
 def probe_predictions(head_cls: np.ndarray, factors: dict[str, Sequence], seed: int = 0,
-                      layers: Sequence[int] | None = None, test_frac: float = 0.25) -> list[FactorProbe]:
+                      layers: Sequence[int] | None = None, test_frac: float = 0.25,
+                      folds: int | None = None) -> list[FactorProbe]:
     """Every head's held-out ridge-probe predictions of every factor (one ``FactorProbe`` each).
 
     head_cls: float [n, L', H, d], per-head embeddings c[l,h] (MATH.md §1) of n images.
     factors:  factor name -> n labels (any hashable; None marks an unknown label, skipped).
     seed:     seed of the train/test split (and of the validation slice that picks the ridge).
-    The ridge strength of each head is picked on a validation slice of the training split, then
-    the probe is refitted on the whole training split and predicts the test split.
+    folds:    None: one train/test split (``test_frac`` held out); K: cross-fitted, every image
+              predicted once by a probe fitted on the other K - 1 parts (n test images, not n / 4).
+    The ridge strength of each head is picked on a validation slice of the training part, then
+    the probe is refitted on the whole training part and predicts the test part.
     """
     with numpy_blas_threads(1):
-        return _probe_predictions(head_cls, factors, seed, layers, test_frac)
+        return _probe_predictions(head_cls, factors, seed, layers, test_frac, folds)
 
 
-def _probe_predictions(head_cls, factors, seed, layers, test_frac) -> list[FactorProbe]:
+def _probe_predictions(head_cls, factors, seed, layers, test_frac, folds) -> list[FactorProbe]:
     x, _ = _check_heads(head_cls, factors, layers)
     n, L, H, d = x.shape
     feats = x.astype(np.float64).reshape(n, L * H, d).transpose(1, 0, 2)     # [G, n, d]
     out = []
     for fi, (name, labels) in enumerate(factors.items()):
-        idx, y, classes, tr, te = _factor_split(labels, n, name, fi, seed, test_frac)
-        maj = np.bincount(y[tr], minlength=len(classes)).argmax()
-        chance = float((y[te] == maj).mean())
-        if len(classes) == 1:
-            pred = np.zeros((L * H, len(te)), dtype=np.int64)
-        else:
-            # ridge strength on a validation slice of the training split, then refit on it all
+        idx, y, classes = _factor_labels(labels, n, name)
+        onehot = np.eye(len(classes))[y]
+
+        def predict(tr, te):
+            if len(classes) == 1:
+                return np.zeros((L * H, len(te)), dtype=np.int64)
+            # ridge strength on a validation slice of the training part, then refit on it all
             fit, val = split_indices(len(tr), seed + 104729 * (fi + 1), 0.2)
             f_tr, f_val = _standardise(feats[:, idx[tr[fit]]], feats[:, idx[tr[val]]])
-            onehot = np.eye(len(classes))[y]
-            n_fit = len(fit)
-            lams = [a * n_fit for a in RIDGE_GRID]
+            lams = [a * len(fit) for a in RIDGE_GRID]
             val_scores = _ridge_predict(f_tr, onehot[tr[fit]], [f_val], lams)
             val_acc = np.stack([(s[0].argmax(2) == y[tr[val]][None]).mean(1) for s in val_scores])  # [J, G]
             best = val_acc.argmax(0)                                                   # [G]
             a_tr, a_te = _standardise(feats[:, idx[tr]], feats[:, idx[te]])
-            n_tr = len(tr)
-            te_scores = _ridge_predict(a_tr, onehot[tr], [a_te], [a * n_tr for a in RIDGE_GRID])
+            te_scores = _ridge_predict(a_tr, onehot[tr], [a_te], [a * len(tr) for a in RIDGE_GRID])
             te_pred = np.stack([s[0].argmax(2) for s in te_scores])                  # [J, G, m]
-            pred = te_pred[best, np.arange(L * H)]                                     # [G, m]
-        out.append(FactorProbe(name, idx[te], y[te], pred, classes, chance, int(len(tr))))
+            return te_pred[best, np.arange(L * H)]                                     # [G, m]
+
+        out.append(_collect(name, idx, y, classes, _splits(len(idx), fi, seed, test_frac, folds), predict))
     return out
 
 
 def joint_probe_predictions(head_cls: np.ndarray, factors: dict[str, Sequence], seed: int = 0,
-                            test_frac: float = 0.25) -> list[FactorProbe]:
+                            test_frac: float = 0.25, folds: int | None = None) -> list[FactorProbe]:
     """Held-out predictions of every factor by one ridge probe on all heads at once (the
     concatenated head embeddings [n, G d]): what the heads carry together (DCI's informativeness).
 
-    The same splits, ridge grid and validation choice as ``probe_predictions``, solved in the dual
-    (kernel K = Z Z^T of the n images), so the cost grows with n^2 G d, not (G d)^3. Features
-    are z-scored with the statistics of all n images (no labels are used), so one kernel serves
-    every factor. Returns one ``FactorProbe`` per factor with ``pred`` [1, m].
+    The same splits (or folds), ridge grid and validation choice as ``probe_predictions``, solved
+    in the dual (kernel K = Z Z^T of the n images), so the cost grows with n^2 G d, not (G d)^3.
+    Features are z-scored with the statistics of all n images (no labels are used), so one kernel
+    serves every factor. Returns one ``FactorProbe`` per factor with ``pred`` [1, m].
     """
     with numpy_blas_threads(1):
-        return _joint_probe_predictions(head_cls, factors, seed, test_frac)
+        return _joint_probe_predictions(head_cls, factors, seed, test_frac, folds)
 
 
-def _joint_probe_predictions(head_cls, factors, seed, test_frac) -> list[FactorProbe]:
+def _joint_probe_predictions(head_cls, factors, seed, test_frac, folds) -> list[FactorProbe]:
     x, _ = _check_heads(head_cls, factors, None)
     n = x.shape[0]
     z = x.astype(np.float64).reshape(n, -1)                                       # [n, G d]
@@ -182,13 +207,12 @@ def _joint_probe_predictions(head_cls, factors, seed, test_frac) -> list[FactorP
     kernel = z @ z.T + 1.0                                                        # [n, n]; + 1: the bias column
     out = []
     for fi, (name, labels) in enumerate(factors.items()):
-        idx, y, classes, tr, te = _factor_split(labels, n, name, fi, seed, test_frac)
-        maj = np.bincount(y[tr], minlength=len(classes)).argmax()
-        chance = float((y[te] == maj).mean())
-        if len(classes) == 1:
-            pred = np.zeros((1, len(te)), dtype=np.int64)
-        else:
-            onehot = np.eye(len(classes))[y]
+        idx, y, classes = _factor_labels(labels, n, name)
+        onehot = np.eye(len(classes))[y]
+
+        def predict(tr, te):
+            if len(classes) == 1:
+                return np.zeros((1, len(te)), dtype=np.int64)
             fit, val = split_indices(len(tr), seed + 104729 * (fi + 1), 0.2)
             f_idx, v_idx = idx[tr[fit]], idx[tr[val]]
             val_pred = _dual_ridge_predict(kernel[np.ix_(f_idx, f_idx)], kernel[np.ix_(v_idx, f_idx)],
@@ -197,8 +221,9 @@ def _joint_probe_predictions(head_cls, factors, seed, test_frac) -> list[FactorP
             t_idx, e_idx = idx[tr], idx[te]
             (scores,) = _dual_ridge_predict(kernel[np.ix_(t_idx, t_idx)], kernel[np.ix_(e_idx, t_idx)],
                                             onehot[tr], [RIDGE_GRID[best] * len(tr)])
-            pred = scores.argmax(1)[None]                                             # [1, m]
-        out.append(FactorProbe(name, idx[te], y[te], pred, classes, chance, int(len(tr))))
+            return scores.argmax(1)[None]                                             # [1, m]
+
+        out.append(_collect(name, idx, y, classes, _splits(len(idx), fi, seed, test_frac, folds), predict))
     return out
 
 

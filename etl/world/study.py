@@ -191,7 +191,26 @@ LABELS = {"kappa": "kappa", "kappa_margin_shuffled": "kappa - shuffled", "kappa_
           "dci_c": "DCI C", "dci_i": "DCI I", "mig": "MIG"}
 
 
-def markdown_table(sizes: Sequence[dict], scores: Sequence[str] = SCORES) -> str:
+TABLE_SCORES = ("kappa", "kappa_margin_shuffled", "wrong_rate", "invented_rate", "paper_association",
+                "paper_entanglement", "informativeness", "dci_d", "dci_c", "dci_i", "mig")
+
+
+def model_table(rows: Sequence[dict]) -> str:
+    """Per model and world (rows of study_scores): the labels against the truth beside both
+    baselines: kappa, its margins over the tag-shuffled and the best constant labeler (95 %
+    head-bootstrap intervals), wrong and invented labels (Wilson intervals)."""
+    cols = ("kappa", "kappa_margin_shuffled", "kappa_margin_constant", "wrong_rate", "invented_rate")
+    by: dict[tuple, dict] = {}
+    for r in rows:
+        by.setdefault((r["image_params"], r["size"] == RANDOM, r["model_id"], r["world_seed"], r["size"]), {})[r["score"]] = r
+    lines = ["| model | size | world | " + " | ".join(LABELS[c] for c in cols) + " |", "|" + "---|" * (3 + len(cols))]
+    for (params, _, model_id, world, size), got in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3])):
+        cells = [_cell(*(got[c]["value"], got[c]["lo"], got[c]["hi"])) if c in got else "–" for c in cols]
+        lines.append(f"| {model_id} | {size} | {world} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_table(sizes: Sequence[dict], scores: Sequence[str] = TABLE_SCORES) -> str:
     """Per size (rows, smallest first, the random control last): mean [95 % interval over model seeds]
     of each score (columns)."""
     by = {(r["size"], r["score"]): r for r in sizes}
