@@ -58,6 +58,8 @@ DASHBOARD_JOBS = [
     # and its random-init control, as in `make etl` (no ablation: the metrics page shows what a model lacks)
     ["run", "--model", "toy-shapes-small", "--random-init", "--seed", "0", "--dataset", DASHBOARD_SHAPES,
      "--skip", "ablate"],
+    # and, as in `make etl`, the demo study of what the warehouse holds (per size, trend, verdicts)
+    ["study", "--in-place"],
 ]
 
 
@@ -66,8 +68,9 @@ def dashboard_warehouse(tmp_path_factory) -> Path:
     """The warehouse the dashboard tests (AppTest and the real browser) read, built by the
     product's own jobs (`etl.cli.main`, DASHBOARD_JOBS): two models (toy-shapes-small with its
     bundled weights, and its random-init control), 120 shapes scenes and the scikit-image photos,
-    the shapes text bank, TextSpan texts, offline labels, judgments, scores, probes, and a mean
-    ablation of the trained model. 50 to 90 s on two busy cores."""
+    the shapes text bank, TextSpan texts, offline labels (with the tag-shuffled baseline), judgments,
+    scores, probes and code scores, a mean ablation of the trained model, and the in-place study.
+    50 to 90 s on two busy cores."""
     from etl.cli import main
     tmp = tmp_path_factory.mktemp("dashwh")
     wh = tmp / "warehouse.duckdb"
