@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from etl.blas import numpy_blas_threads
+
 SCORES = ("informativeness", "dci_d", "dci_c", "dci_i", "mig")
 
 
@@ -107,10 +109,12 @@ def entropy_counts(counts: np.ndarray) -> np.ndarray:
 
 def _joint_counts(y: np.ndarray, pred: np.ndarray, n_classes: int, weights: np.ndarray) -> np.ndarray:
     """Weighted joint counts of (true, predicted) class: y [m], pred [G, m], weights [B, m]
-    -> [B, G, V, V]."""
-    onehot_y = np.eye(n_classes)[y]                                                   # [m, V]
-    onehot_p = np.eye(n_classes)[pred]                                                # [G, m, V]
-    return np.einsum("bi,iv,giw->bgvw", weights, onehot_y, onehot_p, optimize=True)
+    -> [B, G, V, V] (one matmul: weights [B, m] @ one-hot of the pair [m, G V V])."""
+    G, m = pred.shape
+    cell = (y[None, :] * n_classes + pred).T                                         # [m, G]: the pair's cell
+    onehot = np.zeros((m, G, n_classes * n_classes))
+    np.put_along_axis(onehot, cell[:, :, None], 1.0, axis=2)
+    return (weights @ onehot.reshape(m, -1)).reshape(len(weights), G, n_classes, n_classes)
 
 
 def basic_interval(value: float, boot: np.ndarray, level: float = 0.95, lower: float | None = 0.0,
@@ -160,6 +164,11 @@ def code_scores(head_probes: Sequence, joint_probes: Sequence, n_images: int, n_
         raise ValueError("head_probes and joint_probes must cover the same factors in the same order")
     if len(head_probes) < 2:
         raise ValueError("DCI and MIG need at least 2 factors")
+    with numpy_blas_threads(1):
+        return _code_scores(head_probes, joint_probes, n_images, n_boot, seed)
+
+
+def _code_scores(head_probes, joint_probes, n_images, n_boot, seed) -> CodeScores:
     rng = np.random.default_rng(seed)
     draws = np.vstack([np.ones(n_images), rng.multinomial(n_images, np.full(n_images, 1 / n_images), size=n_boot)])
     F, G = len(head_probes), head_probes[0].pred.shape[0]

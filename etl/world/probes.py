@@ -52,14 +52,16 @@ def _ridge_predict(xf: np.ndarray, yf: np.ndarray, xs: list[np.ndarray], lams: S
     xf: [G, n, p] fit features, yf: [n, k] targets (shared by the groups), xs: feature arrays
     [G, m, p] to score. Returns out[j][i] = scores [G, m, k] of xs[i] under lams[j].
     """
-    gram = np.einsum("gnp,gnq->gpq", xf, xf)                 # [G, p, p]
+    # batched matmuls (BLAS), not einsum: einsum's own loops made the probe job 10-20x slower
+    xt = xf.transpose(0, 2, 1)                                # [G, p, n]
+    gram = xt @ xf                                            # [G, p, p]
     evals, evecs = np.linalg.eigh(gram)                       # [G, p], [G, p, p]
-    xty = np.einsum("gnp,nk->gpk", xf, yf)                    # [G, p, k]
-    proj = np.einsum("gpq,gpk->gqk", evecs, xty)              # V^T X^T Y  [G, p, k]
+    xty = xt @ yf                                             # [G, p, k]
+    proj = evecs.transpose(0, 2, 1) @ xty                     # V^T X^T Y  [G, p, k]
     out = []
     for lam in lams:
-        w = np.einsum("gpq,gqk->gpk", evecs, proj / (evals[..., None] + lam))   # [G, p, k]
-        out.append([np.einsum("gmp,gpk->gmk", x, w) for x in xs])
+        w = evecs @ (proj / (evals[..., None] + lam))         # [G, p, k]
+        out.append([x @ w for x in xs])
     return out
 
 

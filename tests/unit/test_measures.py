@@ -214,3 +214,20 @@ def test_007_upgrades_a_006_warehouse_in_place(tmp_path):
     for table in ("world_seeds", "baseline_labels", "code_scores", "study_scores", "study_sizes", "study_verdicts"):
         assert con.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
     con.close()
+
+
+def test_world_seeds_live_in_one_place_and_the_demo_and_the_study_are_held_out():
+    import re
+    from pathlib import Path
+
+    from etl.world import seeds
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    (demo,) = re.findall(r"^DATASET \?= shapes:\d+:seed=(\d+)$", makefile, re.M)
+    assert int(demo) == seeds.DEMO                                     # the Makefile's demo world is the one named
+    used = set(seeds.TRAINING) | set(seeds.TUNING)
+    assert seeds.held_out(seeds.DEMO) and all(seeds.held_out(s) for s in seeds.STUDY)
+    assert not {seeds.DEMO, *seeds.STUDY} & (used | set(seeds.EARLIER)) and seeds.DEMO not in seeds.STUDY
+    assert len(set(seeds.STUDY)) == 2 and not seeds.held_out(0) and not seeds.held_out(7)
+    rows = seeds.provenance()
+    assert len({(r["seed"], r["role"]) for r in rows}) == len(rows)
+    assert {r["role"] for r in rows} == {"training", "tuning", "study", "demo", "earlier"}
