@@ -112,6 +112,7 @@ class Fit:
     lo: float
     hi: float
     p_value: float      # two-sided permutation p
+    p_min: float = float("nan")   # the smallest p any ordering of these values could give (few models: large)
 
 
 def trend(params: Sequence[float], values: Sequence[float], seed: int = 0) -> Fit:
@@ -127,7 +128,7 @@ def trend(params: Sequence[float], values: Sequence[float], seed: int = 0) -> Fi
     n, n_sizes = len(x), len(set(np.round(x, 9)))
     nan = float("nan")
     if n < 3 or n_sizes < 2:
-        return Fit(n, n_sizes, nan, nan, nan, nan)
+        return Fit(n, n_sizes, nan, nan, nan, nan, nan)
     xc = x - x.mean()
     sxx = float(xc @ xc)
     slope = float(xc @ (y - y.mean()) / sxx)
@@ -136,14 +137,16 @@ def trend(params: Sequence[float], values: Sequence[float], seed: int = 0) -> Fi
     half = t975(n - 2) * se
     if n <= EXACT_UP_TO:
         perms = np.array(list(itertools.permutations(range(n))))
-        slopes = (y[perms] - y.mean()) @ xc / sxx
-        p = float(np.mean(np.abs(slopes) >= abs(slope) - 1e-12))
+        slopes = np.abs((y[perms] - y.mean()) @ xc / sxx)
+        p = float(np.mean(slopes >= abs(slope) - 1e-12))
+        p_min = float(np.mean(slopes >= slopes.max() - 1e-12))
     else:
         rng = np.random.default_rng(seed)
         perms = np.argsort(rng.random((PERMUTATIONS, n)), axis=1)
-        slopes = (y[perms] - y.mean()) @ xc / sxx
-        p = float((1 + np.count_nonzero(np.abs(slopes) >= abs(slope) - 1e-12)) / (1 + PERMUTATIONS))
-    return Fit(n, n_sizes, slope, slope - half, slope + half, p)
+        slopes = np.abs((y[perms] - y.mean()) @ xc / sxx)
+        p = float((1 + np.count_nonzero(slopes >= abs(slope) - 1e-12)) / (1 + PERMUTATIONS))
+        p_min = 1.0 / (1 + PERMUTATIONS)
+    return Fit(n, n_sizes, slope, slope - half, slope + half, p, p_min)
 
 
 def verdict(d: Definition, fit: Fit, alpha: float = 0.05) -> str:
@@ -157,10 +160,13 @@ def verdict(d: Definition, fit: Fit, alpha: float = 0.05) -> str:
              f"[{fit.lo:+.3f}, {fit.hi:+.3f}], permutation p = {fit.p_value:.3f}; {fit.n} trained models "
              f"of {fit.n_sizes} sizes)")
     signed = (fit.lo > 0 or fit.hi < 0) and fit.p_value < alpha
-    if signed and fit.slope * d.direction > 0:
-        return head + f"larger models are more interpretable {stats}."
+    way = "more" if fit.slope * d.direction > 0 else "less"
     if signed:
-        return head + f"larger models are less interpretable {stats}."
+        return head + f"larger models are {way} interpretable {stats}."
+    if fit.p_min >= alpha:
+        return head + (f"the study cannot tell yet: with {fit.n} models no ordering of the scores reaches "
+                       f"p < {alpha:g} (the smallest possible p is {fit.p_min:.3f}); the estimate points to larger "
+                       f"models being {way} interpretable {stats}.")
     return head + f"the study finds no trend with size that model seeds and worlds do not swamp {stats}."
 
 

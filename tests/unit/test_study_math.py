@@ -39,6 +39,7 @@ def test_the_trend_is_least_squares_on_log10_params_with_an_exact_permutation_p(
     perms = [np.polyfit(x, np.array(y)[list(p)], 1)[0] for p in itertools.permutations(range(6))]
     assert fit.p_value == pytest.approx(np.mean(np.abs(perms) >= abs(slope) - 1e-12))
     assert fit.n == 6 and fit.n_sizes == 3
+    assert fit.p_min == pytest.approx(np.mean(np.abs(perms) >= np.max(np.abs(perms)) - 1e-12))
     assert math.isnan(S.trend([1e5, 1e6], [0.1, 0.2]).slope)                 # fewer than 3 models
     assert math.isnan(S.trend([1e5] * 4, [0.1, 0.2, 0.3, 0.4]).slope)        # one size
 
@@ -51,6 +52,10 @@ def test_verdicts_are_stated_whichever_way_they_go():
     assert "larger models are less interpretable" in S.verdict(down, rising)
     flat = S.trend([1e5, 1e5, 1e6, 1e6, 1e7, 1e7], [0.5, 0.2, 0.4, 0.1, 0.3, 0.45])
     assert "no trend with size" in S.verdict(up, flat)
+    few = S.trend([1e5, 1e5, 1e6, 1e7], [0.1, 0.15, 0.5, 0.9])             # 4 models: p cannot fall below 2/24
+    assert few.p_min == pytest.approx(2 / 24) and few.p_value == pytest.approx(2 / 24)
+    assert "cannot tell yet: with 4 models no ordering of the scores reaches p < 0.05 (the smallest possible p is " \
+           "0.083); the estimate points to larger models being more interpretable" in S.verdict(up, few)
     assert S.verdict(up, S.trend([1e5, 1e6], [0.1, 0.2])).endswith("the study cannot tell (fewer than 3 trained "
                                                                       "models with this score).")
     fits = S.study_fits(S.per_model(_rows({"a": ("4 x 64", 1e5, [0.1]), "b": ("6 x 128", 1e6, [0.5]),
