@@ -140,6 +140,12 @@ def _zoo(models: list[str] | None) -> list[str]:
     return [m for m in toy_architectures() if bundled_weights(m)]
 
 
+def _embedded(path: str, model_id: str, dataset_id: str) -> set:
+    """The images of ``dataset_id`` the model has embeddings of in ``path`` (none when the file is new)."""
+    from warehouse.queries import embedded_image_ids
+    return embedded_image_ids(path, model_id, dataset_id) if Path(path).exists() else set()
+
+
 def _world_seed(dataset_id: str) -> int | None:
     m = re.fullmatch(r"shapes:\d+:seed=(\d+)", dataset_id)
     return int(m.group(1)) if m else None
@@ -204,7 +210,8 @@ def _build_and_score(path: str, worlds: list[int], n: int, zoo: list[str], contr
             lm = load_model(arch, random_init=random_init, seed=0)
             bank = default_bank(arch)
             with contextlib.redirect_stdout(io.StringIO()):          # the jobs' own JSON lines
-                embed.embed_datasets(wpath, lm, [dataset_id], embed.model_layers(lm, "auto"))
+                if len(_embedded(wpath, lm.model_id, dataset_id)) < n:   # (a finished embed still re-clusters)
+                    embed.embed_datasets(wpath, lm, [dataset_id], embed.model_layers(lm, "auto"))
                 texts.load_texts(wpath, lm.model_id, bank=bank)
                 textspan.textspan(wpath, lm.model_id, bank=bank, dataset=dataset_id)
                 label.label(wpath, lm.model_id)
