@@ -1061,13 +1061,13 @@ LEFT JOIN images i ON i.image_id = e.image_id
 ORDER BY share DESC
 LIMIT 8;""",
     "Labels beyond chance, beside both baselines": """\
--- Cohen's kappa of the labels over all heads, the best constant labeler and the tag-shuffled
--- labeler beside it, and the invented labels (a property whose factor explains < 0.2)
-SELECT model_id, dataset_id, round(kappa, 3) AS kappa, round(kappa_lo, 3) AS lo, round(kappa_hi, 3) AS hi,
-       constant_label, round(shuffled_kappa, 3) AS shuffled_kappa, round(margin_shuffled, 3) AS margin,
-       n_wrong, n_specialised, n_invented, n_heads
-FROM label_kappa
-ORDER BY model_id, dataset_id;""",
+-- Cohen's kappa over all heads: of the labels ('labeler'), of every constant labeler and of the
+-- tag-shuffled labeler (mean over its draws); invented = a property whose factor explains < 0.2
+SELECT model_id, dataset_id, labeling, count(*) AS draws, round(avg(kappa), 3) AS kappa,
+       round(avg(accuracy), 3) AS raw_agreement, round(avg(n_invented), 1) AS invented, any_value(n_heads) AS heads
+FROM labeling_agreement
+GROUP BY model_id, dataset_id, labeling
+ORDER BY model_id, dataset_id, kappa DESC NULLS LAST;""",
     "Every score of every model": """\
 SELECT model_id, dataset_id, score, round(value, 3) AS value, round(lo, 3) AS lo, round(hi, 3) AS hi
 FROM model_measures

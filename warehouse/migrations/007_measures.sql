@@ -374,44 +374,50 @@ JOIN chance h USING (model_id, dataset_id, labeling, draw);
 -- is undefined on a resample (p_e = 1) is NULL there and left out (of the draws' mean, and of the
 -- quantiles when it is the labeler's).
 CREATE VIEW label_kappa_bootstrap AS
-WITH heads AS (
+WITH lt AS MATERIALIZED (
+    SELECT model_id, dataset_id, labeling, draw, layer, head, label_category, true_category
+    FROM labeling_truth WHERE labeling IN ('labeler', 'tag-shuffled')
+),
+heads AS (
     SELECT model_id, dataset_id, layer, head,
            row_number() OVER (PARTITION BY model_id, dataset_id ORDER BY layer, head) - 1 AS i,
            count(*) OVER (PARTITION BY model_id, dataset_id)                         AS n
-    FROM labeling_truth WHERE labeling = 'labeler'
+    FROM lt WHERE labeling = 'labeler'
 ),
-picks AS (
-    SELECT s.model_id, s.dataset_id, b.range AS b,
-           CAST(hash(s.model_id, s.dataset_id, b.range, j.range) % s.n AS BIGINT) AS i
-    FROM (SELECT DISTINCT model_id, dataset_id, n FROM heads) s, range(1000) b, range(s.n) j
+picks AS (        -- how often each head is drawn in each resample
+    SELECT model_id, dataset_id, b, i, count(*) AS w
+    FROM (SELECT s.model_id, s.dataset_id, b.range AS b,
+                 CAST(hash(s.model_id, s.dataset_id, b.range, j.range) % s.n AS BIGINT) AS i
+          FROM (SELECT DISTINCT model_id, dataset_id, n FROM heads) s, range(1000) b, range(s.n) j)
+    GROUP BY model_id, dataset_id, b, i
 ),
 drawn AS (
-    SELECT p.b, t.* FROM picks p
+    SELECT p.b, p.w, t.model_id, t.dataset_id, t.labeling, t.draw, t.label_category, t.true_category
+    FROM picks p
     JOIN heads h USING (model_id, dataset_id, i)
-    JOIN labeling_truth t USING (model_id, dataset_id, layer, head)
-    WHERE t.labeling IN ('labeler', 'tag-shuffled')
+    JOIN lt t USING (model_id, dataset_id, layer, head)
 ),
-cats AS (
-    SELECT model_id, dataset_id, labeling, draw, b, label_category AS category, 1 AS n_label, 0 AS n_true FROM drawn
-    UNION ALL
-    SELECT model_id, dataset_id, labeling, draw, b, true_category, 0, 1 FROM drawn
+marginals AS (
+    SELECT model_id, dataset_id, labeling, draw, b, category, sum(nl) AS nl, sum(nt) AS nt
+    FROM (SELECT model_id, dataset_id, labeling, draw, b, label_category AS category, w AS nl, 0 AS nt FROM drawn
+          UNION ALL
+          SELECT model_id, dataset_id, labeling, draw, b, true_category, 0, w FROM drawn)
+    GROUP BY model_id, dataset_id, labeling, draw, b, category
 ),
 chance AS (
     SELECT model_id, dataset_id, labeling, draw, b, sum(nl * nt) AS s
-    FROM (SELECT model_id, dataset_id, labeling, draw, b, category, sum(n_label) AS nl, sum(n_true) AS nt
-          FROM cats GROUP BY ALL)
-    GROUP BY ALL
+    FROM marginals GROUP BY model_id, dataset_id, labeling, draw, b
 ),
 per AS (
-    SELECT d.model_id, d.dataset_id, d.labeling, d.draw, d.b,
-           count(*) AS n, count(*) FILTER (WHERE label_category = true_category) AS n_agree, any_value(c.s) AS s
-    FROM drawn d JOIN chance c USING (model_id, dataset_id, labeling, draw, b)
-    GROUP BY d.model_id, d.dataset_id, d.labeling, d.draw, d.b
+    SELECT model_id, dataset_id, labeling, draw, b,
+           sum(w) AS n, coalesce(sum(w) FILTER (WHERE label_category = true_category), 0) AS n_agree
+    FROM drawn GROUP BY model_id, dataset_id, labeling, draw, b
 ),
 kappas AS (
-    SELECT model_id, dataset_id, labeling, draw, b,
-           CASE WHEN s < n * n THEN (n_agree / n - s / (n * n)) / (1 - s / (n * n)) END AS kappa
-    FROM per
+    SELECT p.model_id, p.dataset_id, p.labeling, p.draw, p.b,
+           CASE WHEN c.s < p.n * p.n
+                THEN (p.n_agree / p.n - c.s / (p.n * p.n)) / (1 - c.s / (p.n * p.n)) END AS kappa
+    FROM per p JOIN chance c USING (model_id, dataset_id, labeling, draw, b)
 )
 SELECT model_id, dataset_id, b,
        any_value(kappa) FILTER (WHERE labeling = 'labeler')                    AS kappa,
@@ -505,17 +511,19 @@ LEFT JOIN boot b USING (model_id, dataset_id);
 -- read: the agreement scores (label_kappa), the paper's two (paper_scores, model-wide: the same on
 -- every dataset) and the label-free ground truth (code_scores).
 CREATE VIEW model_measures AS
+WITH k AS MATERIALIZED (SELECT * FROM label_kappa),
+p AS MATERIALIZED (SELECT * FROM paper_scores)
 SELECT model_id, dataset_id, score, value, lo, hi FROM (
-    SELECT model_id, dataset_id, 'kappa' AS score, kappa AS value, kappa_lo AS lo, kappa_hi AS hi FROM label_kappa
+    SELECT model_id, dataset_id, 'kappa' AS score, kappa AS value, kappa_lo AS lo, kappa_hi AS hi FROM k
     UNION ALL SELECT model_id, dataset_id, 'kappa_margin_shuffled', margin_shuffled, margin_shuffled_lo,
-                     margin_shuffled_hi FROM label_kappa
+                     margin_shuffled_hi FROM k
     UNION ALL SELECT model_id, dataset_id, 'kappa_margin_constant', margin_constant, margin_constant_lo,
-                     margin_constant_hi FROM label_kappa
-    UNION ALL SELECT model_id, dataset_id, 'wrong_rate', wrong_rate, wrong_lo, wrong_hi FROM label_kappa
-    UNION ALL SELECT model_id, dataset_id, 'invented_rate', invented_rate, invented_lo, invented_hi FROM label_kappa
+                     margin_constant_hi FROM k
+    UNION ALL SELECT model_id, dataset_id, 'wrong_rate', wrong_rate, wrong_lo, wrong_hi FROM k
+    UNION ALL SELECT model_id, dataset_id, 'invented_rate', invented_rate, invented_lo, invented_hi FROM k
     UNION ALL SELECT k.model_id, k.dataset_id, 'paper_association', p.association, p.association_lo,
-                     p.association_hi FROM label_kappa k JOIN paper_scores p USING (model_id)
+                     p.association_hi FROM k JOIN p USING (model_id)
     UNION ALL SELECT k.model_id, k.dataset_id, 'paper_entanglement', p.entanglement, NULL, NULL
-              FROM label_kappa k JOIN paper_scores p USING (model_id)
+              FROM k JOIN p USING (model_id)
     UNION ALL SELECT model_id, dataset_id, score, value, lo, hi FROM code_scores
 );
