@@ -89,15 +89,23 @@ def per_model(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
             for k, a in acc.items()}
 
 
+# the range each score can take (the t interval is clipped to it); every other score lies in [0, 1]
+RANGES = {"kappa": (-1.0, 1.0), "kappa_margin_shuffled": (-2.0, 2.0), "kappa_margin_constant": (-1.0, 1.0),
+          "dci_i": (-1.0, 1.0)}
+
+
 def summarise_sizes(models: dict[tuple[str, str], dict]) -> list[dict]:
-    """Per (size, score): n_models, mean, lo, hi over the model seeds (``per_model``'s output);
-    image_params is the size's parameter count (None if its models differ)."""
+    """Per (size, score): n_models, mean, lo, hi over the model seeds (``per_model``'s output; the
+    interval clipped to the score's range, RANGES); image_params is the size's parameter count (None
+    if its models differ)."""
     groups: dict[tuple[str, str], list] = {}
     for (model_id, score), m in models.items():
         groups.setdefault((m["size"], score), []).append(m)
     out = []
     for (size, score), ms in sorted(groups.items()):
         mean, lo, hi = mean_interval([m["value"] for m in ms])
+        a, b = RANGES.get(score, (0.0, 1.0))
+        lo, hi = (max(lo, a), min(hi, b)) if np.isfinite(lo) else (lo, hi)
         params = {m["image_params"] for m in ms}
         out.append(dict(size=size, score=score, n_models=len(ms), mean=mean, lo=lo, hi=hi,
                         image_params=params.pop() if len(params) == 1 else None))

@@ -21,8 +21,12 @@ def test_per_model_means_worlds_and_sizes_get_t_intervals_over_seeds():
     v = np.array([0.6, 0.8, 0.8])
     half = 4.303 * v.std(ddof=1) / math.sqrt(3)                   # t(0.975, 2 df)
     assert sizes["4 x 64"]["n_models"] == 3 and sizes["4 x 64"]["mean"] == pytest.approx(v.mean())
-    assert (sizes["4 x 64"]["lo"], sizes["4 x 64"]["hi"]) == (pytest.approx(v.mean() - half), pytest.approx(v.mean() + half))
+    assert (sizes["4 x 64"]["lo"], sizes["4 x 64"]["hi"]) == (pytest.approx(v.mean() - half), 1.0)   # kappa <= 1
+    assert v.mean() + half > 1
     assert sizes["8 x 192"]["n_models"] == 1 and math.isnan(sizes["8 x 192"]["lo"])     # one seed: no interval
+    rates = {r["size"]: r for r in S.summarise_sizes(S.per_model(_rows(
+        {"a": ("4 x 64", 1e5, [0.0]), "b": ("4 x 64", 1e5, [0.0]), "c": ("4 x 64", 1e5, [0.125])}, "invented_rate")))}
+    assert rates["4 x 64"]["lo"] == 0.0 and rates["4 x 64"]["hi"] < 1           # clipped to the rate's range
     assert S.size_of("random", 6, 128) == S.RANDOM and S.size_of("bundled", 6, 128) == "6 x 128"
 
 
