@@ -61,4 +61,3 @@ def blas_threads(n: int, package: str = "numpy"):
             set_threads(before, package)
 
 
-numpy_blas_threads = blas_threads

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from etl.blas import numpy_blas_threads
+from etl.blas import blas_threads
 
 SCORES = ("informativeness", "dci_d", "dci_c", "dci_i", "mig")
 
@@ -164,7 +164,7 @@ def code_scores(head_probes: Sequence, joint_probes: Sequence, n_images: int, n_
         raise ValueError("head_probes and joint_probes must cover the same factors in the same order")
     if len(head_probes) < 2:
         raise ValueError("DCI and MIG need at least 2 factors")
-    with numpy_blas_threads(1):
+    with blas_threads(1):
         return _code_scores(head_probes, joint_probes, n_images, n_boot, seed)
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from etl.blas import numpy_blas_threads
+from etl.blas import blas_threads
 from warehouse import head_name
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)     # multiples of n_fit (features are standardised)
@@ -155,7 +155,7 @@ def probe_predictions(head_cls: np.ndarray, factors: dict[str, Sequence], seed: 
     The ridge strength of each head is picked on a validation slice of the training part, then
     the probe is refitted on the whole training part and predicts the test part.
     """
-    with numpy_blas_threads(1):
+    with blas_threads(1):
         return _probe_predictions(head_cls, factors, seed, layers, test_frac, folds)
 
 
@@ -197,7 +197,7 @@ def joint_probe_predictions(head_cls: np.ndarray, factors: dict[str, Sequence], 
     Features are z-scored with the statistics of all n images (no labels are used), so one kernel
     serves every factor. Returns one ``FactorProbe`` per factor with ``pred`` [1, m].
     """
-    with numpy_blas_threads(1):
+    with blas_threads(1):
         return _joint_probe_predictions(head_cls, factors, seed, test_frac, folds)
 
 
