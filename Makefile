@@ -8,15 +8,18 @@ export ATLAS_HOME
 PORT ?= 8501
 HOST ?= 127.0.0.1
 MODEL ?=
-# The toy zoo `make etl` builds when no MODEL is given: three sizes trained by one recipe, a second
-# seed of the small one (every models/toy config with shipped weights), and a random-init control of
-# the middle size. toy-shapes is built last: the dashboard opens on the last trained model built.
+# The toy zoo `make etl` builds when no MODEL is given: one seed of every trained architecture (the
+# models/toy configs with shipped weights and no -seedN suffix: one per size, plus the SigLIP-style toy
+# once it has weights) and a random-init control of the middle size; `python -m etl study` runs every
+# seed. toy-shapes is built last: the dashboard opens on the last trained model built.
 TRAINED := $(basename $(notdir $(wildcard models/toy/*.safetensors)))
-ZOO := $(filter-out toy-shapes,$(TRAINED)) $(filter toy-shapes,$(TRAINED))
+ONE_SEED := $(foreach m,$(TRAINED),$(if $(findstring -seed,$(m)),,$(m)))
+ZOO := $(filter-out toy-shapes,$(ONE_SEED)) $(filter toy-shapes,$(ONE_SEED))
 PRETRAINED ?=
 CHECKPOINT ?=
 IMAGES ?=
-DATASET ?= shapes:2000:seed=0
+# a world no training or tuning drew from (etl/world/seeds.py DEMO), so the demo's images are held out
+DATASET ?= shapes:2000:seed=41
 WAREHOUSE ?= $(ATLAS_HOME)/warehouse.duckdb
 
 MODEL_FLAGS := --model $(MODEL) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
@@ -46,6 +49,7 @@ ifeq ($(MODEL),)
 	@set -e; for m in $(ZOO); do \
 		$(PY) -m etl run --model $$m $(DATA_FLAGS) --warehouse $(WAREHOUSE); done
 	$(PY) -m etl run --model toy-shapes --random-init --seed 0 $(DATA_FLAGS) --warehouse $(WAREHOUSE)
+	$(PY) -m etl study --in-place --warehouse $(WAREHOUSE)
 else
 	$(PY) -m etl run $(MODEL_FLAGS) $(DATA_FLAGS) --warehouse $(WAREHOUSE)
 endif

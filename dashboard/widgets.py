@@ -388,7 +388,7 @@ def zoom_domain(values, step: float = 0.1, lo: float = 0.0, hi: float = 1.0) -> 
 # --------------------------------------------------------------------------- tables and thumbnails
 
 def head_metrics(label: dict, score: dict, columns) -> None:
-    """A head's label, confidence, association and entanglement as four metrics in ``columns``."""
+    """A head's label, confidence, association and tag entropy as four metrics in ``columns``."""
     def num(v):
         return f"{v:.2f}" if v is not None else "n/a"
     c1, c2, c3, c4 = columns
@@ -396,8 +396,9 @@ def head_metrics(label: dict, score: dict, columns) -> None:
     c2.metric("confidence", num(label.get("confidence")))
     c3.metric("association", num(score.get("association")),
               help="share of the head's texts that express its label (MATH.md §5)")
-    c4.metric("entanglement", num(score.get("entanglement")),
-              help="normalised entropy of the properties of its texts: 0 one property, 1 all mixed")
+    c4.metric("tag entropy", num(score.get("tag_entropy")),
+              help="normalised entropy of the property tags of its texts: 0 one property, 1 all mixed (within "
+                   "this head; the paper's entanglement is across heads: Metrics page)")
 
 
 def plural(n: int, word: str, many: Optional[str] = None) -> str:

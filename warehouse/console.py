@@ -1213,7 +1213,7 @@ class CsvDownload:
 EXAMPLE_QUERIES: dict[str, str] = {
     "Colour heads of every model": """\
 -- heads labelled with the property 'colors', most consistent first
-SELECT model_id, head_name, association, entanglement, confidence, top_text
+SELECT model_id, head_name, association, tag_entropy, confidence, top_text
 FROM head_scores
 WHERE property = 'colors'
 ORDER BY association DESC, model_id, layer, head;""",
@@ -1250,8 +1250,20 @@ JOIN q ON e.model_id = q.model_id AND e.layer = q.layer AND e.head = q.head
 LEFT JOIN images i ON i.image_id = e.image_id
 ORDER BY share DESC
 LIMIT 8;""",
+    "Labels beyond chance, beside both baselines": """\
+-- Cohen's kappa over all heads: of the labels ('labeler'), of every constant labeler and of the
+-- tag-shuffled labeler (mean over its draws); invented = a property whose factor explains < 0.2
+SELECT model_id, dataset_id, labeling, count(*) AS draws, round(avg(kappa), 3) AS kappa,
+       round(avg(accuracy), 3) AS raw_agreement, round(avg(n_invented), 1) AS invented, any_value(n_heads) AS heads
+FROM labeling_agreement
+GROUP BY model_id, dataset_id, labeling
+ORDER BY model_id, dataset_id, kappa DESC NULLS LAST;""",
+    "Every score of every model": """\
+SELECT model_id, dataset_id, score, round(value, 3) AS value, round(lo, 3) AS lo, round(hi, 3) AS hi
+FROM model_measures
+ORDER BY model_id, dataset_id, score;""",
     "Model scores": """\
-SELECT model_id, association, entanglement, n_heads, n_analysed_heads, n_mixed_heads, n_properties
+SELECT model_id, association, tag_entropy, n_heads, n_analysed_heads, n_mixed_heads, n_properties
 FROM model_scores
 ORDER BY association DESC;""",
     "Label counts per property": """\
@@ -1259,7 +1271,7 @@ SELECT property, model_id, n_heads, share_of_heads, heads
 FROM property_heads
 ORDER BY property, n_heads DESC, model_id;""",
     "Per-layer scores": """\
-SELECT model_id, layer, association, entanglement, n_heads
+SELECT model_id, layer, association, tag_entropy, n_heads
 FROM layer_scores
 ORDER BY model_id, layer;""",
     "Recent job runs and their errors": """\

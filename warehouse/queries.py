@@ -130,7 +130,7 @@ def head_texts(path, model_id: str, layer: int, head: int) -> pd.DataFrame:
 
 
 def head_score(path, model_id: str, layer: int, head: int) -> dict:
-    """The `head_scores` row (association, entanglement, ...) of one head; {} when absent."""
+    """The `head_scores` row (association, tag_entropy, ...) of one head; {} when absent."""
     if not has_relation(path, "head_scores"):
         return {}
     df = _df(path, "SELECT * FROM head_scores WHERE model_id = $m AND layer = $l AND head = $h",
@@ -490,7 +490,7 @@ def stored_text_vector(path, model_id: str, text: str) -> Optional[np.ndarray]:
 
 
 def head_scores(path) -> pd.DataFrame:
-    """The `head_scores` view (association and entanglement per labelled head, all models)."""
+    """The `head_scores` view (association and tag_entropy per labelled head, all models)."""
     if not has_relation(path, "head_scores"):
         return pd.DataFrame()
     return _df(path, "SELECT * FROM head_scores ORDER BY model_id, layer, head")
@@ -566,48 +566,64 @@ def head_label_truth(path, model_id: str) -> pd.DataFrame:
                {"m": model_id})
 
 
-def model_study(path) -> pd.DataFrame:
-    """One row per model, smallest first: its size and its scores with 95 % intervals.
+def label_kappa(path) -> pd.DataFrame:
+    """The `label_kappa` view: per model and shapes dataset, Cohen's kappa of the labels with its
+    head-bootstrap interval, wrong and invented labels, beside the best constant labeler and the
+    tag-shuffled labeler (migration 007)."""
+    return _df(path, "SELECT * FROM label_kappa ORDER BY model_id, dataset_id")
 
-    association / entanglement: mean over labelled heads +- 1.96 standard errors (lo, hi);
-    agreement (right / specialised) and false_label_rate (false / unspecialised) on each
-    shapes dataset with Wilson score intervals. Columns: model_id, source, layers, width,
-    heads, n_heads, association, association_lo, association_hi, entanglement,
-    entanglement_lo, entanglement_hi, dataset_id, n_specialised, n_right, agreement,
-    agreement_lo, agreement_hi, n_unspecialised, n_false, false_label_rate, false_lo, false_hi.
-    """
+
+def paper_scores(path) -> pd.DataFrame:
+    """The `paper_scores` view: Madasu et al.'s association and entanglement as read (migration 007)."""
+    return _df(path, "SELECT * FROM paper_scores ORDER BY model_id")
+
+
+def model_measures(path) -> pd.DataFrame:
+    """Every score of every model on each shapes dataset (`model_measures`, long: model_id, dataset_id,
+    score, value, lo, hi), with the model's image tower (source, layers, width, heads)."""
     return _df(path, """
-        WITH scores AS (
-            SELECT model_id, count(*) AS n_heads,
-                   avg(association) AS association, stddev_samp(association) / sqrt(count(*)) AS a_se,
-                   avg(entanglement) AS entanglement, stddev_samp(entanglement) / sqrt(count(*)) AS e_se
-            FROM head_scores WHERE property IS NOT NULL GROUP BY model_id
-        ),
-        wilson AS (
-            SELECT *, 1.96 AS z,
-                   CAST(n_right AS DOUBLE) / nullif(n_specialised, 0) AS p1,
-                   CAST(n_false AS DOUBLE) / nullif(n_unspecialised, 0) AS p2
-            FROM label_agreement
-        )
-        SELECT m.model_id, m.source, m.layers, m.width, m.heads, s.n_heads,
-               s.association, s.association - 1.96 * s.a_se AS association_lo,
-               s.association + 1.96 * s.a_se AS association_hi,
-               s.entanglement, s.entanglement - 1.96 * s.e_se AS entanglement_lo,
-               s.entanglement + 1.96 * s.e_se AS entanglement_hi,
-               w.dataset_id, w.n_specialised, w.n_right, w.p1 AS agreement,
-               (w.p1 + z*z/(2*w.n_specialised) - z*sqrt(w.p1*(1-w.p1)/w.n_specialised + z*z/(4*w.n_specialised*w.n_specialised)))
-                   / (1 + z*z/w.n_specialised) AS agreement_lo,
-               (w.p1 + z*z/(2*w.n_specialised) + z*sqrt(w.p1*(1-w.p1)/w.n_specialised + z*z/(4*w.n_specialised*w.n_specialised)))
-                   / (1 + z*z/w.n_specialised) AS agreement_hi,
-               w.n_unspecialised, w.n_false, w.p2 AS false_label_rate,
-               (w.p2 + z*z/(2*w.n_unspecialised) - z*sqrt(w.p2*(1-w.p2)/w.n_unspecialised + z*z/(4*w.n_unspecialised*w.n_unspecialised)))
-                   / (1 + z*z/w.n_unspecialised) AS false_lo,
-               (w.p2 + z*z/(2*w.n_unspecialised) + z*sqrt(w.p2*(1-w.p2)/w.n_unspecialised + z*z/(4*w.n_unspecialised*w.n_unspecialised)))
-                   / (1 + z*z/w.n_unspecialised) AS false_hi
-        FROM models m
-        JOIN scores s USING (model_id)
-        LEFT JOIN wilson w USING (model_id)
-        ORDER BY m.layers * m.width * m.width, m.model_id, w.dataset_id""")
+        SELECT mm.*, m.source, m.layers, m.width, m.heads
+        FROM model_measures mm JOIN models m USING (model_id)
+        ORDER BY m.layers * m.width * m.width, mm.model_id, mm.dataset_id, mm.score""")
+
+
+def shapes_datasets(path) -> list[str]:
+    """The shapes-world datasets of the warehouse (those with ground truth), by name."""
+    with connect(path, read_only=True) as con:
+        return [r[0] for r in con.execute("SELECT dataset_id FROM datasets WHERE source = 'shapes' "
+                                          "ORDER BY dataset_id").fetchall()]
+
+
+def models_with_truth(path, dataset_id: str) -> list[str]:
+    """The models with labels and ground truth (head_truth) on a shapes dataset."""
+    with connect(path, read_only=True) as con:
+        return [r[0] for r in con.execute(
+            "SELECT DISTINCT model_id FROM head_truth JOIN head_labels USING (model_id, layer, head) "
+            "WHERE dataset_id = ? ORDER BY model_id", [dataset_id]).fetchall()]
+
+
+def measures_of(path, model_id: str, dataset_id: str) -> dict[str, tuple]:
+    """{score: (value, lo, hi)} of one model on one shapes dataset (`model_measures`)."""
+    with connect(path, read_only=True) as con:
+        return {r[0]: tuple(r[1:]) for r in con.execute(
+            "SELECT score, value, lo, hi FROM model_measures WHERE model_id = ? AND dataset_id = ?",
+            [model_id, dataset_id]).fetchall()}
+
+
+def study_tables(path, study: Optional[str] = None) -> dict[str, pd.DataFrame]:
+    """A stored size study (`python -m etl study`): {'scores', 'sizes', 'verdicts', 'seeds'} frames;
+    the study named ``study``, else the one written last. Empty frames before any study."""
+    with connect(path, read_only=True) as con:
+        if study is None:
+            row = con.execute("SELECT s.study FROM study_verdicts s LEFT JOIN runs r USING (run_id) "
+                              "ORDER BY r.finished_at DESC NULLS LAST LIMIT 1").fetchone()
+            study = row[0] if row else ""
+        out = {t: con.execute(f"SELECT * FROM study_{t} WHERE study = ? ORDER BY ALL", [study]).fetchdf()
+               for t in ("scores", "sizes", "verdicts")}
+        out["sizes"] = con.execute("SELECT * FROM study_sizes WHERE study = ? "
+                                   "ORDER BY image_params NULLS LAST, size, score", [study]).fetchdf()
+        out["seeds"] = con.execute("SELECT * FROM world_seeds ORDER BY seed, role").fetchdf()
+    return out
 
 
 # --------------------------------------------------------------------------- matrices for the jobs
@@ -810,6 +826,14 @@ def head_label_state(path, model_id: str) -> dict[Head, tuple[str, Optional[str]
             [model_id]).fetchall()}
 
 
+def baseline_label_state(path, model_id: str, baseline: str) -> dict[Head, tuple[int, Optional[str]]]:
+    """{(layer, head): (draws stored, prompt_hash)} of a baseline labeler's labels of the model's heads."""
+    with connect(path, read_only=True) as con:
+        return {(int(l), int(h)): (int(n), ph) for l, h, n, ph in con.execute(
+            "SELECT layer, head, count(*), any_value(prompt_hash) FROM baseline_labels "
+            "WHERE model_id = ? AND baseline = ? GROUP BY layer, head", [model_id, baseline]).fetchall()}
+
+
 def judged_texts(path, model_id: str, judge: str) -> set[tuple[int, int, str, str]]:
     """(layer, head, text_id, property) already judged by ``judge`` for the model."""
     with connect(path, read_only=True) as con:
@@ -822,9 +846,9 @@ def score_rows(path, model_id: Optional[str] = None, heads: bool = False) -> tup
     """(model_scores rows, head_scores rows if ``heads``) as dicts, for one model or all."""
     where, params = ("WHERE model_id = ?", [model_id]) if model_id else ("", [])
     with connect(path, read_only=True) as con:
-        m = con.execute(f"SELECT model_id, association, entanglement, n_heads FROM model_scores {where} "
+        m = con.execute(f"SELECT model_id, association, tag_entropy, n_heads FROM model_scores {where} "
                         "ORDER BY model_id", params).fetchdf()
-        h = con.execute(f"SELECT model_id, layer, head, property, association, entanglement FROM head_scores "
+        h = con.execute(f"SELECT model_id, layer, head, property, association, tag_entropy FROM head_scores "
                         f"{where} ORDER BY model_id, layer, head", params).fetchdf() if heads else pd.DataFrame()
     return m.to_dict("records"), h.to_dict("records")
 
@@ -834,7 +858,8 @@ def factor_head_embeddings(path, model_id: str, dataset_id: str
     """Head embeddings of a labelled (shapes) dataset with the factor values of each image.
 
     Returns (X float32 [n, L', H, d] in image_id order, analysed layers [L'],
-    {factor: value per image, None where unknown}); X has 0 rows when nothing is stored.
+    {factor: value per image, None where unknown}, factors in name order); X has 0 rows when
+    nothing is stored.
     """
     with connect(path, read_only=True) as con:
         tab = con.sql(
@@ -843,7 +868,7 @@ def factor_head_embeddings(path, model_id: str, dataset_id: str
             params=[model_id, dataset_id]).to_arrow_table()
         facts = con.execute(
             "SELECT f.image_id, f.factor, f.value FROM image_factors f JOIN images i USING (image_id) "
-            "WHERE i.dataset_id = ?", [dataset_id]).fetchall()
+            "WHERE i.dataset_id = ? ORDER BY f.factor", [dataset_id]).fetchall()   # factors in one order: the splits
     if tab.num_rows == 0 or not facts:
         return np.zeros((0, 0, 0, 0), np.float32), [], {}
     ids = tab.column("image_id").to_pylist()

@@ -256,6 +256,54 @@ def replace_probes(con, model_id: str, dataset_id: str, probes: Sequence[dict], 
                  [(model_id, dataset_id, r["layer"], r["head"], r["factor"], r["eta2"], run_id) for r in eta2])
 
 
+def replace_baseline_labels(con, model_id: str, baseline: str, layer: int, head: int,
+                            labels: Sequence[str], prompt_hash: Optional[str], run_id: Optional[str]) -> None:
+    """A head's labels by a baseline labeler, one per draw (labels[d] is draw d's)."""
+    con.execute("DELETE FROM baseline_labels WHERE model_id = ? AND baseline = ? AND layer = ? AND head = ?",
+                [model_id, baseline, layer, head])
+    _insert_rows(con, "baseline_labels", ["model_id", "baseline", "draw", "layer", "head", "property",
+                                          "prompt_hash", "run_id"],
+                 [(model_id, baseline, d, layer, head, p, prompt_hash, run_id) for d, p in enumerate(labels)])
+
+
+def replace_code_scores(con, model_id: str, dataset_id: str, rows: Sequence[dict], run_id: Optional[str]) -> None:
+    """rows: dicts with score, value, lo, hi, n_boot (etl/world/disentanglement.py)."""
+    con.execute("DELETE FROM code_scores WHERE model_id = ? AND dataset_id = ?", [model_id, dataset_id])
+    _insert_rows(con, "code_scores", ["model_id", "dataset_id", "score", "value", "lo", "hi", "n_boot", "run_id"],
+                 [(model_id, dataset_id, r["score"], r["value"], r["lo"], r["hi"], r["n_boot"], run_id)
+                  for r in _last_of_each(rows, key=lambda r: r["score"])])
+
+
+def replace_world_seeds(con, rows: Sequence[dict]) -> None:
+    """The world-seed provenance (etl/world/seeds.py provenance()): seed, role, used_by."""
+    con.execute("DELETE FROM world_seeds")
+    _insert_rows(con, "world_seeds", ["seed", "role", "used_by"],
+                 [(r["seed"], r["role"], r["used_by"]) for r in _last_of_each(rows, key=lambda r: (r["seed"], r["role"]))])
+
+
+def replace_study(con, study: str, scores: Sequence[dict], sizes: Sequence[dict], verdicts: Sequence[dict],
+                  run_id: Optional[str]) -> None:
+    """A size study, whole: per-model scores (model_id, world_seed, dataset_id, size, image_params, score,
+    value, lo, hi), per-size summaries (size, image_params, score, n_models, mean, lo, hi) and verdicts
+    (score, definition, direction, n_models, slope, slope_lo, slope_hi, p_value, verdict)."""
+    for table in ("study_scores", "study_sizes", "study_verdicts"):
+        con.execute(f"DELETE FROM {table} WHERE study = ?", [study])
+    _insert_rows(con, "study_scores", ["study", "model_id", "world_seed", "dataset_id", "size", "image_params",
+                                       "score", "value", "lo", "hi", "run_id"],
+                 [(study, r["model_id"], r["world_seed"], r["dataset_id"], r["size"], r["image_params"], r["score"],
+                   r["value"], r["lo"], r["hi"], run_id)
+                  for r in _last_of_each(scores, key=lambda r: (r["model_id"], r["world_seed"], r["score"]))])
+    _insert_rows(con, "study_sizes", ["study", "size", "image_params", "score", "n_models", "mean", "lo", "hi",
+                                      "run_id"],
+                 [(study, r["size"], r["image_params"], r["score"], r["n_models"], r["mean"], r["lo"], r["hi"], run_id)
+                  for r in _last_of_each(sizes, key=lambda r: (r["size"], r["score"]))])
+    _insert_rows(con, "study_verdicts", ["study", "score", "definition", "direction", "n_models", "slope",
+                                         "slope_lo", "slope_hi", "p_value", "verdict", "run_id"],
+                 [(study, r["score"], r["definition"], r["direction"], r["n_models"], r["slope"], r["slope_lo"],
+                   r["slope_hi"], r["p_value"], r["verdict"], run_id)
+                  for r in _last_of_each(verdicts, key=lambda r: r["score"])])
+
+
 # --------------------------------------------------------------------------- Parquet shards (embed --engine ray, attach)
 
 # The Arrow schema of each table a shard holds: exactly the warehouse columns (INTEGER -> int32,

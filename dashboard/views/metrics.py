@@ -1,7 +1,9 @@
-"""Metrics: association and entanglement per model side by side with the per-layer spread,
+"""Metrics: association and tag entropy per model side by side with the per-layer spread,
 property x model head counts, mean-ablation curves, heads across models (a model x model matrix of
 best-match similarity, dashboard/similar.py), and (on labelled factors such as the shapes world)
-the head x factor probe matrix beside the head labels. Every chart's table is a CSV away.
+the head x factor probe matrix beside the head labels; then the measured sections of
+dashboard/measures.py (agreement beyond chance with its baselines, the paper's scores as read, the
+label-free ground truth, the size study). Every chart's table is a CSV away.
 
 Every chart that tells models apart colours them with widgets.model_colour (one fixed colour per
 model, greys for random-init controls) and names them on an axis or in a legend; the depth axis can
@@ -11,13 +13,14 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard import similar
+from dashboard import measures, similar
 from dashboard import widgets as w
 from dashboard.data import q
 from warehouse import queries
 
 st.title("Metrics")
-st.caption("Scores of MATH.md §5 (SQL views head_scores / model_scores), ablations (§2) and probes.")
+st.caption("Scores of MATH.md §5 (SQL views head_scores / model_scores), agreement beyond chance, the paper's scores "
+           "as read and the label-free ground truth (§11, migration 007), ablations (§2), probes and the size study.")
 row = w.model_picker()
 model_id = row["model_id"]
 
@@ -66,7 +69,7 @@ def default_ablation_target(drops, model, targets):
     return tuple(best.sort_values(ascending=False, kind="stable").index[0])
 
 
-st.header("Association and entanglement")
+st.header("Association and tag entropy (within heads)")
 hs = q(queries.head_scores)
 if hs.empty:
     st.info("No head scores yet: label heads (`python -m etl label`) so the head_scores view has rows.")
@@ -81,7 +84,8 @@ else:
                    f"({w.plain(', '.join(controls))}) over its heads, dashed line its mean: what training adds is "
                    "the distance from it.")
     for score, meaning in (("association", "higher: a head's texts agree with its label"),
-                           ("entanglement", "lower: a head's texts share one property")):
+                           ("tag_entropy", "lower: a head's texts share one property; within one head, not the "
+                                           "paper's entanglement")):
         st.subheader(f"{score.capitalize()} ({meaning})")
         domain = w.zoom_domain(hs[score])
         y = alt.Y(f"{score}:Q", scale=alt.Scale(domain=domain, clamp=True), title=score)
@@ -285,29 +289,6 @@ if agree.empty:
 else:
     st.dataframe(agree, hide_index=True, width="stretch")
     w.csv_download(agree, "label_agreement", key="dl_agreement")
-    study = q(queries.model_study)
-    study = study[study.dataset_id.notna()]
-    if not study.empty:
-        order = list(dict.fromkeys(study.model_id))
-        x = alt.X("model_id:N", sort=order, title=None,
-                  axis=alt.Axis(labelAngle=-25, labelLimit=240, labelOverlap=False))
-        colour = w.model_colour(show_legend=False)
-        charts = []
-        for col, title in (("agreement", "label agreement (specialised heads)"),
-                           ("false_label_rate", "false labels (unspecialised heads)"),
-                           ("association", "association"), ("entanglement", "entanglement")):
-            stem = "false" if col == "false_label_rate" else col
-            lo, hi = f"{stem}_lo", f"{stem}_hi"
-            base = alt.Chart(study).encode(x=x)
-            charts.append((base.mark_point(filled=True, size=80).encode(
-                               y=alt.Y(f"{col}:Q", scale=alt.Scale(domain=[0, 1]), title=None), color=colour,
-                               tooltip=["model_id", "dataset_id", col, lo, hi])
-                           + base.mark_rule(strokeWidth=2).encode(y=f"{lo}:Q", y2=f"{hi}:Q", color=colour))
-                          .properties(title=title, width=70 * len(order) + 60, height=200))
-        st.altair_chart(alt.vconcat(alt.hconcat(*charts[:2]), alt.hconcat(*charts[2:])), key="chart_study")
-        st.caption("Models ordered by image-tower size (layers x width²); bars: 95 % intervals (Wilson for the "
-                   "rates, mean +- 1.96 SE over heads for the scores).")
-        w.csv_download(study, "model_study", key="dl_study")
     truth = q(queries.head_label_truth, model_id)
     if not truth.empty:
         ds = st.selectbox("Shapes dataset", sorted(truth.dataset_id.unique()), key="truth_ds")
@@ -323,3 +304,9 @@ else:
                                     height=34 * conf.label.nunique(), autosize=alt.AutoSizeParams(type="pad")),
                         key="chart_confusion", width="content")
         w.csv_download(t, f"head_label_truth_{model_id.replace('/', '_')}", key="dl_truth")
+
+# --------------------------------------------------------------------------- measured (issue 19: dashboard/measures.py)
+measures.agreement()
+measures.paper_scores()
+measures.code_scores()
+measures.study()

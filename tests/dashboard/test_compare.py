@@ -132,14 +132,14 @@ def test_model_names_on_the_axes_and_one_colour_per_model_on_every_chart(wh, mod
             assert c["scale"]["domain"] == ids, (key, c)
             assert c["scale"]["range"] == [expected[m] for m in ids], (key, c)
         colour_charts += bool(colours)
-    assert colour_charts >= 4, colour_charts          # association, entanglement, ablation, study
+    assert colour_charts >= 5, colour_charts     # association, tag entropy, ablation, kappa, code scores
 
 
 def test_random_init_band_and_zoomed_score_axis(wh, control):
     at = page(nav.METRICS)
     hs = queries.head_scores(wh)
     hs = hs[hs.property.notna()]
-    for score in ("association", "entanglement"):
+    for score in ("association", "tag_entropy"):
         spec = score_chart(at, score)
         ys = [y for y in encodings(spec, "y") if y.get("field") == score]
         domain = ys[0]["scale"]["domain"]

@@ -236,8 +236,10 @@ def test_head_link_to_property_neighbours_opens_that_heads_property(warehouse_fi
     """A head whose label is not the page's default property (the one with most heads)."""
     found = []
     for model_id in (chosen[1], chosen[0]):
-        default_prop = [p for p in queries.properties(warehouse_file, model_id).property
-                        if p not in widgets.NOT_A_PROPERTY][0]
+        props = [p for p in queries.properties(warehouse_file, model_id).property if p not in widgets.NOT_A_PROPERTY]
+        if not props:                          # the random-init control: every head 'mixed' (labeler v6)
+            continue
+        default_prop = props[0]
         g = queries.head_grid(warehouse_file, model_id)
         found += [(model_id, widgets.head_name(l, h), p) for l, h, p in zip(g["layer"], g["head"], g["property"])
                   if p != default_prop and p not in widgets.NOT_A_PROPERTY]
@@ -512,6 +514,39 @@ def test_metrics_charts_and_downloads_follow_the_model(warehouse_file, chosen):
     probes_other = charts_with(at, "factor", "above_chance")
     assert len(probes_other) == 1 and probe_cells(probes_other[0]) == stored_probes(other) != stored_probes(first)
     assert len(charts_with(at, "drop")) == (1 if len(abl[(abl.kind == "head") & (abl.model_id == other)]) else 0)
+
+
+def test_metrics_shows_kappa_beside_both_baselines_the_papers_scores_and_the_study(warehouse_file):
+    at = page(nav.METRICS)
+    lk = queries.label_kappa(warehouse_file)
+    assert len(lk) == 2                                               # the trained toy and its control, one dataset
+    shown = {f.value["model"].iloc[0] for f in at.dataframe if "kappa" in f.value.columns and "model" in f.value.columns}
+    table = next(f.value for f in at.dataframe if "margin over shuffled" in f.value.columns)
+    assert list(table["model"]) == list(lk.model_id) and shown
+    for row, r in zip(table.itertuples(), lk.itertuples()):
+        assert row.invented == f"{r.n_invented} / {r.n_heads}" and row.wrong == f"{r.n_wrong} / {r.n_specialised}"
+    kappa_rows = charts_with(at, "kappa", "kappa_lo", "shuffled_kappa")
+    assert len(kappa_rows) == 1 and {r["model_id"] for r in kappa_rows[0]} == set(lk.model_id)
+    code = charts_with(at, "score", "value", "lo", "hi", "name")
+    assert len(code) == 1 and {r["score"] for r in code[0]} == {"informativeness", "dci_d", "dci_c", "dci_i", "mig"}
+    names = [d.proto.label for d in at.download_button]
+    for table_name in ("label_kappa", "paper_scores", "code_scores", "study_sizes_demo", "study_verdicts_demo"):
+        assert any(table_name in n for n in names), (table_name, names)
+    # the study: provenance of the world seeds, one verdict per definition, the trend chart
+    text = " ".join(m.value for m in at.markdown)
+    assert "Study **demo** on world seed **41**" in text
+    assert "World seeds used for training: 0, 1, 2; the labeler's constants (tuning): 0, 7, 11; the size study: 1013, 2029" in text
+    verdicts = queries.study_tables(warehouse_file)["verdicts"]
+    assert len(verdicts) == 8 and all(v in text for v in verdicts.verdict)
+    def per_model_dots(at):               # the trend chart's dots (its layers carry the size means too)
+        return [r for c in charts(at) for r in chart_rows(c) if {"image_params", "value", "worlds"} <= set(r)]
+
+    assert {r["model_id"] for r in per_model_dots(at)} == set(lk.model_id)
+    at.selectbox(key="study_score").select("mig").run()
+    assert_ok(at)
+    mig = {r["model_id"]: r["value"] for r in per_model_dots(at)}
+    stored = queries.study_tables(warehouse_file)["scores"]
+    assert mig == {m: pytest.approx(v) for m, v in stored[stored.score == "mig"].groupby("model_id").value.mean().items()}
 
 
 # --------------------------------------------------------------------------- SQL console

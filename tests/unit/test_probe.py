@@ -94,3 +94,20 @@ def test_format_matrix_has_a_row_per_head_and_the_chance_row():
     assert lines[0].split() == ["head", "color", "shape"]
     assert [ln.split()[0] for ln in lines[1:-1]] == ["L4.H0", "L4.H1", "L4.H2", "L5.H0", "L5.H1", "L5.H2"]
     assert lines[-1].startswith("chance")
+
+
+def test_cross_fitted_predictions_cover_every_known_image_once_and_find_the_encoding_head():
+    from etl.world.probes import joint_probe_predictions, probe_predictions
+    x, f = _synthetic(n=400)
+    f["shape"][7] = None                                    # an unknown value is skipped
+    for preds in (probe_predictions(x, f, seed=2, folds=4), joint_probe_predictions(x, f, seed=2, folds=4)):
+        by = {p.factor: p for p in preds}
+        assert sorted(by["color"].test) == list(range(400))
+        assert sorted(by["shape"].test) == [i for i in range(400) if i != 7]
+        assert by["color"].pred.shape[1] == 400 and by["color"].n_train == 300
+    head = {p.factor: (p.pred == p.y[None]).mean(1) for p in probe_predictions(x, f, seed=2, folds=4)}
+    assert head["color"][1 * 3 + 2] > 0.95 and head["shape"][0 * 3 + 1] > 0.95      # layer-major head order
+    joint = {p.factor: float((p.pred[0] == p.y).mean()) for p in joint_probe_predictions(x, f, seed=2, folds=4)}
+    assert joint["color"] > 0.95 and joint["shape"] > 0.95
+    with pytest.raises(ValueError, match="folds must be in"):
+        probe_predictions(x, f, folds=1)

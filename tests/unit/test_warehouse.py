@@ -436,7 +436,7 @@ def test_head_scores_match_a_python_reference_on_random_heads(tmp_path):
     p = tmp_path / "w.duckdb"
     _build(p, head_texts, text_prop, labels, judgments)
     ref = _reference_scores(head_texts, text_prop, labels, judgments, len(PROPS))
-    rows = _view(p, "SELECT layer, head, property, association, entanglement, n_texts FROM head_scores")
+    rows = _view(p, "SELECT layer, head, property, association, tag_entropy, n_texts FROM head_scores")
     assert len(rows) == len(head_texts)
     for layer, head, prop, assoc, ent, n in rows:
         label, r_assoc, r_ent = ref[(layer, head)]
@@ -451,7 +451,7 @@ def test_head_scores_match_a_python_reference_on_random_heads(tmp_path):
     # model and layer scores are means over labelled heads
     labelled = [v for v in ref.values() if v[0] is not None]
     (assoc, ent, n_heads, n_analysed, n_mixed), = _view(
-        p, "SELECT association, entanglement, n_heads, n_analysed_heads, n_mixed_heads FROM model_scores")
+        p, "SELECT association, tag_entropy, n_heads, n_analysed_heads, n_mixed_heads FROM model_scores")
     assert n_heads == len(labelled) and n_analysed == len(ref)
     assert n_mixed == sum(1 for v in labelled if v[0] == "mixed")
     assert assoc == pytest.approx(np.mean([v[1] for v in labelled]))
@@ -467,7 +467,7 @@ def test_head_scores_match_a_python_reference_on_random_heads(tmp_path):
     assert got == dict(counts)
 
 
-def test_entanglement_edge_cases(tmp_path):
+def test_tag_entropy_edge_cases(tmp_path):
     text_prop = {"c1": "colors", "c2": "colors", "c3": "colors",
                  "a1": "animals", "s1": "shapes", "l1": "locations", "x1": "textures", "u1": None}
     head_texts = {
@@ -482,7 +482,7 @@ def test_entanglement_edge_cases(tmp_path):
     judgments = {((0, 2), "a1"): True, ((0, 1), "c2"): False}
     p = tmp_path / "w.duckdb"
     _build(p, head_texts, text_prop, labels, judgments)
-    got = {h: (a, e) for h, a, e in _view(p, "SELECT head, association, entanglement FROM head_scores")}
+    got = {h: (a, e) for h, a, e in _view(p, "SELECT head, association, tag_entropy FROM head_scores")}
     assert got[0] == (None, 0.0)
     assert got[1][1] == 0.0
     assert got[1][0] == pytest.approx(2 / 3)            # the judge overrides a matching tag
@@ -494,10 +494,10 @@ def test_entanglement_edge_cases(tmp_path):
     assert got[5][1] == pytest.approx(h / math.log(3))
 
 
-def test_entanglement_with_a_single_property_vocabulary_is_zero(tmp_path):
+def test_tag_entropy_with_a_single_property_vocabulary_is_zero(tmp_path):
     p = tmp_path / "w.duckdb"
     _build(p, {(0, 0): ["c1", "c2"]}, {"c1": "colors", "c2": "colors"}, {(0, 0): "colors"}, {}, n_props=1)
-    assert _view(p, "SELECT association, entanglement FROM head_scores") == [(1.0, 0.0)]
+    assert _view(p, "SELECT association, tag_entropy FROM head_scores") == [(1.0, 0.0)]
 
 
 def test_head_text_matches_and_property_concentration(tmp_path):
