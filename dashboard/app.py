@@ -18,7 +18,9 @@ from dashboard.nav import PAGES  # noqa: E402
 # it. Off, the Metrics page (nine layered charts) renders in about half the time.
 alt.utils.schemapi.disable_debug_mode()
 
-st.set_page_config(page_title="CLIP Atlas", page_icon=":material/hub:", layout="wide")
+# The tab icon is an emoji: Streamlit draws it as an inline SVG. A `:material/...:` page icon would be
+# fetched from fonts.gstatic.com by every browser that opens a page (offline: net::ERR_NAME_NOT_RESOLVED).
+st.set_page_config(page_title="CLIP Atlas", page_icon="🧭", layout="wide")
 gate()                     # local by default; a token for anything else (dashboard/access.py)
 st.navigation([st.Page(path, title=title, icon=icon, url_path=url, default=(i == 0))
                for i, (path, title, icon, url) in enumerate(PAGES)]).run()

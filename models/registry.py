@@ -5,6 +5,7 @@ This is the only module that reaches the network (through open_clip's pretrained
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import os
@@ -240,8 +241,12 @@ def load_model(
     else:
         if random_init:
             torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=None, device=device, precision=precision, pretrained_text=False)
+        # open_clip warns "No pretrained weights loaded ... initialized randomly" whenever it is given no
+        # tag; with a checkpoint (the toys' shipped weights included) the weights are loaded just below,
+        # so that warning would be false: it is dropped then, and kept for --random-init
+        with _quiet_random_init_warning(checkpoint is not None):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=None, device=device, precision=precision, pretrained_text=False)
         if checkpoint is not None:
             checkpoint = Path(checkpoint)
             if not checkpoint.is_file():
@@ -256,6 +261,29 @@ def load_model(
                 random_init=bool(random_init), seed=seed if random_init else None)
     tokenizer = open_clip.get_tokenizer(arch)
     return LoadedModel(model, preprocess, tokenizer, model_id, spec, source, device)
+
+
+class _DropRandomInitWarning:
+    """A logging filter: drops open_clip's "Model initialized randomly" record (see load_model)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(active: bool):
+    """While the block runs, open_clip's root-logger warning that a model was initialized randomly is
+    dropped (``active``: weights will be loaded right after, so the warning would be false)."""
+    import logging
+    root = logging.getLogger()
+    if active:
+        root.addFilter(_DropRandomInitWarning)
+    try:
+        yield
+    finally:
+        if active:
+            root.removeFilter(_DropRandomInitWarning)
 
 
 def check_device(device: str | torch.device) -> torch.device:
