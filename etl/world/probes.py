@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from etl.blas import numpy_blas_threads
 from warehouse import head_name
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)     # multiples of n_fit (features are standardised)
@@ -49,15 +50,17 @@ def _ridge_predict(xf: np.ndarray, yf: np.ndarray, xs: list[np.ndarray], lams: S
 
     xf: [G, n, p] fit features, yf: [n, k] targets (shared by the groups), xs: feature arrays
     [G, m, p] to score. Returns out[j][i] = scores [G, m, k] of xs[i] under lams[j].
+    Batched matrix products (BLAS), the same sums as the einsum spelling of each line.
     """
-    gram = np.einsum("gnp,gnq->gpq", xf, xf)                 # [G, p, p]
+    xt = xf.transpose(0, 2, 1)                                # [G, p, n]
+    gram = xt @ xf                                            # X^T X  [G, p, p]
     evals, evecs = np.linalg.eigh(gram)                       # [G, p], [G, p, p]
-    xty = np.einsum("gnp,nk->gpk", xf, yf)                    # [G, p, k]
-    proj = np.einsum("gpq,gpk->gqk", evecs, xty)              # V^T X^T Y  [G, p, k]
+    xty = xt @ yf                                             # X^T Y  [G, p, k]
+    proj = evecs.transpose(0, 2, 1) @ xty                     # V^T X^T Y  [G, p, k]
     out = []
     for lam in lams:
-        w = np.einsum("gpq,gqk->gpk", evecs, proj / (evals[..., None] + lam))   # [G, p, k]
-        out.append([np.einsum("gmp,gpk->gmk", x, w) for x in xs])
+        w = evecs @ (proj / (evals[..., None] + lam))         # [G, p, k]
+        out.append([x @ w for x in xs])                       # [G, m, k]
     return out
 
 
@@ -86,6 +89,14 @@ def probe_matrix(head_cls: np.ndarray, factors: dict[str, Sequence], seed: int =
     if not np.all(np.isfinite(x)):
         raise ValueError("head_cls contains NaN or inf")
     feats = x.astype(np.float64).reshape(n, L * H, d).transpose(1, 0, 2)     # [G, n, d]
+    with numpy_blas_threads(1):      # many small systems: threads only wait (etl/blas.py)
+        return _probe_rows(feats, factors, seed, layers, test_frac, L, H)
+
+
+def _probe_rows(feats: np.ndarray, factors: dict[str, Sequence], seed: int, layers: list[int],
+                test_frac: float, L: int, H: int) -> list[dict]:
+    """probe_matrix's rows from features [G = L*H, n, d] (see probe_matrix)."""
+    n = feats.shape[1]
     rows = []
     for fi, (name, labels) in enumerate(factors.items()):
         labels = list(labels)
