@@ -19,7 +19,7 @@ import streamlit as st
 from PIL import Image
 
 import models
-from models import maps
+
 
 Head = tuple[int, int]
 
@@ -106,13 +106,13 @@ def topic_map(row: dict, image: Image.Image, image_key: str, heads: Sequence[Hea
     """MATH.md §6.2: the map of text `t_hat` over `heads` for an image on the patch grid, [gh, gw]
     (models.maps.upsample stretches it over model_view's crop)."""
     lm = model(row)
-    return maps.topic_map(decompose_image(row, image, image_key), heads, t_hat, lm.grid)
+    return models.maps.topic_map(decompose_image(row, image, image_key), heads, t_hat, lm.grid)
 
 
 def head_vectors(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head]) -> np.ndarray:
     """c[l,h] of an image for each head, float32 [len(heads), d] (the query side of §6.1 and §6.4)."""
     dec = decompose_image(row, image, image_key)
-    idx = maps.layer_index(dec.layers, heads)
+    idx = models.maps.layer_index(dec.layers, heads)
     return np.stack([dec.head_cls[0, j, h].numpy() for j, h in idx]).astype(np.float32)
 
 

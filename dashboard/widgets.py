@@ -386,17 +386,57 @@ def zoom_domain(values, step: float = 0.1, lo: float = 0.0, hi: float = 1.0) -> 
 
 # --------------------------------------------------------------------------- tables and thumbnails
 
-def head_metrics(label: dict, score: dict, columns) -> None:
-    """A head's label, confidence, association and entanglement as four metrics in ``columns``."""
-    def num(v):
-        return f"{v:.2f}" if v is not None else "n/a"
-    c1, c2, c3, c4 = columns
-    c1.metric("label", label.get("property", "unlabelled"))
-    c2.metric("confidence", num(label.get("confidence")))
-    c3.metric("association", num(score.get("association")),
-              help="share of the head's texts that express its label (MATH.md §5)")
-    c4.metric("entanglement", num(score.get("entanglement")),
-              help="normalised entropy of the properties of its texts: 0 one property, 1 all mixed")
+EVIDENCE = {   # one line each: what the number says (MATH.md §4, §5, §7)
+    "confidence": "share of the head's TextSpan variance carried by the texts that vote for its label (s*)",
+    "p-value": "chance of a share this large with the bank's tags shuffled over its texts (4,000 draws); "
+               "small: not chance",
+    "association": "share of the head's texts that express its label (1: all of them)",
+    "entanglement": "how mixed the properties of its texts are (0: one property, 1: uniformly mixed)",
+}
+
+
+def _num(v, fmt: str = ".2f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(float(v), fmt)
+
+
+def p_value_text(p) -> str:
+    """A label's shuffled-tag p-value as the page prints it ('n/a' for labelers without one)."""
+    if p is None or (isinstance(p, float) and not np.isfinite(p)):
+        return "n/a"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.0e}"
+
+
+def truth_text(truth: pd.DataFrame) -> str:
+    """The ground truth of a head (its `head_truth` rows) in one line per probed dataset."""
+    if truth is None or truth.empty:
+        return "n/a: no probe of a world with known factors for this model"
+    return "; ".join(
+        (f"**{r.true_factor}** (eta² {r.top_eta2:.2f}, next factor {r.second_eta2:.2f})" if r.specialised
+         else f"unspecialised (top factor {r.top_factor}, eta² {r.top_eta2:.2f}, next {r.second_eta2:.2f})")
+        + f" on {r.dataset_id}" for r in truth.itertuples())
+
+
+def head_evidence(label: dict, score: dict, truth: Optional[pd.DataFrame] = None) -> None:
+    """A head's claim and the evidence beside it: its label, the label's confidence and p-value, its
+    association and entanglement (numbers, each with a one-line meaning), and the ground truth."""
+    prop = label.get("property", "unlabelled") if label else "unlabelled"
+    agree = ""
+    if truth is not None and not truth.empty and label:
+        right = [r for r in truth.itertuples() if r.specialised and r.true_property == prop]
+        wrong = [r for r in truth.itertuples() if r.specialised and r.true_property != prop]
+        agree = " · the label agrees with it" if right else " · the label differs from it" if wrong else ""
+    st.markdown(f"**Label:** {prop}" + (f" (labeler {label.get('labeler')})" if label else "")
+                + f"  \n**Ground truth:** {truth_text(truth)}{agree}")
+    st.caption("Label: the property the labeler reads off the head's TextSpan texts (MATH.md §4). Ground truth: "
+               "the world factor whose class means explain the head's variance (eta², MATH.md §7); specialised "
+               "when eta² >= 0.4 and >= 3x the next factor.")
+    values = {"confidence": _num(label.get("confidence") if label else None),
+              "p-value": p_value_text(label.get("p_value") if label else None),
+              "association": _num(score.get("association") if score else None),
+              "entanglement": _num(score.get("entanglement") if score else None)}
+    for col, (name, value) in zip(st.columns(len(values)), values.items()):
+        col.metric(name, value, help=EVIDENCE[name])
+        col.caption(EVIDENCE[name])
 
 
 def plural(n: int, word: str, many: Optional[str] = None) -> str:

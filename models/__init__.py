@@ -4,17 +4,38 @@
     decompose(lm, images, layers, *, tokens, components) -> Decomposition    (models.decompose)
     maps.topic_map / head_map / layer_index / upsample                       (models.maps)
     model_view(lm, image) -> the model's crop of an image                    (models.images)
-"""
-from models.registry import (TOY_DIR, LoadedModel, ModelError, encode_texts, encode_tokens, default_bank, load_model,
-                             load_state, model_from_row, toy_architectures)
-from models.decompose import Decomposer, Decomposition, decompose, resolve_layers
-from models.images import ImageError, load_image, model_view, pixels_to_tensor, thumbnail_jpeg, to_rgb
-from models import maps
 
-__all__ = [
-    "TOY_DIR", "LoadedModel", "ModelError", "encode_texts", "encode_tokens", "default_bank", "load_model",
-    "load_state", "model_from_row", "toy_architectures",
-    "Decomposer", "Decomposition", "decompose", "resolve_layers",
-    "ImageError", "load_image", "model_view", "pixels_to_tensor", "thumbnail_jpeg", "to_rgb",
-    "maps",
-]
+The names below are imported on first use (PEP 562): ``import models`` itself loads neither torch
+nor open_clip, so a dashboard page that only reads the warehouse (or loads an image) never pays
+their import (about 5 CPU-s), and ``models.similarity`` / ``models.images`` stay numpy and Pillow.
+"""
+from __future__ import annotations
+
+import importlib
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    "models.registry": ["TOY_DIR", "LoadedModel", "ModelError", "encode_texts", "encode_tokens", "default_bank",
+                        "load_model", "load_state", "model_from_row", "toy_architectures"],
+    "models.decompose": ["Decomposer", "Decomposition", "decompose", "resolve_layers"],
+    "models.images": ["ImageError", "load_image", "model_view", "pixels_to_tensor", "thumbnail_jpeg", "to_rgb"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = {"maps", "registry", "decompose", "images", "similarity", "hashing", "onnx", "bench"}
+
+__all__ = [name for names in _EXPORTS.values() for name in names] + ["maps"]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"models.{name}")
+    else:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

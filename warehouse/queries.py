@@ -93,7 +93,7 @@ def head_grid(path, model_id: str) -> pd.DataFrame:
     """Every (layer, head) of the model with its label, confidence, first text, and whether analysed.
 
     Columns: layer, head, analysed (bool), property ('not analysed' / 'unlabelled' when none),
-    confidence, top_text, top_variance.
+    confidence, p_value, top_text, top_variance.
     """
     return _df(path, """
         WITH m AS (SELECT * FROM models WHERE model_id = $m),
@@ -104,7 +104,7 @@ def head_grid(path, model_id: str) -> pd.DataFrame:
         SELECT g.layer, g.head, g.analysed,
                CASE WHEN hl.property IS NOT NULL THEN hl.property
                     WHEN g.analysed THEN 'unlabelled' ELSE 'not analysed' END AS property,
-               hl.confidence, t.text AS top_text, ht.variance_explained AS top_variance
+               hl.confidence, hl.p_value, t.text AS top_text, ht.variance_explained AS top_variance
         FROM grid g
         LEFT JOIN head_labels hl ON hl.model_id = $m AND hl.layer = g.layer AND hl.head = g.head
         LEFT JOIN head_texts ht ON ht.model_id = $m AND ht.layer = g.layer AND ht.head = g.head AND ht.rank = 0
@@ -113,8 +113,9 @@ def head_grid(path, model_id: str) -> pd.DataFrame:
 
 
 def head_label(path, model_id: str, layer: int, head: int) -> dict:
-    """The head_labels row of one head ({} when the head is not labelled)."""
-    df = _df(path, """SELECT property, confidence, labeler, prompt_hash, raw, run_id FROM head_labels
+    """The head_labels row of one head ({} when the head is not labelled); p_value is the offline
+    labeler's shuffled-tag p-value (NULL for other labelers)."""
+    df = _df(path, """SELECT property, confidence, p_value, labeler, prompt_hash, raw, run_id FROM head_labels
                       WHERE model_id = $m AND layer = $l AND head = $h""",
              {"m": model_id, "l": int(layer), "h": int(head)})
     return df.iloc[0].to_dict() if len(df) else {}

@@ -37,7 +37,8 @@ base = alt.Chart(grid).encode(x=alt.X("head:O", title="head", axis=alt.Axis(labe
                               y=alt.Y("layer:O", title="layer", sort="descending"))
 cells = (base.mark_rect(stroke="white", strokeWidth=2)
          .encode(color=colour, opacity=alt.condition(pick, alt.value(1.0), alt.value(0.45)),
-                 tooltip=["head_name", "property", alt.Tooltip("confidence:Q", format=".2f"), "top_text"])
+                 tooltip=["head_name", "property", alt.Tooltip("confidence:Q", format=".2f"),
+                          alt.Tooltip("p_value:Q", title="p-value", format=".3g"), "top_text"])
          .add_params(pick))
 names = base.mark_text(fontSize=10, color="#222").encode(text=alt.Text("property:N"))
 chart = alt.layer(cells, names).properties(height=30 * int(row["layers"]),   # the plot's height; width fits the page
@@ -59,9 +60,7 @@ st.subheader("Head card")
 layer, head = w.one_head_picker(row, "atlas_head")
 label = q(queries.head_label, model_id, layer, head)
 score = q(queries.head_score, model_id, layer, head)
-w.head_metrics(label, score, st.columns(4))
-if label:
-    st.caption(f"labeller: {label.get('labeler')}")
+w.head_evidence(label, score, q(queries.head_truth_of, model_id, layer, head))
 
 left, right = st.columns([1, 1])
 with left:

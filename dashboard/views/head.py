@@ -56,19 +56,7 @@ st.caption(f"Permalink: `?model={model_id}&layer={layer}&head={head}` — reload
 label = q(queries.head_label, model_id, layer, head)
 score = q(queries.head_score, model_id, layer, head)
 truth = q(queries.head_truth_of, model_id, layer, head)
-*cols, c5 = st.columns(5)
-w.head_metrics(label, score, cols)
-if truth.empty:
-    c5.metric("ground truth", "n/a", help="no probe of a generated world for this model (MATH.md §7)")
-else:
-    t0 = truth.iloc[0]
-    c5.metric("ground truth", str(t0.true_factor) if t0.specialised else "unspecialised",
-              help=f"head_truth on {t0.dataset_id}: top factor {t0.top_factor} explains eta2 = {t0.top_eta2:.2f} "
-                   f"of the head's variance (second {t0.second_eta2:.2f}); specialised when >= 0.4 and >= 3x the second")
-    st.caption("Ground truth (MATH.md §7): " + "; ".join(
-        f"{r.dataset_id}: top factor **{r.top_factor}** (eta2 {r.top_eta2:.2f}, second {r.second_eta2:.2f})"
-        + (f", specialised in {r.true_property}" if r.specialised else ", not specialised")
-        for r in truth.itertuples()))
+w.head_evidence(label, score, truth)
 
 st.markdown(f"**Analyses of {name}**")
 w.head_links(model_id, layer, head, label.get("property"), head_page=False)

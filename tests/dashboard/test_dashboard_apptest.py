@@ -110,6 +110,24 @@ def metric(at: AppTest, label: str) -> str:
     return found[0]
 
 
+def assert_evidence(at: AppTest, warehouse, model_id: str, layer: int, head: int) -> None:
+    """The head's label, its confidence and shuffled-tag p-value, its scores and its ground truth are on
+    the page as stored, each number with its one-line meaning (widgets.head_evidence)."""
+    label = queries.head_label(warehouse, model_id, layer, head)
+    score = queries.head_score(warehouse, model_id, layer, head)
+    truth = queries.head_truth_of(warehouse, model_id, layer, head)
+    claim = [m.value for m in at.markdown if m.value.startswith("**Label:**")]
+    assert len(claim) == 1, [m.value for m in at.markdown]
+    assert claim[0].startswith(f"**Label:** {label['property']} (labeler {label['labeler']})")
+    assert f"**Ground truth:** {widgets.truth_text(truth)}" in claim[0]
+    assert metric(at, "confidence") == f"{label['confidence']:.2f}"
+    assert metric(at, "p-value") == widgets.p_value_text(label["p_value"])
+    assert label["p_value"] is not None and 0 < label["p_value"] <= 1     # the offline labeler records it
+    assert metric(at, "association") == f"{score['association']:.2f}"
+    captions = [c.value for c in at.caption]
+    assert all(meaning in captions for meaning in widgets.EVIDENCE.values())
+
+
 def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
@@ -212,7 +230,7 @@ def test_atlas_grid_and_head_card_follow_the_choice(warehouse_file, chosen):
         table = at.dataframe[-1].value
         assert list(table.text) == list(expected.text)
         assert list(table.variance_explained) == pytest.approx(list(expected.variance_explained))
-        assert metric(at, "label") == queries.head_label(warehouse_file, first, l, h)["property"]
+        assert_evidence(at, warehouse_file, first, l, h)
     links = at.get("page_link")
     assert len(links) == 6 and all(picked[-1] in pl.proto.label for pl in links), [pl.proto.label for pl in links]
     assert links[0].proto.page == nav.URLS[nav.HEAD]                     # the head's permalink first
@@ -647,8 +665,7 @@ def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_
     # the URL keeps the state (not consumed like other pages' links)
     assert dict(at.query_params) == {"model": model_id, "layer": str(l), "head": str(h)}
     # label and TextSpan texts as stored
-    label = queries.head_label(warehouse_file, model_id, l, h)
-    assert metric(at, "label") == label.get("property", "unlabelled")
+    assert_evidence(at, warehouse_file, model_id, l, h)
     texts = queries.head_texts(warehouse_file, model_id, l, h)
     frames = [d.value for d in at.dataframe]
     shown = next(f for f in frames if "variance_explained" in f.columns)
