@@ -18,6 +18,7 @@ import streamlit as st
 from PIL import Image
 
 from dashboard import nav
+from dashboard.links import check_link
 from dashboard.data import fill_commands, q, stamp, warehouse_path
 from warehouse import head_name, parse_head, queries  # noqa: F401  (w.head_name, w.parse_head for pages)
 
@@ -77,9 +78,11 @@ def model_picker() -> dict:
     require_warehouse()
     df = q(queries.models)
     ids = list(df.model_id)
+    check_link(st.session_state.get("_atlas_page", nav.ATLAS), df, default_model(df))
     consume_link("model")
-    if consume_link("head") is not None:           # a link to one head: head pickers open on it
-        st.session_state["_atlas_head_link_new"] = True
+    # a link to one head: head pickers open on it, in this run only (a page without a head picker
+    # must not leave the flag for the next page)
+    st.session_state["_atlas_head_link_new"] = consume_link("head") is not None
     current = st.session_state.get("_atlas_model")
     if current not in ids:
         current = default_model(df)
@@ -181,10 +184,19 @@ def head_links(model_id: str, layer: int, head: int, prop: Optional[str] = None,
     if head_page:
         head_page_link(model_id, layer, head)
     params = {"model": model_id, "head": head_name(layer, head)}
-    for page in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN, nav.PROPERTY_NN):
-        st.page_link(page, label=f"{nav.TITLES[page]} of {head_name(layer, head)}"
-                     + (f" ({prop})" if page == nav.PROPERTY_NN and prop else ""),
-                     query_params=params)
+    for page in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN):
+        st.page_link(page, label=f"{nav.TITLES[page]} of {head_name(layer, head)}", query_params=params)
+    if has_property(prop):      # the property page searches by a property's heads: only a real label leads there
+        st.page_link(nav.PROPERTY_NN, label=f"{nav.TITLES[nav.PROPERTY_NN]} by '{prop}', the label of "
+                     f"{head_name(layer, head)}", query_params=params)
+    else:
+        st.caption(f"{nav.TITLES[nav.PROPERTY_NN]}: {head_name(layer, head)} is {prop or 'unlabelled'}, so it "
+                   "names no property to search by.")
+
+
+def has_property(prop: Optional[str]) -> bool:
+    """Whether a head label is a property (not 'mixed', 'unlabelled', 'not analysed' or missing)."""
+    return bool(prop) and prop not in NOT_A_PROPERTY
 
 
 # --------------------------------------------------------------------------- images

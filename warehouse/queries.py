@@ -163,6 +163,13 @@ def images(path, model_id: str, limit: int = 5000) -> pd.DataFrame:
         ORDER BY i.image_id LIMIT $k""", {"m": model_id, "k": int(limit)})
 
 
+def image_embedded(path, model_id: str, image_id: str) -> bool:
+    """Whether the model has an image embedding of ``image_id`` (a link's image is checked with it)."""
+    df = _df(path, "SELECT count(*) AS n FROM image_embeddings WHERE model_id = $m AND image_id = $i",
+             {"m": model_id, "i": str(image_id)})
+    return bool(df.n.iloc[0])
+
+
 def image_record(path, image_id: str) -> dict:
     """One `images` row (path, thumbnail bytes, label, caption, width, height); KeyError when absent."""
     df = _df(path, "SELECT * FROM images WHERE image_id = $i", {"i": image_id})
