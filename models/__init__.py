@@ -12,6 +12,8 @@ their import (about 5 CPU-s), and ``models.similarity`` / ``models.images`` stay
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 # name -> the submodule that defines it
 _EXPORTS = {
@@ -39,3 +41,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule binds it on its package, so `import models.decompose` would put the module
+    where the function `models.decompose` belongs (an eager __init__ rebinds it after; a lazy one
+    cannot). Such a binding of an exported name is ignored: the name stays the function."""
+
+    def __setattr__(self, name, value):
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from etl.blas import numpy_blas_threads
+from etl.threads import numpy_blas_threads
 from warehouse import head_name
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)     # multiples of n_fit (features are standardised)
@@ -89,7 +89,7 @@ def probe_matrix(head_cls: np.ndarray, factors: dict[str, Sequence], seed: int =
     if not np.all(np.isfinite(x)):
         raise ValueError("head_cls contains NaN or inf")
     feats = x.astype(np.float64).reshape(n, L * H, d).transpose(1, 0, 2)     # [G, n, d]
-    with numpy_blas_threads(1):      # many small systems: threads only wait (etl/blas.py)
+    with numpy_blas_threads(1):      # many small systems: threads only wait (etl/threads.py)
         return _probe_rows(feats, factors, seed, layers, test_frac, L, H)
 
 

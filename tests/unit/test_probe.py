@@ -110,9 +110,9 @@ def _einsum_ridge_predict(xf, yf, xs, lams):
 
 
 def test_batched_blas_probes_equal_the_einsum_reference(monkeypatch):
-    """The probes run their ridge systems as batched BLAS products on one BLAS thread (etl/blas.py):
+    """The probes run their ridge systems as batched BLAS products on one BLAS thread (etl/threads.py):
     every accuracy equals the einsum spelling's, on heads with signal and on noise heads alike."""
-    from etl.blas import numpy_blas_threads_now
+    from etl.threads import numpy_blas_threads_now
     from etl.world import probes
     x, f = _synthetic(n=600, d=24, seed=3)
     f["size"] = [i % 2 for i in range(600)]
