@@ -19,11 +19,12 @@ import types
 _EXPORTS = {
     "models.registry": ["TOY_DIR", "LoadedModel", "ModelError", "encode_texts", "encode_tokens", "default_bank",
                         "load_model", "load_state", "model_from_row", "toy_architectures"],
-    "models.decompose": ["Decomposer", "Decomposition", "decompose", "resolve_layers"],
+    "models.decompose": ["Decomposer", "Decomposition", "decompose"],
+    "models.layers": ["resolve_layers"],
     "models.images": ["ImageError", "load_image", "model_view", "pixels_to_tensor", "thumbnail_jpeg", "to_rgb"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = {"maps", "registry", "decompose", "images", "similarity", "hashing", "onnx", "bench"}
+_SUBMODULES = {"maps", "registry", "decompose", "images", "similarity", "hashing", "onnx", "bench", "layers"}
 
 __all__ = [name for names in _EXPORTS.values() for name in names] + ["maps"]
 
