@@ -102,6 +102,12 @@ def model_view(row: dict, image: Image.Image) -> Image.Image:
     return image if lm is None else models.model_view(lm, image)
 
 
+def model_view_box(row: dict, image: Image.Image):
+    """(the model's crop [S, S] RGB, its box in the image's pixels or None): models.model_view_box with the
+    model of `row` (which maps need loaded anyway)."""
+    return models.model_view_box(model(row), image)
+
+
 def topic_map(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head], t_hat) -> np.ndarray:
     """MATH.md §6.2: the map of text `t_hat` over `heads` for an image on the patch grid, [gh, gw]
     (models.maps.upsample stretches it over model_view's crop)."""

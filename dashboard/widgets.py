@@ -294,6 +294,52 @@ def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 320, 
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+def overlay_on_original(image: Image.Image, box, heat: np.ndarray, vmax: float, width: int = 480,
+                        opacity: float = 0.8, floor: float = 0.25) -> Image.Image:
+    """The whole image (scaled to ``width`` px on its long side) with the model's crop outlined, the
+    rest dimmed, and the patch-grid map drawn in place: patch (r, c) fills its own box in the image
+    (models.maps.patch_boxes of the crop's ``box`` from models.model_view_box), coloured as ``overlay``
+    colours it on the crop."""
+    from PIL import ImageDraw
+    from models.maps import patch_boxes
+    img = image.convert("RGB")
+    f = width / max(img.size)
+    w, h = max(1, round(img.size[0] * f)), max(1, round(img.size[1] * f))
+    base = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.float64)
+    grid = np.asarray(heat, dtype=np.float64)
+    boxes = patch_boxes(box, grid.shape) * f                               # [gh, gw, 4] display pixels
+    x0, y0, x1, y1 = (float(v) * f for v in box)
+    inside = np.zeros((h, w), dtype=bool)
+    inside[max(0, round(y0)):max(0, round(y1)), max(0, round(x0)):max(0, round(x1))] = True
+    out = np.where(inside[..., None], base, base * 0.45 + 255 * 0.2)     # outside the crop: dimmed
+    rgb, a = colorize(grid, vmax)                                         # [gh, gw, 3], [gh, gw, 1]
+    a = opacity * (floor + (1 - floor) * a)
+    for r in range(grid.shape[0]):
+        for c in range(grid.shape[1]):
+            bx0, by0, bx1, by1 = (int(round(v)) for v in boxes[r, c])
+            bx0, by0, bx1, by1 = max(bx0, 0), max(by0, 0), min(bx1, w), min(by1, h)
+            if bx1 > bx0 and by1 > by0:
+                cell = out[by0:by1, bx0:bx1]
+                out[by0:by1, bx0:bx1] = cell * (1 - a[r, c]) + rgb[r, c] * a[r, c]
+    pic = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    ImageDraw.Draw(pic).rectangle([round(x0), round(y0), round(x1) - 1, round(y1) - 1], outline=(20, 20, 20), width=2)
+    return pic
+
+
+def map_views(image: Image.Image, crop: Image.Image, box, grid: np.ndarray, vmax: float, caption: str,
+              low: str = "away from the text", high: str = "towards the text") -> None:
+    """The map on the whole image (the crop outlined, the map in place) beside the model's crop with the
+    map, then the legend; without a box (an unusual preprocess) the crop view alone."""
+    if box is not None:
+        a, b = st.columns([3, 2])
+        a.image(overlay_on_original(image, box, grid, vmax),
+                caption=f"{caption}: the whole image; the outlined square is what the model sees")
+        b.image(overlay(crop, grid, vmax, size=320), caption="the model's crop, one block per patch")
+    else:
+        st.image(overlay(crop, grid, vmax, size=320), caption=f"{caption} (the model's crop, one block per patch)")
+    st.image(legend(vmax, low, high, width=320))
+
+
 def legend(vmax: float, low: str = "away from the text", high: str = "towards the text",
            width: int = 320) -> Image.Image:
     """A colour bar for overlay: the full range -vmax .. 0 .. +vmax with its numbers and meanings."""
@@ -311,13 +357,6 @@ def legend(vmax: float, low: str = "away from the text", high: str = "towards th
     d.text((0, y + 14), low, fill=tuple(NEG))
     d.text((width - 6 * len(high) - 2, y + 14), high, fill=tuple(POS))
     return img
-
-
-def map_with_legend(crop: Image.Image, grid: np.ndarray, vmax: float, caption: str,
-                    low: str = "away from the text", high: str = "towards the text", size: int = 320) -> None:
-    """The overlay of a patch-grid map on the crop, then its legend with the full range."""
-    st.image(overlay(crop, grid, vmax, size=size), caption=caption)
-    st.image(legend(vmax, low, high, width=size))
 
 
 def small_multiples(crop: Image.Image, maps: dict, vmax: float, columns: int = 4, size: int = 200) -> None:

@@ -21,7 +21,8 @@ _EXPORTS = {
                         "load_model", "load_state", "model_from_row", "toy_architectures"],
     "models.decompose": ["Decomposer", "Decomposition", "decompose"],
     "models.layers": ["resolve_layers"],
-    "models.images": ["ImageError", "load_image", "model_view", "pixels_to_tensor", "thumbnail_jpeg", "to_rgb"],
+    "models.images": ["ImageError", "load_image", "model_view", "model_view_box", "pixels_to_tensor",
+                      "thumbnail_jpeg", "to_rgb"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = {"maps", "registry", "decompose", "images", "similarity", "hashing", "onnx", "bench", "layers"}

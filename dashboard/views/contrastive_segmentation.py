@@ -26,17 +26,12 @@ if choice is not None and heads:
     map_a = live.topic_map(row, choice.image, choice.key, heads, t_a)           # [gh, gw]
     map_b = live.topic_map(row, choice.image, choice.key, heads, t_b)
     diff = map_a - map_b
-    size = int(row["image_size"])
-    crop = live.model_view(row, choice.image)                                    # [S, S] RGB
+    crop, box = live.model_view_box(row, choice.image)                           # [S, S] RGB, its box
     elapsed = time.perf_counter() - t0
     vmax = float(np.abs(diff).max()) or 1e-12
     st.markdown(f"**{text_a}** (red) minus **{text_b}** (blue) over {description}")
-    a, b = st.columns(2)
-    with a:
-        w.map_with_legend(crop, diff, vmax, f"A - B on {choice.caption} (one block per patch)",
-                          low="towards B", high="towards A")
-    with b:
-        st.altair_chart(w.grid_chart(diff, vmax, "A - B per patch (one symmetric scale)"), width="content")
+    w.map_views(choice.image, crop, box, diff, vmax, f"A - B on {choice.caption}", low="towards B", high="towards A")
+    st.altair_chart(w.grid_chart(diff, vmax, "A - B per patch (one symmetric scale)"), width="content")
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("patches towards A", f"{(diff > 0).mean():.0%}")
     m2.metric("patches towards B", f"{(diff < 0).mean():.0%}")

@@ -194,7 +194,7 @@ def test_real_uploads_segment_or_explain(server, tab):
     buf = io.BytesIO()
     shapes.scene(5, seed=77, size=224).to_pil().save(buf, format="PNG")     # a scene of the product's world
     _upload(tab, "scene.png", buf.getvalue(), "image/png")
-    tab.get_by_text("scene.png (the model's").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    tab.get_by_text("scene.png: the whole image").first.wait_for(timeout=PAGE_TIMEOUT_MS)
     wait_done(tab, title_of(nav.TOPIC), tuple(EXPECT[nav.TOPIC]))
     assert_no_exception(tab, "upload scene.png")
     tab.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(

@@ -724,3 +724,30 @@ def test_atlas_head_card_links_to_the_head_permalink(warehouse_file, chosen):
     links = [e.proto for e in at.get("page_link")]
     heads = [p for p in links if "head" in p.page and "Head page" in p.label]
     assert heads, [(p.page, p.label) for p in links]
+
+
+@pytest.mark.parametrize("size", [(300, 200), (160, 240)])
+def test_the_map_on_the_whole_image_lands_on_the_crops_patch_grid(size):
+    """widgets.overlay_on_original draws patch (r, c) of the map exactly on that patch's box of the crop
+    inside the whole image (models.model_view_box, models.maps.patch_boxes); outside the crop the image
+    is dimmed, inside it shows through where the map is 0."""
+    from models.maps import patch_boxes
+    lm = models.load_model("toy-shapes-small")
+    img = Image.new("RGB", size, (255, 255, 255))
+    _, box = models.model_view_box(lm, img)
+    grid = np.zeros(lm.grid)
+    r, c = 2, 5
+    grid[r, c] = 1.0
+    out = np.asarray(widgets.overlay_on_original(img, box, grid, 1.0, width=max(size)), dtype=int)   # 1 px = 1 px
+    assert out.shape[:2] == (size[1], size[0])
+    red = (out[..., 0] - out[..., 2] > 60)
+    ys, xs = np.nonzero(red)
+    x0, y0, x1, y1 = patch_boxes(box, lm.grid)[r, c]
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (round(x0), round(x1), round(y0), round(y1))
+    bx0, by0, bx1, by1 = (round(v) for v in box)
+    outside = np.ones(red.shape, bool)
+    outside[by0:by1, bx0:bx1] = False
+    if outside.any():
+        assert out[outside].max() < 200                                    # dimmed: not the white image
+    inner = out[by0 + 3:by1 - 3, bx0 + 3:bx1 - 3][~red[by0 + 3:by1 - 3, bx0 + 3:bx1 - 3]]
+    assert inner.min() > 200                                               # the white image shows through
