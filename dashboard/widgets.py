@@ -199,6 +199,37 @@ def has_property(prop: Optional[str]) -> bool:
     return bool(prop) and prop not in NOT_A_PROPERTY
 
 
+# --------------------------------------------------------------------------- examples that show something
+
+def example_head(heads: Sequence[Head]) -> Optional[Head]:
+    """The head a page's first example is about: the one head chosen, else the session's current head
+    when it is among the chosen ones, else the last chosen."""
+    if not heads:
+        return None
+    try:
+        current = parse_head(st.session_state.get("_atlas_head") or "")
+    except ValueError:
+        current = None
+    return heads[0] if len(heads) == 1 else current if current in heads else heads[-1]
+
+
+def set_example_defaults(row: dict, heads: Sequence[Head], text_keys: Sequence[str], image_key: str) -> None:
+    """First visit of a page: its text inputs (``text_keys``, in order) start on the example head's first
+    TextSpan texts and its image picker (``image_key``) on the image that head pushes most towards the
+    first one, so the first map shows what the head carries (a fixed 'a red object' on the first image
+    drew a nearly empty map). Inputs the user has set are left alone."""
+    head = example_head(heads)
+    if head is None or all(k in st.session_state for k in (*text_keys, image_key)):
+        return
+    texts = q(queries.head_texts, row["model_id"], *head)
+    for key, text in zip(text_keys, list(texts.text) if len(texts) else []):
+        st.session_state.setdefault(key, str(text))
+    if image_key not in st.session_state:
+        top = q(queries.head_top_images, row["model_id"], head[0], head[1], 1)
+        if len(top):
+            st.session_state[image_key] = str(top.image_id.iloc[0])
+
+
 # --------------------------------------------------------------------------- images
 
 @dataclass
@@ -411,9 +442,10 @@ def model_colour(field: str = "model_id", title: str = "model", legend: Optional
                  show_legend: bool = True) -> alt.Color:
     """The Altair colour channel for a model-id field on model_colours' fixed scale."""
     colours = model_colours()
-    lg = None if not show_legend else (legend or alt.Legend(orient="bottom", labelLimit=400, columns=3))
+    order = [m for m in q(queries.models).model_id if m in colours]     # the legend lists them by size
+    lg = None if not show_legend else (legend or alt.Legend(orient="bottom", labelLimit=0, columns=3))
     return alt.Color(f"{field}:N", title=title, legend=lg,
-                     scale=alt.Scale(domain=list(colours), range=list(colours.values())))
+                     scale=alt.Scale(domain=order, range=[colours[m] for m in order]))
 
 
 def random_models(models_df: Optional[pd.DataFrame] = None) -> list[str]:
@@ -530,6 +562,34 @@ def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head]
             if r.thumbnail is not None:
                 col.image(bytes(r.thumbnail), width="stretch")
             col.caption(f"{describe(r) or r.image_id}  \n{r.score:.4f}")
+
+
+SHORT_NAMES = {"n_heads": "heads", "n_analysed_heads": "analysed", "n_mixed_heads": "mixed", "n_properties": "properties",
+               "association_std": "assoc. sd", "entanglement_std": "entangl. sd", "n_specialised": "specialised",
+               "n_right": "right", "n_unspecialised": "unspecial.", "n_false": "false", "false_label_rate": "false rate",
+               "dataset_id": "dataset", "model_id": "model"}
+
+
+def short_columns(df: pd.DataFrame) -> dict:
+    """Column configuration that keeps a wide score table inside 1280 px: short headers (SHORT_NAMES;
+    the CSV keeps the real names) and 3 decimals for fractional numbers."""
+    out = {}
+    for c in df.columns:
+        label = SHORT_NAMES.get(c, c)
+        if pd.api.types.is_float_dtype(df[c]):
+            out[c] = st.column_config.NumberColumn(label, format="%.3f")
+        elif label != c:
+            out[c] = st.column_config.Column(label)
+    return out
+
+
+def textspan_columns(texts: pd.DataFrame) -> dict:
+    """The column configuration of a head's TextSpan table: variance explained as a bar with its number,
+    wide enough to read ('medium': a narrow progress column cuts the number off)."""
+    return {"rank": st.column_config.NumberColumn("rank", width="small"),
+            "variance_explained": st.column_config.ProgressColumn(
+                "variance explained", format="%.3f", min_value=0.0, width="medium",
+                max_value=float(max(texts.variance_explained.max(), 1e-9)))}
 
 
 def csv_download(df: pd.DataFrame, name: str, key: str) -> None:

@@ -66,7 +66,8 @@ def has_relation(path, name: str) -> bool:
 
 
 def models(path) -> pd.DataFrame:
-    """One row per model: the `models` columns plus embedded image and labelled head counts."""
+    """One row per model, smallest image tower first (layers x width², then model_id: the order of every
+    chart and list of models): the `models` columns plus embedded image and labelled head counts."""
     return _df(path, """
         SELECT m.model_id, m.arch, m.pretrained, m.source, m.checkpoint_path, m.seed,
                m.layers, m.heads, m.width, m.embed_dim, m.patch_size, m.image_size, m.pooling,
@@ -74,7 +75,7 @@ def models(path) -> pd.DataFrame:
                (SELECT count(*) FROM image_embeddings e WHERE e.model_id = m.model_id) AS n_images,
                (SELECT count(*) FROM head_labels hl WHERE hl.model_id = m.model_id) AS n_labelled_heads,
                m.created_at
-        FROM models m ORDER BY m.model_id""")
+        FROM models m ORDER BY m.layers * m.width * m.width, m.model_id""")
 
 
 def model_row(path, model_id: str) -> dict:

@@ -62,25 +62,19 @@ label = q(queries.head_label, model_id, layer, head)
 score = q(queries.head_score, model_id, layer, head)
 w.head_evidence(label, score, q(queries.head_truth_of, model_id, layer, head))
 
-left, right = st.columns([1, 1])
-with left:
-    st.markdown(f"**TextSpan texts of {w.head_name(layer, head)}** (variance explained)")
-    texts = q(queries.head_texts, model_id, layer, head)
-    if texts.empty:
-        st.info("No TextSpan texts for this head yet: run `python -m etl textspan`.")
-    else:
-        st.dataframe(texts, hide_index=True, width="stretch",
-                     column_config={"variance_explained": st.column_config.ProgressColumn(
-                         "variance explained", format="%.3f", min_value=0.0,
-                         max_value=float(max(texts.variance_explained.max(), 1e-9)))})
-        w.csv_download(texts, f"texts_{w.head_name(layer, head)}", key="dl_texts")
-with right:
-    top = q(queries.head_top_images, model_id, layer, head, 8)
-    st.markdown(f"**Top images** (score = c[l,h] · {top.basis.iloc[0] if len(top) else 'text'})")
-    if top.empty:
-        st.info("No head embeddings for this head yet: run `python -m etl embed`.")
-    else:
-        w.thumbnails(top, columns=4)
+texts = q(queries.head_texts, model_id, layer, head)      # full width: a half column would hide its last columns
+st.markdown(f"**TextSpan texts of {w.head_name(layer, head)}** (variance explained)")
+if texts.empty:
+    st.info("No TextSpan texts for this head yet: run `python -m etl textspan`.")
+else:
+    st.dataframe(texts, hide_index=True, width="stretch", column_config=w.textspan_columns(texts))
+    w.csv_download(texts, f"texts_{w.head_name(layer, head)}", key="dl_texts")
+top = q(queries.head_top_images, model_id, layer, head, 8)
+st.markdown(f"**Top images** (score = c[l,h] · {top.basis.iloc[0] if len(top) else 'text'})")
+if top.empty:
+    st.info("No head embeddings for this head yet: run `python -m etl embed`.")
+else:
+    w.thumbnails(top, columns=8)
 
 st.markdown("**Analyses of this head**")
 w.head_links(model_id, layer, head, label.get("property"))

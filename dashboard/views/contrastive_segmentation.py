@@ -12,10 +12,13 @@ st.title("Contrastive segmentation")
 st.caption("Per patch, (share of cos(image, A)) - (share of cos(image, B)) summed over every chosen head.")
 row = w.model_picker()
 heads, description = w.head_set_picker(row, "contrast")
+w.set_example_defaults(row, heads, ["contrast_a", "contrast_b"], "contrast_image")       # a first map that shows what the head carries
 choice = w.image_input(row, "contrast")
 c1, c2 = st.columns(2)
-text_a = c1.text_input("Text A (red)", value="a red object", key="contrast_a", max_chars=300)
-text_b = c2.text_input("Text B (blue)", value="a blue thing", key="contrast_b", max_chars=300)
+st.session_state.setdefault("contrast_a", "a red object")           # (a head without TextSpan texts)
+st.session_state.setdefault("contrast_b", "a blue thing")
+text_a = c1.text_input("Text A (red)", key="contrast_a", max_chars=300)
+text_b = c2.text_input("Text B (blue)", key="contrast_b", max_chars=300)
 
 if choice is not None and heads:
     if not text_a.strip() or not text_b.strip():

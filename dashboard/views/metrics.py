@@ -73,9 +73,9 @@ if hs.empty:
 else:
     hs = with_depth(hs[hs.property.notna()])
     ms = q(queries.model_scores)
-    st.dataframe(ms, hide_index=True, width="stretch")
+    st.dataframe(ms, hide_index=True, width="stretch", column_config=w.short_columns(ms))
     w.csv_download(ms, "model_scores", key="dl_model_scores")
-    order = sorted(hs.model_id.unique())
+    order = [m for m in models_df.model_id if m in set(hs.model_id)]     # by image-tower size, as everywhere
     if controls:
         st.caption(f"Grey band: the range of the random-init control{'s' if len(controls) > 1 else ''} "
                    f"({', '.join(controls)}) over its heads, dashed line its mean: what training adds is "
@@ -86,7 +86,7 @@ else:
         domain = w.zoom_domain(hs[score])
         y = alt.Y(f"{score}:Q", scale=alt.Scale(domain=domain, clamp=True), title=score)
         x_model = alt.X("model_id:N", sort=order, title=None,
-                        axis=alt.Axis(labelAngle=-30, labelLimit=240, labelOverlap=False))
+                        axis=alt.Axis(labelAngle=-30, labelLimit=0, labelOverlap=False))
         layers = []
         ctl = hs[hs.model_id.isin(controls)]
         if len(ctl):
@@ -103,7 +103,7 @@ else:
         means = (alt.Chart(hs).mark_point(shape="diamond", filled=True, size=70, color="black")
                  .encode(x=x_model, y=alt.Y(f"mean({score}):Q", scale=alt.Scale(domain=domain, clamp=True)), tooltip=["model_id", alt.Tooltip(f"mean({score}):Q", format=".3f")]))
         per_model = alt.layer(*layers, boxes, means).properties(
-            title="per model (all labelled heads; diamond: mean)", width=70 * len(order) + 60, height=260)
+            title="per model (all labelled heads; diamond: mean)", height=260)
         if relative:
             agg = (hs.groupby(["model_id", "layer", "depth"])[score]
                    .agg(["mean", "min", "max", "count"]).reset_index())
@@ -116,15 +116,16 @@ else:
                                                   tooltip=["model_id", "layer", "depth", "mean", "min", "max",
                                                            "count"]),
                 base.mark_rule(opacity=0.5).encode(y="min:Q", y2="max:Q")
-            ).properties(title="per relative depth (mean over the layer's heads, bar: min-max)", width=430,
-                         height=260)
+            ).properties(title="per relative depth (mean over the layer's heads, bar: min-max)", height=260)
         else:
             per_layer = alt.layer(*layers, alt.Chart(hs).mark_boxplot(extent="min-max")
                                   .encode(x=alt.X("layer:O", axis=alt.Axis(labelAngle=0)),
                                           xOffset=alt.XOffset("model_id:N", sort=order), y=y, color=colour)
-                                  ).properties(title="per layer (spread over the layer's heads)", width=430,
-                                               height=260)
-        st.altair_chart(alt.hconcat(per_model, per_layer), key=f"chart_{score}")
+                                  ).properties(title="per layer (spread over the layer's heads)", height=260)
+        # two charts in two columns, each as wide as its column: side by side they fit 1280 px
+        left, right = st.columns(2)
+        left.altair_chart(per_model, key=f"chart_{score}", width="stretch")
+        right.altair_chart(per_layer, key=f"chart_{score}_layers", width="stretch")
         st.caption(f"y axis zoomed to {domain[0]:g} .. {domain[1]:g}, where the {score} values lie.")
         w.csv_download(hs[["model_id", "layer", "head", "head_name", "property", "depth", score]],
                        f"{score}_per_head", key=f"dl_{score}")
@@ -135,14 +136,14 @@ counts = q(queries.property_head_counts)
 if counts.empty:
     st.info("No labelled heads yet.")
 else:
-    base = alt.Chart(counts).encode(x=alt.X("model_id:N", title=None, axis=alt.Axis(labelAngle=0, labelLimit=260, orient="top")),
-                                    y=alt.Y("property:N"))
+    by_size = [m for m in models_df.model_id if m in set(counts.model_id)]     # a row per model, smallest first
+    base = alt.Chart(counts).encode(y=alt.Y("model_id:N", title=None, sort=by_size, axis=alt.Axis(labelLimit=0)),
+                                    x=alt.X("property:N", title=None,
+                                            axis=alt.Axis(labelAngle=-30, labelLimit=0, orient="top")))
     grid = (base.mark_rect().encode(color=alt.Color("n_heads:Q", title="heads", scale=alt.Scale(scheme="blues")),
                                     tooltip=["property", "model_id", "n_heads"])
             + base.mark_text(fontSize=12).encode(text="n_heads:Q"))
-    st.altair_chart(grid.properties(width=220 * counts.model_id.nunique(), height=26 * counts.property.nunique(),
-                                    autosize=alt.AutoSizeParams(type="pad")),   # the size is the cells', not the frame's
-                    key="chart_counts", width="content")
+    st.altair_chart(grid.properties(height=30 * len(by_size)), key="chart_counts", width="stretch")
     w.csv_download(counts, "property_head_counts", key="dl_counts")
 
 # --------------------------------------------------------------------------- ablations
@@ -193,7 +194,7 @@ else:
 
 # --------------------------------------------------------------------------- heads across models
 st.header("Heads across models")
-all_models = sorted(models_df.model_id)
+all_models = list(models_df.model_id)                     # by image-tower size
 if len(all_models) < 2:
     st.info("One model only: heads across models need a second model embedded on the same images and texts.")
 else:
@@ -212,9 +213,9 @@ else:
     mm["B"] = mm.model_b.map(label)
     names = [label[m] for m in all_models]
     base = alt.Chart(mm).encode(x=alt.X("B:N", sort=names, title="model B (matched in)",
-                                        axis=alt.Axis(labelAngle=-30, labelLimit=260, orient="top",
+                                        axis=alt.Axis(labelAngle=-30, labelLimit=0, orient="top",
                                                       labelOverlap=False)),
-                                y=alt.Y("A:N", sort=names, title="model A (its heads)", axis=alt.Axis(labelLimit=260)))
+                                y=alt.Y("A:N", sort=names, title="model A (its heads)", axis=alt.Axis(labelLimit=0)))
     heat = (base.mark_rect().encode(color=alt.Color("mean_best:Q", title="mean best match",
                                                     scale=alt.Scale(scheme="viridis", domain=[0, 1])),
                                     tooltip=["model_a", "model_b", alt.Tooltip("mean_best:Q", format=".3f"),
@@ -222,9 +223,7 @@ else:
             + base.mark_text(fontSize=12).encode(text=alt.Text("mean_best:Q", format=".2f"),
                                                  color=alt.condition("datum.mean_best > 0.6", alt.value("black"),
                                                                      alt.value("white"))))
-    st.altair_chart(heat.properties(width=110 * len(all_models), height=34 * len(all_models),
-                                    autosize=alt.AutoSizeParams(type="pad")),
-                    key="chart_model_similarity", width="content")
+    st.altair_chart(heat.properties(height=34 * len(all_models)), key="chart_model_similarity", width="stretch")
     w.csv_download(mm.drop(columns=["A", "B"]), f"model_similarity_{by}", key="dl_model_similarity")
     pairs = [(a, b) for a in all_models for b in all_models if a != b]
     pkey = "metrics_similar_pair"
@@ -258,10 +257,12 @@ else:
     order = [w.head_name(l, h) for l, h in sorted({(int(l), int(h)) for l, h in zip(p["layer"], p["head"])})]
     y = alt.Y("head_name:N", sort=order, title="head")
     height = max(200, 22 * len(order))
+    reach = float(max(p.above_chance.abs().max(), 1e-3))      # a symmetric scale: a cell's colour is its distance from chance
     matrix = (alt.Chart(p).mark_rect()
               .encode(x=alt.X("factor:N"), y=y,
-                      color=alt.Color("above_chance:Q", title="accuracy - chance",
-                                      scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)),
+                      color=alt.Color("above_chance:Q", title="accuracy - chance",   # 0 (chance) is white
+                                      scale=alt.Scale(scheme="redblue", domain=[-reach, reach], domainMid=0,
+                                                      reverse=True)),
                       tooltip=["head_name", "factor", "accuracy", "chance", "eta2", "property", "true_factor"])
               .properties(title="held-out probe accuracy above chance", width=60 * p.factor.nunique(), height=height))
     p["label_truth"] = [f"{lab} · {tf}" if isinstance(tf, str) else lab
@@ -283,14 +284,14 @@ agree = q(queries.label_agreement)
 if agree.empty:
     st.info("No ground truth yet: run `python -m etl probe --model ... --dataset shapes:N:seed=S` on a labelled model.")
 else:
-    st.dataframe(agree, hide_index=True, width="stretch")
+    st.dataframe(agree, hide_index=True, width="stretch", column_config=w.short_columns(agree))
     w.csv_download(agree, "label_agreement", key="dl_agreement")
     study = q(queries.model_study)
     study = study[study.dataset_id.notna()]
     if not study.empty:
         order = list(dict.fromkeys(study.model_id))
         x = alt.X("model_id:N", sort=order, title=None,
-                  axis=alt.Axis(labelAngle=-25, labelLimit=240, labelOverlap=False))
+                  axis=alt.Axis(labelAngle=-25, labelLimit=0, labelOverlap=False))
         colour = w.model_colour(show_legend=False)
         charts = []
         for col, title in (("agreement", "label agreement (specialised heads)"),
@@ -303,8 +304,9 @@ else:
                                y=alt.Y(f"{col}:Q", scale=alt.Scale(domain=[0, 1]), title=None), color=colour,
                                tooltip=["model_id", "dataset_id", col, lo, hi])
                            + base.mark_rule(strokeWidth=2).encode(y=f"{lo}:Q", y2=f"{hi}:Q", color=colour))
-                          .properties(title=title, width=70 * len(order) + 60, height=200))
-        st.altair_chart(alt.vconcat(alt.hconcat(*charts[:2]), alt.hconcat(*charts[2:])), key="chart_study")
+                          .properties(title=title, height=200))
+        for i, (col, chart) in enumerate(zip(st.columns(2) * 2, charts)):    # 2 x 2, each as wide as its column
+            col.altair_chart(chart, key="chart_study" if i == 0 else f"chart_study_{i}", width="stretch")
         st.caption("Models ordered by image-tower size (layers x width²); bars: 95 % intervals (Wilson for the "
                    "rates, mean +- 1.96 SE over heads for the scores).")
         w.csv_download(study, "model_study", key="dl_study")
@@ -319,7 +321,6 @@ else:
         st.altair_chart((base.mark_rect().encode(color=alt.Color("heads:Q", scale=alt.Scale(scheme="blues")),
                                                  tooltip=["label", "true", "heads"])
                          + base.mark_text(fontSize=13).encode(text="heads:Q"))
-                        .properties(title=f"label x true factor, {model_id}", width=110 * conf.true.nunique(),
-                                    height=34 * conf.label.nunique(), autosize=alt.AutoSizeParams(type="pad")),
-                        key="chart_confusion", width="content")
+                        .properties(title=f"label x true factor, {model_id}", height=34 * conf.label.nunique()),
+                        key="chart_confusion", width="stretch")
         w.csv_download(t, f"head_label_truth_{model_id.replace('/', '_')}", key="dl_truth")

@@ -15,8 +15,10 @@ st.caption("Per patch, the share of cos(image, text) that the chosen heads carry
            "the text, blue away from it.")
 row = w.model_picker()
 heads, description = w.head_set_picker(row, "topic")
+w.set_example_defaults(row, heads, ["topic_text"], "topic_image")       # a first map that shows what the head carries
 choice = w.image_input(row, "topic")
-text = st.text_input("Text", value="a red object", key="topic_text", max_chars=300)
+st.session_state.setdefault("topic_text", "a red object")          # (a head without TextSpan texts)
+text = st.text_input("Text", key="topic_text", max_chars=300)
 
 if choice is not None and heads:
     if not text.strip():

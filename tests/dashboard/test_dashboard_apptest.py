@@ -370,6 +370,23 @@ def test_topic_map_changes_with_text_and_matches_the_decomposition(warehouse_fil
     assert "Type a text" in at.warning[0].value
 
 
+def test_segmentation_pages_open_on_an_example_that_shows_the_head(warehouse_file, chosen):
+    """The first map of the topic and contrastive pages: the current head's first TextSpan text(s), on the
+    image that head pushes most towards its first text (not a fixed text on the first image)."""
+    model = chosen[0]
+    l, h = widgets.analysed_heads(queries.model_row(warehouse_file, model))[-1]          # the pickers' default
+    texts = list(queries.head_texts(warehouse_file, model, l, h).text)
+    top = queries.head_top_images(warehouse_file, model, l, h, 1).image_id.iloc[0]
+    at = page(nav.TOPIC)
+    assert at.text_input(key="topic_text").value == texts[0]
+    assert at.selectbox(key="topic_image").value == top
+    # the head carries its first text on its top image: the map's sum is that head's share of the cosine
+    assert float(metric(at, "sum over patches")) > 0
+    at = page(nav.CONTRASTIVE)
+    assert (at.text_input(key="contrast_a").value, at.text_input(key="contrast_b").value) == (texts[0], texts[1])
+    assert at.selectbox(key="contrast_image").value == top
+
+
 def test_contrastive_uses_every_chosen_head_and_flips_when_swapped(warehouse_file, chosen):
     first = chosen[0]
     at = page(nav.CONTRASTIVE)
