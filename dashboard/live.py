@@ -1,7 +1,8 @@
 """Live analyses of one image: the Streamlit caching glue around models/ (MATH.md §6.2, §6.3,
 and the query side of §6.1, §6.4).
 
-Models are loaded once per process (st.cache_resource keyed by the model spec); the per-token
+Models are loaded once per process (a process-wide cache keyed by the model spec, which the server's
+warm-up fills with the default model, dashboard/warm.py); the per-token
 decomposition of an image is computed once per (model, image) and kept, so changing the text
 or the heads only costs a matrix product. The maths is in models/: models.decompose,
 models.maps (the per-patch map and its upsampling), models.model_view (the model's crop).
@@ -10,6 +11,8 @@ every component's direct share of cos(image, text).
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,17 +32,38 @@ def spec_key(row: dict) -> tuple:
     return tuple(str(row.get(k)) for k in ("model_id", "arch", "pretrained", "source", "checkpoint_path", "seed"))
 
 
-@st.cache_resource(show_spinner="Loading the model (once per server process) ...", max_entries=4)
+_LOADED: "OrderedDict[tuple, models.LoadedModel]" = OrderedDict()
+_LOAD_LOCK = threading.Lock()
+MAX_MODELS = 4
+
+
+def loaded(key: tuple) -> bool:
+    """Whether the model of ``key`` (spec_key) is loaded in this process."""
+    return key in _LOADED
+
+
 def load(key: tuple, _row: dict) -> models.LoadedModel:
-    """The model of a warehouse row, loaded once per process."""
-    return models.model_from_row(_row)
+    """The model of a warehouse row, loaded once per process (the last MAX_MODELS kept). A plain
+    process-wide cache, not Streamlit's: dashboard/warm.py loads the default model into it in a
+    background thread when the server starts, before any page asks."""
+    with _LOAD_LOCK:                            # one load at a time: a page waits for the warm-up's load
+        if key not in _LOADED:
+            _LOADED[key] = models.model_from_row(_row)
+            while len(_LOADED) > MAX_MODELS:
+                _LOADED.popitem(last=False)
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
 
 
 def model(row: dict) -> models.LoadedModel:
     """The loaded model of a warehouse row; on a page, a model that cannot be loaded (weights not
     in the cache offline, checkpoint moved) stops the page with the loader's explanation."""
+    key = spec_key(row)
     try:
-        return load(spec_key(row), row)
+        if loaded(key) or not st.runtime.exists():
+            return load(key, row)
+        with st.spinner("Loading the model (once per server process) ..."):
+            return load(key, row)
     except models.ModelError as exc:
         if not st.runtime.exists():
             raise

@@ -412,6 +412,21 @@ def grid_chart(grid: np.ndarray, vmax: float, title: str) -> alt.Chart:
             .properties(width=260, height=260))
 
 
+# --------------------------------------------------------------------------- charts built once per warehouse version
+
+def chart(key: str, build, deps: tuple = (), container=None, **kw):
+    """``st.altair_chart(build(), key=key, **kw)``, with the chart's Vega-Lite spec (data included, as
+    Arrow) built once per warehouse version and ``deps`` (the page inputs the chart depends on) and
+    kept in memory and on disk (dashboard/cache.py): building Altair charts is most of the Metrics
+    page's time, and a restarted server reads them back. The spec is what ``st.altair_chart`` itself
+    sends (Streamlit's own conversion), so the chart drawn is the same."""
+    import copy
+    from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
+    from dashboard import cache
+    spec = cache.built(f"chart-{key}", tuple(deps), lambda: _convert_altair_to_vega_lite_spec(build()))
+    return (container or st).vega_lite_chart(copy.deepcopy(spec), key=key, **kw)
+
+
 # --------------------------------------------------------------------------- one colour per model
 
 MODEL_PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#b279a2", "#72b7b2", "#eeca3b", "#9d755d",
