@@ -16,7 +16,12 @@ model_id = row["model_id"]
 
 with st.expander(f"Models in the warehouse ({len(q(queries.models))})", expanded=True):
     ms = q(queries.models)
-    st.dataframe(ms, hide_index=True, width="stretch")
+    shown = ms.assign(tower=[f"{l} x {wd}, {h} heads" for l, wd, h in zip(ms.layers, ms.width, ms.heads)],
+                      input=[f"{s} px / {p} px patches" for s, p in zip(ms.image_size, ms.patch_size)])
+    st.dataframe(shown[["model_id", "source", "tower", "input", "n_images", "n_labelled_heads"]], hide_index=True,
+                 width="stretch", column_config={"n_images": st.column_config.NumberColumn("images"),
+                                                 "n_labelled_heads": st.column_config.NumberColumn("labelled heads")})
+    st.caption("Smallest image tower first. Every column of the `models` table is in the CSV.")
     w.csv_download(ms, "models", key="dl_models")
 
 grid = q(queries.head_grid, model_id)
