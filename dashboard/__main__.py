@@ -17,7 +17,8 @@ from dashboard.access import start_refusal
 APP = Path(__file__).resolve().with_name("app.py")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `python -m dashboard`."""
     p = argparse.ArgumentParser(prog="python -m dashboard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1",
@@ -27,7 +28,11 @@ def main(argv=None) -> int:
     p.add_argument("--warehouse", default=None, help="warehouse file (default $ATLAS_WAREHOUSE or "
                                                      "$ATLAS_HOME/warehouse.duckdb)")
     p.add_argument("streamlit_args", nargs="*", help="further `streamlit run` flags, after --")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     refusal = start_refusal(args.host)
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)

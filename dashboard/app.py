@@ -27,15 +27,23 @@ if get_script_run_ctx(suppress_warning=True) is None:
 else:
     import altair as alt
 
+    from dashboard import warm
     from dashboard.access import gate
-    from dashboard.nav import PAGES
+    from dashboard.data import warehouse_path
+    from dashboard.nav import PAGES, page_of_url
 
     # Altair's debug mode validates every sub-object of a chart against the Vega-Lite schema as it is
     # built (for better tracebacks); the whole spec is still validated once when Streamlit serialises
     # it. Off, the Metrics page (nine layered charts) renders in about half the time.
     alt.utils.schemapi.disable_debug_mode()
 
-    st.set_page_config(page_title="CLIP Atlas", page_icon=":material/hub:", layout="wide")
+    # The tab icon is an emoji: Streamlit draws it as an inline SVG. A `:material/...:` page icon would be
+    # fetched from fonts.gstatic.com by every browser that opens a page (offline: net::ERR_NAME_NOT_RESOLVED).
+    st.set_page_config(page_title="CLIP Atlas", page_icon="🧭", layout="wide")
     gate()                     # local by default; a token for anything else (dashboard/access.py)
-    st.navigation([st.Page(path, title=title, icon=icon, url_path=url, default=(i == 0))
-                   for i, (path, title, icon, url) in enumerate(PAGES)]).run()
+    if warehouse_path().exists():      # import torch and load the default model in the background, once
+        warm.start(warehouse_path())
+    page = st.navigation([st.Page(path, title=title, icon=icon, url_path=url, default=(i == 0))
+                          for i, (path, title, icon, url) in enumerate(PAGES)])
+    st.session_state["_atlas_page"] = page_of_url(page.url_path)     # which page runs (links name it)
+    page.run()

@@ -31,3 +31,8 @@ PAGES: list[tuple[str, str, str, str]] = [
 
 TITLES = {path: title for path, title, _, _ in PAGES}
 URLS = {path: url for path, _, _, url in PAGES}
+
+
+def page_of_url(url_path: str) -> str:
+    """The page file of a url path (the default page, the Atlas, has the empty path too)."""
+    return next((path for path, url in URLS.items() if url == url_path), ATLAS)

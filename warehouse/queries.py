@@ -66,7 +66,8 @@ def has_relation(path, name: str) -> bool:
 
 
 def models(path) -> pd.DataFrame:
-    """One row per model: the `models` columns plus embedded image and labelled head counts."""
+    """One row per model, smallest image tower first (layers x width², then model_id: the order of every
+    chart and list of models): the `models` columns plus embedded image and labelled head counts."""
     return _df(path, """
         SELECT m.model_id, m.arch, m.pretrained, m.source, m.checkpoint_path, m.seed,
                m.layers, m.heads, m.width, m.embed_dim, m.patch_size, m.image_size, m.pooling,
@@ -74,7 +75,7 @@ def models(path) -> pd.DataFrame:
                (SELECT count(*) FROM image_embeddings e WHERE e.model_id = m.model_id) AS n_images,
                (SELECT count(*) FROM head_labels hl WHERE hl.model_id = m.model_id) AS n_labelled_heads,
                m.created_at
-        FROM models m ORDER BY m.model_id""")
+        FROM models m ORDER BY m.layers * m.width * m.width, m.model_id""")
 
 
 def model_row(path, model_id: str) -> dict:
@@ -93,7 +94,7 @@ def head_grid(path, model_id: str) -> pd.DataFrame:
     """Every (layer, head) of the model with its label, confidence, first text, and whether analysed.
 
     Columns: layer, head, analysed (bool), property ('not analysed' / 'unlabelled' when none),
-    confidence, top_text, top_variance.
+    confidence, p_value, top_text, top_variance.
     """
     return _df(path, """
         WITH m AS (SELECT * FROM models WHERE model_id = $m),
@@ -104,7 +105,7 @@ def head_grid(path, model_id: str) -> pd.DataFrame:
         SELECT g.layer, g.head, g.analysed,
                CASE WHEN hl.property IS NOT NULL THEN hl.property
                     WHEN g.analysed THEN 'unlabelled' ELSE 'not analysed' END AS property,
-               hl.confidence, t.text AS top_text, ht.variance_explained AS top_variance
+               hl.confidence, hl.p_value, t.text AS top_text, ht.variance_explained AS top_variance
         FROM grid g
         LEFT JOIN head_labels hl ON hl.model_id = $m AND hl.layer = g.layer AND hl.head = g.head
         LEFT JOIN head_texts ht ON ht.model_id = $m AND ht.layer = g.layer AND ht.head = g.head AND ht.rank = 0
@@ -113,8 +114,9 @@ def head_grid(path, model_id: str) -> pd.DataFrame:
 
 
 def head_label(path, model_id: str, layer: int, head: int) -> dict:
-    """The head_labels row of one head ({} when the head is not labelled)."""
-    df = _df(path, """SELECT property, confidence, labeler, prompt_hash, raw, run_id FROM head_labels
+    """The head_labels row of one head ({} when the head is not labelled); p_value is the offline
+    labeler's shuffled-tag p-value (NULL for other labelers)."""
+    df = _df(path, """SELECT property, confidence, p_value, labeler, prompt_hash, raw, run_id FROM head_labels
                       WHERE model_id = $m AND layer = $l AND head = $h""",
              {"m": model_id, "l": int(layer), "h": int(head)})
     return df.iloc[0].to_dict() if len(df) else {}
@@ -160,6 +162,13 @@ def images(path, model_id: str, limit: int = 5000) -> pd.DataFrame:
         SELECT i.image_id, i.label, i.caption FROM images i
         WHERE EXISTS (SELECT 1 FROM image_embeddings e WHERE e.model_id = $m AND e.image_id = i.image_id)
         ORDER BY i.image_id LIMIT $k""", {"m": model_id, "k": int(limit)})
+
+
+def image_embedded(path, model_id: str, image_id: str) -> bool:
+    """Whether the model has an image embedding of ``image_id`` (a link's image is checked with it)."""
+    df = _df(path, "SELECT count(*) AS n FROM image_embeddings WHERE model_id = $m AND image_id = $i",
+             {"m": model_id, "i": str(image_id)})
+    return bool(df.n.iloc[0])
 
 
 def image_record(path, image_id: str) -> dict:

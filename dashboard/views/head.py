@@ -56,51 +56,34 @@ st.caption(f"Permalink: {w.code(f'?model={model_id}&layer={layer}&head={head}')}
 label = q(queries.head_label, model_id, layer, head)
 score = q(queries.head_score, model_id, layer, head)
 truth = q(queries.head_truth_of, model_id, layer, head)
-*cols, c5 = st.columns(5)
-w.head_metrics(label, score, cols)
-if truth.empty:
-    c5.metric("ground truth", "n/a", help="no probe of a generated world for this model (MATH.md §7)")
-else:
-    t0 = truth.iloc[0]
-    c5.metric("ground truth", w.plain(t0.true_factor) if t0.specialised else "unspecialised",
-              help=f"head_truth on {w.plain(t0.dataset_id)}: top factor {w.plain(t0.top_factor)} explains eta2 = "
-                   f"{t0.top_eta2:.2f} of the head's variance (second {t0.second_eta2:.2f}); specialised when >= 0.4 "
-                   "and >= 3x the second")
-    st.caption("Ground truth (MATH.md §7): " + "; ".join(
-        f"{w.plain(r.dataset_id)}: top factor **{w.plain(r.top_factor)}** (eta2 {r.top_eta2:.2f}, second "
-        f"{r.second_eta2:.2f})" + (f", specialised in {w.plain(r.true_property)}" if r.specialised else ", not specialised")
-        for r in truth.itertuples()))
+w.head_evidence(label, score, truth)
 
 st.markdown(f"**Analyses of {name}**")
 w.head_links(model_id, layer, head, label.get("property"), head_page=False)
 
-left, right = st.columns(2)
+# (tables full width: at 1280 px a half-width column would scroll their last columns out of sight)
 texts = q(queries.head_texts, model_id, layer, head)
-with left:
-    st.subheader("TextSpan texts")
-    if texts.empty:
-        st.info("No TextSpan texts for this head yet: run `python -m etl textspan`.")
-    else:
-        st.dataframe(texts, hide_index=True, width="stretch", key="head_textspan",
-                     column_config={"variance_explained": st.column_config.ProgressColumn(
-                         "variance explained", format="%.3f", min_value=0.0,
-                         max_value=float(max(texts.variance_explained.max(), 1e-9)))})
-with right:
-    st.subheader("The bank's texts on this head")
-    ranking = q(queries.head_text_ranking, model_id, layer, head)
-    if ranking.empty:
-        st.info("No text embeddings or head embeddings for this model: run `python -m etl texts` and `embed`.")
-    else:
-        k = min(10, len(ranking))
-        st.caption(f"{w.plural(len(ranking), 'text')}, ranked by the head's mean share of cos(image, text) "
-                   "over the warehouse's images; variance: how much the head moves along the text.")
-        fmt = {"mean": st.column_config.NumberColumn(format="%+.5f"),
-               "variance": st.column_config.NumberColumn(format="%.2e")}
-        st.markdown("Highest mean projection")
-        st.dataframe(ranking.head(k), hide_index=True, width="stretch", column_config=fmt, key="head_rank_top")
-        st.markdown("Lowest mean projection")
-        st.dataframe(ranking.tail(k).iloc[::-1], hide_index=True, width="stretch", column_config=fmt,
-                     key="head_rank_bottom")
+st.subheader("TextSpan texts")
+if texts.empty:
+    st.info("No TextSpan texts for this head yet: run `python -m etl textspan`.")
+else:
+    st.dataframe(texts, hide_index=True, width="stretch", key="head_textspan",
+                 column_config=w.textspan_columns(texts))
+st.subheader("The bank's texts on this head")
+ranking = q(queries.head_text_ranking, model_id, layer, head)
+if ranking.empty:
+    st.info("No text embeddings or head embeddings for this model: run `python -m etl texts` and `embed`.")
+else:
+    k = min(10, len(ranking))
+    st.caption(f"{w.plural(len(ranking), 'text')}, ranked by the head's mean share of cos(image, text) "
+               "over the warehouse's images; variance: how much the head moves along the text.")
+    fmt = {"mean": st.column_config.NumberColumn(format="%+.5f"),
+           "variance": st.column_config.NumberColumn(format="%.2e")}
+    st.markdown("Highest mean projection")
+    st.dataframe(ranking.head(k), hide_index=True, width="stretch", column_config=fmt, key="head_rank_top")
+    st.markdown("Lowest mean projection")
+    st.dataframe(ranking.tail(k).iloc[::-1], hide_index=True, width="stretch", column_config=fmt,
+                 key="head_rank_bottom")
 
 st.subheader("Similar heads in other models")
 others = [m for m in q(queries.models).model_id if m != model_id]

@@ -24,12 +24,16 @@ if not names:
     st.info("No head of this model carries a property label: every labelled head is 'mixed'.")
     st.stop()
 if st.session_state.pop("_atlas_head_link_new", False):     # opened from a head card: that head's property
-    try:
-        prop_of_head = w.head_labels(row).get(w.parse_head(st.session_state["_atlas_head"]))
-    except ValueError:
-        prop_of_head = None
-    if prop_of_head in names:
-        st.session_state[f"pnn_prop@{model_id}"] = prop_of_head
+    linked = st.session_state["_atlas_head"]
+    prop_of_head = w.head_labels(row).get(w.parse_head(linked))
+    if prop_of_head not in names:       # a 'mixed' head names no property: say so, never show another one
+        from dashboard import links, nav
+        st.query_params.from_dict({"model": model_id, "head": linked})        # the link as it was asked
+        links.refuse(nav.PROPERTY_NN, f"the property neighbours of {linked}",
+                     f"is labelled '{prop_of_head or 'unlabelled'}', not with a property",
+                     f"the properties of {model_id}'s heads: " + ", ".join(names) + ".", {"model": model_id},
+                     f"{nav.TITLES[nav.PROPERTY_NN]} of {model_id}, choosing a property")
+    st.session_state[f"pnn_prop@{model_id}"] = prop_of_head
 counts = dict(zip(props.property, props.n_heads))
 prop = st.selectbox("Property", names, key=f"pnn_prop@{model_id}", format_func=lambda p: f"{p} ({w.plural(int(counts[p]), 'head')})")
 heads = [(int(r.layer), int(r.head)) for r in q(queries.property_heads, model_id, prop).itertuples()]

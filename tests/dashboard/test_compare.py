@@ -97,10 +97,14 @@ def encodings(spec: dict, channel: str) -> list[dict]:
 
 
 def score_chart(at: AppTest, score: str) -> dict:
-    """The side-by-side chart of one score (per model | per layer): the concatenation drawing it on y."""
-    found = [s for s in specs(at) if "hconcat" in s and any(y.get("field") == score for y in encodings(s, "y"))]
+    """The two charts of one score, side by side in two columns (per model | per layer, each as wide as its
+    column): the per-model chart drawing it on y, and the chart after it, as one {"hconcat": [...]}."""
+    all_specs = specs(at)
+    found = [i for i, s in enumerate(all_specs) if any(y.get("field") == score for y in encodings(s, "y"))
+             and any(x.get("field") == "model_id" for x in encodings(s, "x"))
+             and any(isinstance(d.get("mark"), dict) and d["mark"].get("type") == "boxplot" for d in walk(s))]
     assert len(found) == 1, (score, len(found))
-    return found[0]
+    return {"hconcat": all_specs[found[0]:found[0] + 2]}
 
 
 def titled(at: AppTest, words: str) -> dict:
@@ -113,15 +117,22 @@ def titled(at: AppTest, words: str) -> dict:
 
 def test_model_names_on_the_axes_and_one_colour_per_model_on_every_chart(wh, models_df):
     at = page(nav.METRICS)
-    ids = sorted(models_df.model_id)
+    ids = list(models_df.model_id)                   # smallest image tower first: every chart's order
+    assert ids == sorted(ids, key=lambda m: (int(models_df.set_index("model_id").layers[m])
+                                             * int(models_df.set_index("model_id").width[m]) ** 2, m))
     expected = widgets.model_colours(models_df)
-    assert sorted(expected) == ids and len(set(expected.values())) == len(ids)       # distinct colours
+    assert sorted(expected) == sorted(ids) and len(set(expected.values())) == len(ids)       # distinct colours
     for m, s in zip(models_df.model_id, models_df.source):                           # controls are grey
         assert (expected[m] in widgets.CONTROL_GREYS) == (s == "random")
     # the per-model box plot: model ids on the x axis, labels shown, every labelled model in its data
     box = score_chart(at, "association")
     xs = [x for x in encodings(box, "x") if x.get("field") == "model_id"]
     assert xs and all(x.get("axis", {}).get("labels", True) is not False for x in xs), xs
+    labelled = set(queries.head_scores(wh).dropna(subset=["property"]).model_id)
+    by_size = [m for m in ids if m in labelled]
+    assert all(x["sort"] == by_size for x in xs), xs                                  # box plots by size too
+    assert all(o["sort"] == by_size for o in encodings(box, "xOffset")), encodings(box, "xOffset")
+    assert all(x.get("axis", {}).get("labelLimit") == 0 for x in xs)                  # names never cut
     data_models = {r["model_id"] for rows in rows_of(at) for r in rows if "association" in r}
     assert data_models == set(queries.head_scores(wh).model_id)
     # every colour channel on a model field uses the same domain -> range, whatever models the chart holds
@@ -263,3 +274,15 @@ def test_metrics_matrix_is_the_mean_best_match_and_shows_the_per_head_matching(w
         assert list(table["match"]) == [widgets.head_name(*exp["heads_b"][j]) for j in best]
         np.testing.assert_allclose(table["similarity"], exp[by].max(1), atol=1e-4)
         assert all(link.startswith(f"{nav.URLS[nav.HEAD]}?model=") for link in table["link"])
+
+
+def test_probe_matrix_colour_is_centred_on_chance(wh, trained):
+    """Accuracy minus chance on a diverging scale symmetric around 0: a cell at chance is white, and a cell
+    just below chance is pale, never the most saturated colour."""
+    at = page(nav.METRICS)
+    (spec,) = [s for s in specs(at) if any(c.get("field") == "above_chance" for c in encodings(s, "color"))]
+    (colour,) = [c for c in encodings(spec, "color") if c.get("field") == "above_chance"]
+    p = queries.probes(wh, trained)
+    reach = float(p.above_chance.abs().max())
+    assert colour["scale"]["domain"] == pytest.approx([-reach, reach])
+    assert colour["scale"]["domainMid"] == 0 and colour["scale"]["scheme"] == "redblue"

@@ -111,6 +111,24 @@ def metric(at: AppTest, label: str) -> str:
     return found[0]
 
 
+def assert_evidence(at: AppTest, warehouse, model_id: str, layer: int, head: int) -> None:
+    """The head's label, its confidence and shuffled-tag p-value, its scores and its ground truth are on
+    the page as stored, each number with its one-line meaning (widgets.head_evidence)."""
+    label = queries.head_label(warehouse, model_id, layer, head)
+    score = queries.head_score(warehouse, model_id, layer, head)
+    truth = queries.head_truth_of(warehouse, model_id, layer, head)
+    claim = [m.value for m in at.markdown if m.value.startswith("**Label:**")]
+    assert len(claim) == 1, [m.value for m in at.markdown]
+    assert claim[0].startswith(f"**Label:** {label['property']} (labeler {label['labeler']})")
+    assert f"**Ground truth:** {widgets.truth_text(truth)}" in claim[0]
+    assert metric(at, "confidence") == f"{label['confidence']:.2f}"
+    assert metric(at, "p-value") == widgets.p_value_text(label["p_value"])
+    assert label["p_value"] is not None and 0 < label["p_value"] <= 1     # the offline labeler records it
+    assert metric(at, "association") == f"{score['association']:.2f}"
+    captions = [c.value for c in at.caption]
+    assert all(meaning in captions for meaning in widgets.EVIDENCE.values())
+
+
 def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
@@ -213,9 +231,13 @@ def test_atlas_grid_and_head_card_follow_the_choice(warehouse_file, chosen):
         table = at.dataframe[-1].value
         assert list(table.text) == list(expected.text)
         assert list(table.variance_explained) == pytest.approx(list(expected.variance_explained))
-        assert metric(at, "label") == queries.head_label(warehouse_file, first, l, h)["property"]
+        assert_evidence(at, warehouse_file, first, l, h)
     links = at.get("page_link")
-    assert len(links) == 6 and all(picked[-1] in pl.proto.label for pl in links), [pl.proto.label for pl in links]
+    prop = queries.head_label(warehouse_file, first, *widgets.parse_head(picked[-1])).get("property")
+    want = 6 if widgets.has_property(prop) else 5      # no property-neighbours link for a 'mixed' head
+    assert len(links) == want and all(picked[-1] in pl.proto.label for pl in links), [pl.proto.label for pl in links]
+    if want == 5:
+        assert any(f"{picked[-1]} is {prop}, so it names no property" in c.value for c in at.caption)
     assert links[0].proto.page == nav.URLS[nav.HEAD]                     # the head's permalink first
     at.sidebar.selectbox(key="atlas_model_picker").select(other).run()
     assert_ok(at)
@@ -349,6 +371,23 @@ def test_topic_map_changes_with_text_and_matches_the_decomposition(warehouse_fil
     assert metric(at, "sum over patches") != first
     at.text_input(key="topic_text").set_value("   ").run()
     assert "Type a text" in at.warning[0].value
+
+
+def test_segmentation_pages_open_on_an_example_that_shows_the_head(warehouse_file, chosen):
+    """The first map of the topic and contrastive pages: the current head's first TextSpan text(s), on the
+    image that head pushes most towards its first text (not a fixed text on the first image)."""
+    model = chosen[0]
+    l, h = widgets.analysed_heads(queries.model_row(warehouse_file, model))[-1]          # the pickers' default
+    texts = list(queries.head_texts(warehouse_file, model, l, h).text)
+    top = queries.head_top_images(warehouse_file, model, l, h, 1).image_id.iloc[0]
+    at = page(nav.TOPIC)
+    assert at.text_input(key="topic_text").value == texts[0]
+    assert at.selectbox(key="topic_image").value == top
+    # the head carries its first text on its top image: the map's sum is that head's share of the cosine
+    assert float(metric(at, "sum over patches")) > 0
+    at = page(nav.CONTRASTIVE)
+    assert (at.text_input(key="contrast_a").value, at.text_input(key="contrast_b").value) == (texts[0], texts[1])
+    assert at.selectbox(key="contrast_image").value == top
 
 
 def test_contrastive_uses_every_chosen_head_and_flips_when_swapped(warehouse_file, chosen):
@@ -691,8 +730,7 @@ def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_
     # the URL keeps the state (not consumed like other pages' links)
     assert dict(at.query_params) == {"model": model_id, "layer": str(l), "head": str(h)}
     # label and TextSpan texts as stored
-    label = queries.head_label(warehouse_file, model_id, l, h)
-    assert metric(at, "label") == label.get("property", "unlabelled")
+    assert_evidence(at, warehouse_file, model_id, l, h)
     texts = queries.head_texts(warehouse_file, model_id, l, h)
     frames = [d.value for d in at.dataframe]
     textspan = next(f for f in frames if "variance_explained" in f.columns)
@@ -747,3 +785,30 @@ def test_atlas_head_card_links_to_the_head_permalink(warehouse_file, chosen):
     links = [e.proto for e in at.get("page_link")]
     heads = [p for p in links if "head" in p.page and "Head page" in p.label]
     assert heads, [(p.page, p.label) for p in links]
+
+
+@pytest.mark.parametrize("size", [(300, 200), (160, 240)])
+def test_the_map_on_the_whole_image_lands_on_the_crops_patch_grid(size):
+    """widgets.overlay_on_original draws patch (r, c) of the map exactly on that patch's box of the crop
+    inside the whole image (models.model_view_box, models.maps.patch_boxes); outside the crop the image
+    is dimmed, inside it shows through where the map is 0."""
+    from models.maps import patch_boxes
+    lm = models.load_model("toy-shapes-small")
+    img = Image.new("RGB", size, (255, 255, 255))
+    _, box = models.model_view_box(lm, img)
+    grid = np.zeros(lm.grid)
+    r, c = 2, 5
+    grid[r, c] = 1.0
+    out = np.asarray(widgets.overlay_on_original(img, box, grid, 1.0, width=max(size)), dtype=int)   # 1 px = 1 px
+    assert out.shape[:2] == (size[1], size[0])
+    red = (out[..., 0] - out[..., 2] > 60)
+    ys, xs = np.nonzero(red)
+    x0, y0, x1, y1 = patch_boxes(box, lm.grid)[r, c]
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (round(x0), round(x1), round(y0), round(y1))
+    bx0, by0, bx1, by1 = (round(v) for v in box)
+    outside = np.ones(red.shape, bool)
+    outside[by0:by1, bx0:bx1] = False
+    if outside.any():
+        assert out[outside].max() < 200                                    # dimmed: not the white image
+    inner = out[by0 + 3:by1 - 3, bx0 + 3:bx1 - 3][~red[by0 + 3:by1 - 3, bx0 + 3:bx1 - 3]]
+    assert inner.min() > 200                                               # the white image shows through

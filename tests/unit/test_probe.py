@@ -111,3 +111,36 @@ def test_cross_fitted_predictions_cover_every_known_image_once_and_find_the_enco
     assert joint["color"] > 0.95 and joint["shape"] > 0.95
     with pytest.raises(ValueError, match="folds must be in"):
         probe_predictions(x, f, folds=1)
+
+
+def _einsum_ridge_predict(xf, yf, xs, lams):
+    """The ridge fits as first written (numpy einsum, no BLAS): the reference the batched products replace."""
+    gram = np.einsum("gnp,gnq->gpq", xf, xf)
+    evals, evecs = np.linalg.eigh(gram)
+    xty = np.einsum("gnp,nk->gpk", xf, yf)
+    proj = np.einsum("gpq,gpk->gqk", evecs, xty)
+    out = []
+    for lam in lams:
+        w = np.einsum("gpq,gqk->gpk", evecs, proj / (evals[..., None] + lam))
+        out.append([np.einsum("gmp,gpk->gmk", x, w) for x in xs])
+    return out
+
+
+def test_batched_blas_probes_equal_the_einsum_reference(monkeypatch):
+    """The probes run their ridge systems as batched BLAS products on one BLAS thread (etl/blas.py):
+    every accuracy equals the einsum spelling's, on heads with signal and on noise heads alike."""
+    from etl.threads import numpy_blas_threads_now
+    from etl.world import probes
+    x, f = _synthetic(n=600, d=24, seed=3)
+    f["size"] = [i % 2 for i in range(600)]
+    before = numpy_blas_threads_now()
+    fast = probes.probe_matrix(x, f, seed=5)
+    assert numpy_blas_threads_now() == before                 # the thread count is restored
+    xf = np.random.default_rng(1).normal(size=(4, 50, 9))
+    yf = np.eye(3)[np.arange(50) % 3]
+    blas = probes._ridge_predict(xf, yf, [xf[:, :7]], [0.5, 5.0])
+    ref = _einsum_ridge_predict(xf, yf, [xf[:, :7]], [0.5, 5.0])
+    for b, r in zip(blas, ref):
+        np.testing.assert_allclose(b[0], r[0], rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(probes, "_ridge_predict", _einsum_ridge_predict)
+    assert fast == probes.probe_matrix(x, f, seed=5)
