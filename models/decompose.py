@@ -141,6 +141,17 @@ class _MultiHeadAttention(torch.autograd.Function):
         return out
 
 
+def class_row_attention(q0: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """The class query's softmax attention over all tokens, per head.
+
+    q0: [B, 1, W] (the class token's query), k: [B, T, W] -> a0 [B, H, T] (rows sum to 1)."""
+    B, T, W = k.shape
+    dh = W // heads
+    q = q0.view(B, 1, heads, dh).transpose(1, 2)                                 # [B, H, 1, dh]
+    kh = k.view(B, T, heads, dh).transpose(1, 2)                                 # [B, H, T, dh]
+    return torch.softmax(q @ kh.transpose(-1, -2) * dh ** -0.5, dim=-1)[:, :, 0]
+
+
 class Decomposer(nn.Module):
     """Wraps an open_clip VisionTransformer; `dec(images)` returns the Decomposition.
 
@@ -244,8 +255,7 @@ class Decomposer(nn.Module):
 
     def _class_row(self, q0: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The class query's attention over all tokens. q0: [B, 1, W], k: [B, T, W] -> a0 [B, H, T]."""
-        scores = self._heads(q0) @ self._heads(k).transpose(-1, -2) * self.d_head ** -0.5   # [B, H, 1, T]
-        return torch.softmax(scores, dim=-1)[:, :, 0]
+        return class_row_attention(q0, k, self.n_heads)
 
     def forward(self, images: torch.Tensor) -> Decomposition:
         """Preprocessed images [B, 3, S, S] -> Decomposition (CPU: in micro-batches, concatenated)."""
