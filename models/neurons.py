@@ -32,6 +32,8 @@ API:
     lens.trace(images) -> Trace;  lens.alpha(trace, layer) -> [B, N, K]
     lens.head_vectors(layer, neurons) -> U [n, K, d];  lens.gram(layer) -> G [N, K, K]
     lens.token_alpha(trace, layer, neuron) -> [B, K, T];  lens.layer_effect(alpha, layer) -> [B, d]
+    lens.token_effect(trace, layer, neuron, direction) -> [B, T]   (the per-patch map along a direction)
+    lens.head_shares(trace, head, direction) -> {layer: [B, N]}    (the neurons behind a head's share)
     second_order(lm, images, layer, *, phi=False) -> SecondOrder   (lens cached on the LoadedModel)
 """
 from __future__ import annotations
@@ -258,6 +260,25 @@ class SecondOrderLens:
         bw = self.blocks[lp]
         r = bw.Wv[h].T @ (bw.F[h] @ direction.to(bw.F.dtype))                              # [W]
         return (self.rows[layer] * bw.g[None, :]) @ r
+
+    @torch.no_grad()
+    def token_effect(self, trace: Trace, layer: int, neuron: int, direction: torch.Tensor) -> torch.Tensor:
+        """phi_n . direction split over the source tokens i: [B, T] (sums over T to phi_n . direction).
+        Token i's part is sum_k alpha[n, k, i] (u[n, k] . direction): the per-patch map of the neuron."""
+        U = self.head_vectors(layer, [int(neuron)])[0]                                    # [K, d]
+        w = U @ direction.to(U.dtype)                                                    # [K]
+        return torch.einsum("bkt,k->bt", self.token_alpha(trace, layer, int(neuron)).to(U.dtype), w)
+
+    @torch.no_grad()
+    def head_shares(self, trace: Trace, head: tuple[int, int], direction: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each neuron's share of head (l', h)'s direct share of cos(image, text) (MATH.md §10; the
+        source identity): {MLP layer l < l' of the lens: [B, N] = alpha[:, n, k] * (u[n, k] . direction)}."""
+        out = {}
+        for l in self.layers:
+            if l < head[0]:
+                k = self.heads(l).index(tuple(head))
+                out[l] = self.alpha(trace, l)[:, :, k] * self.writes_along(l, head, direction)[None, :]
+        return out
 
     def __call__(self, images: torch.Tensor, phi: bool = False) -> dict[int, SecondOrder]:
         """Preprocessed images [B, 3, S, S] -> {layer: SecondOrder} for every layer of the lens."""

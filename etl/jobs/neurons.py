@@ -169,9 +169,10 @@ def choose_layers(lm, spec: str, auto_layers: int, probe) -> tuple[list[int], di
 def neurons(path: str, model_id: str, dataset_spec: str, *, layers: str = "auto", auto_layers: int = 1,
             max_images: int | None = None, batch_size: int = 32, top_k: int = 16, pc_images: int = 100,
             texts_k: int = TEXTS_K, bank: str | None = None, store_alpha: bool = False, eval_n: int = 500,
-            eval_seed: int = 1, shuffled_draws: int = 20, force: bool = False) -> dict:
+            eval_seed: int = 1, shuffled_draws: int = 20, force: bool = False, lm=None) -> dict:
     """The neuron tables for the chosen MLP layers of a warehouse model over a dataset; returns counts,
-    the layers and their reach, and per layer the specialised neurons and the zero-shot check."""
+    the layers and their reach, and per layer the specialised neurons and the zero-shot check.
+    lm: the model already loaded (its warehouse row's model), else it is loaded from the row."""
     import numpy as np
     import torch
     from etl.datasets import open_dataset
@@ -195,7 +196,8 @@ def neurons(path: str, model_id: str, dataset_spec: str, *, layers: str = "auto"
     if texts_k > len(text_ids):
         raise ValueError(f"--texts {texts_k}: the bank {bank!r} has only {len(text_ids)} texts embedded")
     items = list(_items(path, model_id, dataset, max_images))
-    lm = model_from_row(row)
+    if lm is None or lm.model_id != model_id:
+        lm = model_from_row(row)
     lm.model.eval()
 
     def probe():

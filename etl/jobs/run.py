@@ -7,10 +7,17 @@ from pathlib import Path
 
 from etl.common import add_embed_args, add_model_args, add_warehouse_arg, load_model_from_args, warehouse_path
 
+# The neurons step of the pipeline: one layer (auto), over at most this many images of the first
+# dataset, and its zero-shot check on this many toy-eval scenes per set (kept cheap for `make etl`;
+# `python -m etl neurons` runs the full job).
+NEURON_IMAGES = 1000
+NEURON_EVAL_N = 300
+
 
 def add_parser(sub) -> None:
     from etl.text.bank import PRODUCT_BANKS
-    p = sub.add_parser("run", help="all jobs in order: embed, texts, textspan, label, judge, metrics, ablate, probe",
+    p = sub.add_parser("run", help="all jobs in order: embed, texts, textspan, label, judge, metrics, ablate, probe, "
+                                   "neurons",
                        description="Build (or complete: every step resumes) the warehouse for one model. "
                                    "Example: python -m etl run --model toy-shapes --dataset shapes:2000:seed=0 "
                                    "--dataset skimage --warehouse var/demo.duckdb")
@@ -25,18 +32,18 @@ def add_parser(sub) -> None:
     p.add_argument("--labeler", default="offline", choices=["offline", "llm"],
                    help="head labeler (default offline; llm needs OPENAI_API_KEY / OPENAI_BASE_URL)")
     p.add_argument("--llm-model", default=None, help="model name for --labeler llm")
-    p.add_argument("--skip", action="append", default=[], choices=["ablate", "probe"],
+    p.add_argument("--skip", action="append", default=[], choices=["ablate", "probe", "neurons"],
                    help="skip an optional step (repeatable)")
     p.add_argument("--force", action="store_true",
-                   help="recompute the ablation and probes even when they are already stored (every other step "
-                        "only does what is missing)")
+                   help="recompute the ablation, probes and neurons even when they are already stored (every "
+                        "other step only does what is missing)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     """The pipeline: every job in order, called as functions; each resumes or skips what is stored."""
     from etl.datasets import open_dataset
-    from etl.jobs import ablate, embed, judge, label, metrics, probe, texts, textspan
+    from etl.jobs import ablate, embed, judge, label, metrics, neurons, probe, texts, textspan
     from models import default_bank
     path = warehouse_path(args)
     lm = load_model_from_args(args)
@@ -74,5 +81,9 @@ def run(args) -> int:
     for d in datasets:
         if d.source == "shapes" and "probe" not in args.skip:
             step(f"probe {d.dataset_id}", probe.probe, path, lm.model_id, d.dataset_id, force=args.force)
+    if "neurons" not in args.skip:
+        # the layer whose neurons reach the later heads most, over the first dataset's first images
+        step("neurons", neurons.neurons, path, lm.model_id, args.dataset[0], bank=bank, max_images=NEURON_IMAGES,
+             eval_n=NEURON_EVAL_N, force=args.force, lm=lm)
     print(json.dumps({"model_id": lm.model_id, "warehouse": path, "seconds": timings}))
     return 0

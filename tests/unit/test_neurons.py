@@ -211,3 +211,23 @@ def test_the_last_layer_and_bad_layers_are_refused(tiny):
         second_order(lm, _images(lm), 2)
     with pytest.raises(ValueError, match="choose at least one MLP layer"):
         SecondOrderLens(lm.visual, [])
+
+
+def test_token_effect_and_head_shares_add_up(tiny):
+    """token_effect sums over tokens to phi . t; head_shares are alpha[:, :, k] (u . t) per neuron."""
+    lm = _model("atlas-test-tiny", seed=9, double=True)
+    x = _images(lm, n=2, dtype=torch.float64)
+    lens = SecondOrderLens(lm.visual, [0, 1])
+    tr = lens.trace(x)
+    t = torch.nn.functional.normalize(torch.randn(lm.embed_dim, dtype=torch.float64), dim=0)
+    phi = lens.phi(lens.alpha(tr, 0), 0)                                       # [B, N, d]
+    te = lens.token_effect(tr, 0, 4, t)
+    assert te.shape == (2, 1 + lm.grid[0] * lm.grid[1])
+    assert (te.sum(1) - phi[:, 4] @ t).abs().max() < 1e-12
+    shares = lens.head_shares(tr, (2, 1), t)
+    assert set(shares) == {0, 1}
+    for l, sh in shares.items():
+        k = lens.heads(l).index((2, 1))
+        ref = lens.alpha(tr, l)[:, :, k] * (lens.head_vectors(l)[:, k] @ t)
+        assert (sh - ref).abs().max() < 1e-12
+    assert set(lens.head_shares(tr, (1, 0), t)) == {0}
