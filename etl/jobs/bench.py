@@ -17,7 +17,7 @@ from pathlib import Path
 
 from etl.common import positive_int
 
-SECTIONS = ["decompose", "shapes", "textspan", "textencode", "embed", "neighbours"]
+SECTIONS = ["decompose", "secondorder", "shapes", "textspan", "textencode", "embed", "neighbours"]
 
 
 def add_parser(sub) -> None:
@@ -126,6 +126,18 @@ def run(args) -> int:
                f"median of {r['rounds']}", [(k, f"{v:.2f} images/s") for k, v in r["images_per_s"].items()]
                + [(k, f"{v:.3f}") for k, v in r["ratios"].items()])
         summary.update({k: round(v, 3) for k, v in r["ratios"].items()})
+    if "secondorder" in only:
+        from models.bench import bench_second_order
+        r = bench_second_order(rounds=args.rounds)
+        _table(f"second-order lens (MATH.md §10), {r['arch']} random weights, MLP layer {r['layer']} "
+               f"({r['neurons']:,} neurons x {r['later_heads']} later heads), batch {r['batch']} in micro-batches "
+               f"of {r['micro_batch']}, CPU threads {r['threads']}, median of {r['rounds']}",
+               [(f"{k} (s)", f"{v:.3f}") for k, v in r["seconds"].items()]
+               + [("second_order_vs_forward (extra cost of alpha for one layer)", f"{r['second_order_vs_forward']:.3f}"),
+                  ("second_order_alpha_only_vs_forward (alpha from a trace)",
+                   f"{r['second_order_alpha_only_vs_forward']:.3f}")])
+        summary["second_order_vs_forward"] = round(r["second_order_vs_forward"], 3)
+        summary["second_order_alpha_only_vs_forward"] = round(r["second_order_alpha_only_vs_forward"], 3)
     if "shapes" in only:
         from etl.world.shapes import bench_shapes
         rate = statistics.median(bench_shapes() for _ in range(3))

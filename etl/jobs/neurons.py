@@ -137,7 +137,9 @@ def reach(lm, images, layers: list[int]) -> dict[int, float]:
     from models.neurons import SecondOrderLens
     lens = SecondOrderLens(lm.visual, layers)
     effects = {l: [] for l in layers}
-    for chunk in images.split(8):
+    T, N = 1 + lm.grid[0] * lm.grid[1], lm.visual.transformer.resblocks[0].mlp.c_fc.out_features
+    step = max(1, int(2e8 // (4 * T * N * len(layers))))           # every layer's activations: about 200 MB
+    for chunk in images.split(step):
         tr = lens.trace(chunk)
         for l in layers:
             effects[l].append(lens.layer_effect(lens.alpha(tr, l), l).double())
@@ -203,7 +205,9 @@ def neurons(path: str, model_id: str, dataset_spec: str, *, layers: str = "auto"
     def probe():
         return next(_batches(lm, items[:PROBE_IMAGES], PROBE_IMAGES))[1]
 
+    clock = time.perf_counter()
     chosen, reaches = choose_layers(lm, layers, auto_layers, probe)
+    seconds = {"choose_layers": round(time.perf_counter() - clock, 2)}
     shapes_world = dataset.source == "shapes"
     settings = {"model_id": model_id, "dataset": dataset.dataset_id, "n_images": len(items), "bank": bank,
                 "texts_k": texts_k, "pc_images": pc_images, "top_k": top_k, "store_alpha": store_alpha,
@@ -211,7 +215,7 @@ def neurons(path: str, model_id: str, dataset_spec: str, *, layers: str = "auto"
     todo = [l for l in chosen if force or not completed_run(path, "neurons", {**settings, "layer": l})]
     out = {"model_id": model_id, "dataset": dataset.dataset_id, "layers": chosen,
            "reach": {str(l): round(v, 6) for l, v in sorted(reaches.items())}, "images": len(items),
-           "skipped_layers": [l for l in chosen if l not in todo], "stored": {}}
+           "skipped_layers": [l for l in chosen if l not in todo], "stored": {}, "seconds": seconds}
     if not todo:
         with run_record(path, "neurons", {**settings, "layers": chosen}) as run_id:
             run_id.skipped = True
@@ -230,6 +234,7 @@ def neurons(path: str, model_id: str, dataset_spec: str, *, layers: str = "auto"
                 for l in todo:
                     writes.delete_neuron_alpha(con, model_id, l)
     t_last = time.monotonic()
+    clock = time.perf_counter()
     pending_alpha: list = []
     with run_record(path, "neurons", {**settings, "layers": todo, "pass": True}) as _:
         bar = progress(_batches(lm, items, batch_size, skip=state["done"]), desc=f"neurons {model_id} L{todo}",
@@ -251,13 +256,16 @@ def neurons(path: str, model_id: str, dataset_spec: str, *, layers: str = "auto"
                 t_last = time.monotonic()
         _flush_alpha(path, model_id, pending_alpha)
         _save_checkpoint(ckpt, state)
+    seconds["pass"] = round(time.perf_counter() - clock, 2)
 
     for l in todo:
+        clock = time.perf_counter()
         params = {**settings, "layer": l}
         with run_record(path, "neurons", params) as run_id:
             stored = _finish_layer(path, lm, lens, l, state["acc"][l], state["ids"], dataset, row, bank,
                                    text_ids, tags, T, settings, reaches.get(l), run_id)
         out["stored"][str(l)] = stored
+        seconds[f"finish L{l}"] = round(time.perf_counter() - clock, 2)
     ckpt.unlink(missing_ok=True)
     return out
 
@@ -356,6 +364,7 @@ def _finish_layer(path, lm, lens, layer, acc, image_ids, dataset, row, bank, tex
                                 "factor": [r[1] for r in fv_rows], "eta2": [r[2] for r in fv_rows],
                                 "run_id": [run_id] * len(fv_rows)})
     abl_rows = []
+    clock = time.perf_counter()
     if settings["eval_n"]:
         abl_rows = zero_shot_check(lm, lens, layer, res, sp, T, settings["eval_n"], settings["eval_seed"])
     ablations = pa.table({"eval": [r[0] for r in abl_rows], "variant": [r[1] for r in abl_rows],
@@ -370,7 +379,8 @@ def _finish_layer(path, lm, lens, layer, acc, image_ids, dataset, row, bank, tex
         writes.replace_neuron_layer(con, row["model_id"], layer, layer_row=layer_row,
                                     stats=stats, top_images=top, texts=texts, labels=labels,
                                     head_effects=head_effects, factor_variance=factor_variance, ablations=ablations)
-    summary = {"neurons": N, "later_heads": K, "median_share_matters": round(float(np.median(res.share_matters)), 4),
+    summary = {"neurons": N, "later_heads": K, "eval_seconds": round(time.perf_counter() - clock, 2),
+               "median_share_matters": round(float(np.median(res.share_matters)), 4),
                "median_recon_r2": round(float(np.median(sp.r2)), 4)}
     if res.eta2:
         eta = np.stack([res.eta2[f] for f in sorted(res.eta2)])                  # [F, N]

@@ -10,8 +10,8 @@ from etl.common import add_embed_args, add_model_args, add_warehouse_arg, load_m
 # The neurons step of the pipeline: one layer (auto), over at most this many images of the first
 # dataset, and its zero-shot check on this many toy-eval scenes per set (kept cheap for `make etl`;
 # `python -m etl neurons` runs the full job).
-NEURON_IMAGES = 1000
-NEURON_EVAL_N = 300
+NEURON_IMAGES = 500
+NEURON_EVAL_N = 200
 
 
 def add_parser(sub) -> None:

@@ -86,13 +86,23 @@ def class_embeddings(encode_text, factor: str):
 
     encode_text: callable list[str] -> FloatTensor [M, d] (any norm).
     """
+    return class_table(encode_text, [factor])[factor]
+
+
+def class_table(encode_text, factors=None) -> dict:
+    """{factor: unit prompt-ensemble embeddings [V, d]} for `factors` (default: every factor of PLAN),
+    every prompt of every value embedded in one call of `encode_text` (list[str] -> [M, d], any norm):
+    each value's prompts are normalised, averaged and the mean re-normalised."""
     import torch
-    rows = []
-    for v in shapes.FACTORS[factor]:
-        e = encode_text(prompts_for(factor, v))
-        e = torch.nn.functional.normalize(e.float(), dim=-1).mean(0)
-        rows.append(torch.nn.functional.normalize(e, dim=0))
-    return torch.stack(rows)
+    factors = list(PLAN) if factors is None else list(factors)
+    groups = [(f, v, prompts_for(f, v)) for f in factors for v in shapes.FACTORS[f]]
+    E = torch.nn.functional.normalize(encode_text([p for _, _, ps in groups for p in ps]).float(), dim=-1)
+    out: dict = {f: [] for f in factors}
+    start = 0
+    for f, _, ps in groups:
+        out[f].append(torch.nn.functional.normalize(E[start:start + len(ps)].mean(0), dim=0))
+        start += len(ps)
+    return {f: torch.stack(rows) for f, rows in out.items()}
 
 
 def load_toy(weights: str | Path | None = None, name: str = "toy-shapes"):
@@ -129,11 +139,6 @@ def eval_sets(seed: int = 1, n: int = 2000, size: int = 64) -> dict[str, list]:
         raise ValueError(f"n must be positive, got {n}")
     return {"single": list(shapes.generate(n, seed, size, count="1")),
             "mixed": list(shapes.generate(n, seed + COUNT_SEED_OFFSET, size))}
-
-
-def class_table(encode_text) -> dict:
-    """{factor: unit class embeddings [V, d]} for every factor of PLAN (see class_embeddings)."""
-    return {factor: class_embeddings(encode_text, factor) for factor in PLAN}
 
 
 def zero_shot(embeddings: dict, sets: dict[str, list], classes: dict) -> dict[str, float]:
