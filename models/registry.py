@@ -288,8 +288,7 @@ def load_state(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> No
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
+            state = read_safetensors(path, arch)
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
@@ -321,6 +320,36 @@ def load_state(model: torch.nn.Module, path: str | os.PathLike, arch: str) -> No
     except Exception as exc:
         said = " ".join(str(exc).split())
         raise ModelError(f"cannot read checkpoint {path}: {type(exc).__name__}: {said}") from exc
+
+
+_unpacked: dict = {}
+
+
+def read_safetensors(path: Path, arch: str) -> dict:
+    """A safetensors state dict, read without pickle; a zoo file packed by models.zoo_pack is
+    rebuilt from its seed (once per file and process)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from models import zoo_pack
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    if not zoo_pack.is_packed(meta):
+        return load_file(str(path))
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _unpacked:
+        def init_state(seed: int) -> dict:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                m, _, _ = open_clip.create_model_and_transforms(arch, pretrained=None, pretrained_text=False)
+            return m.state_dict()
+        try:
+            while len(_unpacked) >= 4:
+                _unpacked.pop(next(iter(_unpacked)))
+            _unpacked[key] = zoo_pack.unpack_state(load_file(str(path)), meta, init_state, source=str(path))
+        except zoo_pack.PackError as exc:
+            raise ModelError(str(exc)) from None
+    return dict(_unpacked[key])
 
 
 def model_from_row(row: dict, device: str = "cpu") -> LoadedModel:

@@ -430,4 +430,51 @@ def train_recipe(model: str, seed: int = 0, threads: int = 1, out: str | None = 
             train(cfg)
             done.write_text(str(phase_out))
         init = phase_out
+    pack_weights(Path(init), model)
     return Path(init)
+
+
+def recipe_decay(model: str, seed: int) -> list[list[float]]:
+    """Per phase of RECIPE_PHASES, the factor AdamW's decoupled weight decay multiplies a decayed
+    parameter by at each step: ``1 - lr_t * wd``, computed as torch's AdamW computes it."""
+    phases = []
+    for _, flags in RECIPE_PHASES:
+        cfg = TrainConfig(model=model, seed=seed, **flags)
+        warmup = max(1, int(cfg.warmup * cfg.steps)) if cfg.warmup < 1 else int(cfg.warmup)
+        phases.append([1 - lr_at(step, cfg.steps, cfg.lr, warmup) * cfg.weight_decay for step in range(cfg.steps)])
+    return phases
+
+
+def pack_weights(path: Path, model: str) -> dict:
+    """Rewrite a zoo weights file trained by the recipe in models.zoo_pack's lossless packed form
+    (rows training never touched are rebuilt from the seed). The packed file is read back and
+    compared bit for bit with the original before it replaces it; a file already packed is left.
+    Returns {"bytes_before", "bytes_after", "packed": bool}."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from models import zoo_pack
+    from models.registry import read_safetensors
+    path = Path(path)
+    with safe_open(str(path), "pt") as fh:
+        meta = dict(fh.metadata() or {})
+    before = path.stat().st_size
+    if zoo_pack.is_packed(meta):
+        return {"bytes_before": before, "bytes_after": before, "packed": False}
+    seed = int(meta.get("seed", 0))
+    state = load_file(str(path))
+    init, _ = toy_model(model, seed)
+    tensors, extra = zoo_pack.pack_state(state, {k: v.detach() for k, v in init.state_dict().items()},
+                                         recipe_decay(model, seed), seed)
+    tmp = path.with_name(path.stem + ".packed.safetensors")
+    save_file(tensors, str(tmp), metadata={**meta, **extra})
+    back = read_safetensors(tmp, model)
+    same = back.keys() == state.keys() and all(
+        back[k].dtype == state[k].dtype and back[k].shape == state[k].shape
+        and back[k].contiguous().numpy().tobytes() == state[k].contiguous().numpy().tobytes() for k in state)
+    if not same:
+        tmp.unlink()
+        raise RuntimeError(f"packing {path} did not read back bit for bit; the full file is kept")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return {"bytes_before": before, "bytes_after": path.stat().st_size, "packed": True}
