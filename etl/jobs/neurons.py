@@ -154,6 +154,9 @@ def choose_layers(lm, spec: str, auto_layers: int, probe) -> tuple[list[int], di
     """(layers, reach of every candidate layer) for --layers; probe() -> images [n, 3, S, S]."""
     from models import resolve_layers
     last = lm.layers - 1
+    if last < 1:
+        raise ValueError("the model has one transformer layer: no MLP layer has a later attention head to "
+                         "reach the embedding through")
     if spec.strip().lower() == "auto":
         candidates = list(range(last))
         r = reach(lm, probe(), candidates)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import shutil
 
-import duckdb
 import numpy as np
 import pytest
 import torch
 
 from etl.cli import main
 from warehouse import queries
+from warehouse.db import connect
 
 MODEL = "toy-shapes/bundled"
 DATA = "shapes:300:seed=13"
@@ -27,7 +27,7 @@ def wh(toy_warehouse, tmp_path, monkeypatch):
 
 
 def count(path, sql, params=()):
-    with duckdb.connect(str(path), read_only=True) as con:
+    with connect(path, read_only=True) as con:
         return con.execute(sql, list(params)).fetchone()[0]
 
 
