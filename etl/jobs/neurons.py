@@ -232,10 +232,9 @@ def neurons(path: str, model_id: str, dataset_spec: str, *, layers: str = "auto"
     if state is None:
         state = {"done": 0, "acc": {l: LayerAccumulator(lens.gram(l).numpy(), pc_images, shapes_world) for l in todo},
                  "ids": []}
-        if store_alpha or force:
-            with writer(path) as con:
-                for l in todo:
-                    writes.delete_neuron_alpha(con, model_id, l)
+        with writer(path) as con:                       # a layer recomputed keeps no alpha of an earlier run
+            for l in todo:
+                writes.delete_neuron_alpha(con, model_id, l)
     t_last = time.monotonic()
     clock = time.perf_counter()
     pending_alpha: list = []
