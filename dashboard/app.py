@@ -20,5 +20,6 @@ alt.utils.schemapi.disable_debug_mode()
 
 st.set_page_config(page_title="CLIP Atlas", page_icon=":material/hub:", layout="wide")
 gate()                     # local by default; a token for anything else (dashboard/access.py)
+# expanded: every page in the sidebar (collapsed, Streamlit shows 10 and a "View more" button)
 st.navigation([st.Page(path, title=title, icon=icon, url_path=url, default=(i == 0))
-               for i, (path, title, icon, url) in enumerate(PAGES)]).run()
+               for i, (path, title, icon, url) in enumerate(PAGES)], expanded=True).run()

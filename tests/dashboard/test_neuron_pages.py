@@ -39,7 +39,7 @@ def test_neuron_page_opens_from_its_permalink_and_shows_the_stored_neuron(wareho
     assert metric(at, "matters on") == f"{100 * rec['share_matters']:.1f} % of images"
     assert metric(at, "texts reconstruct") == f"r2 {rec['recon_r2']:.2f}"
     texts = queries.neuron_texts(warehouse_file, model_id, layer, n)
-    shown = next(d.value for d in at.dataframe if "coef" in d.columns)
+    shown = next(d.value for d in at.dataframe if "coef" in d.value.columns)
     assert list(shown.text) == list(texts.text) and len(texts) >= 1
     np.testing.assert_allclose(shown.coef, texts.coef)
     hist = next(r for r in charts_with(at, "images", "from"))
@@ -50,7 +50,7 @@ def test_neuron_page_opens_from_its_permalink_and_shows_the_stored_neuron(wareho
     heads = next(r for r in charts_with(at, "head_name", "effect"))
     assert len(heads) == int(info.later_heads)
     top = queries.neuron_top_images(warehouse_file, model_id, layer, n, 16)
-    captions = [i.proto.imgs[0].caption for i in at.get("imgs") if i.proto.imgs and i.proto.imgs[0].caption]
+    captions = [i.proto.imgs[0].caption for i in at.get("image") if i.proto.imgs and i.proto.imgs[0].caption]
     assert any(c.startswith(widgets.plain(top.image_id.iloc[0])) for c in captions), captions[:3]
     # the live map sums to phi_n . pc, as models.neurons computes it for the page's image
     image_id = at.selectbox(key="neuron_image").value
@@ -71,20 +71,22 @@ def test_neuron_atlas_sorts_by_effect_and_by_label_and_links_every_neuron(wareho
     layer = int(_analysed(warehouse_file, model_id).layer)
     at = page(nav.NEURON_ATLAS, model=model_id)
     assert dict(at.query_params) == {"model": model_id, "layer": str(layer)}
-    table = next(d.value for d in at.dataframe if "share_matters" in d.columns)
+    table = next(d.value for d in at.dataframe if "share_matters" in d.value.columns)
     stored = queries.neuron_atlas(warehouse_file, model_id, layer)
     assert len(table) == len(stored) and table.mean_norm.is_monotonic_decreasing
     assert list(table.page) == [widgets.neuron_page_url(model_id, layer, k) for k in table.neuron]
     at.radio(key="neuron_atlas_sort").set_value("label").run()
     assert_ok(at)
-    by_label = next(d.value for d in at.dataframe if "share_matters" in d.columns)
+    by_label = next(d.value for d in at.dataframe if "share_matters" in d.value.columns)
     assert list(by_label.label) == sorted(stored.label)
     assert sorted(by_label.neuron) == sorted(stored.neuron)
     dots = next(r for r in charts_with(at, "share_matters", "mean_norm", "page"))
     assert len(dots) == len(stored)
     abl = queries.neuron_ablations(warehouse_file, model_id)
     if len(abl):                                      # the zero-shot check of a shapes-world layer
-        shown = next(d.value for d in at.dataframe if "baseline" in d.columns)
+        frames = [list(d.value.columns) for d in at.dataframe]
+        shown = next((d.value for d in at.dataframe if "baseline" in d.value.columns), None)
+        assert shown is not None, (frames, [i.value for i in at.info], abl.layer.unique())
         assert set(shown.columns) >= {"factor", "baseline", "zero", "mean", "rank1", "sparse"}
 
 
@@ -92,7 +94,7 @@ def test_neurons_that_write_a_text_rank_by_the_cosine_of_their_pc(warehouse_file
     model_id = chosen[0]
     layer = int(_analysed(warehouse_file, model_id).layer)
     at = page(nav.NEURON_TEXT, model=model_id, text="a red shape")
-    table = next(d.value for d in at.dataframe if "cosine" in d.columns)
+    table = next(d.value for d in at.dataframe if "cosine" in d.value.columns)
     assert len(table) == 15 and table.cosine.is_monotonic_decreasing
     row = queries.model_row(warehouse_file, model_id)
     lm = models.model_from_row(row)
@@ -106,7 +108,7 @@ def test_neurons_that_write_a_text_rank_by_the_cosine_of_their_pc(warehouse_file
     at.text_input(key="neuron_text").set_value("a blue circle").run()
     assert_ok(at)
     assert dict(at.query_params) == {"model": model_id, "text": "a blue circle"}
-    again = next(d.value for d in at.dataframe if "cosine" in d.columns)
+    again = next(d.value for d in at.dataframe if "cosine" in d.value.columns)
     assert list(again.cosine) != list(table.cosine)
     assert set(table.layer) == {layer}
 
@@ -115,7 +117,8 @@ def test_match_page_opens_the_neurons_behind_a_head(warehouse_file, chosen):
     model_id = chosen[0]
     image_id = queries.images(warehouse_file, model_id).image_id.iloc[0]
     at = page(nav.MATCH, model=model_id, image=image_id, text="there is a red shape")
-    table = next(d.value for d in at.dataframe if "neuron name" in d.columns)
+    table = next((d.value for d in at.dataframe if "neuron name" in d.value.columns), None)
+    assert table is not None, ([list(d.value.columns) for d in at.dataframe], [i.value for i in at.info])
     assert len(table) == 12 and table.share.abs().is_monotonic_decreasing
     assert list(table.page) == [widgets.neuron_page_url(model_id, l, n) for l, n in zip(table.layer, table.neuron)]
     head = at.selectbox(key="match_neuron_head").value
@@ -125,7 +128,7 @@ def test_match_page_opens_the_neurons_behind_a_head(warehouse_file, chosen):
     other = next(o for o in options if not o.startswith(head + ":"))
     at.selectbox(key="match_neuron_head").set_value(other.split(":")[0]).run()
     assert_ok(at)
-    again = next(d.value for d in at.dataframe if "neuron name" in d.columns)
+    again = next(d.value for d in at.dataframe if "neuron name" in d.value.columns)
     assert list(again.share) != list(table.share)
 
 
