@@ -106,7 +106,7 @@ def topic_map(row: dict, image: Image.Image, image_key: str, heads: Sequence[Hea
     """MATH.md §6.2: the map of text `t_hat` over `heads` for an image on the patch grid, [gh, gw]
     (models.maps.upsample stretches it over model_view's crop)."""
     lm = model(row)
-    return maps.topic_map(decompose_image(row, image, image_key), heads, t_hat, lm.grid)
+    return maps.topic_map(decompose_image(row, image, image_key), heads, t_hat, lm.grid, prefix=lm.tower.prefix)
 
 
 def head_vectors(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head]) -> np.ndarray:
@@ -141,7 +141,7 @@ def decompose_components(row: dict, image: Image.Image, image_key: str) -> model
     return _decompose_components(spec_key(row), image_key, model(row), image)
 
 
-KINDS = ("head", "attention of a layer", "MLP", "out-proj biases", "embedding term")
+KINDS = ("head", "attention of a layer", "MLP", "out-proj biases", "embedding term", "pool MLP")
 
 
 @dataclass
@@ -152,7 +152,8 @@ class Breakdown:
         (NaN unless a head), share (float64); every head of an analysed layer is one row, the heads
         of another layer one row per layer, each layer's MLP one row, the out-proj biases of all
         layers one row, the embedding term (class token and positions through ln_post, and its
-        bias) one row.
+        bias) one row, and for a tower whose attention pool ends in an MLP (SigLIP, PE-Core: MAP)
+        the pool MLP's term (`pool_mlp`, not linear in the others) one row.
     layers: per layer and part ('attention heads', 'MLP', 'out-proj bias'): its share.
     cos: cos(image, text) from the model's own embedding; sum_of_bars: components.share.sum().
     embedding: the unit image embedding [d] (float32).
@@ -173,6 +174,7 @@ def breakdown_of(dec: models.Decomposition, t_hat, analysed_layers: Sequence[int
     mlp = dec.mlp[0].double().cpu().numpy() @ t / norm              # [L]
     bias = dec.attn_bias[0].double().cpu().numpy() @ t / norm       # [L]
     embed = float(dec.embedding_term[0].double().cpu().numpy() @ t / norm)
+    pool_mlp = None if dec.pool_mlp is None else float(dec.pool_mlp[0].double().cpu().numpy() @ t / norm)
     analysed = {int(l) for l in analysed_layers}
     n_layers, n_heads = heads.shape
     rows = []
@@ -184,7 +186,10 @@ def breakdown_of(dec: models.Decomposition, t_hat, analysed_layers: Sequence[int
                          heads[l].sum()))
     rows += [(f"L{l} MLP", "MLP", l, None, mlp[l]) for l in range(n_layers)]
     rows.append(("out-proj biases (all layers)", "out-proj biases", None, None, bias.sum()))
-    rows.append(("embedding term (class token, positions, ln_post)", "embedding term", None, None, embed))
+    rows.append(("embedding term (patch and prefix tokens, positions, final norm biases)", "embedding term", None,
+                 None, embed))
+    if pool_mlp is not None:
+        rows.append(("pool MLP (the attention pool's MLP: pool_mlp)", "pool MLP", None, None, pool_mlp))
     comp = pd.DataFrame(rows, columns=["component", "kind", "layer", "head", "share"])
     comp = comp.sort_values("share", ascending=False, kind="stable").reset_index(drop=True)
     comp.insert(0, "rank", np.arange(1, len(comp) + 1))

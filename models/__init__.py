@@ -5,6 +5,7 @@
     second_order(lm, images, layer, *, phi) -> SecondOrder                    (models.neurons, MATH.md §10)
     maps.topic_map / head_map / layer_index / upsample                       (models.maps)
     model_view(lm, image) -> the model's crop of an image                    (models.images)
+    tower(visual) -> the image tower's adapter (blocks, readout)             (models.towers)
 """
 from models.registry import (TOY_DIR, LoadedModel, ModelError, encode_texts, encode_tokens, default_bank, load_model,
                              load_state, model_from_row, toy_architectures)
@@ -12,6 +13,7 @@ from models.decompose import Decomposer, Decomposition, decompose, resolve_layer
 from models.neurons import SecondOrder, SecondOrderLens, second_order
 from models.images import ImageError, load_image, model_view, pixels_to_tensor, thumbnail_jpeg, to_rgb
 from models import maps
+from models.towers import UnsupportedTower, position_embedding, tower
 
 __all__ = [
     "TOY_DIR", "LoadedModel", "ModelError", "encode_texts", "encode_tokens", "default_bank", "load_model",
@@ -19,5 +21,5 @@ __all__ = [
     "Decomposer", "Decomposition", "decompose", "resolve_layers",
     "SecondOrder", "SecondOrderLens", "second_order",
     "ImageError", "load_image", "model_view", "pixels_to_tensor", "thumbnail_jpeg", "to_rgb",
-    "maps",
+    "maps", "tower", "position_embedding", "UnsupportedTower",
 ]

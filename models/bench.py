@@ -56,6 +56,41 @@ def bench_decompose(arch: str = "ViT-B-16", batch: int = 32, rounds: int = 5, wa
 
 
 @torch.no_grad()
+def bench_decompose_siglip(arch: str = "ViT-B-16-SigLIP", batch: int = 16, rounds: int = 5, warmup: int = 1) -> dict:
+    """images/s of a MAP-pooled tower's encode_image (normalize=False) and of its decomposition
+    (heads of the last 4 layers, as decompose_vs_forward; and of every layer, what the jobs' 'auto'
+    analyses on a ViT-B), random weights, CPU, interleaved rounds. Only the image tower runs; no
+    tokenizer is needed (open_clip.create_model, no weights)."""
+    import open_clip
+    from models.decompose import Decomposer, resolve_layers
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None).eval()
+    visual = model.visual
+    n = len(visual.trunk.blocks)
+    dec = Decomposer(visual, resolve_layers("last4", n)).eval()
+    dec_all = Decomposer(visual, resolve_layers("all", n)).eval()
+    x = torch.randn(batch, 3, *visual.image_size)
+    step = dec.micro_batch
+    variants = {
+        f"encode_image (torch, micro-batches of {step})": lambda: [model.encode_image(c) for c in x.split(step)],
+        "decompose heads, last4 (torch)": lambda: dec(x),
+        f"decompose heads, all {n} layers (torch)": lambda: dec_all(x),
+    }
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            times[k].append(_time(fn))
+    rate = {k: batch / statistics.median(v) for k, v in times.items()}
+    names = list(rate)
+    return dict(arch=arch, batch=batch, rounds=rounds, threads=torch.get_num_threads(), images_per_s=rate,
+                ratios=dict(decompose_vs_forward_siglip=rate[names[1]] / rate[names[0]],
+                            decompose_all_vs_forward_siglip=rate[names[2]] / rate[names[0]]))
+
+
+@torch.no_grad()
 def bench_text_encode(texts: list[str], arch: str = "ViT-B-32", batch_size: int = 256, rounds: int = 3,
                       warmup_texts: int = 16) -> dict:
     """Seconds to embed `texts`: `encode_texts` (sorted by tokenised length, each batch cut at its

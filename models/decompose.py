@@ -1,30 +1,39 @@
-"""The exact direct decomposition of a CLIP-ViT image embedding (MATH.md §1), fast form.
+"""The exact direct decomposition of a ViT image embedding (MATH.md §1, §9), fast form, over
+tower adapters (models/towers: open_clip's native ViT, timm's ViT and Eva; one decomposition).
 
-For the final LayerNorm `ln_post(r) = g * (r - mean_c r) / s + beta` and projection P, every
-residual summand u of the class token contributes `(u @ C) / (s * ||z||)` to the unit
-embedding, with C = diag(g) P - (1/W) 1 (g P)^T  (centering folded in; [W, d]).
-A head's summand is `o_h @ W_O^h diag(ls_gamma)`, so per head we fold one matrix
+Fix every LayerNorm's per-token scale and every attention weight at their forward-pass values:
+then the tower's output z is linear in the residual summands (the embedding, each head at each
+token, the MLPs, the biases), apart from an attention pool's MLP (SigLIP, PE-Core), which is
+kept as one named remainder `pool_mlp`. The readout (final norm, pooling, projection) reads the
+final residual x_L at R rows (R = 1 for the class token, every token otherwise) with per-image
+weights K [B, M, R] (M pool heads; M = 1 without an attention pool) through fixed matrices
+mid [W, D] (in M groups of columns) and out [D, d]. A head's summand at token i is
+(o_h[i] / r[i]) @ head_out[h] (its attention output, divided by the frozen scale of any norm
+between attention and residual), so per head we fold one matrix, once per model,
 
-    F[h] = (W_O^h * gamma) @ C                                   # [d_head, d]
+    Fh[l,h] = head_out[l,h] @ mid                                 # [d_head, D]   (M = 1: @ out too)
 
-and get  c[l,h] = o0_h @ F[h] / (s ||z||)  from the class-query attention output o0_h, and
-c[l,h,i] = a_{0,i} v_i @ F[h] / (s ||z||) per source token. Nothing of size T x T x W exists.
+and get  c[l,h] = concat_m ((sum_i K[m,i] o_h[i] / r[i]) @ Fh[l,h][:, m]) @ out / ||z||.
+Per source token j (o_h[i] = sum_j A[i,j] v_j) the weight of v_j @ Fh[l,h] is
+w[m,h,j] = sum_i K[m,i] A[i,j] / r[i]. For a class-token tower this is MATH.md §1 exactly:
+K = 1/s, mid = diag(g) P centred, c[l,h] = o0_h @ F[h] / (s ||z||). Nothing of size T x T x W
+is ever built.
 
-Only the class row of the last block reaches the embedding, so that block computes keys and
-values for every token but its query, out-projection and MLP for the class token alone
-(a ViT-B/16 forward has about 7% fewer FLOPs; `encode_image` does the full last block).
+When the readout reads only the class row, the last block computes keys and values for every
+token but its query, out-projection and MLP for the class token alone (a ViT-B/16 forward has
+about 7% fewer FLOPs; `encode_image` does the full last block).
 
-`rest` is accumulated independently of the heads (embedding term, MLP terms, out-proj
-biases, the un-analysed layers, beta @ P) so `head_cls.sum + rest == embedding` is a real check.
-With components=True the parts of `rest` (MATH.md §2: MLP terms, out-proj biases, the embedding
-term) are returned as well; the embedding term is accumulated apart from `rest`, so
-`heads + mlp + attn_bias + embedding_term == embedding` is a real check too.
+`rest` is accumulated independently of the heads (embedding term, MLP terms, out-proj biases,
+the un-analysed layers, the readout's constant, pool_mlp) so `head_cls.sum + rest == embedding`
+is a real check. With components=True the parts of `rest` (MATH.md §2: MLP terms, out-proj
+biases, the embedding term) are returned as well; the embedding term is accumulated apart from
+`rest`, so `heads + mlp + attn_bias + embedding_term (+ pool_mlp) == embedding` is a real check too.
 
 API (one verb, one class, one result):
     decompose(lm, images, layers="last4", *, tokens=False, components=False) -> Decomposition
     Decomposer(visual, layers, *, tokens, components, micro_batch, traceable)   # nn.Module
     Decomposer.for_model(lm, layers, *, tokens, components)   # cached on the LoadedModel
-    Decomposition: embedding, head_cls, rest, layers[, head_tokens][, mlp, attn_bias, embedding_term]
+    Decomposition: embedding, head_cls, rest, layers[, head_tokens][, mlp, attn_bias, embedding_term][, pool_mlp]
 """
 from __future__ import annotations
 
@@ -83,23 +92,25 @@ def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
     return layers
 
 
-OUTPUTS = ("embedding", "head_cls", "rest", "head_tokens", "mlp", "attn_bias", "embedding_term")
+OUTPUTS = ("embedding", "head_cls", "rest", "head_tokens", "mlp", "attn_bias", "embedding_term", "pool_mlp")
 """Every tensor a Decomposition can hold, in the one order used to flatten it (ONNX outputs, `Decomposer.flat`)."""
 
 
 @dataclass
 class Decomposition:
-    """The decomposition of a batch of B images (MATH.md §1); one type for every mode.
+    """The decomposition of a batch of B images (MATH.md §1, §9); one type for every mode and tower.
 
     Always present (`layers` are the analysed layers L', 0-based, sorted):
         embedding [B, d] unit norm; head_cls [B, L', H, d] = c[l,h]; rest [B, d] (everything else);
         head_cls.sum((1, 2)) + rest == embedding.
-    tokens=True adds head_tokens [B, L', H, T, d] = c[l,h,i], T = 1 + patches (i = 0: the class
-        token); head_tokens.sum(3) == head_cls.
+    tokens=True adds head_tokens [B, L', H, T, d] = c[l,h,j] per source token j (T = prefix tokens,
+        i.e. the class token (none for SigLIP), then the patches); head_tokens.sum(3) == head_cls.
     components=True (every layer analysed) splits `rest` for mean ablation (MATH.md §2):
         mlp [B, L, d] (MLP terms), attn_bias [B, L, d] (out-proj biases), embedding_term [B, d]
-        (x_0[0] and beta @ P); head_cls.sum((1, 2)) + mlp.sum(1) + attn_bias.sum(1)
-        + embedding_term == embedding.
+        (the embedding x_0 and every bias after the blocks); head_cls.sum((1, 2)) + mlp.sum(1)
+        + attn_bias.sum(1) + embedding_term (+ pool_mlp) == embedding.
+    Towers with an attention pool that ends in an MLP (SigLIP, PE-Core: MAP) add pool_mlp [B, d],
+        the pool MLP's term (not linear in the summands: a named remainder, part of `rest`).
     """
     embedding: torch.Tensor                         # [B, d]
     head_cls: torch.Tensor                          # [B, L', H, d]
@@ -109,6 +120,7 @@ class Decomposition:
     mlp: Optional[torch.Tensor] = None              # [B, L, d]
     attn_bias: Optional[torch.Tensor] = None        # [B, L, d]
     embedding_term: Optional[torch.Tensor] = None   # [B, d]
+    pool_mlp: Optional[torch.Tensor] = None         # [B, d]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors present, by name, in the order of OUTPUTS."""
@@ -121,7 +133,8 @@ class Decomposition:
 
 
 class _MultiHeadAttention(torch.autograd.Function):
-    """Softmax attention over [B, T, W] queries/keys/values with H heads -> [B, T, W].
+    """Softmax attention of packed queries [B, S, H*dh] over keys and values [B, T, H*dh] with H
+    heads and softmax scale `scale` -> [B, S, H*dh].
 
     torch runs its fused kernel; the ONNX exporter writes onnxruntime's fused contrib op
     `com.microsoft::MultiHeadAttention` (CPU and CUDA providers) instead of a chain of
@@ -129,42 +142,57 @@ class _MultiHeadAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, heads: int):
-        B, T, W = q.shape
-        split = lambda t: t.view(B, T, heads, W // heads).transpose(1, 2)     # [B, H, T, dh]
-        return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(B, T, W)
+    def forward(ctx, q, k, v, heads: int, scale: float):
+        B, S, W = q.shape
+        split = lambda t: t.view(B, t.shape[1], heads, W // heads).transpose(1, 2)   # [B, H, n, dh]
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+        return out.transpose(1, 2).reshape(B, S, W)
 
     @staticmethod
-    def symbolic(g, q, k, v, heads: int):
-        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+    def symbolic(g, q, k, v, heads: int, scale: float):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
         out.setType(q.type())
         return out
 
 
-def class_row_attention(q0: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """The class query's softmax attention over all tokens, per head.
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """q [B, S, H, dh], k and v [B, T, H, dh] -> attention output [B, S, H, dh] (fused). `heads` is
+    the block's own int (a traced shape would not do as the ONNX op's attribute)."""
+    B, S = q.shape[:2]
+    o = _MultiHeadAttention.apply(q.flatten(2), k.flatten(2), v.flatten(2), heads, scale)
+    return o.view(B, S, heads, -1)
 
-    q0: [B, 1, W] (the class token's query), k: [B, T, W] -> a0 [B, H, T] (rows sum to 1)."""
-    B, T, W = k.shape
-    dh = W // heads
-    q = q0.view(B, 1, heads, dh).transpose(1, 2)                                 # [B, H, 1, dh]
-    kh = k.view(B, T, heads, dh).transpose(1, 2)                                 # [B, H, T, dh]
-    return torch.softmax(q @ kh.transpose(-1, -2) * dh ** -0.5, dim=-1)[:, :, 0]
+
+def _weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Explicit attention weights: q [B, S, H, dh], k [B, T, H, dh] -> A [B, H, S, T]."""
+    return torch.softmax(torch.einsum("bshk,bthk->bhst", q, k) * scale, dim=-1)
 
 
 class Decomposer(nn.Module):
-    """Wraps an open_clip VisionTransformer; `dec(images)` returns the Decomposition.
+    """Wraps an image tower (`model.visual`, any family models.towers adapts); `dec(images)`
+    returns the Decomposition.
 
     Every mode is fixed at construction:
       layers      the analysed layers L' (0-based; see resolve_layers);
-      tokens      also c[l,h,i] per source token (head_tokens);
+      tokens      also c[l,h,j] per source token (head_tokens);
       components  also the split of `rest` into MLP, out-proj bias and embedding terms
                   (mean ablation; needs every layer analysed);
       micro_batch images per CPU micro-batch (default: cpu_micro_batch of the model; 0: whole
                   batch); GPUs always take the whole batch;
-      traceable   run the un-analysed blocks by hand instead of torch's fused block, so that
-                  torch.onnx.export can trace them and their attention becomes onnxruntime's
+      traceable   run the un-analysed blocks by hand instead of the tower's own (fused) block, so
+                  that torch.onnx.export can trace them and their attention becomes onnxruntime's
                   fused op (_MultiHeadAttention); same numbers; what models/onnx.py exports.
+
+    How it reads the tower (MATH.md §9). The readout reads the final residual x_L at R rows (the
+    class token, R = 1, or every token, R = T) with per-image weights K [B, M, R] (M pool heads,
+    1 without an attention pool) through fixed matrices `mid` [W, D] (D in M groups) and `out`
+    [D, d]. Head (l, h) writes (o_h[i] / r[i]) @ head_out[h] at token i, so its share is
+
+        c[l,h] = concat_m ( (sum_i K[m,i] o_h[i] / r[i]) @ Fh[l,h][:, group m] ) @ out / ||z||
+
+    with Fh[l,h] = head_out[h] @ mid folded once per model ([dh, D]; for M = 1, `out` is folded
+    in too). Per source token j, o_h[i] = sum_j A[h,i,j] v_j gives the weight
+    w[m,h,j] = sum_i K[m,i] A[h,i,j] / r[i] of v_j @ Fh[l,h]. Nothing of size T x T x W exists.
 
     `flat(images)` is the computation on one batch, returning the Decomposition's tensors as a
     tuple in the order `self.outputs` (a subsequence of OUTPUTS): it is what the ONNX exporter
@@ -175,41 +203,37 @@ class Decomposer(nn.Module):
     def __init__(self, visual: nn.Module, layers: Sequence[int], *, tokens: bool = False,
                  components: bool = False, micro_batch: Optional[int] = None, traceable: bool = False):
         super().__init__()
-        blocks = visual.transformer.resblocks
+        from models.towers import tower as adapt
         self.visual = visual
+        self.tower = adapt(visual)
+        blocks = self.tower.blocks
         self.layers = sorted(set(int(l) for l in layers))
         if components and self.layers != list(range(len(blocks))):
             raise ValueError(f"components=True splits every layer: pass layers='all' (got {self.layers})")
         self.tokens = bool(tokens)
         self.components = bool(components)
         self.traceable = bool(traceable)
-        grid = visual.grid_size
+        readout = self.tower.readout
+        gh, gw = self.tower.grid
         if micro_batch is None:
-            micro_batch = cpu_micro_batch(1 + grid[0] * grid[1], blocks[0].mlp.c_fc.out_features)
+            micro_batch = cpu_micro_batch(self.tower.prefix + gh * gw, max(self.tower.mlp_width, self.tower.width))
         self.micro_batch = int(micro_batch)
-        self.outputs = OUTPUTS[:3] + (("head_tokens",) if self.tokens else ()) + (OUTPUTS[4:] if self.components else ())
-        attn = blocks[0].attn
-        self.n_heads = attn.num_heads
-        self.d_head = attn.head_dim
-        W = visual.transformer.width
+        self.outputs = OUTPUTS[:3] + (("head_tokens",) if self.tokens else ()) \
+            + (OUTPUTS[4:7] if self.components else ()) + (("pool_mlp",) if readout.pool_mlp else ())
+        self.n_heads = self.tower.heads
+        self.d_head = self.tower.head_dim
+        self.groups = readout.groups
+        p = next(visual.parameters())
+        self.cdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            g = visual.ln_post.weight.float()                          # [W]
-            P = visual.proj.float()                                    # [W, d]
-            gP = g @ P                                                 # [d]
-            C = g[:, None] * P - gP[None, :] / W                       # [W, d]
-            self.register_buffer("C", C, persistent=False)
-            self.register_buffer("betaP", visual.ln_post.bias.float() @ P, persistent=False)  # [d]
-            ones = torch.ones(W, device=C.device)
-            folds, biases = [], []
-            for l in self.layers:
-                blk = blocks[l]
-                gamma = blk.ls_1.gamma.float() if hasattr(blk.ls_1, "gamma") else ones
-                Wo = blk.attn.out_proj.weight.float().T * gamma[None, :]           # [W_in=H*dh, W]
-                folds.append((Wo @ C).view(self.n_heads, self.d_head, -1))        # [H, dh, d]
-                b = blk.attn.out_proj.bias
-                biases.append(b.float() * gamma if b is not None else 0 * ones)
-            self.register_buffer("Fh", torch.stack(folds), persistent=False)      # [L', H, dh, d]
-            self.register_buffer("bias", torch.stack(biases), persistent=False)   # [L', W]
+            mid = readout.mid().to(self.cdtype)                                   # [W, D]
+            out = readout.out()
+            if out is not None and self.groups == 1:                              # fold `out` in
+                mid, out = mid @ out.to(self.cdtype), None
+            self.register_buffer("mid", mid, persistent=False)
+            self.register_buffer("out", out.to(self.cdtype) if out is not None else None, persistent=False)
+            folds = [blocks[l].head_out.to(self.cdtype) @ mid for l in self.layers]    # L' x [H, dh, D]
+            self.register_buffer("Fh", torch.stack(folds), persistent=False)      # [L', H, dh, D]
 
     @classmethod
     def for_model(cls, lm, layers: LayerSpec = "last4", *, tokens: bool = False,
@@ -221,42 +245,6 @@ class Decomposer(nn.Module):
             lm._cache[key] = cls(lm.visual, resolved, tokens=tokens, components=components).to(lm.device).eval()
         return lm._cache[key]
 
-    def _attention(self, blk: nn.Module, x: torch.Tensor, tokens: bool):
-        """One attention block by hand. x: [B, T, W] -> (x_new, o0 [B,H,dh], v [B,H,T,dh], a0 [B,H,T] | None)."""
-        B, T, W = x.shape
-        H, dh = self.n_heads, self.d_head
-        h = blk.ln_1(x)
-        q, k, v = F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias).split(W, dim=-1)  # 3 x [B, T, W]
-        o = _MultiHeadAttention.apply(q, k, v, H)                              # [B, T, W]
-        a0 = self._class_row(q[:, :1], k) if tokens else None
-        out = F.linear(o, blk.attn.out_proj.weight, blk.attn.out_proj.bias)
-        return x + blk.ls_1(out), o[:, 0].view(B, H, dh), self._heads(v), a0
-
-    def _attention_cls(self, blk: nn.Module, x: torch.Tensor):
-        """The last block's attention at the class query only: nothing after it reads other tokens.
-
-        x: [B, T, W] -> (x_cls_new [B, 1, W], o0 [B, H, dh], v [B, H, T, dh], a0 [B, H, T]).
-        Keys and values still come from every token; the query, out-proj and MLP run on one row.
-        """
-        B, T, W = x.shape
-        h = blk.ln_1(x)
-        w, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
-        q = F.linear(h[:, :1], w[:W], b[:W] if b is not None else None)               # [B, 1, W]
-        k, v = F.linear(h, w[W:], b[W:] if b is not None else None).split(W, dim=-1)   # 2 x [B, T, W]
-        a0, v = self._class_row(q, k), self._heads(v)                                  # [B, H, T], [B, H, T, dh]
-        o0 = (a0[:, :, None] @ v)[:, :, 0]                                              # [B, H, dh]
-        out = F.linear(o0.reshape(B, 1, W), blk.attn.out_proj.weight, blk.attn.out_proj.bias)
-        return x[:, :1] + blk.ls_1(out), o0, v, a0
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, T, W] -> [B, H, T, dh]."""
-        B, T, _ = t.shape
-        return t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)
-
-    def _class_row(self, q0: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The class query's attention over all tokens. q0: [B, 1, W], k: [B, T, W] -> a0 [B, H, T]."""
-        return class_row_attention(q0, k, self.n_heads)
-
     def forward(self, images: torch.Tensor) -> Decomposition:
         """Preprocessed images [B, 3, S, S] -> Decomposition (CPU: in micro-batches, concatenated)."""
         p = next(self.visual.parameters())
@@ -266,61 +254,119 @@ class Decomposer(nn.Module):
         tensors = [torch.cat(t) for t in zip(*parts)] if len(parts) > 1 else parts[0]
         return Decomposition(layers=list(self.layers), **dict(zip(self.outputs, tensors)))
 
+    # ------------------------------------------------------------------ the readout's linear map
+    def _lin(self, K: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """What summands u [B, R, W] (or [B, n, R, W]) add to the readout's linear part: [B, d] (or [B, n, d])."""
+        y = torch.einsum("bmr,b...rw->b...mw", K, u)                          # [B, (n,) M, W]
+        if self.out is None:
+            return y[..., 0, :] @ self.mid
+        W, M = self.mid.shape[0], self.groups
+        g = torch.einsum("b...mw,wmg->b...mg", y, self.mid.view(W, M, -1))   # [B, (n,) M, D/M]
+        return g.flatten(-2) @ self.out
+
+    def _heads(self, K: torch.Tensor, o: torch.Tensor, F_l: torch.Tensor) -> torch.Tensor:
+        """One analysed layer's c[l,h] (before / ||z||): K [B, M, R], o [B, R, H, dh] (divided by
+        r), F_l [H, dh, D] -> [B, H, d]."""
+        y = torch.einsum("bmr,brhk->bmhk", K, o)                              # [B, M, H, dh]
+        if self.out is None:
+            return torch.einsum("bhk,hkd->bhd", y[:, 0], F_l)
+        H, dh, D = F_l.shape
+        g = torch.einsum("bmhk,hkmg->bhmg", y, F_l.view(H, dh, self.groups, -1))   # [B, H, M, D/M]
+        return g.flatten(-2) @ self.out
+
+    def _tokens(self, K: torch.Tensor, A: torch.Tensor, v: torch.Tensor, F_l: torch.Tensor) -> torch.Tensor:
+        """One analysed layer's c[l,h,j] (before / ||z||): K [B, M, R], A [B, H, R, T] (rows divided
+        by r), v [B, T, H, dh], F_l [H, dh, D] -> [B, H, T, d]."""
+        w = torch.einsum("bmr,bhrt->bhtm", K, A)                              # [B, H, T, M] source weights
+        if self.out is None:
+            return torch.einsum("bthk,hkd->bhtd", v * w.permute(0, 2, 1, 3), F_l)   # M = 1
+        H, dh, D = F_l.shape
+        P = torch.einsum("bthk,hkD->bhtD", v, F_l)                            # [B, H, T, D]
+        P = P.view(*P.shape[:3], self.groups, -1) * w[..., None]              # [B, H, T, M, D/M]
+        return P.flatten(-2) @ self.out
+
+    # ------------------------------------------------------------------ one batch
     def flat(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One batch [B, 3, S, S] -> the Decomposition's tensors in the order `self.outputs`:
         embedding [B, d], head_cls [B, L', H, d], rest [B, d], then head_tokens [B, L', H, T, d]
-        (tokens), then mlp [B, L, d], attn_bias [B, L, d], embedding_term [B, d] (components)."""
-        vis = self.visual
-        x = vis._embeds(images)                                   # [B, T, W]
-        x0 = x[:, 0].float()                                      # the embedding term, [B, W]
-        rest = x0                                                 # residual summands outside the heads, [B, W]
-        o0s, vs, a0s, mlps = [], [], [], []
+        (tokens), then mlp [B, L, d], attn_bias [B, L, d], embedding_term [B, d] (components),
+        then pool_mlp [B, d] (towers whose attention pool ends in an MLP)."""
+        cd = self.cdtype
+        tower = self.tower
+        x, ctx = tower.embed(images)                              # [B, T, W]
+        B, T, W = x.shape
+        R = tower.readout.rows or T                               # rows the readout reads
+        x0 = x[:, :R].to(cd)                                      # the embedding term, [B, R, W]
+        rest = x0.clone()                                         # residual summands outside the heads (added in place)
+        bias_sum = torch.zeros(W, dtype=cd, device=x.device)      # the analysed layers' out-proj biases, [W]
+        os_, vs, As, mlps, biases = [], [], [], [], []
         j = 0
-        last = len(vis.transformer.resblocks) - 1
-        for l, blk in enumerate(vis.transformer.resblocks):
+        last = len(tower.blocks) - 1
+        for l, blk in enumerate(tower.blocks):
             analysed = j < len(self.layers) and self.layers[j] == l
-            if l == last:      # nothing reads the other rows of the last block: x -> [B, 1, W]
-                x_attn, o0, v, a0 = self._attention_cls(blk, x)
-            elif analysed or self.traceable:
-                x_attn, o0, v, a0 = self._attention(blk, x, self.tokens and analysed)
-            else:              # torch's fused block
-                x_new = blk(x)
-                rest = rest + (x_new[:, 0] - x[:, 0]).float()
+            rows = tower.readout.rows if l == last else None      # the last block: the read rows only
+            if not (analysed or self.traceable or rows):          # the tower's own (fused) block
+                x_new = blk.forward(x, ctx)
+                rest += (x_new[:, :R] - x[:, :R]).to(cd)
                 x = x_new
                 continue
-            mlp = blk.ls_2(blk.mlp(blk.ln_2(x_attn)))             # [B, T or 1, W]
+            q, k, v = blk.qkv(x, ctx, rows)                       # [B, S, H, dh], [B, T, H, dh] x 2
+            A = None
+            if rows or (analysed and self.tokens and R == T):     # every query row is read: explicit weights
+                A = _weights(q, k, blk.scale)                     # [B, H, S, T]
+                o = torch.einsum("bhst,bthk->bshk", A, v)         # [B, S, H, dh]
+            else:
+                o = _attend(q, k, v, blk.heads, blk.scale)        # [B, S, H, dh], fused
+                if analysed and self.tokens:
+                    A = _weights(q[:, :R], k, blk.scale)          # [B, H, R, T]
+            delta, r, bias = blk.attn_out(o)                      # [B, S, W], [B, S, 1] | None, [W] | [B, S, W]
+            xs = x if rows is None else x[:, :rows]
+            x_attn = xs + delta
+            mlp = blk.mlp(x_attn)                                 # [B, S, W]
             if analysed:
-                rest = rest + mlp[:, 0].float() + self.bias[j]
+                rest += mlp[:, :R].to(cd)
+                if bias.dim() == 3:                               # per token (a norm after attention)
+                    rest += bias[:, :R].to(cd)
+                else:                                             # one vector: summed, added once at the end
+                    bias_sum = bias_sum + bias.to(cd)
+                o_r = o[:, :R].to(cd)
+                if r is not None:
+                    o_r = o_r / r[:, :R, :, None].to(cd)          # head h writes (o_h / r) @ head_out[h]
+                os_.append(o_r)
+                if self.tokens:
+                    A = A.to(cd)
+                    As.append(A / r[:, None, :R].to(cd) if r is not None else A)
+                    vs.append(v.to(cd))
                 if self.components:
-                    mlps.append(mlp[:, 0].float())
-                o0s.append(o0)
-                vs.append(v)
-                a0s.append(a0)
+                    mlps.append(mlp[:, :R].to(cd))
+                    biases.append((bias[:, :R] if bias.dim() == 3 else bias.expand(B, R, W)).to(cd))
                 j += 1
             else:
-                rest = rest + (x_attn[:, 0] + mlp[:, 0] - x[:, 0]).float()
+                rest += (x_attn[:, :R] + mlp[:, :R] - xs[:, :R]).to(cd)
             x = x_attn + mlp
-        cls = x[:, 0].float()                                     # [B, W]
-        ln = vis.ln_post
-        s = torch.sqrt(cls.var(dim=-1, unbiased=False, keepdim=True) + ln.eps)   # [B, 1]
-        z = cls @ self.C / s + self.betaP                         # [B, d] == ln_post(cls) @ proj
+        rest += bias_sum
+        read = tower.readout.read(x[:, :R])
+        K = read.weights.to(cd)                                   # [B, M, R]
+        z = read.z.to(cd)                                         # [B, d]
         znorm = z.norm(dim=-1, keepdim=True)                      # [B, 1]
-        scale = s * znorm                                         # [B, 1]
         embedding = z / znorm
-        o0 = torch.stack(o0s, 1).float()                          # [B, L', H, dh]
-        head_cls = torch.einsum("blhk,lhkd->blhd", o0, self.Fh) / scale[:, :, None, None]
-        rest = (rest @ self.C) / scale + self.betaP / znorm
-        out = (embedding, head_cls, rest)
+        const = read.const.to(cd)                                 # [B, d]
+        pool_mlp = read.pool_mlp.to(cd) if read.pool_mlp is not None else None
+        head_cls = torch.stack([self._heads(K, o, self.Fh[i]) for i, o in enumerate(os_)], 1) / znorm[:, :, None, None]
+        rest = self._lin(K, rest) + const
+        if pool_mlp is not None:
+            rest = rest + pool_mlp
+        out = (embedding, head_cls, rest / znorm)
         if self.tokens:
-            v = torch.stack(vs, 1).float()                        # [B, L', H, T, dh]
-            a0 = torch.stack(a0s, 1).float()                      # [B, L', H, T]
-            weighted = v * (a0 / scale[:, :, None, None])[..., None]   # a_{0,i} v_i / (s ||z||), small: [B, L', H, T, dh]
-            out += (torch.einsum("blhtk,lhkd->blhtd", weighted, self.Fh),)
+            out += (torch.stack([self._tokens(K, A, v, self.Fh[i]) for i, (A, v) in enumerate(zip(As, vs))], 1)
+                    / znorm[:, :, None, None, None],)
         if self.components:
-            mlp = torch.stack(mlps, 1) @ self.C / scale[:, :, None]          # [B, L, d]
-            bias = (self.bias @ self.C)[None] / scale[:, :, None]           # [B, L, d]
-            embedding_term = x0 @ self.C / scale + self.betaP / znorm       # [B, d], accumulated apart from rest
+            mlp = self._lin(K, torch.stack(mlps, 1)) / znorm[:, :, None]               # [B, L, d]
+            bias = self._lin(K, torch.stack(biases, 1)) / znorm[:, :, None]            # [B, L, d]
+            embedding_term = (self._lin(K, x0) + const) / znorm                        # [B, d]
             out += (mlp, bias, embedding_term)
+        if "pool_mlp" in self.outputs:
+            out += (pool_mlp / znorm,)
         return out
 
 

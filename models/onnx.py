@@ -21,7 +21,8 @@ import torch
 
 from models.decompose import Decomposer, Decomposition, LayerSpec, micro_batches, resolve_layers
 
-GRAPH_VERSION = 2  # bump when the exported graph changes, so cached exports are redone (2: fused attention)
+GRAPH_VERSION = 3  # bump when the exported graph changes, so cached exports are redone (2: fused attention;
+                   # 3: any tower through models/towers, pool_mlp output)
 
 
 def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens: bool = False,
@@ -57,10 +58,13 @@ def export_onnx(lm, path: str | os.PathLike, layers: LayerSpec = "last4", tokens
 
 def _fuse(path: Path, lm):
     """onnxruntime's ViT fusions (offline, opt_level 0 so the file stays provider-neutral)."""
+    import contextlib
+    import io
     import onnx
     try:
         from onnxruntime.transformers.optimizer import optimize_model
-        fused = optimize_model(str(path), model_type="vit", num_heads=lm.heads, hidden_size=lm.width, opt_level=0)
+        with contextlib.redirect_stdout(io.StringIO()):      # its notes ("failed in shape inference") are not the job's output
+            fused = optimize_model(str(path), model_type="vit", num_heads=lm.heads, hidden_size=lm.width, opt_level=0)
         return fused.model
     except Exception as exc:  # an unfusable graph is still a correct graph
         warnings.warn(f"ONNX fusion skipped ({type(exc).__name__}: {exc})")

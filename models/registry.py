@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 import open_clip
 import torch
 from models.hashing import sha256_file
+from models import towers
+from models.towers import toys
 
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 BUNDLED = "bundled"
@@ -32,6 +34,7 @@ def _register_bundled_configs() -> None:
     """Make the product's own configs (models/toy/*.json) known to open_clip, once."""
     global _registered
     if not _registered and TOY_DIR.is_dir():
+        toys.register()          # the timm tower names the toy configs use
         open_clip.add_model_config(TOY_DIR)
         _registered = True
 
@@ -70,25 +73,42 @@ def _check_arch(arch: str) -> dict:
 
 
 def _check_supported(arch: str, cfg: dict) -> None:
-    """Refuse towers the exact decomposition does not cover, saying why."""
-    v = cfg.get("vision_cfg", {})
-    why = None
-    if v.get("timm_model_name"):
-        why = f"its image tower is a timm model ({v['timm_model_name']}), not an open_clip VisionTransformer"
-    elif isinstance(v.get("layers"), (list, tuple)):
-        why = "its image tower is a ResNet, not a vision transformer"
-    elif "multimodal_cfg" in cfg or v.get("attentional_pool"):
-        why = "it pools the image with attention (CoCa-style attentional pooler), not with the class token"
-    elif v.get("pool_type", "tok") != "tok":
-        why = f"it pools with '{v.get('pool_type')}' instead of the class token"
-    elif any(v.get(k) for k in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner",
-                                "scale_attn", "scale_fc", "block_type")):
-        why = "its blocks use custom attention (qk-norm / scaled cosine / head scaling)"
+    """Refuse towers the exact decomposition does not cover, saying why (models.towers.config_support)."""
+    why = towers.config_support(arch, cfg)
     if why:
         raise ModelError(
-            f"model '{arch}' is not supported: {why}. CLIP Atlas decomposes class-token "
-            "open_clip ViTs (e.g. ViT-B-32, ViT-B-16, ViT-L-14, toy-shapes)."
+            f"model '{arch}' is not supported: {why}. CLIP Atlas decomposes transformer image towers "
+            "(open_clip ViTs, CLIPA, CoCa, and timm ViTs: SigLIP, SigLIP 2, PE-Core, EVA, MobileCLIP-B, ViTamin); "
+            "list them with: python -m etl models"
         )
+
+
+def catalogue() -> list[dict[str, Any]]:
+    """Every open_clip architecture (and the toy zoo), with its pretrained tags and whether CLIP
+    Atlas decomposes its image tower, in `open_clip.list_models()` order:
+
+        {"arch", "tags": [...], "supported": bool, "reason": str | None, "tower": str}
+
+    `tower` names the image tower's family as the config says it (open_clip's VisionTransformer
+    with its pooling, a timm model, a ResNet); nothing is built but unknown timm modules, on meta.
+    """
+    _register_bundled_configs()
+    out = []
+    for arch in open_clip.list_models():
+        cfg = open_clip.get_model_config(arch)
+        v = cfg.get("vision_cfg", {})
+        if v.get("timm_model_name"):
+            tower = f"timm {v['timm_model_name']} (pool {v.get('timm_pool') or 'default'})"
+        elif isinstance(v.get("layers"), (list, tuple)):
+            tower = "open_clip ModifiedResNet"
+        elif v.get("attentional_pool"):
+            tower = "open_clip VisionTransformer (attentional pooler)"
+        else:
+            tower = f"open_clip VisionTransformer (pool {v.get('pool_type', 'tok')})"
+        why = towers.config_support(arch, cfg)
+        out.append(dict(arch=arch, tags=list(open_clip.list_pretrained_tags_by_model(arch)),
+                        supported=why is None, reason=why, tower=tower))
+    return out
 
 
 def _offline_if_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> None:
@@ -135,32 +155,45 @@ class LoadedModel:
         return self.model.visual
 
     @property
+    def tower(self) -> "towers.Tower":
+        """The image tower's adapter (models/towers): what the decomposition reads; built once."""
+        if "tower" not in self._cache:
+            self._cache["tower"] = towers.tower(self.visual)
+        return self._cache["tower"]
+
+    @property
     def layers(self) -> int:
-        return len(self.visual.transformer.resblocks)
+        return self.tower.layers
 
     @property
     def heads(self) -> int:
-        return self.visual.transformer.resblocks[0].attn.num_heads
+        return self.tower.heads
 
     @property
     def width(self) -> int:
-        return self.visual.transformer.width
+        return self.tower.width
 
     @property
     def embed_dim(self) -> int:
-        return self.visual.proj.shape[1]
+        return self.tower.embed_dim
 
     @property
     def image_size(self) -> int:
-        return int(self.visual.image_size[0])
+        return self.tower.image_size
 
     @property
     def patch_size(self) -> int:
-        return int(self.visual.patch_size[0])
+        return self.tower.patch_size
 
     @property
     def grid(self) -> tuple[int, int]:
-        return tuple(self.visual.grid_size)
+        return self.tower.grid
+
+    @property
+    def pooling(self) -> str:
+        """How the tower pools its tokens: 'tok' (class token), 'avg', 'map' (attention pool with a
+        latent query and an MLP: SigLIP, PE-Core) or 'attn' (CoCa's attentional pooler)."""
+        return self.tower.pooling
 
     def fingerprint(self) -> str:
         """sha256 of the image tower's weights (cached): names exported files so they never go stale."""
@@ -179,7 +212,7 @@ class LoadedModel:
             source=self.source, checkpoint_path=self.spec.get("checkpoint"),
             seed=self.spec.get("seed") if self.source == "random" else None,
             layers=self.layers, heads=self.heads, width=self.width, embed_dim=self.embed_dim,
-            patch_size=self.patch_size, image_size=self.image_size, pooling="tok",
+            patch_size=self.patch_size, image_size=self.image_size, pooling=self.pooling,
         )
 
 
@@ -254,8 +287,31 @@ def load_model(
     spec = dict(arch=arch, pretrained=pretrained,
                 checkpoint=str(checkpoint) if checkpoint is not None and source != BUNDLED else None,
                 random_init=bool(random_init), seed=seed if random_init else None)
-    tokenizer = open_clip.get_tokenizer(arch)
+    tokenizer = tokenizer_for(arch)
     return LoadedModel(model, preprocess, tokenizer, model_id, spec, source, device)
+
+
+def tokenizer_for(arch: str) -> Callable:
+    """The text tokenizer of `arch` (open_clip's choice: CLIP's own BPE, or a Hugging Face tokenizer
+    named in the config, e.g. SigLIP's `timm/ViT-B-16-SigLIP`, read from the Hugging Face cache or
+    fetched once with network). A ModelError says what is missing and what to do."""
+    cfg = _check_arch(arch)
+    hf_name = cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+    if hf_name:
+        _offline_if_unreachable()
+        try:
+            import transformers  # noqa: F401  (open_clip's HFTokenizer needs it)
+        except ImportError:
+            raise ModelError(f"the text tokenizer of '{arch}' ({hf_name}) needs the transformers package: "
+                             "pip install -r requirements.txt") from None
+    try:
+        return open_clip.get_tokenizer(arch)
+    except Exception as exc:  # hub, cache, a missing tokenizer library: say which and what to do
+        said = " ".join(str(exc).split())[:300]
+        raise ModelError(
+            f"the text tokenizer of '{arch}' ({hf_name or 'open_clip'}) could not be loaded ({type(exc).__name__}: "
+            f"{said}). With network it is fetched once into the Hugging Face cache; without, copy a cache that "
+            "holds it and set HF_HUB_CACHE to it") from exc
 
 
 def check_device(device: str | torch.device) -> torch.device:

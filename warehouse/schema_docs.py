@@ -33,7 +33,8 @@ RELATIONS: dict[str, str] = {
     "image_embeddings": "the unit image embedding of each (model, image)",
     "head_embeddings": "c[l,h] of MATH.md §1: head (layer, head)'s additive share of the unit image embedding",
     "head_embeddings_base": "the table behind the head_embeddings view while shards are attached in place",
-    "component_means": "dataset mean of each component (L11.H3, L11.attn, L11.mlp, embed), for mean ablation",
+    "component_means": "dataset mean of each component (L11.H3, L11.attn, L11.mlp, embed, and pool_mlp for towers whose "
+                       "attention pool ends in an MLP: SigLIP), for mean ablation",
     "properties": "the property vocabulary (colors, animals, locations, ...)",
     "texts": "text banks; property = the text's tag, NULL when unknown",
     "text_embeddings": "unit text embeddings per model",
@@ -161,6 +162,14 @@ COMMON_COLUMNS: dict[str, str] = {
 }
 
 
+# Columns whose meaning grew after their migration shipped (a shipped migration is never edited).
+COLUMN_NOTES: dict[tuple[str, str], str] = {
+    ("models", "pooling"): "how the image tower pools its tokens: 'tok' (the class token), 'avg' (the mean of the "
+                           "patch tokens: CLIPA, ViTamin), 'map' (an attention pool with a latent query and an MLP: "
+                           "SigLIP, PE-Core; its MLP is the named remainder pool_mlp), 'attn' (CoCa's attentional pooler)",
+}
+
+
 def relation_meaning(name: str) -> str:
     """The one-line meaning of a table or view ('' when undocumented)."""
     return RELATIONS.get(name, "")
@@ -170,4 +179,5 @@ def column_meaning(relation: str, column: str) -> str:
     """The meaning of a column: its migration's comment, else the common meaning of its name, else ''."""
     cols = column_meanings()
     base = relation.removesuffix("_base")
-    return cols.get((relation, column)) or cols.get((base, column)) or COMMON_COLUMNS.get(column, "")
+    return (COLUMN_NOTES.get((base, column)) or cols.get((relation, column)) or cols.get((base, column))
+            or COMMON_COLUMNS.get(column, ""))

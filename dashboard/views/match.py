@@ -2,7 +2,8 @@
 and every layer's direct share of cos(image, text), ranked, each head's bar linked to its head page.
 
 The image embedding is exactly the sum of its direct contributions (MATH.md §1: heads, MLP terms,
-out-proj biases, the embedding term), so cos(image, text) = sum over components c of
+out-proj biases, the embedding term, and for an attention pool with an MLP (SigLIP: MAP) the pool MLP's
+term `pool_mlp`), so cos(image, text) = sum over components c of
 <c, t> / (|img| |t|): the bars add up to the cosine, and the page checks that they do.
 The URL keeps the state (?model=...&image=...&text=...): a reload or a shared link shows the same
 match (uploads are not in the URL).
@@ -21,7 +22,7 @@ from warehouse import queries
 
 DEFAULT_TEXT = "there is a red shape"
 TOL = 1e-4
-KIND_COLOURS = ["#4c78a8", "#9ecae9", "#f58518", "#bab0ac", "#54a24b"]      # in the order of live.KINDS
+KIND_COLOURS = ["#4c78a8", "#9ecae9", "#f58518", "#bab0ac", "#54a24b", "#b279a2"]   # in the order of live.KINDS
 
 
 def head_url(model_id: str, layer: int, head: int) -> str:
@@ -107,7 +108,7 @@ with right:
 
 kinds = list(live.KINDS)
 colour = alt.Color("kind:N", title="component", scale=alt.Scale(domain=kinds, range=KIND_COLOURS),
-                   legend=alt.Legend(orient="top", columns=5, labelLimit=220))
+                   legend=alt.Legend(orient="top", columns=6, labelLimit=220))
 tips = ["rank", "component", "kind", "label", alt.Tooltip("share:Q", format="+.5f"), "head page"]
 bars = (alt.Chart(comp[["rank", "bar", "component", "kind", "label", "share", "head page"]],
                   title=f"Direct shares of cos(image, text), highest first ({len(comp)} bars)")
@@ -153,8 +154,10 @@ else:
                                 "share": st.column_config.NumberColumn(format="%+.5f")})
 
 per_layer = b.layers.copy()
-st.markdown("**Every layer's direct share** (attention heads, MLP and out-proj bias per layer; the "
-            f"embedding term {comp.share[comp.kind == 'embedding term'].sum():+.4f} is not in a layer)")
+outside = comp[comp.kind.isin(["embedding term", "pool MLP"])]
+st.markdown("**Every layer's direct share** (attention heads, MLP and out-proj bias per layer; "
+            + " and ".join(f"the {k} {outside.share[outside.kind == k].sum():+.4f}" for k in outside.kind.unique())
+            + " not in a layer)")
 layer_chart = (alt.Chart(per_layer).mark_bar()
                .encode(x=alt.X("layer:O", axis=alt.Axis(labelAngle=0)), xOffset="part:N",
                        y=alt.Y("share:Q", title="share of cos(image, text)"),

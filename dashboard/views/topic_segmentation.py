@@ -36,7 +36,7 @@ if choice is not None and heads:
     with b:
         st.altair_chart(w.grid_chart(grid, vmax, f"patch grid {grid.shape[0]} x {grid.shape[1]}"), width="content")
     m1, m2, m3 = st.columns(3)
-    m1.metric("sum over patches", f"{grid.sum():+.4f}", help="these heads' share of cos(image, text), class token excluded")
+    m1.metric("sum over patches", f"{grid.sum():+.4f}", help="these heads' share of cos(image, text), the class (prefix) tokens' own terms excluded")
     m2.metric("max |patch|", f"{vmax:.4f}")
     m3.metric("computed in", f"{elapsed * 1000:.0f} ms")
     if 1 < len(heads) <= 32:

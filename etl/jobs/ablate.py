@@ -116,6 +116,9 @@ def ablate(path: str, lm, dataset_spec: str, layers: str = "auto", max_images: i
         x = torch.stack([lm.preprocess(img) for img, _ in batch])
         dec = decompose(lm, x, "all", components=True)
         comp = dict(heads=dec.head_cls, mlp=dec.mlp, attn_bias=dec.attn_bias, embedding=dec.embedding)
+        if dec.pool_mlp is not None:                  # an attention pool's MLP (SigLIP: MAP), a component of its own
+            parts.setdefault("pool_mlp", [])
+            comp["pool_mlp"] = dec.pool_mlp
         for k in parts:
             parts[k].append(comp[k].cpu())
         for t, (values, _) in targets.items():
@@ -144,8 +147,11 @@ def ablate(path: str, lm, dataset_spec: str, layers: str = "auto", max_images: i
         comp = {k: torch.cat(v) for k, v in parts.items()}
         y = {t: np.asarray(v) for t, v in labels.items()}
         rows = ablation_table(comp, y, {t: e for t, (_, e) in targets.items()}, head_layers)
+        pool_mlp = comp.get("pool_mlp")
         means = [("embed", (comp["embedding"] - comp["heads"].sum((1, 2)) - comp["mlp"].sum(1)
-                            - comp["attn_bias"].sum(1)).mean(0))]
+                            - comp["attn_bias"].sum(1) - (pool_mlp if pool_mlp is not None else 0)).mean(0))]
+        if pool_mlp is not None:
+            means.append(("pool_mlp", pool_mlp.mean(0)))
         for l in range(lm.layers):
             means.append((f"L{l}.mlp", comp["mlp"][:, l].mean(0)))
             means.append((f"L{l}.attn", (comp["heads"][:, l].sum(1) + comp["attn_bias"][:, l]).mean(0)))

@@ -196,6 +196,13 @@ def run(args) -> int:
                f"median of {r['rounds']}", [(k, f"{v:.2f} images/s") for k, v in r["images_per_s"].items()]
                + [(k, f"{v:.3f}") for k, v in r["ratios"].items()])
         summary.update({k: round(v, 3) for k, v in r["ratios"].items()})
+        from models.bench import bench_decompose_siglip
+        r = bench_decompose_siglip(rounds=args.rounds)
+        _table(f"decomposition of a MAP-pooled tower, {r['arch']} random weights, batch {r['batch']}, CPU threads "
+               f"{r['threads']}, median of {r['rounds']}",
+               [(k, f"{v:.2f} images/s") for k, v in r["images_per_s"].items()]
+               + [(k, f"{v:.3f}") for k, v in r["ratios"].items()])
+        summary.update({k: round(v, 3) for k, v in r["ratios"].items()})
     if "secondorder" in only:
         from models.bench import bench_second_order
         r = bench_second_order(rounds=args.rounds)

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("decompose", help="decompose images into per-head contributions (.npz)",
                        description="Write the exact decomposition of MATH.md §1 for the given images to an .npz: "
                                    "embedding [B,d] (unit), head_cls [B,L',H,d], head_tokens [B,L',H,T,d] "
-                                   "(T = 1 + patches, index 0 = class token), rest [B,d], layers [L'] (0-based); "
+                                   "(T = prefix tokens + patches: index 0 the class token of a class-token ViT, none for SigLIP), "
+                                   "rest [B,d], layers [L'] (0-based); "
                                    "with --second-order L also the second-order effects of MLP layer L's neurons.")
     add_model_args(p)
     p.add_argument("--image", action="append", required=True, metavar="FILE",

@@ -30,11 +30,13 @@ COUNT_SEED_OFFSET = 1_000_003
 # named have no target. The middle size keeps the first toy's targets.
 _SMALL = {"color": 0.95, "shape": 0.50, "size": 0.80, "position": 0.95, "pattern": 0.95, "count": 0.55,
           "background": 0.95}
+_MIDDLE = {"color": 0.90, "shape": 0.90, "position": 0.80, "background": 0.80, "count": 0.70}
 EVAL_TARGETS: dict[str, dict[str, float]] = {
     "toy-shapes-small": _SMALL,
     "toy-shapes-small-seed1": _SMALL,
     "toy-shapes-small-seed2": _SMALL,
-    "toy-shapes": {"color": 0.90, "shape": 0.90, "position": 0.80, "background": 0.80, "count": 0.70},
+    "toy-shapes": _MIDDLE,
+    "toy-shapes-seed2": _MIDDLE,
     "toy-shapes-large": {"color": 0.95, "shape": 0.95, "size": 0.95, "position": 0.95, "pattern": 0.95,
                          "count": 0.75, "background": 0.95},
 }

@@ -14,7 +14,8 @@ Every step draws a fresh batch from the shapes world ``--seed``: groups of minim
 (a random scene plus copies that change one factor), deterministic by (seed, start index,
 step), so a run resumes exactly: the checkpoint holds model, optimiser, step and torch RNG.
 Loss = CLIP contrastive loss with exact multi-positive targets (a caption is a positive of
-every image it is true of) + a per-factor term (each image against the one-factor captions
+every image it is true of), or SigLIP's sigmoid loss with the same targets for a model whose
+config has a logit bias (``init_logit_bias``, e.g. toy-shapes-map) + a per-factor term (each image against the one-factor captions
 of every value of each factor) + a text-side paraphrase term. CPU only; a tqdm bar shows
 the loss, the learnt temperature and the in-batch image->text accuracy.
 
@@ -36,6 +37,7 @@ from typing import Optional
 import numpy as np
 
 import models
+from models import position_embedding
 
 MODEL_NAME = "toy-shapes"
 
@@ -133,6 +135,31 @@ def consistency(scenes) -> np.ndarray:
     named = np.array([[n in s.named for n in names] for s in scenes])
     same = codes[:, None, :] == codes[None, :, :]                      # [B, B, F]
     return (same | ~named[:, None, :]).all(-1)
+
+
+def sigmoid_loss(logits, targets: str, consistent=None):
+    """SigLIP's pairwise sigmoid loss on logits [B image, B text] (scale * cosine + bias): every
+    (image, caption) pair is one binary question, -sum log sigmoid(label * logit) / B.
+
+    targets 'diagonal': label +1 for caption i of image i, -1 for every other pair (SigLIP's own);
+    'exact': label +1 for every pair whose caption is true of the image (``consistent``
+    [B text, B image], bool), -1 otherwise.
+    """
+    import torch
+    import torch.nn.functional as F
+    B = logits.shape[0]
+    if targets == "diagonal":
+        positive = torch.eye(B, dtype=torch.bool)
+    else:
+        positive = torch.as_tensor(consistent, dtype=torch.bool).T               # [image, text]
+    labels = positive.to(logits.dtype) * 2 - 1                                    # +1 / -1
+    return -F.logsigmoid(labels * logits).sum() / B
+
+
+def uses_sigmoid_loss(model) -> bool:
+    """Whether a model trains with SigLIP's sigmoid loss: open_clip gives a model a learnt
+    ``logit_bias`` exactly when its config sets ``init_logit_bias`` (SigLIP configs do)."""
+    return getattr(model, "logit_bias", None) is not None
 
 
 def contrastive_loss(logits, targets: str, consistent=None):
@@ -286,8 +313,13 @@ def train(cfg: TrainConfig) -> Path | None:
         # open_clip draws the image position embedding with std width**-0.5 (0.09 here), far
         # below the patch embeddings (~0.6): a small ViT then takes very long to see *where*
         # things are. A larger draw fixes it (measured: position probe 0.8 vs chance at 120 steps).
+        # (The zoo's timm towers draw theirs the same way: models/towers/toys.py.)
+        pos = position_embedding(model.visual)
+        if pos is None:
+            raise SystemExit(f"--pos-init-scale {cfg.pos_init_scale}: {cfg.model} has no learnt position "
+                             "embedding; pass --pos-init-scale 1")
         with torch.no_grad():
-            model.visual.positional_embedding.mul_(cfg.pos_init_scale)
+            pos.mul_(cfg.pos_init_scale)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=(0.9, 0.98), eps=1e-6)
@@ -327,6 +359,7 @@ def train(cfg: TrainConfig) -> Path | None:
         os.replace(tmp, ckpt)
 
     fweights = parse_factor_weights(cfg.factor_weights)
+    sigmoid = uses_sigmoid_loss(model)
     B = cfg.batch_size
     warmup = max(1, int(cfg.warmup * cfg.steps)) if cfg.warmup < 1 else int(cfg.warmup)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-toy",
@@ -345,8 +378,11 @@ def train(cfg: TrainConfig) -> Path | None:
         img_f = F.normalize(model.encode_image(x), dim=-1)
         txt_f = F.normalize(models.encode_tokens(model, t), dim=-1)
         scale = model.logit_scale.exp()
-        logits = scale * img_f @ txt_f.T
-        loss = contrastive_loss(logits, cfg.targets, cons)
+        logits = scale * img_f @ txt_f.T                                  # [image, text]
+        if sigmoid:
+            loss = sigmoid_loss(logits + model.logit_bias, cfg.targets, cons)
+        else:
+            loss = contrastive_loss(logits, cfg.targets, cons)
         if cfg.factor_loss > 0 or cfg.text_loss > 0:
             va, vb = (int(v) for v in torch.randint(0, 1 << 20, (2,)))
             ftexts, spans = factor_captions(va)
@@ -369,12 +405,13 @@ def train(cfg: TrainConfig) -> Path | None:
         t_last = now
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}", T=f"{scale.item():.1f}", acc=f"{acc:.2f}", lr=f"{lr:.1e}",
-                        refresh=False)
+                        **({"b": f"{model.logit_bias.item():.1f}"} if sigmoid else {}), refresh=False)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": done, "loss": round(ema, 4), "acc": round(acc, 3),
                                      "scale": round(scale.item(), 2), "lr": lr,
+                                     **({"bias": round(model.logit_bias.item(), 3)} if sigmoid else {}),
                                      "elapsed_s": round(elapsed, 1)}) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint(done)
@@ -393,6 +430,7 @@ def train(cfg: TrainConfig) -> Path | None:
             "group_size": cfg.group_size, "targets": cfg.targets, "factor_loss": cfg.factor_loss,
             "text_loss": cfg.text_loss, "pos_init_scale": cfg.pos_init_scale,
             "single_prob": cfg.single_prob, "factor_weights": cfg.factor_weights,
+            "loss": "sigmoid" if sigmoid else "softmax",
             "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
     save_fp16(model, out, meta)
     print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))

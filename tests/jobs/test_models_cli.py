@@ -55,3 +55,29 @@ def test_cli_errors_are_one_line(tmp_path):
         "of this 12-layer model (0-based)")
     r = _cli("--help")
     assert r.returncode == 0 and "decompose" in r.stdout and "verify" in r.stdout
+
+
+def test_models_lists_every_architecture_and_tag_with_the_refusals_explained():
+    import open_clip
+    r = _cli("models", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    rows = {a["arch"]: a for a in out["architectures"]}
+    assert set(open_clip.list_models()) <= set(rows) and "toy-shapes-map" in rows
+    listed = {(a, t) for a, row in rows.items() for t in row["tags"]}
+    assert listed == set(open_clip.list_pretrained())                     # every tag, once
+    c = out["counts"]
+    assert c["pretrained_tags"] == len(open_clip.list_pretrained()) and c["pretrained_tags_supported"] >= 140
+    refused_tags = [(a, row["reason"]) for a, row in rows.items() if not row["supported"] for _ in row["tags"]]
+    assert len(refused_tags) == c["pretrained_tags"] - c["pretrained_tags_supported"]
+    # every refused pretrained tag is a convolutional tower (ResNet, ConvNeXt, FastViT), said so in one line
+    assert all(("ResNet" in why or "ConvNeXt" in why or "FastViT" in why) and "convolutions" in why
+               for _, why in refused_tags), refused_tags
+    for arch in ("ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP2", "PE-Core-L-14-336", "EVA02-E-14", "ViT-H-14-CLIPA",
+                 "coca_ViT-L-14", "MobileCLIP-B", "ViTamin-XL-384", "ViT-B-32"):
+        assert rows[arch]["supported"], arch
+    table = _cli("models", "--refused")
+    assert table.returncode == 0 and "refused: its image tower is a ResNet" in table.stdout
+    assert table.stdout.strip().splitlines()[-1] == (
+        f"{c['architectures_supported']} of {c['architectures']} architectures and "
+        f"{c['pretrained_tags_supported']} of {c['pretrained_tags']} pretrained tags are supported.")

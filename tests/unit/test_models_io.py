@@ -147,13 +147,13 @@ def test_unfetchable_weights_point_to_checkpoint(monkeypatch):
 
 
 @pytest.mark.parametrize("arch,reason", [
-    ("coca_ViT-B-32", "attention"),
-    ("RN50", "ResNet"),
-    ("ViT-B-16-SigLIP", "not supported"),
+    ("RN50", "model 'RN50' is not supported: its image tower is a ResNet: convolutions, no attention heads"),
+    ("convnext_base", "is not supported: its image tower is a timm ConvNeXt: convolutions, no attention heads"),
 ])
 def test_unsupported_towers_refused_with_reason(arch, reason):
-    with pytest.raises(ModelError, match=reason):
+    with pytest.raises(ModelError, match=reason) as err:
         load_model(arch, random_init=True)
+    assert "python -m etl models" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_and_mismatched_checkpoints(tiny, tmp_path):

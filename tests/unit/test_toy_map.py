@@ -1,0 +1,83 @@
+"""The SigLIP-style toy (toy-shapes-map): a timm MAP-pooled tower on the middle toy's trunk, built
+offline under its own timm name, trained by the zoo recipe with SigLIP's sigmoid loss."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from etl.world import recipe
+from models.towers import position_embedding
+
+REPO = Path(__file__).resolve().parents[2]
+TOY = REPO / "models" / "toy"
+
+
+def test_config_is_the_middle_trunk_with_a_map_pool_and_the_zoo_tokenizer(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import open_clip
+    from models import load_model
+    cfg = json.loads((TOY / "toy-shapes-map.json").read_text())
+    mid = json.loads((TOY / "toy-shapes.json").read_text())
+    assert "siglip" not in "toy-shapes-map" + cfg["vision_cfg"]["timm_model_name"]
+    assert cfg["text_cfg"] == mid["text_cfg"] and cfg["embed_dim"] == mid["embed_dim"]
+    assert cfg["init_logit_bias"] == -10 and cfg["vision_cfg"]["timm_pool"] == "map"
+    lm = load_model("toy-shapes-map", random_init=True, seed=0)
+    trunk = lm.visual.trunk
+    v = mid["vision_cfg"]
+    assert type(trunk).__name__ == "VisionTransformer" and trunk.global_pool == "map"
+    assert trunk.cls_token is None and type(trunk.attn_pool).__name__ == "AttentionPoolLatent"
+    assert len(trunk.blocks) == v["layers"] and trunk.embed_dim == v["width"]
+    assert trunk.blocks[0].attn.head_dim == v["head_width"]
+    assert trunk.blocks[0].mlp.fc1.out_features == v["width"] * v["mlp_ratio"]
+    assert trunk.patch_embed.patch_size == (v["patch_size"],) * 2 and lm.visual.image_size == (64, 64)
+    assert isinstance(lm.tokenizer, open_clip.tokenizer.SimpleTokenizer)
+    assert lm.tokenizer(["a red circle"]).shape == (1, 32)
+    assert float(lm.model.logit_bias.detach()) == -10 and math.isclose(float(lm.model.logit_scale.detach().exp()), 10, rel_tol=1e-6)
+    # the position embedding is drawn as open_clip's native one (std width**-0.5), not timm's 0.02
+    assert 0.8 < float(position_embedding(lm.visual).std()) * v["width"] ** 0.5 < 1.2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert lm.model.encode_image(x).shape == (2, cfg["embed_dim"])
+    again = load_model("toy-shapes-map", random_init=True, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(lm.model.state_dict().values(), again.model.state_dict().values()))
+
+
+def test_the_loss_follows_from_the_config():
+    from models import load_model
+    assert recipe.uses_sigmoid_loss(load_model("toy-shapes-map", random_init=True, seed=0).model)
+    assert not recipe.uses_sigmoid_loss(load_model("toy-shapes", random_init=True, seed=0).model)
+
+
+def test_sigmoid_loss_is_siglips_with_exact_multi_positive_targets():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 1.5, -2.0], [-0.7, 0.2, 3.0]])    # [image, text]
+    ls = torch.nn.functional.logsigmoid
+    by_hand = -(sum(ls(logits[i, i]) for i in range(3))
+                + sum(ls(-logits[i, j]) for i in range(3) for j in range(3) if i != j)) / 3
+    assert torch.allclose(recipe.sigmoid_loss(logits, "diagonal"), by_hand, atol=1e-6)
+    assert torch.allclose(recipe.sigmoid_loss(logits, "exact", np.eye(3, dtype=bool)), by_hand, atol=1e-6)
+    # caption 0 is also true of image 1 ([text, image]): the pair (image 1, text 0) turns positive
+    m = np.eye(3, dtype=bool)
+    m[0, 1] = True
+    exact = recipe.sigmoid_loss(logits, "exact", m)
+    assert torch.allclose(exact, by_hand + (ls(-logits[1, 0]) - ls(logits[1, 0])) / 3, atol=1e-6)
+
+
+def test_training_steps_run_with_the_sigmoid_loss_and_scale_the_timm_position_embedding(tmp_path):
+    from safetensors.torch import load_file
+    from models import load_model
+    cfg = recipe.TrainConfig(model="toy-shapes-map", steps=2, batch_size=4, checkpoint_every=2, threads=1,
+                             no_progress=True, warmup=1, log_every=1, checkpoint_dir=str(tmp_path / "ckpt"),
+                             out=str(tmp_path / "out.safetensors"), pos_init_scale=10.0)
+    out = recipe.train(cfg)
+    log = [json.loads(ln) for ln in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all("bias" in r for r in log)
+    weights = load_file(str(out))
+    init = position_embedding(load_model("toy-shapes-map", random_init=True, seed=0).visual).detach()
+    trained = weights["visual.trunk.pos_embed"].float()
+    # two small steps move the scaled draw little: it is 10x the seed's draw, not the draw itself
+    assert torch.allclose(trained, 10 * init, atol=0.05) and not torch.allclose(trained, init, atol=0.05)
+    state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]      # float32
+    assert float(state["logit_bias"]) != -10.0                   # the bias learns
