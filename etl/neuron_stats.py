@@ -1,10 +1,12 @@
 """Per-neuron statistics of second-order effects over a dataset, streamed (MATH.md §10; the `neurons` job).
 
-    acc = LayerAccumulator(gram [N, K, K], pc_images, factors=True)
-    acc.add(alpha [B, N, K], labels={factor: B values})      # batch after batch
+    acc = LayerAccumulator(gram [N, P, P], pc_images, factors=True, groups=M)
+    acc.add(alpha [B, N, P], labels={factor: B values})      # batch after batch
     res = acc.finish(head_vectors)                           # -> LayerResult
 
-Everything is computed from alpha and the neurons' Gram matrices G_n = U_n U_n^T; phi = alpha U is
+alpha's last axis holds the P = K M paths of models.neurons (K later heads, each through M pool heads of
+an attention-pooled tower; M = 1 otherwise), head-major. Everything is computed from alpha and the
+neurons' Gram matrices G_n = U_n U_n^T; phi = alpha U is
 formed only for each neuron's top images (its principal direction). The coordinates y = alpha P with
 P P^T = G (P from G's eigendecomposition) have phi's Euclidean geometry (||y_a - y_b|| = ||phi_a -
 phi_b||), so norms and eta2 (etl.world.probes.FactorVariance, the heads' own code) use y.
@@ -18,7 +20,8 @@ Definitions (stored in `neuron_stats`, documented in migration 008):
 - top images: the images of largest norm; pc: the first right singular vector of their phi (no
   centring: the effect is approximated as a coefficient times one direction), signed so that their
   mean projection on it is positive; pc_share: the share of their sum ||phi||^2 along pc;
-- head effects: mean_I ||alpha[n, k] u[n, k]|| per later head k;
+- head effects: mean_I ||sum_m alpha[n, (k, m)] u[n, (k, m)]|| per later head k (its M paths; for M = 1
+  mean_I |alpha[n, k]| ||u[n, k]||);
 - the mean effect mu_n = mean_I phi_n(I) (the 'mean' variant of the zero-shot check).
 """
 from __future__ import annotations
@@ -42,7 +45,7 @@ class LayerResult:
     mean_norm, q50, q90, q99, max_norm, share_matters, hist_max [N]; hist_counts [N, HIST_BINS];
     top_index [N, M] (image positions in the order added, largest norm first), top_norm [N, M],
     top_projection [N, M] (phi . pc); pc [N, d] unit; pc_share [N]; mean_effect [N, d];
-    head_effect [N, K]; eta2 {factor: [N]} (empty without labels); n_images."""
+    head_effect [N, K] (K = P / groups later heads); eta2 {factor: [N]} (empty without labels); n_images."""
     n_images: int
     mean_norm: np.ndarray
     q50: np.ndarray
@@ -90,34 +93,42 @@ def histograms(norms: np.ndarray, bins: int = HIST_BINS) -> tuple[np.ndarray, np
 
 
 class LayerAccumulator:
-    """Streams alpha [B, N, K] batches of one MLP layer and keeps what the summaries need: every
-    image's norms [n, N] (float32), the running sums of alpha and |alpha|, the top `pc_images`
-    images' alpha per neuron, and (with factor labels) the eta2 sums."""
+    """Streams alpha [B, N, P] batches of one MLP layer (P = K heads x `groups` pool heads) and keeps
+    what the summaries need: every image's norms [n, N] (float32), the running sums of alpha and of
+    each head's effect norm, the top `pc_images` images' alpha per neuron, and (with factor labels)
+    the eta2 sums."""
 
-    def __init__(self, gram: np.ndarray, pc_images: int = 100, factors: bool = False):
+    def __init__(self, gram: np.ndarray, pc_images: int = 100, factors: bool = False, groups: int = 1):
         gram = np.asarray(gram, dtype=np.float64)
-        self.N, self.K = gram.shape[:2]
-        self.P = coordinates_basis(gram).astype(np.float32)                           # [N, K, K]
-        self.u_norm = np.sqrt(np.clip(np.einsum("nkk->nk", gram), 0.0, None))         # ||u[n, k]||, [N, K]
+        self.N, self.K = gram.shape[:2]                                                # K: here the P paths
+        if self.K % groups:
+            raise ValueError(f"{self.K} paths do not split into heads of {groups} pool heads")
+        self.groups = int(groups)
+        self.P = coordinates_basis(gram).astype(np.float32)                           # [N, P, P]
+        H = self.K // self.groups
+        blocks = gram.reshape(self.N, H, self.groups, H, self.groups)
+        self.head_gram = np.einsum("nhmhj->nhmj", blocks).astype(np.float32)          # [N, K, M, M] per head
         self.M = int(pc_images)
         self.n = 0
         self.norms: list[np.ndarray] = []
         self.sum_alpha = np.zeros((self.N, self.K))
-        self.abs_alpha = np.zeros((self.N, self.K))
+        self.head_norm = np.zeros((self.N, self.K // self.groups))
         self.top_val = np.zeros((self.N, 0), np.float32)
         self.top_idx = np.zeros((self.N, 0), np.int64)
         self.top_alpha = np.zeros((self.N, 0, self.K), np.float32)
         self.fv = FactorVariance() if factors else None
 
     def add(self, alpha: np.ndarray, labels: Optional[dict] = None) -> np.ndarray:
-        """Fold in a batch alpha [B, N, K] (labels: {factor: B values} when factors=True); returns its norms [B, N]."""
+        """Fold in a batch alpha [B, N, P] (labels: {factor: B values} when factors=True); returns its norms [B, N]."""
         alpha = np.asarray(alpha, dtype=np.float32)
         B = len(alpha)
         y = np.einsum("bnk,nkj->bnj", alpha, self.P)                                     # [B, N, K]
         norms = np.sqrt((y.astype(np.float64) ** 2).sum(-1))                             # [B, N]
         self.norms.append(norms.astype(np.float32))
         self.sum_alpha += alpha.sum(0, dtype=np.float64)
-        self.abs_alpha += np.abs(alpha).sum(0, dtype=np.float64)
+        a = alpha.reshape(B, self.N, -1, self.groups)                                     # [B, N, K, M]
+        sq = np.einsum("bnkm,nkmj,bnkj->bnk", a, self.head_gram, a)
+        self.head_norm += np.sqrt(np.clip(sq, 0.0, None)).sum(0, dtype=np.float64)
         val = np.concatenate([self.top_val, norms.T.astype(np.float32)], 1)               # [N, M + B]
         idx = np.concatenate([self.top_idx, np.broadcast_to(np.arange(self.n, self.n + B), (self.N, B))], 1)
         al = np.concatenate([self.top_alpha, alpha.transpose(1, 0, 2)], 1)                # [N, M + B, K]
@@ -133,7 +144,7 @@ class LayerAccumulator:
         return norms
 
     def finish(self, head_vectors: Callable[[slice], np.ndarray], chunk: int = 256) -> LayerResult:
-        """The per-neuron summaries; head_vectors(slice of neurons) -> U [c, K, d] (the lens's)."""
+        """The per-neuron summaries; head_vectors(slice of neurons) -> U [c, P, d] (the lens's)."""
         if self.n == 0:
             raise ValueError("no image was added: the layer has no statistics")
         norms = np.concatenate(self.norms)                                                # [n, N]
@@ -167,4 +178,4 @@ class LayerAccumulator:
             max_norm=norms.max(0).astype(np.float64), share_matters=share_matters(norms),
             hist_max=hist_max, hist_counts=hist_counts, top_index=top_idx, top_norm=top_val.astype(np.float64),
             top_projection=np.concatenate(projs), pc=np.concatenate(pcs), pc_share=np.concatenate(shares),
-            mean_effect=np.concatenate(means), head_effect=self.abs_alpha / self.n * self.u_norm, eta2=eta2)
+            mean_effect=np.concatenate(means), head_effect=self.head_norm / self.n, eta2=eta2)

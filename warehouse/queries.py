@@ -1064,9 +1064,10 @@ def neuron_label_agreement(path, model_id: Optional[str] = None) -> pd.DataFrame
         ORDER BY a.model_id, a.dataset_id, a.layer""", {"m": model_id})
 
 
-def neuron_alpha_rows(path, model_id: str, layer: int, neuron: int, later_heads: int) -> tuple[list[str], np.ndarray]:
-    """One neuron's stored per-image alpha (--store-alpha): (image_ids sorted, alpha float32 [n, K])."""
-    K = int(later_heads)
+def neuron_alpha_rows(path, model_id: str, layer: int, neuron: int, paths: int) -> tuple[list[str], np.ndarray]:
+    """One neuron's stored per-image alpha (--store-alpha): (image_ids sorted, alpha float32 [n, P]);
+    paths: P = neuron_layers.later_heads * pool_heads."""
+    K = int(paths)
     start = int(neuron) * K + 1
     with connect(path, read_only=True) as con:
         tab = con.sql("SELECT image_id, list_slice(alpha, ?, ?) AS a FROM neuron_alpha WHERE model_id = ? AND "

@@ -57,7 +57,7 @@ RELATIONS: dict[str, str] = {
     "head_truth": "view: per head and shapes dataset, the factor explaining most of its variance; specialised or not",
     "head_label_truth": "view: head_truth with each head's label: is the label right, or false?",
     "label_agreement": "view: per model and shapes dataset, labels against the known factors (agreement, false rate)",
-    "neuron_layers": "neurons (MATH.md §10): one row per analysed MLP layer: dataset, width, later heads, settings",
+    "neuron_layers": "neurons (MATH.md §10): one row per analysed MLP layer: dataset, width, later heads, pool heads, settings",
     "neuron_stats": "one row per neuron: its second-order effect norms (mean, quantiles, share of images where it "
                     "matters, histogram), principal direction pc and how well texts reconstruct it",
     "neuron_top_images": "the images of largest second-order effect norm of each neuron",
@@ -67,7 +67,7 @@ RELATIONS: dict[str, str] = {
     "neuron_factor_variance": "eta2 of MATH.md §7 for each neuron's effects on a shapes dataset",
     "neuron_ablations": "zero-shot accuracy on the toy eval with a layer's neuron effects replaced (zero, mean, "
                         "rank-1, sparse texts)",
-    "neuron_alpha": "per-image alpha [K] of every neuron (only when the neurons job ran with --store-alpha)",
+    "neuron_alpha": "per-image alpha [K x M] of every neuron (only when the neurons job ran with --store-alpha)",
     "neuron_truth": "view: per neuron and shapes dataset, the factor explaining most of its effects; specialised or not",
     "neuron_labeling_truth": "view: each neuron label's category beside the true one (as for heads, MATH.md §11)",
     "neuron_label_agreement": "view: per model, dataset, layer and labelling: Cohen's kappa of neuron labels "

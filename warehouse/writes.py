@@ -282,8 +282,8 @@ def replace_neuron_layer(con, model_id: str, layer: int, *, layer_row: dict, sta
 
 
 def insert_neuron_alpha(con, model_id: str, layer: int, image_ids: Sequence[str], alpha: np.ndarray) -> int:
-    """alpha [B, N, K] of ``image_ids`` for MLP layer ``layer`` as `neuron_alpha` rows (neuron-major
-    lists of N * K floats); an image already stored keeps its row. Returns rows newly stored."""
+    """alpha [B, N, P] of ``image_ids`` for MLP layer ``layer`` as `neuron_alpha` rows (neuron-major
+    lists of N * P floats); an image already stored keeps its row. Returns rows newly stored."""
     k = _first_of_each(image_ids)
     a = np.asarray(alpha, dtype=np.float32)
     return _insert(con, "neuron_alpha", pa.table({

@@ -4,7 +4,8 @@
     python -m etl neurons --model ViT-B-16/laion2b_s34b_b88k --dataset folder:... --layers 9 --store-alpha
 
 For each chosen MLP layer, one pass over the dataset's images (those embedded for the model) computes
-every neuron's alpha [N, K] per image (models.neurons, exact cheap form) and folds it into streaming
+every neuron's alpha [N, P] per image (P: its K later heads, each through the M heads of an attention
+pool where the tower has one) (models.neurons, exact cheap form) and folds it into streaming
 statistics (etl.neuron_stats): the distribution of its effect norm ||phi_n(I)||, the share of images
 where it matters, its top images, the first principal direction of its effects over them (sign-fixed),
 its mean effect and its effect through each later head, and on the shapes world eta2 per factor (the
@@ -66,7 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bank", metavar="NAME", default=None,
                    help="text bank (default: the only bank embedded for the model, else its default bank)")
     p.add_argument("--store-alpha", action="store_true",
-                   help="also store every image's alpha (neuron_alpha: N x K floats per image; large)")
+                   help="also store every image's alpha (neuron_alpha: N x K x M floats per image, K later heads, M "
+                        "pool heads or 1; large)")
     p.add_argument("--eval-n", type=non_negative_int, default=500, metavar="N",
                    help="scenes per set of the toy eval for the zero-shot check (shapes datasets only; 0 skips; "
                         "default 500)")
@@ -137,7 +139,7 @@ def reach(lm, images, layers: list[int]) -> dict[int, float]:
     from models.neurons import SecondOrderLens
     lens = SecondOrderLens(lm.visual, layers)
     effects = {l: [] for l in layers}
-    T, N = 1 + lm.grid[0] * lm.grid[1], lm.visual.transformer.resblocks[0].mlp.c_fc.out_features
+    T, N = lens.tower.prefix + lm.grid[0] * lm.grid[1], max(lens.n_neurons.values())
     step = max(1, int(2e8 // (4 * T * N * len(layers))))           # every layer's activations: about 200 MB
     for chunk in images.split(step):
         tr = lens.trace(chunk)
@@ -230,7 +232,8 @@ def neurons(path: str, model_id: str, dataset_spec: str, *, layers: str = "auto"
     ckpt = atlas_home() / "cache" / "neurons" / f"{key}.pkl"
     state = _load_checkpoint(ckpt) if not force else None
     if state is None:
-        state = {"done": 0, "acc": {l: LayerAccumulator(lens.gram(l).numpy(), pc_images, shapes_world) for l in todo},
+        state = {"done": 0, "acc": {l: LayerAccumulator(lens.gram(l).numpy(), pc_images, shapes_world, lens.groups)
+                                    for l in todo},
                  "ids": []}
         with writer(path) as con:                       # a layer recomputed keeps no alpha of an earlier run
             for l in todo:
@@ -310,7 +313,7 @@ def _finish_layer(path, lm, lens, layer, acc, image_ids, dataset, row, bank, tex
     from etl.text.sparse import sparse_texts
     from warehouse import writer, writes
     res = acc.finish(lambda sl: lens.head_vectors(layer, sl).numpy())
-    N, K = acc.N, acc.K
+    N, K, M = acc.N, acc.K // acc.groups, acc.groups                          # neurons, later heads, pool heads
     sp = sparse_texts(res.pc, T, settings["texts_k"])
     vocab = vocabulary(path)
     labeler = OfflineLabeler(vocab, bank_tags=tags)
@@ -373,6 +376,7 @@ def _finish_layer(path, lm, lens, layer, acc, image_ids, dataset, row, bank, tex
                           "factor": [r[2] for r in abl_rows], "accuracy": pa.array([r[3] for r in abl_rows], pa.float64()),
                           "run_id": [run_id] * len(abl_rows)})
     layer_row = {"dataset_id": dataset.dataset_id, "n_images": res.n_images, "n_neurons": N, "later_heads": K,
+                 "pool_heads": M,
                  "reach": layer_reach, "bank": bank, "texts_k": settings["texts_k"], "pc_images": settings["pc_images"],
                  "matters_share": 0.9, "alpha_stored": bool(settings["store_alpha"]), "run_id": run_id}
     with writer(path) as con:
@@ -381,7 +385,7 @@ def _finish_layer(path, lm, lens, layer, acc, image_ids, dataset, row, bank, tex
         writes.replace_neuron_layer(con, row["model_id"], layer, layer_row=layer_row,
                                     stats=stats, top_images=top, texts=texts, labels=labels,
                                     head_effects=head_effects, factor_variance=factor_variance, ablations=ablations)
-    summary = {"neurons": N, "later_heads": K, "eval_seconds": round(time.perf_counter() - clock, 2),
+    summary = {"neurons": N, "later_heads": K, "pool_heads": M, "eval_seconds": round(time.perf_counter() - clock, 2),
                "median_share_matters": round(float(np.median(res.share_matters)), 4),
                "median_recon_r2": round(float(np.median(sp.r2)), 4)}
     if res.eta2:

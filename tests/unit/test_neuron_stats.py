@@ -64,6 +64,26 @@ def test_streamed_statistics_equal_the_direct_ones(problem):
     assert np.allclose(other.pc, res.pc, atol=1e-6) and np.allclose(other.share_matters, res.share_matters)
 
 
+def test_head_effects_of_paths_through_pool_heads(problem):
+    """With P = K heads x M pool heads (an attention-pooled tower), a head's effect is the norm of
+    the sum over its M paths, per image, averaged: mean_I ||sum_m alpha[(k, m)] u[(k, m)]||."""
+    U, alpha, labels = problem                                        # P = 5 paths: not 2 per head
+    with pytest.raises(ValueError, match="5 paths do not split into heads of 2 pool heads"):
+        LayerAccumulator(np.einsum("nkd,njd->nkj", U, U), groups=2)
+    U4, a4 = U[:, :4], alpha[:, :, :4]                                # 2 heads x 2 pool heads
+    acc = LayerAccumulator(np.einsum("nkd,njd->nkj", U4, U4), pc_images=10, groups=2)
+    for a in range(0, len(a4), 50):
+        acc.add(a4[a:a + 50])
+    res = acc.finish(lambda sl: U4[sl], chunk=3)
+    per_head = np.einsum("bnkm,nkmd->bnkd", a4.reshape(len(a4), -1, 2, 2).astype(np.float64),
+                         U4.reshape(U4.shape[0], 2, 2, -1))           # [n, N, 2, d]
+    assert res.head_effect.shape == (U.shape[0], 2)
+    assert np.allclose(res.head_effect, np.linalg.norm(per_head, axis=-1).mean(0), rtol=1e-5)
+    # not the sum of the paths' own norms (the paths interfere)
+    paths = np.abs(a4).mean(0) * np.linalg.norm(U4, axis=-1)
+    assert not np.allclose(res.head_effect, paths.reshape(-1, 2, 2).sum(-1), rtol=1e-2)
+
+
 def test_share_matters_and_histograms():
     norms = np.zeros((100, 3))
     norms[:, 0] = 1.0                                   # uniform: 90 of 100 images hold 90 %

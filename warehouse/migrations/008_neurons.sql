@@ -1,7 +1,9 @@
 -- 008: neurons, the second-order lens (MATH.md §10; issue 23), written by `python -m etl neurons`.
 -- For neuron n of MLP layer l, phi_n(I) [d] is its effect on the unit image embedding through the
 -- later attention heads (on the scale of head_embeddings.vec); alpha_n(I) [K] its one scalar per later
--- head (K = (layers - 1 - l) * heads, heads in the order (l+1, 0), (l+1, 1), ..., (layers-1, heads-1)).
+-- head (K = (layers - 1 - l) * heads, heads in the order (l+1, 0), (l+1, 1), ..., (layers-1, heads-1)),
+-- and for a tower read by an attention pool of M heads (SigLIP's MAP, CoCa's pooler) one per later head
+-- and pool head: P = K * M paths (l', h, m), m fastest. M = 1 for class-token and average towers.
 -- "norm" below is ||phi_n(I)||. Summaries are always stored; per-image alpha only with --store-alpha.
 
 -- One row per analysed MLP layer: what the neurons' rows were computed over and with.
@@ -11,7 +13,9 @@ CREATE TABLE neuron_layers (
     dataset_id    VARCHAR NOT NULL,       -- the images every statistic is over
     n_images      INTEGER NOT NULL,
     n_neurons     INTEGER NOT NULL,       -- N, the layer's hidden width
-    later_heads   INTEGER NOT NULL,       -- K, the length of alpha
+    later_heads   INTEGER NOT NULL,       -- K, the later attention heads the effects run through
+    pool_heads    INTEGER NOT NULL DEFAULT 1,   -- M, the heads of the attention pool that reads the tower
+                                          -- (1 without one); alpha holds K * M values per neuron
     reach         DOUBLE,                 -- mean over a probe sample of ||sum_n phi_n - its mean||: how much
                                           -- the layer's neurons move the embedding through later heads
                                           -- (what --layers auto ranks by)
@@ -95,8 +99,9 @@ CREATE TABLE neuron_labels (
     PRIMARY KEY (model_id, layer, neuron, labeling, draw)
 );
 
--- How much of the neuron's effect goes through each later head: the mean over the images of
--- ||alpha[n, k] u[n, k]|| = mean |alpha[n, k]| * ||u[n, k]|| (what "the neurons behind a head" ranks by).
+-- How much of the neuron's effect goes through each later head: the mean over the images of the norm of
+-- its effect through that head, ||sum_m alpha[n, (k, m)] u[n, (k, m)]|| (= mean |alpha[n, k]| * ||u[n, k]||
+-- when M = 1; what "the neurons behind a head" ranks by).
 CREATE TABLE neuron_head_effects (
     model_id   VARCHAR NOT NULL,
     layer      INTEGER NOT NULL,
@@ -135,12 +140,13 @@ CREATE TABLE neuron_ablations (
 );
 
 -- Per-image alpha of every neuron of a layer (only with --store-alpha): one row per image, so that a
--- layer of ViT-B (3,072 neurons x 24 later heads) is one list of 73,728 floats per image.
+-- layer of ViT-B (3,072 neurons x 24 later heads) is one list of 73,728 floats per image. P = K * M
+-- (neuron_layers.later_heads * pool_heads).
 CREATE TABLE neuron_alpha (
     model_id VARCHAR NOT NULL,
     layer    INTEGER NOT NULL,
     image_id VARCHAR NOT NULL,
-    alpha    FLOAT[] NOT NULL,            -- [N * K], neuron-major: alpha[n, k] at (1-based) index n * K + k + 1
+    alpha    FLOAT[] NOT NULL,            -- [N * P], neuron-major: alpha[n, p] at (1-based) index n * P + p + 1
     PRIMARY KEY (model_id, layer, image_id)
 );
 
