@@ -43,7 +43,8 @@ else:
     gate()                     # local by default; a token for anything else (dashboard/access.py)
     if warehouse_path().exists():      # import torch and load the default model in the background, once
         warm.start(warehouse_path())
+    # expanded: every page in the sidebar (collapsed, Streamlit shows 10 and a "View more" button)
     page = st.navigation([st.Page(path, title=title, icon=icon, url_path=url, default=(i == 0))
-                          for i, (path, title, icon, url) in enumerate(PAGES)])
+                          for i, (path, title, icon, url) in enumerate(PAGES)], expanded=True)
     st.session_state["_atlas_page"] = page_of_url(page.url_path)     # which page runs (links name it)
     page.run()

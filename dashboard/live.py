@@ -235,3 +235,48 @@ def breakdown(row: dict, image: Image.Image, image_key: str, t_hat) -> Breakdown
     cos(image, text) for one image, from its cached whole decomposition (only the text changes
     cost a matrix product)."""
     return breakdown_of(decompose_components(row, image, image_key), t_hat, row["analysed_layers"])
+
+
+# --------------------------------------------------------------------------- neurons (MATH.md §10)
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _neuron_trace(key: tuple, image_key: str, layers: tuple, _lm, _image):
+    from models.neurons import lens_for
+    x = _lm.preprocess(_image)[None]                        # [1, 3, S, S]
+    return lens_for(_lm, list(layers)).trace(x)
+
+
+def _trace(row: dict, image: Image.Image, image_key: str, layers: Sequence[int]):
+    """(lens, trace) of one image for MLP layers `layers` (cached per image and layer set)."""
+    from models.neurons import lens_for
+    lm = model(row)
+    layers = tuple(sorted(set(int(l) for l in layers)))
+    return lens_for(lm, list(layers)), _neuron_trace(spec_key(row), image_key, layers, lm, image)
+
+
+def neuron_map(row: dict, image: Image.Image, image_key: str, layer: int, neuron: int, direction) -> tuple[np.ndarray, float]:
+    """The per-patch map of one neuron's second-order effect along a unit direction (its pc or a
+    text): (grid [gh, gw] of each patch's part of phi_n . direction, the class token's part)."""
+    import torch
+    lens, tr = _trace(row, image, image_key, [layer])
+    te = lens.token_effect(tr, int(layer), int(neuron), torch.as_tensor(np.asarray(direction, dtype=np.float64)))[0]
+    gh, gw = model(row).grid
+    return te[1:].reshape(gh, gw).double().numpy(), float(te[0])
+
+
+def neurons_behind(row: dict, image: Image.Image, image_key: str, head: Head, t_hat, k: int = 12) -> tuple[pd.DataFrame, float]:
+    """The neurons behind head (l', h)'s share of cos(image, text): every neuron of every MLP layer
+    before l' with its share (alpha[n, k] (u[n, k] . t_hat), MATH.md §10), largest |share| first, at
+    most k rows (layer, neuron, share); and the sum over all those neurons."""
+    import torch
+    if int(head[0]) < 1:
+        return pd.DataFrame(columns=["layer", "neuron", "share"]), 0.0
+    lens, tr = _trace(row, image, image_key, range(int(head[0])))
+    t = torch.as_tensor(np.asarray(t_hat, dtype=np.float64).ravel())
+    shares = lens.head_shares(tr, (int(head[0]), int(head[1])), t)
+    frames = [pd.DataFrame({"layer": l, "neuron": np.arange(v.shape[1]), "share": v[0].double().numpy()})
+              for l, v in shares.items()]
+    df = pd.concat(frames, ignore_index=True)
+    total = float(df.share.sum())
+    df = df.reindex(df.share.abs().sort_values(ascending=False, kind="stable").index).head(k).reset_index(drop=True)
+    return df, total

@@ -10,6 +10,9 @@ TOPIC = "views/topic_segmentation.py"
 CONTRASTIVE = "views/contrastive_segmentation.py"
 IMAGE_NN = "views/image_neighbours.py"
 TEXT_NN = "views/text_neighbours.py"
+NEURON = "views/neuron.py"
+NEURON_ATLAS = "views/neuron_atlas.py"
+NEURON_TEXT = "views/neuron_text.py"
 METRICS = "views/metrics.py"
 SQL = "views/sql_console.py"
 
@@ -25,6 +28,9 @@ PAGES: list[tuple[str, str, str, str]] = [
     (CONTRASTIVE, "Contrastive segmentation", ":material/compare:", "contrastive-segmentation"),
     (IMAGE_NN, "Per-head neighbours of an image", ":material/image_search:", "image-neighbours"),
     (TEXT_NN, "Per-head neighbours of a text", ":material/manage_search:", "text-neighbours"),
+    (NEURON_ATLAS, "Neuron atlas", ":material/scatter_plot:", "neuron-atlas"),
+    (NEURON, "Neuron", ":material/blur_on:", "neuron"),
+    (NEURON_TEXT, "Neurons that write a text", ":material/edit_note:", "neuron-text"),
     (METRICS, "Metrics", ":material/monitoring:", "model-metrics"),
     (SQL, "SQL console", ":material/terminal:", "sql-console"),
 ]

@@ -231,6 +231,51 @@ def set_example_defaults(row: dict, heads: Sequence[Head], text_keys: Sequence[s
             st.session_state[image_key] = str(top.image_id.iloc[0])
 
 
+# --------------------------------------------------------------------------- neurons
+
+def neuron_name(layer: int, neuron: int) -> str:
+    """'L9.N1234': neuron 1234 of MLP layer 9 (0-based), as every neuron page names it."""
+    return f"L{int(layer)}.N{int(neuron)}"
+
+
+def neuron_page_params(model_id: str, layer: int, neuron: int) -> dict:
+    """The query of a neuron's permalink: /neuron?model=...&layer=...&neuron=..."""
+    return {"model": model_id, "layer": str(int(layer)), "neuron": str(int(neuron))}
+
+
+def neuron_page_url(model_id: str, layer: int, neuron: int) -> str:
+    """The neuron page's permalink relative to any page (for link columns and chart hrefs)."""
+    from urllib.parse import urlencode
+    return f"{nav.URLS[nav.NEURON]}?{urlencode(neuron_page_params(model_id, layer, neuron))}"
+
+
+def neuron_page_link(model_id: str, layer: int, neuron: int, label: Optional[str] = None) -> None:
+    """A link to one neuron's page (its permalink)."""
+    st.page_link(nav.NEURON, label=label or f"Neuron page of {neuron_name(layer, neuron)} (permalink)",
+                 query_params=neuron_page_params(model_id, layer, neuron), icon=":material/blur_on:")
+
+
+_MARKDOWN = __import__("re").compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:=^&%\"'])")
+
+
+def plain(text) -> str:
+    """Data-derived text (a bank's text, an image id, a label) for a place Streamlit renders as
+    Markdown (captions, metric values, image captions): every ASCII punctuation mark that Markdown,
+    emoji shortcodes (:x:), icons or LaTeX ($) could read is backslash-escaped, so it shows as typed."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def plain_thumbnails(df: pd.DataFrame, caption, columns: int = 8) -> None:
+    """Thumbnails of image rows, each captioned by ``caption(row)`` as plain text (escaped with
+    ``plain``: st.image renders captions as Markdown)."""
+    rows = list(df.itertuples())
+    for start in range(0, len(rows), columns):
+        cols = st.columns(columns)
+        for col, r in zip(cols, rows[start:start + columns]):
+            if getattr(r, "thumbnail", None) is not None:
+                col.image(bytes(r.thumbnail), caption=plain(caption(r)), width="stretch")
+
+
 # --------------------------------------------------------------------------- images
 
 @dataclass

@@ -2,6 +2,7 @@
 (MATH.md §1, §2, §6), text encoding, ONNX export and runtime.
 
     decompose(lm, images, layers, *, tokens, components) -> Decomposition    (models.decompose)
+    second_order(lm, images, layer, *, phi) -> SecondOrder                    (models.neurons, MATH.md §10)
     maps.topic_map / head_map / layer_index / upsample                       (models.maps)
     model_view(lm, image) -> the model's crop of an image                    (models.images)
     tower(visual) -> the image tower's adapter (blocks, readout)             (models.towers)
@@ -25,6 +26,7 @@ _EXPORTS = {
     "models.images": ["ImageError", "load_image", "model_view", "model_view_box", "pixels_to_tensor",
                       "thumbnail_jpeg", "to_rgb"],
     "models.towers": ["UnsupportedTower", "position_embedding", "tower"],
+    "models.neurons": ["SecondOrder", "SecondOrderLens", "second_order"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = {"maps", "registry", "decompose", "images", "similarity", "hashing", "onnx", "bench", "layers",

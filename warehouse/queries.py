@@ -960,3 +960,150 @@ def text_matrix(path, model_id: str) -> tuple[list[str], np.ndarray]:
         tab = con.sql("SELECT text_id, vec FROM text_embeddings WHERE model_id = ? ORDER BY text_id",
                       params=[model_id]).to_arrow_table()
     return tab.column("text_id").to_pylist(), _vectors(tab)
+
+
+# --------------------------------------------------------------------------- neurons (migration 008)
+
+def neuron_layers(path, model_id: str) -> pd.DataFrame:
+    """The model's analysed MLP layers (`neuron_layers` rows), by layer; empty when none (or before 008)."""
+    if not has_relation(path, "neuron_layers"):
+        return pd.DataFrame(columns=["layer"])
+    return _df(path, "SELECT * FROM neuron_layers WHERE model_id = $m ORDER BY layer", {"m": model_id})
+
+
+def neuron_atlas(path, model_id: str, layer: int) -> pd.DataFrame:
+    """One row per neuron of an analysed layer: neuron, label (the labeler's), mean_norm, q99,
+    max_norm, share_matters, pc_share, recon_r2, top_text (its first sparse text), top_coef,
+    top_factor and top_eta2 (NULL off the shapes world), specialised."""
+    return _df(path, """
+        SELECT s.neuron, coalesce(l.property, 'unlabelled') AS label, s.mean_norm, s.q99, s.max_norm,
+               s.share_matters, s.pc_share, s.recon_r2, t.text AS top_text, nt.coef AS top_coef,
+               tr.top_factor, tr.top_eta2, coalesce(tr.specialised, false) AS specialised
+        FROM neuron_stats s
+        LEFT JOIN neuron_labels l ON l.model_id = s.model_id AND l.layer = s.layer AND l.neuron = s.neuron
+              AND l.labeling = 'labeler'
+        LEFT JOIN neuron_texts nt ON nt.model_id = s.model_id AND nt.layer = s.layer AND nt.neuron = s.neuron
+              AND nt.rank = 0
+        LEFT JOIN texts t ON t.text_id = nt.text_id
+        LEFT JOIN neuron_truth tr ON tr.model_id = s.model_id AND tr.layer = s.layer AND tr.neuron = s.neuron
+        WHERE s.model_id = $m AND s.layer = $l
+        ORDER BY s.neuron""", {"m": model_id, "l": int(layer)})
+
+
+def neuron_record(path, model_id: str, layer: int, neuron: int) -> dict:
+    """One neuron's `neuron_stats` row with its label (property, confidence, p_value): pc as float32
+    [d], hist_counts as a list; {} when the neuron is not stored."""
+    df = _df(path, """
+        SELECT s.*, l.property AS label, l.confidence, l.p_value
+        FROM neuron_stats s
+        LEFT JOIN neuron_labels l ON l.model_id = s.model_id AND l.layer = s.layer AND l.neuron = s.neuron
+              AND l.labeling = 'labeler'
+        WHERE s.model_id = $m AND s.layer = $l AND s.neuron = $n""",
+             {"m": model_id, "l": int(layer), "n": int(neuron)})
+    if df.empty:
+        return {}
+    row = df.iloc[0].to_dict()
+    row["pc"] = np.asarray(row["pc"], dtype=np.float32)
+    row["hist_counts"] = [int(c) for c in row["hist_counts"]]
+    return row
+
+
+def neuron_texts(path, model_id: str, layer: int, neuron: int) -> pd.DataFrame:
+    """A neuron's sparse text decomposition in the order chosen: rank, text, tag, coef, gain."""
+    return _df(path, """
+        SELECT nt.rank, t.text, t.property AS tag, nt.coef, nt.gain
+        FROM neuron_texts nt LEFT JOIN texts t USING (text_id)
+        WHERE nt.model_id = $m AND nt.layer = $l AND nt.neuron = $n ORDER BY nt.rank""",
+               {"m": model_id, "l": int(layer), "n": int(neuron)})
+
+
+def neuron_top_images(path, model_id: str, layer: int, neuron: int, k: int = 16) -> pd.DataFrame:
+    """The images of largest effect norm: rank, image_id, norm, projection (on pc), label, caption, thumbnail."""
+    return _df(path, f"""
+        SELECT n.rank, n.image_id, n.norm, n.projection, {_IMAGE_COLUMNS}
+        FROM neuron_top_images n JOIN images i USING (image_id)
+        WHERE n.model_id = $m AND n.layer = $l AND n.neuron = $n ORDER BY n.rank LIMIT $k""",
+               {"m": model_id, "l": int(layer), "n": int(neuron), "k": int(k)})
+
+
+def neuron_factors(path, model_id: str, layer: int, neuron: int) -> pd.DataFrame:
+    """eta2 of every factor for one neuron (dataset_id, factor, eta2), highest first, with the
+    neuron's truth (top_factor, specialised) on each row."""
+    return _df(path, """
+        SELECT v.dataset_id, v.factor, v.eta2, t.top_factor, t.specialised, t.true_property
+        FROM neuron_factor_variance v
+        JOIN neuron_truth t USING (model_id, dataset_id, layer, neuron)
+        WHERE v.model_id = $m AND v.layer = $l AND v.neuron = $n ORDER BY v.dataset_id, v.eta2 DESC""",
+               {"m": model_id, "l": int(layer), "n": int(neuron)})
+
+
+def neuron_heads(path, model_id: str, layer: int, neuron: int) -> pd.DataFrame:
+    """How much of one neuron's effect goes through each later head: head_layer, head, effect."""
+    return _df(path, """
+        SELECT head_layer, head, effect FROM neuron_head_effects
+        WHERE model_id = $m AND layer = $l AND neuron = $n ORDER BY head_layer, head""",
+               {"m": model_id, "l": int(layer), "n": int(neuron)})
+
+
+def neurons_behind_head(path, model_id: str, head_layer: int, head: int, k: int = 20) -> pd.DataFrame:
+    """The stored neurons (every analysed MLP layer before the head) whose effect goes most through
+    head (head_layer, head): layer, neuron, effect, label."""
+    if not has_relation(path, "neuron_head_effects"):
+        return pd.DataFrame(columns=["layer", "neuron", "effect", "label"])
+    return _df(path, """
+        SELECT e.layer, e.neuron, e.effect, coalesce(l.property, 'unlabelled') AS label
+        FROM neuron_head_effects e
+        LEFT JOIN neuron_labels l ON l.model_id = e.model_id AND l.layer = e.layer AND l.neuron = e.neuron
+              AND l.labeling = 'labeler'
+        WHERE e.model_id = $m AND e.head_layer = $hl AND e.head = $h
+        ORDER BY e.effect DESC, e.layer, e.neuron LIMIT $k""",
+               {"m": model_id, "hl": int(head_layer), "h": int(head), "k": int(k)})
+
+
+def neurons_writing(path, model_id: str, direction, k: int = 20, layer: Optional[int] = None) -> pd.DataFrame:
+    """Neurons ranked by the cosine of their principal direction with a unit direction (a text):
+    layer, neuron, cosine, label, share_matters, mean_norm; every analysed layer unless `layer`."""
+    return _df(path, """
+        SELECT s.layer, s.neuron, list_inner_product(s.pc, $v::FLOAT[]) AS cosine,
+               coalesce(l.property, 'unlabelled') AS label, s.share_matters, s.mean_norm
+        FROM neuron_stats s
+        LEFT JOIN neuron_labels l ON l.model_id = s.model_id AND l.layer = s.layer AND l.neuron = s.neuron
+              AND l.labeling = 'labeler'
+        WHERE s.model_id = $m AND ($l IS NULL OR s.layer = $l)
+        ORDER BY cosine DESC, s.layer, s.neuron LIMIT $k""",
+               {"m": model_id, "v": _vec(direction), "k": int(k), "l": None if layer is None else int(layer)})
+
+
+def neuron_ablations(path, model_id: str) -> pd.DataFrame:
+    """The zero-shot check of the model's analysed layers: layer, eval, variant, factor, accuracy."""
+    if not has_relation(path, "neuron_ablations"):
+        return pd.DataFrame(columns=["layer", "eval", "variant", "factor", "accuracy"])
+    return _df(path, "SELECT layer, eval, variant, factor, accuracy FROM neuron_ablations WHERE model_id = $m "
+                     "ORDER BY layer, eval, variant, factor", {"m": model_id})
+
+
+def neuron_label_agreement(path, model_id: Optional[str] = None) -> pd.DataFrame:
+    """Per (model, dataset, layer): the labeler's kappa against the known factors (MATH.md §11, for
+    neurons), the specialised neurons and how many of their labels are right, and the tag-shuffled
+    labelings' mean kappa beside it (kappa_shuffled, n_draws)."""
+    return _df(path, """
+        SELECT a.model_id, a.dataset_id, a.layer, a.n_neurons, a.n_specialised, a.n_right,
+               a.accuracy, a.kappa,
+               (SELECT avg(b.kappa) FROM neuron_label_agreement b WHERE b.model_id = a.model_id
+                  AND b.dataset_id = a.dataset_id AND b.layer = a.layer AND b.labeling = 'tag-shuffled') AS kappa_shuffled,
+               (SELECT count(*) FROM neuron_label_agreement b WHERE b.model_id = a.model_id
+                  AND b.dataset_id = a.dataset_id AND b.layer = a.layer AND b.labeling = 'tag-shuffled') AS n_draws
+        FROM neuron_label_agreement a
+        WHERE a.labeling = 'labeler' AND ($m IS NULL OR a.model_id = $m)
+        ORDER BY a.model_id, a.dataset_id, a.layer""", {"m": model_id})
+
+
+def neuron_alpha_rows(path, model_id: str, layer: int, neuron: int, paths: int) -> tuple[list[str], np.ndarray]:
+    """One neuron's stored per-image alpha (--store-alpha): (image_ids sorted, alpha float32 [n, P]);
+    paths: P = neuron_layers.later_heads * pool_heads."""
+    K = int(paths)
+    start = int(neuron) * K + 1
+    with connect(path, read_only=True) as con:
+        tab = con.sql("SELECT image_id, list_slice(alpha, ?, ?) AS a FROM neuron_alpha WHERE model_id = ? AND "
+                      "layer = ? ORDER BY image_id", params=[start, start + K - 1, model_id, int(layer)]).to_arrow_table()
+    return tab.column("image_id").to_pylist(), _vectors(tab, "a").reshape(-1, K)

@@ -70,6 +70,21 @@ RELATIONS: dict[str, str] = {
     "label_kappa_bootstrap": "view: the head bootstrap behind label_kappa's intervals, one row per resample",
     "label_kappa": "view: per model and dataset, kappa with its interval beside the constant and shuffled baselines",
     "model_measures": "view: every score of a model on a shapes dataset, long format (score, value, lo, hi)",
+    "neuron_layers": "neurons (MATH.md §10): one row per analysed MLP layer: dataset, width, later heads, pool heads, settings",
+    "neuron_stats": "one row per neuron: its second-order effect norms (mean, quantiles, share of images where it "
+                    "matters, histogram), principal direction pc and how well texts reconstruct it",
+    "neuron_top_images": "the images of largest second-order effect norm of each neuron",
+    "neuron_texts": "the sparse text decomposition (orthogonal matching pursuit) of each neuron's pc",
+    "neuron_labels": "one label per neuron from its texts (offline labeler), and tag-shuffled baseline labels",
+    "neuron_head_effects": "how much of each neuron's effect goes through each later head (mean norm)",
+    "neuron_factor_variance": "eta2 of MATH.md §7 for each neuron's effects on a shapes dataset",
+    "neuron_ablations": "zero-shot accuracy on the toy eval with a layer's neuron effects replaced (zero, mean, "
+                        "rank-1, sparse texts)",
+    "neuron_alpha": "per-image alpha [K x M] of every neuron (only when the neurons job ran with --store-alpha)",
+    "neuron_truth": "view: per neuron and shapes dataset, the factor explaining most of its effects; specialised or not",
+    "neuron_labeling_truth": "view: each neuron label's category beside the true one (as for heads, MATH.md §11)",
+    "neuron_label_agreement": "view: per model, dataset, layer and labelling: Cohen's kappa of neuron labels "
+                              "against the known factors",
 }
 
 _CREATE = re.compile(r"^\s*CREATE\s+TABLE\s+(\w+)\s*\(", re.I)

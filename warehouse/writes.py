@@ -304,6 +304,47 @@ def replace_study(con, study: str, scores: Sequence[dict], sizes: Sequence[dict]
                   for r in _last_of_each(verdicts, key=lambda r: r["score"])])
 
 
+# --------------------------------------------------------------------------- neurons (migration 008)
+
+NEURON_TABLES = ("neuron_stats", "neuron_top_images", "neuron_texts", "neuron_labels", "neuron_head_effects",
+                 "neuron_factor_variance", "neuron_ablations", "neuron_layers")
+
+
+def replace_neuron_layer(con, model_id: str, layer: int, *, layer_row: dict, stats: pa.Table,
+                         top_images: pa.Table, texts: pa.Table, labels: pa.Table, head_effects: pa.Table,
+                         factor_variance: pa.Table, ablations: pa.Table) -> None:
+    """Replace every summary row of one analysed MLP layer (migration 008) in the caller's
+    transaction. layer_row: the `neuron_layers` columns but model_id and layer; the tables: Arrow
+    tables with their table's columns but model_id and layer (stats' pc a list<float> column)."""
+    for table in NEURON_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE model_id = ? AND layer = ?", [model_id, int(layer)])
+    _insert_rows(con, "neuron_layers", ["model_id", "layer", *layer_row],
+                 [[model_id, int(layer), *layer_row.values()]])
+    for table, rows in (("neuron_stats", stats), ("neuron_top_images", top_images), ("neuron_texts", texts),
+                        ("neuron_labels", labels), ("neuron_head_effects", head_effects),
+                        ("neuron_factor_variance", factor_variance), ("neuron_ablations", ablations)):
+        n = rows.num_rows
+        rows = rows.append_column("model_id", pa.array([model_id] * n, pa.string())) \
+                   .append_column("layer", pa.array([int(layer)] * n, pa.int32()))
+        _insert(con, table, rows)
+
+
+def insert_neuron_alpha(con, model_id: str, layer: int, image_ids: Sequence[str], alpha: np.ndarray) -> int:
+    """alpha [B, N, P] of ``image_ids`` for MLP layer ``layer`` as `neuron_alpha` rows (neuron-major
+    lists of N * P floats); an image already stored keeps its row. Returns rows newly stored."""
+    k = _first_of_each(image_ids)
+    a = np.asarray(alpha, dtype=np.float32)
+    return _insert(con, "neuron_alpha", pa.table({
+        "model_id": [model_id] * len(k), "layer": pa.array([int(layer)] * len(k), pa.int32()),
+        "image_id": [image_ids[i] for i in k], "alpha": vector_column(a[k].reshape(len(k), -1))}),
+        "ON CONFLICT DO NOTHING")
+
+
+def delete_neuron_alpha(con, model_id: str, layer: int) -> None:
+    """Drop the per-image alpha of one layer (a recomputation, or a run without --store-alpha)."""
+    con.execute("DELETE FROM neuron_alpha WHERE model_id = ? AND layer = ?", [model_id, int(layer)])
+
+
 # --------------------------------------------------------------------------- Parquet shards (embed --engine ray, attach)
 
 # The Arrow schema of each table a shard holds: exactly the warehouse columns (INTEGER -> int32,

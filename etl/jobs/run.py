@@ -20,6 +20,12 @@ from etl.common import (UsageError, add_embed_args, add_model_args, add_warehous
 
 STEPS = ("embed", "texts", "textspan", "label", "judge", "metrics", "ablate", "probe")
 
+# The neurons step of the pipeline: one layer (auto), over at most this many images of the first
+# dataset, and its zero-shot check on this many toy-eval scenes per set (kept cheap for `make etl`;
+# `python -m etl neurons` runs the full job).
+NEURON_IMAGES = 500
+NEURON_EVAL_N = 200
+
 
 def _pipeline_args(p) -> None:
     """The flags `run` and `run-zoo` share (besides the model and the warehouse)."""
@@ -33,15 +39,16 @@ def _pipeline_args(p) -> None:
     p.add_argument("--labeler", default="offline", choices=["offline", "llm"],
                    help="head labeler (default offline; llm needs OPENAI_API_KEY / OPENAI_BASE_URL)")
     p.add_argument("--llm-model", default=None, help="model name for --labeler llm")
-    p.add_argument("--skip", action="append", default=[], choices=["ablate", "probe"],
+    p.add_argument("--skip", action="append", default=[], choices=["ablate", "probe", "neurons"],
                    help="skip an optional step (repeatable)")
     p.add_argument("--force", action="store_true",
-                   help="recompute the ablation and probes even when they are already stored (every other step "
-                        "only does what is missing)")
+                   help="recompute the ablation, probes and neurons even when they are already stored (every "
+                        "other step only does what is missing)")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="all jobs in order: embed, texts, textspan, label, judge, metrics, ablate, probe",
+    p = sub.add_parser("run", help="all jobs in order: embed, texts, textspan, label, judge, metrics, ablate, probe, "
+                                   "neurons",
                        description="Build (or complete: every step resumes) the warehouse for one model. "
                                    "Example: python -m etl run --model toy-shapes --dataset shapes:2000:seed=0 "
                                    "--dataset skimage --warehouse var/demo.duckdb")
@@ -133,7 +140,7 @@ def pipeline(path: str, lm, args, progress: Progress) -> None:
     """Every job in order for one loaded model (the body of `run`), each resuming or skipping what is
     stored; JSON lines of each job's counts on stdout, progress lines on stderr."""
     from etl.datasets import open_dataset
-    from etl.jobs import ablate, embed, judge, label, metrics, probe, texts, textspan
+    from etl.jobs import ablate, embed, judge, label, metrics, neurons, probe, texts, textspan
     from models import default_bank
     layers = embed.model_layers(lm, args.layers)
     embed.check_batch_fits(lm, args.batch_size, len(layers))
@@ -168,6 +175,10 @@ def pipeline(path: str, lm, args, progress: Progress) -> None:
         if d.source == "shapes" and "probe" not in args.skip:
             step("probe", probe.probe, path, lm.model_id, d.dataset_id, force=args.force)
 
+    if "neurons" not in args.skip:
+        # the layer whose neurons reach the later heads most, over the first dataset's first images
+        step("neurons", neurons.neurons, path, lm.model_id, args.dataset[0], bank=bank, max_images=NEURON_IMAGES,
+             eval_n=NEURON_EVAL_N, force=args.force, lm=lm)
 
 def run(args) -> int:
     """The pipeline for one model: every job in order, called as functions; each resumes or skips what is stored."""

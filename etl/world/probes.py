@@ -266,6 +266,60 @@ def probe_rows(predictions: Sequence[FactorProbe], layers: Sequence[int], heads:
     return rows
 
 
+class FactorVariance:
+    """eta2 of MATH.md §7 accumulated batch by batch, for vectors that do not fit in memory at once
+    (the neurons job's effect coordinates); `factor_variance` is one batch of it.
+
+    add(x [m, *G, d], labels {factor: m labels, None = unknown}); eta2() -> {factor: [*G] in [0, 1]}.
+    Per factor it keeps, over the images whose label is known, the count, the sum, the sum of squared
+    norms and the sum per class (float64, shifted by the first batch's mean so that a large common
+    offset does not cancel digits): total = sum ||x||^2 - ||sum x||^2 / n and between =
+    sum_v ||sum_v x||^2 / n_v - ||sum x||^2 / n, exactly the centred sums of the definition."""
+
+    def __init__(self):
+        self._shift = None
+        self._state: dict[str, dict] = {}
+
+    def add(self, x: np.ndarray, labels: dict[str, Sequence]) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if self._shift is None:
+            self._shift = x.mean(0)
+        x = x - self._shift
+        for name, lab in labels.items():
+            lab = list(lab)
+            if len(lab) != len(x):
+                raise ValueError(f"factor {name!r} has {len(lab)} labels for {len(x)} images")
+            idx = np.array([i for i, v in enumerate(lab) if v is not None], dtype=np.int64)
+            st = self._state.setdefault(name, {"n": 0, "sum": 0.0, "sq": 0.0, "classes": {}})
+            if not len(idx):
+                continue
+            xs = x[idx]
+            st["n"] += len(idx)
+            st["sum"] = st["sum"] + xs.sum(0)
+            st["sq"] = st["sq"] + (xs * xs).sum((0, xs.ndim - 1))
+            values, inv = np.unique(np.array([str(lab[i]) for i in idx]), return_inverse=True)
+            for j, v in enumerate(values):
+                sel = inv.ravel() == j
+                n_v, s_v = st["classes"].get(v, (0, 0.0))
+                st["classes"][v] = (n_v + int(sel.sum()), s_v + xs[sel].sum(0))
+
+    def known(self, name: str) -> int:
+        """How many images with a known label of factor `name` were added."""
+        return self._state.get(name, {"n": 0})["n"]
+
+    def eta2(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name, st in self._state.items():
+            if st["n"] == 0:
+                continue
+            grand = (st["sum"] ** 2).sum(-1) / st["n"]                                   # [*G]
+            total = st["sq"] - grand
+            between = sum((s_v ** 2).sum(-1) / n_v for n_v, s_v in st["classes"].values()) - grand
+            ok = total > 0
+            out[name] = np.clip(np.where(ok, between / np.where(ok, total, 1.0), 0.0), 0.0, 1.0)
+        return out
+
+
 def factor_variance(head_cls: np.ndarray, factors: dict[str, Sequence],
                     layers: Sequence[int] | None = None) -> list[dict]:
     """eta2 of MATH.md §7 for every head and factor: the share of the head's variance that
@@ -281,25 +335,16 @@ def factor_variance(head_cls: np.ndarray, factors: dict[str, Sequence],
         raise ValueError(f"head_cls must be [n, layers, heads, d], got shape {x.shape}")
     n, L, H, d = x.shape
     layers = list(range(L)) if layers is None else [int(v) for v in layers]
+    acc = FactorVariance()
+    acc.add(x, factors)
+    eta = acc.eta2()
     rows = []
-    for name, labels in factors.items():
-        labels = list(labels)
-        if len(labels) != n:
-            raise ValueError(f"factor {name!r} has {len(labels)} labels for {n} images")
-        idx = np.array([i for i, v in enumerate(labels) if v is not None])
-        if len(idx) < 2:
+    for name in factors:
+        if acc.known(name) < 2:
             raise ValueError(f"factor {name!r} has fewer than 2 known labels")
-        xs = x[idx] - x[idx].mean(0)                                         # [m, L, H, d] centred
-        total = (xs * xs).sum((0, 3))                                        # [L, H]
-        _, cls = np.unique(np.array([str(labels[i]) for i in idx]), return_inverse=True)
-        sums = np.zeros((cls.max() + 1, L, H, d))
-        np.add.at(sums, cls, xs)                                             # per class: sum of x
-        counts = np.bincount(cls).astype(np.float64)                         # [V]
-        between = ((sums * sums).sum(3) / counts[:, None, None]).sum(0)      # sum_v n_v ||mean_v||^2
-        eta2 = np.where(total > 0, between / np.where(total > 0, total, 1.0), 0.0)
         for li in range(L):
             for h in range(H):
-                rows.append(dict(layer=layers[li], head=h, factor=name, eta2=float(eta2[li, h])))
+                rows.append(dict(layer=layers[li], head=h, factor=name, eta2=float(eta[name][li, h])))
     return rows
 
 

@@ -51,6 +51,10 @@ EXPECT = {
     nav.CONTRASTIVE: ['[data-testid="stImage"]', '[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]'],
     nav.IMAGE_NN: ['[data-testid="stImage"]'],
     nav.TEXT_NN: ['[data-testid="stImage"]'],
+    nav.NEURON_ATLAS: ['[data-testid="stVegaLiteChart"]', '[data-testid="stDataFrame"]', '[data-testid="stMetric"]'],
+    nav.NEURON: ['[data-testid="stImage"]', '[data-testid="stDataFrame"]', '[data-testid="stVegaLiteChart"]',
+                 '[data-testid="stMetric"]'],
+    nav.NEURON_TEXT: ['[data-testid="stDataFrame"]'],
     nav.METRICS: ['[data-testid="stVegaLiteChart"]', '[data-testid="stDownloadButton"]'],
     nav.SQL: ['[data-testid="stDataFrame"]', '[data-testid="stLinkButton"]'],
 }
@@ -314,6 +318,41 @@ def test_head_permalink_survives_reload_and_page_switch(server, tab, warehouse):
     tab.locator('[data-testid="stSidebarNav"] a[href$="/head"]').click()
     check("head page after a sidebar switch")
     shot = whole_page_screenshot(tab, "head.png")
+    assert shot.stat().st_size > 10_000
+
+
+def test_neuron_permalink_survives_reload_and_page_switch(server, tab, warehouse):
+    """Open /neuron?model=&layer=&neuron= for a model that is not the default and a neuron that is not
+    the picker's default (0), reload, switch page and come back: the same neuron each time, and the
+    URL still names it. Saves neuron.png beside the other screenshots."""
+    from urllib.parse import parse_qs, urlparse
+    ms = queries.models(warehouse)
+    other = next(m for m in ms.model_id if m != default_model(ms))
+    layers = queries.neuron_layers(warehouse, other)
+    assert len(layers), f"{other} has no analysed MLP layer"
+    layer, n_neurons = int(layers.layer.iloc[0]), int(layers.n_neurons.iloc[0])
+    neuron = n_neurons - 1
+    name = f"L{layer}.N{neuron}"
+    want = {"model": [other], "layer": [str(layer)], "neuron": [str(neuron)]}
+    tab.goto(f"{server}/{nav.URLS[nav.NEURON]}?model={other}&layer={layer}&neuron={neuron}")
+
+    def check(where: str) -> None:
+        wait_done(tab, nav.TITLES[nav.NEURON], tuple(EXPECT[nav.NEURON]))
+        assert_no_exception(tab, where)
+        tab.locator("h2", has_text=name).first.wait_for(timeout=PAGE_TIMEOUT_MS)
+        assert tab.get_by_role("combobox", name="Model", exact=True).input_value().startswith(other + " "), where
+        assert tab.get_by_role("spinbutton", name=re.compile("^Neuron")).input_value() == str(neuron), where
+        tab.wait_for_function(f"() => window.location.search.includes('neuron={neuron}')", timeout=PAGE_TIMEOUT_MS)
+        assert parse_qs(urlparse(tab.url).query) == want, (where, tab.url)
+
+    check("neuron permalink")
+    tab.reload()
+    check("neuron permalink after reload")
+    tab.locator('[data-testid="stSidebarNav"] a', has_text="Metrics").click()
+    wait_done(tab, "Metrics", tuple(EXPECT[nav.METRICS]))
+    tab.locator('[data-testid="stSidebarNav"] a[href$="/neuron"]').click()
+    check("neuron page after a sidebar switch")
+    shot = whole_page_screenshot(tab, "neuron.png")
     assert shot.stat().st_size > 10_000
 
 

@@ -860,3 +860,61 @@ def test_006_originals_upgrades_a_warehouse_in_place_and_keeps_its_images(tmp_pa
     writes.insert_images(con, "d", ["d/2"], [None], ["cd"], [None], [None], [(4, 4)], [b"jpg"], [b"png"])
     assert con.execute("SELECT original FROM images WHERE image_id = 'd/2'").fetchall() == [(b"png",)]
     con.close()
+
+
+def test_008_neurons_upgrades_a_warehouse_in_place_and_keeps_its_rows(tmp_path):
+    """Migration 008 adds the neuron tables and views to a warehouse built by every earlier
+    migration; its rows stay; the views read written neuron rows."""
+    import pyarrow as pa
+    from warehouse import writes
+    from warehouse.db import MIGRATIONS_DIR
+    old = tmp_path / "old"
+    old.mkdir()
+    earlier = [v for v, _, f in available_migrations() if v < 8]
+    for v, _, f in available_migrations():
+        if v < 8:
+            (old / f.name).write_text(f.read_text())
+    con = duckdb.connect(str(tmp_path / "u.duckdb"))
+    assert migrate(con, old) == earlier
+    writes.insert_images(con, "d", ["d/1", "d/2"], [None, None], ["ab", "cd"], [None, None], [None, None],
+                         [(4, 4), (4, 4)], [b"jpg", b"jpg"])
+    writes.upsert_factor_properties(con, {"color": "colors", "shape": "shapes"})
+    assert 8 in migrate(con, MIGRATIONS_DIR)
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 2
+    con.execute("BEGIN")
+    f = {"neuron": pa.array([0, 1], pa.int32())}
+    writes.replace_neuron_layer(
+        con, "m", 3,
+        layer_row={"dataset_id": "d", "n_images": 2, "n_neurons": 2, "later_heads": 1, "reach": 0.5, "bank": "b",
+                   "texts_k": 1, "pc_images": 2, "matters_share": 0.9, "alpha_stored": True, "run_id": "r"},
+        stats=pa.table({**f, **{c: [0.1, 0.2] for c in ("mean_norm", "q50", "q90", "q99", "max_norm", "share_matters",
+                                                        "hist_max", "pc_share", "recon_r2")},
+                        "hist_counts": pa.array([[1, 1], [2, 0]], pa.list_(pa.int32())),
+                        "pc": writes.vector_column(np.eye(2, dtype=np.float32)), "run_id": ["r", "r"]}),
+        top_images=pa.table({**f, "rank": pa.array([0, 0], pa.int32()), "image_id": ["d/1", "d/2"],
+                             "norm": [1.0, 2.0], "projection": [1.0, 2.0]}),
+        texts=pa.table({**f, "rank": pa.array([0, 0], pa.int32()), "text_id": ["t", "t"], "coef": [1.0, -1.0],
+                        "gain": [0.5, 0.6]}),
+        labels=pa.table({"neuron": pa.array([0, 1, 0, 1], pa.int32()), "labeling": ["labeler"] * 2 + ["tag-shuffled"] * 2,
+                         "draw": pa.array([0, 0, 0, 0], pa.int32()), "property": ["colors", "mixed", "shapes", "colors"],
+                         "confidence": [1.0, 0.0, 1.0, 1.0], "labeler": ["offline"] * 4, "prompt_hash": ["h"] * 4,
+                         "p_value": pa.array([None] * 4, pa.float64()), "raw": pa.array([None] * 4, pa.string()),
+                         "run_id": ["r"] * 4}),
+        head_effects=pa.table({**f, "head_layer": pa.array([4, 4], pa.int32()), "head": pa.array([0, 0], pa.int32()),
+                               "effect": [0.1, 0.2]}),
+        factor_variance=pa.table({"dataset_id": ["d"] * 4, "neuron": pa.array([0, 0, 1, 1], pa.int32()),
+                                  "factor": ["color", "shape"] * 2, "eta2": [0.9, 0.1, 0.3, 0.25], "run_id": ["r"] * 4}),
+        ablations=pa.table({"eval": ["toy"], "variant": ["baseline"], "factor": ["color"], "accuracy": [0.5],
+                            "run_id": ["r"]}))
+    writes.insert_neuron_alpha(con, "m", 3, ["d/1", "d/1"], np.ones((2, 2, 1), np.float32))
+    con.execute("COMMIT")
+    assert con.execute("SELECT count(*), any_value(len(alpha)) FROM neuron_alpha").fetchone() == (1, 2)
+    # neuron 0 is specialised in colour and labelled colors; neuron 1 is not specialised and 'mixed'
+    assert con.execute("SELECT neuron, specialised, true_factor FROM neuron_truth ORDER BY neuron").fetchall() == \
+        [(0, True, "color"), (1, False, None)]
+    got = con.execute("SELECT labeling, n_neurons, n_specialised, n_right, kappa FROM neuron_label_agreement "
+                      "ORDER BY labeling").fetchall()
+    # labeler: categories (color, none) vs truth (color, none): kappa 1; shuffled: (shape, color) vs
+    # (color, color: neuron 1's label's factor explains 0.3 >= 0.2): p_o = 1/2, p_e = 1/2 * 0 + 1/2 * 1 -> kappa 0
+    assert got == [("labeler", 2, 1, 1, 1.0), ("tag-shuffled", 2, 1, 0, 0.0)]
+    con.close()
