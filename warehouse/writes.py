@@ -550,3 +550,13 @@ def head_embeddings_as_table(con):
         con.execute("BEGIN TRANSACTION")
         refresh_head_embeddings_view(con)
         con.execute("COMMIT")
+
+
+def copy_tables_to_file(con, file, tables: Sequence[str]) -> None:
+    """Copy ``tables`` whole into a new DuckDB file ``file`` (what they cost on disk on their own: benchmarks)."""
+    con.execute(f"ATTACH '{file}' AS copy_db")
+    try:
+        for tab in tables:
+            con.execute(f"CREATE TABLE copy_db.{tab} AS SELECT * FROM {tab}")
+    finally:
+        con.execute("DETACH copy_db")

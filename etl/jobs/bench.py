@@ -130,10 +130,7 @@ def bench_neuron_scale(n: int = 64, arch: str = "ViT-B-16", layer: int = 9, per:
             for name, tables in (("summary", ["neuron_layers", "neuron_stats", "neuron_top_images", "neuron_texts",
                                               "neuron_labels", "neuron_head_effects"]), ("alpha", ["neuron_alpha"])):
                 f = Path(tmp) / f"{name}.duckdb"
-                con.execute(f"ATTACH '{f}' AS {name}_db")
-                for tab in tables:
-                    con.execute(f"CREATE TABLE {name}_db.{tab} AS SELECT * FROM {tab}")
-                con.execute(f"DETACH {name}_db")
+                writes.copy_tables_to_file(con, f, tables)
                 sizes[name] = f.stat().st_size
         empty = Path(tmp) / "empty.duckdb"
         duckdb.connect(str(empty)).close()
