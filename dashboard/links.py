@@ -2,7 +2,7 @@
 
 Pages are addressed by query parameters: ``model`` (every page), ``head`` (a head name, ``L3.H1``; on
 the head page also a head index beside ``layer``), ``layer`` (the head page) and ``image`` (the match
-page). A link that names a model the warehouse does not hold, a head or layer the model does not
+page); on the neuron pages ``layer`` is an MLP layer and ``neuron`` a neuron index. A link that names a model the warehouse does not hold, a head or layer the model does not
 have (or did not analyse), or an image the model did not embed would otherwise fall back silently to
 another object under the asked-for URL. ``check_link`` instead stops the page with what was asked,
 what exists, and a link to the nearest valid page; the URL stays as it was asked.
@@ -19,7 +19,8 @@ from dashboard import nav
 from dashboard.data import q
 from warehouse import head_name, parse_head, queries
 
-PARAMS = ("model", "layer", "head", "image")
+PARAMS = ("model", "layer", "head", "image", "neuron")
+NEURON_PAGES = (nav.NEURON, nav.NEURON_ATLAS, nav.NEURON_TEXT)     # ``layer`` there: an MLP layer
 
 
 def nearest_model(asked: str, ids: list[str], default: str) -> str:
@@ -80,6 +81,9 @@ def check_link(page: str, models: pd.DataFrame, default_model: str) -> None:
     model = model if model is not None else st.session_state.get("_atlas_model")
     if model not in ids:
         model = default_model
+    if page in NEURON_PAGES:
+        _check_neuron_link(page, model, params["layer"], params["neuron"])
+        return
     row = q(queries.model_row, model)
     analysed, n_heads = [int(l) for l in row["analysed_layers"]], int(row["heads"])
     layer, head = params["layer"], params["head"]
@@ -122,3 +126,35 @@ def check_link(page: str, models: pd.DataFrame, default_model: str) -> None:
                f"{model} has {len(ims):,} embedded images" + (" (the first 5,000 listed)" if len(ims) >= 5000 else "")
                + f", e.g. `{ims[0]}` .. `{ims[-1]}`.", keep | {"image": near},
                f"{nav.TITLES[page]} with the image {near}")
+
+
+def _check_neuron_link(page: str, model: str, layer, neuron) -> None:
+    """A neuron page's ``layer`` (an analysed MLP layer) and ``neuron`` (0-based, below the layer's width)."""
+    if layer is None and neuron is None:
+        return
+    layers = q(queries.neuron_layers, model)
+    analysed = [int(l) for l in layers.layer]
+    title = nav.TITLES[page]
+    if not analysed:
+        refuse(page, f"MLP layer {layer!r} of {model}", "has no analysed neurons",
+               f"{model} has no analysed MLP layer (`python -m etl neurons --model ...` analyses one).",
+               {"model": model}, f"{title} of {model}")
+    width = {int(r.layer): int(r.n_neurons) for r in layers.itertuples()}
+    exists = f"{model} has neurons analysed in MLP layer(s) " + ", ".join(
+        f"{l} ({width[l]:,} neurons, 0-{width[l] - 1})" for l in analysed) + "."
+    l = analysed[0] if layer is None else _int(layer)
+    n = None if neuron is None else _int(neuron)
+    asked = f"MLP layer {layer!r}" + (f", neuron {neuron!r}" if neuron is not None else "") + f" of {model}"
+    problem = None
+    if l is None:
+        problem = "is not a layer number (0-based)"
+    elif l not in analysed:
+        problem = "was not analysed for neurons"
+    elif neuron is not None and (n is None or not 0 <= n < width[l]):
+        problem = f"is not a neuron of that layer (0-{width[l] - 1})"
+    if problem:
+        nl = l if l in analysed else min(analysed, key=lambda a: (abs(a - (l if l is not None else 0)), -a))
+        near = {"model": model, "layer": str(nl)}
+        if page == nav.NEURON:
+            near["neuron"] = str(min(max(n if n is not None else 0, 0), width[nl] - 1))
+        refuse(page, asked, problem, exists, near, f"{title} of MLP layer {nl} of {model}")

@@ -27,7 +27,7 @@ import os
 import secrets
 import socket
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import duckdb
 
@@ -161,19 +161,24 @@ def completed_run(path: str | os.PathLike | None, job: str, params: dict) -> str
     return row[0] if row else None
 
 
-def _others_since(con, job: str, since, key: str, value: str) -> int:
-    """Runs of jobs other than ``job`` for ``params[key] == value`` that started after ``since`` and did
-    not end 'skipped'."""
+def _others_since(con, job: str, since, key: Optional[str], value: Optional[str]) -> int:
+    """Runs of jobs other than ``job`` for ``params[key] == value`` (any params when ``key`` is None)
+    that started after ``since`` and did not end 'skipped'."""
+    if key is None:
+        (n,) = con.execute("SELECT count(*) FROM runs WHERE job <> ? AND started_at > ? AND status <> 'skipped'",
+                           [job, since]).fetchone()
+        return int(n)
     (n,) = con.execute("SELECT count(*) FROM runs WHERE job <> ? AND started_at > ? AND status <> 'skipped' "
                        "AND json_extract_string(params, '$.' || ?) = ?", [job, since, key, value]).fetchone()
     return int(n)
 
 
-def up_to_date(path: str | os.PathLike | None, job: str, params: dict, key: str = "model_id") -> str | None:
+def up_to_date(path: str | os.PathLike | None, job: str, params: dict, key: Optional[str] = "model_id") -> str | None:
     """The latest 'ok' or 'skipped' run of ``job`` with exactly these ``params`` after which no other
     job changed anything for the same ``params[key]`` (no run of another job with that key started
     after it finished, except runs that ended 'skipped'); None when there is none. What `run-zoo` asks
-    before loading a model: a pipeline that completed and was not touched since has nothing left to do."""
+    before loading a model: a pipeline that completed and was not touched since has nothing left to do.
+    ``key`` None: no other job changed anything at all since (what an in-place study asks)."""
     from .db import connect
     if path is None or not os.path.exists(path):
         return None
@@ -183,7 +188,8 @@ def up_to_date(path: str | os.PathLike | None, job: str, params: dict, key: str 
                           [job, _params_json(params)]).fetchone()
         if row is None:
             return None
-        return row[0] if _others_since(con, job, row[1], key, str(params[key])) == 0 else None
+        value = None if key is None else str(params[key])
+        return row[0] if _others_since(con, job, row[1], key, value) == 0 else None
 
 
 def changed_since_start(path: str | os.PathLike | None, run_id: str, key: str = "model_id") -> bool:

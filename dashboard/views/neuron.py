@@ -158,13 +158,10 @@ if choice is not None:
     grid, cls_part = live.neuron_map(row, choice.image, choice.key, layer, neuron, direction)
     elapsed = time.perf_counter() - t0
     vmax = float(np.abs(grid).max()) or 1e-12
-    crop = live.model_view(row, choice.image)
-    c1, c2 = st.columns(2)
-    with c1:
-        w.map_with_legend(crop, grid, vmax, w.plain(f"{choice.caption}: {name} along {source}"),
-                          low="against the direction", high="along the direction")
-    with c2:
-        st.metric("phi_n . direction", f"{grid.sum() + cls_part:+.3e}",
-                  help="the patches' sum plus the class token's part")
-        st.metric("class token's part", f"{cls_part:+.3e}")
-        st.metric("computed in", f"{elapsed * 1000:.0f} ms")
+    crop, box = live.model_view_box(row, choice.image)                           # [S, S] RGB, its box
+    c1, c2, c3 = st.columns(3)
+    c1.metric("phi_n . direction", f"{grid.sum() + cls_part:+.3e}", help="the patches' sum plus the class token's part")
+    c2.metric("class token's part", f"{cls_part:+.3e}")
+    c3.metric("computed in", f"{elapsed * 1000:.0f} ms")
+    w.map_views(choice.image, crop, box, grid, vmax, w.plain(f"{choice.caption}: {name} along {source}"),
+                low="against the direction", high="along the direction")

@@ -77,13 +77,24 @@ def study(path: str, worlds: list[int] | None = None, n: int = DEFAULT_N, models
     from etl.world import seeds
     from etl.world import study as S
     from warehouse import writer, writes
-    from warehouse.runs import run_record
+    from warehouse.runs import run_record, up_to_date
     t0 = time.perf_counter()
     name = name or ("demo" if in_place else "zoo")
+    params = None
     if in_place:
         if worlds or models:
             raise ValueError("--in-place scores what --warehouse holds: leave out --world and --model")
-        rows = _score_in_place(path)
+        todo = _in_place_todo(path)
+        params = {"study": name, "in_place": True, "worlds": sorted({_world_seed(d) for d, _ in todo}),
+                  "models": sorted({m for _, m in todo}), "n": None}
+        if todo and up_to_date(path, "study", params, key=None):     # a rerun of `make etl` that added nothing
+            with run_record(path, "study", params) as run_id:
+                run_id.skipped = True
+            return {"study": name, "models": len(params["models"]), "worlds": params["worlds"], "skipped": True,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "report": f"Nothing changed in this warehouse since its study '{name}': the stored study stands "
+                              "(study_scores, study_sizes, study_verdicts)."}
+        rows = _score_in_place(path, todo)
     else:
         worlds = list(worlds or seeds.STUDY)
         used = [w for w in worlds if not seeds.held_out(w)]
@@ -98,8 +109,8 @@ def study(path: str, worlds: list[int] | None = None, n: int = DEFAULT_N, models
     per_model = S.per_model(rows)
     sizes = S.summarise_sizes(per_model)
     verdicts = S.study_fits(per_model)
-    params = {"study": name, "in_place": in_place, "worlds": sorted({r["world_seed"] for r in rows}),
-              "models": sorted({r["model_id"] for r in rows}), "n": None if in_place else n}
+    params = params or {"study": name, "in_place": False, "worlds": sorted({r["world_seed"] for r in rows}),
+                        "models": sorted({r["model_id"] for r in rows}), "n": n}
     with run_record(path, "study", params) as run_id:
         with writer(path) as con:
             writes.replace_world_seeds(con, seeds.provenance())
@@ -175,11 +186,16 @@ def _progress(i: int, total: int, world: int, model_id: str, rows: list[dict], s
           f"informativeness {fmt('informativeness')}, MIG {fmt('mig')} · {seconds:.0f} s")
 
 
-def _score_in_place(path: str) -> list[dict]:
-    """Score every model with labels and ground truth on every shapes dataset of ``path``."""
+def _in_place_todo(path: str) -> list[tuple[str, str]]:
+    """(shapes dataset, model) pairs of ``path`` with labels and ground truth: what an in-place study scores."""
+    from warehouse.queries import models_with_truth, shapes_datasets
+    return [(d, m) for d in shapes_datasets(path) if _world_seed(d) is not None for m in models_with_truth(path, d)]
+
+
+def _score_in_place(path: str, todo: list[tuple[str, str]]) -> list[dict]:
+    """Score every (dataset, model) of ``todo`` (``_in_place_todo``)."""
     from models import model_from_row
-    from warehouse.queries import model_row, models_with_truth, shapes_datasets
-    todo = [(d, m) for d in shapes_datasets(path) if _world_seed(d) is not None for m in models_with_truth(path, d)]
+    from warehouse.queries import model_row
     rows, params = [], {}
     for i, (dataset_id, model_id) in enumerate(todo, 1):
         t = time.perf_counter()

@@ -20,6 +20,7 @@ from warehouse import queries
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "dashboard" / "app.py")
 PAGES = [p for p, *_ in nav.PAGES]
+HEAD_PAGES = [p for p in PAGES if p not in links.NEURON_PAGES]     # on the neuron pages `layer` is an MLP layer
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +75,7 @@ def test_an_unknown_model_is_refused_on_every_page(app, dashboard_warehouse, pat
     assert not at.error
 
 
-@pytest.mark.parametrize("path", PAGES)
+@pytest.mark.parametrize("path", HEAD_PAGES)
 def test_a_head_the_model_does_not_have_is_refused_on_every_page(app, dashboard_warehouse, path):
     model = models(dashboard_warehouse)[-1]
     row = queries.model_row(dashboard_warehouse, model)
@@ -90,11 +91,31 @@ def test_a_head_the_model_does_not_have_is_refused_on_every_page(app, dashboard_
     assert not at.error
 
 
-@pytest.mark.parametrize("path", PAGES)
+@pytest.mark.parametrize("path", HEAD_PAGES)
 def test_a_head_that_is_no_address_is_refused_on_every_page(app, dashboard_warehouse, path):
     model = models(dashboard_warehouse)[0]
     at = open_page(app, path, model=model, head="the-best-head")
     refused(at, "the head 'the-best-head'", "is not a head address")
+
+
+@pytest.mark.parametrize("path", links.NEURON_PAGES)
+def test_an_mlp_layer_or_neuron_the_model_does_not_have_is_refused_on_the_neuron_pages(app, dashboard_warehouse, path):
+    model = models(dashboard_warehouse)[0]
+    layers = queries.neuron_layers(dashboard_warehouse, model)
+    assert len(layers) >= 1, "the dashboard warehouse's `run` analyses one MLP layer per model"
+    layer, width = int(layers.layer.iloc[0]), int(layers.n_neurons.iloc[0])
+    missing = next(l for l in range(99) if l not in set(layers.layer))
+    at = open_page(app, path, model=model, layer=str(missing))
+    near, _ = refused(at, f"MLP layer '{missing}'", "was not analysed for neurons")
+    assert near == ({"model": model, "layer": str(layer)} | ({"neuron": "0"} if path == nav.NEURON else {}))
+    at = open_page(app, path, model=model, layer="five")
+    refused(at, "MLP layer 'five'", "is not a layer number")
+    if path == nav.NEURON:
+        at = open_page(app, path, model=model, layer=str(layer), neuron=str(width + 3))
+        near, _ = refused(at, f"neuron '{width + 3}'", f"is not a neuron of that layer (0-{width - 1})")
+        assert near == {"model": model, "layer": str(layer), "neuron": str(width - 1)}
+        open_page(app, path, **near)
+        assert not at.error and at.header[0].value == widgets.neuron_name(layer, width - 1)
 
 
 def test_head_page_head_index_out_of_range_and_malformed_layer(app, dashboard_warehouse):

@@ -58,8 +58,11 @@ def test_a_second_run_only_scores_and_in_place_gives_the_same_scores(built, caps
     assert main(argv) == 0
     w = duckdb.connect(str(tmp / "worlds" / "world-5-n80.duckdb"), read_only=True)
     statuses = dict(w.execute("SELECT job, list(status ORDER BY started_at)[-1] FROM runs GROUP BY job").fetchall())
+    embeds = w.execute("SELECT count(*) FROM runs WHERE job = 'embed'").fetchone()[0]
     w.close()
-    assert statuses == {j: "skipped" for j in ("embed", "texts", "textspan", "label", "judge", "probe")}
+    # every image embedded: embed is not even called again (one run per model, the first); the rest skip
+    assert embeds == 2 and statuses == {"embed": "ok"} | {j: "skipped" for j in ("texts", "textspan", "label", "judge",
+                                                                                 "probe")}
     world = str(tmp / "worlds" / "world-5-n80.duckdb")
     assert main(["study", "--in-place", "--warehouse", world]) == 0
     con = duckdb.connect(world, read_only=True)
@@ -69,6 +72,37 @@ def test_a_second_run_only_scores_and_in_place_gives_the_same_scores(built, caps
     zoo = dict(con.execute("SELECT model_id || ' ' || score, value FROM study_scores WHERE study = 'zoo'").fetchall())
     con.close()
     assert demo.keys() == zoo.keys() and all(demo[k] == pytest.approx(zoo[k], nan_ok=True) for k in zoo)
+
+
+def test_an_in_place_study_of_an_unchanged_warehouse_is_skipped_and_redone_after_a_change(built, capsys):
+    """A second `make etl` that adds nothing must not re-score: the in-place study is skipped when no other
+    job did work since it; after one does (labels recomputed), it scores again."""
+    import json
+    from warehouse.db import release_readers
+    tmp, argv, _ = built
+    world = str(tmp / "worlds" / "world-5-n80.duckdb")
+    assert main(["study", "--in-place", "--warehouse", world]) == 0        # up to date after the test above, or now
+    capsys.readouterr()
+
+    def again() -> tuple[dict, list]:
+        assert main(["study", "--in-place", "--warehouse", world]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        release_readers()                     # the product's cached readers hold their own configuration
+        con = duckdb.connect(world, read_only=True)
+        stored = con.execute("SELECT run_id FROM study_scores WHERE study = 'demo'").fetchall()
+        con.close()
+        return out, stored
+
+    release_readers()
+    before = duckdb.connect(world, read_only=True)
+    stored0 = before.execute("SELECT run_id FROM study_scores WHERE study = 'demo'").fetchall()
+    before.close()
+    out, stored = again()
+    assert out.get("skipped") is True and stored == stored0
+    assert main(["label", "--model", "toy-shapes-small/bundled", "--force", "--warehouse", world]) == 0
+    capsys.readouterr()
+    out, stored = again()
+    assert "skipped" not in out and stored and stored != stored0
 
 
 def test_worlds_used_in_training_or_tuning_are_refused(built, capsys):
