@@ -31,6 +31,7 @@ import pickle
 import time
 from pathlib import Path
 
+from etl.world.seeds import EVAL
 from etl.common import (add_warehouse_arg, choose_bank, model_row_or_fail, non_negative_int, positive_int,
                         progress, warehouse_path)
 
@@ -72,8 +73,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-n", type=non_negative_int, default=500, metavar="N",
                    help="scenes per set of the toy eval for the zero-shot check (shapes datasets only; 0 skips; "
                         "default 500)")
-    p.add_argument("--eval-seed", type=non_negative_int, default=1,
-                   help="world seed of the toy eval's scenes (default 1; training used 0)")
+    p.add_argument("--eval-seed", type=non_negative_int, default=EVAL,
+                   help=f"world seed of the toy eval's scenes (default {EVAL}, held out; training used 0-2)")
     p.add_argument("--shuffled-draws", type=non_negative_int, default=20, metavar="N",
                    help="labelings with the bank's tags shuffled, the chance baseline (default 20)")
     p.add_argument("--force", action="store_true", help="recompute layers already stored with these settings")
@@ -176,7 +177,7 @@ def choose_layers(lm, spec: str, auto_layers: int, probe) -> tuple[list[int], di
 def neurons(path: str, model_id: str, dataset_spec: str, *, layers: str = "auto", auto_layers: int = 1,
             max_images: int | None = None, batch_size: int = 32, top_k: int = 16, pc_images: int = 100,
             texts_k: int = TEXTS_K, bank: str | None = None, store_alpha: bool = False, eval_n: int = 500,
-            eval_seed: int = 1, shuffled_draws: int = 20, force: bool = False, lm=None) -> dict:
+            eval_seed: int = EVAL, shuffled_draws: int = 20, force: bool = False, lm=None) -> dict:
     """The neuron tables for the chosen MLP layers of a warehouse model over a dataset; returns counts,
     the layers and their reach, and per layer the specialised neurons and the zero-shot check.
     lm: the model already loaded (its warehouse row's model), else it is loaded from the row."""

@@ -24,6 +24,10 @@ TUNING = {0: "offline labeler v5 constants", 7: "offline labeler v5 and v6 const
 # the size study of issue 19: worlds nobody drew from before
 STUDY = (1013, 2029)
 
+# the zoo's zero-shot targets (etl/world/evaluate.py EVAL_TARGETS, `eval-toy`, the neurons job's check):
+# held out from every training seed (worlds 0-2) and from tuning
+EVAL = 3
+
 # `make etl`'s demo warehouse (Makefile DATASET): held out from training, tuning and the study
 DEMO = 41
 
@@ -38,6 +42,7 @@ def provenance() -> list[dict]:
     rows = [dict(seed=s, role="training", used_by=u) for s, u in TRAINING.items()]
     rows += [dict(seed=s, role="tuning", used_by=u) for s, u in TUNING.items()]
     rows += [dict(seed=s, role="study", used_by="the size study (python -m etl study), held out") for s in STUDY]
+    rows.append(dict(seed=EVAL, role="eval", used_by="the zoo's zero-shot targets (eval-toy, the neurons job's check)"))
     rows.append(dict(seed=DEMO, role="demo", used_by="make etl's demo warehouse, held out"))
     rows += [dict(seed=s, role="earlier", used_by=u) for s, u in EARLIER.items()]
     return rows

@@ -230,4 +230,5 @@ def test_world_seeds_live_in_one_place_and_the_demo_and_the_study_are_held_out()
     assert len(set(seeds.STUDY)) == 2 and not seeds.held_out(0) and not seeds.held_out(7)
     rows = seeds.provenance()
     assert len({(r["seed"], r["role"]) for r in rows}) == len(rows)
-    assert {r["role"] for r in rows} == {"training", "tuning", "study", "demo", "earlier"}
+    assert {r["role"] for r in rows} == {"training", "tuning", "eval", "study", "demo", "earlier"}
+    assert seeds.held_out(seeds.EVAL) and seeds.EVAL not in {seeds.DEMO, *seeds.STUDY}

@@ -12,7 +12,7 @@
 -- whether a study's images were ever seen in training or tuning.
 CREATE TABLE world_seeds (
     seed    INTEGER NOT NULL,           -- the world seed S of shapes:N:seed=S
-    role    VARCHAR NOT NULL,           -- 'training' | 'tuning' | 'study' | 'demo' | 'earlier'
+    role    VARCHAR NOT NULL,           -- 'training' | 'tuning' | 'eval' | 'study' | 'demo' | 'earlier'
     used_by VARCHAR NOT NULL,           -- what used it, in words
     PRIMARY KEY (seed, role)
 );
