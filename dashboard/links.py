@@ -17,6 +17,7 @@ import streamlit as st
 
 from dashboard import nav
 from dashboard.data import q
+from dashboard.safe_text import code, plain
 from warehouse import head_name, parse_head, queries
 
 PARAMS = ("model", "layer", "head", "image", "neuron")
@@ -56,11 +57,13 @@ def _heads_text(row: dict) -> str:
 
 def refuse(page: str, asked: str, problem: str, exists: str, nearest: dict, nearest_label: str) -> None:
     """Stop the page: what the link asked for, why it cannot be shown, what exists, and a link to the
-    nearest valid page (``page`` with the ``nearest`` query)."""
-    st.error(f"This link asks for {asked}, which {problem}. Nothing else is shown under this address.",
+    nearest valid page (``page`` with the ``nearest`` query). ``asked``, ``problem`` and ``nearest_label``
+    quote the URL and the warehouse, so they are shown as plain text (dashboard/safe_text.py);
+    ``exists`` is Markdown whose data the caller has escaped (``plain``, ``code``)."""
+    st.error(plain(f"This link asks for {asked}, which {problem}. Nothing else is shown under this address."),
              icon=":material/link_off:")
     st.markdown(f"**What exists:** {exists}")
-    st.page_link(page, label=f"Open the nearest valid page: {nearest_label}", query_params=nearest,
+    st.page_link(page, label=f"Open the nearest valid page: {plain(nearest_label)}", query_params=nearest,
                  icon=":material/arrow_forward:")
     st.stop()
 
@@ -76,7 +79,7 @@ def check_link(page: str, models: pd.DataFrame, default_model: str) -> None:
     if model is not None and model not in ids:
         near = nearest_model(model, ids, default_model)
         refuse(page, f"the model '{model}'", "is not in this warehouse",
-               f"the warehouse holds {len(ids)} model(s): " + ", ".join(f"`{m}`" for m in ids) + ".",
+               f"the warehouse holds {len(ids)} model(s): " + ", ".join(code(m) for m in ids) + ".",
                {"model": near}, f"{nav.TITLES[page]} of {near}")
     model = model if model is not None else st.session_state.get("_atlas_model")
     if model not in ids:
@@ -108,23 +111,24 @@ def check_link(page: str, models: pd.DataFrame, default_model: str) -> None:
         if problem:
             nl, nh = nearest_head(l, h, analysed, n_heads)
             if page == nav.PROPERTY_NN:     # a head stands for its property there: the page picks one instead
-                refuse(page, asked, problem, _heads_text(row) + ".", {"model": model},
+                refuse(page, asked, problem, plain(_heads_text(row) + "."), {"model": model},
                        f"{nav.TITLES[page]} of {model}, choosing a property")
             near = {"model": model, "layer": str(nl), "head": str(nh)} if page == nav.HEAD else \
                 {"model": model, "head": head_name(nl, nh)}
-            refuse(page, asked, problem, _heads_text(row) + ".", near,
+            refuse(page, asked, problem, plain(_heads_text(row) + "."), near,
                    f"{nav.TITLES[page]} of {head_name(nl, nh)} of {model}")
     image = params["image"]
     if image is not None and not q(queries.image_embedded, model, image):
         ims = list(q(queries.images, model).image_id)
         if not ims:
             refuse(page, f"the image '{image}'", f"is not embedded for {model}",
-                   f"{model} has no embedded image.", {"model": model}, f"{nav.TITLES[page]} of {model}")
+                   plain(f"{model} has no embedded image."), {"model": model}, f"{nav.TITLES[page]} of {model}")
         near = (difflib.get_close_matches(image, ims, n=1, cutoff=0.3) or [ims[0]])[0]
         keep = {k: v for k, v in st.query_params.to_dict().items() if k not in ("image",)} | {"model": model}
         refuse(page, f"the image '{image}'", f"is not embedded for {model}",
-               f"{model} has {len(ims):,} embedded images" + (" (the first 5,000 listed)" if len(ims) >= 5000 else "")
-               + f", e.g. `{ims[0]}` .. `{ims[-1]}`.", keep | {"image": near},
+               plain(f"{model} has {len(ims):,} embedded images" + (" (the first 5,000 listed)" if len(ims) >= 5000
+                                                                     else "") + ", e.g. ")
+               + f"{code(ims[0])} .. {code(ims[-1])}.", keep | {"image": near},
                f"{nav.TITLES[page]} with the image {near}")
 
 
@@ -137,11 +141,12 @@ def _check_neuron_link(page: str, model: str, layer, neuron) -> None:
     title = nav.TITLES[page]
     if not analysed:
         refuse(page, f"MLP layer {layer!r} of {model}", "has no analysed neurons",
-               f"{model} has no analysed MLP layer (`python -m etl neurons --model ...` analyses one).",
+               plain(f"{model} has no analysed MLP layer (") + code("python -m etl neurons --model ...")
+               + " analyses one).",
                {"model": model}, f"{title} of {model}")
     width = {int(r.layer): int(r.n_neurons) for r in layers.itertuples()}
-    exists = f"{model} has neurons analysed in MLP layer(s) " + ", ".join(
-        f"{l} ({width[l]:,} neurons, 0-{width[l] - 1})" for l in analysed) + "."
+    exists = plain(f"{model} has neurons analysed in MLP layer(s) " + ", ".join(
+        f"{l} ({width[l]:,} neurons, 0-{width[l] - 1})" for l in analysed) + ".")
     l = analysed[0] if layer is None else _int(layer)
     n = None if neuron is None else _int(neuron)
     asked = f"MLP layer {layer!r}" + (f", neuron {neuron!r}" if neuron is not None else "") + f" of {model}"

@@ -72,6 +72,11 @@ def agreement() -> None:
     })
     st.dataframe(table, hide_index=True, width="stretch")
     w.csv_download(lk, "label_kappa", key="dl_label_kappa")
+    w.chart("chart_label_kappa", lambda: _kappa_chart(lk), ())
+
+
+def _kappa_chart(lk: pd.DataFrame) -> alt.LayerChart:
+    """kappa per model beside the tag-shuffled labeler and the constant labelers' 0."""
     order = list(dict.fromkeys(lk.model_id))
     x = alt.X("model_id:N", sort=order, title=None, axis=alt.Axis(labelAngle=-25, labelLimit=240, labelOverlap=False))
     base = alt.Chart(lk).encode(x=x)
@@ -88,7 +93,7 @@ def agreement() -> None:
             tooltip=["model_id", "dataset_id", "kappa", "kappa_lo", "kappa_hi", "margin_shuffled", "n_invented"]),
     ).properties(title="kappa (dot, 95 % bar) beside the tag-shuffled labeler (grey tick) and every constant "
                        "labeler (dashed, 0)", width=70 * len(order) + 80, height=240)
-    st.altair_chart(chart, key="chart_label_kappa")
+    return chart
 
 
 def paper_scores() -> None:
@@ -126,6 +131,12 @@ def code_scores() -> None:
     if cs.empty:
         st.info("No label-free scores yet: `python -m etl probe --model ... --dataset shapes:N:seed=S`.")
         return
+    w.chart("chart_code_scores", lambda: _code_chart(cs), ())
+    w.csv_download(cs, "code_scores", key="dl_code_scores")
+
+
+def _code_chart(cs: pd.DataFrame) -> alt.FacetChart:
+    """Each label-free score per model, a dot with its 95 % bootstrap bar, one panel per score."""
     order = list(dict.fromkeys(cs.model_id))
     base = alt.Chart(cs.assign(name=cs.score.map(CODE_SCORES))).encode(
         x=alt.X("model_id:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30, labelLimit=200)),
@@ -136,8 +147,7 @@ def code_scores() -> None:
                  tooltip=["model_id", "dataset_id", "score", "value", "lo", "hi"])
              ).properties(width=60 * len(order) + 40, height=170).facet(
                  facet=alt.Facet("name:N", title=None, sort=list(CODE_SCORES.values())), columns=3)
-    st.altair_chart(chart, key="chart_code_scores")
-    w.csv_download(cs, "code_scores", key="dl_code_scores")
+    return chart
 
 
 def _provenance(seeds: pd.DataFrame) -> str:
@@ -161,7 +171,7 @@ def study() -> None:
     scores, sizes, verdicts = t["scores"], t["sizes"], t["verdicts"]
     name = verdicts.study.iloc[0]
     worlds = sorted(set(scores.world_seed))
-    st.markdown(f"Study **{name}** on world seed{'s' if len(worlds) > 1 else ''} "
+    st.markdown(f"Study **{w.plain(name)}** on world seed{'s' if len(worlds) > 1 else ''} "
                 f"**{', '.join(map(str, worlds))}**, {scores.model_id.nunique()} models. {_provenance(t['seeds'])}")
     st.caption("Per size (layers x width of the image tower, not the name): the mean over model seeds, each model "
                "averaged over the worlds, with a 95 % t interval over the seeds (none with one seed). The trend: "
@@ -174,10 +184,17 @@ def study() -> None:
     st.dataframe(wide, hide_index=True, width="stretch")
     w.csv_download(sizes, f"study_sizes_{name}", key="dl_study_sizes")
     for v in verdicts.itertuples():
-        st.markdown(f"- {v.verdict}")
+        st.markdown(f"- {w.plain(v.verdict)}")       # the study job's sentence: text, never Markdown
     w.csv_download(verdicts, f"study_verdicts_{name}", key="dl_study_verdicts")
     options = [s for s in STUDY_LABELS if s in set(scores.score)]
     score = st.selectbox("Score against size", options, key="study_score", format_func=STUDY_LABELS.get)
+    w.chart("chart_study_trend", lambda: _trend_chart(scores, sizes, score), (name, score))
+    w.csv_download(scores, f"study_scores_{name}", key="dl_study_scores")
+
+
+def _trend_chart(scores: pd.DataFrame, sizes: pd.DataFrame, score: str) -> alt.LayerChart:
+    """One dot per model (its mean over worlds) against image-tower parameters, the size means dashed
+    with their 95 % bars over seeds."""
     per_model = (scores[scores.score == score].groupby(["model_id", "size", "image_params"], as_index=False)
                  .agg(value=("value", "mean"), worlds=("world_seed", "nunique")))
     size_means = sizes[sizes.score == score].dropna(subset=["image_params"])
@@ -191,5 +208,4 @@ def study() -> None:
             tooltip=["model_id", "size", "image_params", "value", "worlds"]),
     ).properties(title=f"{STUDY_LABELS[score]}: one dot per model (mean over worlds); dashed: size means, bars: "
                        "95 % over seeds", height=280, width=520)
-    st.altair_chart(chart, key="chart_study_trend")
-    w.csv_download(scores, f"study_scores_{name}", key="dl_study_scores")
+    return chart

@@ -255,19 +255,9 @@ def neuron_page_link(model_id: str, layer: int, neuron: int, label: Optional[str
                  query_params=neuron_page_params(model_id, layer, neuron), icon=":material/blur_on:")
 
 
-_MARKDOWN = __import__("re").compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:=^&%\"'])")
-
-
-def plain(text) -> str:
-    """Data-derived text (a bank's text, an image id, a label) for a place Streamlit renders as
-    Markdown (captions, metric values, image captions): every ASCII punctuation mark that Markdown,
-    emoji shortcodes (:x:), icons or LaTeX ($) could read is backslash-escaped, so it shows as typed."""
-    return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
-
-
 def plain_thumbnails(df: pd.DataFrame, caption, columns: int = 8) -> None:
     """Thumbnails of image rows, each captioned by ``caption(row)`` as plain text (escaped with
-    ``plain``: st.image renders captions as Markdown)."""
+    dashboard.safe_text's ``plain``: st.image renders captions as Markdown)."""
     rows = list(df.itertuples())
     for start in range(0, len(rows), columns):
         cols = st.columns(columns)

@@ -59,7 +59,7 @@ name = w.neuron_name(layer, neuron)
 st.header(name, anchor=False)
 st.text(f"{model_id}, MLP layer {layer}, neuron {neuron} of {n_neurons}; its effects reach the embedding through "
         f"{int(info.later_heads)} later heads. Over {int(info.n_images)} images of {info.dataset_id}.")
-st.caption(f"Permalink: `?{'&'.join(f'{k}={v}' for k, v in w.neuron_page_params(model_id, layer, neuron).items())}` "
+st.caption(f"Permalink: {w.code('?' + '&'.join(f'{k}={v}' for k, v in w.neuron_page_params(model_id, layer, neuron).items()))} "
            "— reload or share this URL to open the same neuron.")
 rec = q(queries.neuron_record, model_id, layer, neuron)
 if not rec:

@@ -31,7 +31,7 @@ if st.session_state.pop("_atlas_head_link_new", False):     # opened from a head
         st.query_params.from_dict({"model": model_id, "head": linked})        # the link as it was asked
         links.refuse(nav.PROPERTY_NN, f"the property neighbours of {linked}",
                      f"is labelled '{prop_of_head or 'unlabelled'}', not with a property",
-                     f"the properties of {model_id}'s heads: " + ", ".join(names) + ".", {"model": model_id},
+                     w.plain(f"the properties of {model_id}'s heads: " + ", ".join(names) + "."), {"model": model_id},
                      f"{nav.TITLES[nav.PROPERTY_NN]} of {model_id}, choosing a property")
     st.session_state[f"pnn_prop@{model_id}"] = prop_of_head
 counts = dict(zip(props.property, props.n_heads))

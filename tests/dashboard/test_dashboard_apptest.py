@@ -119,7 +119,7 @@ def assert_evidence(at: AppTest, warehouse, model_id: str, layer: int, head: int
     truth = queries.head_truth_of(warehouse, model_id, layer, head)
     claim = [m.value for m in at.markdown if m.value.startswith("**Label:**")]
     assert len(claim) == 1, [m.value for m in at.markdown]
-    assert claim[0].startswith(f"**Label:** {label['property']} (labeler {label['labeler']})")
+    assert shown(claim[0]).startswith(f"**Label:** {label['property']} (labeler {label['labeler']})")
     assert f"**Ground truth:** {widgets.truth_text(truth)}" in claim[0]
     assert metric(at, "confidence") == f"{label['confidence']:.2f}"
     assert metric(at, "p-value") == widgets.p_value_text(label["p_value"])
@@ -273,9 +273,16 @@ def test_head_link_to_property_neighbours_opens_that_heads_property(warehouse_fi
 
 
 @pytest.mark.parametrize("path", [nav.TOPIC, nav.PROPERTY_NN, nav.IMAGE_NN])
-def test_links_to_unknown_models_or_heads_fall_back_quietly(warehouse_file, chosen, path):
+def test_links_to_unknown_models_or_heads_are_refused_and_leave_the_session_alone(warehouse_file, chosen, path):
+    """A link to a model the warehouse lacks says so (issue 22: never another model under its URL), and
+    leaves the session's model as it was: the page opened without the link is on the default model."""
     at = page(path, model="no-such/model", head="not-a-head")
-    assert at.sidebar.selectbox(key="atlas_model_picker").value == chosen[0]
+    assert len(at.error) == 1 and "the model 'no-such/model', which is not in this warehouse" in shown(at.error[0].value)
+    assert not at.sidebar.selectbox and not at.get("imgs")
+    at.query_params.clear()
+    at.switch_page(path).run()
+    assert_ok(at)
+    assert not at.error and at.sidebar.selectbox(key="atlas_model_picker").value == chosen[0]
 
 
 # --------------------------------------------------------------------------- property neighbours

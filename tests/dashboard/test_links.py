@@ -15,6 +15,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import links, nav, widgets
+from tests.dashboard.rendered import shown
 from warehouse import queries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +50,7 @@ def open_page(at: AppTest, path: str, **query) -> AppTest:
 def refused(at: AppTest, asked: str, problem: str, picker: bool = False) -> dict:
     """The page stopped with the refusal: its message, what exists, one link to the nearest valid page,
     and nothing else; returns the link's query."""
-    errors = [e.value for e in at.error]
+    errors = [shown(e.value) for e in at.error]                         # (plain text: dashboard/safe_text.py)
     assert len(errors) == 1 and asked in errors[0] and problem in errors[0], errors
     assert any(m.value.startswith("**What exists:**") for m in at.markdown)
     assert not at.get("vega_lite_chart") and not at.dataframe and not at.get("imgs")
@@ -128,7 +129,7 @@ def test_head_page_head_index_out_of_range_and_malformed_layer(app, dashboard_wa
     at = open_page(app, nav.HEAD, model=model, layer="five", head="1")
     refused(at, "layer 'five'", "is not a head address")
     at = open_page(app, nav.HEAD, model=model, layer=str(layer), head="1")        # a good link still works
-    assert not at.error and at.header[0].value == f"{widgets.head_name(layer, 1)} of {model}"
+    assert not at.error and shown(at.header[0].value) == f"{widgets.head_name(layer, 1)} of {model}"
 
 
 def test_match_page_unknown_image_is_refused_with_the_nearest_image(app, dashboard_warehouse):

@@ -23,6 +23,7 @@ import models
 from dashboard import live, nav, widgets
 from dashboard.originals import resolve
 from etl.world import shapes
+from tests.dashboard.rendered import shown
 from warehouse import queries
 
 TOL = 1e-4
@@ -165,7 +166,16 @@ def test_match_page_renders_the_bars_with_links_to_head_pages(app):
     assert sum(r["share"] for r in _bar_rows(at)) != pytest.approx(cos, abs=1e-6)   # a new text, new bars
 
 
-def test_match_page_falls_back_quietly_on_unknown_links(app):
+def test_match_page_refuses_unknown_links_instead_of_showing_another_match(app):
+    """A link to a model or an image the warehouse does not hold says what was asked and what exists
+    (issue 22, dashboard/links.py): no bars of another model or image under the asked-for URL."""
     at = _page(model="no-such/model", image="no-such-image", text="a circle")
-    assert at.selectbox(key="match_image").value != "no-such-image"
-    assert at.success and not at.error
+    assert len(at.error) == 1 and "the model 'no-such/model'" in shown(at.error[0].value)
+    assert not at.success and not at.get("vega_lite_chart") and not at.selectbox
+    model = widgets.default_model(queries.models(app))
+    at = _page(model=model, image="no-such-image", text="a circle")
+    assert len(at.error) == 1
+    assert f"the image 'no-such-image', which is not embedded for {model}" in shown(at.error[0].value)
+    assert not at.success and not at.get("vega_lite_chart")
+    assert {k: (v if isinstance(v, str) else v[0]) for k, v in at.query_params.items()} == \
+        {"model": model, "image": "no-such-image", "text": "a circle"}              # the URL stays as asked

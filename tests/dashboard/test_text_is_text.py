@@ -115,8 +115,8 @@ def _page(path: str, **query) -> AppTest:
 def test_labels_and_image_labels_on_the_atlas_are_text(hostile):
     at = _page(nav.ATLAS)
     _check(at, LABEL, IMAGE_LABEL)
-    assert shown([m.value for m in at.metric if m.label == "label"][0]) == LABEL
-    assert any(f"({LABEL})" in shown(l.proto.label) for l in at.get("page_link"))
+    assert any(m.value.startswith(f"**Label:** {plain(LABEL)} (labeler ") for m in at.markdown)   # head_evidence
+    assert any(f"by '{LABEL}', the label of" in shown(l.proto.label) for l in at.get("page_link"))
 
 
 def test_a_texts_label_and_image_labels_on_the_head_page_are_text(hostile):
