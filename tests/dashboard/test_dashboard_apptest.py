@@ -783,8 +783,14 @@ def test_head_page_accepts_head_names_and_links_to_every_analysis(warehouse_file
     assert dict(at.query_params) == {"model": model_id, "layer": str(l2), "head": str(h2)}   # follows the choice
     links = [e for e in at.get("page_link")]
     pages = {e.proto.page for e in links} if links else set()
-    for p in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN, nav.PROPERTY_NN):
+    for p in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN):
         assert nav.URLS[p] in pages, (p, pages)
+    # the property page searches by a property's heads: a link only from a head labelled with one, else a
+    # line saying why there is none (widgets.head_links)
+    prop = queries.head_label(warehouse_file, model_id, l2, h2).get("property")
+    why = f"{nav.TITLES[nav.PROPERTY_NN]}: {widgets.head_name(l2, h2)} is {prop or 'unlabelled'}, so it names no property"
+    assert (nav.URLS[nav.PROPERTY_NN] in pages) == widgets.has_property(prop), (prop, pages)
+    assert any(why in shown(c.value) for c in at.caption) != widgets.has_property(prop)
 
 
 def test_atlas_head_card_links_to_the_head_permalink(warehouse_file, chosen):

@@ -132,6 +132,19 @@ def test_a_url_parameter_on_the_match_page_is_text(hostile):
     _check(at, URL_TEXT, IMAGE_LABEL)
 
 
+@pytest.mark.parametrize("path", [nav.HEAD, nav.NEURON])
+def test_a_refused_link_quotes_its_url_parameters_as_text(hostile, path):
+    """A permalink naming a model or head the warehouse lacks is refused (dashboard/links.py) with what
+    was asked: quoted as text, never as live Markdown."""
+    at = _page(path, model=URL_TEXT)
+    _check(at, URL_TEXT)
+    assert len(at.error) == 1 and f"the model '{URL_TEXT}'" in shown(at.error[0].value)
+    _, model_id, _ = hostile
+    at = _page(path, model=model_id, layer=QUERY_VALUE, head="0", neuron="0")
+    _check(at, QUERY_VALUE)
+    assert len(at.error) == 1 and repr(QUERY_VALUE) in shown(at.error[0].value)
+
+
 def test_an_upload_file_name_is_text(hostile):
     at = _page(nav.TOPIC)
     at.radio(key="topic_source").set_value("upload").run()
