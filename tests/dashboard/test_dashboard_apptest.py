@@ -583,7 +583,7 @@ def test_metrics_shows_kappa_beside_both_baselines_the_papers_scores_and_the_stu
     assert "Study **demo** on world seed **41**" in text
     assert "World seeds used for training: 0, 1, 2; the labeler's constants (tuning): 0, 7, 11; the size study: 1013, 2029" in text
     verdicts = queries.study_tables(warehouse_file)["verdicts"]
-    assert len(verdicts) == 8 and all(v in text for v in verdicts.verdict)
+    assert len(verdicts) == 8 and all(f"- {widgets.plain(v)}" in text for v in verdicts.verdict)   # as text
     def per_model_dots(at):               # the trend chart's dots (its layers carry the size means too)
         return [r for c in charts(at) for r in chart_rows(c) if {"image_params", "value", "worlds"} <= set(r)]
 
