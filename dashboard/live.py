@@ -22,6 +22,7 @@ import streamlit as st
 from PIL import Image
 
 import models
+from dashboard.safe_text import plain
 
 
 Head = tuple[int, int]
@@ -67,7 +68,7 @@ def model(row: dict) -> models.LoadedModel:
     except models.ModelError as exc:
         if not st.runtime.exists():
             raise
-        st.error(f"This analysis runs {row['model_id']} live, and the model cannot be loaded here: {exc}")
+        st.error(plain(f"This analysis runs {row['model_id']} live, and the model cannot be loaded here: {exc}"))
         st.stop()
 
 

@@ -78,7 +78,7 @@ m[3].metric("one direction", f"{100 * rec['pc_share']:.0f} %",
             help=f"share of the top {int(info.pc_images)} images' effect energy along the principal direction pc")
 m[4].metric("texts reconstruct", f"r2 {rec['recon_r2']:.2f}",
             help=f"cos^2 of pc and its reconstruction from at most {int(info.texts_k)} texts of the "
-                 f"{info.bank} bank (orthogonal matching pursuit)")
+                 f"{w.plain(info.bank)} bank (orthogonal matching pursuit)")
 if truth.empty:
     m[5].metric("ground truth", "n/a", help="no shapes-world dataset behind this layer's statistics (MATH.md §7)")
 else:
