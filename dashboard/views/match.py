@@ -114,7 +114,7 @@ bars = (alt.Chart(comp[["rank", "bar", "component", "kind", "label", "share", "h
                   title=f"Direct shares of cos(image, text), highest first ({len(comp)} bars)")
         .mark_bar()
         .encode(y=alt.Y("bar:N", sort=alt.SortField("rank"), title=None,
-                        axis=alt.Axis(labelLimit=320, labelOverlap=False)),
+                        axis=alt.Axis(labelLimit=0, labelOverlap=False)),   # 0: whole names
                 x=alt.X("share:Q", title="share of cos(image, text)"),
                 color=colour, href="head page:N", tooltip=tips)
         .properties(height=alt.Step(20)))

@@ -28,7 +28,10 @@ def _int(value):
 
 st.title(nav.TITLES[nav.NEURON])
 url = (st.query_params.get("model"), _int(st.query_params.get("layer")), _int(st.query_params.get("neuron")))
-fresh = url != st.session_state.get("_neuron_url")          # a link or a reload: the URL wins
+last = st.session_state.get("_neuron_url")                  # the neuron this session last showed
+if url == (None, None, None) and last and last[0] == st.session_state.get("_atlas_model"):
+    url = last          # back from another page (the sidebar link has no query; widget state is gone): that neuron
+fresh = url != last or "neuron_index" not in st.session_state       # a link or a reload: the URL wins
 if fresh and url[0]:
     st.session_state["_atlas_model"] = url[0]
 row = w.model_picker()
@@ -67,7 +70,7 @@ if not rec:
     st.stop()
 
 truth = q(queries.neuron_factors, model_id, layer, neuron)
-m = st.columns(6)
+m = st.columns(3) + st.columns(3)          # two rows: six in one row cut their values at 1280 px
 m[0].metric("label", w.plain(rec.get("label") or "unlabelled"),
             help="offline labeler over the neuron's sparse texts, each weighted by the r2 it added (MATH.md §4)")
 m[1].metric("mean effect", f"{rec['mean_norm']:.2e}", help="mean over the images of ||phi_n(I)||, on the unit-embedding scale")
@@ -87,29 +90,27 @@ else:
                 help=f"top factor explains eta2 = {truth.eta2.iloc[0]:.2f} of its effects' variance; specialised "
                      "when >= 0.4 and >= 3x the second (the heads' rule)")
 
-left, right = st.columns(2)
-with left:
-    st.subheader("Sparse texts", anchor=False)
-    texts = q(queries.neuron_texts, model_id, layer, neuron)
-    st.caption("pc ≈ sum of coef × text embedding, in the order orthogonal matching pursuit chose them; gain: how "
-               "much r2 each text added.")
-    st.dataframe(texts, hide_index=True, width="stretch", key="neuron_texts",
-                 column_config={"coef": st.column_config.NumberColumn(format="%+.3f"),
-                                "gain": st.column_config.ProgressColumn(format="%.3f", min_value=0.0, max_value=1.0)})
-    w.csv_download(texts, f"texts_{model_id.replace('/', '_')}_{name}", key="dl_neuron_texts")
-with right:
-    st.subheader("Effect norm over the images", anchor=False)
-    counts = rec["hist_counts"]
-    width = float(rec["hist_max"]) / max(len(counts), 1)
-    hist = pd.DataFrame({"from": [i * width for i in range(len(counts))], "to": [(i + 1) * width for i in range(len(counts))],
-                         "images": counts})
-    chart = (alt.Chart(hist).mark_bar()
-             .encode(x=alt.X("from:Q", title="||phi_n(I)||"), x2="to:Q",
-                     y=alt.Y("images:Q", scale=alt.Scale(type="symlog"), title="images (symlog)"),
-                     tooltip=[alt.Tooltip("from:Q", format=".2e"), alt.Tooltip("to:Q", format=".2e"), "images"])
-             .properties(height=220))
-    st.altair_chart(chart, width="stretch", key="neuron_hist")
-    st.caption(f"median {rec['q50']:.2e}, 90 % {rec['q90']:.2e}, 99 % {rec['q99']:.2e}, max {rec['max_norm']:.2e}")
+# (full width: at 1280 px a half-width column cuts the texts table's columns off)
+st.subheader("Sparse texts", anchor=False)
+texts = q(queries.neuron_texts, model_id, layer, neuron)
+st.caption("pc ≈ sum of coef × text embedding, in the order orthogonal matching pursuit chose them; gain: how "
+           "much r2 each text added.")
+st.dataframe(texts, hide_index=True, width="stretch", key="neuron_texts",
+             column_config={"coef": st.column_config.NumberColumn(format="%+.3f"),
+                            "gain": st.column_config.ProgressColumn(format="%.3f", min_value=0.0, max_value=1.0)})
+w.csv_download(texts, f"texts_{model_id.replace('/', '_')}_{name}", key="dl_neuron_texts")
+st.subheader("Effect norm over the images", anchor=False)
+counts = rec["hist_counts"]
+width = float(rec["hist_max"]) / max(len(counts), 1)
+hist = pd.DataFrame({"from": [i * width for i in range(len(counts))], "to": [(i + 1) * width for i in range(len(counts))],
+                     "images": counts})
+chart = (alt.Chart(hist).mark_bar()
+         .encode(x=alt.X("from:Q", title="||phi_n(I)||"), x2="to:Q",
+                 y=alt.Y("images:Q", scale=alt.Scale(type="symlog"), title="images (symlog)"),
+                 tooltip=[alt.Tooltip("from:Q", format=".2e"), alt.Tooltip("to:Q", format=".2e"), "images"])
+         .properties(height=220))
+st.altair_chart(chart, width="stretch", key="neuron_hist")
+st.caption(f"median {rec['q50']:.2e}, 90 % {rec['q90']:.2e}, 99 % {rec['q99']:.2e}, max {rec['max_norm']:.2e}")
 
 st.subheader("Top images", anchor=False)
 top = q(queries.neuron_top_images, model_id, layer, neuron, 16)

@@ -72,14 +72,18 @@ dots = (alt.Chart(df[["page", "neuron", "label", "mean_norm", "share_matters", "
         .properties(height=320))
 st.altair_chart(dots, width="stretch", key="neuron_atlas_dots")
 
+SHOWN = ["page", "neuron", "label", "mean_norm", "share_matters", "pc_share", "recon_r2", "top_text"]  # the CSV has all
 st.dataframe(df, hide_index=True, width="stretch", key="neuron_atlas_table",
-             column_config={"page": st.column_config.LinkColumn("page", display_text="open"),
-                            "mean_norm": st.column_config.NumberColumn(format="%.2e"),
+             column_order=[c for c in SHOWN if c in df.columns],      # 1280 px: the quantiles are in the CSV
+             column_config={"page": st.column_config.LinkColumn("page", display_text="open", width="small"),
+                            "neuron": st.column_config.NumberColumn("neuron", width="small"),
+                            "top_text": st.column_config.TextColumn("top text", width="medium"),
+                            "mean_norm": st.column_config.NumberColumn("mean norm", format="%.2e"),
                             "q99": st.column_config.NumberColumn(format="%.2e"),
                             "max_norm": st.column_config.NumberColumn(format="%.2e"),
-                            "share_matters": st.column_config.NumberColumn(format="%.3f"),
-                            "pc_share": st.column_config.NumberColumn(format="%.2f"),
-                            "recon_r2": st.column_config.NumberColumn(format="%.2f"),
+                            "share_matters": st.column_config.NumberColumn("matters on", format="%.3f"),
+                            "pc_share": st.column_config.NumberColumn("pc share", format="%.2f"),
+                            "recon_r2": st.column_config.NumberColumn("text r2", format="%.2f"),
                             "top_coef": st.column_config.NumberColumn(format="%+.3f"),
                             "top_eta2": st.column_config.NumberColumn(format="%.2f")})
 w.csv_download(df, f"neurons_{model_id.replace('/', '_')}_L{layer}", key="dl_neuron_atlas")
