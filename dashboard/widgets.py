@@ -574,6 +574,12 @@ def head_evidence(label: dict, score: dict, truth: Optional[pd.DataFrame] = None
         col.caption(EVIDENCE[name])
 
 
+def duration(seconds: float) -> str:
+    """A computation's time for a metric: '840 ms' below a second, else '31.1 s' (a loaded server's
+    first run: five digits of ms are cut off in a quarter-width metric at 1280 px)."""
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
 def plural(n: int, word: str, many: Optional[str] = None) -> str:
     """'1 head', '2 heads' (many: an irregular plural)."""
     return f"{n} {word if n == 1 else (many or word + 's')}"

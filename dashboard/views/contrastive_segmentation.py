@@ -39,7 +39,7 @@ if choice is not None and heads:
     m1.metric("patches towards A", f"{(diff > 0).mean():.0%}")
     m2.metric("patches towards B", f"{(diff < 0).mean():.0%}")
     m3.metric("sum A - B", f"{diff.sum():+.4f}")
-    m4.metric("computed in", f"{elapsed * 1000:.0f} ms")
+    m4.metric("computed in", w.duration(elapsed))
     with st.expander("A and B separately (one shared scale)"):
         vab = float(max(np.abs(map_a).max(), np.abs(map_b).max())) or 1e-12
         x, y = st.columns(2)

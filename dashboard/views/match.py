@@ -91,7 +91,7 @@ with right:
               help=f"sum of the direct shares of the {w.plural(int(is_head.sum()), 'head')} of layers {analysed}")
     m3.metric("everything else", f"{comp.share[~is_head].sum():+.4f}",
               help="other layers' attention, MLPs, out-proj biases and the embedding term")
-    m4.metric("computed in", f"{elapsed * 1000:.0f} ms")
+    m4.metric("computed in", w.duration(elapsed))
     check = (f"Check: sum of the bars = {b.sum_of_bars:+.6f}, cos(image, text) = {b.cos:+.6f}, "
              f"|difference| = {gap:.1e}")
     if gap <= TOL:

@@ -163,6 +163,6 @@ if choice is not None:
     c1, c2, c3 = st.columns(3)
     c1.metric("phi_n . direction", f"{grid.sum() + cls_part:+.3e}", help="the patches' sum plus the class token's part")
     c2.metric("class token's part", f"{cls_part:+.3e}")
-    c3.metric("computed in", f"{elapsed * 1000:.0f} ms")
+    c3.metric("computed in", w.duration(elapsed))
     w.map_views(choice.image, crop, box, grid, vmax, w.plain(f"{choice.caption}: {name} along {source}"),
                 low="against the direction", high="along the direction")

@@ -38,7 +38,7 @@ if choice is not None and heads:
     m1, m2, m3 = st.columns(3)
     m1.metric("sum over patches", f"{grid.sum():+.4f}", help="these heads' share of cos(image, text), the class (prefix) tokens' own terms excluded")
     m2.metric("max |patch|", f"{vmax:.4f}")
-    m3.metric("computed in", f"{elapsed * 1000:.0f} ms")
+    m3.metric("computed in", w.duration(elapsed))
     if 1 < len(heads) <= 32:
         per_head = {w.head_name(*h): live.topic_map(row, choice.image, choice.key, [h], t_hat) for h in heads}
         vh = float(max(np.abs(g).max() for g in per_head.values())) or 1e-12
