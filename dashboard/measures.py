@@ -28,6 +28,8 @@ STUDY_LABELS = {"kappa": "kappa", "kappa_margin_shuffled": "kappa - shuffled lab
                 "kappa_margin_constant": "kappa - best constant labeler", "wrong_rate": "wrong labels",
                 "invented_rate": "invented labels", "paper_association": "association (paper, as read)",
                 "paper_entanglement": "entanglement (paper, as read)", **CODE_SCORES}
+# the size table's row names: the two long code-score names shortened (the code scores' caption explains them)
+STUDY_ROWS = {**STUDY_LABELS, "informativeness": "informativeness", "dci_i": "DCI informativeness"}
 
 
 def _cell(v, lo=None, hi=None) -> str:
@@ -55,22 +57,44 @@ def agreement() -> None:
     if lk.empty:
         st.info("No labels with ground truth yet: `python -m etl run --model ... --dataset shapes:N:seed=S`.")
         return
-    table = pd.DataFrame({
-        "model": lk.model_id, "dataset": lk.dataset_id, "heads": lk.n_heads,
+    # two tables of at most 7 short columns (one of 11 long ones would need ~1,430 px; the page has ~820
+    # at 1280 px): kappa beside the shuffled labeler, then the raw counts; the CSV holds every column
+    key = {"model": lk.model_id, "dataset": lk.dataset_id}
+    beyond = pd.DataFrame({
+        **key, "heads": lk.n_heads,
         "kappa": [_cell(*x) for x in zip(lk.kappa, lk.kappa_lo, lk.kappa_hi)],
         "tag-shuffled kappa": [_cell(m) + ("" if pd.isna(s) else f" ± {s:.2f}")
                                for m, s in zip(lk.shuffled_kappa, lk.shuffled_kappa_sd)],
         "margin over shuffled": [_cell(*x) for x in zip(lk.margin_shuffled, lk.margin_shuffled_lo,
                                                           lk.margin_shuffled_hi)],
+    })
+    st.dataframe(beyond, hide_index=True, width="stretch", key="label_kappa_table", column_config={
+        "kappa": st.column_config.TextColumn("kappa", help="Cohen's kappa over all heads [95 % bootstrap over heads]"),
+        "tag-shuffled kappa": st.column_config.TextColumn(
+            "shuffled", help="kappa of the tag-shuffled labeler: mean ± sd over its seeded draws"),
+        "margin over shuffled": st.column_config.TextColumn(
+            "kappa - shuffled", help="kappa minus the tag-shuffled labeler's [95 % bootstrap over heads]")})
+    counts = pd.DataFrame({
+        **key,
+        "raw agreement": lk.accuracy,
         "best constant (raw agreement, kappa 0)": [f"{c} ({a:.2f})" for c, a in zip(lk.constant_label,
                                                                                      lk.constant_accuracy)],
-        "raw agreement": lk.accuracy.round(3),
         "wrong": [f"{n} / {s}" for n, s in zip(lk.n_wrong, lk.n_specialised)],
         "invented": [f"{n} / {h}" for n, h in zip(lk.n_invented, lk.n_heads)],
         "shuffled: wrong / invented rate": [f"{a:.2f} / {b:.2f}" if not pd.isna(a) else f"– / {b:.2f}"
                                             for a, b in zip(lk.shuffled_wrong_rate, lk.shuffled_invented_rate)],
     })
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(counts, hide_index=True, width="stretch", key="label_counts_table", column_config={
+        "raw agreement": st.column_config.NumberColumn(
+            "agreement", format="%.2f", help="raw agreement: the share of heads whose label category is their true one"),
+        "best constant (raw agreement, kappa 0)": st.column_config.TextColumn(
+            "best constant", help="the one label with the highest raw agreement (its agreement); its kappa is 0"),
+        "wrong": st.column_config.TextColumn("wrong", help="specialised heads labelled with another factor's "
+                                                           "property / specialised heads"),
+        "invented": st.column_config.TextColumn("invented", help="heads labelled with a property whose factor "
+                                                                 "explains < 0.2 of their variance / heads"),
+        "shuffled: wrong / invented rate": st.column_config.TextColumn(
+            "shuffled wrong / inv.", help="the tag-shuffled labeler's wrong rate / invented rate (mean over draws)")})
     w.csv_download(lk, "label_kappa", key="dl_label_kappa")
     w.chart("chart_label_kappa", lambda: _kappa_chart(lk), ())
 
@@ -82,8 +106,7 @@ def _kappa_chart(lk: pd.DataFrame) -> alt.LayerChart:
     base = alt.Chart(lk).encode(x=x)
     y = alt.Y("kappa:Q", title="Cohen's kappa", scale=alt.Scale(domain=[-0.5, 1]))
     chart = alt.layer(
-        base.mark_rule(color="#555", strokeDash=[4, 3]).encode(x=alt.value(0), x2=alt.value(70 * len(order) + 80),
-                                                              y=alt.datum(0.0)),
+        alt.Chart(lk).mark_rule(color="#555", strokeDash=[4, 3]).encode(y=alt.datum(0.0)),   # no x: spans the plot
         base.mark_tick(color=w.CONTROL_BAND, thickness=3, size=26).encode(
             y=alt.Y("shuffled_kappa:Q", scale=alt.Scale(domain=[-0.5, 1])),
             tooltip=["model_id", "dataset_id", "shuffled_kappa", "shuffled_kappa_sd"]),
@@ -112,7 +135,22 @@ def paper_scores() -> None:
         st.info("No labelled heads yet.")
         return
     ps = ps.assign(floor=[None if not n else max(0.0, 1 - p / n) for p, n in zip(ps.n_properties, ps.n_property_heads)])
-    st.dataframe(ps, hide_index=True, width="stretch")
+    shown = pd.DataFrame({   # 6 short columns (9 raw ones need ~980 px); the CSV holds every column
+        "model": ps.model_id,
+        "property heads": [f"{p} / {n}" for p, n in zip(ps.n_property_heads, ps.n_analysed_heads)],
+        "properties": ps.n_properties,
+        "association": [_cell(*x) for x in zip(ps.association, ps.association_lo, ps.association_hi)],
+        "entanglement": ps.entanglement, "floor": ps.floor})
+    st.dataframe(shown, hide_index=True, width="stretch", key="paper_scores_table", column_config={
+        "property heads": st.column_config.TextColumn(
+            "property heads", help="heads that carry a property / heads analysed"),
+        "properties": st.column_config.NumberColumn("properties", help="distinct properties the heads carry"),
+        "association": st.column_config.TextColumn(
+            "association", help="mean share of a property head's TextSpan texts that match its property [95 %]"),
+        "entanglement": st.column_config.NumberColumn(
+            "entanglement", format="%.2f", help="Σ(n_p − 1) / Σ n_p over the properties"),
+        "floor": st.column_config.NumberColumn(
+            "floor", format="%.2f", help="the lowest entanglement possible: 1 − P / N (P properties, N property heads)")})
     w.csv_download(ps, "paper_scores", key="dl_paper_scores")
 
 
@@ -177,11 +215,8 @@ def study() -> None:
                "averaged over the worlds, with a 95 % t interval over the seeds (none with one seed). The trend: "
                "least-squares slope against log10(image-tower parameters) over the trained models, its 95 % t "
                "interval, and a permutation p (values permuted over the models).")
-    wide = sizes.assign(cell=[_cell(m, lo, hi) for m, lo, hi in zip(sizes["mean"], sizes.lo, sizes.hi)])
-    wide = wide.pivot_table(index=["size", "image_params", "n_models"], columns="score", values="cell",
-                            aggfunc="first", dropna=False).reset_index()
-    wide = wide.rename(columns=STUDY_LABELS)
-    st.dataframe(wide, hide_index=True, width="stretch")
+    st.dataframe(size_table(sizes), hide_index=True, width="stretch", key="study_sizes_table",
+                 column_config={"score": st.column_config.TextColumn("score", pinned=True)})
     w.csv_download(sizes, f"study_sizes_{name}", key="dl_study_sizes")
     for v in verdicts.itertuples():
         st.markdown(f"- {w.plain(v.verdict)}")       # the study job's sentence: text, never Markdown
@@ -190,6 +225,33 @@ def study() -> None:
     score = st.selectbox("Score against size", options, key="study_score", format_func=STUDY_LABELS.get)
     w.chart("chart_study_trend", lambda: _trend_chart(scores, sizes, score), (name, score))
     w.csv_download(scores, f"study_scores_{name}", key="dl_study_scores")
+
+
+def size_table(sizes: pd.DataFrame) -> pd.DataFrame:
+    """The per-size table as the page shows it: a row per score (STUDY_ROWS' names, then any other score),
+    a column per size (smallest first as stored, 'random init' where the study stored it); first the rows
+    'image-tower parameters' and 'models' (the most model seeds behind any score of the size), then
+    'mean [95 %]' cells, '–' where the size has no value, '(n = k)' after a cell with fewer models.
+    A size per column keeps the table narrow: 12 scores as columns need ~2,100 px."""
+    order = list(dict.fromkeys(sizes["size"]))
+    by = {size: g.set_index("score") for size, g in sizes.groupby("size", sort=False)}
+    most = {size: int(by[size].n_models.max()) for size in order}
+    scores = [c for c in STUDY_ROWS if c in set(sizes.score)] + sorted(set(sizes.score) - set(STUDY_ROWS))
+    rows = [{"score": "image-tower parameters",
+             **{size: "–" if pd.isna(by[size].image_params.iloc[0]) else f"{int(by[size].image_params.iloc[0]):,}"
+                for size in order}},
+            {"score": "models", **{size: str(most[size]) for size in order}}]
+    for score in scores:
+        row = {"score": STUDY_ROWS.get(score, score)}
+        for size in order:
+            if score not in by[size].index:
+                row[size] = "–"
+                continue
+            r = by[size].loc[score]
+            row[size] = _cell(r["mean"], r["lo"], r["hi"]) + ("" if int(r.n_models) == most[size]
+                                                            else f" (n = {int(r.n_models)})")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["score", *order])
 
 
 def _trend_chart(scores: pd.DataFrame, sizes: pd.DataFrame, score: str) -> alt.LayerChart:

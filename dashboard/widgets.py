@@ -459,8 +459,21 @@ def chart(key: str, build, deps: tuple = (), container=None, **kw):
     import copy
     from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
     from dashboard import cache
-    spec = cache.built(f"chart-{key}", tuple(deps), lambda: _convert_altair_to_vega_lite_spec(build()))
-    return (container or st).vega_lite_chart(copy.deepcopy(spec), key=key, **kw)
+    spec = copy.deepcopy(cache.built(f"chart-{key}", tuple(deps), lambda: _convert_altair_to_vega_lite_spec(build())))
+    return (container or st).vega_lite_chart(sized(spec, kw.get("width") == "stretch"), key=key, **kw)
+
+
+def sized(spec: dict, stretch: bool) -> dict:
+    """``spec`` with an autosize that keeps its plot whole. Streamlit's default for a single or layered
+    view is 'fit': the whole chart, axis labels and legend included, squeezed into the spec's height,
+    so rotated model names or a legend leave the plot a few pixels tall (every box of a boxplot on one
+    line). 'fit-x' (stretched: the width follows the column) or 'pad' (the spec's own plot size) keeps
+    the height for the plot and adds the labels around it. Facets and concatenations, and a spec that
+    sets its own autosize, are left to Streamlit."""
+    if "autosize" not in spec and not any(k in spec for k in ("facet", "hconcat", "vconcat", "concat", "repeat")) \
+            and not any(k in spec.get("encoding", {}) for k in ("row", "column", "facet")):
+        spec["autosize"] = {"type": "fit-x" if stretch else "pad", "contains": "padding"}
+    return spec
 
 
 # --------------------------------------------------------------------------- one colour per model

@@ -104,7 +104,8 @@ else:
                               tooltip=["control", "lo", "hi", "mean"]),
                           band.mark_rule(color=w.CONTROL_BAND, strokeDash=[5, 3], strokeWidth=2).encode(
                               y=alt.Y("mean:Q", scale=alt.Scale(domain=domain, clamp=True)))]
-            colour = w.model_colour()
+            # half the page wide: one model a legend row (side by side, two long names overflow the column)
+            colour = w.model_colour(legend=alt.Legend(orient="bottom", labelLimit=0, columns=1))
             boxes = (alt.Chart(hs).mark_boxplot(extent="min-max", size=28, opacity=0.85)
                      .encode(x=x_model, y=y, color=colour))
             means = (alt.Chart(hs).mark_point(shape="diamond", filled=True, size=70, color="black")
@@ -230,10 +231,11 @@ else:
     names = [label[m] for m in all_models]
 
     def similarity_chart():
-        base = alt.Chart(mm).encode(x=alt.X("B:N", sort=names, title="model B (matched in)",
+        # the axes' names in the title: a y-axis title beside long model names overlaps them
+        base = alt.Chart(mm).encode(x=alt.X("B:N", sort=names, title=None,
                                             axis=alt.Axis(labelAngle=-30, labelLimit=0, orient="top",
                                                           labelOverlap=False)),
-                                    y=alt.Y("A:N", sort=names, title="model A (its heads)", axis=alt.Axis(labelLimit=0)))
+                                    y=alt.Y("A:N", sort=names, title=None, axis=alt.Axis(labelLimit=0)))
         heat = (base.mark_rect().encode(color=alt.Color("mean_best:Q", title="mean best match",
                                                         scale=alt.Scale(scheme="viridis", domain=[0, 1])),
                                         tooltip=["model_a", "model_b", alt.Tooltip("mean_best:Q", format=".3f"),
@@ -241,7 +243,8 @@ else:
                 + base.mark_text(fontSize=12).encode(text=alt.Text("mean_best:Q", format=".2f"),
                                                      color=alt.condition("datum.mean_best > 0.6", alt.value("black"),
                                                                          alt.value("white"))))
-        return heat.properties(height=34 * len(all_models))
+        return heat.properties(height=max(110, 34 * len(all_models)),     # room for the colour legend
+                               title="row: model A (its heads) · column: model B (matched in)")
     w.chart("chart_model_similarity", similarity_chart, (by, tuple(all_models)), width="stretch")
     w.csv_download(mm.drop(columns=["A", "B"]), f"model_similarity_{by}", key="dl_model_similarity")
     pairs = [(a, b) for a in all_models for b in all_models if a != b]
@@ -306,7 +309,19 @@ agree = q(queries.label_agreement)
 if agree.empty:
     st.info("No ground truth yet: run `python -m etl probe --model ... --dataset shapes:N:seed=S` on a labelled model.")
 else:
-    st.dataframe(agree, hide_index=True, width="stretch", column_config=w.short_columns(agree))
+    # the counts as 'right / specialised' and 'false / unspecialised': 8 columns fit 1280 px, 10 did not
+    shown = pd.DataFrame({
+        "model": agree.model_id, "dataset": agree.dataset_id, "labeler": agree.labeler, "heads": agree.n_heads,
+        "right": [f"{r} / {n}" for r, n in zip(agree.n_right, agree.n_specialised)],
+        "false": [f"{f} / {n}" for f, n in zip(agree.n_false, agree.n_unspecialised)],
+        "agreement": agree.agreement, "false rate": agree.false_label_rate})
+    st.dataframe(shown, hide_index=True, width="stretch", key="label_agreement_table", column_config={
+        "right": st.column_config.TextColumn("right", help="specialised heads labelled with their factor's "
+                                                           "property / specialised heads"),
+        "false": st.column_config.TextColumn("false", help="unspecialised heads with a false label / "
+                                                           "unspecialised heads"),
+        "agreement": st.column_config.NumberColumn("agreement", format="%.3f", help="right / specialised"),
+        "false rate": st.column_config.NumberColumn("false rate", format="%.3f", help="false / unspecialised")})
     w.csv_download(agree, "label_agreement", key="dl_agreement")
     truth = q(queries.head_label_truth, model_id)
     if not truth.empty:

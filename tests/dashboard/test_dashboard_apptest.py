@@ -569,7 +569,9 @@ def test_metrics_shows_kappa_beside_both_baselines_the_papers_scores_and_the_stu
     shown = {f.value["model"].iloc[0] for f in at.dataframe if "kappa" in f.value.columns and "model" in f.value.columns}
     table = next(f.value for f in at.dataframe if "margin over shuffled" in f.value.columns)
     assert list(table["model"]) == list(lk.model_id) and shown
-    for row, r in zip(table.itertuples(), lk.itertuples()):
+    counts = next(f.value for f in at.dataframe if "invented" in f.value.columns)   # the second table: raw counts
+    assert list(counts["model"]) == list(lk.model_id)
+    for row, r in zip(counts.itertuples(), lk.itertuples()):
         assert row.invented == f"{r.n_invented} / {r.n_heads}" and row.wrong == f"{r.n_wrong} / {r.n_specialised}"
     kappa_rows = charts_with(at, "kappa", "kappa_lo", "shuffled_kappa")
     assert len(kappa_rows) == 1 and {r["model_id"] for r in kappa_rows[0]} == set(lk.model_id)
