@@ -237,7 +237,8 @@ else:
                                                           labelOverlap=False)),
                                     y=alt.Y("A:N", sort=names, title=None, axis=alt.Axis(labelLimit=0)))
         heat = (base.mark_rect().encode(color=alt.Color("mean_best:Q", title="mean best match",
-                                                        scale=alt.Scale(scheme="viridis", domain=[0, 1])),
+                                                        scale=alt.Scale(scheme="viridis", domain=[0, 1]),
+                                                        legend=alt.Legend(gradientLength=70)),   # inside 110 px
                                         tooltip=["model_a", "model_b", alt.Tooltip("mean_best:Q", format=".3f"),
                                                  "n_heads", "n_images", "n_texts"])
                 + base.mark_text(fontSize=12).encode(text=alt.Text("mean_best:Q", format=".2f"),
