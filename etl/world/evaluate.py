@@ -43,6 +43,7 @@ EVAL_TARGETS: dict[str, dict[str, float]] = {
     "toy-shapes-seed1": _MIDDLE,
     "toy-shapes-seed2": _MIDDLE,
     "toy-shapes-large": _LARGE,
+    "toy-shapes-large-seed1": _LARGE,
     "toy-shapes-large-seed2": _LARGE,
 }
 
