@@ -81,3 +81,25 @@ def test_training_steps_run_with_the_sigmoid_loss_and_scale_the_timm_position_em
     assert torch.allclose(trained, 10 * init, atol=0.05) and not torch.allclose(trained, init, atol=0.05)
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]      # float32
     assert float(state["logit_bias"]) != -10.0                   # the bias learns
+
+
+def test_the_timm_trunk_is_drawn_as_its_class_token_siblings_native_trunk():
+    # timm draws every Linear with std 0.02: the trunk's and the pool's attention start uniform and
+    # the recipe never taught the toy position or shape. The toy must start as open_clip's native
+    # tower of the same trunk (toy-shapes) starts: layer for layer the same weight spread.
+    from models import load_model
+    timm_trunk = load_model("toy-shapes-map", random_init=True, seed=0).visual.trunk
+    native = load_model("toy-shapes", random_init=True, seed=0).visual.transformer.resblocks
+    pairs = []
+    for t, n in zip(timm_trunk.blocks, native):
+        pairs += [(t.attn.qkv, n.attn.in_proj_weight, n.attn.in_proj_bias), (t.attn.proj, n.attn.out_proj.weight, n.attn.out_proj.bias),
+                  (t.mlp.fc1, n.mlp.c_fc.weight, n.mlp.c_fc.bias), (t.mlp.fc2, n.mlp.c_proj.weight, n.mlp.c_proj.bias)]
+    assert len(pairs) == 24
+    for lin, w, b in pairs:
+        assert lin.weight.shape == w.shape
+        assert abs(float(lin.weight.detach().std()) / float(w.detach().std()) - 1) < 0.05, lin
+        assert float(lin.bias.detach().abs().max()) == 0.0 if float(b.detach().abs().max()) == 0.0 else \
+            abs(float(lin.bias.detach().std()) / float(b.detach().std()) - 1) < 0.3
+    pool = timm_trunk.attn_pool
+    for lin in (pool.q, pool.kv, pool.proj, pool.mlp.fc1, pool.mlp.fc2):   # the pool alike (~1/sqrt(fan_in), not 0.02)
+        assert 0.5 < float(lin.weight.detach().std()) * lin.in_features ** 0.5 < 1.2, lin
