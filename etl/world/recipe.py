@@ -15,7 +15,7 @@ Every step draws a fresh batch from the shapes world ``--seed``: groups of minim
 step), so a run resumes exactly: the checkpoint holds model, optimiser, step and torch RNG.
 Loss = CLIP contrastive loss with exact multi-positive targets (a caption is a positive of
 every image it is true of), or SigLIP's sigmoid loss with the same targets for a model whose
-config has a logit bias (``init_logit_bias``, e.g. toy-shapes-map) + a per-factor term (each image against the one-factor captions
+config has a logit bias (``init_logit_bias``, e.g. toy-shapes-map; weighed by ``--sigmoid-weight``) + a per-factor term (each image against the one-factor captions
 of every value of each factor) + a text-side paraphrase term. CPU only; a tqdm bar shows
 the loss, the learnt temperature and the in-batch image->text accuracy.
 
