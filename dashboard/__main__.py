@@ -1,7 +1,9 @@
 """`python -m dashboard [--host 127.0.0.1] [--port 8501] [--warehouse PATH]`: serve the dashboard.
 
-Binds to 127.0.0.1 unless --host says otherwise; on any other address it refuses to start
-without $ATLAS_TOKEN (dashboard/access.py). Extra arguments after `--` go to `streamlit run`.
+Binds to 127.0.0.1 unless --host says otherwise. --host is resolved as a bind resolves it ("" and
+0.0.0.0 are every interface, a name is looked up): when that reaches beyond this machine it refuses
+to start without $ATLAS_TOKEN (dashboard/access.py), and the server checks its real sockets again at
+start (dashboard/guard.py). Extra arguments after `--` go to `streamlit run`.
 """
 from __future__ import annotations
 
@@ -15,16 +17,22 @@ from dashboard.access import start_refusal
 APP = Path(__file__).resolve().with_name("app.py")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `python -m dashboard`."""
     p = argparse.ArgumentParser(prog="python -m dashboard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 needs ATLAS_TOKEN)")
+                   help="address to bind (default 127.0.0.1: this machine only; any address other machines can "
+                        "reach, \"\" and 0.0.0.0 included, needs ATLAS_TOKEN)")
     p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     p.add_argument("--warehouse", default=None, help="warehouse file (default $ATLAS_WAREHOUSE or "
                                                      "$ATLAS_HOME/warehouse.duckdb)")
     p.add_argument("streamlit_args", nargs="*", help="further `streamlit run` flags, after --")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     refusal = start_refusal(args.host)
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)

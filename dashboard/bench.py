@@ -16,6 +16,12 @@
   model (target <= 0.2 s). Each repeat uses a new image and a new text, so no cache helps.
 
     python -m dashboard.bench [--warehouse PATH] [--repeats 3]     # its last line: one JSON object
+    python -m dashboard.bench --first-visits PATH [--cold]         # first visits and switches only
+
+* first visits: in a fresh process (a restarted server: the warm-up started, nothing in memory), every
+  page's first visit in page order, then a switch to each; once with the warehouse's dashboard cache
+  removed (cold) and once as that run left it on disk (a restart); targets: first visit <= 2 s, switch
+  <= 1 s.
 
 `make bench` runs it after `python -m etl bench`.
 """
@@ -40,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TARGETS = {"console_abuse_p95_ratio": 2.0, "page_switch_s": 1.0, "head_page_s": 1.0, "match_page_s": 1.0, "topic_vit_b16_s": 1.0, "topic_toy_s": 0.2}
+TARGETS = {"console_abuse_p95_ratio": 2.0, "page_switch_s": 1.0, "head_page_s": 1.0, "match_page_s": 1.0,
+           "topic_vit_b16_s": 1.0, "topic_toy_s": 0.2, "first_visit_s": 2.0}
 
 
 def _quiet_streamlit() -> None:
@@ -97,6 +104,50 @@ def bench_page_switch(warehouse: Path) -> dict:
         if at.exception:
             raise RuntimeError(f"page {path} raised: {at.exception[0].value}")
     return {"per_page_s": times, "max_s": max(times.values()), "median_s": statistics.median(times.values())}
+
+
+def first_visits(warehouse: Path, cold: bool = False) -> dict:
+    """In THIS process, as a freshly started server: the warm-up started (dashboard/warm.py), then every
+    page's first visit in page order, then a switch to each page (AppTest, server side), in seconds.
+    cold: remove this warehouse's dashboard cache folders first (nothing built yet on disk)."""
+    from streamlit.testing.v1 import AppTest
+    from dashboard import cache, warm
+    from dashboard.nav import PAGES
+    os.environ["ATLAS_WAREHOUSE"] = str(warehouse)
+    if cold:
+        import shutil
+        here = cache.folder(warehouse)
+        for old in here.parent.glob(here.name.split("-")[0] + "-*"):
+            shutil.rmtree(old, ignore_errors=True)
+    warm.start(warehouse)
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=600)
+    first, switch = {}, {}
+    for i, (path, title, *_) in enumerate(PAGES):
+        t0 = time.perf_counter()
+        (at.run() if i == 0 else at.switch_page(path).run())
+        first[title] = round(time.perf_counter() - t0, 3)
+        if at.exception:
+            raise RuntimeError(f"page {path} raised: {at.exception[0].value}")
+    for path, title, *_ in PAGES:
+        t0 = time.perf_counter()
+        at.switch_page(path).run()
+        switch[title] = round(time.perf_counter() - t0, 3)
+    return {"cold_disk_cache": cold, "first_visit_s": first, "first_visit_max_s": max(first.values()),
+            "switch_s": switch, "switch_max_s": max(switch.values())}
+
+
+def bench_first_visits(warehouse: Path) -> dict:
+    """Every page's first visit and switch in a fresh process (a restarted server), twice: with this
+    warehouse version's dashboard cache removed (cold) and as that run left it (warm disk). Targets:
+    first visit <= 2 s, switch <= 1 s."""
+    out = {}
+    for cold in (True, False):
+        cmd = [sys.executable, "-m", "dashboard.bench", "--first-visits", str(warehouse)] + (["--cold"] if cold else [])
+        done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"first-visit run failed (exit {done.returncode}): {done.stderr[-3000:]}")
+        out["cold" if cold else "restart"] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 def bench_head_and_match(warehouse: Path, repeats: int = 3) -> dict:
@@ -247,6 +298,7 @@ def bench_dashboard(warehouse: str | os.PathLike | None = None, repeats: int = 3
     wh, wh_note = _warehouse_with_models(Path(warehouse) if warehouse else None)
     out: dict = {"warehouse": wh_note, "torch_threads": torch.get_num_threads(),
                  "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    out["first_visits"] = bench_first_visits(wh)
     out["page_switch"] = bench_page_switch(wh)
     hm = bench_head_and_match(wh, repeats)
     out["head_page"], out["match_page"] = hm["head_page"] | {"model": hm["model"]}, hm["match_page"] | {"model": hm["model"]}
@@ -256,6 +308,9 @@ def bench_dashboard(warehouse: str | os.PathLike | None = None, repeats: int = 3
     out["topic_toy"] = bench_topic_segmentation(_row_for("toy-shapes", toy_source), repeats) | {"weights": toy_source}
     out["targets_s"] = TARGETS
     out["meets_targets"] = {
+        "first_visit": all(r["first_visit_max_s"] <= TARGETS["first_visit_s"] for r in out["first_visits"].values()),
+        "switch_after_restart": all(r["switch_max_s"] <= TARGETS["page_switch_s"]
+                                    for r in out["first_visits"].values()),
         "page_switch": out["page_switch"]["max_s"] <= TARGETS["page_switch_s"],
         "console_abuse": out["console_abuse"]["p95_ratio"] <= TARGETS["console_abuse_p95_ratio"],
         "head_page": out["head_page"]["median_s"] <= TARGETS["head_page_s"],
@@ -273,7 +328,15 @@ def main(argv: list[str] | None = None) -> None:
                                         "the ETL builds a small one when it holds no model)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per live measurement (median reported)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--first-visits", metavar="WAREHOUSE", default=None,
+                    help="only the first visits and switches of every page, in this process as a freshly started "
+                         "server on WAREHOUSE (what the full bench runs in a subprocess, twice)")
+    ap.add_argument("--cold", action="store_true", help="with --first-visits: remove the dashboard cache first")
     args = ap.parse_args(argv)
+    if args.first_visits:
+        _quiet_streamlit()
+        print(json.dumps(first_visits(Path(args.first_visits), cold=args.cold)))
+        return
     print(json.dumps(bench_dashboard(args.warehouse, args.repeats, args.threads)))   # one line, like `etl bench`'s last
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
+from dashboard.safe_text import plain
 from warehouse import WarehouseError, default_warehouse_path, queries
 from warehouse.db import FILL_COMMAND
 
@@ -65,5 +66,5 @@ def q(query: Callable, *args) -> Any:
     try:
         return _cached(query.__name__, str(path), stamp(path), tuple(args))
     except WarehouseError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         st.stop()

@@ -1,7 +1,8 @@
 """Live analyses of one image: the Streamlit caching glue around models/ (MATH.md §6.2, §6.3,
 and the query side of §6.1, §6.4).
 
-Models are loaded once per process (st.cache_resource keyed by the model spec); the per-token
+Models are loaded once per process (a process-wide cache keyed by the model spec, which the server's
+warm-up fills with the default model, dashboard/warm.py); the per-token
 decomposition of an image is computed once per (model, image) and kept, so changing the text
 or the heads only costs a matrix product. The maths is in models/: models.decompose,
 models.maps (the per-patch map and its upsampling), models.model_view (the model's crop).
@@ -10,6 +11,8 @@ every component's direct share of cos(image, text).
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,7 +22,7 @@ import streamlit as st
 from PIL import Image
 
 import models
-from models import maps
+
 
 Head = tuple[int, int]
 
@@ -29,17 +32,38 @@ def spec_key(row: dict) -> tuple:
     return tuple(str(row.get(k)) for k in ("model_id", "arch", "pretrained", "source", "checkpoint_path", "seed"))
 
 
-@st.cache_resource(show_spinner="Loading the model (once per server process) ...", max_entries=4)
+_LOADED: "OrderedDict[tuple, models.LoadedModel]" = OrderedDict()
+_LOAD_LOCK = threading.Lock()
+MAX_MODELS = 4
+
+
+def loaded(key: tuple) -> bool:
+    """Whether the model of ``key`` (spec_key) is loaded in this process."""
+    return key in _LOADED
+
+
 def load(key: tuple, _row: dict) -> models.LoadedModel:
-    """The model of a warehouse row, loaded once per process."""
-    return models.model_from_row(_row)
+    """The model of a warehouse row, loaded once per process (the last MAX_MODELS kept). A plain
+    process-wide cache, not Streamlit's: dashboard/warm.py loads the default model into it in a
+    background thread when the server starts, before any page asks."""
+    with _LOAD_LOCK:                            # one load at a time: a page waits for the warm-up's load
+        if key not in _LOADED:
+            _LOADED[key] = models.model_from_row(_row)
+            while len(_LOADED) > MAX_MODELS:
+                _LOADED.popitem(last=False)
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
 
 
 def model(row: dict) -> models.LoadedModel:
     """The loaded model of a warehouse row; on a page, a model that cannot be loaded (weights not
     in the cache offline, checkpoint moved) stops the page with the loader's explanation."""
+    key = spec_key(row)
     try:
-        return load(spec_key(row), row)
+        if loaded(key) or not st.runtime.exists():
+            return load(key, row)
+        with st.spinner("Loading the model (once per server process) ..."):
+            return load(key, row)
     except models.ModelError as exc:
         if not st.runtime.exists():
             raise
@@ -102,17 +126,23 @@ def model_view(row: dict, image: Image.Image) -> Image.Image:
     return image if lm is None else models.model_view(lm, image)
 
 
+def model_view_box(row: dict, image: Image.Image):
+    """(the model's crop [S, S] RGB, its box in the image's pixels or None): models.model_view_box with the
+    model of `row` (which maps need loaded anyway)."""
+    return models.model_view_box(model(row), image)
+
+
 def topic_map(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head], t_hat) -> np.ndarray:
     """MATH.md §6.2: the map of text `t_hat` over `heads` for an image on the patch grid, [gh, gw]
     (models.maps.upsample stretches it over model_view's crop)."""
     lm = model(row)
-    return maps.topic_map(decompose_image(row, image, image_key), heads, t_hat, lm.grid, prefix=lm.tower.prefix)
+    return models.maps.topic_map(decompose_image(row, image, image_key), heads, t_hat, lm.grid, prefix=lm.tower.prefix)
 
 
 def head_vectors(row: dict, image: Image.Image, image_key: str, heads: Sequence[Head]) -> np.ndarray:
     """c[l,h] of an image for each head, float32 [len(heads), d] (the query side of §6.1 and §6.4)."""
     dec = decompose_image(row, image, image_key)
-    idx = maps.layer_index(dec.layers, heads)
+    idx = models.maps.layer_index(dec.layers, heads)
     return np.stack([dec.head_cls[0, j, h].numpy() for j, h in idx]).astype(np.float32)
 
 
@@ -205,3 +235,48 @@ def breakdown(row: dict, image: Image.Image, image_key: str, t_hat) -> Breakdown
     cos(image, text) for one image, from its cached whole decomposition (only the text changes
     cost a matrix product)."""
     return breakdown_of(decompose_components(row, image, image_key), t_hat, row["analysed_layers"])
+
+
+# --------------------------------------------------------------------------- neurons (MATH.md §10)
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _neuron_trace(key: tuple, image_key: str, layers: tuple, _lm, _image):
+    from models.neurons import lens_for
+    x = _lm.preprocess(_image)[None]                        # [1, 3, S, S]
+    return lens_for(_lm, list(layers)).trace(x)
+
+
+def _trace(row: dict, image: Image.Image, image_key: str, layers: Sequence[int]):
+    """(lens, trace) of one image for MLP layers `layers` (cached per image and layer set)."""
+    from models.neurons import lens_for
+    lm = model(row)
+    layers = tuple(sorted(set(int(l) for l in layers)))
+    return lens_for(lm, list(layers)), _neuron_trace(spec_key(row), image_key, layers, lm, image)
+
+
+def neuron_map(row: dict, image: Image.Image, image_key: str, layer: int, neuron: int, direction) -> tuple[np.ndarray, float]:
+    """The per-patch map of one neuron's second-order effect along a unit direction (its pc or a
+    text): (grid [gh, gw] of each patch's part of phi_n . direction, the class token's part)."""
+    import torch
+    lens, tr = _trace(row, image, image_key, [layer])
+    te = lens.token_effect(tr, int(layer), int(neuron), torch.as_tensor(np.asarray(direction, dtype=np.float64)))[0]
+    gh, gw = model(row).grid
+    return te[1:].reshape(gh, gw).double().numpy(), float(te[0])
+
+
+def neurons_behind(row: dict, image: Image.Image, image_key: str, head: Head, t_hat, k: int = 12) -> tuple[pd.DataFrame, float]:
+    """The neurons behind head (l', h)'s share of cos(image, text): every neuron of every MLP layer
+    before l' with its share (alpha[n, k] (u[n, k] . t_hat), MATH.md §10), largest |share| first, at
+    most k rows (layer, neuron, share); and the sum over all those neurons."""
+    import torch
+    if int(head[0]) < 1:
+        return pd.DataFrame(columns=["layer", "neuron", "share"]), 0.0
+    lens, tr = _trace(row, image, image_key, range(int(head[0])))
+    t = torch.as_tensor(np.asarray(t_hat, dtype=np.float64).ravel())
+    shares = lens.head_shares(tr, (int(head[0]), int(head[1])), t)
+    frames = [pd.DataFrame({"layer": l, "neuron": np.arange(v.shape[1]), "share": v[0].double().numpy()})
+              for l, v in shares.items()]
+    df = pd.concat(frames, ignore_index=True)
+    total = float(df.share.sum())
+    df = df.reindex(df.share.abs().sort_values(ascending=False, kind="stable").index).head(k).reset_index(drop=True)
+    return df, total

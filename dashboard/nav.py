@@ -10,6 +10,9 @@ TOPIC = "views/topic_segmentation.py"
 CONTRASTIVE = "views/contrastive_segmentation.py"
 IMAGE_NN = "views/image_neighbours.py"
 TEXT_NN = "views/text_neighbours.py"
+NEURON = "views/neuron.py"
+NEURON_ATLAS = "views/neuron_atlas.py"
+NEURON_TEXT = "views/neuron_text.py"
 METRICS = "views/metrics.py"
 SQL = "views/sql_console.py"
 
@@ -25,9 +28,17 @@ PAGES: list[tuple[str, str, str, str]] = [
     (CONTRASTIVE, "Contrastive segmentation", ":material/compare:", "contrastive-segmentation"),
     (IMAGE_NN, "Per-head neighbours of an image", ":material/image_search:", "image-neighbours"),
     (TEXT_NN, "Per-head neighbours of a text", ":material/manage_search:", "text-neighbours"),
+    (NEURON_ATLAS, "Neuron atlas", ":material/scatter_plot:", "neuron-atlas"),
+    (NEURON, "Neuron", ":material/blur_on:", "neuron"),
+    (NEURON_TEXT, "Neurons that write a text", ":material/edit_note:", "neuron-text"),
     (METRICS, "Metrics", ":material/monitoring:", "model-metrics"),
     (SQL, "SQL console", ":material/terminal:", "sql-console"),
 ]
 
 TITLES = {path: title for path, title, _, _ in PAGES}
 URLS = {path: url for path, _, _, url in PAGES}
+
+
+def page_of_url(url_path: str) -> str:
+    """The page file of a url path (the default page, the Atlas, has the empty path too)."""
+    return next((path for path, url in URLS.items() if url == url_path), ATLAS)

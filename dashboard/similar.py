@@ -2,16 +2,18 @@
 
 The math (linear CKA on the shared images, Spearman's rho of the variance profiles over the shared
 texts) and its reasons are in models/similarity.py. Here: a model's HeadSummary is computed once
-per warehouse version (st.cache_data keyed by data.stamp, like every query), a pair of models'
-[H_A, H_B] matrices once per pair, and the pages read ranked lists and the model x model table.
+per warehouse version, a pair of models' [H_A, H_B] matrices once per pair, the model x model table once
+(dashboard/cache.py: in memory and on disk, so a restarted server does not recompute them), and the
+pages read ranked lists and the table.
 """
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from dashboard import nav
-from dashboard.data import q, stamp, warehouse_path
+from dashboard import cache, nav
+from dashboard.data import q, warehouse_path
+from dashboard.safe_text import plain
 from models import similarity as sim
 from warehouse import WarehouseError, head_name, queries
 
@@ -24,11 +26,13 @@ MEASURES = {
 }
 
 
-@st.cache_data(show_spinner="Summarising the model's heads (once per warehouse version) ...", max_entries=16)
-def _summary(path: str, key: tuple, model_id: str) -> sim.HeadSummary:
-    image_ids, heads, X = queries.model_head_tensor(path, model_id, MAX_IMAGES)     # X [n, H, d]
-    text_ids, T = queries.text_matrix(path, model_id)                   # T [M, d]
-    return sim.summarise(image_ids, heads, X, text_ids, T)
+def _summary(path: str, model_id: str) -> sim.HeadSummary:
+    def build():
+        image_ids, heads, X = queries.model_head_tensor(path, model_id, MAX_IMAGES)     # X [n, H, d]
+        text_ids, T = queries.text_matrix(path, model_id)                   # T [M, d]
+        return sim.summarise(image_ids, heads, X, text_ids, T)
+    return cache.built("head-summary", (model_id, MAX_IMAGES), build,
+                       spinner="Summarising the model's heads (once per warehouse version) ...")
 
 
 def _restricted(path: str, model_id: str, keep: list[str]) -> sim.HeadSummary:
@@ -40,16 +44,17 @@ def _restricted(path: str, model_id: str, keep: list[str]) -> sim.HeadSummary:
     return sim.summarise(keep, heads, X[rows], text_ids, T)
 
 
-@st.cache_data(show_spinner="Comparing the two models' heads ...", max_entries=64)
-def _pair(path: str, key: tuple, a: str, b: str) -> dict:
-    sa, sb = _summary(path, key, a), _summary(path, key, b)
-    if sa.image_ids != sb.image_ids:                      # different image sets: compare on the shared ones
-        shared = sorted(set(sa.image_ids) & set(sb.image_ids))
-        if len(shared) >= 3:
-            sa, sb = _restricted(path, a, shared), _restricted(path, b, shared)
-    out = sim.compare(sa, sb)
-    out.update(heads_a=sa.heads, heads_b=sb.heads)
-    return out
+def _pair(path: str, a: str, b: str) -> dict:
+    def build():
+        sa, sb = _summary(path, a), _summary(path, b)
+        if sa.image_ids != sb.image_ids:                      # different image sets: compare on the shared ones
+            shared = sorted(set(sa.image_ids) & set(sb.image_ids))
+            if len(shared) >= 3:
+                sa, sb = _restricted(path, a, shared), _restricted(path, b, shared)
+        out = sim.compare(sa, sb)
+        out.update(heads_a=sa.heads, heads_b=sb.heads)
+        return out
+    return cache.built("head-pair", (a, b, MAX_IMAGES), build, spinner="Comparing the two models' heads ...")
 
 
 def pair(a: str, b: str) -> dict:
@@ -59,9 +64,9 @@ def pair(a: str, b: str) -> dict:
     path = warehouse_path()
     lo, hi = sorted((a, b))
     try:
-        r = _pair(str(path), stamp(path), lo, hi)
+        r = _pair(str(path), lo, hi)
     except WarehouseError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         st.stop()
     if (lo, hi) == (a, b):
         return r
@@ -120,21 +125,21 @@ def model_matrix(model_ids: list[str], by: str = "cka") -> pd.DataFrame:
     heads can each find a partner among a large model's many, not the other way round."""
     path = warehouse_path()
     try:
-        return _matrix(str(path), stamp(path), tuple(model_ids), by)
+        return cache.built("model-matrix", (tuple(model_ids), by, MAX_IMAGES),
+                           lambda: _matrix(str(path), tuple(model_ids), by), spinner="Comparing every pair of models ...")
     except WarehouseError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         st.stop()
 
 
-@st.cache_data(show_spinner="Comparing every pair of models ...", max_entries=16)
-def _matrix(path: str, key: tuple, model_ids: tuple, by: str) -> pd.DataFrame:
+def _matrix(path: str, model_ids: tuple, by: str) -> pd.DataFrame:
     rows = []
     for a in model_ids:
         for b in model_ids:
             if a == b:
                 continue
             lo, hi = sorted((a, b))
-            r = _pair(path, key, lo, hi)
+            r = _pair(path, lo, hi)
             S = r[by] if (lo, hi) == (a, b) or r[by] is None else r[by].T
             rows.append({"model_a": a, "model_b": b,
                          "mean_best": float(sim.best_match(S).mean()) if S is not None and S.size else float("nan"),

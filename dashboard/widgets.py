@@ -18,7 +18,9 @@ import streamlit as st
 from PIL import Image
 
 from dashboard import nav
+from dashboard.links import check_link
 from dashboard.data import fill_commands, q, stamp, warehouse_path
+from dashboard.safe_text import code, plain  # noqa: F401  (w.plain, w.code for pages)
 from warehouse import head_name, parse_head, queries  # noqa: F401  (w.head_name, w.parse_head for pages)
 
 Head = tuple[int, int]
@@ -50,7 +52,7 @@ def require_warehouse() -> dict:
     summary = q(queries.warehouse_summary)
     if summary["missing"] or summary["models"] == 0:
         what = "does not exist yet" if summary["missing"] else "holds no model yet"
-        st.warning(f"The warehouse `{path}` {what}. Fill it with the demo (toy model on 2,000 generated "
+        st.warning(f"The warehouse {code(path)} {what}. Fill it with the demo (toy model on 2,000 generated "
                    "scenes, a few minutes on CPU), then reload this page:")
         st.code("\n".join(fill_commands(path)[:1]), language="bash")
         st.caption("or, for this warehouse file directly:")
@@ -77,9 +79,11 @@ def model_picker() -> dict:
     require_warehouse()
     df = q(queries.models)
     ids = list(df.model_id)
+    check_link(st.session_state.get("_atlas_page", nav.ATLAS), df, default_model(df))
     consume_link("model")
-    if consume_link("head") is not None:           # a link to one head: head pickers open on it
-        st.session_state["_atlas_head_link_new"] = True
+    # a link to one head: head pickers open on it, in this run only (a page without a head picker
+    # must not leave the flag for the next page)
+    st.session_state["_atlas_head_link_new"] = consume_link("head") is not None
     current = st.session_state.get("_atlas_model")
     if current not in ids:
         current = default_model(df)
@@ -90,7 +94,7 @@ def model_picker() -> dict:
         "Model", ids, key="atlas_model_picker", on_change=_remember_model,
         format_func=lambda m: f"{m}  ({info[m].n_images} images)",
         help="Every model in the warehouse; the choice follows you across pages.")
-    st.sidebar.caption(f"Warehouse: `{warehouse_path()}`")
+    st.sidebar.caption(f"Warehouse: {code(warehouse_path())}")
     return q(queries.model_row, current)
 
 
@@ -181,10 +185,95 @@ def head_links(model_id: str, layer: int, head: int, prop: Optional[str] = None,
     if head_page:
         head_page_link(model_id, layer, head)
     params = {"model": model_id, "head": head_name(layer, head)}
-    for page in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN, nav.PROPERTY_NN):
-        st.page_link(page, label=f"{nav.TITLES[page]} of {head_name(layer, head)}"
-                     + (f" ({prop})" if page == nav.PROPERTY_NN and prop else ""),
-                     query_params=params)
+    for page in (nav.TOPIC, nav.CONTRASTIVE, nav.IMAGE_NN, nav.TEXT_NN):
+        st.page_link(page, label=f"{nav.TITLES[page]} of {head_name(layer, head)}", query_params=params)
+    if has_property(prop):      # the property page searches by a property's heads: only a real label leads there
+        st.page_link(nav.PROPERTY_NN, label=f"{nav.TITLES[nav.PROPERTY_NN]} by '{plain(prop)}', the label of "
+                     f"{head_name(layer, head)}", query_params=params)
+    else:
+        st.caption(f"{nav.TITLES[nav.PROPERTY_NN]}: {head_name(layer, head)} is {plain(prop or 'unlabelled')}, so it "
+                   "names no property to search by.")
+
+
+def has_property(prop: Optional[str]) -> bool:
+    """Whether a head label is a property (not 'mixed', 'unlabelled', 'not analysed' or missing)."""
+    return bool(prop) and prop not in NOT_A_PROPERTY
+
+
+# --------------------------------------------------------------------------- examples that show something
+
+def example_head(heads: Sequence[Head]) -> Optional[Head]:
+    """The head a page's first example is about: the one head chosen, else the session's current head
+    when it is among the chosen ones, else the last chosen."""
+    if not heads:
+        return None
+    try:
+        current = parse_head(st.session_state.get("_atlas_head") or "")
+    except ValueError:
+        current = None
+    return heads[0] if len(heads) == 1 else current if current in heads else heads[-1]
+
+
+def set_example_defaults(row: dict, heads: Sequence[Head], text_keys: Sequence[str], image_key: str) -> None:
+    """First visit of a page: its text inputs (``text_keys``, in order) start on the example head's first
+    TextSpan texts and its image picker (``image_key``) on the image that head pushes most towards the
+    first one, so the first map shows what the head carries (a fixed 'a red object' on the first image
+    drew a nearly empty map). Inputs the user has set are left alone."""
+    head = example_head(heads)
+    if head is None or all(k in st.session_state for k in (*text_keys, image_key)):
+        return
+    texts = q(queries.head_texts, row["model_id"], *head)
+    for key, text in zip(text_keys, list(texts.text) if len(texts) else []):
+        st.session_state.setdefault(key, str(text))
+    if image_key not in st.session_state:
+        top = q(queries.head_top_images, row["model_id"], head[0], head[1], 1)
+        if len(top):
+            st.session_state[image_key] = str(top.image_id.iloc[0])
+
+
+# --------------------------------------------------------------------------- neurons
+
+def neuron_name(layer: int, neuron: int) -> str:
+    """'L9.N1234': neuron 1234 of MLP layer 9 (0-based), as every neuron page names it."""
+    return f"L{int(layer)}.N{int(neuron)}"
+
+
+def neuron_page_params(model_id: str, layer: int, neuron: int) -> dict:
+    """The query of a neuron's permalink: /neuron?model=...&layer=...&neuron=..."""
+    return {"model": model_id, "layer": str(int(layer)), "neuron": str(int(neuron))}
+
+
+def neuron_page_url(model_id: str, layer: int, neuron: int) -> str:
+    """The neuron page's permalink relative to any page (for link columns and chart hrefs)."""
+    from urllib.parse import urlencode
+    return f"{nav.URLS[nav.NEURON]}?{urlencode(neuron_page_params(model_id, layer, neuron))}"
+
+
+def neuron_page_link(model_id: str, layer: int, neuron: int, label: Optional[str] = None) -> None:
+    """A link to one neuron's page (its permalink)."""
+    st.page_link(nav.NEURON, label=label or f"Neuron page of {neuron_name(layer, neuron)} (permalink)",
+                 query_params=neuron_page_params(model_id, layer, neuron), icon=":material/blur_on:")
+
+
+_MARKDOWN = __import__("re").compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:=^&%\"'])")
+
+
+def plain(text) -> str:
+    """Data-derived text (a bank's text, an image id, a label) for a place Streamlit renders as
+    Markdown (captions, metric values, image captions): every ASCII punctuation mark that Markdown,
+    emoji shortcodes (:x:), icons or LaTeX ($) could read is backslash-escaped, so it shows as typed."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def plain_thumbnails(df: pd.DataFrame, caption, columns: int = 8) -> None:
+    """Thumbnails of image rows, each captioned by ``caption(row)`` as plain text (escaped with
+    ``plain``: st.image renders captions as Markdown)."""
+    rows = list(df.itertuples())
+    for start in range(0, len(rows), columns):
+        cols = st.columns(columns)
+        for col, r in zip(cols, rows[start:start + columns]):
+            if getattr(r, "thumbnail", None) is not None:
+                col.image(bytes(r.thumbnail), caption=plain(caption(r)), width="stretch")
 
 
 # --------------------------------------------------------------------------- images
@@ -218,13 +307,13 @@ def image_input(row: dict, key: str) -> Optional[ImageChoice]:
             return None
         data = up.getvalue()
         if len(data) > MAX_UPLOAD_MB * 2**20:
-            st.error(f"{up.name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB upload limit; "
-                     "resize or recompress it.")
+            st.error(f"{plain(up.name)}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB upload "
+                     "limit; resize or recompress it.")
             return None
         try:
             img = models.load_image(data)
         except models.ImageError as exc:
-            st.error(f"{up.name}: {str(exc).removeprefix('upload: ')}")
+            st.error(plain(f"{up.name}: {str(exc).removeprefix('upload: ')}"))
             return None
         return ImageChoice(img, "upload:" + hashlib.sha1(data).hexdigest(), up.name, None)
     ims = q(queries.images, row["model_id"])
@@ -237,12 +326,12 @@ def image_input(row: dict, key: str) -> Optional[ImageChoice]:
     try:
         resolved, caption = _load_warehouse_image(image_id)
     except models.ImageError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         return None
     if resolved.faithful:
-        st.caption(f"Live map on the {resolved.note}: it decomposes the stored embedding exactly.")
+        st.caption(f"Live map on the {plain(resolved.note)}: it decomposes the stored embedding exactly.")
     else:
-        st.warning(f"Not the embedded image: {resolved.note}.", icon=":material/warning:")
+        st.warning(f"Not the embedded image: {plain(resolved.note)}.", icon=":material/warning:")
         caption += " — from its stored thumbnail"
     return ImageChoice(resolved.image, f"warehouse:{image_id}:{resolved.source}:{stamp(warehouse_path())}",
                        caption, image_id, resolved.faithful, resolved.note)
@@ -282,6 +371,52 @@ def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 320, 
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+def overlay_on_original(image: Image.Image, box, heat: np.ndarray, vmax: float, width: int = 480,
+                        opacity: float = 0.8, floor: float = 0.25) -> Image.Image:
+    """The whole image (scaled to ``width`` px on its long side) with the model's crop outlined, the
+    rest dimmed, and the patch-grid map drawn in place: patch (r, c) fills its own box in the image
+    (models.maps.patch_boxes of the crop's ``box`` from models.model_view_box), coloured as ``overlay``
+    colours it on the crop."""
+    from PIL import ImageDraw
+    from models.maps import patch_boxes
+    img = image.convert("RGB")
+    f = width / max(img.size)
+    w, h = max(1, round(img.size[0] * f)), max(1, round(img.size[1] * f))
+    base = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.float64)
+    grid = np.asarray(heat, dtype=np.float64)
+    boxes = patch_boxes(box, grid.shape) * f                               # [gh, gw, 4] display pixels
+    x0, y0, x1, y1 = (float(v) * f for v in box)
+    inside = np.zeros((h, w), dtype=bool)
+    inside[max(0, round(y0)):max(0, round(y1)), max(0, round(x0)):max(0, round(x1))] = True
+    out = np.where(inside[..., None], base, base * 0.45 + 255 * 0.2)     # outside the crop: dimmed
+    rgb, a = colorize(grid, vmax)                                         # [gh, gw, 3], [gh, gw, 1]
+    a = opacity * (floor + (1 - floor) * a)
+    for r in range(grid.shape[0]):
+        for c in range(grid.shape[1]):
+            bx0, by0, bx1, by1 = (int(round(v)) for v in boxes[r, c])
+            bx0, by0, bx1, by1 = max(bx0, 0), max(by0, 0), min(bx1, w), min(by1, h)
+            if bx1 > bx0 and by1 > by0:
+                cell = out[by0:by1, bx0:bx1]
+                out[by0:by1, bx0:bx1] = cell * (1 - a[r, c]) + rgb[r, c] * a[r, c]
+    pic = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    ImageDraw.Draw(pic).rectangle([round(x0), round(y0), round(x1) - 1, round(y1) - 1], outline=(20, 20, 20), width=2)
+    return pic
+
+
+def map_views(image: Image.Image, crop: Image.Image, box, grid: np.ndarray, vmax: float, caption: str,
+              low: str = "away from the text", high: str = "towards the text") -> None:
+    """The map on the whole image (the crop outlined, the map in place) beside the model's crop with the
+    map, then the legend; without a box (an unusual preprocess) the crop view alone."""
+    if box is not None:
+        a, b = st.columns([3, 2])
+        a.image(overlay_on_original(image, box, grid, vmax),
+                caption=f"{caption}: the whole image; the outlined square is what the model sees")
+        b.image(overlay(crop, grid, vmax, size=320), caption="the model's crop, one block per patch")
+    else:
+        st.image(overlay(crop, grid, vmax, size=320), caption=f"{caption} (the model's crop, one block per patch)")
+    st.image(legend(vmax, low, high, width=320))
+
+
 def legend(vmax: float, low: str = "away from the text", high: str = "towards the text",
            width: int = 320) -> Image.Image:
     """A colour bar for overlay: the full range -vmax .. 0 .. +vmax with its numbers and meanings."""
@@ -299,13 +434,6 @@ def legend(vmax: float, low: str = "away from the text", high: str = "towards th
     d.text((0, y + 14), low, fill=tuple(NEG))
     d.text((width - 6 * len(high) - 2, y + 14), high, fill=tuple(POS))
     return img
-
-
-def map_with_legend(crop: Image.Image, grid: np.ndarray, vmax: float, caption: str,
-                    low: str = "away from the text", high: str = "towards the text", size: int = 320) -> None:
-    """The overlay of a patch-grid map on the crop, then its legend with the full range."""
-    st.image(overlay(crop, grid, vmax, size=size), caption=caption)
-    st.image(legend(vmax, low, high, width=size))
 
 
 def small_multiples(crop: Image.Image, maps: dict, vmax: float, columns: int = 4, size: int = 200) -> None:
@@ -328,6 +456,21 @@ def grid_chart(grid: np.ndarray, vmax: float, title: str) -> alt.Chart:
                     color=alt.Color("value:Q", scale=scale, title="share"),
                     tooltip=["row", "col", alt.Tooltip("value:Q", format=".5f")])
             .properties(width=260, height=260))
+
+
+# --------------------------------------------------------------------------- charts built once per warehouse version
+
+def chart(key: str, build, deps: tuple = (), container=None, **kw):
+    """``st.altair_chart(build(), key=key, **kw)``, with the chart's Vega-Lite spec (data included, as
+    Arrow) built once per warehouse version and ``deps`` (the page inputs the chart depends on) and
+    kept in memory and on disk (dashboard/cache.py): building Altair charts is most of the Metrics
+    page's time, and a restarted server reads them back. The spec is what ``st.altair_chart`` itself
+    sends (Streamlit's own conversion), so the chart drawn is the same."""
+    import copy
+    from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
+    from dashboard import cache
+    spec = cache.built(f"chart-{key}", tuple(deps), lambda: _convert_altair_to_vega_lite_spec(build()))
+    return (container or st).vega_lite_chart(copy.deepcopy(spec), key=key, **kw)
 
 
 # --------------------------------------------------------------------------- one colour per model
@@ -360,9 +503,10 @@ def model_colour(field: str = "model_id", title: str = "model", legend: Optional
                  show_legend: bool = True) -> alt.Color:
     """The Altair colour channel for a model-id field on model_colours' fixed scale."""
     colours = model_colours()
-    lg = None if not show_legend else (legend or alt.Legend(orient="bottom", labelLimit=400, columns=3))
+    order = [m for m in q(queries.models).model_id if m in colours]     # the legend lists them by size
+    lg = None if not show_legend else (legend or alt.Legend(orient="bottom", labelLimit=0, columns=3))
     return alt.Color(f"{field}:N", title=title, legend=lg,
-                     scale=alt.Scale(domain=list(colours), range=list(colours.values())))
+                     scale=alt.Scale(domain=order, range=[colours[m] for m in order]))
 
 
 def random_models(models_df: Optional[pd.DataFrame] = None) -> list[str]:
@@ -386,17 +530,58 @@ def zoom_domain(values, step: float = 0.1, lo: float = 0.0, hi: float = 1.0) -> 
 
 # --------------------------------------------------------------------------- tables and thumbnails
 
-def head_metrics(label: dict, score: dict, columns) -> None:
-    """A head's label, confidence, association and entanglement as four metrics in ``columns``."""
-    def num(v):
-        return f"{v:.2f}" if v is not None else "n/a"
-    c1, c2, c3, c4 = columns
-    c1.metric("label", label.get("property", "unlabelled"))
-    c2.metric("confidence", num(label.get("confidence")))
-    c3.metric("association", num(score.get("association")),
-              help="share of the head's texts that express its label (MATH.md §5)")
-    c4.metric("entanglement", num(score.get("entanglement")),
-              help="normalised entropy of the properties of its texts: 0 one property, 1 all mixed")
+EVIDENCE = {   # one line each: what the number says (MATH.md §4, §5, §7)
+    "confidence": "share of the head's TextSpan variance carried by the texts that vote for its label (s*)",
+    "p-value": "chance of a share this large with the bank's tags shuffled over its texts (4,000 draws); "
+               "small: not chance",
+    "association": "share of the head's texts that express its label (1: all of them)",
+    "tag entropy": "how mixed the property tags of its texts are (0: one property, 1: uniformly mixed); within this "
+                   "head: the paper's entanglement is across heads (Metrics page)",
+}
+
+
+def _num(v, fmt: str = ".2f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(float(v), fmt)
+
+
+def p_value_text(p) -> str:
+    """A label's shuffled-tag p-value as the page prints it ('n/a' for labelers without one)."""
+    if p is None or (isinstance(p, float) and not np.isfinite(p)):
+        return "n/a"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.0e}"
+
+
+def truth_text(truth: pd.DataFrame) -> str:
+    """The ground truth of a head (its `head_truth` rows) in one line per probed dataset."""
+    if truth is None or truth.empty:
+        return "n/a: no probe of a world with known factors for this model"
+    return "; ".join(
+        (f"**{plain(r.true_factor)}** (eta² {r.top_eta2:.2f}, next factor {r.second_eta2:.2f})" if r.specialised
+         else f"unspecialised (top factor {plain(r.top_factor)}, eta² {r.top_eta2:.2f}, next {r.second_eta2:.2f})")
+        + f" on {plain(r.dataset_id)}" for r in truth.itertuples())
+
+
+def head_evidence(label: dict, score: dict, truth: Optional[pd.DataFrame] = None) -> None:
+    """A head's claim and the evidence beside it: its label, the label's confidence and p-value, its
+    association and entanglement (numbers, each with a one-line meaning), and the ground truth."""
+    prop = label.get("property", "unlabelled") if label else "unlabelled"
+    agree = ""
+    if truth is not None and not truth.empty and label:
+        right = [r for r in truth.itertuples() if r.specialised and r.true_property == prop]
+        wrong = [r for r in truth.itertuples() if r.specialised and r.true_property != prop]
+        agree = " · the label agrees with it" if right else " · the label differs from it" if wrong else ""
+    st.markdown(f"**Label:** {plain(prop)}" + (f" (labeler {plain(label.get('labeler'))})" if label else "")
+                + f"  \n**Ground truth:** {truth_text(truth)}{agree}")
+    st.caption("Label: the property the labeler reads off the head's TextSpan texts (MATH.md §4). Ground truth: "
+               "the world factor whose class means explain the head's variance (eta², MATH.md §7); specialised "
+               "when eta² >= 0.4 and >= 3x the next factor.")
+    values = {"confidence": _num(label.get("confidence") if label else None),
+              "p-value": p_value_text(label.get("p_value") if label else None),
+              "association": _num(score.get("association") if score else None),
+              "tag entropy": _num(score.get("tag_entropy") if score else None)}
+    for col, (name, value) in zip(st.columns(len(values)), values.items()):
+        col.metric(name, value, help=EVIDENCE[name])
+        col.caption(EVIDENCE[name])
 
 
 def plural(n: int, word: str, many: Optional[str] = None) -> str:
@@ -422,7 +607,7 @@ def thumbnails(df: pd.DataFrame, columns: int = 6, score: str = "score") -> None
             with col:
                 if getattr(r, "thumbnail", None) is not None:
                     st.image(bytes(r.thumbnail), width="stretch")
-                st.caption(f"{r.image_id}  \n{describe(r)}  \n{score} {getattr(r, score):.4f}")
+                st.caption(f"{plain(r.image_id)}  \n{plain(describe(r))}  \n{score} {getattr(r, score):.4f}")
 
 
 def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head], k: int) -> None:
@@ -430,7 +615,7 @@ def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head]
     by_head = {key: g for key, g in hits.groupby(["layer", "head"])}
     for l, h in heads:
         cols = st.columns([1.3] + [1] * k)
-        cols[0].markdown(f"**{head_name(l, h)}**  \n{labels.get((l, h), '')}")
+        cols[0].markdown(f"**{head_name(l, h)}**  \n{plain(labels.get((l, h), ''))}")
         g = by_head.get((l, h))
         if g is None:
             cols[1].caption("no head embeddings")
@@ -438,7 +623,35 @@ def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head]
         for col, r in zip(cols[1:], g.itertuples()):
             if r.thumbnail is not None:
                 col.image(bytes(r.thumbnail), width="stretch")
-            col.caption(f"{describe(r) or r.image_id}  \n{r.score:.4f}")
+            col.caption(f"{plain(describe(r) or r.image_id)}  \n{r.score:.4f}")
+
+
+SHORT_NAMES = {"n_heads": "heads", "n_analysed_heads": "analysed", "n_mixed_heads": "mixed", "n_properties": "properties",
+               "association_std": "assoc. sd", "entanglement_std": "entangl. sd", "n_specialised": "specialised",
+               "n_right": "right", "n_unspecialised": "unspecial.", "n_false": "false", "false_label_rate": "false rate",
+               "dataset_id": "dataset", "model_id": "model"}
+
+
+def short_columns(df: pd.DataFrame) -> dict:
+    """Column configuration that keeps a wide score table inside 1280 px: short headers (SHORT_NAMES;
+    the CSV keeps the real names) and 3 decimals for fractional numbers."""
+    out = {}
+    for c in df.columns:
+        label = SHORT_NAMES.get(c, c)
+        if pd.api.types.is_float_dtype(df[c]):
+            out[c] = st.column_config.NumberColumn(label, format="%.3f")
+        elif label != c:
+            out[c] = st.column_config.Column(label)
+    return out
+
+
+def textspan_columns(texts: pd.DataFrame) -> dict:
+    """The column configuration of a head's TextSpan table: variance explained as a bar with its number,
+    wide enough to read ('medium': a narrow progress column cuts the number off)."""
+    return {"rank": st.column_config.NumberColumn("rank", width="small"),
+            "variance_explained": st.column_config.ProgressColumn(
+                "variance explained", format="%.3f", min_value=0.0, width="medium",
+                max_value=float(max(texts.variance_explained.max(), 1e-9)))}
 
 
 def csv_download(df: pd.DataFrame, name: str, key: str) -> None:

@@ -273,6 +273,22 @@ def model_row_or_fail(path: str, model_id: str) -> dict:
                          f"that job prints.") from None
 
 
+def choose_bank(path: str, model_id: str, arch: str, bank: str | None) -> str:
+    """The text bank a job draws from: ``bank`` when given, else the only bank embedded for the
+    model, else the model's default ('shapes' for the toy models, 'atlas' for other CLIPs); a
+    ValueError naming the embedded banks when its texts are not embedded for the model."""
+    from models import default_bank
+    from warehouse.queries import embedded_banks
+    banks = embedded_banks(path, model_id)
+    if bank is None:
+        bank = banks[0] if len(banks) == 1 else default_bank(arch)
+    if bank not in banks:
+        raise ValueError(f"no texts of bank {bank!r} are embedded for model {model_id!r} (embedded banks: "
+                         f"{', '.join(banks) or 'none'}). Run `python -m etl texts --model {model_id}` "
+                         f"(add --text-file for your own bank) first.")
+    return bank
+
+
 def add_llm_args(p) -> None:
     """Flags of the LLM labeler and judge (shared by `label` and `judge`)."""
     g = p.add_argument_group("LLM (an OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL)")

@@ -129,3 +129,41 @@ def bench_text_encode(texts: list[str], arch: str = "ViT-B-32", batch_size: int 
         text_encode_vs_open_clip_cpu=c["open_clip"] / c["encode_texts"],
         max_abs_diff=float((outs["open_clip"] - outs["encode_texts"]).abs().max()),
     )
+
+
+@torch.no_grad()
+def bench_second_order(arch: str = "ViT-B-16", layer: int = 9, batch: int = 8, rounds: int = 5, warmup: int = 1) -> dict:
+    """The second-order lens (models.neurons, MATH.md §10) against one forward pass, random weights, CPU.
+
+    Variants, interleaved round by round, each on the same images in the model's CPU micro-batches:
+    `encode_image` (the forward pass), the lens's own forward pass (`trace`: blocks before `layer`
+    fused, later blocks by hand keeping the class-row attention and ln_1 scales, the MLP's activations
+    kept), and trace + alpha for the layer's N neurons x K later heads. Ratios (medians):
+    second_order_vs_forward = (trace + alpha - forward) / forward, the extra cost of alpha per MLP
+    layer; second_order_alpha_only_vs_forward = (trace + alpha - trace) / forward."""
+    from models.decompose import cpu_micro_batch
+    from models.neurons import SecondOrderLens
+    lm = load_model(arch, random_init=True, seed=0)
+    x = torch.randn(batch, 3, lm.image_size, lm.image_size)
+    T = 1 + lm.grid[0] * lm.grid[1]
+    step = cpu_micro_batch(T, lm.visual.transformer.resblocks[0].mlp.c_fc.out_features)
+    lens = SecondOrderLens(lm.visual, [layer])
+    chunks = x.split(step)
+    variants = {
+        "encode_image": lambda: [lm.model.encode_image(c) for c in chunks],
+        "trace": lambda: [lens.trace(c) for c in chunks],
+        "trace + alpha": lambda: [lens.alpha(lens.trace(c), layer) for c in chunks],
+    }
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            times[k].append(_time(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(arch=arch, layer=layer, neurons=lens.n_neurons[layer], later_heads=len(lens.heads(layer)),
+                batch=batch, micro_batch=step, rounds=rounds, threads=torch.get_num_threads(),
+                seconds=med, images_per_s={k: batch / v for k, v in med.items()},
+                second_order_vs_forward=(med["trace + alpha"] - med["encode_image"]) / med["encode_image"],
+                second_order_alpha_only_vs_forward=(med["trace + alpha"] - med["trace"]) / med["encode_image"])

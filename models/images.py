@@ -246,6 +246,21 @@ def model_view(lm, image: Image.Image) -> Image.Image:
     interpolation; no normalisation. ``lm.preprocess(image)`` equals this image converted to a
     tensor and normalised, so maps upsampled to S x S lie exactly over what the model saw.
     """
+    return model_view_box(lm, image)[0]
+
+
+# size-changing steps whose geometry crop_box follows: a resize scales each axis, a centre crop cuts
+# (old - new) / 2 off each side, rounded as torchvision's center_crop rounds it
+_RESIZES = ("Resize", "ResizeKeepRatio")
+_CENTER_CROPS = ("CenterCrop", "CenterCropOrPad")
+
+
+def model_view_box(lm, image: Image.Image) -> tuple[Image.Image, Optional[tuple[float, float, float, float]]]:
+    """(model_view(lm, image), box): box = (x0, y0, x1, y1), the region of ``image`` (its own pixel
+    coordinates, floats; may reach past the image where a crop pads) that becomes the model's S x S input.
+    Patch (r, c) of a [gh, gw] grid covers x0 + c (x1 - x0) / gw .. x0 + (c + 1) (x1 - x0) / gw, and the
+    same in y (models.maps.patch_boxes). box is None when the preprocess has a size-changing step other
+    than a resize or a centre crop (then only the crop can be drawn)."""
     transforms = getattr(lm.preprocess, "transforms", None)
     if transforms is None:
         raise TypeError(f"the model's preprocess is not a Compose of transforms: {lm.preprocess!r}")
@@ -253,13 +268,32 @@ def model_view(lm, image: Image.Image) -> Image.Image:
     if steps is None:
         raise TypeError(f"the model's preprocess has no tensor conversion: {lm.preprocess!r}")
     view = image
+    sx = sy = 1.0                 # current pixels per original pixel
+    ox = oy = 0.0                 # the current image's origin in scaled original coordinates
+    known = True
     for t in steps:
+        before = view.size
         view = t(view)
+        after = view.size
+        if after == before:
+            continue
+        name = type(t).__name__
+        if name in _RESIZES:
+            fx, fy = after[0] / before[0], after[1] / before[1]
+            sx, sy, ox, oy = sx * fx, sy * fy, ox * fx, oy * fy
+        elif name in _CENTER_CROPS:
+            ox += int(round((before[0] - after[0]) / 2.0))
+            oy += int(round((before[1] - after[1]) / 2.0))
+        else:
+            known = False
     view = view.convert("RGB")
     size = getattr(lm, "image_size", None)
     if size is not None and view.size != (size, size):
         raise ValueError(f"the model's preprocess gives a {view.size[0]} x {view.size[1]} image, not {size} x {size}")
-    return view
+    if not known:
+        return view, None
+    w, h = view.size
+    return view, (ox / sx, oy / sy, (ox + w) / sx, (oy + h) / sy)
 
 
 class BatchedPreprocess:

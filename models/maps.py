@@ -18,6 +18,7 @@ The map lives on the patch grid [gh, gw] (row-major, the order of the patch toke
     head_map(head_tokens, index, t_hat, grid, prefix=1)     # [L', H, T, d] -> [gh, gw]
     topic_map(dec, heads, t_hat, grid, image=0, prefix=1)   # a Decomposition with head_tokens -> [gh, gw]
     upsample(map, size)                           # [gh, gw] -> [S, S]
+    patch_boxes(box, grid)                        # the crop's box in the original image -> [gh, gw, 4]
 """
 from __future__ import annotations
 
@@ -77,3 +78,18 @@ def upsample(m: np.ndarray, size: Union[int, tuple[int, int]]) -> np.ndarray:
     hw = (size, size) if isinstance(size, int) else tuple(size)
     t = torch.as_tensor(np.asarray(m), dtype=torch.float32)[None, None]      # [1, 1, gh, gw]
     return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].double().numpy()
+
+
+def patch_boxes(box: Sequence[float], grid: tuple[int, int]) -> np.ndarray:
+    """Where each patch of the grid lies in the original image: float64 [gh, gw, 4] of (x0, y0, x1, y1).
+
+    box: the model's crop in the original image's pixel coordinates (models.images.model_view_box);
+    the crop is S x S model pixels cut into gh x gw patches of equal size, row-major like the map."""
+    gh, gw = grid
+    x0, y0, x1, y1 = (float(v) for v in box)
+    xs = x0 + (x1 - x0) * np.arange(gw + 1) / gw                  # [gw + 1] patch edges
+    ys = y0 + (y1 - y0) * np.arange(gh + 1) / gh                  # [gh + 1]
+    out = np.empty((gh, gw, 4))
+    out[..., 0], out[..., 2] = xs[None, :-1], xs[None, 1:]
+    out[..., 1], out[..., 3] = ys[:-1, None], ys[1:, None]
+    return out

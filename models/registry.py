@@ -5,6 +5,7 @@ This is the only module that reaches the network (through open_clip's pretrained
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import os
@@ -274,8 +275,12 @@ def load_model(
     else:
         if random_init:
             torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=None, device=device, precision=precision, pretrained_text=False)
+        # open_clip warns "No pretrained weights loaded ... initialized randomly" whenever it is given no
+        # tag; with a checkpoint (the toys' shipped weights included) the weights are loaded just below,
+        # so that warning would be false: it is dropped then, and kept for --random-init
+        with _quiet_random_init_warning(checkpoint is not None):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=None, device=device, precision=precision, pretrained_text=False)
         if checkpoint is not None:
             checkpoint = Path(checkpoint)
             if not checkpoint.is_file():
@@ -313,6 +318,29 @@ def tokenizer_for(arch: str) -> Callable:
             f"the text tokenizer of '{arch}' ({hf_name or 'open_clip'}) could not be loaded ({type(exc).__name__}: "
             f"{said}). With network it is fetched once into the Hugging Face cache; without, copy a cache that "
             "holds it and set HF_HUB_CACHE to it") from exc
+
+
+class _DropRandomInitWarning:
+    """A logging filter: drops open_clip's "Model initialized randomly" record (see load_model)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(active: bool):
+    """While the block runs, open_clip's root-logger warning that a model was initialized randomly is
+    dropped (``active``: weights will be loaded right after, so the warning would be false)."""
+    import logging
+    root = logging.getLogger()
+    if active:
+        root.addFilter(_DropRandomInitWarning)
+    try:
+        yield
+    finally:
+        if active:
+            root.removeFilter(_DropRandomInitWarning)
 
 
 def check_device(device: str | torch.device) -> torch.device:

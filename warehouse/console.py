@@ -107,6 +107,7 @@ __all__ = [
     "register_clip_text",
     "limits_text",
     "run_console_query",
+    "CsvDownload",
     "warm_up",
 ]
 
@@ -166,6 +167,10 @@ _REFUSALS = {
     "TRANSACTION": "Transactions are not needed: every console query is read-only.",
     "VACUUM": "VACUUM changes the database.",
     "ANALYZE": "ANALYZE changes the database's statistics.",
+    "CHECKPOINT": "CHECKPOINT writes the database file.",
+    "TRUNCATE": "TRUNCATE deletes every row of a table.",
+    "DEALLOCATE": "DEALLOCATE drops a prepared statement; PREPARE/EXECUTE are not supported either.",
+    "COMMENT": "COMMENT ON changes the schema.",
     "PREPARE": "PREPARE/EXECUTE are not supported; write the values into the query.",
     "EXECUTE": "PREPARE/EXECUTE are not supported; write the values into the query.",
     "UPDATE_EXTENSIONS": "Updating extensions is not allowed in the console.",
@@ -219,10 +224,40 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+# DuckDB parses some statements as another type (ANALYZE is a VACUUM, CHECKPOINT a CALL, COPY FROM
+# DATABASE a PRAGMA, TRUNCATE a DELETE, ...): the refusal names the statement the user wrote, found
+# by its leading keywords.
+_LEADING = {
+    "ANALYZE": "ANALYZE", "ANALYSE": "ANALYZE", "CHECKPOINT": "CHECKPOINT", "FORCE CHECKPOINT": "CHECKPOINT",
+    "COPY FROM DATABASE": "COPY_DATABASE", "TRUNCATE": "TRUNCATE", "DEALLOCATE": "DEALLOCATE",
+    "COMMENT ON": "COMMENT", "SET VARIABLE": "VARIABLE_SET", "RESET VARIABLE": "VARIABLE_SET",
+}
+
+
+def _leading_words(query: str, n: int = 3) -> list[str]:
+    """The first ``n`` words of a statement, upper case, comments skipped (DuckDB's tokenizer)."""
+    try:
+        tokens = duckdb.tokenize(query)
+    except Exception:  # noqa: BLE001 - a statement the tokenizer refuses: no words
+        return []
+    words = []
+    for i, (start, kind) in enumerate(tokens):
+        if kind == duckdb.token_type.comment:
+            continue
+        end = tokens[i + 1][0] if i + 1 < len(tokens) else len(query)
+        words.append(query[start:end].strip().upper())
+        if len(words) == n:
+            break
+    return words
+
+
 def _refuse_type(kind: str, query: str = "") -> None:
-    if kind == "UNKNOWN":    # a type this duckdb's Python client has no name for (UPDATE EXTENSIONS)
-        words = " ".join(query.split()[:2]).upper()
-        reason = f"{words} statements are not allowed." if words else "This statement is not allowed."
+    words = _leading_words(query)
+    named = next((_LEADING[" ".join(words[:k])] for k in (3, 2, 1) if " ".join(words[:k]) in _LEADING), None)
+    if named:
+        reason = _REFUSALS[named]
+    elif kind == "UNKNOWN":    # a type this duckdb's Python client has no name for (UPDATE EXTENSIONS)
+        reason = f"{' '.join(words[:2])} statements are not allowed." if words else "This statement is not allowed."
     else:
         reason = _REFUSALS.get(kind, f"{kind} statements are not allowed.")
     raise QueryRefused(f"Refused: {reason} {_WRITE_HINT}")
@@ -574,6 +609,25 @@ class _Overdue(Exception):
     """A deadline passed while waiting for the worker."""
 
 
+_spawner_lock = threading.Lock()
+_spawner: tuple[int, "concurrent.futures.ThreadPoolExecutor"] | None = None
+
+
+def _spawn(*args, **kwargs) -> subprocess.Popen:
+    """Popen from one long-lived thread of this process. A worker dies with its parent
+    (PR_SET_PDEATHSIG), and Linux sends that signal when the *thread* that forked the child ends:
+    Streamlit runs every script run in a thread of its own, so a spare worker started during one
+    run was killed when that run ended, and the next query could meet a dying worker."""
+    import concurrent.futures
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():
+            _spawner = (os.getpid(), concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="atlas-console-spawner"))
+        pool = _spawner[1]
+    return pool.submit(subprocess.Popen, *args, **kwargs).result()
+
+
 class _Worker:
     """One worker process (caller side): spawn, frames with deadlines, kill and reap."""
 
@@ -582,9 +636,8 @@ class _Worker:
         env["PYTHONUNBUFFERED"] = "1"
         self.owner = os.getpid()
         self.t_spawn = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT.format(root=str(_ROOT))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, close_fds=True, env=env)
+        self.proc = _spawn([sys.executable, "-c", _BOOT.format(root=str(_ROOT))],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, close_fds=True, env=env)
         self.out_fd = self.proc.stdout.fileno()
         self.in_fd = self.proc.stdin.fileno()
         os.set_blocking(self.in_fd, False)
@@ -884,36 +937,16 @@ _MIN_US = -62135596800_000_000          # 0001-01-01 in µs since the epoch
 _MAX_US = 253402300799_999_999          # 9999-12-31 23:59:59.999999
 
 
-def run_console_query(path: str | os.PathLike | None, sql: str, max_rows: int = 10_000,
-                      timeout_s: float = 10, clip_text: Callable | None = None, *,
-                      max_bytes: int | str | None = None, memory_bytes: int | str | None = None,
-                      stats: dict | None = None):
-    """Run one read-only query on the warehouse in a worker process; return ``(rows, truncated)``.
-
-    ``truncated`` is True when the result was cut: more than ``max_rows`` rows, or more than
-    ``max_bytes`` of data (Arrow bytes; default 32 MB, env ``ATLAS_CONSOLE_MAX_BYTES``); the
-    rows that fit are returned and ``rows.attrs["console_note"]`` says which cap cut it.
-    ``timeout_s`` (default 10) is a hard wall-clock limit on the worker, from the moment it
-    gets the query (parsing included); ``memory_bytes`` (default 2.5 GB, env
-    ``ATLAS_CONSOLE_MEMORY``) its RLIMIT_DATA. ``clip_text``, when given, is offered as the SQL
-    function ``clip_text(model_id, text)`` (see :func:`register_clip_text`); it runs in this
-    process, once per distinct pair, and its time counts towards ``timeout_s``. ``stats``, if a
-    dict, receives ``startup_s`` (waiting for a worker to start; 0 when one was waiting),
-    ``query_s``, ``spare`` (a waiting worker was used), ``peak_rss`` (the worker's peak RSS in
-    bytes over its life) and ``outcome`` (ok, truncated, refused, error, timeout, memory, crash).
-
-    Raises :class:`QueryRefused` for anything but one SELECT/EXPLAIN without file access,
-    :class:`QueryTimeout` / :class:`QueryMemoryExceeded` when a cap stopped it,
-    :class:`ConsoleError` for syntax or query errors (one line each), and
-    :class:`~warehouse.WarehouseMissingError` / :class:`~warehouse.WarehouseBusyError` for a
-    missing or busy warehouse.
-    """
+def _request(path, sql: str, max_rows: int, timeout_s: float, clip_text, max_bytes, memory_bytes,
+             max_bytes_env: str, max_bytes_default: int, **extra) -> tuple[dict, int]:
+    """Check a console request's arguments and text length (nothing is parsed here); returns the
+    worker's request and the memory cap."""
     if max_rows < 1:
         raise ValueError("max_rows must be at least 1")
     if timeout_s <= 0:
         raise ValueError("timeout_s must be positive")
     cap = _size(memory_bytes) if memory_bytes is not None else _env_size("ATLAS_CONSOLE_MEMORY", DEFAULT_MEMORY_BYTES)
-    max_bytes = _size(max_bytes) if max_bytes is not None else _env_size("ATLAS_CONSOLE_MAX_BYTES", DEFAULT_MAX_BYTES)
+    max_bytes = _size(max_bytes) if max_bytes is not None else _env_size(max_bytes_env, max_bytes_default)
     if cap < 256 * 10**6:
         raise ValueError("memory_bytes must be at least 256MB (a worker needs ~0.2 GB to start)")
     if max_bytes < 1:
@@ -931,8 +964,54 @@ def run_console_query(path: str | os.PathLike | None, sql: str, max_rows: int = 
         "memory_bytes": int(cap), "duckdb_memory": _duckdb_memory_limit(cap),
         "threads": _console_threads(), "lock_timeout_s": max(0.1, timeout_s / 2),
         "timeout_s": float(timeout_s),
-        "clip_text": clip_text is not None,
+        "clip_text": clip_text is not None, **extra,
     }
+    return request, cap
+
+
+def _answer_clip_text(w: "_Worker", payload: bytes, clip_text, deadline: float) -> None:
+    """Answer the worker's clip_text(model_id, text) call (a C frame) with this process's function."""
+    model_id, text = json.loads(payload)
+    try:
+        reply = {"vec": _as_vector(clip_text(model_id, text))}
+    except Exception as exc:  # noqa: BLE001 - the query reports it
+        reply = {"error": f"clip_text: {_one_line(exc)}"}
+    w.send(json.dumps(reply).encode() + b"\n", deadline)
+
+
+def run_console_query(path: str | os.PathLike | None, sql: str, max_rows: int = 10_000,
+                      timeout_s: float = 10, clip_text: Callable | None = None, *,
+                      max_bytes: int | str | None = None, memory_bytes: int | str | None = None,
+                      preview_chars: int | None = None, stats: dict | None = None):
+    """Run one read-only query on the warehouse in a worker process; return ``(rows, truncated)``.
+
+    ``truncated`` is True when the result was cut: more than ``max_rows`` rows, or more than
+    ``max_bytes`` of data (default 32 MB, env ``ATLAS_CONSOLE_MAX_BYTES``); the rows that fit are
+    returned and ``rows.attrs["console_note"]`` says which cap cut it. ``preview_chars`` (the SQL
+    console page: what a table can show) makes every text, binary and nested value a preview of at
+    most that many characters and a size note (``[0.01, -0.02, ... … (768 items)``; see
+    warehouse/console_cells.py), and ``max_bytes`` then caps the cells' total size as the caller
+    will hold them (Arrow bytes plus a Python string's overhead per text cell); without it values
+    come back whole and ``max_bytes`` counts Arrow bytes. The full result is :class:`CsvDownload`'s.
+    ``timeout_s`` (default 10) is a hard wall-clock limit on the worker, from the moment it
+    gets the query (parsing included); ``memory_bytes`` (default 2.5 GB, env
+    ``ATLAS_CONSOLE_MEMORY``) its RLIMIT_DATA. ``clip_text``, when given, is offered as the SQL
+    function ``clip_text(model_id, text)`` (see :func:`register_clip_text`); it runs in this
+    process, once per distinct pair, and its time counts towards ``timeout_s``. ``stats``, if a
+    dict, receives ``startup_s`` (waiting for a worker to start; 0 when one was waiting),
+    ``query_s``, ``spare`` (a waiting worker was used), ``peak_rss`` (the worker's peak RSS in
+    bytes over its life) and ``outcome`` (ok, truncated, refused, error, timeout, memory, crash).
+
+    Raises :class:`QueryRefused` for anything but one SELECT/EXPLAIN without file access,
+    :class:`QueryTimeout` / :class:`QueryMemoryExceeded` when a cap stopped it,
+    :class:`ConsoleError` for syntax or query errors (one line each), and
+    :class:`~warehouse.WarehouseMissingError` / :class:`~warehouse.WarehouseBusyError` for a
+    missing or busy warehouse.
+    """
+    request, cap = _request(path, sql, max_rows, timeout_s, clip_text, max_bytes, memory_bytes,
+                            "ATLAS_CONSOLE_MAX_BYTES", DEFAULT_MAX_BYTES,
+                            preview_chars=int(preview_chars) if preview_chars else None)
+    max_bytes = request["max_bytes"]
     info = stats if stats is not None else {}
     info.update(outcome=None, peak_rss=None, startup_s=None, query_s=None, spare=None)
     slots = _slot_semaphore()
@@ -952,12 +1031,7 @@ def run_console_query(path: str | os.PathLike | None, sql: str, max_rows: int = 
             while True:
                 kind, payload = w.frame(deadline, 4 << 20)     # messages, clip_text calls
                 if kind == b"C":
-                    model_id, text = json.loads(payload)
-                    try:
-                        reply = {"vec": _as_vector(clip_text(model_id, text))}
-                    except Exception as exc:  # noqa: BLE001 - the query reports it
-                        reply = {"error": f"clip_text: {_one_line(exc)}"}
-                    w.send(json.dumps(reply).encode() + b"\n", deadline)
+                    _answer_clip_text(w, payload, clip_text, deadline)
                 elif kind == b"E":
                     err = json.loads(payload)
                     w.hwm = err.get("peak_rss")
@@ -1020,10 +1094,126 @@ def run_console_query(path: str | os.PathLike | None, sql: str, max_rows: int = 
         _offer_spare(w if reuse else None)
 
 
+DEFAULT_DOWNLOAD_BYTES = 1_000_000_000   # CSV bytes of one download (env ATLAS_CONSOLE_DOWNLOAD_BYTES)
+DEFAULT_DOWNLOAD_S = 60.0                # a download's query and CSV writing (env ATLAS_CONSOLE_DOWNLOAD_S)
+STREAM_LIMIT_S = 900.0                   # the whole download, slow clients included
+_CHUNK_MAX = (1 << 20) + 64              # a B frame (warehouse/console_worker.CSV_CHUNK)
+_downloads_lock = threading.Lock()
+_downloads: threading.BoundedSemaphore | None = None
+
+
+def _download_semaphore() -> threading.BoundedSemaphore:
+    global _downloads
+    with _downloads_lock:
+        if _downloads is None:
+            _downloads = threading.BoundedSemaphore(max(1, int(os.environ.get("ATLAS_CONSOLE_DOWNLOADS") or 2)))
+        return _downloads
+
+
+class CsvDownload:
+    """A console query's full result as CSV, written by a worker process and streamed from it in
+    chunks of at most 1 MiB, so the calling (dashboard) process never holds the result.
+
+        d = CsvDownload(path, sql)          # runs the query in a worker; raises like run_console_query
+        d.rows, d.size, d.truncated, d.note
+        for chunk in d.chunks(): ...        # the CSV bytes, d.size of them; then the worker is gone
+        d.close()                           # any time, from any thread: kill the worker
+
+    The worker runs the query under the console's inspection and caps (memory, ``timeout_s``
+    for the query and the CSV writing: default 60 s, env ``ATLAS_CONSOLE_DOWNLOAD_S``), writes at
+    most ``max_bytes`` of CSV (default 1 GB, env ``ATLAS_CONSOLE_DOWNLOAD_BYTES``; cut after the
+    batch that passes it, ``truncated`` and ``note`` say so) to an unlinked temporary file, closes
+    the warehouse, and then streams the file as the caller reads it (at most STREAM_LIMIT_S in
+    all). Nested and binary values are DuckDB's text for them. At most ``ATLAS_CONSOLE_DOWNLOADS``
+    (default 2) downloads run at once per process, beside the console's queries.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, sql: str, *, timeout_s: float | None = None,
+                 clip_text: Callable | None = None, max_bytes: int | str | None = None,
+                 memory_bytes: int | str | None = None) -> None:
+        timeout_s = float(timeout_s or os.environ.get("ATLAS_CONSOLE_DOWNLOAD_S") or DEFAULT_DOWNLOAD_S)
+        request, self.cap = _request(path, sql, 1, timeout_s, clip_text, max_bytes, memory_bytes,
+                                     "ATLAS_CONSOLE_DOWNLOAD_BYTES", DEFAULT_DOWNLOAD_BYTES,
+                                     mode="csv", stream_s=STREAM_LIMIT_S)
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._closed = False
+        self._slot = _download_semaphore()
+        if not self._slot.acquire(timeout=1.0):
+            raise ConsoleError("Other downloads are still running on this server; retry in a moment.")
+        self._w: _Worker | None = None
+        self._sent = 0
+        try:
+            self._start(request, clip_text)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, request: dict, clip_text) -> None:
+        self._w = w = _Worker()
+        w.wait_started()
+        w.cap = self.cap
+        self._end = time.monotonic() + STREAM_LIMIT_S
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            w.send(json.dumps(request).encode() + b"\n", deadline)
+            while True:
+                kind, payload = w.frame(deadline, 4 << 20)
+                if kind == b"C":
+                    _answer_clip_text(w, payload, clip_text, deadline)
+                elif kind == b"E":
+                    err = json.loads(payload)
+                    w.hwm = err.get("peak_rss")
+                    _raise_worker_error(err, self.cap, self.timeout_s)
+                elif kind == b"H":
+                    head = json.loads(payload)
+                    w.hwm = head.get("peak_rss")
+                    self.rows, self.size = int(head["rows"]), int(head["bytes"])
+                    self.truncated, self.note = bool(head.get("truncated")), head.get("note")
+                    return
+                else:
+                    raise ConsoleError("The query worker answered out of turn; retry.")
+        except _Overdue:
+            raise QueryTimeout(_timeout_message(self.timeout_s)) from None
+        except _Ended:
+            w.stop(grace_s=1.0)
+            raise _ended_error(w, self.cap) from None
+
+    def chunks(self):
+        """The CSV bytes, in the worker's chunks; raises ConsoleError if the worker stops early."""
+        try:
+            while self._sent < self.size:
+                if self._closed or self._w is None:
+                    raise ConsoleError("The download was stopped.")
+                try:
+                    kind, payload = self._w.frame(self._end, _CHUNK_MAX)
+                except _Overdue:
+                    raise ConsoleError(f"The download ran past {STREAM_LIMIT_S:g} s and was stopped.") from None
+                except (_Ended, OSError, ValueError):
+                    raise ConsoleError("The download was stopped: its worker ended early.") from None
+                if kind != b"B":
+                    raise ConsoleError("The query worker answered out of turn; the download was stopped.")
+                self._sent += len(payload)
+                yield payload
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Kill the worker (if it still runs) and free the download slot; idempotent, any thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            w, self._w = self._w, None
+        if w is not None:
+            w.stop()
+        self._slot.release()
+
+
 EXAMPLE_QUERIES: dict[str, str] = {
     "Colour heads of every model": """\
 -- heads labelled with the property 'colors', most consistent first
-SELECT model_id, head_name, association, entanglement, confidence, top_text
+SELECT model_id, head_name, association, tag_entropy, confidence, top_text
 FROM head_scores
 WHERE property = 'colors'
 ORDER BY association DESC, model_id, layer, head;""",
@@ -1060,8 +1250,20 @@ JOIN q ON e.model_id = q.model_id AND e.layer = q.layer AND e.head = q.head
 LEFT JOIN images i ON i.image_id = e.image_id
 ORDER BY share DESC
 LIMIT 8;""",
+    "Labels beyond chance, beside both baselines": """\
+-- Cohen's kappa over all heads: of the labels ('labeler'), of every constant labeler and of the
+-- tag-shuffled labeler (mean over its draws); invented = a property whose factor explains < 0.2
+SELECT model_id, dataset_id, labeling, count(*) AS draws, round(avg(kappa), 3) AS kappa,
+       round(avg(accuracy), 3) AS raw_agreement, round(avg(n_invented), 1) AS invented, any_value(n_heads) AS heads
+FROM labeling_agreement
+GROUP BY model_id, dataset_id, labeling
+ORDER BY model_id, dataset_id, kappa DESC NULLS LAST;""",
+    "Every score of every model": """\
+SELECT model_id, dataset_id, score, round(value, 3) AS value, round(lo, 3) AS lo, round(hi, 3) AS hi
+FROM model_measures
+ORDER BY model_id, dataset_id, score;""",
     "Model scores": """\
-SELECT model_id, association, entanglement, n_heads, n_analysed_heads, n_mixed_heads, n_properties
+SELECT model_id, association, tag_entropy, n_heads, n_analysed_heads, n_mixed_heads, n_properties
 FROM model_scores
 ORDER BY association DESC;""",
     "Label counts per property": """\
@@ -1069,7 +1271,7 @@ SELECT property, model_id, n_heads, share_of_heads, heads
 FROM property_heads
 ORDER BY property, n_heads DESC, model_id;""",
     "Per-layer scores": """\
-SELECT model_id, layer, association, entanglement, n_heads
+SELECT model_id, layer, association, tag_entropy, n_heads
 FROM layer_scores
 ORDER BY model_id, layer;""",
     "Recent job runs and their errors": """\

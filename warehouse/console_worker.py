@@ -226,6 +226,7 @@ def _run(req: dict, send, send_json, fail, inp, lock, opened: list) -> None:
         fail("busy", C._one_line(exc))
     try:
         try:
+            con.execute("SET enable_progress_bar = false")   # nothing on the dashboard's stderr
             C.harden(con)
             query = C.check_query(sql, con)
         except C.QueryRefused as exc:
@@ -237,8 +238,12 @@ def _run(req: dict, send, send_json, fail, inp, lock, opened: list) -> None:
         try:
             rel = con.sql(query)
             reader = rel.to_arrow_reader(1024) if rel is not None else None
+            if req.get("mode") == "csv":
+                _send_csv(reader, int(req["max_bytes"]), float(req.get("stream_s", 900)), send, send_json,
+                          close=lambda: _close(opened))
             _send_result(reader, int(req["max_rows"]), int(req["max_bytes"]), send, send_json,
-                         reusable=lambda: _reusable_after_run(req), close=lambda: _close(opened))
+                         reusable=lambda: _reusable_after_run(req), close=lambda: _close(opened),
+                         preview_chars=req.get("preview_chars"))
         except duckdb.PermissionException as exc:
             fail("refused", f"Refused: the query tried to access files, the network or "
                             f"settings, which the console does not allow ({C._one_line(exc)}).")
@@ -278,11 +283,17 @@ def _register_remote_clip_text(con, send_json, inp, lock) -> None:
     con.create_function("clip_text", clip_text, [T.VARCHAR, T.VARCHAR], duckdb.list_type(T.FLOAT))
 
 
-def _send_result(reader, max_rows: int, max_bytes: int, send, send_json, reusable, close) -> None:
-    """At most ``max_rows`` rows and ``max_bytes`` Arrow bytes as one Arrow IPC stream, sent
-    after ``close()`` (the warehouse is free when the caller has the rows); raises
-    :class:`_Done` with ``reusable()``."""
+def _send_result(reader, max_rows: int, max_bytes: int, send, send_json, reusable, close,
+                 preview_chars: int | None = None) -> None:
+    """At most ``max_rows`` rows and ``max_bytes`` bytes as one Arrow IPC stream, sent after
+    ``close()`` (the warehouse is free when the caller has the rows); raises :class:`_Done` with
+    ``reusable()``. With ``preview_chars``, text, binary and nested values are previews of at most
+    that many characters (warehouse/console_cells.py) and ``max_bytes`` caps what the previews cost
+    once shown (their Arrow bytes plus a Python string's overhead per text cell); else it caps Arrow
+    bytes."""
     import pyarrow as pa
+
+    from warehouse.console_cells import Previewer, display_bytes
 
     if reader is None:                                   # a statement without a result
         ipc = _ipc(pa.schema([]), [])
@@ -292,7 +303,9 @@ def _send_result(reader, max_rows: int, max_bytes: int, send, send_json, reusabl
                          "reusable": ok})
         send(b"A", ipc)
         raise _Done(ok)
-    schema = reader.schema
+    preview = Previewer(reader.schema, int(preview_chars)) if preview_chars else None
+    schema = preview.out_schema() if preview else reader.schema
+    cost = display_bytes if preview else (lambda b, k=None: b.slice(0, b.num_rows if k is None else k).nbytes)
     batches, rows, nbytes, note = [], 0, 0, None
     for batch in reader:
         if not batch.num_rows:
@@ -302,8 +315,10 @@ def _send_result(reader, max_rows: int, max_bytes: int, send, send_json, reusabl
             break
         if rows + batch.num_rows > max_rows:
             batch, note = batch.slice(0, max_rows - rows), f"stopped at the first {max_rows:,} rows"
-        if nbytes + batch.nbytes > max_bytes:
-            keep = _rows_that_fit(batch, max_bytes - nbytes)
+        if preview:
+            batch = preview(batch)
+        if nbytes + cost(batch) > max_bytes:
+            keep = _rows_that_fit(batch, max_bytes - nbytes, cost)
             batch = batch.slice(0, keep)
             note = (f"stopped at the first {rows + keep:,} rows: the result passed the "
                     f"{_mb(max_bytes)} limit on result data" if rows + keep else
@@ -312,17 +327,70 @@ def _send_result(reader, max_rows: int, max_bytes: int, send, send_json, reusabl
         if batch.num_rows:
             batches.append(batch)
             rows += batch.num_rows
-            nbytes += batch.nbytes
+            nbytes += cost(batch)
         if note:
             break
     ipc = _ipc(schema, batches)
     del batches, reader
+    if preview:
+        preview.close()
     close()
     ok = reusable()
     send_json(b"R", {"rows": rows, "truncated": note is not None, "note": note, "peak_rss": peak_rss(),
                      "reusable": ok})
     send(b"A", ipc)
     raise _Done(ok)
+
+
+CSV_CHUNK = 1 << 20          # bytes per B frame of a download
+
+
+def _send_csv(reader, max_bytes: int, stream_s: float, send, send_json, close) -> None:
+    """The whole result as CSV (warehouse/console_cells.CsvText: nested and binary values as DuckDB's
+    text), at most ``max_bytes`` of it (cut after the batch that passes the cap), written to an
+    unlinked temporary file while the query runs; then the warehouse is closed, an H frame says
+    the size, and the file follows in B frames of at most CSV_CHUNK bytes, which the caller reads
+    as its client takes them (the backstop alarm is moved to ``stream_s``). Never reusable."""
+    import itertools
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from warehouse.console_cells import CsvText
+
+    rows, size, note = 0, 0, None
+    with tempfile.TemporaryFile(prefix="atlas-console-") as f:
+        if reader is not None:
+            text = CsvText(reader.schema)
+            for batch in itertools.chain([None], reader):    # None: the header line
+                if batch is not None and not batch.num_rows:
+                    continue
+                table = (pa.Table.from_batches([text(batch)], schema=text.out_schema()) if batch is not None
+                         else text.out_schema().empty_table())
+                buf = pa.BufferOutputStream()
+                pcsv.write_csv(table, buf, write_options=pcsv.WriteOptions(include_header=batch is None))
+                data = buf.getvalue()
+                f.write(data)
+                size += data.size
+                rows += table.num_rows
+                if size > max_bytes:
+                    note = (f"the download stopped at {rows:,} rows: it passed the {_mb(max_bytes)} limit on "
+                            f"downloads")
+                    break
+            text.close()
+        del reader
+        close()
+        send_json(b"H", {"rows": rows, "bytes": size, "truncated": note is not None, "note": note,
+                         "peak_rss": peak_rss()})
+        signal.alarm(math.ceil(stream_s) + 5)
+        f.seek(0)
+        while True:
+            chunk = f.read(CSV_CHUNK)
+            if not chunk:
+                break
+            send(b"B", chunk)
+    raise _Done(False)
 
 
 def _reusable_after_run(req: dict) -> bool:
@@ -333,12 +401,12 @@ def _reusable_after_run(req: dict) -> bool:
         and len(req["sql"]) <= REUSE_MAX_SQL_CHARS
 
 
-def _rows_that_fit(batch, budget: int) -> int:
-    """The largest k with batch[:k].nbytes <= budget (binary search; nbytes counts a slice's range)."""
+def _rows_that_fit(batch, budget: int, cost) -> int:
+    """The largest k with cost(batch, k) <= budget (binary search; cost grows with k)."""
     lo, hi = 0, batch.num_rows
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if batch.slice(0, mid).nbytes <= budget:
+        if cost(batch, mid) <= budget:
             lo = mid
         else:
             hi = mid - 1

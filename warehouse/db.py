@@ -61,6 +61,7 @@ __all__ = [
     "pending_migrations",
     "available_migrations",
     "optimize",
+    "is_clustered",
     "in_place_shard_files",
     "release_readers",
 ]
@@ -527,7 +528,9 @@ def optimize(con: duckdb.DuckDBPyConnection, model_id: str | None = None) -> int
     rows batch by batch (all heads of a batch of images interleaved), so it must call this at
     its end, inside a :func:`writer`, for the model it embedded: ``optimize(con, model_id)``.
     Only that model's rows are rewritten (``model_id=None`` rewrites every model, one at a
-    time). Idempotent; a killed job leaves correct but unclustered rows until the next call.
+    time), and only when they are not in that order already (:func:`is_clustered`): a rerun
+    that added nothing rewrites nothing, so the file does not grow. Idempotent; a killed job
+    leaves correct but unclustered rows until the next call.
     """
     from .writes import head_embeddings_target
     table = head_embeddings_target(con)   # the table's own rows, never those of shards read in place
@@ -538,6 +541,8 @@ def optimize(con: duckdb.DuckDBPyConnection, model_id: str | None = None) -> int
         models = [model_id]
     moved = 0
     for m in models:
+        if is_clustered(con, m):
+            continue
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _atlas_sorted_heads AS
             SELECT model_id, image_id, layer, head, vec FROM {table}
@@ -547,6 +552,22 @@ def optimize(con: duckdb.DuckDBPyConnection, model_id: str | None = None) -> int
                              "SELECT * FROM _atlas_sorted_heads").fetchall()[0][0]
         con.execute("DROP TABLE _atlas_sorted_heads")
     return moved
+
+
+def is_clustered(con: duckdb.DuckDBPyConnection, model_id: str) -> bool:
+    """Whether the head-embedding rows of ``model_id`` (the table's own, as :func:`optimize` sees them)
+    lie in storage order sorted by (layer, head, image_id): one scan of three key columns in rowid
+    order, no vectors read (a few ms for 100,000 rows)."""
+    from .writes import head_embeddings_target
+    table = head_embeddings_target(con)
+    (unsorted,) = con.execute(f"""
+        SELECT count(*) FROM (
+            SELECT layer, head, image_id, lag(layer) OVER w AS pl, lag(head) OVER w AS ph,
+                   lag(image_id) OVER w AS pi
+            FROM {table} WHERE model_id = ? WINDOW w AS (ORDER BY rowid))
+        WHERE pl > layer OR (pl = layer AND (ph > head OR (ph = head AND pi > image_id)))""",
+                              [model_id]).fetchone()
+    return unsorted == 0
 
 
 def in_place_shard_files(con: duckdb.DuckDBPyConnection) -> list[str]:

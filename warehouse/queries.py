@@ -66,7 +66,8 @@ def has_relation(path, name: str) -> bool:
 
 
 def models(path) -> pd.DataFrame:
-    """One row per model: the `models` columns plus embedded image and labelled head counts."""
+    """One row per model, smallest image tower first (layers x width², then model_id: the order of every
+    chart and list of models): the `models` columns plus embedded image and labelled head counts."""
     return _df(path, """
         SELECT m.model_id, m.arch, m.pretrained, m.source, m.checkpoint_path, m.seed,
                m.layers, m.heads, m.width, m.embed_dim, m.patch_size, m.image_size, m.pooling,
@@ -74,7 +75,7 @@ def models(path) -> pd.DataFrame:
                (SELECT count(*) FROM image_embeddings e WHERE e.model_id = m.model_id) AS n_images,
                (SELECT count(*) FROM head_labels hl WHERE hl.model_id = m.model_id) AS n_labelled_heads,
                m.created_at
-        FROM models m ORDER BY m.model_id""")
+        FROM models m ORDER BY m.layers * m.width * m.width, m.model_id""")
 
 
 def model_row(path, model_id: str) -> dict:
@@ -93,7 +94,7 @@ def head_grid(path, model_id: str) -> pd.DataFrame:
     """Every (layer, head) of the model with its label, confidence, first text, and whether analysed.
 
     Columns: layer, head, analysed (bool), property ('not analysed' / 'unlabelled' when none),
-    confidence, top_text, top_variance.
+    confidence, p_value, top_text, top_variance.
     """
     return _df(path, """
         WITH m AS (SELECT * FROM models WHERE model_id = $m),
@@ -104,7 +105,7 @@ def head_grid(path, model_id: str) -> pd.DataFrame:
         SELECT g.layer, g.head, g.analysed,
                CASE WHEN hl.property IS NOT NULL THEN hl.property
                     WHEN g.analysed THEN 'unlabelled' ELSE 'not analysed' END AS property,
-               hl.confidence, t.text AS top_text, ht.variance_explained AS top_variance
+               hl.confidence, hl.p_value, t.text AS top_text, ht.variance_explained AS top_variance
         FROM grid g
         LEFT JOIN head_labels hl ON hl.model_id = $m AND hl.layer = g.layer AND hl.head = g.head
         LEFT JOIN head_texts ht ON ht.model_id = $m AND ht.layer = g.layer AND ht.head = g.head AND ht.rank = 0
@@ -113,8 +114,9 @@ def head_grid(path, model_id: str) -> pd.DataFrame:
 
 
 def head_label(path, model_id: str, layer: int, head: int) -> dict:
-    """The head_labels row of one head ({} when the head is not labelled)."""
-    df = _df(path, """SELECT property, confidence, labeler, prompt_hash, raw, run_id FROM head_labels
+    """The head_labels row of one head ({} when the head is not labelled); p_value is the offline
+    labeler's shuffled-tag p-value (NULL for other labelers)."""
+    df = _df(path, """SELECT property, confidence, p_value, labeler, prompt_hash, raw, run_id FROM head_labels
                       WHERE model_id = $m AND layer = $l AND head = $h""",
              {"m": model_id, "l": int(layer), "h": int(head)})
     return df.iloc[0].to_dict() if len(df) else {}
@@ -130,7 +132,7 @@ def head_texts(path, model_id: str, layer: int, head: int) -> pd.DataFrame:
 
 
 def head_score(path, model_id: str, layer: int, head: int) -> dict:
-    """The `head_scores` row (association, entanglement, ...) of one head; {} when absent."""
+    """The `head_scores` row (association, tag_entropy, ...) of one head; {} when absent."""
     if not has_relation(path, "head_scores"):
         return {}
     df = _df(path, "SELECT * FROM head_scores WHERE model_id = $m AND layer = $l AND head = $h",
@@ -160,6 +162,13 @@ def images(path, model_id: str, limit: int = 5000) -> pd.DataFrame:
         SELECT i.image_id, i.label, i.caption FROM images i
         WHERE EXISTS (SELECT 1 FROM image_embeddings e WHERE e.model_id = $m AND e.image_id = i.image_id)
         ORDER BY i.image_id LIMIT $k""", {"m": model_id, "k": int(limit)})
+
+
+def image_embedded(path, model_id: str, image_id: str) -> bool:
+    """Whether the model has an image embedding of ``image_id`` (a link's image is checked with it)."""
+    df = _df(path, "SELECT count(*) AS n FROM image_embeddings WHERE model_id = $m AND image_id = $i",
+             {"m": model_id, "i": str(image_id)})
+    return bool(df.n.iloc[0])
 
 
 def image_record(path, image_id: str) -> dict:
@@ -490,7 +499,7 @@ def stored_text_vector(path, model_id: str, text: str) -> Optional[np.ndarray]:
 
 
 def head_scores(path) -> pd.DataFrame:
-    """The `head_scores` view (association and entanglement per labelled head, all models)."""
+    """The `head_scores` view (association and tag_entropy per labelled head, all models)."""
     if not has_relation(path, "head_scores"):
         return pd.DataFrame()
     return _df(path, "SELECT * FROM head_scores ORDER BY model_id, layer, head")
@@ -566,48 +575,64 @@ def head_label_truth(path, model_id: str) -> pd.DataFrame:
                {"m": model_id})
 
 
-def model_study(path) -> pd.DataFrame:
-    """One row per model, smallest first: its size and its scores with 95 % intervals.
+def label_kappa(path) -> pd.DataFrame:
+    """The `label_kappa` view: per model and shapes dataset, Cohen's kappa of the labels with its
+    head-bootstrap interval, wrong and invented labels, beside the best constant labeler and the
+    tag-shuffled labeler (migration 007)."""
+    return _df(path, "SELECT * FROM label_kappa ORDER BY model_id, dataset_id")
 
-    association / entanglement: mean over labelled heads +- 1.96 standard errors (lo, hi);
-    agreement (right / specialised) and false_label_rate (false / unspecialised) on each
-    shapes dataset with Wilson score intervals. Columns: model_id, source, layers, width,
-    heads, n_heads, association, association_lo, association_hi, entanglement,
-    entanglement_lo, entanglement_hi, dataset_id, n_specialised, n_right, agreement,
-    agreement_lo, agreement_hi, n_unspecialised, n_false, false_label_rate, false_lo, false_hi.
-    """
+
+def paper_scores(path) -> pd.DataFrame:
+    """The `paper_scores` view: Madasu et al.'s association and entanglement as read (migration 007)."""
+    return _df(path, "SELECT * FROM paper_scores ORDER BY model_id")
+
+
+def model_measures(path) -> pd.DataFrame:
+    """Every score of every model on each shapes dataset (`model_measures`, long: model_id, dataset_id,
+    score, value, lo, hi), with the model's image tower (source, layers, width, heads)."""
     return _df(path, """
-        WITH scores AS (
-            SELECT model_id, count(*) AS n_heads,
-                   avg(association) AS association, stddev_samp(association) / sqrt(count(*)) AS a_se,
-                   avg(entanglement) AS entanglement, stddev_samp(entanglement) / sqrt(count(*)) AS e_se
-            FROM head_scores WHERE property IS NOT NULL GROUP BY model_id
-        ),
-        wilson AS (
-            SELECT *, 1.96 AS z,
-                   CAST(n_right AS DOUBLE) / nullif(n_specialised, 0) AS p1,
-                   CAST(n_false AS DOUBLE) / nullif(n_unspecialised, 0) AS p2
-            FROM label_agreement
-        )
-        SELECT m.model_id, m.source, m.layers, m.width, m.heads, s.n_heads,
-               s.association, s.association - 1.96 * s.a_se AS association_lo,
-               s.association + 1.96 * s.a_se AS association_hi,
-               s.entanglement, s.entanglement - 1.96 * s.e_se AS entanglement_lo,
-               s.entanglement + 1.96 * s.e_se AS entanglement_hi,
-               w.dataset_id, w.n_specialised, w.n_right, w.p1 AS agreement,
-               (w.p1 + z*z/(2*w.n_specialised) - z*sqrt(w.p1*(1-w.p1)/w.n_specialised + z*z/(4*w.n_specialised*w.n_specialised)))
-                   / (1 + z*z/w.n_specialised) AS agreement_lo,
-               (w.p1 + z*z/(2*w.n_specialised) + z*sqrt(w.p1*(1-w.p1)/w.n_specialised + z*z/(4*w.n_specialised*w.n_specialised)))
-                   / (1 + z*z/w.n_specialised) AS agreement_hi,
-               w.n_unspecialised, w.n_false, w.p2 AS false_label_rate,
-               (w.p2 + z*z/(2*w.n_unspecialised) - z*sqrt(w.p2*(1-w.p2)/w.n_unspecialised + z*z/(4*w.n_unspecialised*w.n_unspecialised)))
-                   / (1 + z*z/w.n_unspecialised) AS false_lo,
-               (w.p2 + z*z/(2*w.n_unspecialised) + z*sqrt(w.p2*(1-w.p2)/w.n_unspecialised + z*z/(4*w.n_unspecialised*w.n_unspecialised)))
-                   / (1 + z*z/w.n_unspecialised) AS false_hi
-        FROM models m
-        JOIN scores s USING (model_id)
-        LEFT JOIN wilson w USING (model_id)
-        ORDER BY m.layers * m.width * m.width, m.model_id, w.dataset_id""")
+        SELECT mm.*, m.source, m.layers, m.width, m.heads
+        FROM model_measures mm JOIN models m USING (model_id)
+        ORDER BY m.layers * m.width * m.width, mm.model_id, mm.dataset_id, mm.score""")
+
+
+def shapes_datasets(path) -> list[str]:
+    """The shapes-world datasets of the warehouse (those with ground truth), by name."""
+    with connect(path, read_only=True) as con:
+        return [r[0] for r in con.execute("SELECT dataset_id FROM datasets WHERE source = 'shapes' "
+                                          "ORDER BY dataset_id").fetchall()]
+
+
+def models_with_truth(path, dataset_id: str) -> list[str]:
+    """The models with labels and ground truth (head_truth) on a shapes dataset."""
+    with connect(path, read_only=True) as con:
+        return [r[0] for r in con.execute(
+            "SELECT DISTINCT model_id FROM head_truth JOIN head_labels USING (model_id, layer, head) "
+            "WHERE dataset_id = ? ORDER BY model_id", [dataset_id]).fetchall()]
+
+
+def measures_of(path, model_id: str, dataset_id: str) -> dict[str, tuple]:
+    """{score: (value, lo, hi)} of one model on one shapes dataset (`model_measures`)."""
+    with connect(path, read_only=True) as con:
+        return {r[0]: tuple(r[1:]) for r in con.execute(
+            "SELECT score, value, lo, hi FROM model_measures WHERE model_id = ? AND dataset_id = ?",
+            [model_id, dataset_id]).fetchall()}
+
+
+def study_tables(path, study: Optional[str] = None) -> dict[str, pd.DataFrame]:
+    """A stored size study (`python -m etl study`): {'scores', 'sizes', 'verdicts', 'seeds'} frames;
+    the study named ``study``, else the one written last. Empty frames before any study."""
+    with connect(path, read_only=True) as con:
+        if study is None:
+            row = con.execute("SELECT s.study FROM study_verdicts s LEFT JOIN runs r USING (run_id) "
+                              "ORDER BY r.finished_at DESC NULLS LAST LIMIT 1").fetchone()
+            study = row[0] if row else ""
+        out = {t: con.execute(f"SELECT * FROM study_{t} WHERE study = ? ORDER BY ALL", [study]).fetchdf()
+               for t in ("scores", "sizes", "verdicts")}
+        out["sizes"] = con.execute("SELECT * FROM study_sizes WHERE study = ? "
+                                   "ORDER BY image_params NULLS LAST, size, score", [study]).fetchdf()
+        out["seeds"] = con.execute("SELECT * FROM world_seeds ORDER BY seed, role").fetchdf()
+    return out
 
 
 # --------------------------------------------------------------------------- matrices for the jobs
@@ -810,6 +835,14 @@ def head_label_state(path, model_id: str) -> dict[Head, tuple[str, Optional[str]
             [model_id]).fetchall()}
 
 
+def baseline_label_state(path, model_id: str, baseline: str) -> dict[Head, tuple[int, Optional[str]]]:
+    """{(layer, head): (draws stored, prompt_hash)} of a baseline labeler's labels of the model's heads."""
+    with connect(path, read_only=True) as con:
+        return {(int(l), int(h)): (int(n), ph) for l, h, n, ph in con.execute(
+            "SELECT layer, head, count(*), any_value(prompt_hash) FROM baseline_labels "
+            "WHERE model_id = ? AND baseline = ? GROUP BY layer, head", [model_id, baseline]).fetchall()}
+
+
 def judged_texts(path, model_id: str, judge: str) -> set[tuple[int, int, str, str]]:
     """(layer, head, text_id, property) already judged by ``judge`` for the model."""
     with connect(path, read_only=True) as con:
@@ -822,9 +855,9 @@ def score_rows(path, model_id: Optional[str] = None, heads: bool = False) -> tup
     """(model_scores rows, head_scores rows if ``heads``) as dicts, for one model or all."""
     where, params = ("WHERE model_id = ?", [model_id]) if model_id else ("", [])
     with connect(path, read_only=True) as con:
-        m = con.execute(f"SELECT model_id, association, entanglement, n_heads FROM model_scores {where} "
+        m = con.execute(f"SELECT model_id, association, tag_entropy, n_heads FROM model_scores {where} "
                         "ORDER BY model_id", params).fetchdf()
-        h = con.execute(f"SELECT model_id, layer, head, property, association, entanglement FROM head_scores "
+        h = con.execute(f"SELECT model_id, layer, head, property, association, tag_entropy FROM head_scores "
                         f"{where} ORDER BY model_id, layer, head", params).fetchdf() if heads else pd.DataFrame()
     return m.to_dict("records"), h.to_dict("records")
 
@@ -834,7 +867,8 @@ def factor_head_embeddings(path, model_id: str, dataset_id: str
     """Head embeddings of a labelled (shapes) dataset with the factor values of each image.
 
     Returns (X float32 [n, L', H, d] in image_id order, analysed layers [L'],
-    {factor: value per image, None where unknown}); X has 0 rows when nothing is stored.
+    {factor: value per image, None where unknown}, factors in name order); X has 0 rows when
+    nothing is stored.
     """
     with connect(path, read_only=True) as con:
         tab = con.sql(
@@ -843,7 +877,7 @@ def factor_head_embeddings(path, model_id: str, dataset_id: str
             params=[model_id, dataset_id]).to_arrow_table()
         facts = con.execute(
             "SELECT f.image_id, f.factor, f.value FROM image_factors f JOIN images i USING (image_id) "
-            "WHERE i.dataset_id = ?", [dataset_id]).fetchall()
+            "WHERE i.dataset_id = ? ORDER BY f.factor", [dataset_id]).fetchall()   # factors in one order: the splits
     if tab.num_rows == 0 or not facts:
         return np.zeros((0, 0, 0, 0), np.float32), [], {}
     ids = tab.column("image_id").to_pylist()
@@ -926,3 +960,150 @@ def text_matrix(path, model_id: str) -> tuple[list[str], np.ndarray]:
         tab = con.sql("SELECT text_id, vec FROM text_embeddings WHERE model_id = ? ORDER BY text_id",
                       params=[model_id]).to_arrow_table()
     return tab.column("text_id").to_pylist(), _vectors(tab)
+
+
+# --------------------------------------------------------------------------- neurons (migration 008)
+
+def neuron_layers(path, model_id: str) -> pd.DataFrame:
+    """The model's analysed MLP layers (`neuron_layers` rows), by layer; empty when none (or before 008)."""
+    if not has_relation(path, "neuron_layers"):
+        return pd.DataFrame(columns=["layer"])
+    return _df(path, "SELECT * FROM neuron_layers WHERE model_id = $m ORDER BY layer", {"m": model_id})
+
+
+def neuron_atlas(path, model_id: str, layer: int) -> pd.DataFrame:
+    """One row per neuron of an analysed layer: neuron, label (the labeler's), mean_norm, q99,
+    max_norm, share_matters, pc_share, recon_r2, top_text (its first sparse text), top_coef,
+    top_factor and top_eta2 (NULL off the shapes world), specialised."""
+    return _df(path, """
+        SELECT s.neuron, coalesce(l.property, 'unlabelled') AS label, s.mean_norm, s.q99, s.max_norm,
+               s.share_matters, s.pc_share, s.recon_r2, t.text AS top_text, nt.coef AS top_coef,
+               tr.top_factor, tr.top_eta2, coalesce(tr.specialised, false) AS specialised
+        FROM neuron_stats s
+        LEFT JOIN neuron_labels l ON l.model_id = s.model_id AND l.layer = s.layer AND l.neuron = s.neuron
+              AND l.labeling = 'labeler'
+        LEFT JOIN neuron_texts nt ON nt.model_id = s.model_id AND nt.layer = s.layer AND nt.neuron = s.neuron
+              AND nt.rank = 0
+        LEFT JOIN texts t ON t.text_id = nt.text_id
+        LEFT JOIN neuron_truth tr ON tr.model_id = s.model_id AND tr.layer = s.layer AND tr.neuron = s.neuron
+        WHERE s.model_id = $m AND s.layer = $l
+        ORDER BY s.neuron""", {"m": model_id, "l": int(layer)})
+
+
+def neuron_record(path, model_id: str, layer: int, neuron: int) -> dict:
+    """One neuron's `neuron_stats` row with its label (property, confidence, p_value): pc as float32
+    [d], hist_counts as a list; {} when the neuron is not stored."""
+    df = _df(path, """
+        SELECT s.*, l.property AS label, l.confidence, l.p_value
+        FROM neuron_stats s
+        LEFT JOIN neuron_labels l ON l.model_id = s.model_id AND l.layer = s.layer AND l.neuron = s.neuron
+              AND l.labeling = 'labeler'
+        WHERE s.model_id = $m AND s.layer = $l AND s.neuron = $n""",
+             {"m": model_id, "l": int(layer), "n": int(neuron)})
+    if df.empty:
+        return {}
+    row = df.iloc[0].to_dict()
+    row["pc"] = np.asarray(row["pc"], dtype=np.float32)
+    row["hist_counts"] = [int(c) for c in row["hist_counts"]]
+    return row
+
+
+def neuron_texts(path, model_id: str, layer: int, neuron: int) -> pd.DataFrame:
+    """A neuron's sparse text decomposition in the order chosen: rank, text, tag, coef, gain."""
+    return _df(path, """
+        SELECT nt.rank, t.text, t.property AS tag, nt.coef, nt.gain
+        FROM neuron_texts nt LEFT JOIN texts t USING (text_id)
+        WHERE nt.model_id = $m AND nt.layer = $l AND nt.neuron = $n ORDER BY nt.rank""",
+               {"m": model_id, "l": int(layer), "n": int(neuron)})
+
+
+def neuron_top_images(path, model_id: str, layer: int, neuron: int, k: int = 16) -> pd.DataFrame:
+    """The images of largest effect norm: rank, image_id, norm, projection (on pc), label, caption, thumbnail."""
+    return _df(path, f"""
+        SELECT n.rank, n.image_id, n.norm, n.projection, {_IMAGE_COLUMNS}
+        FROM neuron_top_images n JOIN images i USING (image_id)
+        WHERE n.model_id = $m AND n.layer = $l AND n.neuron = $n ORDER BY n.rank LIMIT $k""",
+               {"m": model_id, "l": int(layer), "n": int(neuron), "k": int(k)})
+
+
+def neuron_factors(path, model_id: str, layer: int, neuron: int) -> pd.DataFrame:
+    """eta2 of every factor for one neuron (dataset_id, factor, eta2), highest first, with the
+    neuron's truth (top_factor, specialised) on each row."""
+    return _df(path, """
+        SELECT v.dataset_id, v.factor, v.eta2, t.top_factor, t.specialised, t.true_property
+        FROM neuron_factor_variance v
+        JOIN neuron_truth t USING (model_id, dataset_id, layer, neuron)
+        WHERE v.model_id = $m AND v.layer = $l AND v.neuron = $n ORDER BY v.dataset_id, v.eta2 DESC""",
+               {"m": model_id, "l": int(layer), "n": int(neuron)})
+
+
+def neuron_heads(path, model_id: str, layer: int, neuron: int) -> pd.DataFrame:
+    """How much of one neuron's effect goes through each later head: head_layer, head, effect."""
+    return _df(path, """
+        SELECT head_layer, head, effect FROM neuron_head_effects
+        WHERE model_id = $m AND layer = $l AND neuron = $n ORDER BY head_layer, head""",
+               {"m": model_id, "l": int(layer), "n": int(neuron)})
+
+
+def neurons_behind_head(path, model_id: str, head_layer: int, head: int, k: int = 20) -> pd.DataFrame:
+    """The stored neurons (every analysed MLP layer before the head) whose effect goes most through
+    head (head_layer, head): layer, neuron, effect, label."""
+    if not has_relation(path, "neuron_head_effects"):
+        return pd.DataFrame(columns=["layer", "neuron", "effect", "label"])
+    return _df(path, """
+        SELECT e.layer, e.neuron, e.effect, coalesce(l.property, 'unlabelled') AS label
+        FROM neuron_head_effects e
+        LEFT JOIN neuron_labels l ON l.model_id = e.model_id AND l.layer = e.layer AND l.neuron = e.neuron
+              AND l.labeling = 'labeler'
+        WHERE e.model_id = $m AND e.head_layer = $hl AND e.head = $h
+        ORDER BY e.effect DESC, e.layer, e.neuron LIMIT $k""",
+               {"m": model_id, "hl": int(head_layer), "h": int(head), "k": int(k)})
+
+
+def neurons_writing(path, model_id: str, direction, k: int = 20, layer: Optional[int] = None) -> pd.DataFrame:
+    """Neurons ranked by the cosine of their principal direction with a unit direction (a text):
+    layer, neuron, cosine, label, share_matters, mean_norm; every analysed layer unless `layer`."""
+    return _df(path, """
+        SELECT s.layer, s.neuron, list_inner_product(s.pc, $v::FLOAT[]) AS cosine,
+               coalesce(l.property, 'unlabelled') AS label, s.share_matters, s.mean_norm
+        FROM neuron_stats s
+        LEFT JOIN neuron_labels l ON l.model_id = s.model_id AND l.layer = s.layer AND l.neuron = s.neuron
+              AND l.labeling = 'labeler'
+        WHERE s.model_id = $m AND ($l IS NULL OR s.layer = $l)
+        ORDER BY cosine DESC, s.layer, s.neuron LIMIT $k""",
+               {"m": model_id, "v": _vec(direction), "k": int(k), "l": None if layer is None else int(layer)})
+
+
+def neuron_ablations(path, model_id: str) -> pd.DataFrame:
+    """The zero-shot check of the model's analysed layers: layer, eval, variant, factor, accuracy."""
+    if not has_relation(path, "neuron_ablations"):
+        return pd.DataFrame(columns=["layer", "eval", "variant", "factor", "accuracy"])
+    return _df(path, "SELECT layer, eval, variant, factor, accuracy FROM neuron_ablations WHERE model_id = $m "
+                     "ORDER BY layer, eval, variant, factor", {"m": model_id})
+
+
+def neuron_label_agreement(path, model_id: Optional[str] = None) -> pd.DataFrame:
+    """Per (model, dataset, layer): the labeler's kappa against the known factors (MATH.md §11, for
+    neurons), the specialised neurons and how many of their labels are right, and the tag-shuffled
+    labelings' mean kappa beside it (kappa_shuffled, n_draws)."""
+    return _df(path, """
+        SELECT a.model_id, a.dataset_id, a.layer, a.n_neurons, a.n_specialised, a.n_right,
+               a.accuracy, a.kappa,
+               (SELECT avg(b.kappa) FROM neuron_label_agreement b WHERE b.model_id = a.model_id
+                  AND b.dataset_id = a.dataset_id AND b.layer = a.layer AND b.labeling = 'tag-shuffled') AS kappa_shuffled,
+               (SELECT count(*) FROM neuron_label_agreement b WHERE b.model_id = a.model_id
+                  AND b.dataset_id = a.dataset_id AND b.layer = a.layer AND b.labeling = 'tag-shuffled') AS n_draws
+        FROM neuron_label_agreement a
+        WHERE a.labeling = 'labeler' AND ($m IS NULL OR a.model_id = $m)
+        ORDER BY a.model_id, a.dataset_id, a.layer""", {"m": model_id})
+
+
+def neuron_alpha_rows(path, model_id: str, layer: int, neuron: int, paths: int) -> tuple[list[str], np.ndarray]:
+    """One neuron's stored per-image alpha (--store-alpha): (image_ids sorted, alpha float32 [n, P]);
+    paths: P = neuron_layers.later_heads * pool_heads."""
+    K = int(paths)
+    start = int(neuron) * K + 1
+    with connect(path, read_only=True) as con:
+        tab = con.sql("SELECT image_id, list_slice(alpha, ?, ?) AS a FROM neuron_alpha WHERE model_id = ? AND "
+                      "layer = ? ORDER BY image_id", params=[start, start + K - 1, model_id, int(layer)]).to_arrow_table()
+    return tab.column("image_id").to_pylist(), _vectors(tab, "a").reshape(-1, K)

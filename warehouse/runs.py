@@ -27,14 +27,14 @@ import os
 import secrets
 import socket
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import duckdb
 
 from .db import writer
 
 __all__ = ["STATUSES", "RunId", "new_run_id", "start_run", "finish_run", "record_error", "run_record",
-           "completed_run", "mark_interrupted", "pid_alive", "effective_status", "this_host"]
+           "completed_run", "up_to_date", "changed_since_start", "mark_interrupted", "pid_alive", "effective_status", "this_host"]
 
 STATUSES = ("running", "ok", "skipped", "failed", "interrupted")
 
@@ -159,3 +159,45 @@ def completed_run(path: str | os.PathLike | None, job: str, params: dict) -> str
         row = con.execute("SELECT run_id FROM runs WHERE job = ? AND status = 'ok' AND params::VARCHAR = ? "
                           "ORDER BY started_at DESC LIMIT 1", [job, _params_json(params)]).fetchone()
     return row[0] if row else None
+
+
+def _others_since(con, job: str, since, key: Optional[str], value: Optional[str]) -> int:
+    """Runs of jobs other than ``job`` for ``params[key] == value`` (any params when ``key`` is None)
+    that started after ``since`` and did not end 'skipped'."""
+    if key is None:
+        (n,) = con.execute("SELECT count(*) FROM runs WHERE job <> ? AND started_at > ? AND status <> 'skipped'",
+                           [job, since]).fetchone()
+        return int(n)
+    (n,) = con.execute("SELECT count(*) FROM runs WHERE job <> ? AND started_at > ? AND status <> 'skipped' "
+                       "AND json_extract_string(params, '$.' || ?) = ?", [job, since, key, value]).fetchone()
+    return int(n)
+
+
+def up_to_date(path: str | os.PathLike | None, job: str, params: dict, key: Optional[str] = "model_id") -> str | None:
+    """The latest 'ok' or 'skipped' run of ``job`` with exactly these ``params`` after which no other
+    job changed anything for the same ``params[key]`` (no run of another job with that key started
+    after it finished, except runs that ended 'skipped'); None when there is none. What `run-zoo` asks
+    before loading a model: a pipeline that completed and was not touched since has nothing left to do.
+    ``key`` None: no other job changed anything at all since (what an in-place study asks)."""
+    from .db import connect
+    if path is None or not os.path.exists(path):
+        return None
+    with connect(path, read_only=True) as con:
+        row = con.execute("SELECT run_id, finished_at FROM runs WHERE job = ? AND status IN ('ok', 'skipped') "
+                          "AND params::VARCHAR = ? ORDER BY started_at DESC LIMIT 1",
+                          [job, _params_json(params)]).fetchone()
+        if row is None:
+            return None
+        value = None if key is None else str(params[key])
+        return row[0] if _others_since(con, job, row[1], key, value) == 0 else None
+
+
+def changed_since_start(path: str | os.PathLike | None, run_id: str, key: str = "model_id") -> bool:
+    """Whether a run of another job for the same ``params[key]`` as run ``run_id`` (a composing job such
+    as `run`) started after it and did more than skip: the composing job then did work."""
+    from .db import connect
+    with connect(path, read_only=True) as con:
+        job, started, value = con.execute(
+            "SELECT job, started_at, json_extract_string(params, '$.' || ?) FROM runs WHERE run_id = ?",
+            [key, run_id]).fetchone()
+        return _others_since(con, job, started, key, value) > 0

@@ -256,6 +256,95 @@ def replace_probes(con, model_id: str, dataset_id: str, probes: Sequence[dict], 
                  [(model_id, dataset_id, r["layer"], r["head"], r["factor"], r["eta2"], run_id) for r in eta2])
 
 
+def replace_baseline_labels(con, model_id: str, baseline: str, layer: int, head: int,
+                            labels: Sequence[str], prompt_hash: Optional[str], run_id: Optional[str]) -> None:
+    """A head's labels by a baseline labeler, one per draw (labels[d] is draw d's)."""
+    con.execute("DELETE FROM baseline_labels WHERE model_id = ? AND baseline = ? AND layer = ? AND head = ?",
+                [model_id, baseline, layer, head])
+    _insert_rows(con, "baseline_labels", ["model_id", "baseline", "draw", "layer", "head", "property",
+                                          "prompt_hash", "run_id"],
+                 [(model_id, baseline, d, layer, head, p, prompt_hash, run_id) for d, p in enumerate(labels)])
+
+
+def replace_code_scores(con, model_id: str, dataset_id: str, rows: Sequence[dict], run_id: Optional[str]) -> None:
+    """rows: dicts with score, value, lo, hi, n_boot (etl/world/disentanglement.py)."""
+    con.execute("DELETE FROM code_scores WHERE model_id = ? AND dataset_id = ?", [model_id, dataset_id])
+    _insert_rows(con, "code_scores", ["model_id", "dataset_id", "score", "value", "lo", "hi", "n_boot", "run_id"],
+                 [(model_id, dataset_id, r["score"], r["value"], r["lo"], r["hi"], r["n_boot"], run_id)
+                  for r in _last_of_each(rows, key=lambda r: r["score"])])
+
+
+def replace_world_seeds(con, rows: Sequence[dict]) -> None:
+    """The world-seed provenance (etl/world/seeds.py provenance()): seed, role, used_by."""
+    con.execute("DELETE FROM world_seeds")
+    _insert_rows(con, "world_seeds", ["seed", "role", "used_by"],
+                 [(r["seed"], r["role"], r["used_by"]) for r in _last_of_each(rows, key=lambda r: (r["seed"], r["role"]))])
+
+
+def replace_study(con, study: str, scores: Sequence[dict], sizes: Sequence[dict], verdicts: Sequence[dict],
+                  run_id: Optional[str]) -> None:
+    """A size study, whole: per-model scores (model_id, world_seed, dataset_id, size, image_params, score,
+    value, lo, hi), per-size summaries (size, image_params, score, n_models, mean, lo, hi) and verdicts
+    (score, definition, direction, n_models, slope, slope_lo, slope_hi, p_value, verdict)."""
+    for table in ("study_scores", "study_sizes", "study_verdicts"):
+        con.execute(f"DELETE FROM {table} WHERE study = ?", [study])
+    _insert_rows(con, "study_scores", ["study", "model_id", "world_seed", "dataset_id", "size", "image_params",
+                                       "score", "value", "lo", "hi", "run_id"],
+                 [(study, r["model_id"], r["world_seed"], r["dataset_id"], r["size"], r["image_params"], r["score"],
+                   r["value"], r["lo"], r["hi"], run_id)
+                  for r in _last_of_each(scores, key=lambda r: (r["model_id"], r["world_seed"], r["score"]))])
+    _insert_rows(con, "study_sizes", ["study", "size", "image_params", "score", "n_models", "mean", "lo", "hi",
+                                      "run_id"],
+                 [(study, r["size"], r["image_params"], r["score"], r["n_models"], r["mean"], r["lo"], r["hi"], run_id)
+                  for r in _last_of_each(sizes, key=lambda r: (r["size"], r["score"]))])
+    _insert_rows(con, "study_verdicts", ["study", "score", "definition", "direction", "n_models", "slope",
+                                         "slope_lo", "slope_hi", "p_value", "verdict", "run_id"],
+                 [(study, r["score"], r["definition"], r["direction"], r["n_models"], r["slope"], r["slope_lo"],
+                   r["slope_hi"], r["p_value"], r["verdict"], run_id)
+                  for r in _last_of_each(verdicts, key=lambda r: r["score"])])
+
+
+# --------------------------------------------------------------------------- neurons (migration 008)
+
+NEURON_TABLES = ("neuron_stats", "neuron_top_images", "neuron_texts", "neuron_labels", "neuron_head_effects",
+                 "neuron_factor_variance", "neuron_ablations", "neuron_layers")
+
+
+def replace_neuron_layer(con, model_id: str, layer: int, *, layer_row: dict, stats: pa.Table,
+                         top_images: pa.Table, texts: pa.Table, labels: pa.Table, head_effects: pa.Table,
+                         factor_variance: pa.Table, ablations: pa.Table) -> None:
+    """Replace every summary row of one analysed MLP layer (migration 008) in the caller's
+    transaction. layer_row: the `neuron_layers` columns but model_id and layer; the tables: Arrow
+    tables with their table's columns but model_id and layer (stats' pc a list<float> column)."""
+    for table in NEURON_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE model_id = ? AND layer = ?", [model_id, int(layer)])
+    _insert_rows(con, "neuron_layers", ["model_id", "layer", *layer_row],
+                 [[model_id, int(layer), *layer_row.values()]])
+    for table, rows in (("neuron_stats", stats), ("neuron_top_images", top_images), ("neuron_texts", texts),
+                        ("neuron_labels", labels), ("neuron_head_effects", head_effects),
+                        ("neuron_factor_variance", factor_variance), ("neuron_ablations", ablations)):
+        n = rows.num_rows
+        rows = rows.append_column("model_id", pa.array([model_id] * n, pa.string())) \
+                   .append_column("layer", pa.array([int(layer)] * n, pa.int32()))
+        _insert(con, table, rows)
+
+
+def insert_neuron_alpha(con, model_id: str, layer: int, image_ids: Sequence[str], alpha: np.ndarray) -> int:
+    """alpha [B, N, P] of ``image_ids`` for MLP layer ``layer`` as `neuron_alpha` rows (neuron-major
+    lists of N * P floats); an image already stored keeps its row. Returns rows newly stored."""
+    k = _first_of_each(image_ids)
+    a = np.asarray(alpha, dtype=np.float32)
+    return _insert(con, "neuron_alpha", pa.table({
+        "model_id": [model_id] * len(k), "layer": pa.array([int(layer)] * len(k), pa.int32()),
+        "image_id": [image_ids[i] for i in k], "alpha": vector_column(a[k].reshape(len(k), -1))}),
+        "ON CONFLICT DO NOTHING")
+
+
+def delete_neuron_alpha(con, model_id: str, layer: int) -> None:
+    """Drop the per-image alpha of one layer (a recomputation, or a run without --store-alpha)."""
+    con.execute("DELETE FROM neuron_alpha WHERE model_id = ? AND layer = ?", [model_id, int(layer)])
+
+
 # --------------------------------------------------------------------------- Parquet shards (embed --engine ray, attach)
 
 # The Arrow schema of each table a shard holds: exactly the warehouse columns (INTEGER -> int32,
@@ -461,3 +550,13 @@ def head_embeddings_as_table(con):
         con.execute("BEGIN TRANSACTION")
         refresh_head_embeddings_view(con)
         con.execute("COMMIT")
+
+
+def copy_tables_to_file(con, file, tables: Sequence[str]) -> None:
+    """Copy ``tables`` whole into a new DuckDB file ``file`` (what they cost on disk on their own: benchmarks)."""
+    con.execute(f"ATTACH '{file}' AS copy_db")
+    try:
+        for tab in tables:
+            con.execute(f"CREATE TABLE copy_db.{tab} AS SELECT * FROM {tab}")
+    finally:
+        con.execute("DETACH copy_db")

@@ -16,12 +16,17 @@ model_id = row["model_id"]
 
 with st.expander(f"Models in the warehouse ({len(q(queries.models))})", expanded=True):
     ms = q(queries.models)
-    st.dataframe(ms, hide_index=True, width="stretch")
+    shown = ms.assign(tower=[f"{l} x {wd}, {h} heads" for l, wd, h in zip(ms.layers, ms.width, ms.heads)],
+                      input=[f"{s} px / {p} px patches" for s, p in zip(ms.image_size, ms.patch_size)])
+    st.dataframe(shown[["model_id", "source", "tower", "input", "n_images", "n_labelled_heads"]], hide_index=True,
+                 width="stretch", column_config={"n_images": st.column_config.NumberColumn("images"),
+                                                 "n_labelled_heads": st.column_config.NumberColumn("labelled heads")})
+    st.caption("Smallest image tower first. Every column of the `models` table is in the CSV.")
     w.csv_download(ms, "models", key="dl_models")
 
 grid = q(queries.head_grid, model_id)
 grid["head_name"] = [w.head_name(l, h) for l, h in zip(grid["layer"], grid["head"])]
-st.subheader(f"Heads of {model_id}")
+st.subheader(f"Heads of {w.plain(model_id)}")
 st.caption(f"{row['layers']} layers x {row['heads']} heads; analysed layers "
            f"{', '.join(map(str, row['analysed_layers']))}. Click an analysed head to open its page; "
            "the head card below follows the head picker.")
@@ -37,7 +42,8 @@ base = alt.Chart(grid).encode(x=alt.X("head:O", title="head", axis=alt.Axis(labe
                               y=alt.Y("layer:O", title="layer", sort="descending"))
 cells = (base.mark_rect(stroke="white", strokeWidth=2)
          .encode(color=colour, opacity=alt.condition(pick, alt.value(1.0), alt.value(0.45)),
-                 tooltip=["head_name", "property", alt.Tooltip("confidence:Q", format=".2f"), "top_text"])
+                 tooltip=["head_name", "property", alt.Tooltip("confidence:Q", format=".2f"),
+                          alt.Tooltip("p_value:Q", title="p-value", format=".3g"), "top_text"])
          .add_params(pick))
 names = base.mark_text(fontSize=10, color="#222").encode(text=alt.Text("property:N"))
 chart = alt.layer(cells, names).properties(height=30 * int(row["layers"]),   # the plot's height; width fits the page
@@ -59,29 +65,21 @@ st.subheader("Head card")
 layer, head = w.one_head_picker(row, "atlas_head")
 label = q(queries.head_label, model_id, layer, head)
 score = q(queries.head_score, model_id, layer, head)
-w.head_metrics(label, score, st.columns(4))
-if label:
-    st.caption(f"labeller: {label.get('labeler')}")
+w.head_evidence(label, score, q(queries.head_truth_of, model_id, layer, head))
 
-left, right = st.columns([1, 1])
-with left:
-    st.markdown(f"**TextSpan texts of {w.head_name(layer, head)}** (variance explained)")
-    texts = q(queries.head_texts, model_id, layer, head)
-    if texts.empty:
-        st.info("No TextSpan texts for this head yet: run `python -m etl textspan`.")
-    else:
-        st.dataframe(texts, hide_index=True, width="stretch",
-                     column_config={"variance_explained": st.column_config.ProgressColumn(
-                         "variance explained", format="%.3f", min_value=0.0,
-                         max_value=float(max(texts.variance_explained.max(), 1e-9)))})
-        w.csv_download(texts, f"texts_{w.head_name(layer, head)}", key="dl_texts")
-with right:
-    top = q(queries.head_top_images, model_id, layer, head, 8)
-    st.markdown(f"**Top images** (score = c[l,h] · {top.basis.iloc[0] if len(top) else 'text'})")
-    if top.empty:
-        st.info("No head embeddings for this head yet: run `python -m etl embed`.")
-    else:
-        w.thumbnails(top, columns=4)
+texts = q(queries.head_texts, model_id, layer, head)      # full width: a half column would hide its last columns
+st.markdown(f"**TextSpan texts of {w.head_name(layer, head)}** (variance explained)")
+if texts.empty:
+    st.info("No TextSpan texts for this head yet: run `python -m etl textspan`.")
+else:
+    st.dataframe(texts, hide_index=True, width="stretch", column_config=w.textspan_columns(texts))
+    w.csv_download(texts, f"texts_{w.head_name(layer, head)}", key="dl_texts")
+top = q(queries.head_top_images, model_id, layer, head, 8)
+st.markdown(f"**Top images** (score = c[l,h] · {w.plain(top.basis.iloc[0]) if len(top) else 'text'})")
+if top.empty:
+    st.info("No head embeddings for this head yet: run `python -m etl embed`.")
+else:
+    w.thumbnails(top, columns=8)
 
 st.markdown("**Analyses of this head**")
 w.head_links(model_id, layer, head, label.get("property"))

@@ -49,57 +49,41 @@ name = w.head_name(layer, head)
 st.query_params.from_dict({"model": model_id, "layer": str(layer), "head": str(head)})
 st.session_state["_head_page_url"] = (model_id, name)
 
-st.header(f"{name} of {model_id}", anchor=False)
-st.caption(f"Permalink: `?model={model_id}&layer={layer}&head={head}` — reload or share this URL to "
+st.header(f"{name} of {w.plain(model_id)}", anchor=False)
+st.caption(f"Permalink: {w.code(f'?model={model_id}&layer={layer}&head={head}')} — reload or share this URL to "
            "open the same head.")
 
 label = q(queries.head_label, model_id, layer, head)
 score = q(queries.head_score, model_id, layer, head)
 truth = q(queries.head_truth_of, model_id, layer, head)
-*cols, c5 = st.columns(5)
-w.head_metrics(label, score, cols)
-if truth.empty:
-    c5.metric("ground truth", "n/a", help="no probe of a generated world for this model (MATH.md §7)")
-else:
-    t0 = truth.iloc[0]
-    c5.metric("ground truth", str(t0.true_factor) if t0.specialised else "unspecialised",
-              help=f"head_truth on {t0.dataset_id}: top factor {t0.top_factor} explains eta2 = {t0.top_eta2:.2f} "
-                   f"of the head's variance (second {t0.second_eta2:.2f}); specialised when >= 0.4 and >= 3x the second")
-    st.caption("Ground truth (MATH.md §7): " + "; ".join(
-        f"{r.dataset_id}: top factor **{r.top_factor}** (eta2 {r.top_eta2:.2f}, second {r.second_eta2:.2f})"
-        + (f", specialised in {r.true_property}" if r.specialised else ", not specialised")
-        for r in truth.itertuples()))
+w.head_evidence(label, score, truth)
 
 st.markdown(f"**Analyses of {name}**")
 w.head_links(model_id, layer, head, label.get("property"), head_page=False)
 
-left, right = st.columns(2)
+# (tables full width: at 1280 px a half-width column would scroll their last columns out of sight)
 texts = q(queries.head_texts, model_id, layer, head)
-with left:
-    st.subheader("TextSpan texts")
-    if texts.empty:
-        st.info("No TextSpan texts for this head yet: run `python -m etl textspan`.")
-    else:
-        st.dataframe(texts, hide_index=True, width="stretch", key="head_textspan",
-                     column_config={"variance_explained": st.column_config.ProgressColumn(
-                         "variance explained", format="%.3f", min_value=0.0,
-                         max_value=float(max(texts.variance_explained.max(), 1e-9)))})
-with right:
-    st.subheader("The bank's texts on this head")
-    ranking = q(queries.head_text_ranking, model_id, layer, head)
-    if ranking.empty:
-        st.info("No text embeddings or head embeddings for this model: run `python -m etl texts` and `embed`.")
-    else:
-        k = min(10, len(ranking))
-        st.caption(f"{w.plural(len(ranking), 'text')}, ranked by the head's mean share of cos(image, text) "
-                   "over the warehouse's images; variance: how much the head moves along the text.")
-        fmt = {"mean": st.column_config.NumberColumn(format="%+.5f"),
-               "variance": st.column_config.NumberColumn(format="%.2e")}
-        st.markdown("Highest mean projection")
-        st.dataframe(ranking.head(k), hide_index=True, width="stretch", column_config=fmt, key="head_rank_top")
-        st.markdown("Lowest mean projection")
-        st.dataframe(ranking.tail(k).iloc[::-1], hide_index=True, width="stretch", column_config=fmt,
-                     key="head_rank_bottom")
+st.subheader("TextSpan texts")
+if texts.empty:
+    st.info("No TextSpan texts for this head yet: run `python -m etl textspan`.")
+else:
+    st.dataframe(texts, hide_index=True, width="stretch", key="head_textspan",
+                 column_config=w.textspan_columns(texts))
+st.subheader("The bank's texts on this head")
+ranking = q(queries.head_text_ranking, model_id, layer, head)
+if ranking.empty:
+    st.info("No text embeddings or head embeddings for this model: run `python -m etl texts` and `embed`.")
+else:
+    k = min(10, len(ranking))
+    st.caption(f"{w.plural(len(ranking), 'text')}, ranked by the head's mean share of cos(image, text) "
+               "over the warehouse's images; variance: how much the head moves along the text.")
+    fmt = {"mean": st.column_config.NumberColumn(format="%+.5f"),
+           "variance": st.column_config.NumberColumn(format="%.2e")}
+    st.markdown("Highest mean projection")
+    st.dataframe(ranking.head(k), hide_index=True, width="stretch", column_config=fmt, key="head_rank_top")
+    st.markdown("Lowest mean projection")
+    st.dataframe(ranking.tail(k).iloc[::-1], hide_index=True, width="stretch", column_config=fmt,
+                 key="head_rank_bottom")
 
 st.subheader("Similar heads in other models")
 others = [m for m in q(queries.models).model_id if m != model_id]
@@ -120,10 +104,10 @@ else:
     pr = similar.pair(model_id, other)
     if matches.empty:
         st.info(f"No head embeddings of {name} to compare." if (layer, head) not in pr["heads_a"] else
-                f"{model_id} and {other} share no images (CKA needs images embedded by both)." if by == "cka"
-                else f"{model_id} and {other} share no embedded texts.")
+                f"{w.plain(model_id)} and {w.plain(other)} share no images (CKA needs images embedded by both)."
+                if by == "cka" else f"{w.plain(model_id)} and {w.plain(other)} share no embedded texts.")
     else:
-        st.caption(f"The heads of {other} most like {name}: CKA of their outputs on the "
+        st.caption(f"The heads of {w.plain(other)} most like {name}: CKA of their outputs on the "
                    f"{w.plural(pr['n_images'], 'image')} both models embedded (1: the same geometry up to "
                    f"rotation and scale), and Spearman's rho of their variance along each of the "
                    f"{w.plural(pr['n_texts'], 'text')} both embedded (1: the same texts in the same order). "
@@ -131,10 +115,10 @@ else:
         for r in matches.itertuples():
             c1, c2, c3, c4 = st.columns([3, 1, 1, 2])
             with c1:
-                w.head_page_link(other, r.layer, r.head, label=f"{r.rank}. {r.head_name} of {other}")
+                w.head_page_link(other, r.layer, r.head, label=f"{r.rank}. {r.head_name} of {w.plain(other)}")
             c2.markdown(f"CKA **{r.cka:.3f}**")
             c3.markdown(f"rho **{r.text:+.3f}**")
-            c4.markdown(f"{r.property}")
+            c4.markdown(w.plain(r.property))
         w.csv_download(matches, f"similar_{name}_in_{other.replace('/', '_')}", key="dl_head_similar")
 
 st.subheader("Images along a direction")
@@ -152,7 +136,7 @@ scores = q(queries.head_image_scores, model_id, layer, head, np.asarray(t_hat, d
 if scores.empty:
     st.info("No head embeddings for this head yet: run `python -m etl embed`.")
     st.stop()
-st.caption(f"score = c[{name}] · t̂(**{direction_text}**) ({source}): the head's share of cos(image, text), "
+st.caption(f"score = c[{name}] · t̂(**{w.plain(direction_text)}**) ({source}): the head's share of cos(image, text), "
            f"over {w.plural(len(scores), 'image')}.")
 n_show = st.slider("Images at each end", 2, 16, 6, key="head_k")
 top, bottom = scores.head(n_show), scores.tail(n_show).iloc[::-1]

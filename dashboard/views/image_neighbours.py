@@ -18,8 +18,8 @@ if choice is not None and heads:
     queries_vec = live.query_head_vectors(row, choice, heads)                    # [n_heads, d]
     hits = q(queries.neighbours_per_head, row["model_id"], heads, queries_vec, k, choice.image_id)
     a, b = st.columns([1, 4])
-    a.image(live.model_view(row, choice.image), caption=f"query: {choice.caption}", width="stretch")
+    a.image(live.model_view(row, choice.image), caption=f"query: {w.plain(choice.caption)}", width="stretch")
     with b:
-        st.markdown(f"**{description}**: top {k} per head (score = c_query[l,h] · c_db[l,h])")
+        st.markdown(f"**{w.plain(description)}**: top {k} per head (score = c_query[l,h] · c_db[l,h])")
         w.head_rows(hits, w.head_labels(row), heads, k)
     w.csv_download(hits, "image_neighbours_per_head", key="dl_inn")

@@ -71,7 +71,7 @@ t_hat, source = live.text_vector(row, text)
 b = live.breakdown(row, choice.image, choice.key, t_hat)
 elapsed = time.perf_counter() - t0
 with left:
-    st.image(live.model_view(row, choice.image), caption=f"{choice.caption} (the model's crop)", width=280)
+    st.image(live.model_view(row, choice.image), caption=f"{w.plain(choice.caption)} (the model's crop)", width=280)
 
 comp = b.components.copy()
 labels = w.head_labels(row)
@@ -98,7 +98,7 @@ with right:
         st.success(f"{check} ≤ {TOL:g}", icon=":material/check:")
     else:
         st.error(f"{check} > {TOL:g}: the bars do not add up", icon=":material/error:")
-    st.caption(f"**{text}** ({source}) on {choice.caption}; model {model_id}.")
+    st.caption(f"**{w.plain(text)}** ({source}) on {w.plain(choice.caption)}; model {w.plain(model_id)}.")
     if choice.image_id is not None and choice.faithful:
         stored = q(queries.image_embedding, model_id, choice.image_id).astype(np.float64)
         t64 = np.asarray(t_hat, dtype=np.float64)
@@ -129,7 +129,29 @@ cols = st.columns(3)
 for i, r in enumerate(list(top.itertuples()) + list(bottom.itertuples())):
     with cols[i % 3]:
         w.head_page_link(model_id, int(r.layer), int(r.head),
-                         label=f"{r.component}{f' · {r.label}' if r.label else ''}: {r.share:+.4f}")
+                         label=f"{r.component}{f' · {w.plain(r.label)}' if r.label else ''}: {r.share:+.4f}")
+
+st.markdown("**Neurons behind a head** (MATH.md §10: each MLP neuron's second-order share of the head's share, "
+            "alpha[n, head] times u[n, head] . t; open a neuron's page from its row)")
+behind = heads_only[heads_only.layer >= 1]
+if behind.empty:
+    st.info("No analysed head has an MLP layer before it.")
+else:
+    names = list(behind.component)
+    if st.session_state.get("match_neuron_head") not in names:
+        st.session_state["match_neuron_head"] = names[0]
+    pick = st.selectbox("Head", names, key="match_neuron_head",
+                        format_func=lambda c: f"{c}: share {float(behind.share[behind.component == c].iloc[0]):+.4f}")
+    hl, hh = w.parse_head(pick)
+    nb, total = live.neurons_behind(row, choice.image, choice.key, (hl, hh), t_hat, k=12)
+    nb.insert(0, "page", [w.neuron_page_url(model_id, l, n) for l, n in zip(nb.layer, nb.neuron)])
+    nb.insert(1, "neuron name", [w.neuron_name(l, n) for l, n in zip(nb.layer, nb.neuron)])
+    head_share = float(behind.share[behind.component == pick].iloc[0])
+    st.caption(f"{pick}'s share {head_share:+.4f}; all neurons of MLP layers 0..{hl - 1} together "
+               f"{total:+.4f} of it (the rest: the embedding term, earlier heads and biases). Largest first.")
+    st.dataframe(nb, hide_index=True, width="stretch", key="match_neurons",
+                 column_config={"page": st.column_config.LinkColumn("page", display_text="open neuron page"),
+                                "share": st.column_config.NumberColumn(format="%+.5f")})
 
 per_layer = b.layers.copy()
 outside = comp[comp.kind.isin(["embedding term", "pool MLP"])]

@@ -24,16 +24,20 @@ if not names:
     st.info("No head of this model carries a property label: every labelled head is 'mixed'.")
     st.stop()
 if st.session_state.pop("_atlas_head_link_new", False):     # opened from a head card: that head's property
-    try:
-        prop_of_head = w.head_labels(row).get(w.parse_head(st.session_state["_atlas_head"]))
-    except ValueError:
-        prop_of_head = None
-    if prop_of_head in names:
-        st.session_state[f"pnn_prop@{model_id}"] = prop_of_head
+    linked = st.session_state["_atlas_head"]
+    prop_of_head = w.head_labels(row).get(w.parse_head(linked))
+    if prop_of_head not in names:       # a 'mixed' head names no property: say so, never show another one
+        from dashboard import links, nav
+        st.query_params.from_dict({"model": model_id, "head": linked})        # the link as it was asked
+        links.refuse(nav.PROPERTY_NN, f"the property neighbours of {linked}",
+                     f"is labelled '{prop_of_head or 'unlabelled'}', not with a property",
+                     f"the properties of {model_id}'s heads: " + ", ".join(names) + ".", {"model": model_id},
+                     f"{nav.TITLES[nav.PROPERTY_NN]} of {model_id}, choosing a property")
+    st.session_state[f"pnn_prop@{model_id}"] = prop_of_head
 counts = dict(zip(props.property, props.n_heads))
 prop = st.selectbox("Property", names, key=f"pnn_prop@{model_id}", format_func=lambda p: f"{p} ({w.plural(int(counts[p]), 'head')})")
 heads = [(int(r.layer), int(r.head)) for r in q(queries.property_heads, model_id, prop).itertuples()]
-st.caption(f"{w.plural(len(heads), 'head')} labelled '{prop}': " + ", ".join(w.head_name(*h) for h in heads))
+st.caption(f"{w.plural(len(heads), 'head')} labelled '{w.plain(prop)}': " + ", ".join(w.head_name(*h) for h in heads))
 choice = w.image_input(row, "pnn")
 k = st.slider("Neighbours", 1, 24, 8, key="pnn_k")
 
@@ -42,9 +46,9 @@ if choice is not None and heads:
     hits = q(queries.neighbours_by_head_sum, model_id, heads, query, k, choice.image_id)
     a, b = st.columns([1, 3])
     with a:
-        st.image(live.model_view(row, choice.image), caption=f"query: {choice.caption}", width="stretch")
+        st.image(live.model_view(row, choice.image), caption=f"query: {w.plain(choice.caption)}", width="stretch")
     with b:
-        st.markdown(f"**Top {len(hits)} by '{prop}' heads** (score = sum of head embeddings, dot product)")
+        st.markdown(f"**Top {len(hits)} by '{w.plain(prop)}' heads** (score = sum of head embeddings, dot product)")
         w.thumbnails(hits, columns=4)
     st.dataframe(hits.drop(columns=["thumbnail"]), hide_index=True, width="stretch")
     w.csv_download(hits, f"property_neighbours_{prop}", key="dl_pnn")

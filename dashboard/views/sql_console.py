@@ -2,29 +2,39 @@
 (warehouse/console.py refuses writes, file and network access, INSTALL/LOAD, settings and SQL
 from strings, and caps time, memory, rows and result bytes; a stopped query cannot take this
 server down), with example queries, `clip_text(model_id, text)` for semantic questions, and the
-result as CSV. Beside the editor, a schema browser: every table and view, its columns and types, with
-one-line meanings (warehouse.queries.schema_browser, read outside the console's worker: the console's
-allow-list is unchanged). A result with an `image_id` column can show each image's thumbnail (its
-first THUMB_ROWS rows, thumbnails fetched by warehouse.queries.image_thumbnails)."""
+whole result as a streamed CSV download. Beside the editor, a schema browser: every table and view,
+its columns and types, with one-line meanings (warehouse.queries.schema_browser, read outside the
+console's worker: the console's allow-list is unchanged). A result with an `image_id` column can
+show each image's thumbnail (its first THUMB_ROWS rows, thumbnails fetched by
+warehouse.queries.image_thumbnails).
+
+What this process holds of a result is bounded: the worker sends at most MAX_ROWS rows whose cells
+cost at most the console's byte cap once shown, with every text, binary and nested value cut to a
+PREVIEW_CHARS-character preview (`[0.01, -0.02, ... … (768 items)`). The last result of each
+session is kept in its session state (not st.cache_data: no pickled copies), so other
+interactions with the page do not run a 10 s query again. The whole result is not built here:
+its download link (dashboard/downloads.py) has a worker write the CSV and streams it through."""
 import base64
 import os
 
 import streamlit as st
 
+from dashboard import downloads
 from dashboard import widgets as w
 from dashboard.data import q, stamp, warehouse_path
-from warehouse import WarehouseError, queries
-from warehouse.console import (EXAMPLE_QUERIES, ConsoleError, QueryMemoryExceeded, QueryRefused, QueryTimeout,
-                               limits_text, run_console_query, warm_up)
+from warehouse import WarehouseBusyError, WarehouseError, queries
+from warehouse.console import (EXAMPLE_QUERIES, ConsoleError, limits_text, run_console_query, warm_up)
 
 MAX_ROWS = 10_000
+PREVIEW_CHARS = 300                                                 # of one text, binary or nested value
 THUMB_ROWS = 200                                                    # rows shown with thumbnails
 TIMEOUT_S = float(os.environ.get("ATLAS_CONSOLE_TIMEOUT_S") or 10)   # memory and bytes: warehouse/console.py
 
 warm_up()   # a query worker waits, imported, for the first query of this page
 st.title("SQL console")
 st.caption(f"Read-only DuckDB SQL over the warehouse's tables and views (head_scores, model_scores, "
-           f"layer_scores, property_heads, ...). {limits_text(MAX_ROWS, TIMEOUT_S)}. "
+           f"layer_scores, property_heads, ...). {limits_text(MAX_ROWS, TIMEOUT_S)}; long texts, lists "
+           f"and structs are shown cut to {PREVIEW_CHARS} characters, whole in the CSV download. "
            "`clip_text(model_id, text)` embeds a text with that model's text tower.")
 w.model_picker()
 rows = {r["model_id"]: r for r in q(queries.models).to_dict("records")}   # resolved before the query runs
@@ -38,16 +48,27 @@ def clip_text(model_id: str, text: str):
     return live.text_vectors(rows[model_id], [text])[0]
 
 
-@st.cache_data(show_spinner="Running the query ...", max_entries=64)
-def run(sql: str, path: str, key: tuple, _clip):
-    """(rows, truncated, None), or (None, False, message) for a query that was refused or stopped
-    by a cap: cached like a result, so that other interactions with the page do not run a query
-    that ran 10 s again (editing the text runs it anew)."""
+def run(sql: str, path, key: tuple) -> dict:
+    """The session's result of ``sql`` on the warehouse as it is now (``key``): run once, then kept
+    in the session state until the text or the warehouse changes. {"df", "truncated", "download"}
+    or {"stopped": one-line message}; a busy warehouse is not remembered (retry)."""
+    last = st.session_state.get("_atlas_sql_result")
+    if last is not None and last["key"] == key:
+        return last
+    st.session_state.pop("_atlas_sql_result", None)          # the old preview goes before the new one comes
     try:
-        df, truncated = run_console_query(path, sql, max_rows=MAX_ROWS, timeout_s=TIMEOUT_S, clip_text=_clip)
-    except (QueryRefused, QueryTimeout, QueryMemoryExceeded) as exc:
-        return None, False, str(exc)
-    return df, truncated, None
+        with st.spinner("Running the query ..."):
+            df, truncated = run_console_query(str(path), sql, max_rows=MAX_ROWS, timeout_s=TIMEOUT_S,
+                                              clip_text=clip_text, preview_chars=PREVIEW_CHARS)
+    except WarehouseBusyError as exc:
+        return {"key": key, "stopped": str(exc)}
+    except (ConsoleError, WarehouseError) as exc:
+        result = {"key": key, "stopped": str(exc)}
+    else:
+        result = {"key": key, "df": df, "truncated": truncated,
+                  "download": downloads.register(sql, str(path), key[1], clip_text)}
+    st.session_state["_atlas_sql_result"] = result
+    return result
 
 
 def use_example() -> None:
@@ -67,12 +88,12 @@ def schema_browser() -> None:
     rel = st.selectbox("Table or view", names, key="sql_schema_relation",
                        format_func=lambda r: f"{r} ({kinds[r]})")
     meaning = dict(zip(rels.relation, rels.relation_meaning)).get(rel) or ""
-    st.caption(f"`{rel}`: {meaning}" if meaning else f"`{rel}`")
+    st.caption(f"{w.code(rel)}: {w.plain(meaning)}" if meaning else w.code(rel))
     cols = schema[schema.relation == rel][["column", "type", "meaning"]]
     st.table(cols.set_index("column"))
     with st.expander("Every table and view"):
-        st.markdown("\n".join(f"- `{r.relation}` ({r.kind}): {r.relation_meaning or '(no description)'}"
-                              for r in rels.itertuples()))
+        st.markdown("\n".join(f"- {w.code(r.relation)} ({w.plain(r.kind)}): "
+                              f"{w.plain(r.relation_meaning or '(no description)')}" for r in rels.itertuples()))
 
 
 names = list(EXAMPLE_QUERIES)
@@ -93,17 +114,13 @@ if not sql:
     st.info("Type a SELECT query, or choose an example.")
     st.stop()
 path = warehouse_path()
-try:
-    df, truncated, stopped = run(sql, str(path), stamp(path), clip_text)
-except ConsoleError as exc:
-    st.error(str(exc))
+result = run(sql, path, (sql, stamp(path), str(path)))
+if "stopped" in result:
+    st.error(w.plain(result["stopped"]))         # messages can quote the warehouse's values: plain text
     st.stop()
-except WarehouseError as exc:
-    st.error(str(exc))
-    st.stop()
-if stopped:
-    st.error(stopped)
-    st.stop()
+df, truncated = result["df"], result["truncated"]
+
+
 def with_thumbnails(df):
     """The first THUMB_ROWS rows with an `image` column of thumbnail data URIs (None where the
     image_id is not a warehouse image), and the ImageColumn that shows it."""
@@ -118,7 +135,7 @@ def with_thumbnails(df):
 
 
 note = df.attrs.get("console_note") or f"stopped at the first {MAX_ROWS:,} rows"
-st.caption(f"{len(df):,} rows" + (f" ({note}; add a LIMIT or WHERE)" if truncated else ""))
+st.caption(f"{len(df):,} rows" + (f" ({note}; add a LIMIT or WHERE, or download the whole result)" if truncated else ""))
 try:
     thumbs = "image_id" in df.columns and "image" not in df.columns and len(df) > 0
     if thumbs and st.toggle(f"Show thumbnails (the first {THUMB_ROWS} rows)", value=True, key="sql_thumbs",
@@ -127,7 +144,9 @@ try:
         st.dataframe(shown, hide_index=True, width="stretch", column_config=config, row_height=60)
     else:
         st.dataframe(df, hide_index=True, width="stretch")
-    w.csv_download(df, "query_result", key="dl_sql")
 except Exception as exc:  # noqa: BLE001 - a value the table cannot show: one line, not a traceback
-    st.error(f"The result could not be shown: {' '.join(str(exc).split())[:300]} "
-             f"(cast unusual columns to VARCHAR in the query)")
+    st.error(w.plain(f"The result could not be shown: {' '.join(str(exc).split())[:300]} "
+                     f"(cast unusual columns to VARCHAR in the query)"))
+st.link_button("Download query_result.csv (the whole result)", result["download"], icon=":material/download:",
+               help="The query runs again in a worker that writes the CSV (lists, structs and long texts whole, "
+                    "at most 1 GB); it streams from there.")

@@ -17,7 +17,7 @@ k = st.slider("Images per head", 1, 10, 5, key="tnn_k")
 if heads and text.strip():
     t_hat, source = live.text_vector(row, text)
     hits = q(queries.neighbours_per_head_of_text, row["model_id"], heads, t_hat, k)
-    st.markdown(f"**{text}** ({source}) over {description}: top {k} per head (score = c_db[l,h] · t)")
+    st.markdown(f"**{w.plain(text)}** ({source}) over {w.plain(description)}: top {k} per head (score = c_db[l,h] · t)")
     w.head_rows(hits, w.head_labels(row), heads, k)
     w.csv_download(hits, "text_neighbours_per_head", key="dl_tnn")
 elif not text.strip():

@@ -15,8 +15,10 @@ st.caption("Per patch, the share of cos(image, text) that the chosen heads carry
            "the text, blue away from it.")
 row = w.model_picker()
 heads, description = w.head_set_picker(row, "topic")
+w.set_example_defaults(row, heads, ["topic_text"], "topic_image")       # a first map that shows what the head carries
 choice = w.image_input(row, "topic")
-text = st.text_input("Text", value="a red object", key="topic_text", max_chars=300)
+st.session_state.setdefault("topic_text", "a red object")          # (a head without TextSpan texts)
+text = st.text_input("Text", key="topic_text", max_chars=300)
 
 if choice is not None and heads:
     if not text.strip():
@@ -26,15 +28,13 @@ if choice is not None and heads:
     t_hat, source = live.text_vector(row, text)
     grid = live.topic_map(row, choice.image, choice.key, heads, t_hat)          # [gh, gw]
     size = int(row["image_size"])
-    crop = live.model_view(row, choice.image)                                    # [S, S] RGB
+    crop, box = live.model_view_box(row, choice.image)                           # [S, S] RGB, its box
     elapsed = time.perf_counter() - t0
     vmax = float(np.abs(grid).max()) or 1e-12
-    st.markdown(f"**{text}** ({source}) over {description}")
-    a, b = st.columns(2)
-    with a:
-        w.map_with_legend(crop, grid, vmax, f"{choice.caption} (the model's {size} px crop, one block per patch)")
-    with b:
-        st.altair_chart(w.grid_chart(grid, vmax, f"patch grid {grid.shape[0]} x {grid.shape[1]}"), width="content")
+    st.markdown(f"**{w.plain(text)}** ({source}) over {w.plain(description)}")
+    w.map_views(choice.image, crop, box, grid, vmax, w.plain(choice.caption))
+    st.altair_chart(w.grid_chart(grid, vmax, f"patch grid {grid.shape[0]} x {grid.shape[1]} of the model's "
+                                             f"{size} px crop"), width="content")
     m1, m2, m3 = st.columns(3)
     m1.metric("sum over patches", f"{grid.sum():+.4f}", help="these heads' share of cos(image, text), the class (prefix) tokens' own terms excluded")
     m2.metric("max |patch|", f"{vmax:.4f}")

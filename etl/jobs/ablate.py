@@ -92,11 +92,8 @@ def ablate(path: str, lm, dataset_spec: str, layers: str = "auto", max_images: i
            force: bool = False) -> dict:
     """Mean-ablation accuracies of the model on a labelled dataset, stored; skipped (run 'skipped')
     when the same model, dataset, layers and image count are already stored, unless ``force``."""
-    import numpy as np
-    import torch
     from etl.datasets import open_dataset
-    from models import decompose, resolve_layers
-    from warehouse import writer, writes
+    from models import resolve_layers
     from warehouse.runs import completed_run, run_record
     if max_images < 1 or batch_size < 1:
         raise ValueError("--max-images and --batch-size must be at least 1")
@@ -108,6 +105,19 @@ def ablate(path: str, lm, dataset_spec: str, layers: str = "auto", max_images: i
         with run_record(path, "ablate", params) as run_id:
             run_id.skipped = True
         return {"model_id": lm.model_id, "dataset": dataset.dataset_id, "skipped": "already stored (--force recomputes)"}
+    from etl import threads
+    with threads.for_model(lm.width):        # a small tower's matrices: one thread is faster (etl/threads.py)
+        return _ablate(path, lm, dataset, dataset_spec, head_layers, params, max_images, batch_size)
+
+
+def _ablate(path: str, lm, dataset, dataset_spec: str, head_layers: list[int], params: dict, max_images: int,
+            batch_size: int) -> dict:
+    """ablate's work once it is known to be needed (see ablate)."""
+    import numpy as np
+    import torch
+    from models import decompose
+    from warehouse import writer, writes
+    from warehouse.runs import run_record
     targets = _targets(lm, dataset)
     parts = {k: [] for k in ("heads", "mlp", "attn_bias", "embedding")}
     labels = {t: [] for t in targets}

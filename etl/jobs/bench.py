@@ -17,13 +17,19 @@ from pathlib import Path
 
 from etl.common import positive_int
 
-SECTIONS = ["decompose", "shapes", "textspan", "textencode", "embed", "neighbours"]
+SECTIONS = ["decompose", "secondorder", "shapes", "textspan", "textencode", "embed", "neighbours"]
+EXTRA = ["neuronscale"]         # minutes long: only with --only
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run the benchmarks (make bench)",
                        description="Throughputs and ratios measured side by side in one run (medians).")
-    p.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)")
+    p.add_argument("--only", action="append", choices=SECTIONS + EXTRA,
+                   help="run only these sections (repeatable); neuronscale (the neurons job on ViT-B-16, random "
+                        "weights: time and warehouse bytes of one layer, extrapolated to 10,000 images) runs only "
+                        "when named")
+    p.add_argument("--scale-images", type=positive_int, default=64, metavar="N",
+                   help="images the neuronscale section measures on (default 64)")
     p.add_argument("--rounds", type=positive_int, default=5, help="rounds per measurement (default 5)")
     p.set_defaults(func=run)
 
@@ -81,6 +87,67 @@ def bench_embed(arch: str = "toy-shapes", n: int = 1024, rounds: int = 3, model_
             "bare_onnx_img_s": b, "embed_e2e_img_s": e, "embed_vs_bare": e / b}
 
 
+def bench_neuron_scale(n: int = 64, arch: str = "ViT-B-16", layer: int = 9, per: int = 10_000) -> dict:
+    """What the neurons job costs for one MLP layer of `arch` (random weights, CPU), measured on `n`
+    images and extrapolated to `per` images.
+
+    A warehouse gets n shapes scenes embedded (torch backend) and the atlas bank's 3,962 texts with
+    random unit embeddings (the job's cost does not depend on what the texts say, and a random model's
+    text tower says nothing either). Then `neurons --layers {layer} --store-alpha --eval-n 0` runs, timed
+    by stage. The pass over the images grows linearly with n (each image is one forward pass and its
+    alpha), the finish (principal directions, orthogonal matching pursuit over the bank, labels) does not;
+    so time(per) = finish + pass / n * per. Bytes: the layer's summary tables and its neuron_alpha rows
+    are copied into fresh DuckDB files and measured; summaries do not grow with n, alpha does linearly
+    (bytes(per) = summary + alpha / n * per). The statistics held in memory grow as [images, N] float32."""
+    import duckdb
+    import numpy as np
+    from etl.jobs.embed import embed
+    from etl.jobs.neurons import neurons
+    from etl.text.bank import ATLAS_BANK, PROPERTIES, bank_texts, text_id
+    from models import load_model
+    from warehouse import writer, writes
+    from warehouse.db import connect, release_readers
+    lm = load_model(arch, random_init=True, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["ATLAS_HOME"] = tmp
+        os.environ["ATLAS_NO_PROGRESS"] = "1"
+        path = str(Path(tmp) / "w.duckdb")
+        embed(path, lm, f"shapes:{n}:seed=5", [lm.layers - 1], "torch", None, 16, "bench")
+        items = bank_texts(ATLAS_BANK)
+        ids = [text_id(ATLAS_BANK, t) for t, _ in items]
+        T = np.random.default_rng(0).normal(size=(len(ids), lm.embed_dim)).astype(np.float32)
+        with writer(path) as con:
+            writes.upsert_properties(con, dict(PROPERTIES))
+            writes.upsert_texts(con, ATLAS_BANK, ids, [t for t, _ in items], [tag for _, tag in items])
+            writes.insert_text_embeddings(con, lm.model_id, ids, T / np.linalg.norm(T, axis=1, keepdims=True))
+        t = time.perf_counter()
+        out = neurons(path, lm.model_id, f"shapes:{n}:seed=5", layers=str(layer), store_alpha=True, eval_n=0,
+                      lm=lm)
+        total = time.perf_counter() - t
+        sizes = {}
+        release_readers()
+        with connect(path, read_only=False) as con:
+            for name, tables in (("summary", ["neuron_layers", "neuron_stats", "neuron_top_images", "neuron_texts",
+                                              "neuron_labels", "neuron_head_effects"]), ("alpha", ["neuron_alpha"])):
+                f = Path(tmp) / f"{name}.duckdb"
+                writes.copy_tables_to_file(con, f, tables)
+                sizes[name] = f.stat().st_size
+        empty = Path(tmp) / "empty.duckdb"
+        duckdb.connect(str(empty)).close()
+        base = empty.stat().st_size
+    sec = out["seconds"]
+    finish = sec[f"finish L{layer}"]
+    per_image = sec["pass"] / n
+    alpha_per_image = (sizes["alpha"] - base) / n
+    N = out["stored"][str(layer)]["neurons"]
+    return {"arch": arch, "layer": layer, "neurons": N, "later_heads": out["stored"][str(layer)]["later_heads"],
+            "images": n, "bank_texts": len(ids), "job_s": total, "pass_s": sec["pass"], "finish_s": finish,
+            "pass_s_per_image": per_image, f"hours_per_{per}": (finish + per_image * per) / 3600,
+            "summary_mb": (sizes["summary"] - base) / 2**20, "alpha_kb_per_image": alpha_per_image / 1024,
+            f"alpha_gb_per_{per}": alpha_per_image * per / 2**30,
+            f"memory_mb_per_{per}": per * N * 4 / 2**20}
+
+
 def bench_text_encode(n: int = 512, seed: int = 0, rounds: int = 3) -> dict:
     """models.bench.bench_text_encode on the product's atlas bank: a fixed subset of `n` texts drawn
     with `seed` (open_clip's full-context path would take over 10 min a round on all 3,962 texts on 2 cores)."""
@@ -133,6 +200,18 @@ def run(args) -> int:
                [(k, f"{v:.2f} images/s") for k, v in r["images_per_s"].items()]
                + [(k, f"{v:.3f}") for k, v in r["ratios"].items()])
         summary.update({k: round(v, 3) for k, v in r["ratios"].items()})
+    if "secondorder" in only:
+        from models.bench import bench_second_order
+        r = bench_second_order(rounds=args.rounds)
+        _table(f"second-order lens (MATH.md §10), {r['arch']} random weights, MLP layer {r['layer']} "
+               f"({r['neurons']:,} neurons x {r['later_heads']} later heads), batch {r['batch']} in micro-batches "
+               f"of {r['micro_batch']}, CPU threads {r['threads']}, median of {r['rounds']}",
+               [(f"{k} (s)", f"{v:.3f}") for k, v in r["seconds"].items()]
+               + [("second_order_vs_forward (extra cost of alpha for one layer)", f"{r['second_order_vs_forward']:.3f}"),
+                  ("second_order_alpha_only_vs_forward (alpha from a trace)",
+                   f"{r['second_order_alpha_only_vs_forward']:.3f}")])
+        summary["second_order_vs_forward"] = round(r["second_order_vs_forward"], 3)
+        summary["second_order_alpha_only_vs_forward"] = round(r["second_order_alpha_only_vs_forward"], 3)
     if "shapes" in only:
         from etl.world.shapes import bench_shapes
         rate = statistics.median(bench_shapes() for _ in range(3))
@@ -182,6 +261,13 @@ def run(args) -> int:
                        embed_vs_bare_toy_one_model_thread=round(toy1["embed_vs_bare"], 3),
                        embed_rss_mb_500=round(rss_small["bound_mb"]),
                        embed_rss_mb_50000=round(rss_big["bound_mb"]))
+    if "neuronscale" in only:
+        r = bench_neuron_scale(n=args.scale_images)
+        _table(f"neurons job, {r['arch']} random weights, MLP layer {r['layer']} ({r['neurons']:,} neurons x "
+               f"{r['later_heads']} later heads), {r['images']} images measured, {r['bank_texts']:,} texts, CPU",
+               [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()])
+        summary.update({f"neuron_scale_{k}": round(v, 4) if isinstance(v, float) else v for k, v in r.items()
+                        if k not in ("arch",)})
     if "neighbours" in only:
         from warehouse.bench import bench_neighbours
         ms = bench_neighbours()

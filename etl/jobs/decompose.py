@@ -5,19 +5,27 @@ import json
 import tempfile
 from pathlib import Path
 
-from etl.common import add_model_args, load_model_from_args, positive_int
+from etl.common import add_model_args, load_model_from_args, non_negative_int, positive_int
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("decompose", help="decompose images into per-head contributions (.npz)",
                        description="Write the exact decomposition of MATH.md §1 for the given images to an .npz: "
                                    "embedding [B,d] (unit), head_cls [B,L',H,d], head_tokens [B,L',H,T,d] "
-                                   "(T = prefix tokens + patches: index 0 the class token of a class-token ViT, none for SigLIP), rest [B,d], layers [L'] (0-based).")
+                                   "(T = prefix tokens + patches: index 0 the class token of a class-token ViT, none for SigLIP), "
+                                   "rest [B,d], layers [L'] (0-based); "
+                                   "with --second-order L also the second-order effects of MLP layer L's neurons.")
     add_model_args(p)
     p.add_argument("--image", action="append", required=True, metavar="FILE",
                    help="an image file (repeat the flag for several)")
     p.add_argument("--layers", default="last4", help="last4 (default), all, lastN, or 0-based indices like 8,9,10,11")
     p.add_argument("--no-tokens", action="store_true", help="skip head_tokens (smaller file)")
+    p.add_argument("--second-order", type=non_negative_int, default=None, metavar="L",
+                   help="also the second-order effects of MLP layer L's neurons (0-based; MATH.md §10): "
+                        "second_order_alpha [B,N,K] (one scalar per neuron and later head), second_order_phi "
+                        "[B,N,d] (each neuron's effect on the unit embedding, the scale of head_cls), "
+                        "second_order_heads [K,2] (the later heads (layer, head) in alpha's order) and "
+                        "second_order_layer")
     p.add_argument("--out", required=True, metavar="OUT.npz",
                    help="output file (.npz is appended when the name lacks it; the JSON line reports the path "
                         "written)")
@@ -56,10 +64,20 @@ def run_decompose(args) -> int:
     import numpy as np
     from models import decompose
     lm = load_model_from_args(args)
+    L = args.second_order
+    if L is not None and not 0 <= L < lm.layers - 1:
+        raise ValueError(f"--second-order {L}: the effects run through later attention heads, so choose an MLP "
+                         f"layer 0..{lm.layers - 2} of this {lm.layers}-layer model (0-based)")
     images = preprocess_files(lm, args.image)
     dec = decompose(lm, images, args.layers, tokens=not args.no_tokens)
     arrays = dec.numpy()
     arrays["layers"] = np.asarray(arrays["layers"], dtype=np.int64)
+    if L is not None:
+        from models.neurons import second_order
+        so = second_order(lm, images, L, phi=True)
+        arrays.update(so.numpy())
+        arrays["second_order_heads"] = np.asarray(so.heads, dtype=np.int64).reshape(-1, 2)
+        arrays["second_order_layer"] = np.asarray(L, dtype=np.int64)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
     shapes = {k: list(v.shape) for k, v in arrays.items()}

@@ -7,6 +7,7 @@ import json
 import models
 from etl.common import non_negative_int, positive_int
 from etl.world import evaluate
+from etl.world.seeds import EVAL
 
 
 def add_parser(sub) -> None:
@@ -14,8 +15,9 @@ def add_parser(sub) -> None:
                        description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy-shapes", choices=models.toy_architectures(),
                    help="toy architecture (default toy-shapes)")
-    p.add_argument("--seed", type=non_negative_int, default=1,
-                   help="shapes-world seed of the held-out scenes (training used 0; default 1)")
+    p.add_argument("--seed", type=non_negative_int, default=EVAL,
+                   help=f"shapes-world seed of the held-out scenes (training used 0-2, one per model seed; default "
+                        f"{EVAL})")
     p.add_argument("--n", type=positive_int, default=2000, help="scenes per evaluation set (default 2000)")
     p.add_argument("--weights", default=None,
                    help="weights file to evaluate instead of the model's bundled weights")

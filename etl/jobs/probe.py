@@ -19,9 +19,13 @@ def add_parser(sub) -> None:
     q.add_argument("--model", required=True, metavar="MODEL_ID", help="a model_id of the warehouse, e.g. toy-shapes/bundled")
     add_warehouse_arg(q)
     q.add_argument("--dataset", required=True, help="a shapes dataset already embedded, e.g. shapes:2000:seed=0")
-    q.add_argument("--seed", type=non_negative_int, default=0, help="train/test split seed (default 0)")
+    q.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the cross-fitting folds and of the bootstrap (default 0)")
     q.add_argument("--force", action="store_true",
                    help="recompute even when this model, dataset and seed are already stored")
+    q.add_argument("--bootstrap", type=non_negative_int, default=CODE_SCORE_BOOTSTRAP, metavar="B",
+                   help="bootstrap resamples of the images behind the intervals of the label-free scores "
+                        f"(`code_scores`: informativeness, DCI, MIG; default {CODE_SCORE_BOOTSTRAP}; 0: no interval)")
     q.set_defaults(func=run_probe)
 
 
@@ -42,18 +46,27 @@ def add_parser(sub) -> None:
 
 
 def run_probe(args) -> int:
-    print(json.dumps(probe(warehouse_path(args), args.model, args.dataset, args.seed, args.force)))
+    print(json.dumps(probe(warehouse_path(args), args.model, args.dataset, args.seed, args.force, args.bootstrap)))
     return 0
 
 
-def probe(path: str, model_id: str, dataset_id: str, seed: int = 0, force: bool = False) -> dict:
-    """Per-head probes and eta2 of every factor from the stored head embeddings, stored; skipped
-    (run 'skipped') when the same model, dataset and seed are already stored, unless ``force``."""
+CODE_SCORE_BOOTSTRAP = 200
+PROBE_FOLDS = 4                  # cross-fitting folds of the probes behind `probes` and `code_scores`
+CODE_SCORES_VERSION = 1          # in the run's params: a warehouse probed before code_scores existed is re-probed
+
+
+def probe(path: str, model_id: str, dataset_id: str, seed: int = 0, force: bool = False,
+          bootstrap: int = CODE_SCORE_BOOTSTRAP) -> dict:
+    """Per-head probes and eta2 of every factor from the stored head embeddings, and the label-free
+    scores of the heads as codes (etl/world/disentanglement.py), stored; skipped (run 'skipped')
+    when the same model, dataset, seed and bootstrap are already stored, unless ``force``."""
     from etl.text.bank import WORLD_FACTOR_PROPERTIES
+    from etl.world import disentanglement
     from warehouse import writer, writes
     from warehouse.queries import factor_head_embeddings
     from warehouse.runs import completed_run, run_record
-    params = {"model_id": model_id, "dataset": dataset_id, "seed": seed}
+    params = {"model_id": model_id, "dataset": dataset_id, "seed": seed, "bootstrap": bootstrap,
+              "folds": PROBE_FOLDS, "code_scores": CODE_SCORES_VERSION}
     if not force and completed_run(path, "probe", params):
         with run_record(path, "probe", params) as run_id:
             run_id.skipped = True
@@ -63,12 +76,22 @@ def probe(path: str, model_id: str, dataset_id: str, seed: int = 0, force: bool 
         raise ValueError(f"no head embeddings with factor labels for model {model_id} on {dataset_id}: "
                          f"run `python -m etl embed --model ... --dataset {dataset_id}` first (a shapes dataset)")
     with run_record(path, "probe", params) as run_id:
-        result = probes.probe_matrix(X, by_factor, seed=seed, layers=layers)
+        # cross-fitted predictions (4 folds): every image is a test image once, for the probe accuracies and
+        # the code scores' information alike (the plug-in information's upward bias grows with classes^2 /
+        # test images: 4x smaller than on a 25 % test split)
+        predictions = probes.probe_predictions(X, by_factor, seed=seed, layers=layers, folds=PROBE_FOLDS)
+        result = probes.probe_rows(predictions, layers, X.shape[2])
         eta2 = probes.factor_variance(X, by_factor, layers=layers)
+        joint = probes.joint_probe_predictions(X, by_factor, seed=seed, folds=PROBE_FOLDS)
+        codes = disentanglement.code_scores(predictions, joint, len(X), n_boot=bootstrap, seed=seed)
+        scores = [dict(score=k, value=codes.value[k], lo=codes.lo[k], hi=codes.hi[k], n_boot=bootstrap)
+                  for k in disentanglement.SCORES]
         with writer(path) as con:
             writes.upsert_factor_properties(con, WORLD_FACTOR_PROPERTIES)
             writes.replace_probes(con, model_id, dataset_id, result, eta2, run_id)
-    return {"model_id": model_id, "dataset": dataset_id, "rows": len(result), "eta2_rows": len(eta2)}
+            writes.replace_code_scores(con, model_id, dataset_id, scores, run_id)
+    return {"model_id": model_id, "dataset": dataset_id, "rows": len(result), "eta2_rows": len(eta2),
+            "code_scores": {k: round(codes.value[k], 4) for k in disentanglement.SCORES}}
 
 
 def run_probe_heads(args) -> int:

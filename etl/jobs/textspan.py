@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from etl.common import add_warehouse_arg, model_row_or_fail, positive_int, progress, warehouse_path
+from etl.common import add_warehouse_arg, choose_bank, model_row_or_fail, positive_int, progress, warehouse_path
 
 
 def add_parser(sub) -> None:
@@ -44,19 +44,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _choose_bank(path: str, model_id: str, arch: str, bank: str | None) -> str:
-    from models import default_bank
-    from warehouse.queries import embedded_banks
-    banks = embedded_banks(path, model_id)
-    if bank is None:
-        bank = banks[0] if len(banks) == 1 else default_bank(arch)
-    if bank not in banks:
-        raise ValueError(f"no texts of bank {bank!r} are embedded for model {model_id!r} (embedded banks: "
-                         f"{', '.join(banks) or 'none'}). Run `python -m etl texts --model {model_id}` "
-                         f"(add --text-file for your own bank) first.")
-    return bank
-
-
 def run(args) -> int:
     print(json.dumps(textspan(warehouse_path(args), args.model, args.bank, args.dataset, args.k, args.r, args.force)))
     return 0
@@ -72,7 +59,7 @@ def textspan(path: str, model_id: str, bank: str | None = None, dataset: str | N
     row = model_row_or_fail(path, model_id)
     layers, H = [int(x) for x in row["analysed_layers"]], int(row["heads"])
     head_dim = int(row["width"]) // H
-    bank = _choose_bank(path, model_id, row["arch"], bank)
+    bank = choose_bank(path, model_id, row["arch"], bank)
     if dataset and not dataset_exists(path, dataset):
         raise ValueError(f"dataset {dataset!r} is not in the warehouse; the `datasets` table lists the dataset_ids (SQL console)")
     existing = head_text_state(path, model_id)

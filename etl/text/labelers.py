@@ -36,7 +36,7 @@ from etl.deadline import DeadlineExceeded, call_with_deadline
 from etl.text.bank import PROPERTIES
 
 __all__ = [
-    "MIXED", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
+    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
 
@@ -48,7 +48,11 @@ OFFLINE_THRESHOLD = 0.15         # and this share of the head's TextSpan varianc
 OFFLINE_MAJORITY = 0.6           # and this share of the variance of all voting texts
 OFFLINE_ALPHA = 1.0              # optional: a shuffled-tag p-value at most this (1: recorded only)
 OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 1/4001)
-OFFLINE_VERSION = "offline-v5"
+OFFLINE_SYMMETRIC = True        # ... and beats the head's strongest disagreement (v6; the README says why)
+OFFLINE_VERSION = "offline-v6"
+BASELINE = "tag-shuffled"        # the baseline labeler stored beside the labels (baseline_labels)
+BASELINE_DRAWS = 20              # its draws: seeded permutations of the bank's tags
+BASELINE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,14 @@ class HeadText:
     variance: float
     agreement: float | None = None
     agreement_p: float | None = None
+
+
+def shuffled_tags(tags: list, draw: int, seed: int = BASELINE_SEED) -> list:
+    """The bank's property tags permuted over its texts (draw ``draw`` of the tag-shuffled baseline,
+    a seeded permutation): every property keeps its number of texts, but which texts carry it is
+    random, so a labeler reading these tags carries no information about the heads."""
+    perm = np.random.default_rng([seed, draw]).permutation(len(tags))
+    return [tags[i] for i in perm]
 
 
 def agreement_p_value(rho: float, n: int) -> float:
@@ -187,7 +199,13 @@ class OfflineLabeler:
     Evidence. A text votes for its tag only when the rest of the model reads it as the head
     does: ``HeadText.agreement`` (``model_agreement``, a correlation over the images) >=
     ``agreement_min`` with one-sided p-value ``agreement_p`` <= ``agreement_p_max``; unchecked
-    texts (agreement None) vote as they are. Untagged texts, tags outside the vocabulary and
+    texts (agreement None) vote as they are. With ``symmetric`` (v6), the agreement must also
+    beat the head's strongest disagreement: a text of the same head that the rest of the model
+    reads *opposite* to the head with strength s makes agreements below s no evidence. Reading a
+    text opposite is as surprising as reading it alike; where both happen strongly, the head and
+    the rest follow a common driver with arbitrary sign (a random-init model's heads and the rest
+    all follow the pixel statistics: its heads' texts reach -0.59 to -0.99, against -0.51 at worst
+    for the trained models' heads on the tuning worlds), and an agreement there says nothing. Untagged texts, tags outside the vocabulary and
     texts that fail the check count in the total but vote for nothing, so they pull a head
     towards 'mixed'. Ties go to the tag of the better-ranked text.
 
@@ -211,7 +229,8 @@ class OfflineLabeler:
                  bank_tags: Iterable[str | None] | None = None, alpha: float = OFFLINE_ALPHA,
                  permutations: int = OFFLINE_PERMUTATIONS, seed: int = 0,
                  agreement_min: float = OFFLINE_AGREEMENT, agreement_p_max: float = OFFLINE_AGREEMENT_P,
-                 min_votes: int = OFFLINE_MIN_VOTES, majority: float = OFFLINE_MAJORITY):
+                 min_votes: int = OFFLINE_MIN_VOTES, majority: float = OFFLINE_MAJORITY,
+                 symmetric: bool = OFFLINE_SYMMETRIC):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"the offline threshold is a share of variance in (0, 1], got {threshold}")
         if not 0.0 < alpha <= 1.0:
@@ -231,6 +250,7 @@ class OfflineLabeler:
         self.agreement_min = float(agreement_min)
         self.agreement_p_max = float(agreement_p_max)
         self.min_votes = int(min_votes)
+        self.symmetric = bool(symmetric)
         self._codes = {p: i for i, p in enumerate(self.vocabulary)}
         self._bank = None
         if bank_tags is not None:
@@ -240,7 +260,8 @@ class OfflineLabeler:
         self._draws: dict[int, np.ndarray] = {}
         null = f";alpha={self.alpha};n={self.permutations};seed={self.seed}" if self._bank is not None else ""
         self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold};agreement={self.agreement_min};"
-                                f"p={self.agreement_p_max};votes={self.min_votes};majority={self.majority}{null}")
+                                f"p={self.agreement_p_max};votes={self.min_votes};majority={self.majority}"
+                                f"{';symmetric' if self.symmetric else ''}{null}")
 
     def _null_tags(self, k: int) -> np.ndarray:
         """int [N, k]: tag codes of k bank texts drawn without replacement, N times (cached)."""
@@ -253,9 +274,16 @@ class OfflineLabeler:
             self._draws[k] = self._bank[np.argpartition(keys, k - 1, axis=1)[:, :k]]
         return self._draws[k]
 
-    def votes(self, ht: HeadText) -> bool:
-        """Does this text vote for its tag (passed the model-agreement check, or unchecked)?"""
-        return ht.agreement is None or (ht.agreement >= self.agreement_min and
+    def disagreement(self, head_texts: list[HeadText]) -> float:
+        """The head's strongest disagreement: max(0, -min agreement) over its checked texts (0 when
+        none is checked, or without ``symmetric``)."""
+        checked = [ht.agreement for ht in head_texts if ht.agreement is not None]
+        return max(0.0, -min(checked)) if checked and self.symmetric else 0.0
+
+    def votes(self, ht: HeadText, floor: float = 0.0) -> bool:
+        """Does this text vote for its tag (passed the model-agreement check, or unchecked)? ``floor``:
+        the head's strongest disagreement (``disagreement``), which a voting agreement must beat."""
+        return ht.agreement is None or (ht.agreement >= self.agreement_min and ht.agreement > floor and
                                         (ht.agreement_p is None or ht.agreement_p <= self.agreement_p_max))
 
     def p_value(self, weights: np.ndarray, share: float, voting: np.ndarray | None = None) -> float:
@@ -277,10 +305,11 @@ class OfflineLabeler:
         n_votes: dict[str, int] = defaultdict(int)
         first_rank: dict[str, int] = {}
         total = 0.0
+        floor = self.disagreement(head_texts)
         for rank, ht in enumerate(head_texts):
             w = max(float(ht.variance), 0.0)
             total += w
-            if ht.tag in self.vocabulary and self.votes(ht):
+            if ht.tag in self.vocabulary and self.votes(ht, floor):
                 weight[ht.tag] += w
                 n_votes[ht.tag] += 1
                 first_rank.setdefault(ht.tag, rank)
@@ -288,7 +317,7 @@ class OfflineLabeler:
         raw = {"version": OFFLINE_VERSION, "threshold": self.threshold,
                "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1]))}
         if any(ht.agreement is not None for ht in head_texts):
-            raw.update(agreement_min=self.agreement_min,
+            raw.update(agreement_min=self.agreement_min, disagreement=round(floor, 4),
                        agreement=[None if ht.agreement is None else round(float(ht.agreement), 4)
                                   for ht in head_texts])
         if not shares:                     # nothing votes: s* = 0, which every null draw reaches
@@ -299,7 +328,7 @@ class OfflineLabeler:
         p = None
         if self._bank is not None and total > 0:
             weights = np.array([max(float(ht.variance), 0.0) for ht in head_texts])
-            p = self.p_value(weights, share, np.array([self.votes(ht) for ht in head_texts]))
+            p = self.p_value(weights, share, np.array([self.votes(ht, floor) for ht in head_texts]))
             raw.update(alpha=self.alpha, p_value=p)
         majority = weight[best] / sum(weight.values()) if sum(weight.values()) > 0 else 0.0
         raw.update(votes=n_votes[best], min_votes=self.min_votes, majority=round(majority, 4),

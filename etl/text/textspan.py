@@ -39,7 +39,6 @@ text_id). A float64 literal implementation picks the same texts (a test on a toy
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 
@@ -271,34 +270,11 @@ def _gram_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-@functools.lru_cache(maxsize=1)
-def _scipy_openblas():
-    """(get, set) of scipy's OpenBLAS thread count, found once per process, or None."""
-    import ctypes
-    import glob
-    import os
-    try:
-        import scipy
-        libs = sorted(glob.glob(os.path.dirname(scipy.__file__) + ".libs/libscipy_openblas*.so*"))
-        lib = ctypes.CDLL(libs[0]) if libs else None
-        get, put = lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
-    except (ImportError, OSError, AttributeError):
-        return None
-    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
-    return get, put
-
-
 def _scipy_blas_threads(n: int | None):
-    """Set scipy's OpenBLAS thread count (process-wide; scipy-openblas exports the call), returning the
-    previous one, or None where that library is not found (then BLAS threads as it will)."""
-    found = _scipy_openblas()
-    if found is None:
-        return None
-    get, put = found
-    before = int(get())
-    if n is not None:
-        put(int(n))
-    return before
+    """Set scipy's OpenBLAS thread count (process-wide; etl/blas.py), returning the previous one, or None
+    where that library is not found (then BLAS threads as it will)."""
+    from etl.blas import set_threads
+    return set_threads(n, "scipy")
 
 
 def _centred_gram(X: np.ndarray, mu: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

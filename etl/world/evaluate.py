@@ -1,6 +1,6 @@
 """Zero-shot evaluation of the toy CLIP on held-out shapes scenes.
 
-    python -m etl eval-toy [--seed 1] [--n 2000]
+    python -m etl eval-toy [--seed 3] [--n 2000]
 
 Prints one JSON line of zero-shot accuracies per factor, e.g.
 ``{"color": 0.97, "shape": 0.95, "size": ..., "position": ..., "pattern": ..., "count": ...,
@@ -13,7 +13,8 @@ re-normalised); an image is assigned the value whose ensemble is most cosine-sim
   everything else random), world ``--seed``;
 - count and background: ``n`` scenes with every factor random (1-4 objects), world
   ``--seed`` offset by 1,000,003 so that the two sets differ.
-Training used world seed 0 (scene indices from 0 upward); evaluate on other seeds.
+A model trained with --seed S drew its scenes from world S (etl/world/seeds.py: worlds 0-2); the
+default, world EVAL = 3, is held out from every training seed and from tuning.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from etl.world import shapes
+from etl.world.seeds import EVAL
 
 COUNT_SEED_OFFSET = 1_000_003
 
@@ -90,13 +92,23 @@ def class_embeddings(encode_text, factor: str):
 
     encode_text: callable list[str] -> FloatTensor [M, d] (any norm).
     """
+    return class_table(encode_text, [factor])[factor]
+
+
+def class_table(encode_text, factors=None) -> dict:
+    """{factor: unit prompt-ensemble embeddings [V, d]} for `factors` (default: every factor of PLAN),
+    every prompt of every value embedded in one call of `encode_text` (list[str] -> [M, d], any norm):
+    each value's prompts are normalised, averaged and the mean re-normalised."""
     import torch
-    rows = []
-    for v in shapes.FACTORS[factor]:
-        e = encode_text(prompts_for(factor, v))
-        e = torch.nn.functional.normalize(e.float(), dim=-1).mean(0)
-        rows.append(torch.nn.functional.normalize(e, dim=0))
-    return torch.stack(rows)
+    factors = list(PLAN) if factors is None else list(factors)
+    groups = [(f, v, prompts_for(f, v)) for f in factors for v in shapes.FACTORS[f]]
+    E = torch.nn.functional.normalize(encode_text([p for _, _, ps in groups for p in ps]).float(), dim=-1)
+    out: dict = {f: [] for f in factors}
+    start = 0
+    for f, _, ps in groups:
+        out[f].append(torch.nn.functional.normalize(E[start:start + len(ps)].mean(0), dim=0))
+        start += len(ps)
+    return {f: torch.stack(rows) for f, rows in out.items()}
 
 
 def load_toy(weights: str | Path | None = None, name: str = "toy-shapes"):
@@ -121,29 +133,43 @@ def _embed_images(model, images: np.ndarray, batch: int = 256):
     return torch.cat(out)
 
 
-def evaluate(model, tokenizer, seed: int = 1, n: int = 2000, size: int = 64) -> dict:
-    """Zero-shot accuracy per factor on held-out scenes (see module doc). Returns a dict."""
-    import torch
+PLAN = {"shape": "single", "color": "single", "size": "single", "position": "single",
+        "pattern": "single", "count": "mixed", "background": "mixed"}
+"""Which scene set each factor is evaluated on (see the module doc)."""
+
+
+def eval_sets(seed: int = EVAL, n: int = 2000, size: int = 64) -> dict[str, list]:
+    """The held-out scenes of the protocol: {'single': n one-object scenes of world `seed`,
+    'mixed': n scenes of world seed + COUNT_SEED_OFFSET}."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    return {"single": list(shapes.generate(n, seed, size, count="1")),
+            "mixed": list(shapes.generate(n, seed + COUNT_SEED_OFFSET, size))}
+
+
+def zero_shot(embeddings: dict, sets: dict[str, list], classes: dict) -> dict[str, float]:
+    """Zero-shot accuracy per factor: embeddings {'single' | 'mixed': [n, d] image embeddings (any
+    norm) of the scenes of `sets`}, classes {factor: [V, d]} (class_table). Returns {factor: accuracy}."""
+    res = {}
+    for factor, which in PLAN.items():
+        pred = (embeddings[which] @ classes[factor].T).argmax(1).numpy()
+        vals = shapes.FACTORS[factor]
+        truth = np.array([vals.index(s.factors[factor]) for s in sets[which]])
+        res[factor] = round(float((pred == truth).mean()), 4)
+    return res
+
+
+def evaluate(model, tokenizer, seed: int = EVAL, n: int = 2000, size: int = 64) -> dict:
+    """Zero-shot accuracy per factor on held-out scenes (see module doc). Returns a dict."""
+    import torch
 
     def enc(texts):
         with torch.no_grad():
             return model.encode_text(tokenizer(texts))
 
-    single = list(shapes.generate(n, seed, size, count="1"))
-    mixed = list(shapes.generate(n, seed + COUNT_SEED_OFFSET, size))
-    res: dict = {}
-    sets = {"single": single, "mixed": mixed}
+    sets = eval_sets(seed, n, size)
     emb = {k: _embed_images(model, np.stack([s.image for s in v])) for k, v in sets.items()}
-    plan = {"shape": "single", "color": "single", "size": "single", "position": "single",
-            "pattern": "single", "count": "mixed", "background": "mixed"}
-    for factor, which in plan.items():
-        cls = class_embeddings(enc, factor)
-        pred = (emb[which] @ cls.T).argmax(1).numpy()
-        vals = shapes.FACTORS[factor]
-        truth = np.array([vals.index(s.factors[factor]) for s in sets[which]])
-        res[factor] = round(float((pred == truth).mean()), 4)
+    res: dict = zero_shot(emb, sets, class_table(enc))
     res["n"] = n
     res["seed"] = seed
     return res

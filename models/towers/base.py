@@ -30,6 +30,19 @@ VisionTransformer and Eva); nothing outside models/ learns a tower's class.
                                               delta == sum_h (o_h / r) @ head_out[h] + bias
       .mlp_in(x) -> [B, R, hidden_in]         the MLP's input (the normalised residual; post-norm: x)
       .mlp(x)    -> [B, R, W]                 the MLP's summand (layer scale and post-norm included)
+      .value_in   [H, W, dh]                  head h's value projection read from the residual: a summand
+                                              u of x reaches head h's values as (u[j] @ value_in[h]) / s1[j]
+                                              (s1: norm1's per-token scale, 1 for post-norm), the input norm's
+                                              gain and centring folded in (grouped k/v heads: repeated)
+      .mlp_neurons(x) -> p, delta, bias       the MLP's neurons (its hidden units, what enters the output
+                                              projection) from the residual x [B, R, W]: p [B, R, N] divided by
+                                              the frozen scale of any norm between them and the residual (an
+                                              inner MLP norm, a post-norm); the MLP's summand delta [B, R, W]
+                                              (== mlp(x)) and its bias summand ([W] or [B, R, W]):
+                                              delta == p @ mlp_rows + bias
+      .mlp_rows   [N, W]                      neuron n's output row: the output projection with any norm's
+                                              gain and centring and the layer scale folded in
+      (value_in, mlp_neurons and mlp_rows are what the second-order lens of models/neurons.py reads)
       .forward(x, ctx) -> x                   the block's own forward (the fast path for blocks no
                                               analysis reads)
 
@@ -184,6 +197,17 @@ class Block:
         raise NotImplementedError
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def value_in(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlp_neurons(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    @property
+    def mlp_rows(self) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:

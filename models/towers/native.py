@@ -69,6 +69,36 @@ class NativeBlock(Block):
     def mlp(self, x):
         return self.block.ls_2(self.block.mlp(self.block.ln_2(x)))
 
+    @property
+    def value_in(self):
+        W = self.width
+        wv = self.block.attn.in_proj_weight[2 * W:].T                         # [W, H*dh]
+        if self.norm1 is not None:
+            wv = self.norm1.fold_in(wv)
+        return wv.reshape(W, self.heads, self.head_dim).permute(1, 0, 2)      # [H, W, dh]
+
+    def _mlp(self) -> nn.Module:
+        mlp = self.block.mlp
+        names = [n for n, _ in mlp.named_children()]
+        if names != ["c_fc", "gelu", "c_proj"]:
+            raise UnsupportedTower(f"its MLP is ({', '.join(names)}), not (c_fc, gelu, c_proj): no adapter reads "
+                                   "its neurons")
+        return mlp
+
+    def mlp_neurons(self, x):
+        mlp = self._mlp()
+        p = mlp.gelu(mlp.c_fc(self.block.ln_2(x)))                            # [B, R, N]
+        delta = self.block.ls_2(mlp.c_proj(p))                                # [B, R, W]
+        bias = mlp.c_proj.bias if mlp.c_proj.bias is not None else torch.zeros(self.width).to(delta)
+        gamma = _gamma(self.block.ls_2)
+        return p, delta, bias * gamma if gamma is not None else bias
+
+    @property
+    def mlp_rows(self):
+        rows = self._mlp().c_proj.weight.T                                    # [N, W]
+        gamma = _gamma(self.block.ls_2)
+        return rows * gamma if gamma is not None else rows
+
     def forward(self, x, ctx=None):
         return self.block(x)
 

@@ -154,6 +154,76 @@ class TimmBlock(Block):
             return blk.ls2(m)
         return m * blk.gamma_2 if getattr(blk, "gamma_2", None) is not None else m
 
+    @property
+    def value_in(self):
+        a = self.block.attn
+        E = self.heads * self.head_dim
+        wv = a.qkv.weight[2 * E:] if getattr(a, "qkv", None) is not None else a.v_proj.weight   # [Hkv*dh, W]
+        wv = wv.T                                                             # [W, Hkv*dh]
+        if self.norm1 is not None:
+            wv = self.norm1.fold_in(wv)
+        wv = wv.reshape(wv.shape[0], -1, self.head_dim).repeat_interleave(self.kv_groups, dim=1)   # [W, H, dh]
+        return wv.permute(1, 0, 2)                                            # [H, W, dh]
+
+    @property
+    def _gamma2(self) -> Optional[torch.Tensor]:
+        blk = self.block
+        if hasattr(blk, "ls2"):
+            return getattr(blk.ls2, "gamma", None)
+        return getattr(blk, "gamma_2", None)
+
+    def _neuron_mlp(self) -> nn.Module:
+        """The block's MLP, when it is a class whose hidden units `_hidden` reads."""
+        mlp = self.block.mlp
+        if type(mlp).__name__ not in ("Mlp", "SwiGLU", "GluMlp"):
+            raise UnsupportedTower(f"its MLP is timm {type(mlp).__name__}, not Mlp/GluMlp/SwiGLU: no adapter reads "
+                                   "its neurons")
+        return mlp
+
+    def _hidden(self, h):
+        """The MLP's hidden units before its inner norm, from its input h: [B, R, N]."""
+        mlp = self._neuron_mlp()
+        kind = type(mlp).__name__
+        if kind == "Mlp":
+            return mlp.act(mlp.fc1(h))
+        if kind == "SwiGLU":
+            return mlp.act(mlp.fc1_g(h)) * mlp.fc1_x(h)
+        if kind == "GluMlp":
+            x1, x2 = mlp.fc1(h).chunk(2, dim=-1)
+            return x1 * mlp.act(x2) if mlp.gate_last else mlp.act(x1) * x2
+
+    def mlp_neurons(self, x):
+        mlp = self.block.mlp
+        hid = self._hidden(self.mlp_in(x))                                    # [B, R, N]
+        inner = NormFold.of(mlp.norm)
+        p = hid / inner.scale(hid) if inner is not None else hid
+        y = mlp.fc2(mlp.norm(hid))                                            # [B, R, W]
+        b = mlp.fc2.bias if mlp.fc2.bias is not None else torch.zeros(y.shape[-1]).to(y)
+        if inner is not None:
+            b = inner.beta(hid) @ mlp.fc2.weight.T + b                        # [W]
+        if self.post:                                                         # norm2 after the MLP
+            post = NormFold.of(self.block.norm2)
+            s = post.scale(y)                                                 # [B, R, 1]
+            y = self.block.norm2(y)
+            p = p / s
+            b = post.fold_out(b) / s + post.beta(y)                           # [B, R, W]
+        gamma = self._gamma2
+        if gamma is not None:
+            y, b = y * gamma, b * gamma
+        return p, y, b
+
+    @property
+    def mlp_rows(self):
+        mlp = self._neuron_mlp()
+        rows = mlp.fc2.weight.T                                               # [N, W]
+        inner = NormFold.of(mlp.norm)
+        if inner is not None:
+            rows = inner.fold_in(rows)
+        if self.post:
+            rows = NormFold.of(self.block.norm2).fold_out(rows)
+        gamma = self._gamma2
+        return rows * gamma if gamma is not None else rows
+
     def forward(self, x, ctx=None):
         if type(self.block).__name__ == "Block":
             return self.block(x)

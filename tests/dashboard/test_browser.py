@@ -51,8 +51,12 @@ EXPECT = {
     nav.CONTRASTIVE: ['[data-testid="stImage"]', '[data-testid="stVegaLiteChart"]', '[data-testid="stMetric"]'],
     nav.IMAGE_NN: ['[data-testid="stImage"]'],
     nav.TEXT_NN: ['[data-testid="stImage"]'],
+    nav.NEURON_ATLAS: ['[data-testid="stVegaLiteChart"]', '[data-testid="stDataFrame"]', '[data-testid="stMetric"]'],
+    nav.NEURON: ['[data-testid="stImage"]', '[data-testid="stDataFrame"]', '[data-testid="stVegaLiteChart"]',
+                 '[data-testid="stMetric"]'],
+    nav.NEURON_TEXT: ['[data-testid="stDataFrame"]'],
     nav.METRICS: ['[data-testid="stVegaLiteChart"]', '[data-testid="stDownloadButton"]'],
-    nav.SQL: ['[data-testid="stDataFrame"]', '[data-testid="stDownloadButton"]'],
+    nav.SQL: ['[data-testid="stDataFrame"]', '[data-testid="stLinkButton"]'],
 }
 
 
@@ -150,10 +154,58 @@ def title_of(path: str) -> str:
     return "CLIP Atlas" if path == nav.ATLAS else nav.TITLES[path]
 
 
+# What the page shows must be readable: a table whose columns scroll out of its box, a metric whose value
+# is cut with an ellipsis, a chart label or title elided by Vega ('…'), or a chart wider than the page
+# is a problem (checked at 1280 and 1920 px). Tables are canvases (glide-data-grid): their scroller
+# says whether the columns fit, and the accessible table lists the columns drawn.
+ELIDED_JS = """() => {
+  const out = [];
+  const main = document.querySelector('[data-testid="stMain"]') || document.body;
+  const text = (el) => (el.innerText || el.textContent || '').trim().replace(/\\s+/g, ' ').slice(0, 80);
+  main.querySelectorAll('[data-testid="stDataFrame"]').forEach((d, i) => {
+    const s = d.querySelector('.dvn-scroller');
+    const table = d.querySelector('table[role="grid"]');
+    const heads = table ? Array.from(table.querySelectorAll('thead th')).map(t => t.textContent) : [];
+    const n = table ? +table.getAttribute('aria-colcount') : 0;
+    if (s && s.scrollWidth > s.clientWidth + 1)
+      out.push(`table ${i} [${heads.join(', ')}]: its columns need ${s.scrollWidth} px, it has ${s.clientWidth}`);
+    else if (n && heads.length < n) out.push(`table ${i} [${heads.join(', ')}]: ${heads.length} of ${n} columns drawn`);
+  });
+  main.querySelectorAll('[data-testid="stMetricValue"], [data-testid="stMetricLabel"]').forEach((m) => {
+    [m, ...m.querySelectorAll('*')].forEach((e) => {
+      if (e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1) out.push(`metric '${text(m)}' cut: ${e.scrollWidth} > ${e.clientWidth} px`);
+    });
+  });
+  main.querySelectorAll('[data-testid="stVegaLiteChart"]').forEach((c, i) => {
+    c.querySelectorAll('svg text').forEach((t) => {
+      if ((t.textContent || '').includes('\u2026')) out.push(`chart ${i}: '${t.textContent}' elided`);
+    });
+    const g = c.querySelector('svg, canvas');
+    if (g && g.getBoundingClientRect().right > main.getBoundingClientRect().right + 1)
+      out.push(`chart ${i}: ${Math.round(g.getBoundingClientRect().width)} px wide, past the page's right edge`);
+  });
+  return Array.from(new Set(out));
+}"""
+
+
+def off_machine(requests: list[str], server: str) -> list[str]:
+    """The requested URLs whose host is not the dashboard's own (data: and blob: URLs are local)."""
+    from urllib.parse import urlparse
+    own = urlparse(server).netloc
+    return sorted({u for u in requests if urlparse(u).scheme in ("http", "https", "ws", "wss")
+                   and urlparse(u).netloc != own})
+
+
 @pytest.mark.parametrize("path", [p for p, *_ in nav.PAGES])
 def test_every_page_renders_without_exception(server, tab, path):
+    """Each page: no exception, no JavaScript error, its content drawn, no request off the machine and
+    no failed request; at 1280 and 1920 px nothing cut off (ELIDED_JS), with a screenshot at each width."""
     errors: list[str] = []
+    requests: list[str] = []
+    failed: list[str] = []
     tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.on("request", lambda r: requests.append(r.url))
+    tab.on("requestfailed", lambda r: failed.append(f"{r.url}: {r.failure}"))
     tab.goto(url_of(server, path))
     wait_done(tab, title_of(path), tuple(EXPECT[path]))
     assert_no_exception(tab, path)
@@ -165,16 +217,23 @@ def test_every_page_renders_without_exception(server, tab, path):
     assert not errors, f"{path}: JavaScript errors {errors}"
     shot = whole_page_screenshot(tab, f"{Path(path).stem}.png", check=lambda: assert_no_exception(tab, path))
     assert shot.stat().st_size > 10_000
+    for width in (1280, 1920):
+        tab.set_viewport_size({"width": width, "height": 1400})
+        tab.wait_for_timeout(1500)                                   # the layout and the charts follow the width
+        assert tab.evaluate(ELIDED_JS) == [], f"{path} at {width} px"
+        whole_page_screenshot(tab, f"{Path(path).stem}_{width}.png", width=width)
+    assert off_machine(requests, server) == [], f"{path}: requests off the machine"
+    assert not failed, f"{path}: failed requests {failed}"
 
 
-def whole_page_screenshot(tab, name: str, check=None) -> Path:
+def whole_page_screenshot(tab, name: str, check=None, width: int = 1440) -> Path:
     """Save SHOTS/name: the app scrolls inside its main container, so the window grows to the
     content (at most 6,000 px) for a whole-page shot; ``check`` runs just before it is taken."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     shot = SHOTS / name
     height = tab.evaluate("""() => Math.max(...Array.from(document.querySelectorAll('[data-testid="stMain"] *'))
                                    .map(e => e.scrollHeight))""")
-    tab.set_viewport_size({"width": 1440, "height": min(max(1000, int(height) + 80), 6000)})
+    tab.set_viewport_size({"width": width, "height": min(max(1000, int(height) + 80), 6000)})
     tab.wait_for_timeout(800)
     if check is not None:
         check()
@@ -194,7 +253,7 @@ def test_real_uploads_segment_or_explain(server, tab):
     buf = io.BytesIO()
     shapes.scene(5, seed=77, size=224).to_pil().save(buf, format="PNG")     # a scene of the product's world
     _upload(tab, "scene.png", buf.getvalue(), "image/png")
-    tab.get_by_text("scene.png (the model's").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    tab.get_by_text("scene.png: the whole image").first.wait_for(timeout=PAGE_TIMEOUT_MS)
     wait_done(tab, title_of(nav.TOPIC), tuple(EXPECT[nav.TOPIC]))
     assert_no_exception(tab, "upload scene.png")
     tab.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
@@ -262,6 +321,41 @@ def test_head_permalink_survives_reload_and_page_switch(server, tab, warehouse):
     assert shot.stat().st_size > 10_000
 
 
+def test_neuron_permalink_survives_reload_and_page_switch(server, tab, warehouse):
+    """Open /neuron?model=&layer=&neuron= for a model that is not the default and a neuron that is not
+    the picker's default (0), reload, switch page and come back: the same neuron each time, and the
+    URL still names it. Saves neuron.png beside the other screenshots."""
+    from urllib.parse import parse_qs, urlparse
+    ms = queries.models(warehouse)
+    other = next(m for m in ms.model_id if m != default_model(ms))
+    layers = queries.neuron_layers(warehouse, other)
+    assert len(layers), f"{other} has no analysed MLP layer"
+    layer, n_neurons = int(layers.layer.iloc[0]), int(layers.n_neurons.iloc[0])
+    neuron = n_neurons - 1
+    name = f"L{layer}.N{neuron}"
+    want = {"model": [other], "layer": [str(layer)], "neuron": [str(neuron)]}
+    tab.goto(f"{server}/{nav.URLS[nav.NEURON]}?model={other}&layer={layer}&neuron={neuron}")
+
+    def check(where: str) -> None:
+        wait_done(tab, nav.TITLES[nav.NEURON], tuple(EXPECT[nav.NEURON]))
+        assert_no_exception(tab, where)
+        tab.locator("h2", has_text=name).first.wait_for(timeout=PAGE_TIMEOUT_MS)
+        assert tab.get_by_role("combobox", name="Model", exact=True).input_value().startswith(other + " "), where
+        assert tab.get_by_role("spinbutton", name=re.compile("^Neuron")).input_value() == str(neuron), where
+        tab.wait_for_function(f"() => window.location.search.includes('neuron={neuron}')", timeout=PAGE_TIMEOUT_MS)
+        assert parse_qs(urlparse(tab.url).query) == want, (where, tab.url)
+
+    check("neuron permalink")
+    tab.reload()
+    check("neuron permalink after reload")
+    tab.locator('[data-testid="stSidebarNav"] a', has_text="Metrics").click()
+    wait_done(tab, "Metrics", tuple(EXPECT[nav.METRICS]))
+    tab.locator('[data-testid="stSidebarNav"] a[href$="/neuron"]').click()
+    check("neuron page after a sidebar switch")
+    shot = whole_page_screenshot(tab, "neuron.png")
+    assert shot.stat().st_size > 10_000
+
+
 def test_match_page_keeps_its_link_through_a_reload_and_links_heads(server, tab, warehouse):
     """Open /head-match?model=&image=&text= for a model that is not the default, reload: the same model,
     image and text, the sum check, and links to head pages; one of them opens that head's page.
@@ -318,3 +412,29 @@ def test_a_click_on_an_atlas_grid_cell_opens_that_heads_page(server, tab, wareho
     assert_no_exception(tab, "head page from an Atlas grid click")
     tab.wait_for_function(f"() => window.location.search.includes('layer={layer}')", timeout=PAGE_TIMEOUT_MS)
     assert parse_qs(urlparse(tab.url).query) == {"model": [model_id], "layer": [str(layer)], "head": [str(head)]}
+
+
+@pytest.mark.parametrize("path", [p for p, *_ in nav.PAGES])
+def test_a_bad_permalink_says_what_exists_on_every_page(server, tab, warehouse, path):
+    """A link to a model the warehouse does not hold: the page says what was asked and what exists, links
+    the nearest valid page, keeps the asked URL, and shows no other model's content."""
+    from urllib.parse import parse_qs, urlparse
+    ids = list(queries.models(warehouse).model_id)
+    asked = ids[0] + "-gone"
+    tab.goto(url_of(server, path) + f"?model={asked}")
+    wait_done(tab, title_of(path))
+    assert_no_exception(tab, path)
+    alert = tab.locator('[data-testid="stAlertContentError"]')
+    assert alert.count() == 1 and f"the model '{asked}'" in alert.inner_text(), path
+    exists = tab.get_by_text("What exists:")
+    assert exists.count() == 1 and all(m in exists.locator("xpath=..").inner_text() for m in ids)
+    link = tab.get_by_role("link", name=re.compile("Open the nearest valid page"))
+    assert parse_qs(urlparse(link.get_attribute("href")).query) == {"model": [ids[0]]}
+    assert parse_qs(urlparse(tab.url).query) == {"model": [asked]}
+    for selector in ('[data-testid="stVegaLiteChart"]', '[data-testid="stDataFrame"]', '[data-testid="stImage"]',
+                     '[data-testid="stMetric"]'):
+        assert tab.locator(selector).count() == 0, (path, selector)
+    link.click()
+    wait_done(tab, title_of(path))
+    assert tab.locator('[data-testid="stAlertContentError"]').count() == 0
+    assert tab.get_by_role("combobox", name="Model", exact=True).input_value().startswith(ids[0] + " ")

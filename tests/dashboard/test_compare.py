@@ -20,6 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import nav, widgets
 from models import similarity as sim
+from tests.dashboard.rendered import shown
 from warehouse import queries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,10 +97,14 @@ def encodings(spec: dict, channel: str) -> list[dict]:
 
 
 def score_chart(at: AppTest, score: str) -> dict:
-    """The side-by-side chart of one score (per model | per layer): the concatenation drawing it on y."""
-    found = [s for s in specs(at) if "hconcat" in s and any(y.get("field") == score for y in encodings(s, "y"))]
+    """The two charts of one score, side by side in two columns (per model | per layer, each as wide as its
+    column): the per-model chart drawing it on y, and the chart after it, as one {"hconcat": [...]}."""
+    all_specs = specs(at)
+    found = [i for i, s in enumerate(all_specs) if any(y.get("field") == score for y in encodings(s, "y"))
+             and any(x.get("field") == "model_id" for x in encodings(s, "x"))
+             and any(isinstance(d.get("mark"), dict) and d["mark"].get("type") == "boxplot" for d in walk(s))]
     assert len(found) == 1, (score, len(found))
-    return found[0]
+    return {"hconcat": all_specs[found[0]:found[0] + 2]}
 
 
 def titled(at: AppTest, words: str) -> dict:
@@ -112,15 +117,22 @@ def titled(at: AppTest, words: str) -> dict:
 
 def test_model_names_on_the_axes_and_one_colour_per_model_on_every_chart(wh, models_df):
     at = page(nav.METRICS)
-    ids = sorted(models_df.model_id)
+    ids = list(models_df.model_id)                   # smallest image tower first: every chart's order
+    assert ids == sorted(ids, key=lambda m: (int(models_df.set_index("model_id").layers[m])
+                                             * int(models_df.set_index("model_id").width[m]) ** 2, m))
     expected = widgets.model_colours(models_df)
-    assert sorted(expected) == ids and len(set(expected.values())) == len(ids)       # distinct colours
+    assert sorted(expected) == sorted(ids) and len(set(expected.values())) == len(ids)       # distinct colours
     for m, s in zip(models_df.model_id, models_df.source):                           # controls are grey
         assert (expected[m] in widgets.CONTROL_GREYS) == (s == "random")
     # the per-model box plot: model ids on the x axis, labels shown, every labelled model in its data
     box = score_chart(at, "association")
     xs = [x for x in encodings(box, "x") if x.get("field") == "model_id"]
     assert xs and all(x.get("axis", {}).get("labels", True) is not False for x in xs), xs
+    labelled = set(queries.head_scores(wh).dropna(subset=["property"]).model_id)
+    by_size = [m for m in ids if m in labelled]
+    assert all(x["sort"] == by_size for x in xs), xs                                  # box plots by size too
+    assert all(o["sort"] == by_size for o in encodings(box, "xOffset")), encodings(box, "xOffset")
+    assert all(x.get("axis", {}).get("labelLimit") == 0 for x in xs)                  # names never cut
     data_models = {r["model_id"] for rows in rows_of(at) for r in rows if "association" in r}
     assert data_models == set(queries.head_scores(wh).model_id)
     # every colour channel on a model field uses the same domain -> range, whatever models the chart holds
@@ -131,14 +143,14 @@ def test_model_names_on_the_axes_and_one_colour_per_model_on_every_chart(wh, mod
             assert c["scale"]["domain"] == ids, (key, c)
             assert c["scale"]["range"] == [expected[m] for m in ids], (key, c)
         colour_charts += bool(colours)
-    assert colour_charts >= 4, colour_charts          # association, entanglement, ablation, study
+    assert colour_charts >= 5, colour_charts     # association, tag entropy, ablation, kappa, code scores
 
 
 def test_random_init_band_and_zoomed_score_axis(wh, control):
     at = page(nav.METRICS)
     hs = queries.head_scores(wh)
     hs = hs[hs.property.notna()]
-    for score in ("association", "entanglement"):
+    for score in ("association", "tag_entropy"):
         spec = score_chart(at, score)
         ys = [y for y in encodings(spec, "y") if y.get("field") == score]
         domain = ys[0]["scale"]["domain"]
@@ -225,23 +237,23 @@ def test_head_page_lists_similar_heads_of_the_other_model_with_links(wh, trained
     i = len(exp["heads_a"]) - 1
     layer, head = exp["heads_a"][i]
     at = page(nav.HEAD, model=trained, layer=str(layer), head=str(head))
-    assert at.header[0].value == f"{widgets.head_name(layer, head)} of {trained}"
+    assert shown(at.header[0].value) == f"{widgets.head_name(layer, head)} of {trained}"
     assert at.selectbox(key=f"head_similar_model@{trained}").value == control
     assert "Similar heads in other models" in [s.value for s in at.subheader]
     for by in ("cka", "text"):
         at.radio(key="head_similar_by").set_value(by).run()
         assert not at.exception, [e.value for e in at.exception]
         links = [p.proto for p in at.get("page_link") if p.proto.page == nav.URLS[nav.HEAD]]
-        shown = []
+        listed = []
         for p in links:
             qs = parse_qs(p.query_string)
             assert qs["model"] == [control], p.query_string
-            shown.append((int(qs["layer"][0]), int(qs["head"][0])))
+            listed.append((int(qs["layer"][0]), int(qs["head"][0])))
         order = sorted(range(len(exp["heads_b"])), key=lambda j: (-exp[by][i, j], exp["heads_b"][j]))
-        assert shown == [exp["heads_b"][j] for j in order[:min(5, len(order))]], (by, shown)
+        assert listed == [exp["heads_b"][j] for j in order[:min(5, len(order))]], (by, listed)
         values = [m.value for m in at.markdown if m.value.startswith("CKA **")]
         assert [float(v.split("**")[1]) for v in values] == pytest.approx(
-            [round(float(exp["cka"][i, j]), 3) for j in order[:len(shown)]], abs=1.5e-3)
+            [round(float(exp["cka"][i, j]), 3) for j in order[:len(listed)]], abs=1.5e-3)
 
 
 def test_metrics_matrix_is_the_mean_best_match_and_shows_the_per_head_matching(wh, trained, control):
@@ -262,3 +274,15 @@ def test_metrics_matrix_is_the_mean_best_match_and_shows_the_per_head_matching(w
         assert list(table["match"]) == [widgets.head_name(*exp["heads_b"][j]) for j in best]
         np.testing.assert_allclose(table["similarity"], exp[by].max(1), atol=1e-4)
         assert all(link.startswith(f"{nav.URLS[nav.HEAD]}?model=") for link in table["link"])
+
+
+def test_probe_matrix_colour_is_centred_on_chance(wh, trained):
+    """Accuracy minus chance on a diverging scale symmetric around 0: a cell at chance is white, and a cell
+    just below chance is pale, never the most saturated colour."""
+    at = page(nav.METRICS)
+    (spec,) = [s for s in specs(at) if any(c.get("field") == "above_chance" for c in encodings(s, "color"))]
+    (colour,) = [c for c in encodings(spec, "color") if c.get("field") == "above_chance"]
+    p = queries.probes(wh, trained)
+    reach = float(p.above_chance.abs().max())
+    assert colour["scale"]["domain"] == pytest.approx([-reach, reach])
+    assert colour["scale"]["domainMid"] == 0 and colour["scale"]["scheme"] == "redblue"

@@ -25,6 +25,7 @@ from streamlit.testing.v1 import AppTest
 import models
 from dashboard import nav, widgets
 from etl.world import shapes
+from tests.dashboard.rendered import shown
 from warehouse import queries, writer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,9 +106,27 @@ def model_options(at: AppTest) -> list[str]:
 
 
 def metric(at: AppTest, label: str) -> str:
-    found = [m.value for m in at.metric if m.label == label]
+    found = [shown(m.value) for m in at.metric if m.label == label]
     assert found, f"no metric '{label}' in {[m.label for m in at.metric]}"
     return found[0]
+
+
+def assert_evidence(at: AppTest, warehouse, model_id: str, layer: int, head: int) -> None:
+    """The head's label, its confidence and shuffled-tag p-value, its scores and its ground truth are on
+    the page as stored, each number with its one-line meaning (widgets.head_evidence)."""
+    label = queries.head_label(warehouse, model_id, layer, head)
+    score = queries.head_score(warehouse, model_id, layer, head)
+    truth = queries.head_truth_of(warehouse, model_id, layer, head)
+    claim = [m.value for m in at.markdown if m.value.startswith("**Label:**")]
+    assert len(claim) == 1, [m.value for m in at.markdown]
+    assert claim[0].startswith(f"**Label:** {label['property']} (labeler {label['labeler']})")
+    assert f"**Ground truth:** {widgets.truth_text(truth)}" in claim[0]
+    assert metric(at, "confidence") == f"{label['confidence']:.2f}"
+    assert metric(at, "p-value") == widgets.p_value_text(label["p_value"])
+    assert label["p_value"] is not None and 0 < label["p_value"] <= 1     # the offline labeler records it
+    assert metric(at, "association") == f"{score['association']:.2f}"
+    captions = [c.value for c in at.caption]
+    assert all(meaning in captions for meaning in widgets.EVIDENCE.values())
 
 
 def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -199,8 +218,8 @@ def test_atlas_grid_and_head_card_follow_the_choice(warehouse_file, chosen):
 
     grid = chart_rows(charts(at)[0])
     assert len(grid) == int(row["layers"]) * int(row["heads"])
-    shown = {(r["layer"], r["head"], r["property"]) for r in grid}
-    assert shown == cells(first)
+    drawn = {(r["layer"], r["head"], r["property"]) for r in grid}
+    assert drawn == cells(first)
     names = head_names(warehouse_file, first)
     picked = [names[0], names[len(names) // 2]]       # neither is the picker's default (the last head)
     for name in picked:
@@ -212,9 +231,13 @@ def test_atlas_grid_and_head_card_follow_the_choice(warehouse_file, chosen):
         table = at.dataframe[-1].value
         assert list(table.text) == list(expected.text)
         assert list(table.variance_explained) == pytest.approx(list(expected.variance_explained))
-        assert metric(at, "label") == queries.head_label(warehouse_file, first, l, h)["property"]
+        assert_evidence(at, warehouse_file, first, l, h)
     links = at.get("page_link")
-    assert len(links) == 6 and all(picked[-1] in pl.proto.label for pl in links), [pl.proto.label for pl in links]
+    prop = queries.head_label(warehouse_file, first, *widgets.parse_head(picked[-1])).get("property")
+    want = 6 if widgets.has_property(prop) else 5      # no property-neighbours link for a 'mixed' head
+    assert len(links) == want and all(picked[-1] in pl.proto.label for pl in links), [pl.proto.label for pl in links]
+    if want == 5:
+        assert any(f"{picked[-1]} is {prop}, so it names no property" in c.value for c in at.caption)
     assert links[0].proto.page == nav.URLS[nav.HEAD]                     # the head's permalink first
     at.sidebar.selectbox(key="atlas_model_picker").select(other).run()
     assert_ok(at)
@@ -235,8 +258,10 @@ def test_head_link_to_property_neighbours_opens_that_heads_property(warehouse_fi
     """A head whose label is not the page's default property (the one with most heads)."""
     found = []
     for model_id in (chosen[1], chosen[0]):
-        default_prop = [p for p in queries.properties(warehouse_file, model_id).property
-                        if p not in widgets.NOT_A_PROPERTY][0]
+        props = [p for p in queries.properties(warehouse_file, model_id).property if p not in widgets.NOT_A_PROPERTY]
+        if not props:                          # the random-init control: every head 'mixed' (labeler v6)
+            continue
+        default_prop = props[0]
         g = queries.head_grid(warehouse_file, model_id)
         found += [(model_id, widgets.head_name(l, h), p) for l, h, p in zip(g["layer"], g["head"], g["property"])
                   if p != default_prop and p not in widgets.NOT_A_PROPERTY]
@@ -320,7 +345,7 @@ def test_bad_uploads_get_a_clear_message(warehouse_file, name):
     at.file_uploader(key="topic_upload").upload(name, make())
     at.run()
     assert_ok(at)
-    assert at.error and name in at.error[0].value and words in at.error[0].value, [e.value for e in at.error]
+    assert at.error and name in shown(at.error[0].value) and words in shown(at.error[0].value), [e.value for e in at.error]
     assert not [m for m in at.metric if m.label == "max |patch|"]
 
 
@@ -346,6 +371,23 @@ def test_topic_map_changes_with_text_and_matches_the_decomposition(warehouse_fil
     assert metric(at, "sum over patches") != first
     at.text_input(key="topic_text").set_value("   ").run()
     assert "Type a text" in at.warning[0].value
+
+
+def test_segmentation_pages_open_on_an_example_that_shows_the_head(warehouse_file, chosen):
+    """The first map of the topic and contrastive pages: the current head's first TextSpan text(s), on the
+    image that head pushes most towards its first text (not a fixed text on the first image)."""
+    model = chosen[0]
+    l, h = widgets.analysed_heads(queries.model_row(warehouse_file, model))[-1]          # the pickers' default
+    texts = list(queries.head_texts(warehouse_file, model, l, h).text)
+    top = queries.head_top_images(warehouse_file, model, l, h, 1).image_id.iloc[0]
+    at = page(nav.TOPIC)
+    assert at.text_input(key="topic_text").value == texts[0]
+    assert at.selectbox(key="topic_image").value == top
+    # the head carries its first text on its top image: the map's sum is that head's share of the cosine
+    assert float(metric(at, "sum over patches")) > 0
+    at = page(nav.CONTRASTIVE)
+    assert (at.text_input(key="contrast_a").value, at.text_input(key="contrast_b").value) == (texts[0], texts[1])
+    assert at.selectbox(key="contrast_image").value == top
 
 
 def test_contrastive_uses_every_chosen_head_and_flips_when_swapped(warehouse_file, chosen):
@@ -513,6 +555,39 @@ def test_metrics_charts_and_downloads_follow_the_model(warehouse_file, chosen):
     assert len(charts_with(at, "drop")) == (1 if len(abl[(abl.kind == "head") & (abl.model_id == other)]) else 0)
 
 
+def test_metrics_shows_kappa_beside_both_baselines_the_papers_scores_and_the_study(warehouse_file):
+    at = page(nav.METRICS)
+    lk = queries.label_kappa(warehouse_file)
+    assert len(lk) == 2                                               # the trained toy and its control, one dataset
+    shown = {f.value["model"].iloc[0] for f in at.dataframe if "kappa" in f.value.columns and "model" in f.value.columns}
+    table = next(f.value for f in at.dataframe if "margin over shuffled" in f.value.columns)
+    assert list(table["model"]) == list(lk.model_id) and shown
+    for row, r in zip(table.itertuples(), lk.itertuples()):
+        assert row.invented == f"{r.n_invented} / {r.n_heads}" and row.wrong == f"{r.n_wrong} / {r.n_specialised}"
+    kappa_rows = charts_with(at, "kappa", "kappa_lo", "shuffled_kappa")
+    assert len(kappa_rows) == 1 and {r["model_id"] for r in kappa_rows[0]} == set(lk.model_id)
+    code = charts_with(at, "score", "value", "lo", "hi", "name")
+    assert len(code) == 1 and {r["score"] for r in code[0]} == {"informativeness", "dci_d", "dci_c", "dci_i", "mig"}
+    names = [d.proto.label for d in at.download_button]
+    for table_name in ("label_kappa", "paper_scores", "code_scores", "study_sizes_demo", "study_verdicts_demo"):
+        assert any(table_name in n for n in names), (table_name, names)
+    # the study: provenance of the world seeds, one verdict per definition, the trend chart
+    text = " ".join(m.value for m in at.markdown)
+    assert "Study **demo** on world seed **41**" in text
+    assert "World seeds used for training: 0, 1, 2; the labeler's constants (tuning): 0, 7, 11; the size study: 1013, 2029" in text
+    verdicts = queries.study_tables(warehouse_file)["verdicts"]
+    assert len(verdicts) == 8 and all(v in text for v in verdicts.verdict)
+    def per_model_dots(at):               # the trend chart's dots (its layers carry the size means too)
+        return [r for c in charts(at) for r in chart_rows(c) if {"image_params", "value", "worlds"} <= set(r)]
+
+    assert {r["model_id"] for r in per_model_dots(at)} == set(lk.model_id)
+    at.selectbox(key="study_score").select("mig").run()
+    assert_ok(at)
+    mig = {r["model_id"]: r["value"] for r in per_model_dots(at)}
+    stored = queries.study_tables(warehouse_file)["scores"]
+    assert mig == {m: pytest.approx(v) for m, v in stored[stored.score == "mig"].groupby("model_id").value.mean().items()}
+
+
 # --------------------------------------------------------------------------- SQL console
 
 def run_sql(at: AppTest, sql: str) -> AppTest:
@@ -534,7 +609,17 @@ def test_sql_console_runs_examples_and_changes_with_the_query(warehouse_file):
     ms = queries.models(warehouse_file).sort_values("model_id")
     expected = [int(r.n_images) * len(r.analysed_layers) * int(r.heads) for r in ms.itertuples()]
     assert list(at.dataframe[0].value.n) == expected
-    assert any("query_result" in d.proto.label for d in at.download_button)
+    links = [b for b in at.get("link_button") if "query_result.csv" in b.proto.label]
+    assert len(links) == 1 and links[0].proto.url.startswith("/_atlas/download/") and links[0].proto.url.endswith(".csv")
+    assert not at.download_button                      # the result is never built into a download here
+    run_sql(at, "SELECT repeat('x', 10000) AS s FROM range(5000)")    # long texts: previews, every row
+    out = at.dataframe[0].value
+    assert len(out) == 5000 and set(out.s) == {"x" * 300 + " \u2026 (10,000 characters)"}
+    run_sql(at, "SELECT " + ", ".join(f"repeat('x', 290) AS s{i}" for i in range(10)) + " FROM range(20000)")
+    n_shown = len(at.dataframe[0].value)                 # 10 cells of 290 characters (+64 B each) a row
+    assert 8000 < n_shown < 9500
+    assert any(f"stopped at the first {n_shown:,} rows: the result passed the 32 MB limit on result data" in c.value
+               for c in at.caption)
 
 
 @pytest.mark.parametrize("sql, words", [
@@ -546,7 +631,7 @@ def test_sql_console_runs_examples_and_changes_with_the_query(warehouse_file):
 ])
 def test_sql_console_refuses_with_a_clear_message(warehouse_file, sql, words):
     at = run_sql(page(nav.SQL), sql)
-    assert at.error and words.lower() in at.error[0].value.lower(), [e.value for e in at.error]
+    assert at.error and words.lower() in shown(at.error[0].value).lower(), [e.value for e in at.error]
     assert not at.dataframe
 
 
@@ -564,19 +649,17 @@ def test_sql_console_survives_a_killed_query_and_shows_one_line_errors(warehouse
     run_sql(at, bomb)
     stopped = ["Query stopped: it ran past the 1 s limit. Narrow it with WHERE (e.g. one model_id, layer and head), "
                "aggregate, or add a LIMIT."]
-    assert [e.value for e in at.error] == stopped
+    assert [shown(e.value) for e in at.error] == stopped
     at.sidebar.selectbox(key="atlas_model_picker").select(chosen[1]).run()   # another interaction: not run again
-    assert [e.value for e in at.error] == stopped and calls.count(bomb) == 1
+    assert [shown(e.value) for e in at.error] == stopped and calls.count(bomb) == 1
     run_sql(at, "UPDATE EXTENSIONS")
-    assert at.error and at.error[0].value.startswith("Refused: UPDATE EXTENSIONS statements are not allowed.")
+    assert at.error and shown(at.error[0].value).startswith("Refused: UPDATE EXTENSIONS statements are not allowed.")
     run_sql(at, "SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT 1'))")
-    assert at.error and "json_execute_serialized_sql() runs SQL from a string" in at.error[0].value
+    assert at.error and "json_execute_serialized_sql() runs SQL from a string" in shown(at.error[0].value)
     run_sql(at, "SELECT '290000-06-15 12:00:00+00'::TIMESTAMPTZ AS t, count(*) AS n FROM models")
     assert not at.error, [e.value for e in at.error]
     out = at.dataframe[0].value
     assert out.t[0].startswith("290000-06-1") and int(out.n[0]) == len(model_ids(warehouse_file))
-    run_sql(at, "SELECT repeat('x', 10000) AS s FROM range(5000)")
-    assert any("passed the 32 MB limit on result data" in c.value for c in at.caption)
 
 
 def test_sql_console_clip_text_embeds_with_the_models_text_tower(warehouse_file, chosen):
@@ -641,19 +724,18 @@ def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_
     l, h = _labelled_head(warehouse_file, model_id)
     at = page(nav.HEAD, model=model_id, layer=str(l), head=str(h))
     name = widgets.head_name(l, h)
-    assert at.header[0].value == f"{name} of {model_id}"
+    assert shown(at.header[0].value) == f"{name} of {model_id}"
     assert at.sidebar.selectbox(key="atlas_model_picker").value == model_id
     assert at.selectbox(key=f"head_page@{model_id}").value == name
     # the URL keeps the state (not consumed like other pages' links)
     assert dict(at.query_params) == {"model": model_id, "layer": str(l), "head": str(h)}
     # label and TextSpan texts as stored
-    label = queries.head_label(warehouse_file, model_id, l, h)
-    assert metric(at, "label") == label.get("property", "unlabelled")
+    assert_evidence(at, warehouse_file, model_id, l, h)
     texts = queries.head_texts(warehouse_file, model_id, l, h)
     frames = [d.value for d in at.dataframe]
-    shown = next(f for f in frames if "variance_explained" in f.columns)
-    assert list(shown.text) == list(texts.text)
-    np.testing.assert_allclose(shown.variance_explained, texts.variance_explained)
+    textspan = next(f for f in frames if "variance_explained" in f.columns)
+    assert list(textspan.text) == list(texts.text)
+    np.testing.assert_allclose(textspan.variance_explained, texts.variance_explained)
     # the bank's texts at both ends of the head's mean projection
     ranking = queries.head_text_ranking(warehouse_file, model_id, l, h)
     assert len(ranking) > 20 and ranking["mean"].is_monotonic_decreasing
@@ -669,7 +751,7 @@ def test_head_page_opens_from_its_permalink_and_matches_the_warehouse(warehouse_
     c = queries.image_head_vectors(warehouse_file, model_id, top_id, heads)[0]
     assert scores.score.iloc[0] == pytest.approx(float(c @ t), abs=1e-5)
     assert scores.score.iloc[0] >= scores.score.max() - 1e-9
-    captions = [x.value for x in at.caption]
+    captions = [shown(x.value) for x in at.caption]
     assert any(x.startswith(top_id) for x in captions)                                  # top image shown
     assert any(x.startswith(scores.image_id.iloc[-1]) for x in captions)                # bottom image shown
     hist = [r for r in charts_with(at, "score") if len(r) == len(scores)]
@@ -703,3 +785,30 @@ def test_atlas_head_card_links_to_the_head_permalink(warehouse_file, chosen):
     links = [e.proto for e in at.get("page_link")]
     heads = [p for p in links if "head" in p.page and "Head page" in p.label]
     assert heads, [(p.page, p.label) for p in links]
+
+
+@pytest.mark.parametrize("size", [(300, 200), (160, 240)])
+def test_the_map_on_the_whole_image_lands_on_the_crops_patch_grid(size):
+    """widgets.overlay_on_original draws patch (r, c) of the map exactly on that patch's box of the crop
+    inside the whole image (models.model_view_box, models.maps.patch_boxes); outside the crop the image
+    is dimmed, inside it shows through where the map is 0."""
+    from models.maps import patch_boxes
+    lm = models.load_model("toy-shapes-small")
+    img = Image.new("RGB", size, (255, 255, 255))
+    _, box = models.model_view_box(lm, img)
+    grid = np.zeros(lm.grid)
+    r, c = 2, 5
+    grid[r, c] = 1.0
+    out = np.asarray(widgets.overlay_on_original(img, box, grid, 1.0, width=max(size)), dtype=int)   # 1 px = 1 px
+    assert out.shape[:2] == (size[1], size[0])
+    red = (out[..., 0] - out[..., 2] > 60)
+    ys, xs = np.nonzero(red)
+    x0, y0, x1, y1 = patch_boxes(box, lm.grid)[r, c]
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (round(x0), round(x1), round(y0), round(y1))
+    bx0, by0, bx1, by1 = (round(v) for v in box)
+    outside = np.ones(red.shape, bool)
+    outside[by0:by1, bx0:bx1] = False
+    if outside.any():
+        assert out[outside].max() < 200                                    # dimmed: not the white image
+    inner = out[by0 + 3:by1 - 3, bx0 + 3:bx1 - 3][~red[by0 + 3:by1 - 3, bx0 + 3:bx1 - 3]]
+    assert inner.min() > 200                                               # the white image shows through

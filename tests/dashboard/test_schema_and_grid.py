@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import nav, widgets
+from tests.dashboard.rendered import shown
 from warehouse import connect, queries, schema_docs
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
@@ -56,13 +57,13 @@ def test_schema_browser_lists_every_relation_with_columns_types_and_meanings(wh)
 
     at = _page(nav.SQL)
     assert at.selectbox(key="sql_schema_relation").value == "head_scores"
-    shown = at.table[0].value
-    assert list(shown.index) == list(schema[schema.relation == "head_scores"]["column"])
+    table = at.table[0].value
+    assert list(table.index) == list(schema[schema.relation == "head_scores"]["column"])
     at.selectbox(key="sql_schema_relation").select("images").run()
-    shown = at.table[0].value
-    assert list(shown.index) == [c for c, _ in images_cols] and list(shown["type"]) == [t for _, t in images_cols]
-    assert any("JPEG, longest side 128 px" in str(v) for v in shown.meaning)
-    assert any(schema_docs.relation_meaning("images") in c.value for c in at.caption)
+    table = at.table[0].value
+    assert list(table.index) == [c for c, _ in images_cols] and list(table["type"]) == [t for _, t in images_cols]
+    assert any("JPEG, longest side 128 px" in str(v) for v in table.meaning)
+    assert any(schema_docs.relation_meaning("images") in shown(c.value) for c in at.caption)
 
 
 def test_results_with_image_id_show_thumbnails_and_refusals_still_refuse(wh):
@@ -84,7 +85,7 @@ def test_results_with_image_id_show_thumbnails_and_refusals_still_refuse(wh):
     for sql, words in [("DROP TABLE models", "read-only"), ("SELECT * FROM read_csv('/etc/passwd')", "Refused"),
                        ("COPY images TO '/tmp/x.csv'", "Refused")]:
         _run_sql(at, sql)
-        assert at.error and words.lower() in at.error[0].value.lower(), [e.value for e in at.error]
+        assert at.error and words.lower() in shown(at.error[0].value).lower(), [e.value for e in at.error]
         assert not at.dataframe                             # the schema browser draws static tables only
 
 

@@ -230,7 +230,7 @@ def test_run_builds_every_table_and_resumes(tmp_path):
     assert count(wh, "SELECT count(*) FROM head_texts WHERE bank <> 'shapes' OR r IS NULL OR r > 32") == 0
     assert count(wh, "SELECT analysed_layers FROM models WHERE model_id = 'toy-shapes/bundled'") == list(range(6))
     assert count(wh, "SELECT n_heads FROM model_scores WHERE model_id = 'toy-shapes/bundled'") == 24
-    jobs = {"embed", "texts", "textspan", "label", "judge", "ablate", "probe"}
+    jobs = {"run", "embed", "texts", "textspan", "label", "judge", "ablate", "probe", "neurons"}   # `run` records itself too
     assert {r[0] for r in rows(wh, "SELECT DISTINCT job FROM runs WHERE status = 'ok'")} == jobs
     first = {r[0] for r in rows(wh, "SELECT run_id FROM runs")}
     # a second run recomputes nothing: every job it starts ends 'skipped', and nothing is duplicated

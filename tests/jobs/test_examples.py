@@ -1,5 +1,6 @@
-"""Every SQL example the product shows (the README's, the console's) returns rows on a warehouse
-built like the demo's (the toy model on shapes scenes, by the product's own jobs)."""
+"""Every SQL example the product shows (the README's, docs/*.md's, the console's) returns rows on a
+warehouse built like the demo's (the toy model on shapes scenes, by the product's own jobs).
+(tests/unit/test_docs.py parses them and every command of the docs without a warehouse.)"""
 from __future__ import annotations
 
 import re
@@ -9,7 +10,8 @@ import numpy as np
 
 from warehouse.console import EXAMPLE_QUERIES, run_console_query
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _clip_text(model_id: str, text: str) -> list[float]:
@@ -24,21 +26,21 @@ def _clip_text(model_id: str, text: str) -> list[float]:
 _clip_text.cache = {}
 
 
-def readme_sql() -> list[str]:
-    """Each statement of the README's ```sql blocks."""
-    blocks = re.findall(r"```sql\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+def readme_sql() -> list[tuple[str, str]]:
+    """(page, statement) for each statement of the ```sql blocks of the README and docs/*.md."""
     statements = []
-    for block in blocks:
-        body = "\n".join(line for line in block.splitlines() if not line.strip().startswith("--"))
-        statements += [s.strip() for s in body.split(";") if s.strip()]
+    for page in PAGES:
+        for block in re.findall(r"```sql\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            body = "\n".join(line for line in block.splitlines() if not line.strip().startswith("--"))
+            statements += [(page.name, s.strip()) for s in body.split(";") if s.strip()]
     return statements
 
 
 def test_readme_and_console_examples_return_rows(toy_warehouse):
     _clip_text.path = str(toy_warehouse)
     statements = readme_sql()
-    assert len(statements) >= 4
-    queries = {f"README #{i}": s for i, s in enumerate(statements)} | EXAMPLE_QUERIES
+    assert len(statements) >= 6 and {"README.md", "warehouse.md"} <= {page for page, _ in statements}
+    queries = {f"{page} #{i}": s for i, (page, s) in enumerate(statements)} | EXAMPLE_QUERIES
     empty = []
     for title, sql in queries.items():
         df, _ = run_console_query(toy_warehouse, sql, clip_text=_clip_text)

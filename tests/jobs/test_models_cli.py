@@ -21,9 +21,13 @@ def test_cli_decompose_and_verify(tmp_path):
     Image.new("RGB", (50, 80), (250, 120, 0)).save(tmp_path / "b.jpg")
     out = tmp_path / "d.npz"
     r = _cli("decompose", "--model", "ViT-S-32", "--random-init", "--image", str(img),
-             "--image", str(tmp_path / "b.jpg"), "--out", str(out))
+             "--image", str(tmp_path / "b.jpg"), "--out", str(out), "--second-order", "10")
     assert r.returncode == 0, r.stderr
     z = np.load(out)
+    # MLP layer 10's 1,536 neurons through the 6 heads of layer 11 (MATH.md §10)
+    assert z["second_order_alpha"].shape == (2, 1536, 6) and z["second_order_phi"].shape == (2, 1536, 384)
+    assert z["second_order_heads"].tolist() == [[11, h] for h in range(6)] and int(z["second_order_layer"]) == 10
+    assert np.isfinite(z["second_order_phi"]).all() and (np.linalg.norm(z["second_order_phi"], axis=-1) > 0).mean() > 0.99
     assert z["embedding"].shape == (2, 384) and z["head_cls"].shape == (2, 4, 6, 384)
     assert z["head_tokens"].shape == (2, 4, 6, 50, 384) and list(z["layers"]) == [8, 9, 10, 11]
     assert np.allclose(np.linalg.norm(z["embedding"], axis=1), 1, atol=1e-5)
@@ -44,6 +48,11 @@ def test_cli_errors_are_one_line(tmp_path):
     r = _cli("decompose", "--model", "ViT-S-32", "--random-init", "--image", str(tmp_path / "notes.txt"),
              "--out", str(tmp_path / "o.npz"))
     assert r.returncode == 2 and "not an image" in r.stderr and not (tmp_path / "o.npz").exists()
+    r = _cli("decompose", "--model", "ViT-S-32", "--random-init", "--image", str(tmp_path / "notes.txt"),
+             "--out", str(tmp_path / "o.npz"), "--second-order", "11")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: --second-order 11: the effects run through later attention heads, so choose an MLP layer 0..10 "
+        "of this 12-layer model (0-based)")
     r = _cli("--help")
     assert r.returncode == 0 and "decompose" in r.stdout and "verify" in r.stdout
 

@@ -201,7 +201,8 @@ def test_label_and_judge_offline_end_to_end(wht, capsys):
     assert out["heads_labelled"] == N_HEADS and out["heads_failed"] == 0
     # the label, recomputed here from the tables: a text votes for its tag when the rest of the
     # model reads it as the head does (corr over images of c.q and (z - c).q, q = the text minus
-    # its property's mean text, >= 0.2 with a one-sided Fisher p <= 0.001); the label is the
+    # its property's mean text, >= 0.2 with a one-sided Fisher p <= 0.001) and more strongly than
+    # it reads any text of the head opposite (v6: corr > -min corr of the head's texts); the label is the
     # largest voting share s* if at least 2 texts vote, s* >= 0.15 and it holds >= 0.6 of the voting
     # texts' variance (30 images: few texts pass p)
     texts = {tid: (np.array(v), p) for tid, v, p in q(wht, "SELECT e.text_id, e.vec, t.property FROM text_embeddings e "
@@ -210,15 +211,20 @@ def test_label_and_judge_offline_end_to_end(wht, capsys):
     Z = np.array([r[0] for r in q(wht, "SELECT vec FROM image_embeddings ORDER BY image_id")])
     votes = defaultdict(lambda: defaultdict(list))
     totals = defaultdict(float)
+    checked = defaultdict(list)
     for layer, head, tid, prop, var in q(wht, "SELECT h.layer, h.head, h.text_id, t.property, h.variance_explained "
                                               "FROM head_texts h JOIN texts t USING (text_id)"):
         C = _head_matrix(wht, layer, head).astype(np.float64)
         qv = texts[tid][0] - means[prop]
         rho = np.corrcoef(C @ qv, Z @ qv - C @ qv)[0, 1]
-        p_rho = 0.5 * math.erfc(math.atanh(rho) * math.sqrt(len(Z) - 3) / math.sqrt(2))
-        if rho >= 0.2 and p_rho <= 0.001:
-            votes[(layer, head)][prop].append(var)
+        checked[(layer, head)].append((rho, prop, var))
         totals[(layer, head)] += var
+    for key, rows in checked.items():
+        floor = max(0.0, -min(r for r, _, _ in rows))
+        for rho, prop, var in rows:
+            p_rho = 0.5 * math.erfc(math.atanh(rho) * math.sqrt(len(Z) - 3) / math.sqrt(2))
+            if rho >= 0.2 and rho > floor and p_rho <= 0.001:
+                votes[key][prop].append(var)
     for layer, head, prop, conf, labeler, ph, p, raw in q(wht, "SELECT layer, head, property, confidence, labeler, "
                                                               "prompt_hash, p_value, raw FROM head_labels"):
         share = {t: sum(v) / totals[(layer, head)] for t, v in votes[(layer, head)].items()}

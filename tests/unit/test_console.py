@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import os
 import resource
+import threading
 import time
 
 import duckdb
@@ -98,6 +99,31 @@ def test_read_only_forms_are_allowed(wh, sql, n):
         assert len(df) == n
 
 
+def test_a_spare_worker_outlives_the_thread_that_started_it(wh):
+    """Streamlit runs each script run in a thread of its own. A worker dies with its parent
+    (PR_SET_PDEATHSIG), which Linux counts per thread: a spare started by the console page's
+    warm_up() was killed when that run's thread ended, and the next query met a dying worker
+    ("the query worker ended unexpectedly (signal 9, SIGKILL)"). Workers are now started from one
+    long-lived thread."""
+    p, _ = wh
+    console_mod._stop_spare()
+
+    def page_run():                   # the page's run: warm_up(), then more rendering, then the thread ends
+        console_mod.warm_up()
+        console_mod._spare.wait_started()
+
+    t = threading.Thread(target=page_run)
+    t.start()
+    t.join()
+    spare = console_mod._spare
+    assert spare is not None
+    time.sleep(0.5)
+    assert spare.proc.poll() is None
+    stats = {}
+    df, _ = run_console_query(p, "SELECT 41 + 1 AS x", stats=stats)
+    assert df["x"].tolist() == [42] and stats["spare"] is True and stats["outcome"] == "ok"
+
+
 def test_console_workers_yield_the_cpu_to_the_dashboard(wh):
     """A console query runs at nice +10 (console_worker.NICE), so a CPU-bound one cannot slow the
     pages much; the spare worker that served it shows its priority."""
@@ -161,7 +187,7 @@ def test_a_long_query_is_interrupted(wh):
     ("RESET memory_limit", "SET/RESET/USE"),
     ("CALL pragma_version()", "CALL"),
     ("BEGIN TRANSACTION", "Transactions"),
-    ("CHECKPOINT", "CALL"),
+    ("CHECKPOINT", "CHECKPOINT writes the database file"),
     ("EXPLAIN ANALYZE DELETE FROM texts", "DELETE writes"),
 ])
 def test_writes_files_extensions_and_settings_are_refused(wh, sql, words):
@@ -170,6 +196,28 @@ def test_writes_files_extensions_and_settings_are_refused(wh, sql, words):
         run_console_query(p, sql)
     assert words in str(err.value)
     assert _count(p, "texts") == 3
+
+
+@pytest.mark.parametrize("sql, words", [
+    ("ANALYZE", "Refused: ANALYZE changes the database's statistics."),
+    ("analyse texts", "Refused: ANALYZE changes the database's statistics."),
+    ("VACUUM", "Refused: VACUUM changes the database."),
+    ("COPY FROM DATABASE memory TO other", "Refused: COPY FROM DATABASE writes a database."),
+    ("/* c */ CHECKPOINT", "Refused: CHECKPOINT writes the database file."),
+    ("FORCE CHECKPOINT", "Refused: CHECKPOINT writes the database file."),
+    ("CALL checkpoint()", "Refused: CALL runs a procedure"),
+    ("PRAGMA version", "Refused: PRAGMA changes or inspects settings"),
+    ("TRUNCATE texts", "Refused: TRUNCATE deletes every row of a table."),
+    ("DEALLOCATE p", "Refused: DEALLOCATE drops a prepared statement"),
+    ("SET VARIABLE x = 1", "Refused: SET VARIABLE changes session state"),
+    ("COMMENT ON TABLE texts IS 'x'", "Refused: COMMENT ON changes the schema."),
+])
+def test_refusals_name_the_statement_that_was_written(sql, words):
+    """Break 12: DuckDB parses ANALYZE as a VACUUM, COPY FROM DATABASE as a PRAGMA and CHECKPOINT as
+    a CALL; the refusals named those. They name what the user wrote (statement types only: no worker)."""
+    with pytest.raises(QueryRefused) as err:
+        check_query(sql)
+    assert str(err.value).startswith(words)
 
 
 def test_copy_creates_no_file(wh, tmp_path):

@@ -470,3 +470,23 @@ def test_llm_key_echoes_in_disguise_are_redacted(endpoint, make_llm, tmp_path, e
         for form in (KEY, KEY[::-1], HEX):
             assert squash(form)[:8] not in squash(text), (form, text)
     assert "your key *** was used" in label.raw and "***" in str(err.value)
+def test_an_agreement_must_beat_the_heads_strongest_disagreement():
+    """v6: on a head where the rest of the model reads some text opposite to the head (strength s),
+    agreements up to s are no evidence (a random-init model: every direction follows pixel
+    statistics with an arbitrary sign)."""
+    from etl.text.labelers import agreement_p_value
+    p = agreement_p_value(0.9, 1000)
+    def head(opposite):
+        return [HeadText("three", "counting", 0.3, 0.95, p), HeadText("two", "counting", 0.2, 0.91, p),
+                HeadText("sky", "backgrounds", 0.1, opposite, agreement_p_value(opposite, 1000)),
+                HeadText("red", "colors", 0.1, 0.3, agreement_p_value(0.3, 1000))]
+    lab, v5 = OfflineLabeler(), OfflineLabeler(symmetric=False)
+    assert lab.label(head(-0.2)).property == "counting"          # a mild disagreement: 0.95 and 0.91 beat it
+    assert v5.label(head(-0.97)).property == "counting"
+    random_like = lab.label(head(-0.97))
+    assert random_like.property == MIXED                          # 0.95 and 0.91 do not beat 0.97
+    assert json.loads(random_like.raw)["disagreement"] == pytest.approx(0.97)
+    assert lab.label(head(-0.93)).property == MIXED               # only 0.95 beats 0.93: one vote is no agreement
+    assert lab.prompt_hash != v5.prompt_hash
+    unchecked = [HeadText(h.text, h.tag, h.variance) for h in head(-0.97)]
+    assert lab.label(unchecked).property == "counting"           # --no-agreement-check: nothing to compare with

@@ -131,3 +131,22 @@ def test_model_view_is_what_the_preprocess_crops(lm):
     assert {"toy-shapes": 64, "ViT-B-32": 224}[lm.spec["arch"]] == S
     # an RGBA or greyscale input comes back as the RGB crop the model sees
     assert models.model_view(lm, _photo(120, 100).convert("L")).mode == "RGB"
+
+
+def test_model_view_box_is_the_region_the_model_crops(lm):
+    """The crop's box in the original image: cutting it out and resizing it to S gives the model's crop
+    (up to the resampling order), for wide, tall and square images; patches tile it row-major."""
+    S = lm.image_size
+    for w, h in ((300, 200), (90, 160), (S, S), (S + 1, 3 * S)):
+        img = _photo(w, h, seed=w + h)
+        view, box = models.model_view_box(lm, img)
+        assert view.tobytes() == models.model_view(lm, img).tobytes()
+        x0, y0, x1, y1 = box
+        assert x1 - x0 == pytest.approx(y1 - y0, abs=1.0) and x1 - x0 == pytest.approx(min(w, h), abs=1.0)   # ~ the short side, squared
+        assert x0 == pytest.approx((w - (x1 - x0)) / 2, abs=1.0) and y0 == pytest.approx((h - (y1 - y0)) / 2, abs=1.0)
+        again = np.asarray(img.resize((S, S), Image.BICUBIC, box=box), dtype=np.float64)
+        assert np.abs(again - np.asarray(view, dtype=np.float64)).mean() < 6, (w, h)
+    boxes = maps.patch_boxes((10.0, 20.0, 110.0, 120.0), (4, 5))
+    assert boxes.shape == (4, 5, 4)
+    assert tuple(boxes[0, 0]) == (10.0, 20.0, 30.0, 45.0) and tuple(boxes[3, 4]) == (90.0, 95.0, 110.0, 120.0)
+    assert np.allclose(boxes[:, 1:, 0], boxes[:, :-1, 2]) and np.allclose(boxes[1:, :, 1], boxes[:-1, :, 3])

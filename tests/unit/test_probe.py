@@ -94,3 +94,53 @@ def test_format_matrix_has_a_row_per_head_and_the_chance_row():
     assert lines[0].split() == ["head", "color", "shape"]
     assert [ln.split()[0] for ln in lines[1:-1]] == ["L4.H0", "L4.H1", "L4.H2", "L5.H0", "L5.H1", "L5.H2"]
     assert lines[-1].startswith("chance")
+
+
+def test_cross_fitted_predictions_cover_every_known_image_once_and_find_the_encoding_head():
+    from etl.world.probes import joint_probe_predictions, probe_predictions
+    x, f = _synthetic(n=400)
+    f["shape"][7] = None                                    # an unknown value is skipped
+    for preds in (probe_predictions(x, f, seed=2, folds=4), joint_probe_predictions(x, f, seed=2, folds=4)):
+        by = {p.factor: p for p in preds}
+        assert sorted(by["color"].test) == list(range(400))
+        assert sorted(by["shape"].test) == [i for i in range(400) if i != 7]
+        assert by["color"].pred.shape[1] == 400 and by["color"].n_train == 300
+    head = {p.factor: (p.pred == p.y[None]).mean(1) for p in probe_predictions(x, f, seed=2, folds=4)}
+    assert head["color"][1 * 3 + 2] > 0.95 and head["shape"][0 * 3 + 1] > 0.95      # layer-major head order
+    joint = {p.factor: float((p.pred[0] == p.y).mean()) for p in joint_probe_predictions(x, f, seed=2, folds=4)}
+    assert joint["color"] > 0.95 and joint["shape"] > 0.95
+    with pytest.raises(ValueError, match="folds must be in"):
+        probe_predictions(x, f, folds=1)
+
+
+def _einsum_ridge_predict(xf, yf, xs, lams):
+    """The ridge fits as first written (numpy einsum, no BLAS): the reference the batched products replace."""
+    gram = np.einsum("gnp,gnq->gpq", xf, xf)
+    evals, evecs = np.linalg.eigh(gram)
+    xty = np.einsum("gnp,nk->gpk", xf, yf)
+    proj = np.einsum("gpq,gpk->gqk", evecs, xty)
+    out = []
+    for lam in lams:
+        w = np.einsum("gpq,gqk->gpk", evecs, proj / (evals[..., None] + lam))
+        out.append([np.einsum("gmp,gpk->gmk", x, w) for x in xs])
+    return out
+
+
+def test_batched_blas_probes_equal_the_einsum_reference(monkeypatch):
+    """The probes run their ridge systems as batched BLAS products on one BLAS thread (etl/blas.py):
+    every accuracy equals the einsum spelling's, on heads with signal and on noise heads alike."""
+    from etl.threads import numpy_blas_threads_now
+    from etl.world import probes
+    x, f = _synthetic(n=600, d=24, seed=3)
+    f["size"] = [i % 2 for i in range(600)]
+    before = numpy_blas_threads_now()
+    fast = probes.probe_matrix(x, f, seed=5)
+    assert numpy_blas_threads_now() == before                 # the thread count is restored
+    xf = np.random.default_rng(1).normal(size=(4, 50, 9))
+    yf = np.eye(3)[np.arange(50) % 3]
+    blas = probes._ridge_predict(xf, yf, [xf[:, :7]], [0.5, 5.0])
+    ref = _einsum_ridge_predict(xf, yf, [xf[:, :7]], [0.5, 5.0])
+    for b, r in zip(blas, ref):
+        np.testing.assert_allclose(b[0], r[0], rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(probes, "_ridge_predict", _einsum_ridge_predict)
+    assert fast == probes.probe_matrix(x, f, seed=5)

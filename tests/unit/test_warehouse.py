@@ -436,7 +436,7 @@ def test_head_scores_match_a_python_reference_on_random_heads(tmp_path):
     p = tmp_path / "w.duckdb"
     _build(p, head_texts, text_prop, labels, judgments)
     ref = _reference_scores(head_texts, text_prop, labels, judgments, len(PROPS))
-    rows = _view(p, "SELECT layer, head, property, association, entanglement, n_texts FROM head_scores")
+    rows = _view(p, "SELECT layer, head, property, association, tag_entropy, n_texts FROM head_scores")
     assert len(rows) == len(head_texts)
     for layer, head, prop, assoc, ent, n in rows:
         label, r_assoc, r_ent = ref[(layer, head)]
@@ -451,7 +451,7 @@ def test_head_scores_match_a_python_reference_on_random_heads(tmp_path):
     # model and layer scores are means over labelled heads
     labelled = [v for v in ref.values() if v[0] is not None]
     (assoc, ent, n_heads, n_analysed, n_mixed), = _view(
-        p, "SELECT association, entanglement, n_heads, n_analysed_heads, n_mixed_heads FROM model_scores")
+        p, "SELECT association, tag_entropy, n_heads, n_analysed_heads, n_mixed_heads FROM model_scores")
     assert n_heads == len(labelled) and n_analysed == len(ref)
     assert n_mixed == sum(1 for v in labelled if v[0] == "mixed")
     assert assoc == pytest.approx(np.mean([v[1] for v in labelled]))
@@ -467,7 +467,7 @@ def test_head_scores_match_a_python_reference_on_random_heads(tmp_path):
     assert got == dict(counts)
 
 
-def test_entanglement_edge_cases(tmp_path):
+def test_tag_entropy_edge_cases(tmp_path):
     text_prop = {"c1": "colors", "c2": "colors", "c3": "colors",
                  "a1": "animals", "s1": "shapes", "l1": "locations", "x1": "textures", "u1": None}
     head_texts = {
@@ -482,7 +482,7 @@ def test_entanglement_edge_cases(tmp_path):
     judgments = {((0, 2), "a1"): True, ((0, 1), "c2"): False}
     p = tmp_path / "w.duckdb"
     _build(p, head_texts, text_prop, labels, judgments)
-    got = {h: (a, e) for h, a, e in _view(p, "SELECT head, association, entanglement FROM head_scores")}
+    got = {h: (a, e) for h, a, e in _view(p, "SELECT head, association, tag_entropy FROM head_scores")}
     assert got[0] == (None, 0.0)
     assert got[1][1] == 0.0
     assert got[1][0] == pytest.approx(2 / 3)            # the judge overrides a matching tag
@@ -494,10 +494,10 @@ def test_entanglement_edge_cases(tmp_path):
     assert got[5][1] == pytest.approx(h / math.log(3))
 
 
-def test_entanglement_with_a_single_property_vocabulary_is_zero(tmp_path):
+def test_tag_entropy_with_a_single_property_vocabulary_is_zero(tmp_path):
     p = tmp_path / "w.duckdb"
     _build(p, {(0, 0): ["c1", "c2"]}, {"c1": "colors", "c2": "colors"}, {(0, 0): "colors"}, {}, n_props=1)
-    assert _view(p, "SELECT association, entanglement FROM head_scores") == [(1.0, 0.0)]
+    assert _view(p, "SELECT association, tag_entropy FROM head_scores") == [(1.0, 0.0)]
 
 
 def test_head_text_matches_and_property_concentration(tmp_path):
@@ -539,10 +539,16 @@ def test_optimize_clusters_one_models_head_embeddings_without_losing_rows(tmp_pa
     assert b_keys == b_before and b_keys != sorted(b_keys)      # the other model is left alone
     assert storage == {"Uncompressed"}                         # vectors stay uncompressed
     with writer(p) as con:
-        assert warehouse.optimize(con) == 400
+        assert warehouse.is_clustered(con, "a") and not warehouse.is_clustered(con, "b")
+        assert warehouse.optimize(con) == 200                  # only b: a is in order already
     with connect(p) as con:
         keys = con.execute("SELECT model_id, layer, head FROM head_embeddings").fetchall()
     assert keys == sorted(keys)
+    size = p.stat().st_size
+    for _ in range(3):                                         # a rerun that adds nothing rewrites nothing
+        with writer(p) as con:
+            assert warehouse.optimize(con) == 0
+    assert p.stat().st_size == size
 
 
 def test_neighbour_benchmark_runs_and_clusters(tmp_path):
@@ -853,4 +859,62 @@ def test_006_originals_upgrades_a_warehouse_in_place_and_keeps_its_images(tmp_pa
         [("d/1", "/nowhere.png", b"jpg", None)]
     writes.insert_images(con, "d", ["d/2"], [None], ["cd"], [None], [None], [(4, 4)], [b"jpg"], [b"png"])
     assert con.execute("SELECT original FROM images WHERE image_id = 'd/2'").fetchall() == [(b"png",)]
+    con.close()
+
+
+def test_008_neurons_upgrades_a_warehouse_in_place_and_keeps_its_rows(tmp_path):
+    """Migration 008 adds the neuron tables and views to a warehouse built by every earlier
+    migration; its rows stay; the views read written neuron rows."""
+    import pyarrow as pa
+    from warehouse import writes
+    from warehouse.db import MIGRATIONS_DIR
+    old = tmp_path / "old"
+    old.mkdir()
+    earlier = [v for v, _, f in available_migrations() if v < 8]
+    for v, _, f in available_migrations():
+        if v < 8:
+            (old / f.name).write_text(f.read_text())
+    con = duckdb.connect(str(tmp_path / "u.duckdb"))
+    assert migrate(con, old) == earlier
+    writes.insert_images(con, "d", ["d/1", "d/2"], [None, None], ["ab", "cd"], [None, None], [None, None],
+                         [(4, 4), (4, 4)], [b"jpg", b"jpg"])
+    writes.upsert_factor_properties(con, {"color": "colors", "shape": "shapes"})
+    assert 8 in migrate(con, MIGRATIONS_DIR)
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 2
+    con.execute("BEGIN")
+    f = {"neuron": pa.array([0, 1], pa.int32())}
+    writes.replace_neuron_layer(
+        con, "m", 3,
+        layer_row={"dataset_id": "d", "n_images": 2, "n_neurons": 2, "later_heads": 1, "reach": 0.5, "bank": "b",
+                   "texts_k": 1, "pc_images": 2, "matters_share": 0.9, "alpha_stored": True, "run_id": "r"},
+        stats=pa.table({**f, **{c: [0.1, 0.2] for c in ("mean_norm", "q50", "q90", "q99", "max_norm", "share_matters",
+                                                        "hist_max", "pc_share", "recon_r2")},
+                        "hist_counts": pa.array([[1, 1], [2, 0]], pa.list_(pa.int32())),
+                        "pc": writes.vector_column(np.eye(2, dtype=np.float32)), "run_id": ["r", "r"]}),
+        top_images=pa.table({**f, "rank": pa.array([0, 0], pa.int32()), "image_id": ["d/1", "d/2"],
+                             "norm": [1.0, 2.0], "projection": [1.0, 2.0]}),
+        texts=pa.table({**f, "rank": pa.array([0, 0], pa.int32()), "text_id": ["t", "t"], "coef": [1.0, -1.0],
+                        "gain": [0.5, 0.6]}),
+        labels=pa.table({"neuron": pa.array([0, 1, 0, 1], pa.int32()), "labeling": ["labeler"] * 2 + ["tag-shuffled"] * 2,
+                         "draw": pa.array([0, 0, 0, 0], pa.int32()), "property": ["colors", "mixed", "shapes", "colors"],
+                         "confidence": [1.0, 0.0, 1.0, 1.0], "labeler": ["offline"] * 4, "prompt_hash": ["h"] * 4,
+                         "p_value": pa.array([None] * 4, pa.float64()), "raw": pa.array([None] * 4, pa.string()),
+                         "run_id": ["r"] * 4}),
+        head_effects=pa.table({**f, "head_layer": pa.array([4, 4], pa.int32()), "head": pa.array([0, 0], pa.int32()),
+                               "effect": [0.1, 0.2]}),
+        factor_variance=pa.table({"dataset_id": ["d"] * 4, "neuron": pa.array([0, 0, 1, 1], pa.int32()),
+                                  "factor": ["color", "shape"] * 2, "eta2": [0.9, 0.1, 0.3, 0.25], "run_id": ["r"] * 4}),
+        ablations=pa.table({"eval": ["toy"], "variant": ["baseline"], "factor": ["color"], "accuracy": [0.5],
+                            "run_id": ["r"]}))
+    writes.insert_neuron_alpha(con, "m", 3, ["d/1", "d/1"], np.ones((2, 2, 1), np.float32))
+    con.execute("COMMIT")
+    assert con.execute("SELECT count(*), any_value(len(alpha)) FROM neuron_alpha").fetchone() == (1, 2)
+    # neuron 0 is specialised in colour and labelled colors; neuron 1 is not specialised and 'mixed'
+    assert con.execute("SELECT neuron, specialised, true_factor FROM neuron_truth ORDER BY neuron").fetchall() == \
+        [(0, True, "color"), (1, False, None)]
+    got = con.execute("SELECT labeling, n_neurons, n_specialised, n_right, kappa FROM neuron_label_agreement "
+                      "ORDER BY labeling").fetchall()
+    # labeler: categories (color, none) vs truth (color, none): kappa 1; shuffled: (shape, color) vs
+    # (color, color: neuron 1's label's factor explains 0.3 >= 0.2): p_o = 1/2, p_e = 1/2 * 0 + 1/2 * 1 -> kappa 0
+    assert got == [("labeler", 2, 1, 1, 1.0), ("tag-shuffled", 2, 1, 0, 0.0)]
     con.close()

@@ -1,0 +1,89 @@
+"""Fast first visits (dashboard/cache.py, widgets.chart, dashboard/warm.py): what is costly is built once
+per warehouse version, kept in memory and on disk beside the warehouse, and is the same as built fresh.
+AppTest on a copy of the `dashboard_warehouse` fixture (the cache folder goes beside it)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard import cache, nav, widgets
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = str(ROOT / "dashboard" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def wh(dashboard_warehouse, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("firstvisit")
+    shutil.copy(dashboard_warehouse, d / "warehouse.duckdb")
+    return d / "warehouse.duckdb"
+
+
+@pytest.fixture(autouse=True)
+def _use(wh, monkeypatch):
+    monkeypatch.setenv("ATLAS_WAREHOUSE", str(wh))
+
+
+def metrics_charts() -> list[tuple]:
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    at.switch_page(nav.METRICS).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return [(json.loads(c.proto.spec), [(d.name, d.data.data) for d in c.proto.datasets], c.proto.id)
+            for c in at.get("vega_lite_chart")]
+
+
+def test_cached_chart_specs_equal_fresh_ones_and_come_back_from_disk(wh, monkeypatch):
+    cache.forget_memory()
+    first = metrics_charts()                                      # built now, kept in memory and on disk
+    assert len(first) >= 8
+    files = list(cache.folder(wh).glob("chart-*.pkl"))
+    assert len(files) == len(first), (len(files), len(first))
+    # a restarted server: nothing in memory, every chart read back from disk, none built
+    cache.forget_memory()
+    import streamlit.elements.vega_charts as vc
+
+    def no_building(*a, **k):
+        raise AssertionError("a chart was built although its spec is on disk")
+    monkeypatch.setattr(vc, "_convert_altair_to_vega_lite_spec", no_building)
+    again = metrics_charts()
+    assert [(s, d) for s, d, _ in again] == [(s, d) for s, d, _ in first]
+    monkeypatch.undo()
+    monkeypatch.setenv("ATLAS_WAREHOUSE", str(wh))
+    # the same page with every chart drawn directly by st.altair_chart: the same specs and data
+    import streamlit as st
+
+    def direct(key, build, deps=(), container=None, **kw):
+        return (container or st).altair_chart(build(), key=key, **kw)
+    monkeypatch.setattr(widgets, "chart", direct)
+    cache.forget_memory()
+    fresh = metrics_charts()
+    assert [(s, d) for s, d, _ in fresh] == [(s, d) for s, d, _ in first]
+
+
+def test_a_new_warehouse_version_gets_a_new_folder_and_the_old_one_goes(wh):
+    cache.forget_memory()
+    old = cache.folder(wh)
+    cache.built("probe-entry", (1,), lambda: {"x": 1})
+    assert old.is_dir()
+    st = wh.stat()
+    os.utime(wh, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))      # the ETL wrote: a new version
+    new = cache.folder(wh)
+    assert new != old and new.parent == old.parent
+    assert cache.built("probe-entry", (1,), lambda: {"x": 2}) == {"x": 2}  # not the old version's value
+    assert new.is_dir() and not old.exists()
+
+
+def test_the_warm_up_loads_the_default_model_once(wh):
+    from dashboard import live, warm
+    from warehouse import queries
+    thread = warm.start(wh)
+    assert warm.start(wh) is thread                                       # once per process
+    thread.join(timeout=300)
+    row = queries.model_row(wh, widgets.default_model(queries.models(wh)))
+    assert live.loaded(live.spec_key(row))
