@@ -74,6 +74,7 @@ zoo: setup
 	$(PY) -m etl train-zoo --model toy-shapes-small-seed1 --seed 1
 	$(PY) -m etl train-zoo --model toy-shapes --seed 0
 	$(PY) -m etl train-zoo --model toy-shapes-large --seed 0
+	$(PY) -m etl train-zoo --model toy-shapes-map --seed 0
 
 # Binds to 127.0.0.1; HOST=0.0.0.0 shares it on the network and then needs ATLAS_TOKEN.
 dashboard: setup

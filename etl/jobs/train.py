@@ -45,6 +45,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the text-side paraphrase term: two wordings of each factor "
                         "value's caption match each other, not the other values; keeps factor "
                         "words apart in the text tower; 0 disables (default 1.0)")
+    p.add_argument("--sigmoid-weight", type=non_negative_float,
+                   help="weight of SigLIP's sigmoid loss, for a model whose config has a logit bias "
+                        "(toy-shapes-map); it sums B binary terms per image, so it is weighed down to "
+                        "the softmax loss's gradient; ignored for softmax models (default 0.2)")
     p.add_argument("--single-prob", type=probability,
                    help="extra probability that a group's base scene holds a single object "
                         "(only with --group-size > 1; default 0.5)")

@@ -33,6 +33,8 @@ COUNT_SEED_OFFSET = 1_000_003
 _SMALL = {"color": 0.95, "shape": 0.50, "size": 0.80, "position": 0.95, "pattern": 0.95, "count": 0.55,
           "background": 0.95}
 _MIDDLE = {"color": 0.90, "shape": 0.90, "position": 0.80, "background": 0.80, "count": 0.70}
+_LARGE = {"color": 0.95, "shape": 0.95, "size": 0.95, "position": 0.95, "pattern": 0.95, "count": 0.75,
+          "background": 0.95}
 EVAL_TARGETS: dict[str, dict[str, float]] = {
     "toy-shapes-small": _SMALL,
     "toy-shapes-small-seed1": _SMALL,
@@ -40,8 +42,9 @@ EVAL_TARGETS: dict[str, dict[str, float]] = {
     "toy-shapes": _MIDDLE,
     "toy-shapes-seed1": _MIDDLE,
     "toy-shapes-seed2": _MIDDLE,
-    "toy-shapes-large": {"color": 0.95, "shape": 0.95, "size": 0.95, "position": 0.95, "pattern": 0.95,
-                         "count": 0.75, "background": 0.95},
+    "toy-shapes-large": _LARGE,
+    "toy-shapes-large-seed1": _LARGE,
+    "toy-shapes-large-seed2": _LARGE,
 }
 
 # Templates per factor; "{}" receives the phrase for one value (see value_phrase).

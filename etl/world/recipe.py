@@ -15,7 +15,7 @@ Every step draws a fresh batch from the shapes world ``--seed``: groups of minim
 step), so a run resumes exactly: the checkpoint holds model, optimiser, step and torch RNG.
 Loss = CLIP contrastive loss with exact multi-positive targets (a caption is a positive of
 every image it is true of), or SigLIP's sigmoid loss with the same targets for a model whose
-config has a logit bias (``init_logit_bias``, e.g. toy-shapes-map) + a per-factor term (each image against the one-factor captions
+config has a logit bias (``init_logit_bias``, e.g. toy-shapes-map; weighed by ``--sigmoid-weight``) + a per-factor term (each image against the one-factor captions
 of every value of each factor) + a text-side paraphrase term. CPU only; a tqdm bar shows
 the loss, the learnt temperature and the in-batch image->text accuracy.
 
@@ -184,7 +184,7 @@ def contrastive_loss(logits, targets: str, consistent=None):
 
 
 _OLD_DEFAULTS = {"group_size": 1, "targets": "diagonal", "factor_loss": 0.0, "text_loss": 0.0,
-                 "pos_init_scale": 1.0, "single_prob": 0.0,
+                 "pos_init_scale": 1.0, "single_prob": 0.0, "sigmoid_weight": 1.0,
                  "factor_weights": "shape=2", "model": MODEL_NAME}   # checkpoints written before these flags
 
 
@@ -260,6 +260,15 @@ def paraphrase_loss(scale, txt_a, txt_b, spans):
     return torch.stack(losses).mean()
 
 
+# Weight of SigLIP's sigmoid loss in the total (models with a logit bias only; the softmax loss
+# of the class-token toys always weighs 1). The sigmoid loss sums B binary terms per image, so
+# on the recipe's batches (B 128, ~4.6 true captions per image) its image-tower gradient is
+# 4-7x the softmax loss's and 6-20x the factor term's: under the recipe's grad-norm clip it
+# drowns the factor and paraphrase terms, and toy-shapes-map trained at weight 1 never learnt
+# position or shape. At 0.2 its gradient is about the softmax loss's.
+SIGMOID_WEIGHT = 0.2
+
+
 @dataclass
 class TrainConfig:
     """One training run (``python -m etl train-toy --help`` explains every field)."""
@@ -274,6 +283,7 @@ class TrainConfig:
     factor_loss: float = 1.0
     factor_weights: str = "shape=2"
     text_loss: float = 1.0
+    sigmoid_weight: float = SIGMOID_WEIGHT
     single_prob: float = 0.5
     pos_init_scale: float = 10.0
     partial_prob: float = 0.5
@@ -332,7 +342,7 @@ def train(cfg: TrainConfig) -> Path | None:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k in ("seed", "batch_size", "steps", "start_index", "group_size", "targets", "factor_loss",
                   "text_loss", "pos_init_scale", "single_prob",
-                  "factor_weights", "model"):
+                  "factor_weights", "model") + (("sigmoid_weight",) if uses_sigmoid_loss(model) else ()):
             if state["args"].get(k, _OLD_DEFAULTS.get(k, 0)) != getattr(cfg, k):
                 raise SystemExit(f"--resume: checkpoint was made with --{k.replace('_', '-')} "
                                  f"{state['args'].get(k, _OLD_DEFAULTS.get(k, 0))}, this run asks for {getattr(cfg, k)}")
@@ -354,7 +364,8 @@ def train(cfg: TrainConfig) -> Path | None:
                              "targets": cfg.targets, "factor_loss": cfg.factor_loss,
                              "text_loss": cfg.text_loss, "pos_init_scale": cfg.pos_init_scale,
                              "single_prob": cfg.single_prob, "factor_weights": cfg.factor_weights,
-                             "model": cfg.model}},
+                             "model": cfg.model,
+                             **({"sigmoid_weight": cfg.sigmoid_weight} if sigmoid else {})}},
                    tmp)
         os.replace(tmp, ckpt)
 
@@ -380,7 +391,7 @@ def train(cfg: TrainConfig) -> Path | None:
         scale = model.logit_scale.exp()
         logits = scale * img_f @ txt_f.T                                  # [image, text]
         if sigmoid:
-            loss = sigmoid_loss(logits + model.logit_bias, cfg.targets, cons)
+            loss = cfg.sigmoid_weight * sigmoid_loss(logits + model.logit_bias, cfg.targets, cons)
         else:
             loss = contrastive_loss(logits, cfg.targets, cons)
         if cfg.factor_loss > 0 or cfg.text_loss > 0:
@@ -431,6 +442,7 @@ def train(cfg: TrainConfig) -> Path | None:
             "text_loss": cfg.text_loss, "pos_init_scale": cfg.pos_init_scale,
             "single_prob": cfg.single_prob, "factor_weights": cfg.factor_weights,
             "loss": "sigmoid" if sigmoid else "softmax",
+            **({"sigmoid_weight": cfg.sigmoid_weight} if sigmoid else {}),
             "train_seconds": round(elapsed, 1), "command": " ".join(sys.argv)}
     save_fp16(model, out, meta)
     print(json.dumps({"weights": str(out), "bytes": out.stat().st_size, **meta}))

@@ -10,7 +10,7 @@ name contains it, and the toys keep the zoo's own CLIP tokenizer.
 """
 from __future__ import annotations
 
-__all__ = ["TIMM_TOYS", "register"]
+__all__ = ["TIMM_TOYS", "native_init", "register"]
 
 TIMM_TOYS: dict[str, dict] = {
     # toy-shapes-map: the middle toy's trunk (6 x 128, head dim 32, MLP x2, patch 8 at 64 px) built as
@@ -36,9 +36,9 @@ def _default_cfgs() -> dict:
 def register() -> None:
     """Make every TIMM_TOYS name a timm model (`timm.create_model(name, **overrides)`), once.
 
-    The position embedding is drawn as open_clip draws its native ViT's (normal, std width**-0.5;
-    timm draws std 0.02), so a toy and its class-token sibling of the same trunk start alike and the
-    zoo recipe's `--pos-init-scale` means the same for both.
+    The tower is drawn as open_clip draws its native ViT (`native_init`), not as timm does, so a
+    toy and its class-token sibling of the same trunk start alike and the zoo recipe's
+    `--pos-init-scale` means the same for both.
     """
     global _done
     if _done:
@@ -53,10 +53,40 @@ def register() -> None:
             if pretrained:
                 raise ValueError(f"timm model {_name} is a CLIP Atlas toy tower without pretrained weights")
             model = _create_vision_transformer(_name, pretrained=False, **dict(_args, **kwargs))
-            with torch.no_grad():
-                model.pos_embed.normal_(0.0, model.embed_dim ** -0.5)
+            native_init(model)
             return model
         build.__name__ = name
         build.__module__ = __name__
         register_model(build)
     _done = True
+
+
+def native_init(model) -> None:
+    """Redraw a timm VisionTransformer's weights as open_clip draws its native ViT's, in place.
+
+    open_clip's native image tower keeps PyTorch's default draws: every nn.Linear uniform with
+    std (3 fan_in)**-0.5 (0.05 at width 128), attention input projections xavier-uniform with zero
+    bias (nn.MultiheadAttention's in_proj; 0.06), and the position embedding normal with std
+    width**-0.5. timm draws every Linear with std 0.02 and zero bias. At std 0.02 the attention
+    logits of the toy's trunk and of its MAP pool are ~10x smaller: every attention map is
+    uniform, the MAP pool is a plain token mean, and the image embedding of a fresh tower carries
+    no position (a ridge probe at chance, against 0.4 for the class-token sibling). Trained by
+    the zoo recipe from there, toy-shapes-map learnt colour, size and background but never
+    position or shape (zero-shot 0.13 and 0.23; ridge probe 0.28 and 0.24). Here: every Linear
+    of the trunk and of the pool gets PyTorch's default draw; qkv (trunk) and q, kv (pool)
+    xavier-uniform with zero bias, as nn.MultiheadAttention draws in_proj; the attention output
+    projections zero bias, as nn.MultiheadAttention's out_proj; the MAP pool's latent query
+    keeps timm's draw (std latent_dim**-0.5), as open_clip's AttentionalPooler draws its query.
+    """
+    import torch
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            module.reset_parameters()
+            if leaf in ("qkv", "q", "kv"):
+                torch.nn.init.xavier_uniform_(module.weight)
+            if leaf in ("qkv", "q", "kv", "proj") and module.bias is not None:
+                module.bias.zero_()
+        model.pos_embed.normal_(0.0, model.embed_dim ** -0.5)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from etl.world.seeds import EVAL
 from etl.cli import main
 from warehouse import queries
 from warehouse.db import connect
@@ -88,7 +89,7 @@ def test_neurons_job_stores_what_the_lens_computes(wh):
     # of 40: the lens's forward pass and the trimmed text encoder agree with open_clip's to float rounding)
     abl = queries.neuron_ablations(wh, MODEL)
     abl = abl[abl.layer == 3]
-    plain = evaluate.evaluate(lm.model, lm.tokenizer, seed=1, n=40, size=lm.image_size)
+    plain = evaluate.evaluate(lm.model, lm.tokenizer, seed=EVAL, n=40, size=lm.image_size)   # the job's default world
     base = abl[abl.variant == "baseline"].set_index("factor").accuracy
     assert {f: base[f] for f in base.index} == pytest.approx({f: plain[f] for f in base.index}, abs=1 / 40 + 1e-9)
     assert set(abl.variant) == {"baseline", "zero", "mean", "rank1", "sparse"}

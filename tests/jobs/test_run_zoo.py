@@ -37,7 +37,7 @@ def test_run_zoo_reports_progress_and_a_rerun_costs_nothing(tmp_path, monkeypatc
     assert "Time per phase (seconds):" in err and "2 model(s) in " in err
     assert set(last["seconds"]) == {"toy-shapes-small/bundled", "toy-shapes-small/random-seed0"}
     assert set(last["seconds"]["toy-shapes-small/bundled"]) == {"load", "embed", "texts", "textspan", "label",
-                                                               "judge", "metrics", "ablate", "probe"}
+                                                               "judge", "metrics", "ablate", "probe", "neurons"}
     size = wh.stat().st_size
     # a second run-zoo: both pipelines are on record and untouched, so no model is loaded
     err, last, again_s = _zoo(wh, capsys)

@@ -68,9 +68,10 @@ def zoo_warehouse(tmp_path_factory):
         mp.setenv("ATLAS_HOME", str(tmp))
         mp.setenv("ATLAS_NO_PROGRESS", "1")
         for m in ZOO:
-            assert main(["run", "--model", m, "--dataset", HELD_OUT, "--warehouse", str(wh), "--skip", "ablate"]) == 0
+            assert main(["run", "--model", m, "--dataset", HELD_OUT, "--warehouse", str(wh), "--skip", "ablate",
+                         "--skip", "neurons"]) == 0
         assert main(["run", "--model", "toy-shapes", "--random-init", "--seed", "0", "--dataset", HELD_OUT,
-                     "--warehouse", str(wh), "--skip", "ablate"]) == 0
+                     "--warehouse", str(wh), "--skip", "ablate", "--skip", "neurons"]) == 0
     return wh
 
 

@@ -23,7 +23,7 @@ def test_config_is_the_middle_trunk_with_a_map_pool_and_the_zoo_tokenizer(monkey
     mid = json.loads((TOY / "toy-shapes.json").read_text())
     assert "siglip" not in "toy-shapes-map" + cfg["vision_cfg"]["timm_model_name"]
     assert cfg["text_cfg"] == mid["text_cfg"] and cfg["embed_dim"] == mid["embed_dim"]
-    assert cfg["init_logit_bias"] == -10 and cfg["vision_cfg"]["timm_pool"] == "map"
+    assert cfg["vision_cfg"]["timm_pool"] == "map"
     lm = load_model("toy-shapes-map", random_init=True, seed=0)
     trunk = lm.visual.trunk
     v = mid["vision_cfg"]
@@ -35,7 +35,7 @@ def test_config_is_the_middle_trunk_with_a_map_pool_and_the_zoo_tokenizer(monkey
     assert trunk.patch_embed.patch_size == (v["patch_size"],) * 2 and lm.visual.image_size == (64, 64)
     assert isinstance(lm.tokenizer, open_clip.tokenizer.SimpleTokenizer)
     assert lm.tokenizer(["a red circle"]).shape == (1, 32)
-    assert float(lm.model.logit_bias.detach()) == -10 and math.isclose(float(lm.model.logit_scale.detach().exp()), 10, rel_tol=1e-6)
+    assert math.isclose(float(lm.model.logit_bias.detach()), cfg["init_logit_bias"], rel_tol=1e-6) and math.isclose(float(lm.model.logit_scale.detach().exp()), 10, rel_tol=1e-6)
     # the position embedding is drawn as open_clip's native one (std width**-0.5), not timm's 0.02
     assert 0.8 < float(position_embedding(lm.visual).std()) * v["width"] ** 0.5 < 1.2
     x = torch.randn(2, 3, 64, 64)
@@ -80,4 +80,57 @@ def test_training_steps_run_with_the_sigmoid_loss_and_scale_the_timm_position_em
     # two small steps move the scaled draw little: it is 10x the seed's draw, not the draw itself
     assert torch.allclose(trained, 10 * init, atol=0.05) and not torch.allclose(trained, init, atol=0.05)
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]      # float32
-    assert float(state["logit_bias"]) != -10.0                   # the bias learns
+    assert float(state["logit_bias"]) != json.loads((TOY / "toy-shapes-map.json").read_text())["init_logit_bias"]   # it learns
+
+
+def test_the_timm_trunk_is_drawn_as_its_class_token_siblings_native_trunk():
+    # timm draws every Linear with std 0.02: the trunk's and the pool's attention start uniform and
+    # the recipe never taught the toy position or shape. The toy must start as open_clip's native
+    # tower of the same trunk (toy-shapes) starts: layer for layer the same weight spread.
+    from models import load_model
+    timm_trunk = load_model("toy-shapes-map", random_init=True, seed=0).visual.trunk
+    native = load_model("toy-shapes", random_init=True, seed=0).visual.transformer.resblocks
+    pairs = []
+    for t, n in zip(timm_trunk.blocks, native):
+        pairs += [(t.attn.qkv, n.attn.in_proj_weight, n.attn.in_proj_bias), (t.attn.proj, n.attn.out_proj.weight, n.attn.out_proj.bias),
+                  (t.mlp.fc1, n.mlp.c_fc.weight, n.mlp.c_fc.bias), (t.mlp.fc2, n.mlp.c_proj.weight, n.mlp.c_proj.bias)]
+    assert len(pairs) == 24
+    for lin, w, b in pairs:
+        assert lin.weight.shape == w.shape
+        assert abs(float(lin.weight.detach().std()) / float(w.detach().std()) - 1) < 0.05, lin
+        assert float(lin.bias.detach().abs().max()) == 0.0 if float(b.detach().abs().max()) == 0.0 else \
+            abs(float(lin.bias.detach().std()) / float(b.detach().std()) - 1) < 0.3
+    pool = timm_trunk.attn_pool
+    for lin in (pool.q, pool.kv, pool.proj, pool.mlp.fc1, pool.mlp.fc2):   # the pool alike (~1/sqrt(fan_in), not 0.02)
+        assert 0.5 < float(lin.weight.detach().std()) * lin.in_features ** 0.5 < 1.2, lin
+
+
+def test_the_logit_bias_starts_at_the_prior_log_odds_of_a_true_pair_in_the_recipes_batches():
+    # SigLIP's -10 is the log odds of one true caption among its 32k-caption batches. The recipe's
+    # batches (B 128, exact multi-positive targets) hold ~4.6 true captions per image: at -10 every
+    # true pair starts as a confident negative, and toy-shapes-map's embeddings collapsed together
+    # (mean pairwise cosine 0.87 after 150 steps, 0.28 at the prior's log odds).
+    cfg = json.loads((TOY / "toy-shapes-map.json").read_text())
+    base = recipe.TrainConfig()
+    rates = []
+    for _, flags in recipe.RECIPE_PHASES:
+        run = recipe.TrainConfig(**{**vars(base), **flags})
+        scenes = recipe.training_scenes(0, 0, run.batch_size, run.group_size, run.image_size, run.partial_prob,
+                                        run.start_index, run.single_prob)
+        rates.append(float(recipe.consistency(scenes).mean()))
+    p = float(np.mean(rates))
+    assert 0.02 < p < 0.06
+    assert abs(cfg["init_logit_bias"] - math.log(p / (1 - p))) < 0.3, (cfg["init_logit_bias"], math.log(p / (1 - p)))
+
+
+def test_the_sigmoid_loss_is_weighed_to_the_softmax_losss_gradient(tmp_path):
+    # the weight is the recipe's default, recorded in the checkpoint and checked on resume
+    assert 0 < recipe.SIGMOID_WEIGHT < 1 and recipe.TrainConfig().sigmoid_weight == recipe.SIGMOID_WEIGHT
+    ck = tmp_path / "ckpt"
+    cfg = recipe.TrainConfig(model="toy-shapes-map", steps=2, batch_size=4, checkpoint_every=1, threads=1, no_progress=True,
+                             warmup=1, log_every=1, checkpoint_dir=str(ck), out=str(tmp_path / "o.safetensors"), stop_at=1)
+    assert recipe.train(cfg) is None
+    assert torch.load(ck / "last.pt", weights_only=True)["args"]["sigmoid_weight"] == recipe.SIGMOID_WEIGHT
+    other = recipe.TrainConfig(**{**vars(cfg), "resume": True, "sigmoid_weight": 1.0, "stop_at": 0})
+    with pytest.raises(SystemExit, match="--sigmoid-weight 0.2, this run asks for 1.0"):
+        recipe.train(other)
