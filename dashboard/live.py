@@ -257,12 +257,15 @@ def _trace(row: dict, image: Image.Image, image_key: str, layers: Sequence[int])
 
 def neuron_map(row: dict, image: Image.Image, image_key: str, layer: int, neuron: int, direction) -> tuple[np.ndarray, float]:
     """The per-patch map of one neuron's second-order effect along a unit direction (its pc or a
-    text): (grid [gh, gw] of each patch's part of phi_n . direction, the class token's part)."""
+    text): (grid [gh, gw] of each patch's part of phi_n . direction, the prefix tokens' part: the class
+    token's, 0 for a tower without one)."""
     import torch
     lens, tr = _trace(row, image, image_key, [layer])
     te = lens.token_effect(tr, int(layer), int(neuron), torch.as_tensor(np.asarray(direction, dtype=np.float64)))[0]
-    gh, gw = model(row).grid
-    return te[1:].reshape(gh, gw).double().numpy(), float(te[0])
+    lm = model(row)
+    gh, gw = lm.grid
+    prefix = lm.tower.prefix                        # tokens before the patches: 1 (class token), 0 (MAP towers)
+    return te[prefix:].reshape(gh, gw).double().numpy(), float(te[:prefix].sum())
 
 
 def neurons_behind(row: dict, image: Image.Image, image_key: str, head: Head, t_hat, k: int = 12) -> tuple[pd.DataFrame, float]:

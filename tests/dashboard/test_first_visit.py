@@ -55,11 +55,14 @@ def test_cached_chart_specs_equal_fresh_ones_and_come_back_from_disk(wh, monkeyp
     assert [(s, d) for s, d, _ in again] == [(s, d) for s, d, _ in first]
     monkeypatch.undo()
     monkeypatch.setenv("ATLAS_WAREHOUSE", str(wh))
-    # the same page with every chart drawn directly by st.altair_chart: the same specs and data
+    # the same page with every chart built afresh by Streamlit's own conversion (no cache), sized as
+    # widgets.chart sizes it: the same specs and data
     import streamlit as st
+    from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
 
     def direct(key, build, deps=(), container=None, **kw):
-        return (container or st).altair_chart(build(), key=key, **kw)
+        spec = widgets.sized(_convert_altair_to_vega_lite_spec(build()), kw.get("width") == "stretch")
+        return (container or st).vega_lite_chart(spec, key=key, **kw)
     monkeypatch.setattr(widgets, "chart", direct)
     cache.forget_memory()
     fresh = metrics_charts()

@@ -10,6 +10,14 @@ from etl.cli import main
 pytestmark = pytest.mark.slow          # builds two toy models on 80 scenes (about 1-2 min on 2 busy cores)
 
 
+def _ro(path):
+    """A plain read-only DuckDB connection: the product's cached readers of the same file (another
+    configuration) are released first, or DuckDB refuses the second configuration."""
+    from warehouse.db import release_readers
+    release_readers()
+    return duckdb.connect(str(path), read_only=True)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
@@ -29,7 +37,7 @@ def test_the_study_builds_scores_stores_and_reports(built, capsys):
     assert len(progress) == 2 and progress[0].startswith("[1/2] world 5 · toy-shapes-small/bundled (4 x 64): kappa ")
     assert "toy-shapes-small/random-seed0 (random init)" in progress[1]
     assert "## Size study 'zoo' on world seed(s) 5" in out and out.count("- If interpretable means that") == 8
-    con = duckdb.connect(str(tmp / "main.duckdb"), read_only=True)
+    con = _ro(str(tmp / "main.duckdb"))
     scores = con.execute("SELECT model_id, world_seed, dataset_id, size, score, value FROM study_scores "
                          "WHERE study = 'zoo'").fetchall()
     sizes = dict(con.execute("SELECT size, n_models FROM study_sizes WHERE score = 'kappa'").fetchall())
@@ -45,7 +53,7 @@ def test_the_study_builds_scores_stores_and_reports(built, capsys):
     assert len(verdicts) == 8 and all(n == 1 and "cannot tell" in v for _, n, v in verdicts)
     assert (1013, "study") in seeds and (0, "training") in seeds and (41, "demo") in seeds
     # the stored scores are the world warehouse's views, exactly
-    w = duckdb.connect(str(tmp / "worlds" / "world-5-n80.duckdb"), read_only=True)
+    w = _ro(str(tmp / "worlds" / "world-5-n80.duckdb"))
     kappa = w.execute("SELECT kappa FROM label_kappa WHERE model_id = 'toy-shapes-small/bundled'").fetchall()[0][0]
     runs = w.execute("SELECT job, count(*) FROM runs GROUP BY job").fetchall()
     w.close()
@@ -56,7 +64,7 @@ def test_the_study_builds_scores_stores_and_reports(built, capsys):
 def test_a_second_run_only_scores_and_in_place_gives_the_same_scores(built, capsys):
     tmp, argv, _ = built
     assert main(argv) == 0
-    w = duckdb.connect(str(tmp / "worlds" / "world-5-n80.duckdb"), read_only=True)
+    w = _ro(str(tmp / "worlds" / "world-5-n80.duckdb"))
     statuses = dict(w.execute("SELECT job, list(status ORDER BY started_at)[-1] FROM runs GROUP BY job").fetchall())
     embeds = w.execute("SELECT count(*) FROM runs WHERE job = 'embed'").fetchone()[0]
     w.close()
@@ -65,10 +73,10 @@ def test_a_second_run_only_scores_and_in_place_gives_the_same_scores(built, caps
                                                                                  "probe")}
     world = str(tmp / "worlds" / "world-5-n80.duckdb")
     assert main(["study", "--in-place", "--warehouse", world]) == 0
-    con = duckdb.connect(world, read_only=True)
+    con = _ro(world)
     demo = dict(con.execute("SELECT model_id || ' ' || score, value FROM study_scores WHERE study = 'demo'").fetchall())
     con.close()
-    con = duckdb.connect(str(tmp / "main.duckdb"), read_only=True)
+    con = _ro(str(tmp / "main.duckdb"))
     zoo = dict(con.execute("SELECT model_id || ' ' || score, value FROM study_scores WHERE study = 'zoo'").fetchall())
     con.close()
     assert demo.keys() == zoo.keys() and all(demo[k] == pytest.approx(zoo[k], nan_ok=True) for k in zoo)
@@ -88,13 +96,13 @@ def test_an_in_place_study_of_an_unchanged_warehouse_is_skipped_and_redone_after
         assert main(["study", "--in-place", "--warehouse", world]) == 0
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         release_readers()                     # the product's cached readers hold their own configuration
-        con = duckdb.connect(world, read_only=True)
+        con = _ro(world)
         stored = con.execute("SELECT run_id FROM study_scores WHERE study = 'demo'").fetchall()
         con.close()
         return out, stored
 
     release_readers()
-    before = duckdb.connect(world, read_only=True)
+    before = _ro(world)
     stored0 = before.execute("SELECT run_id FROM study_scores WHERE study = 'demo'").fetchall()
     before.close()
     out, stored = again()
