@@ -238,6 +238,17 @@ def neuron_name(layer: int, neuron: int) -> str:
     return f"L{int(layer)}.N{int(neuron)}"
 
 
+def analysed_neuron_layers(model_id: str) -> pd.DataFrame:
+    """The model's analysed MLP layers (`neuron_layers` rows); with none, the page says how to analyse
+    one and stops (every neuron page starts here)."""
+    layers = q(queries.neuron_layers, model_id)
+    if layers.empty:
+        st.info("No neuron of this model is analysed yet. Run the second-order lens over its images, e.g.")
+        st.code(f"python -m etl neurons --model {model_id} --dataset shapes:2000:seed=0", language="bash")
+        st.stop()
+    return layers
+
+
 def neuron_page_params(model_id: str, layer: int, neuron: int) -> dict:
     """The query of a neuron's permalink: /neuron?model=...&layer=...&neuron=..."""
     return {"model": model_id, "layer": str(int(layer)), "neuron": str(int(neuron))}

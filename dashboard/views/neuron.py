@@ -36,11 +36,7 @@ if fresh and url[0]:
     st.session_state["_atlas_model"] = url[0]
 row = w.model_picker()
 model_id = row["model_id"]
-layers = q(queries.neuron_layers, model_id)
-if layers.empty:
-    st.info("No neuron of this model is analysed yet. Run the second-order lens over its images, e.g.")
-    st.code(f"python -m etl neurons --model {model_id} --dataset shapes:2000:seed=0", language="bash")
-    st.stop()
+layers = w.analysed_neuron_layers(model_id)
 options = [int(l) for l in layers.layer]
 if fresh and url[1] in options:
     st.session_state[f"neuron_layer@{model_id}"] = url[1]

@@ -20,11 +20,7 @@ if fresh and url[1]:
 st.session_state.setdefault("neuron_text", "a red shape")
 row = w.model_picker()
 model_id = row["model_id"]
-layers = q(queries.neuron_layers, model_id)
-if layers.empty:
-    st.info("No neuron of this model is analysed yet. Run the second-order lens over its images, e.g.")
-    st.code(f"python -m etl neurons --model {model_id} --dataset shapes:2000:seed=0", language="bash")
-    st.stop()
+layers = w.analysed_neuron_layers(model_id)
 c1, c2, c3 = st.columns([3, 1, 1])
 text = c1.text_input("Text", key="neuron_text", max_chars=300)
 choices = ["every analysed layer"] + [int(l) for l in layers.layer]
