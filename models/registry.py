@@ -426,7 +426,7 @@ def read_safetensors(path: Path, arch: str) -> dict:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _unpacked:
         def init_state(seed: int) -> dict:
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(), _quiet_random_init_warning(True):   # the packed weights follow
                 torch.manual_seed(seed)
                 m, _, _ = open_clip.create_model_and_transforms(arch, pretrained=None, pretrained_text=False)
             return m.state_dict()

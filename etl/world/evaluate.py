@@ -45,6 +45,7 @@ EVAL_TARGETS: dict[str, dict[str, float]] = {
     "toy-shapes-large": _LARGE,
     "toy-shapes-large-seed1": _LARGE,
     "toy-shapes-large-seed2": _LARGE,
+    "toy-shapes-map": _MIDDLE,          # the middle trunk with a MAP pool and the sigmoid loss
 }
 
 # Templates per factor; "{}" receives the phrase for one value (see value_phrase).

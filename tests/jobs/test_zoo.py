@@ -20,8 +20,13 @@ HELD_OUT = f"shapes:600:seed={seeds.STUDY[0]}"
 
 
 def image_layers(arch: str) -> int:
-    """The depth of a toy's image tower, from its config (sizes by architecture, not by name)."""
-    return int(json.loads((TOY_DIR / f"{arch}.json").read_text())["vision_cfg"]["layers"])
+    """The depth of a toy's image tower (sizes by architecture, not by name): its config's layers, or for
+    a timm tower (named trunk, no `layers`) the blocks of the tower built from it."""
+    cfg = json.loads((TOY_DIR / f"{arch}.json").read_text())["vision_cfg"]
+    if "layers" in cfg:
+        return int(cfg["layers"])
+    from models import load_model, tower
+    return len(tower(load_model(arch, random_init=True, seed=0).visual).blocks)
 
 
 # Cohen's kappa of the labels over all heads (view label_kappa), every trained model, and invented labels per
