@@ -45,11 +45,13 @@ OFFLINE_AGREEMENT = 0.2          # a text votes when the rest of the model reads
 OFFLINE_AGREEMENT_P = 0.001      # ... beyond chance: one-sided p of that correlation (Fisher z)
 OFFLINE_MIN_VOTES = 2            # a label needs this many voting texts of its property
 OFFLINE_THRESHOLD = 0.15         # and this share of the head's TextSpan variance in them
-OFFLINE_MAJORITY = 0.6           # and this share of the variance of all voting texts
+OFFLINE_MAJORITY = 0.6           # and this share of the evidence of all voting texts
 OFFLINE_ALPHA = 1.0              # optional: a shuffled-tag p-value at most this (1: recorded only)
 OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 1/4001)
-OFFLINE_SYMMETRIC = True        # ... and beats the head's strongest disagreement (v6; the README says why)
-OFFLINE_VERSION = "offline-v6"
+OFFLINE_SYMMETRIC = True         # ... and beats the strongest disagreement of other properties' texts (v6, v7)
+OFFLINE_INVERTED = True          # v7: a text read opposite to the head still backs a property that has votes
+OFFLINE_WEIGHTED = True          # v7: evidence = variance x |agreement| (docs/text.md says why)
+OFFLINE_VERSION = "offline-v7"
 BASELINE = "tag-shuffled"        # the baseline labeler stored beside the labels (baseline_labels)
 BASELINE_DRAWS = 20              # its draws: seeded permutations of the bank's tags
 BASELINE_SEED = 0
@@ -196,24 +198,32 @@ class OfflineLabeler:
     """Label = the property tag carrying the largest share of the head's variance, when the
     evidence beats chance (MATH.md §4; the README says why).
 
-    Evidence. A text votes for its tag only when the rest of the model reads it as the head
-    does: ``HeadText.agreement`` (``model_agreement``, a correlation over the images) >=
+    Evidence. A text votes for its tag p only when the rest of the model reads it as the head
+    does: ``HeadText.agreement`` a (``model_agreement``, a correlation over the images) >=
     ``agreement_min`` with one-sided p-value ``agreement_p`` <= ``agreement_p_max``; unchecked
-    texts (agreement None) vote as they are. With ``symmetric`` (v6), the agreement must also
-    beat the head's strongest disagreement: a text of the same head that the rest of the model
-    reads *opposite* to the head with strength s makes agreements below s no evidence. Reading a
-    text opposite is as surprising as reading it alike; where both happen strongly, the head and
-    the rest follow a common driver with arbitrary sign (a random-init model's heads and the rest
-    all follow the pixel statistics: its heads' texts reach -0.59 to -0.99, against -0.51 at worst
-    for the trained models' heads on the tuning worlds), and an agreement there says nothing. Untagged texts, tags outside the vocabulary and
-    texts that fail the check count in the total but vote for nothing, so they pull a head
-    towards 'mixed'. Ties go to the tag of the better-ranked text.
+    texts (agreement None) vote as they are. With ``symmetric`` (v6, v7), a must also beat the
+    strongest disagreement among the head's texts of *other* properties: a text that the rest of
+    the model reads opposite to the head with strength s makes agreements below s no evidence.
+    Reading a text opposite is as surprising as reading it alike; where both happen strongly, the
+    head and the rest follow a common driver with arbitrary sign (a random-init model's heads and
+    the rest all follow the pixel statistics: its heads' texts reach -0.59 to -0.99, against -0.51
+    at worst for trained CLS toys' heads on the tuning worlds), and an agreement there says
+    nothing. (v6 took the floor over all texts, the property's own included.)
+    With ``inverted`` (v7), a text read opposite (-a >= ``agreement_min``, p of -a within
+    ``agreement_p_max``) also votes for its property when -a beats every other property's |a| and
+    the property already has a vote read alike: a head may write a property's direction with the
+    sign reversed (the SigLIP-style toy's background heads: "on white" at -0.56, "on grass" at
+    +0.29), but a reversed reading alone creates no label (a random-init head reads all its
+    counting texts at -0.5 to -0.97). Untagged texts, tags outside the vocabulary and texts that
+    vote for nothing count in the total, so they pull a head towards 'mixed'.
 
-    Decision. s* = the winning property's share of the head's k TextSpan variances (voting
-    texts only); the confidence. m = its share of the variance of all voting texts (the
-    majority among the texts the model agrees with). The head is labelled when at least
-    ``min_votes`` texts vote for the property (one text is no agreement), s* >= ``threshold``
-    and m >= ``majority``; otherwise 'mixed'.
+    Decision. A voting text's evidence is its variance, times |a| with ``weighted`` (v7: how
+    strongly the rest of the model shares the reading; unchecked texts count 1). The winning
+    property has the most evidence (ties: the better-ranked text's). s* = its voting texts' share
+    of the head's k TextSpan variances, the confidence; m = its share of the evidence of all
+    voting texts (the majority among what the model agrees with). The head is labelled when at
+    least ``min_votes`` texts vote for the property (one text is no agreement), s* >=
+    ``threshold`` and m >= ``majority``; otherwise 'mixed'.
 
     Chance of the share. With ``bank_tags``, s* is also compared with a null in which the tags
     are shuffled over the bank: the head's k texts keep their variances and checks, but take
@@ -230,7 +240,8 @@ class OfflineLabeler:
                  permutations: int = OFFLINE_PERMUTATIONS, seed: int = 0,
                  agreement_min: float = OFFLINE_AGREEMENT, agreement_p_max: float = OFFLINE_AGREEMENT_P,
                  min_votes: int = OFFLINE_MIN_VOTES, majority: float = OFFLINE_MAJORITY,
-                 symmetric: bool = OFFLINE_SYMMETRIC):
+                 symmetric: bool = OFFLINE_SYMMETRIC, inverted: bool = OFFLINE_INVERTED,
+                 weighted: bool = OFFLINE_WEIGHTED):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"the offline threshold is a share of variance in (0, 1], got {threshold}")
         if not 0.0 < alpha <= 1.0:
@@ -251,6 +262,8 @@ class OfflineLabeler:
         self.agreement_p_max = float(agreement_p_max)
         self.min_votes = int(min_votes)
         self.symmetric = bool(symmetric)
+        self.inverted = bool(inverted)
+        self.weighted = bool(weighted)
         self._codes = {p: i for i, p in enumerate(self.vocabulary)}
         self._bank = None
         if bank_tags is not None:
@@ -261,7 +274,8 @@ class OfflineLabeler:
         null = f";alpha={self.alpha};n={self.permutations};seed={self.seed}" if self._bank is not None else ""
         self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold};agreement={self.agreement_min};"
                                 f"p={self.agreement_p_max};votes={self.min_votes};majority={self.majority}"
-                                f"{';symmetric' if self.symmetric else ''}{null}")
+                                f"{';symmetric' if self.symmetric else ''}{';inverted' if self.inverted else ''}"
+                                f"{';weighted' if self.weighted else ''}{null}")
 
     def _null_tags(self, k: int) -> np.ndarray:
         """int [N, k]: tag codes of k bank texts drawn without replacement, N times (cached)."""
@@ -274,17 +288,47 @@ class OfflineLabeler:
             self._draws[k] = self._bank[np.argpartition(keys, k - 1, axis=1)[:, :k]]
         return self._draws[k]
 
-    def disagreement(self, head_texts: list[HeadText]) -> float:
-        """The head's strongest disagreement: max(0, -min agreement) over its checked texts (0 when
-        none is checked, or without ``symmetric``)."""
-        checked = [ht.agreement for ht in head_texts if ht.agreement is not None]
+    def disagreement(self, head_texts: list[HeadText], tag: str | None = None) -> float:
+        """The strongest disagreement: max(0, -min agreement) over the checked texts whose tag is not
+        ``tag`` (None: all texts); 0 when none is checked, or without ``symmetric``."""
+        checked = [ht.agreement for ht in head_texts if ht.agreement is not None and (tag is None or ht.tag != tag)]
         return max(0.0, -min(checked)) if checked and self.symmetric else 0.0
 
     def votes(self, ht: HeadText, floor: float = 0.0) -> bool:
-        """Does this text vote for its tag (passed the model-agreement check, or unchecked)? ``floor``:
-        the head's strongest disagreement (``disagreement``), which a voting agreement must beat."""
+        """Does this text vote for its tag as read alike (passed the model-agreement check, or
+        unchecked)? ``floor``: the strongest disagreement of the other properties' texts
+        (``disagreement``), which a voting agreement must beat."""
         return ht.agreement is None or (ht.agreement >= self.agreement_min and ht.agreement > floor and
                                         (ht.agreement_p is None or ht.agreement_p <= self.agreement_p_max))
+
+    def votes_inverted(self, ht: HeadText, reach: float) -> bool:
+        """Is this text read opposite to the head strongly enough to back its tag (``inverted``)?
+        ``reach``: the largest |agreement| of the other properties' texts, which -a must beat. The
+        one-sided p of -a is 1 - p of a (Fisher z is odd in the correlation)."""
+        return (self.inverted and ht.agreement is not None and -ht.agreement >= self.agreement_min
+                and -ht.agreement > reach and (ht.agreement_p is None or 1.0 - ht.agreement_p <= self.agreement_p_max))
+
+    def voting(self, head_texts: list[HeadText]) -> list[bool]:
+        """Which of the head's texts vote for their tag (bool per text, in order): read alike above
+        the other properties' strongest disagreement, or (``inverted``) read opposite above every
+        other property's |agreement| when the property has a vote read alike."""
+        out = [False] * len(head_texts)
+        for tag in {ht.tag for ht in head_texts if ht.tag in self.vocabulary}:
+            mine = [i for i, ht in enumerate(head_texts) if ht.tag == tag]
+            floor = self.disagreement(head_texts, tag)
+            alike = [i for i in mine if self.votes(head_texts[i], floor)]
+            if not alike:
+                continue
+            others = [abs(ht.agreement) for ht in head_texts if ht.agreement is not None and ht.tag != tag]
+            reach = max(others, default=0.0)
+            for i in mine:
+                out[i] = i in alike or self.votes_inverted(head_texts[i], reach)
+        return out
+
+    def evidence(self, ht: HeadText) -> float:
+        """A voting text's evidence: its variance (>= 0), times |agreement| with ``weighted``."""
+        w = max(float(ht.variance), 0.0)
+        return w * abs(ht.agreement) if self.weighted and ht.agreement is not None else w
 
     def p_value(self, weights: np.ndarray, share: float, voting: np.ndarray | None = None) -> float:
         """P(null max share >= share) for texts of these variance weights [k], of which only
@@ -301,36 +345,37 @@ class OfflineLabeler:
     def label(self, head_texts: list[HeadText]) -> Label:
         if not head_texts:
             return Label(None, None, self.name, self.prompt_hash, None, "the head has no TextSpan texts")
-        weight: dict[str, float] = defaultdict(float)
+        weight: dict[str, float] = defaultdict(float)      # voting variance per property (s*)
+        proof: dict[str, float] = defaultdict(float)       # voting evidence per property (winner, m)
         n_votes: dict[str, int] = defaultdict(int)
         first_rank: dict[str, int] = {}
-        total = 0.0
-        floor = self.disagreement(head_texts)
-        for rank, ht in enumerate(head_texts):
-            w = max(float(ht.variance), 0.0)
-            total += w
-            if ht.tag in self.vocabulary and self.votes(ht, floor):
-                weight[ht.tag] += w
+        total = sum(max(float(ht.variance), 0.0) for ht in head_texts)
+        voting = self.voting(head_texts)
+        for rank, (ht, v) in enumerate(zip(head_texts, voting)):
+            if v:
+                weight[ht.tag] += max(float(ht.variance), 0.0)
+                proof[ht.tag] += self.evidence(ht)
                 n_votes[ht.tag] += 1
                 first_rank.setdefault(ht.tag, rank)
         shares = {p: (w / total if total > 0 else 0.0) for p, w in weight.items()}
         raw = {"version": OFFLINE_VERSION, "threshold": self.threshold,
                "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1]))}
         if any(ht.agreement is not None for ht in head_texts):
-            raw.update(agreement_min=self.agreement_min, disagreement=round(floor, 4),
+            raw.update(agreement_min=self.agreement_min, disagreement=round(self.disagreement(head_texts), 4),
                        agreement=[None if ht.agreement is None else round(float(ht.agreement), 4)
-                                  for ht in head_texts])
+                                  for ht in head_texts],
+                       voting=[bool(v) for v in voting])
         if not shares:                     # nothing votes: s* = 0, which every null draw reaches
             return Label(MIXED, 0.0, self.name, self.prompt_hash, json.dumps(raw),
                          p_value=1.0 if self._bank is not None else None)
-        best = min(shares, key=lambda p: (-shares[p], first_rank[p]))
+        best = min(shares, key=lambda p: (-proof[p], first_rank[p]))
         share = shares[best]
         p = None
         if self._bank is not None and total > 0:
             weights = np.array([max(float(ht.variance), 0.0) for ht in head_texts])
-            p = self.p_value(weights, share, np.array([self.votes(ht, floor) for ht in head_texts]))
+            p = self.p_value(weights, share, np.array(voting))
             raw.update(alpha=self.alpha, p_value=p)
-        majority = weight[best] / sum(weight.values()) if sum(weight.values()) > 0 else 0.0
+        majority = proof[best] / sum(proof.values()) if sum(proof.values()) > 0 else 0.0
         raw.update(votes=n_votes[best], min_votes=self.min_votes, majority=round(majority, 4),
                    majority_min=self.majority)
         labelled = (n_votes[best] >= self.min_votes and share >= self.threshold and majority >= self.majority

@@ -12,14 +12,15 @@ shows it beside the study.
 """
 from __future__ import annotations
 
-TRAINING = {0: "the seed-0 zoo models (toy-shapes-small, toy-shapes, toy-shapes-large)",
+TRAINING = {0: "the seed-0 zoo models (toy-shapes-small, toy-shapes, toy-shapes-large, toy-shapes-map)",
             1: "the seed-1 zoo models (toy-shapes-small-seed1, toy-shapes-seed1, toy-shapes-large-seed1)",
             2: "the seed-2 zoo models (toy-shapes-small-seed2, toy-shapes-seed2, toy-shapes-large-seed2)"}
 
 # the offline labeler's constants: v5 (agreement check, votes, threshold, majority) on 0, 7 and 11;
-# v6 (the check's corroboration by the rest of the model's other heads) on 7 and 11 only
-TUNING = {0: "offline labeler v5 constants", 7: "offline labeler v5 and v6 constants",
-          11: "offline labeler v5 and v6 constants"}
+# v6 (agreements must beat the head's strongest disagreement) and v7 (that floor from other properties'
+# texts, readings opposite backing a property, evidence weighed by agreement) on 7 and 11 only
+TUNING = {0: "offline labeler v5 constants", 7: "offline labeler v5, v6 and v7 constants",
+          11: "offline labeler v5, v6 and v7 constants"}
 
 # the size study of issue 19: worlds nobody drew from before
 STUDY = (1013, 2029)
@@ -31,7 +32,7 @@ EVAL = 3
 # `make etl`'s demo warehouse (Makefile DATASET): held out from training, tuning and the study
 DEMO = 41
 
-EARLIER = {23: "the README's size study before issue 19 (600 scenes)",
+EARLIER = {23: "the README's size study before issue 19 (600 scenes); test_zoo's label check",
            31: "the README's size study before issue 19 (600 scenes)",
            4242: "an outside check of the ground truth (issue 19)",
            9001: "an outside check of the ground truth (issue 19)"}

@@ -29,14 +29,20 @@ def image_layers(arch: str) -> int:
     return len(tower(load_model(arch, random_init=True, seed=0).visual).blocks)
 
 
+def map_pooled(arch: str) -> bool:
+    return json.loads((TOY_DIR / f"{arch}.json").read_text())["vision_cfg"].get("timm_pool") == "map"
+
+
 # Cohen's kappa of the labels over all heads (view label_kappa), every trained model, and invented labels per
-# head. Issue 19's targets are kappa >= 0.8 and invented <= 5 % for every model; the zoo does not meet them
-# yet for every seed (docs/study.md#results), so these floors guard what it reaches and the issue stays open:
-# on this world (23, 600 scenes) the 6- and 8-layer towers reach kappa 0.75-0.91 with 0-2 invented of 24-48
-# heads (toy-shapes-seed1: 2 of 24), the 8-head small towers 0.58-0.78 with 0 or 1 invented (one missed head
-# costs about 0.2 of kappa, one invented label 12.5 %).
+# head. Issue 19's targets are kappa >= 0.8 and invented <= 5 % for every model. With labeler v7, on this
+# world (23, 600 scenes) the six 6- and 8-layer CLS toys reach kappa 0.82-0.97 with 0-2 invented of 24-48
+# heads (toy-shapes-seed1: 2 of 24); the rest do not meet the target yet (docs/study.md#results), so their
+# floors guard what they reach and the issue says so: the 8-head small toys 0.58-0.78 with 0 or 1 invented
+# (one missed head costs about 0.2 of kappa, one invented label 12.5 %), the SigLIP-style toy 0.54.
 def kappa_min(arch: str) -> float:
-    return 0.7 if image_layers(arch) >= 6 else 0.5
+    if map_pooled(arch):
+        return 0.5
+    return 0.8 if image_layers(arch) >= 6 else 0.5
 
 
 def invented_max(arch: str) -> float:

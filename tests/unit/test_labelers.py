@@ -307,10 +307,10 @@ def test_model_agreement_tells_a_property_head_from_a_lookalike():
     strong, p_strong = 0.6, agreement_p_value(0.6, 600)
     texts = [HeadText("a", "colors", 0.5, agreement=0.05, agreement_p=agreement_p_value(0.05, 600)),
              HeadText("b", "shapes", 0.3, agreement=strong, agreement_p=p_strong),
-             HeadText("c", "colors", 0.2, agreement=None), HeadText("d", "shapes", 0.15, agreement=strong,
+             HeadText("c", "colors", 0.1, agreement=None), HeadText("d", "shapes", 0.15, agreement=strong,
                                                                       agreement_p=p_strong)]
-    label = lab.label(texts)
-    assert label.property == "shapes" and label.confidence == pytest.approx(0.45 / 1.15)
+    label = lab.label(texts)       # evidence: shapes 0.45 x 0.6, the unchecked colour text 0.1 x 1
+    assert label.property == "shapes" and label.confidence == pytest.approx(0.45 / 1.05)
     assert json.loads(label.raw)["votes"] == 2
     # the same correlation over 20 images is not beyond chance: nothing votes
     weak = [HeadText(t.text, t.tag, t.variance, t.agreement, agreement_p_value(t.agreement, 20))
@@ -490,3 +490,61 @@ def test_an_agreement_must_beat_the_heads_strongest_disagreement():
     assert lab.prompt_hash != v5.prompt_hash
     unchecked = [HeadText(h.text, h.tag, h.variance) for h in head(-0.97)]
     assert lab.label(unchecked).property == "counting"           # --no-agreement-check: nothing to compare with
+
+
+def _checked(text, tag, variance, agreement):
+    from etl.text.labelers import agreement_p_value
+    return HeadText(text, tag, variance, agreement, agreement_p_value(agreement, 1000))
+
+
+def test_a_propertys_own_texts_set_no_floor_for_it():
+    """v7: the floor a vote must beat is the strongest disagreement among *other* properties' texts. A
+    background head whose first text ("on white") the rest reads opposite (-0.56) keeps its other
+    background texts' votes; v6 took the floor over every text and left the head 'mixed'."""
+    head = [_checked("on white", "backgrounds", 0.5, -0.56), _checked("on grass", "backgrounds", 0.09, 0.29),
+            _checked("a star", "shapes", 0.05, -0.07), _checked("on dots", "backgrounds", 0.02, 0.36),
+            _checked("yellow", "colors", 0.05, -0.11)]
+    v7, alike_only = OfflineLabeler(), OfflineLabeler(inverted=False, weighted=False)
+    got = v7.label(head)
+    assert got.property == "backgrounds"
+    raw = json.loads(got.raw)
+    assert raw["voting"] == [True, True, False, True, False]     # "on white" backs it: read opposite, above 0.11
+    assert got.confidence == pytest.approx((0.5 + 0.09 + 0.02) / 0.71)
+    assert OfflineLabeler(inverted=False).label(head).confidence == pytest.approx(0.11 / 0.71)
+    # v6's floor (every text): 0.56, which no background text beats; v7's for backgrounds: the colour text's 0.11
+    assert v7.disagreement(head) == pytest.approx(0.56) and v7.disagreement(head, "backgrounds") == pytest.approx(0.11)
+    assert alike_only.label(head).property == "backgrounds"      # the own-property floor alone keeps two votes
+    assert alike_only.prompt_hash != v7.prompt_hash
+
+
+def test_a_reading_opposite_backs_a_property_but_never_creates_one():
+    """A random-init head reads every counting text opposite (-0.5 to -0.97): no vote read alike, no label;
+    and a reversed reading must beat every other property's |agreement|."""
+    counting = [_checked("one", "counting", 0.18, -0.97), _checked("two", "counting", 0.06, -0.90),
+                _checked("four", "counting", 0.09, -0.75), _checked("big", "sizes", 0.11, 0.70)]
+    assert OfflineLabeler().label(counting).property == MIXED
+    assert OfflineLabeler().voting(counting) == [False, False, False, False]
+    backed = counting[:3] + [_checked("three", "counting", 0.05, 0.72), _checked("big", "sizes", 0.11, 0.70)]
+    assert OfflineLabeler().voting(backed) == [True, True, True, True, False]
+    strong_other = counting[:3] + [_checked("three", "counting", 0.05, 0.72), _checked("big", "sizes", 0.11, 0.93)]
+    # read opposite, only -0.97 beats the sizes text's 0.93; read alike, 0.72 needs only beat other texts' disagreement
+    assert OfflineLabeler().voting(strong_other) == [True, False, False, True, False]
+    assert OfflineLabeler(inverted=False).voting(backed) == [False, False, False, True, False]
+
+
+def test_evidence_is_variance_times_agreement():
+    """v7: the winner and the majority weigh each voting text by how strongly the rest of the model shares
+    its reading. A background head whose first text (counting, 0.31 of the variance) the model reads at 0.41
+    and whose five background texts (0.40) it reads at 0.56-0.92: by variance alone counting holds 0.39 of
+    the vote and background 0.50 (no majority, 'mixed'); by evidence background holds 0.68."""
+    head = [_checked("one object", "counting", 0.31, 0.41), _checked("on white", "backgrounds", 0.21, 0.92),
+            _checked("on grass", "backgrounds", 0.08, 0.82), _checked("on dots", "backgrounds", 0.05, 0.85),
+            _checked("small", "sizes", 0.09, 0.37), _checked("on water", "backgrounds", 0.04, 0.80),
+            _checked("on sky", "backgrounds", 0.02, 0.56)]
+    got = OfflineLabeler().label(head)
+    evidence = {"backgrounds": .21 * .92 + .08 * .82 + .05 * .85 + .04 * .80 + .02 * .56,
+                "counting": .31 * .41, "sizes": .09 * .37}
+    assert got.property == "backgrounds"
+    assert json.loads(got.raw)["majority"] == pytest.approx(evidence["backgrounds"] / sum(evidence.values()), abs=1e-4)
+    assert got.confidence == pytest.approx(0.40 / sum(h.variance for h in head))
+    assert OfflineLabeler(weighted=False).label(head).property == MIXED       # 0.40 / 0.80 of the variance
