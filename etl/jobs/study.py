@@ -171,7 +171,7 @@ def _rows(path: str, model_id: str, dataset_id: str, params: int) -> list[dict]:
     from etl.world.study import size_of
     from warehouse.queries import measures_of, model_row
     row = model_row(path, model_id)
-    size = size_of(row["source"], row["layers"], row["width"])
+    size = size_of(row["source"], row["layers"], row["width"], row["pooling"])
     return [dict(model_id=model_id, world_seed=_world_seed(dataset_id), dataset_id=dataset_id, size=size,
                  image_params=params, score=score, value=v, lo=lo, hi=hi)
             for score, (v, lo, hi) in measures_of(path, model_id, dataset_id).items()]

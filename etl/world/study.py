@@ -2,7 +2,7 @@
 
 Pure functions over the per-model scores (`model_measures`, one value per model and world):
 
-    size_of(source, layers, width)     a model's size group, from its image tower (not its name)
+    size_of(source, layers, width, pooling)   a model's size group, from its image tower (not its name)
     summarise_sizes(rows)              per size: mean over model seeds, 95 % t interval over them
     trend(log_params, values)          least-squares slope per tenfold of image-tower parameters,
                                        its 95 % t interval, and a two-sided permutation p
@@ -11,7 +11,9 @@ Pure functions over the per-model scores (`model_measures`, one value per model 
 
 Each model's value is the mean of its values on the study's worlds, so a model counts once; the
 random-init control is shown beside the sizes but kept out of the trend (it is no size of a
-trained model).
+trained model). So is a trained model whose tower pools otherwise than the zoo's class token (the
+SigLIP-style toy: '6 x 128, map pool'): it is the study's architecture axis, compared with the
+class-token models of its size, not a point on their size trend.
 """
 from __future__ import annotations
 
@@ -59,9 +61,18 @@ def t975(df: int) -> float:
     return float("nan") if df < 1 else (_T975[df - 1] if df <= len(_T975) else 1.96)
 
 
-def size_of(source: str, layers: int, width: int) -> str:
-    """The size group of a model: '<layers> x <width>' of its image tower; RANDOM for a random-init one."""
-    return RANDOM if source == "random" else f"{int(layers)} x {int(width)}"
+def size_of(source: str, layers: int, width: int, pooling: str = "tok") -> str:
+    """The size group of a model: '<layers> x <width>' of its image tower, with ', <pooling> pool' when
+    it does not pool by class token (models.pooling: 'map', 'avg', ...); RANDOM for a random-init one."""
+    if source == "random":
+        return RANDOM
+    return f"{int(layers)} x {int(width)}" + ("" if pooling in (None, "tok") else f", {pooling} pool")
+
+
+def in_trend(size: str) -> bool:
+    """Does a size group count in the size trend? The class-token sizes of trained models do; the
+    random control and other architectures are shown beside them."""
+    return size != RANDOM and "pool" not in size
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
@@ -183,7 +194,7 @@ def study_fits(models: dict[tuple[str, str], dict], seed: int = 0) -> list[dict]
     out = []
     for d in DEFINITIONS:
         pts = [(m["image_params"], m["value"]) for (model_id, score), m in sorted(models.items())
-               if score == d.score and m["size"] != RANDOM]
+               if score == d.score and in_trend(m["size"])]
         fit = trend([p for p, _ in pts], [v for _, v in pts], seed=seed)
         out.append(dict(score=d.score, definition=d.meaning, direction=d.direction, n_models=fit.n,
                         slope=fit.slope, slope_lo=fit.lo, slope_hi=fit.hi, p_value=fit.p_value,

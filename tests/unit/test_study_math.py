@@ -66,4 +66,11 @@ def test_verdicts_are_stated_whichever_way_they_go():
                                            "c": ("8 x 192", 1e7, [0.9]), "r": (S.RANDOM, 1e6, [0.0])}, "mig")))
     mig = next(f for f in fits if f["score"] == "mig")
     assert mig["n_models"] == 3 and mig["slope"] == pytest.approx(0.4)      # the random control stays out
+    pooled = S.size_of("bundled", 6, 128, "map")
+    assert pooled == "6 x 128, map pool" and S.size_of("bundled", 6, 128, "tok") == "6 x 128"
+    assert not S.in_trend(pooled) and not S.in_trend(S.RANDOM) and S.in_trend("6 x 128")
+    fits = S.study_fits(S.per_model(_rows({"a": ("4 x 64", 1e5, [0.1]), "b": ("6 x 128", 1e6, [0.5]),
+                                           "c": ("8 x 192", 1e7, [0.9]), "m": (pooled, 1e6, [0.0])}, "mig")))
+    mig = next(f for f in fits if f["score"] == "mig")
+    assert mig["n_models"] == 3 and mig["slope"] == pytest.approx(0.4)      # another architecture stays out too
     assert len(fits) == len(S.DEFINITIONS) and all(f["verdict"] for f in fits)
