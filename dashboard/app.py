@@ -21,9 +21,10 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx  # noqa: E402
 if get_script_run_ctx(suppress_warning=True) is None:
     from starlette.middleware import Middleware
 
-    from dashboard import downloads, guard
+    from dashboard import downloads, guard, warm
     app = st.App(__file__, middleware=[Middleware(guard.AccessGuard)], lifespan=guard.lifespan,
                  routes=downloads.routes())
+    warm.start(None, server=True)      # get ready as the server starts, before a browser asks (dashboard/warm.py)
 else:
     import altair as alt
 

@@ -56,6 +56,14 @@ def _cached(name: str, path: str, key: tuple, args: tuple) -> Any:
     return getattr(queries, name)(path, *args)
 
 
+def q_kept(query: Callable, *args) -> Any:
+    """``q``, and kept on disk per warehouse version (dashboard/cache.py), for the views that take a second
+    or more to compute (label_kappa's head bootstrap, model_measures): `make demo`'s warm-up builds them,
+    and a freshly started server reads them back instead of recomputing them on its first visit."""
+    from dashboard import cache
+    return cache.built(f"query-{query.__name__}", tuple(args), lambda: q(query, *args))
+
+
 def q(query: Callable, *args) -> Any:
     """Run the named query `query` (a function of warehouse.queries) on this dashboard's warehouse, cached.
 

@@ -18,7 +18,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import widgets as w
-from dashboard.data import q
+from dashboard.data import q, q_kept
 from warehouse import queries
 
 CODE_SCORES = {"informativeness": "informativeness (best head's share of each factor)",
@@ -53,7 +53,7 @@ def agreement() -> None:
                "**Invented**: any head labelled with a property whose factor explains < 0.2 of its variance. "
                "Intervals: 95 %, a bootstrap over heads for kappa and its margins, Wilson for the rates. "
                "View `label_kappa`.")
-    lk = q(queries.label_kappa)
+    lk = q_kept(queries.label_kappa)
     if lk.empty:
         st.info("No labels with ground truth yet: `python -m etl run --model ... --dataset shapes:N:seed=S`.")
         return
@@ -130,7 +130,7 @@ def paper_scores() -> None:
                "already carries, Σ(n_p − 1) / Σ n_p (the heads the authors' public follow-up code calls entangled). "
                "It cannot fall below 1 − P / N with P properties and N property heads, so read it beside the counts. "
                "The within-head entropy earlier versions called entanglement is `tag_entropy`.")
-    ps = q(queries.paper_scores)
+    ps = q_kept(queries.paper_scores)
     if ps.empty:
         st.info("No labelled heads yet.")
         return
@@ -164,7 +164,7 @@ def code_scores() -> None:
                "together, accuracy above chance; **MIG** = mean over factors of (best − second head) / H(f). "
                "A model that carries little can still score high on D (its little is spread unevenly: the random "
                "control), so read D and C beside informativeness and I. Bars: 95 % basic bootstrap over images.")
-    mm = q(queries.model_measures)
+    mm = q_kept(queries.model_measures)
     cs = mm[mm.score.isin(list(CODE_SCORES))] if not mm.empty else mm
     if cs.empty:
         st.info("No label-free scores yet: `python -m etl probe --model ... --dataset shapes:N:seed=S`.")

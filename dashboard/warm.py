@@ -6,6 +6,7 @@ not pay for them. Started by `python -m dashboard` as the server starts, and by 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -13,9 +14,20 @@ _started: Optional[threading.Thread] = None
 _lock = threading.Lock()
 
 
-def _warm(path: Path) -> None:
+def _warm(path: Optional[Path], server: bool = False) -> None:
     try:
         import models.registry  # noqa: F401  (torch, open_clip)
+        if server:             # the Streamlit runtime starts after the app is imported; its caches need it
+            from streamlit import runtime
+            for _ in range(600):
+                if runtime.exists():
+                    break
+                time.sleep(0.1)
+        if path is None:       # dashboard.data declares Streamlit caches: imported once the runtime exists
+            from dashboard.data import warehouse_path
+            path = warehouse_path()
+            if not path.exists():
+                return
         from dashboard import live
         from dashboard.widgets import default_model
         from warehouse import queries
@@ -27,12 +39,15 @@ def _warm(path: Path) -> None:
         pass
 
 
-def start(path) -> threading.Thread:
-    """Start the warm-up for the warehouse at ``path`` (once per process); returns its thread."""
+def start(path, server: bool = False) -> threading.Thread:
+    """Start the warm-up for the warehouse at ``path`` (once per process); returns its thread. ``server``:
+    started by the server as it starts (app.py), before the Streamlit runtime exists: the model is loaded
+    into the runtime's caches once it does; ``path`` None: the dashboard's warehouse (dashboard.data)."""
     global _started
     with _lock:
         if _started is None:
-            _started = threading.Thread(target=_warm, args=(Path(path),), name="atlas-warm-up", daemon=True)
+            _started = threading.Thread(target=_warm, args=(None if path is None else Path(path), server),
+                                        name="atlas-warm-up", daemon=True)
             _started.start()
         return _started
 

@@ -276,9 +276,11 @@ def load_model(
         if random_init:
             torch.manual_seed(seed)
         # open_clip warns "No pretrained weights loaded ... initialized randomly" whenever it is given no
-        # tag; with a checkpoint (the toys' shipped weights included) the weights are loaded just below,
-        # so that warning would be false: it is dropped then, and kept for --random-init
-        with _quiet_random_init_warning(checkpoint is not None):
+        # tag. Here it never tells anything: with a checkpoint (the toys' shipped weights included) the
+        # weights are loaded just below, so it would be false; a random init was asked for by name
+        # (--random-init, or a warehouse row whose source is 'random', whose model_id says random-seedN),
+        # and a missing or unknown tag is refused above with its own error. So it is dropped.
+        with _quiet_random_init_warning():
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=None, device=device, precision=precision, pretrained_text=False)
         if checkpoint is not None:
@@ -329,18 +331,16 @@ class _DropRandomInitWarning:
 
 
 @contextlib.contextmanager
-def _quiet_random_init_warning(active: bool):
+def _quiet_random_init_warning():
     """While the block runs, open_clip's root-logger warning that a model was initialized randomly is
-    dropped (``active``: weights will be loaded right after, so the warning would be false)."""
+    dropped (see load_model: through it, that warning never tells anything)."""
     import logging
     root = logging.getLogger()
-    if active:
-        root.addFilter(_DropRandomInitWarning)
+    root.addFilter(_DropRandomInitWarning)
     try:
         yield
     finally:
-        if active:
-            root.removeFilter(_DropRandomInitWarning)
+        root.removeFilter(_DropRandomInitWarning)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -426,7 +426,7 @@ def read_safetensors(path: Path, arch: str) -> dict:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _unpacked:
         def init_state(seed: int) -> dict:
-            with torch.random.fork_rng(), _quiet_random_init_warning(True):   # the packed weights follow
+            with torch.random.fork_rng(), _quiet_random_init_warning():   # the packed weights follow
                 torch.manual_seed(seed)
                 m, _, _ = open_clip.create_model_and_transforms(arch, pretrained=None, pretrained_text=False)
             return m.state_dict()

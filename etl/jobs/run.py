@@ -248,7 +248,9 @@ def run_zoo(args) -> int:
 
 def summary(timings: dict[str, dict[str, float]], total: float) -> str:
     """A plain-text table: one row per model, one column per phase (seconds), totals last."""
-    phases = ["load"] + [s for s in STEPS if any(s in t for t in timings.values())]
+    known = ["load", *STEPS, "neurons"]
+    phases = [p for p in known if any(p in t for t in timings.values())]
+    phases += sorted({p for t in timings.values() for p in t} - set(phases))     # a step added later shows too
     width = max([len("total")] + [len(m) for m in timings])
     head = f"{'model':<{width}}" + "".join(f"{p:>10}" for p in phases) + f"{'sum':>10}"
     lines = ["", "Time per phase (seconds):", head, "-" * len(head)]

@@ -60,6 +60,9 @@ EXPECT = {
 }
 
 
+SERVER_LOG: dict = {}          # the module's server log, read by the last test
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,6 +83,7 @@ def server(tmp_path_factory, warehouse):
     """A streamlit server on `warehouse`; yields its base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "streamlit.log"
+    SERVER_LOG["path"] = log
     env = dict(os.environ, ATLAS_WAREHOUSE=str(warehouse))
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -438,3 +442,16 @@ def test_a_bad_permalink_says_what_exists_on_every_page(server, tab, warehouse, 
     wait_done(tab, title_of(path))
     assert tab.locator('[data-testid="stAlertContentError"]').count() == 0
     assert tab.get_by_role("combobox", name="Model", exact=True).input_value().startswith(ids[0] + " ")
+
+
+# last in the file: the server has served every test above
+FALSE_ALARMS = ("warning", "initialized randomly", "no runtime found", "traceback", "error")
+
+
+def test_the_server_log_holds_no_warning_after_every_page(server):
+    """Issue 22: no false warnings. Every test above ran against this server (pages, uploads, bad links);
+    its log holds the start banner and nothing that reads as a warning or an error."""
+    lines = [l for l in SERVER_LOG["path"].read_text(errors="replace").splitlines() if l.strip()]
+    assert any("You can now view your Streamlit app" in l for l in lines)
+    alarms = [l for l in lines if any(w in l.lower() for w in FALSE_ALARMS)]
+    assert alarms == [], "\n".join(alarms[:20])

@@ -44,13 +44,26 @@ def test_cached_chart_specs_equal_fresh_ones_and_come_back_from_disk(wh, monkeyp
     assert len(first) >= 8
     files = list(cache.folder(wh).glob("chart-*.pkl"))
     assert len(files) == len(first), (len(files), len(first))
-    # a restarted server: nothing in memory, every chart read back from disk, none built
+    kept = {f.name.split("-")[1] for f in cache.folder(wh).glob("query-*.pkl")}
+    assert kept == {"label_kappa", "model_measures", "paper_scores"}, kept
+    # a restarted server: nothing in memory, every chart and costly view read back from disk, none built
     cache.forget_memory()
+    from dashboard import data
+    from warehouse import queries
+    data._cached.clear()
     import streamlit.elements.vega_charts as vc
 
     def no_building(*a, **k):
         raise AssertionError("a chart was built although its spec is on disk")
+
+    def no_query(name):
+        def run(*a, **k):
+            raise AssertionError(f"the view {name} was computed again although its result is on disk")
+        run.__name__ = name                                   # the cache keys a query by its name
+        return run
     monkeypatch.setattr(vc, "_convert_altair_to_vega_lite_spec", no_building)
+    for name in kept:
+        monkeypatch.setattr(queries, name, no_query(name))
     again = metrics_charts()
     assert [(s, d) for s, d, _ in again] == [(s, d) for s, d, _ in first]
     monkeypatch.undo()
