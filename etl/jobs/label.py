@@ -66,8 +66,9 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
 def add_parser(sub) -> None:
     p = sub.add_parser("label", help="label every analysed head with a property (head_labels)",
                        description="Give each head with TextSpan texts a property label: offline (the "
-                                   "variance-weighted majority of its texts' property tags, counting only texts "
-                                   "that the rest of the model reads the way the head does; 'mixed' below "
+                                   "majority of its texts' property tags, each weighed by its variance times how "
+                                   "strongly the rest of the model shares the head's reading of it, counting only "
+                                   "texts that the rest of the model reads the way the head does; 'mixed' below "
                                    "--threshold or when shuffled tags reach the share too often, --alpha) or by an "
                                    "LLM (few-shot prompt, JSON answer checked against the property vocabulary, "
                                    "answers cached under $ATLAS_HOME/cache/llm). Resumable.")
@@ -80,8 +81,8 @@ def add_parser(sub) -> None:
                    help="offline: below this share of the head's variance in voting texts the label is 'mixed' "
                         "(default 0.15)")
     p.add_argument("--majority", type=probability, default=None, metavar="SHARE",
-                   help="offline: the winning property must also carry this share of the variance of all voting "
-                        "texts (default 0.6)")
+                   help="offline: the winning property must also carry this share of the evidence (variance x "
+                        "|agreement|) of all voting texts (default 0.6)")
     p.add_argument("--alpha", type=open_unit, default=None, metavar="P",
                    help="offline: also require the winning share to beat the same texts with tags shuffled over "
                         "the bank at this significance (default 1: the p-value is recorded, not required)")

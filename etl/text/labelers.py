@@ -1,6 +1,6 @@
 """Head labels (MATH.md §4) and the match judge (§5): offline by tags, or by an LLM.
 
-    OfflineLabeler(vocabulary, bank_tags) label = variance-weighted majority of the texts' tags,
+    OfflineLabeler(vocabulary, bank_tags) label = evidence-weighted majority of the texts' tags,
                                           when it beats the same texts with shuffled tags
     LLMLabeler(model, vocabulary)         label = an OpenAI-compatible chat model's JSON answer
     labeler.label(head_texts) -> Label    head_texts: the head's TextSpan texts, rank order
