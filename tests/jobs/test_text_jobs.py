@@ -201,39 +201,48 @@ def test_label_and_judge_offline_end_to_end(wht, capsys):
     assert out["heads_labelled"] == N_HEADS and out["heads_failed"] == 0
     # the label, recomputed here from the tables: a text votes for its tag when the rest of the
     # model reads it as the head does (corr over images of c.q and (z - c).q, q = the text minus
-    # its property's mean text, >= 0.2 with a one-sided Fisher p <= 0.001) and more strongly than
-    # it reads any text of the head opposite (v6: corr > -min corr of the head's texts); the label is the
-    # largest voting share s* if at least 2 texts vote, s* >= 0.15 and it holds >= 0.6 of the voting
-    # texts' variance (30 images: few texts pass p)
+    # its property's mean text, >= 0.2 with a one-sided Fisher p <= 0.001) and more strongly than the
+    # rest reads any text of another property opposite (v7: corr > -min corr of the other properties'
+    # texts); a text read opposite (-corr >= 0.2, p of -corr <= 0.001, above every other property's
+    # |corr|) votes too when its property has a vote read alike. Evidence = variance x |corr|; the
+    # label is the property with the most evidence if at least 2 texts vote, its variance share s* >=
+    # 0.15 and it holds >= 0.6 of the voting evidence (30 images: few texts pass p)
     texts = {tid: (np.array(v), p) for tid, v, p in q(wht, "SELECT e.text_id, e.vec, t.property FROM text_embeddings e "
                                                          "JOIN texts t USING (text_id) WHERE t.bank = 'atlas'")}
     means = {p: np.mean([v for v, pp in texts.values() if pp == p], axis=0) for p in PROPERTIES}
     Z = np.array([r[0] for r in q(wht, "SELECT vec FROM image_embeddings ORDER BY image_id")])
-    votes = defaultdict(lambda: defaultdict(list))
     totals = defaultdict(float)
     checked = defaultdict(list)
     for layer, head, tid, prop, var in q(wht, "SELECT h.layer, h.head, h.text_id, t.property, h.variance_explained "
-                                              "FROM head_texts h JOIN texts t USING (text_id)"):
+                                              "FROM head_texts h JOIN texts t USING (text_id) ORDER BY h.rank"):
         C = _head_matrix(wht, layer, head).astype(np.float64)
         qv = texts[tid][0] - means[prop]
         rho = np.corrcoef(C @ qv, Z @ qv - C @ qv)[0, 1]
         checked[(layer, head)].append((rho, prop, var))
         totals[(layer, head)] += var
+
+    def p_of(rho):
+        return 0.5 * math.erfc(math.atanh(rho) * math.sqrt(len(Z) - 3) / math.sqrt(2))
+    share, evidence, n_votes = defaultdict(dict), defaultdict(dict), defaultdict(dict)
     for key, rows in checked.items():
-        floor = max(0.0, -min(r for r, _, _ in rows))
-        for rho, prop, var in rows:
-            p_rho = 0.5 * math.erfc(math.atanh(rho) * math.sqrt(len(Z) - 3) / math.sqrt(2))
-            if rho >= 0.2 and rho > floor and p_rho <= 0.001:
-                votes[key][prop].append(var)
+        for prop in {pr for _, pr, _ in rows}:
+            others = [r for r, pr, _ in rows if pr != prop]
+            floor, reach = max([0.0] + [-r for r in others]), max([0.0] + [abs(r) for r in others])
+            alike = [(r, v) for r, pr, v in rows if pr == prop and r >= 0.2 and r > floor and p_of(r) <= 0.001]
+            opposite = [(r, v) for r, pr, v in rows if pr == prop and -r >= 0.2 and -r > reach and p_of(-r) <= 0.001]
+            voting = alike + opposite if alike else []
+            if voting:
+                share[key][prop] = sum(v for _, v in voting) / totals[key]
+                evidence[key][prop] = sum(v * abs(r) for r, v in voting)
+                n_votes[key][prop] = len(voting)
     for layer, head, prop, conf, labeler, ph, p, raw in q(wht, "SELECT layer, head, property, confidence, labeler, "
                                                               "prompt_hash, p_value, raw FROM head_labels"):
-        share = {t: sum(v) / totals[(layer, head)] for t, v in votes[(layer, head)].items()}
-        best = max(share, key=share.get) if share else None
-        assert conf == pytest.approx(share[best] if best else 0.0)
+        key = (layer, head)
+        best = max(evidence[key], key=evidence[key].get) if evidence[key] else None
+        assert conf == pytest.approx(share[key][best] if best else 0.0)
         assert 0 < p <= 1 and len(json.loads(raw)["agreement"]) == 10
-        voting = sum(share.values())
-        labelled = (best is not None and len(votes[(layer, head)][best]) >= 2 and share[best] >= 0.15
-                    and share[best] >= 0.6 * voting)
+        labelled = (best is not None and n_votes[key][best] >= 2 and share[key][best] >= 0.15
+                    and evidence[key][best] >= 0.6 * sum(evidence[key].values()))
         assert prop == (best if labelled else MIXED)
         assert labeler == "offline" and ph
     assert job(capsys, "label", "--model", MODEL, "--warehouse", wht)["heads_skipped"] == N_HEADS
