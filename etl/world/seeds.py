@@ -13,8 +13,10 @@ shows it beside the study.
 from __future__ import annotations
 
 TRAINING = {0: "the seed-0 zoo models (toy-shapes-small, toy-shapes, toy-shapes-large, toy-shapes-map)",
-            1: "the seed-1 zoo models (toy-shapes-small-seed1, toy-shapes-seed1, toy-shapes-large-seed1)",
-            2: "the seed-2 zoo models (toy-shapes-small-seed2, toy-shapes-seed2, toy-shapes-large-seed2)"}
+            1: "the seed-1 zoo models (toy-shapes-small-seed1, toy-shapes-seed1, toy-shapes-large-seed1, "
+               "toy-shapes-map-seed1)",
+            2: "the seed-2 zoo models (toy-shapes-small-seed2, toy-shapes-seed2, toy-shapes-large-seed2, "
+               "toy-shapes-map-seed2)"}
 
 # the offline labeler's constants: v5 (agreement check, votes, threshold, majority) on 0, 7 and 11;
 # v6 (agreements must beat the head's strongest disagreement) and v7 (that floor from other properties'
