@@ -18,7 +18,7 @@ from typing import Callable
 from etl.common import (UsageError, add_embed_args, add_model_args, add_warehouse_arg, device_arg,
                         load_model_from_args, warehouse_path)
 
-STEPS = ("embed", "texts", "textspan", "label", "judge", "metrics", "ablate", "probe")
+STEPS = ("embed", "texts", "textspan", "label", "judge", "metrics", "ablate", "probe", "neurons")   # timed, in order
 
 # The neurons step of the pipeline: one layer (auto), over at most this many images of the first
 # dataset, and its zero-shot check on this many toy-eval scenes per set (kept cheap for `make etl`;
@@ -248,8 +248,7 @@ def run_zoo(args) -> int:
 
 def summary(timings: dict[str, dict[str, float]], total: float) -> str:
     """A plain-text table: one row per model, one column per phase (seconds), totals last."""
-    known = ["load", *STEPS, "neurons"]
-    phases = [p for p in known if any(p in t for t in timings.values())]
+    phases = [p for p in ("load", *STEPS) if any(p in t for t in timings.values())]
     phases += sorted({p for t in timings.values() for p in t} - set(phases))     # a step added later shows too
     width = max([len("total")] + [len(m) for m in timings])
     head = f"{'model':<{width}}" + "".join(f"{p:>10}" for p in phases) + f"{'sum':>10}"

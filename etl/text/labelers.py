@@ -316,7 +316,7 @@ class OfflineLabeler:
         for tag in {ht.tag for ht in head_texts if ht.tag in self.vocabulary}:
             mine = [i for i, ht in enumerate(head_texts) if ht.tag == tag]
             floor = self.disagreement(head_texts, tag)
-            alike = [i for i in mine if self.votes(head_texts[i], floor)]
+            alike = {i for i in mine if self.votes(head_texts[i], floor)}
             if not alike:
                 continue
             others = [abs(ht.agreement) for ht in head_texts if ht.agreement is not None and ht.tag != tag]
@@ -349,11 +349,12 @@ class OfflineLabeler:
         proof: dict[str, float] = defaultdict(float)       # voting evidence per property (winner, m)
         n_votes: dict[str, int] = defaultdict(int)
         first_rank: dict[str, int] = {}
-        total = sum(max(float(ht.variance), 0.0) for ht in head_texts)
+        variances = [max(float(ht.variance), 0.0) for ht in head_texts]
+        total = sum(variances)
         voting = self.voting(head_texts)
         for rank, (ht, v) in enumerate(zip(head_texts, voting)):
             if v:
-                weight[ht.tag] += max(float(ht.variance), 0.0)
+                weight[ht.tag] += variances[rank]
                 proof[ht.tag] += self.evidence(ht)
                 n_votes[ht.tag] += 1
                 first_rank.setdefault(ht.tag, rank)
@@ -372,8 +373,7 @@ class OfflineLabeler:
         share = shares[best]
         p = None
         if self._bank is not None and total > 0:
-            weights = np.array([max(float(ht.variance), 0.0) for ht in head_texts])
-            p = self.p_value(weights, share, np.array(voting))
+            p = self.p_value(np.array(variances), share, np.array(voting))
             raw.update(alpha=self.alpha, p_value=p)
         majority = proof[best] / sum(proof.values()) if sum(proof.values()) > 0 else 0.0
         raw.update(votes=n_votes[best], min_votes=self.min_votes, majority=round(majority, 4),
