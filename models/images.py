@@ -28,7 +28,9 @@ MAX_DECODE_BYTES = 150 * 2**20
 _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}   # else 4 a pixel
 _DECODER_BYTES = {"WEBP": 12}      # measured: WebP files (RGB, RGBA, lossy or not) took 11-13 bytes a pixel beyond the image
 _SLACK_BYTES = 1                   # the strips, the preprocess's first resize and the thumbnail: under 1 byte a pixel
-_STRIP_ROWS = 256                  # conversions run strip by strip: one strip of a temporary at a time
+_STRIP_PIXELS = 1 << 18            # conversions run strip by strip, each strip at most 256 K pixels (1 MB of
+                                   # float32): one strip of a temporary at a time, whatever the image's width
+_GREY_TO_L = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # scaled to an 8-bit L image before RGB
 
 
 class ImageError(ValueError):
@@ -94,7 +96,7 @@ def decode_bytes(img: Image.Image) -> int:
     a few MB of the peak RSS, or above it)."""
     w, h = img.size
     stored = _STORED_BYTES.get(img.mode, 4)
-    out = 0 if img.mode == "RGB" else 4
+    out = 0 if img.mode == "RGB" else 4 + (1 if img.mode in _GREY_TO_L else 0)   # RGB (+ the 8-bit grey before it)
     try:
         rotate = 4 if img.getexif().get(0x0112, 1) != 1 else 0
     except Exception:  # noqa: BLE001 - a damaged EXIF block: loading reports it
@@ -104,8 +106,9 @@ def decode_bytes(img: Image.Image) -> int:
 
 def _strips(size: tuple[int, int]):
     w, h = size
-    for y in range(0, h, _STRIP_ROWS):
-        yield (0, y, w, min(h, y + _STRIP_ROWS))
+    rows = max(1, _STRIP_PIXELS // max(w, 1))
+    for y in range(0, h, rows):
+        yield (0, y, w, min(h, y + rows))
 
 
 def _grey_to_l(img: Image.Image, lo, span) -> Image.Image:
@@ -113,9 +116,12 @@ def _grey_to_l(img: Image.Image, lo, span) -> Image.Image:
     at a time (a whole-image float32 copy of a 12 MP 16-bit PNG was 190 MB)."""
     out = Image.new("L", img.size)
     for box in _strips(img.size):
-        a = np.asarray(img.crop(box), dtype=np.float32)
-        v = (a - lo) / span * 255 if lo is not None else a / span * 255
-        out.paste(Image.fromarray(v.clip(0, 255).astype(np.uint8), "L"), box)
+        a = np.array(img.crop(box), dtype=np.float32)          # (rows, w) float32, one strip; then in place
+        if lo is not None:
+            np.subtract(a, lo, out=a)
+        np.multiply(a, np.float32(255) / span, out=a)
+        np.clip(a, 0, 255, out=a)
+        out.paste(Image.fromarray(a.astype(np.uint8), "L"), box)
     return out
 
 
@@ -134,7 +140,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     image it takes the RGB result (and a rotated copy for an EXIF orientation), no more
     (``decode_bytes``)."""
     img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img   # copies only to rotate
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode in _GREY_TO_L and img.mode != "F":
         hi = img.getextrema()[1] if img.size[0] * img.size[1] else 0
         img = _grey_to_l(img, None, np.float32(hi if hi > 0 else 1.0))
     elif img.mode == "F":
