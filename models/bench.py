@@ -1,6 +1,9 @@
 """Decomposition throughput, side by side in one process (issue 2 §5).
 
-Variants run interleaved round by round so machine noise hits them alike; medians reported.
+Variants run interleaved round by round, in reverse order every other round (so none always runs
+right after another, in the same allocator and cache state), so machine noise hits them alike.
+Rates are batch / median seconds; each ratio is the median over rounds of that round's paired
+ratio (a slow stretch of the host slows both sides of one round, not one side of the median).
 """
 from __future__ import annotations
 
@@ -22,6 +25,25 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+def _interleaved(variants: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per round of each variant: warm-up rounds first, then ``rounds`` rounds, each running
+    every variant once, in reverse order every other round."""
+    names = list(variants)
+    for _ in range(warmup):
+        for k in names:
+            variants[k]()
+    times = {k: [] for k in names}
+    for i in range(rounds):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            times[k].append(_time(variants[k]))
+    return times
+
+
+def _paired(times: dict[str, list[float]], fast: str, base: str) -> float:
+    """Rate of ``fast`` over rate of ``base``: the median over rounds of t_base / t_fast."""
+    return statistics.median(b / f for b, f in zip(times[base], times[fast]))
+
+
 @torch.no_grad()
 def bench_decompose(arch: str = "ViT-B-16", batch: int = 32, rounds: int = 5, warmup: int = 1) -> dict:
     """images/s of encode_image, decompose (heads), decompose (+tokens, last 4), onnxruntime (heads)."""
@@ -36,21 +58,15 @@ def bench_decompose(arch: str = "ViT-B-16", batch: int = 32, rounds: int = 5, wa
             "decompose heads+tokens last4 (torch)": lambda: decompose(lm, x, "last4", tokens=True),
             f"decompose heads (onnxruntime {runner.provider})": lambda: runner(x),
         }
-        for _ in range(warmup):
-            for fn in variants.values():
-                fn()
-        times = {k: [] for k in variants}
-        for _ in range(rounds):
-            for k, fn in variants.items():
-                times[k].append(_time(fn))
+        times = _interleaved(variants, rounds, warmup)
     rate = {k: batch / statistics.median(v) for k, v in times.items()}
     names = list(rate)
     return dict(
         arch=arch, batch=batch, rounds=rounds, threads=torch.get_num_threads(), images_per_s=rate,
         ratios=dict(
-            decompose_vs_forward=rate[names[1]] / rate[names[0]],
-            decompose_tokens_vs_forward=rate[names[2]] / rate[names[0]],
-            onnx_vs_torch=rate[names[3]] / rate[names[1]],
+            decompose_vs_forward=_paired(times, names[1], names[0]),
+            decompose_tokens_vs_forward=_paired(times, names[2], names[0]),
+            onnx_vs_torch=_paired(times, names[3], names[1]),
         ),
     )
 
@@ -76,18 +92,12 @@ def bench_decompose_siglip(arch: str = "ViT-B-16-SigLIP", batch: int = 16, round
         "decompose heads, last4 (torch)": lambda: dec(x),
         f"decompose heads, all {n} layers (torch)": lambda: dec_all(x),
     }
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, fn in variants.items():
-            times[k].append(_time(fn))
+    times = _interleaved(variants, rounds, warmup)
     rate = {k: batch / statistics.median(v) for k, v in times.items()}
     names = list(rate)
     return dict(arch=arch, batch=batch, rounds=rounds, threads=torch.get_num_threads(), images_per_s=rate,
-                ratios=dict(decompose_vs_forward_siglip=rate[names[1]] / rate[names[0]],
-                            decompose_all_vs_forward_siglip=rate[names[2]] / rate[names[0]]))
+                ratios=dict(decompose_vs_forward_siglip=_paired(times, names[1], names[0]),
+                            decompose_all_vs_forward_siglip=_paired(times, names[2], names[0])))
 
 
 @torch.no_grad()
@@ -154,13 +164,7 @@ def bench_second_order(arch: str = "ViT-B-16", layer: int = 9, batch: int = 8, r
         "trace": lambda: [lens.trace(c) for c in chunks],
         "trace + alpha": lambda: [lens.alpha(lens.trace(c), layer) for c in chunks],
     }
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, fn in variants.items():
-            times[k].append(_time(fn))
+    times = _interleaved(variants, rounds, warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(arch=arch, layer=layer, neurons=lens.n_neurons[layer], later_heads=len(lens.heads(layer)),
                 batch=batch, micro_batch=step, rounds=rounds, threads=torch.get_num_threads(),

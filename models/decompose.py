@@ -272,14 +272,17 @@ class Decomposer(nn.Module):
         os_, vs, As, mlps, biases = [], [], [], [], []
         j = 0
         last = len(tower.blocks) - 1
+        start = None                                              # x's read rows where a run of fused blocks began
         for l, blk in enumerate(tower.blocks):
             analysed = j < len(self.layers) and self.layers[j] == l
             rows = tower.readout.rows if l == last else None      # the last block: the read rows only
             if not (analysed or self.traceable or rows):          # the tower's own (fused) block
-                x_new = blk.forward(x, ctx)
-                rest += (x_new[:, :R] - x[:, :R]).to(cd)
-                x = x_new
+                start = x[:, :R] if start is None else start
+                x = blk.forward(x, ctx)
                 continue
+            if start is not None:                                 # a run of fused blocks adds x_end - x_start
+                rest += (x[:, :R] - start).to(cd)
+                start = None
             q, k, v = blk.qkv(x, ctx, rows)                       # [B, S, H, dh], [B, T, H, dh] x 2
             A = None
             if rows or (analysed and self.tokens and R == T):     # every query row is read: explicit weights
@@ -314,6 +317,8 @@ class Decomposer(nn.Module):
             else:
                 rest += (x_attn[:, :R] + mlp[:, :R] - xs[:, :R]).to(cd)
             x = x_attn + mlp
+        if start is not None:
+            rest += (x[:, :R] - start).to(cd)
         rest += bias_sum
         read = tower.readout.read(x[:, :R])
         K = read.weights.to(cd)                                   # [B, M, R]
