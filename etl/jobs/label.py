@@ -37,12 +37,13 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
     ``zeroshot`` (offline-v8): a list with one dict per tag set, filled with {head: {property: share
     of the head's variance explained by the model's zero-shot classes of the property}}
     (etl.text.labelers.zeroshot_variance; the classes from that tag set's texts of each property of
-    ``vocabulary``)."""
+    ``vocabulary``; at most ``OFFLINE_ZEROSHOT_IMAGES`` images, evenly spaced)."""
     from dataclasses import replace
 
     import numpy as np
 
-    from etl.text.labelers import agreement_p_value, model_agreement, zeroshot_classes, zeroshot_variance
+    from etl.text.labelers import (agreement_p_value, model_agreement, zeroshot_classes, zeroshot_images,
+                                   zeroshot_variance)
     from warehouse.queries import head_text_dataset, image_matrix, layer_head_matrix
     dataset = head_text_dataset(path, model_id)
     row_of = {t: i for i, t in enumerate(text_ids)}
@@ -51,7 +52,8 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
     for tags in tag_sets:
         means = {p: T[[i for i, t in enumerate(tags) if t == p]].mean(0) for p in set(tags) if p is not None}
         outs.append((tags, means, retag(heads, text_ids, tags)))
-    classes = ([zeroshot_classes(Z, T, tags, vocabulary if vocabulary is not None else sorted(means))
+    rows = zeroshot_images(len(Z))
+    classes = ([zeroshot_classes(Z[rows], T, tags, vocabulary if vocabulary is not None else sorted(means))
                 for tags in tag_sets] if zeroshot is not None else None)
     for layer in sorted({l for l, _ in todo}):
         C = layer_head_matrix(path, model_id, layer, heads_per_layer, dataset)        # [n, H, d]
@@ -70,7 +72,7 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
                 out[(layer, head)] = new
             if classes is not None:
                 for d, cls in enumerate(classes):
-                    zeroshot[d][(layer, head)] = zeroshot_variance(C[:, head], cls)
+                    zeroshot[d][(layer, head)] = zeroshot_variance(C[rows, head], cls)
     return [out for _, _, out in outs]
 
 

@@ -38,7 +38,7 @@ from etl.text.bank import PROPERTIES
 
 __all__ = [
     "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "zeroshot_classes", "zeroshot_variance",
-    "OFFLINE_ZEROSHOT", "OFFLINE_ZEROSHOT_MIN", "OFFLINE_ZEROSHOT_RATIO", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
+    "OFFLINE_ZEROSHOT", "OFFLINE_ZEROSHOT_MIN", "OFFLINE_ZEROSHOT_RATIO", "zeroshot_images", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
 
@@ -56,6 +56,7 @@ OFFLINE_WEIGHTED = True          # v7: evidence = variance x |agreement| (docs/t
 OFFLINE_ZEROSHOT = True          # v8: the model's own zero-shot reading of each property decides (docs/text.md)
 OFFLINE_ZEROSHOT_MIN = 0.35      # v8: the head's variance explained by the model's zero-shot classes of the property
 OFFLINE_ZEROSHOT_RATIO = 1.5     # v8: ... and at least this many times any other property's
+OFFLINE_ZEROSHOT_IMAGES = 20_000  # v8: the zero-shot variances read at most this many images (evenly spaced)
 OFFLINE_VERSION = "offline-v8"   # with zero-shot variances; a head without them is labelled by v7's rule
 OFFLINE_VERSION_V7 = "offline-v7"
 BASELINE = "tag-shuffled"        # the baseline labeler stored beside the labels (baseline_labels)
@@ -138,7 +139,8 @@ def zeroshot_variance(head: np.ndarray, classes: Mapping[str, np.ndarray]) -> di
     For each property, the images are grouped by the model's zero-shot class of it and the share of
     the head's total variance (over all d dimensions) between the groups is adjusted for the number
     of groups k (1 - (1 - eta2) (n - 1) / (n - k), so that k random groups explain about 0);
-    returns {property: adjusted share} (0 for a constant head or a single group; may be slightly
+    returns {property: adjusted share} (0 for a constant head, a single group, or groups of fewer
+    than 2 images on average, k > n / 2: too many groups for the images to tell; may be slightly
     negative)."""
     X = np.asarray(head, np.float64)
     X = X - X.mean(0)
@@ -148,7 +150,7 @@ def zeroshot_variance(head: np.ndarray, classes: Mapping[str, np.ndarray]) -> di
     for p, g in classes.items():
         values, g = np.unique(g, return_inverse=True)
         k = len(values)
-        if total <= 0 or k < 2 or n - k < 1:
+        if total <= 0 or k < 2 or 2 * k > n:
             out[p] = 0.0
             continue
         sums = np.zeros((k, X.shape[1]))
@@ -156,6 +158,15 @@ def zeroshot_variance(head: np.ndarray, classes: Mapping[str, np.ndarray]) -> di
         between = float(((sums * sums).sum(1) / np.bincount(g, minlength=k)).sum())
         out[p] = 1.0 - (1.0 - between / total) * (n - 1) / (n - k)
     return out
+
+
+def zeroshot_images(n: int, limit: int = OFFLINE_ZEROSHOT_IMAGES) -> np.ndarray:
+    """Rows of the n images the zero-shot variances read: all of them up to ``limit``, else ``limit``
+    evenly spaced ones (the share is a ratio of variances, which a few thousand images estimate
+    well; the group sums cost n x d per head, property and tag set)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.linspace(0, n - 1, limit).round().astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ def test_label_and_judge_offline_end_to_end(wht, capsys):
                 n_votes[key][prop] = len(voting)
     # offline-v8 decides: group the images by the model's zero-shot choice among each property's bank
     # texts (argmax z . t); the head's variance between the groups, adjusted for their number k
-    # (1 - (1 - eta2)(n - 1)/(n - k)), must be >= 0.35 and >= 1.5 x any other property's, and a
+    # (1 - (1 - eta2)(n - 1)/(n - k); 0 when k > n / 2), must be >= 0.35 and >= 1.5 x any other property's, and a
     # TextSpan text of the head must carry the tag; v7's label is kept in raw["v7"]
     by_prop = {p: [tid for tid in sorted(texts) if texts[tid][1] == p] for p in PROPERTIES}
     classes = {p: np.argmax(Z @ np.array([texts[t][0] for t in ids]).T, axis=1) for p, ids in by_prop.items() if ids}
@@ -249,7 +249,7 @@ def test_label_and_judge_offline_end_to_end(wht, capsys):
     def zeroshot_share(X, g):
         X = X - X.mean(0)
         groups = sorted(set(g.tolist()))
-        if len(groups) < 2 or len(groups) >= len(X):
+        if len(groups) < 2 or 2 * len(groups) > len(X):
             return 0.0
         between = sum((g == v).sum() * np.sum(X[g == v].mean(0) ** 2) for v in groups)
         return 1 - (1 - between / np.sum(X ** 2)) * (len(X) - 1) / (len(X) - len(groups))

@@ -571,6 +571,12 @@ def test_zeroshot_variance_is_the_adjusted_share_between_the_models_zero_shot_cl
     assert e["colors"] == pytest.approx(1 - (1 - eta2) * (n - 1) / (n - 3))
     assert e["colors"] > 0.5 and abs(e["shapes"]) < 0.05     # random groups explain about nothing
     assert zeroshot_variance(np.zeros((n, d)), classes) == {"colors": 0.0, "shapes": 0.0}
+    # more groups than half the images: too few images per group to tell
+    assert zeroshot_variance(head[:5], {"colors": np.array([0, 1, 2, 0, 1])}) == {"colors": 0.0}
+    from etl.text.labelers import zeroshot_images
+    assert (zeroshot_images(10, limit=20) == np.arange(10)).all()
+    rows = zeroshot_images(1_000_001, limit=1000)
+    assert len(rows) == 1000 and rows[0] == 0 and rows[-1] == 1_000_000 and (np.diff(rows) > 0).all()
 
 
 def test_offline_v8_labels_by_the_zero_shot_reading_when_it_stands_out():
