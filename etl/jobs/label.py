@@ -36,14 +36,14 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
 
     ``zeroshot`` (offline-v8): a list with one dict per tag set, filled with {head: {property: share
     of the head's variance explained by the model's zero-shot classes of the property}}
-    (etl.text.labelers.zeroshot_variance; the classes from that tag set's texts of each property of
+    (etl.text.labelers.zeroshot_variances; the classes from that tag set's texts of each property of
     ``vocabulary``; at most ``OFFLINE_ZEROSHOT_IMAGES`` images, evenly spaced)."""
     from dataclasses import replace
 
     import numpy as np
 
     from etl.text.labelers import (agreement_p_value, model_agreement, zeroshot_classes, zeroshot_images,
-                                   zeroshot_variance)
+                                   zeroshot_variances)
     from warehouse.queries import head_text_dataset, image_matrix, layer_head_matrix
     dataset = head_text_dataset(path, model_id)
     row_of = {t: i for i, t in enumerate(text_ids)}
@@ -71,8 +71,8 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
                                                    agreement_p=agreement_p_value(r, len(Z))))
                 out[(layer, head)] = new
             if classes is not None:
-                for d, cls in enumerate(classes):
-                    zeroshot[d][(layer, head)] = zeroshot_variance(C[rows, head], cls)
+                for d, e in enumerate(zeroshot_variances(C[rows, head], classes)):
+                    zeroshot[d][(layer, head)] = e
     return [out for _, _, out in outs]
 
 

@@ -37,7 +37,7 @@ from etl.deadline import DeadlineExceeded, call_with_deadline
 from etl.text.bank import PROPERTIES
 
 __all__ = [
-    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "zeroshot_classes", "zeroshot_variance",
+    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "zeroshot_classes", "zeroshot_variance", "zeroshot_variances",
     "OFFLINE_ZEROSHOT", "OFFLINE_ZEROSHOT_MIN", "OFFLINE_ZEROSHOT_RATIO", "zeroshot_images", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
@@ -141,23 +141,39 @@ def zeroshot_variance(head: np.ndarray, classes: Mapping[str, np.ndarray]) -> di
     of groups k (1 - (1 - eta2) (n - 1) / (n - k), so that k random groups explain about 0);
     returns {property: adjusted share} (0 for a constant head, a single group, or groups of fewer
     than 2 images on average, k > n / 2: too many groups for the images to tell; may be slightly
-    negative)."""
-    X = np.asarray(head, np.float64)
-    X = X - X.mean(0)
+    negative). ``zeroshot_variances`` does the same for several groupings of one head."""
+    return zeroshot_variances(head, [classes])[0]
+
+
+def zeroshot_variances(head: np.ndarray, class_sets: list[Mapping[str, np.ndarray]]) -> list[dict[str, float]]:
+    """``zeroshot_variance`` of one head for each of several groupings (the bank's tags and the
+    shuffled draws). The centred head [n, d] is first written in the basis of its row space (a
+    class-token head's outputs span at most d_head dimensions: eigenvectors of X^T X above 1e-12 of
+    the largest eigenvalue), which keeps every group sum and the total and makes each grouping cost
+    n x rank instead of n x d (a ViT-B head: 64 against 512)."""
+    import torch
+    X = torch.from_numpy(np.asarray(head, np.float64))
+    X = X - X.mean(0)                                                         # [n, d]
     n = len(X)
     total = float((X * X).sum())
-    out = {}
-    for p, g in classes.items():
-        values, g = np.unique(g, return_inverse=True)
-        k = len(values)
-        if total <= 0 or k < 2 or 2 * k > n:
-            out[p] = 0.0
-            continue
-        sums = np.zeros((k, X.shape[1]))
-        np.add.at(sums, g, X)
-        between = float(((sums * sums).sum(1) / np.bincount(g, minlength=k)).sum())
-        out[p] = 1.0 - (1.0 - between / total) * (n - 1) / (n - k)
-    return out
+    if total > 0 and X.shape[1] > 16:
+        w, V = torch.linalg.eigh(X.T @ X)                                     # ascending, [d], [d, d]
+        X = X @ V[:, w > w[-1] * 1e-12]                                       # [n, rank]
+    outs = []
+    for classes in class_sets:
+        out = {}
+        for p, g in classes.items():
+            values, g = np.unique(g, return_inverse=True)
+            g = g.ravel()
+            k = len(values)
+            if total <= 0 or k < 2 or 2 * k > n:
+                out[p] = 0.0
+                continue
+            sums = torch.zeros(k, X.shape[1], dtype=torch.float64).index_add_(0, torch.from_numpy(g), X)   # [k, rank]
+            between = float(((sums * sums).sum(1) / torch.from_numpy(np.bincount(g, minlength=k))).sum())
+            out[p] = 1.0 - (1.0 - between / total) * (n - 1) / (n - k)
+        outs.append(out)
+    return outs
 
 
 def zeroshot_images(n: int, limit: int = OFFLINE_ZEROSHOT_IMAGES) -> np.ndarray:
