@@ -26,17 +26,24 @@ def retag(heads: dict, text_ids: list[str], tags: list) -> dict:
 
 
 def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: dict, todo: list,
-                         text_ids: list[str], tag_sets: list[list], T) -> list[dict]:
+                         text_ids: list[str], tag_sets: list[list], T, zeroshot: list | None = None,
+                         vocabulary=None) -> list[dict]:
     """For each tag set (the bank's tags, or a shuffle of them; aligned with ``text_ids``): ``heads``
     with each text's tag taken from that set and ``HeadText.agreement`` set for the heads in ``todo``
     (etl.text.labelers.model_agreement): each tagged text against the mean of its property's texts,
     over the images TextSpan used. T [M, d]: the bank's texts embedded for the model. Reads each
-    layer's head embeddings once, for every tag set."""
+    layer's head embeddings once, for every tag set.
+
+    ``zeroshot`` (offline-v8): a list with one dict per tag set, filled with {head: {property: share
+    of the head's variance explained by the model's zero-shot classes of the property}}
+    (etl.text.labelers.zeroshot_variances; the classes from that tag set's texts of each property of
+    ``vocabulary``; at most ``OFFLINE_ZEROSHOT_IMAGES`` images, evenly spaced)."""
     from dataclasses import replace
 
     import numpy as np
 
-    from etl.text.labelers import agreement_p_value, model_agreement
+    from etl.text.labelers import (agreement_p_value, model_agreement, zeroshot_classes, zeroshot_images,
+                                   zeroshot_variances)
     from warehouse.queries import head_text_dataset, image_matrix, layer_head_matrix
     dataset = head_text_dataset(path, model_id)
     row_of = {t: i for i, t in enumerate(text_ids)}
@@ -45,6 +52,9 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
     for tags in tag_sets:
         means = {p: T[[i for i, t in enumerate(tags) if t == p]].mean(0) for p in set(tags) if p is not None}
         outs.append((tags, means, retag(heads, text_ids, tags)))
+    rows = zeroshot_images(len(Z))
+    classes = ([zeroshot_classes(Z[rows], T, tags, vocabulary if vocabulary is not None else sorted(means))
+                for tags in tag_sets] if zeroshot is not None else None)
     for layer in sorted({l for l, _ in todo}):
         C = layer_head_matrix(path, model_id, layer, heads_per_layer, dataset)        # [n, H, d]
         for head in sorted(h for l, h in todo if l == layer):
@@ -60,6 +70,9 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
                     new[i] = (texts[i][0], replace(texts[i][1], agreement=float(r),
                                                    agreement_p=agreement_p_value(r, len(Z))))
                 out[(layer, head)] = new
+            if classes is not None:
+                for d, e in enumerate(zeroshot_variances(C[rows, head], classes)):
+                    zeroshot[d][(layer, head)] = e
     return [out for _, _, out in outs]
 
 
@@ -166,9 +179,11 @@ def label(path: str, model_id: str, labeler: str = "offline", *, threshold: floa
     todo_base = [h for h in heads if base_rule and (h in todo or have_base.get(h) != (draws, base_key))]
     tag_sets = [bank[1]] + [shuffled_tags(bank[1], d) for d in range(draws if base_rule else 0)] if bank else []
     agreed = [retag(heads, bank[0], tags) for tags in tag_sets]
+    zeroshot = [{} for _ in tag_sets]        # offline-v8: per tag set, {head: {property: zero-shot variance}}
     if bank and agreement_check and (todo or todo_base):
         agreed = with_model_agreement(path, model_id, int(row["heads"]), heads, sorted(set(todo) | set(todo_base)),
-                                      bank[0], tag_sets, bank[2])
+                                      bank[0], tag_sets, bank[2],
+                                      zeroshot=zeroshot if labeler == "offline" else None, vocabulary=list(vocab))
     if agreed:
         heads = agreed[0]
     params = {"model_id": model_id, "labeler": chosen.name, "prompt_hash": chosen.prompt_hash,
@@ -180,8 +195,11 @@ def label(path: str, model_id: str, labeler: str = "offline", *, threshold: floa
         run_id.skipped = not todo and not todo_base
         try:
             for layer, head in progress(sorted(set(todo) | set(todo_base)), desc=f"label {model_id}", unit="head"):
-                result = chosen.label([ht for _, ht in heads[(layer, head)]]) if (layer, head) in todo else None
-                base = ([base_rule.label([ht for _, ht in agreed[1 + d][(layer, head)]]).property
+                texts = [ht for _, ht in heads[(layer, head)]]
+                result = ((chosen.label(texts, zeroshot=zeroshot[0].get((layer, head)) if zeroshot else None) if labeler == "offline"
+                           else chosen.label(texts)) if (layer, head) in todo else None)
+                base = ([base_rule.label([ht for _, ht in agreed[1 + d][(layer, head)]],
+                                         zeroshot=zeroshot[1 + d].get((layer, head))).property
                          for d in range(draws)] if (layer, head) in todo_base else None)
                 pending.append((layer, head, result, base, base_key))
                 if result is not None and result.error:

@@ -1,7 +1,8 @@
 """Head labels (MATH.md §4) and the match judge (§5): offline by tags, or by an LLM.
 
-    OfflineLabeler(vocabulary, bank_tags) label = evidence-weighted majority of the texts' tags,
-                                          when it beats the same texts with shuffled tags
+    OfflineLabeler(vocabulary, bank_tags) label = the property whose zero-shot reading by the model
+                                          explains the head's variance (offline-v8), else the
+                                          evidence-weighted majority of the texts' tags (v7)
     LLMLabeler(model, vocabulary)         label = an OpenAI-compatible chat model's JSON answer
     labeler.label(head_texts) -> Label    head_texts: the head's TextSpan texts, rank order
     labeler.match(head_text, p) -> Judgment   does this text express property p?
@@ -36,7 +37,8 @@ from etl.deadline import DeadlineExceeded, call_with_deadline
 from etl.text.bank import PROPERTIES
 
 __all__ = [
-    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
+    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "zeroshot_classes", "zeroshot_variance", "zeroshot_variances",
+    "OFFLINE_ZEROSHOT", "OFFLINE_ZEROSHOT_MIN", "OFFLINE_ZEROSHOT_RATIO", "zeroshot_images", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
 
@@ -51,7 +53,12 @@ OFFLINE_PERMUTATIONS = 4000      # draws of the shuffled-tag null (p resolution 
 OFFLINE_SYMMETRIC = True         # ... and beats the strongest disagreement of other properties' texts (v6, v7)
 OFFLINE_INVERTED = True          # v7: a text read opposite to the head still backs a property that has votes
 OFFLINE_WEIGHTED = True          # v7: evidence = variance x |agreement| (docs/text.md says why)
-OFFLINE_VERSION = "offline-v7"
+OFFLINE_ZEROSHOT = True          # v8: the model's own zero-shot reading of each property decides (docs/text.md)
+OFFLINE_ZEROSHOT_MIN = 0.35      # v8: the head's variance explained by the model's zero-shot classes of the property
+OFFLINE_ZEROSHOT_RATIO = 1.5     # v8: ... and at least this many times any other property's
+OFFLINE_ZEROSHOT_IMAGES = 20_000  # v8: the zero-shot variances read at most this many images (evenly spaced)
+OFFLINE_VERSION = "offline-v8"   # with zero-shot variances; a head without them is labelled by v7's rule
+OFFLINE_VERSION_V7 = "offline-v7"
 BASELINE = "tag-shuffled"        # the baseline labeler stored beside the labels (baseline_labels)
 BASELINE_DRAWS = 20              # its draws: seeded permutations of the bank's tags
 BASELINE_SEED = 0
@@ -107,6 +114,75 @@ def model_agreement(head: np.ndarray, image: np.ndarray, texts: np.ndarray, alte
     r = r - r.mean(0)
     den = np.sqrt((b * b).sum(0) * (r * r).sum(0))
     return np.where(den > 0, (b * r).sum(0) / np.where(den > 0, den, 1.0), 0.0)
+
+
+def zeroshot_classes(image: np.ndarray, texts: np.ndarray, tags: list, vocabulary: Iterable[str]) -> dict[str, np.ndarray]:
+    """The model's own zero-shot reading of each property: {property: int [n]}, for each image the
+    index (within the property's texts) of the property's bank text it matches best (argmax z . t).
+
+    image [n, d]: the unit image embeddings z; texts [M, d]: the bank's texts embedded for the
+    model; tags [M]: their property tags. Properties of ``vocabulary`` without texts are left out."""
+    Z = np.asarray(image, np.float32)
+    T = np.asarray(texts, np.float32)
+    out = {}
+    for p in vocabulary:
+        rows = [i for i, t in enumerate(tags) if t == p]
+        if rows:
+            out[p] = np.argmax(Z @ T[rows].T, axis=1).astype(np.int64)
+    return out
+
+
+def zeroshot_variance(head: np.ndarray, classes: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """How much of the head's variance each property's zero-shot reading explains (offline-v8).
+
+    head [n, d]: the head's embeddings c[l,h]; classes: ``zeroshot_classes`` of the same n images.
+    For each property, the images are grouped by the model's zero-shot class of it and the share of
+    the head's total variance (over all d dimensions) between the groups is adjusted for the number
+    of groups k (1 - (1 - eta2) (n - 1) / (n - k), so that k random groups explain about 0);
+    returns {property: adjusted share} (0 for a constant head, a single group, or groups of fewer
+    than 2 images on average, k > n / 2: too many groups for the images to tell; may be slightly
+    negative). ``zeroshot_variances`` does the same for several groupings of one head."""
+    return zeroshot_variances(head, [classes])[0]
+
+
+def zeroshot_variances(head: np.ndarray, class_sets: list[Mapping[str, np.ndarray]]) -> list[dict[str, float]]:
+    """``zeroshot_variance`` of one head for each of several groupings (the bank's tags and the
+    shuffled draws). The centred head [n, d] is first written in the basis of its row space (a
+    class-token head's outputs span at most d_head dimensions: eigenvectors of X^T X above 1e-12 of
+    the largest eigenvalue), which keeps every group sum and the total and makes each grouping cost
+    n x rank instead of n x d (a ViT-B head: 64 against 512)."""
+    import torch
+    X = torch.from_numpy(np.asarray(head, np.float64))
+    X = X - X.mean(0)                                                         # [n, d]
+    n = len(X)
+    total = float((X * X).sum())
+    if total > 0 and X.shape[1] > 16:
+        w, V = torch.linalg.eigh(X.T @ X)                                     # ascending, [d], [d, d]
+        X = X @ V[:, w > w[-1] * 1e-12]                                       # [n, rank]
+    outs = []
+    for classes in class_sets:
+        out = {}
+        for p, g in classes.items():
+            values, g = np.unique(g, return_inverse=True)
+            g = g.ravel()
+            k = len(values)
+            if total <= 0 or k < 2 or 2 * k > n:
+                out[p] = 0.0
+                continue
+            sums = torch.zeros(k, X.shape[1], dtype=torch.float64).index_add_(0, torch.from_numpy(g), X)   # [k, rank]
+            between = float(((sums * sums).sum(1) / torch.from_numpy(np.bincount(g, minlength=k))).sum())
+            out[p] = 1.0 - (1.0 - between / total) * (n - 1) / (n - k)
+        outs.append(out)
+    return outs
+
+
+def zeroshot_images(n: int, limit: int = OFFLINE_ZEROSHOT_IMAGES) -> np.ndarray:
+    """Rows of the n images the zero-shot variances read: all of them up to ``limit``, else ``limit``
+    evenly spaced ones (the share is a ratio of variances, which a few thousand images estimate
+    well; the group sums cost n x d per head, property and tag set)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.linspace(0, n - 1, limit).round().astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -196,7 +272,22 @@ def normalise_property(answer: str, vocabulary: Iterable[str]) -> str | None:
 
 class OfflineLabeler:
     """Label = the property tag carrying the largest share of the head's variance, when the
-    evidence beats chance (MATH.md §4; the README says why).
+    evidence beats chance (MATH.md §4; docs/text.md says why).
+
+    offline-v8 (``zeroshot``, when ``label`` gets the head's zero-shot variances). For each
+    property p, the images are grouped by the model's zero-shot choice among p's bank texts
+    (``zeroshot_classes``) and e_p is the share of the head's variance between the groups, adjusted
+    for their number (``zeroshot_variance``). The head gets the property with the largest e_p when
+    e_p >= ``zeroshot_min``, e_p >= ``zeroshot_ratio`` x every other property's e, and one of its
+    TextSpan texts carries the tag; otherwise 'mixed' (``zeroshot_choice``). The property's texts
+    are read jointly, through the model's own choice among them, so neither the sign of one text's
+    agreement nor the share of z that one head makes up (the small toys) matters; a common driver
+    (a random-init model: every property at 0.8-0.95) gives no property that stands out. The
+    confidence is the share of the head's TextSpan variance in its texts of that property, with the
+    shuffled-tag p-value below. Without zero-shot variances, the v7 rule that follows decides (its
+    label is recorded in raw ``v7`` either way).
+
+    v7's rule:
 
     Evidence. A text votes for its tag p only when the rest of the model reads it as the head
     does: ``HeadText.agreement`` a (``model_agreement``, a correlation over the images) >=
@@ -241,7 +332,8 @@ class OfflineLabeler:
                  agreement_min: float = OFFLINE_AGREEMENT, agreement_p_max: float = OFFLINE_AGREEMENT_P,
                  min_votes: int = OFFLINE_MIN_VOTES, majority: float = OFFLINE_MAJORITY,
                  symmetric: bool = OFFLINE_SYMMETRIC, inverted: bool = OFFLINE_INVERTED,
-                 weighted: bool = OFFLINE_WEIGHTED):
+                 weighted: bool = OFFLINE_WEIGHTED, zeroshot: bool = OFFLINE_ZEROSHOT,
+                 zeroshot_min: float = OFFLINE_ZEROSHOT_MIN, zeroshot_ratio: float = OFFLINE_ZEROSHOT_RATIO):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"the offline threshold is a share of variance in (0, 1], got {threshold}")
         if not 0.0 < alpha <= 1.0:
@@ -252,6 +344,13 @@ class OfflineLabeler:
             raise ValueError(f"min_votes must be at least 1, got {min_votes}")
         if not 0.0 <= majority <= 1.0:
             raise ValueError(f"the majority is a share of the voting texts' variance in [0, 1], got {majority}")
+        if not 0.0 < zeroshot_min <= 1.0:
+            raise ValueError(f"zeroshot_min is a share of the head's variance in (0, 1], got {zeroshot_min}")
+        if zeroshot_ratio < 1.0:
+            raise ValueError(f"zeroshot_ratio must be at least 1, got {zeroshot_ratio}")
+        self.zeroshot = bool(zeroshot)
+        self.zeroshot_min = float(zeroshot_min)
+        self.zeroshot_ratio = float(zeroshot_ratio)
         self.majority = float(majority)
         self.vocabulary = list(vocabulary)
         self.threshold = float(threshold)
@@ -275,7 +374,8 @@ class OfflineLabeler:
         self.prompt_hash = _sha(f"{OFFLINE_VERSION};threshold={self.threshold};agreement={self.agreement_min};"
                                 f"p={self.agreement_p_max};votes={self.min_votes};majority={self.majority}"
                                 f"{';symmetric' if self.symmetric else ''}{';inverted' if self.inverted else ''}"
-                                f"{';weighted' if self.weighted else ''}{null}")
+                                f"{';weighted' if self.weighted else ''}{null}"
+                                + (f";zeroshot={self.zeroshot_min}x{self.zeroshot_ratio}" if self.zeroshot else ""))
 
     def _null_tags(self, k: int) -> np.ndarray:
         """int [N, k]: tag codes of k bank texts drawn without replacement, N times (cached)."""
@@ -342,9 +442,35 @@ class OfflineLabeler:
         null = (onehot * w[None, :, None]).sum(1).max(1)                            # [N]
         return float((1 + np.count_nonzero(null >= share - 1e-12)) / (1 + len(null)))
 
-    def label(self, head_texts: list[HeadText]) -> Label:
+    def zeroshot_choice(self, zeroshot: Mapping[str, float], head_texts: list[HeadText]) -> tuple[str, dict]:
+        """offline-v8's decision from the zero-shot variances (``zeroshot_variance``): the property
+        whose zero-shot reading explains the most of the head's variance, when that is at least
+        ``zeroshot_min``, at least ``zeroshot_ratio`` times any other property's, and at least one of
+        the head's TextSpan texts is tagged with it; else 'mixed'. Returns (label, details for raw)."""
+        e = {p: float(v) for p, v in zeroshot.items() if p in self._codes}
+        ranked = sorted(e, key=lambda p: (-e[p], self._codes[p]))
+        if not ranked:
+            return MIXED, {}
+        best = ranked[0]
+        second = e[ranked[1]] if len(ranked) > 1 else 0.0
+        named = any(ht.tag == best for ht in head_texts)
+        ok = e[best] >= self.zeroshot_min and e[best] >= self.zeroshot_ratio * max(second, 0.0) and named
+        return (best if ok else MIXED), {"zeroshot": {p: round(e[p], 4) for p in ranked}, "zeroshot_best": best,
+                                         "zeroshot_ratio": round(e[best] / second, 4) if second > 0 else None,
+                                         "zeroshot_named": named}
+
+    def label(self, head_texts: list[HeadText], zeroshot: Mapping[str, float] | None = None) -> Label:
+        """The head's label from its TextSpan texts (rank order). ``zeroshot``: the head's
+        ``zeroshot_variance`` ({property: share}); with it (and ``zeroshot`` on), offline-v8 decides
+        (``zeroshot_choice``) and v7's votes are recorded beside; without it, v7's rule."""
         if not head_texts:
             return Label(None, None, self.name, self.prompt_hash, None, "the head has no TextSpan texts")
+        if self.zeroshot and zeroshot:
+            return self._label_zeroshot(head_texts, zeroshot)
+        return self._label_votes(head_texts)
+
+    def _label_votes(self, head_texts: list[HeadText]) -> Label:
+        """v7's rule (the class doc): the evidence-weighted majority of the voting texts."""
         weight: dict[str, float] = defaultdict(float)      # voting variance per property (s*)
         proof: dict[str, float] = defaultdict(float)       # voting evidence per property (winner, m)
         n_votes: dict[str, int] = defaultdict(int)
@@ -359,7 +485,7 @@ class OfflineLabeler:
                 n_votes[ht.tag] += 1
                 first_rank.setdefault(ht.tag, rank)
         shares = {p: (w / total if total > 0 else 0.0) for p, w in weight.items()}
-        raw = {"version": OFFLINE_VERSION, "threshold": self.threshold,
+        raw = {"version": OFFLINE_VERSION_V7, "threshold": self.threshold,
                "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1]))}
         if any(ht.agreement is not None for ht in head_texts):
             raw.update(agreement_min=self.agreement_min, disagreement=round(self.disagreement(head_texts), 4),
@@ -381,6 +507,27 @@ class OfflineLabeler:
         labelled = (n_votes[best] >= self.min_votes and share >= self.threshold and majority >= self.majority
                     and (p is None or p <= self.alpha))
         return Label(best if labelled else MIXED, share, self.name, self.prompt_hash, json.dumps(raw), p_value=p)
+
+    def _label_zeroshot(self, head_texts: list[HeadText], zeroshot: Mapping[str, float]) -> Label:
+        """offline-v8 (see the class doc): the label is ``zeroshot_choice``'s; the confidence s* is
+        the share of the head's TextSpan variance in its texts tagged with the label (or, for
+        'mixed', with the best zero-shot property), with the shuffled-tag p-value of that share
+        (``alpha`` < 1 requires it); v7's votes are kept in raw (``v7``) for comparison."""
+        choice, details = self.zeroshot_choice(zeroshot, head_texts)
+        variances = [max(float(ht.variance), 0.0) for ht in head_texts]
+        total = sum(variances)
+        target = choice if choice != MIXED else details.get("zeroshot_best")
+        mine = [ht.tag == target for ht in head_texts]
+        share = sum(v for v, m in zip(variances, mine) if m) / total if total > 0 else 0.0
+        v7 = self._label_votes(head_texts)
+        raw = {"version": OFFLINE_VERSION, "zeroshot_min": self.zeroshot_min, "zeroshot_ratio_min": self.zeroshot_ratio,
+               **details, "share": round(share, 4), "v7": {"property": v7.property, **json.loads(v7.raw or "{}")}}
+        p = None
+        if self._bank is not None and total > 0 and share > 0:
+            p = self.p_value(np.array(variances), share, np.array(mine))
+            raw.update(alpha=self.alpha, p_value=p)
+        labelled = choice != MIXED and (p is None or p <= self.alpha)
+        return Label(choice if labelled else MIXED, share, self.name, self.prompt_hash, json.dumps(raw), p_value=p)
 
     def match(self, head_text: HeadText, prop: str) -> Judgment:
         return Judgment(head_text.tag is not None and head_text.tag == prop, self.judge_name,

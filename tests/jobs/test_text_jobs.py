@@ -235,15 +235,42 @@ def test_label_and_judge_offline_end_to_end(wht, capsys):
                 share[key][prop] = sum(v for _, v in voting) / totals[key]
                 evidence[key][prop] = sum(v * abs(r) for r, v in voting)
                 n_votes[key][prop] = len(voting)
+    # offline-v8 decides: group the images by the model's zero-shot choice among each property's bank
+    # texts (argmax z . t); the head's variance between the groups, adjusted for their number k
+    # (1 - (1 - eta2)(n - 1)/(n - k); 0 when k > n / 2), must be >= 0.35 and >= 1.5 x any other property's, and a
+    # TextSpan text of the head must carry the tag; v7's label is kept in raw["v7"]
+    by_prop = {p: [tid for tid in sorted(texts) if texts[tid][1] == p] for p in PROPERTIES}
+    classes = {p: np.argmax(Z @ np.array([texts[t][0] for t in ids]).T, axis=1) for p, ids in by_prop.items() if ids}
+    tags_of = defaultdict(list)
+    for layer, head, prop, var in q(wht, "SELECT h.layer, h.head, t.property, h.variance_explained "
+                                         "FROM head_texts h JOIN texts t USING (text_id) ORDER BY h.rank"):
+        tags_of[(layer, head)].append((prop, var))
+
+    def zeroshot_share(X, g):
+        X = X - X.mean(0)
+        groups = sorted(set(g.tolist()))
+        if len(groups) < 2 or 2 * len(groups) > len(X):
+            return 0.0
+        between = sum((g == v).sum() * np.sum(X[g == v].mean(0) ** 2) for v in groups)
+        return 1 - (1 - between / np.sum(X ** 2)) * (len(X) - 1) / (len(X) - len(groups))
     for layer, head, prop, conf, labeler, ph, p, raw in q(wht, "SELECT layer, head, property, confidence, labeler, "
                                                               "prompt_hash, p_value, raw FROM head_labels"):
         key = (layer, head)
         best = max(evidence[key], key=evidence[key].get) if evidence[key] else None
-        assert conf == pytest.approx(share[key][best] if best else 0.0)
-        assert 0 < p <= 1 and len(json.loads(raw)["agreement"]) == 10
+        raw = json.loads(raw)
+        assert raw["version"] == "offline-v8" and len(raw["v7"]["agreement"]) == 10
         labelled = (best is not None and n_votes[key][best] >= 2 and share[key][best] >= 0.15
                     and evidence[key][best] >= 0.6 * sum(evidence[key].values()))
-        assert prop == (best if labelled else MIXED)
+        assert raw["v7"]["property"] == (best if labelled else MIXED)
+        C = _head_matrix(wht, layer, head).astype(np.float64)
+        e = {pr: zeroshot_share(C, g) for pr, g in classes.items()}
+        top = sorted(e, key=e.get, reverse=True)
+        assert raw["zeroshot"] == pytest.approx({pr: round(v, 4) for pr, v in e.items()}, abs=2e-4)
+        named = any(pr == top[0] for pr, _ in tags_of[key])
+        v8 = top[0] if e[top[0]] >= 0.35 and e[top[0]] >= 1.5 * max(e[top[1]], 0) and named else MIXED
+        assert prop == v8
+        assert conf == pytest.approx(sum(v for pr, v in tags_of[key] if pr == top[0]) / sum(v for _, v in tags_of[key]))
+        assert p is None or 0 < p <= 1
         assert labeler == "offline" and ph
     assert job(capsys, "label", "--model", MODEL, "--warehouse", wht)["heads_skipped"] == N_HEADS
     if one(wht, "SELECT count(*) FROM head_labels WHERE property = 'mixed'") == N_HEADS:

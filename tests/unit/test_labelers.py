@@ -548,3 +548,58 @@ def test_evidence_is_variance_times_agreement():
     assert json.loads(got.raw)["majority"] == pytest.approx(evidence["backgrounds"] / sum(evidence.values()), abs=1e-4)
     assert got.confidence == pytest.approx(0.40 / sum(h.variance for h in head))
     assert OfflineLabeler(weighted=False).label(head).property == MIXED       # 0.40 / 0.80 of the variance
+
+
+# --------------------------------------------------------------------------- offline-v8: the zero-shot reading
+
+def test_zeroshot_variance_is_the_adjusted_share_between_the_models_zero_shot_classes():
+    from etl.text.labelers import zeroshot_classes, zeroshot_variance
+    rng = np.random.default_rng(0)
+    n, d = 400, 6
+    colour = rng.integers(0, 3, n)                            # what the image shows
+    Tc = np.eye(d)[:3]                                        # three colour texts, one per colour
+    Ts = np.eye(d)[3:5]                                       # two shape texts
+    Z = np.eye(d)[colour] + 0.1 * rng.normal(size=(n, d))     # the model reads the colour
+    classes = zeroshot_classes(Z, np.vstack([Tc, Ts]), ["colors"] * 3 + ["shapes"] * 2, ["colors", "shapes", "sizes"])
+    assert set(classes) == {"colors", "shapes"}               # no texts, no reading
+    assert (classes["colors"] == colour).all()
+    head = 2.0 * np.eye(d)[colour] + 0.5 * rng.normal(size=(n, d))
+    e = zeroshot_variance(head, classes)
+    X = head - head.mean(0)
+    between = sum((colour == v).sum() * np.sum(X[colour == v].mean(0) ** 2) for v in range(3))
+    eta2 = between / np.sum(X ** 2)
+    assert e["colors"] == pytest.approx(1 - (1 - eta2) * (n - 1) / (n - 3))
+    assert e["colors"] > 0.5 and abs(e["shapes"]) < 0.05     # random groups explain about nothing
+    assert zeroshot_variance(np.zeros((n, d)), classes) == {"colors": 0.0, "shapes": 0.0}
+    # more groups than half the images: too few images per group to tell
+    assert zeroshot_variance(head[:5], {"colors": np.array([0, 1, 2, 0, 1])}) == {"colors": 0.0}
+    from etl.text.labelers import zeroshot_images
+    assert (zeroshot_images(10, limit=20) == np.arange(10)).all()
+    rows = zeroshot_images(1_000_001, limit=1000)
+    assert len(rows) == 1000 and rows[0] == 0 and rows[-1] == 1_000_000 and (np.diff(rows) > 0).all()
+
+
+def test_offline_v8_labels_by_the_zero_shot_reading_when_it_stands_out():
+    lab = OfflineLabeler(["colors", "shapes", "positions"])
+    head = [HeadText("a red shape", "colors", 0.3, -0.62, 1.0), HeadText("top left", "positions", 0.2, 0.69, 1e-9),
+            HeadText("a blue shape", "colors", 0.1, 0.09, 0.02), HeadText("a square", "shapes", 0.1, 0.4, 1e-9)]
+    assert lab.label(head).property == MIXED                  # v7 without zero-shot variances: split votes
+    got = lab.label(head, zeroshot={"colors": 0.67, "positions": 0.17, "shapes": 0.13})
+    assert got.property == "colors" and got.confidence == pytest.approx(0.4 / 0.7)
+    raw = json.loads(got.raw)
+    assert raw["version"] == "offline-v8" and raw["zeroshot_best"] == "colors" and raw["v7"]["property"] == MIXED
+    # below the minimum, or not 1.5 times the next property (a common driver: a random-init model)
+    assert lab.label(head, zeroshot={"colors": 0.3, "positions": 0.1}).property == MIXED
+    assert lab.label(head, zeroshot={"colors": 0.9, "positions": 0.88, "shapes": 0.85}).property == MIXED
+    assert OfflineLabeler(["colors", "shapes", "positions"], zeroshot_ratio=1.02).label(
+        head, zeroshot={"colors": 0.9, "positions": 0.88}).property == "colors"
+    # the property must be named by one of the head's texts
+    assert lab.label(head[1:2], zeroshot={"colors": 0.67, "positions": 0.1}).property == MIXED
+    # the rule is flag-gated: zeroshot=False keeps v7's vote, and so does a head without variances
+    assert OfflineLabeler(["colors", "shapes", "positions"], zeroshot=False).label(
+        head, zeroshot={"colors": 0.67}).property == MIXED
+    assert lab.prompt_hash != OfflineLabeler(["colors", "shapes", "positions"], zeroshot=False).prompt_hash
+    with pytest.raises(ValueError):
+        OfflineLabeler(zeroshot_ratio=0.5)
+    with pytest.raises(ValueError):
+        OfflineLabeler(zeroshot_min=0.0)
