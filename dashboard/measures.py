@@ -24,7 +24,7 @@ from warehouse import queries
 CODE_SCORES = {"informativeness": "informativeness (best head's share of each factor)",
                "dci_d": "DCI disentanglement", "dci_c": "DCI completeness",
                "dci_i": "DCI informativeness (all heads, above chance)", "mig": "MIG"}
-STUDY_LABELS = {"kappa": "kappa", "kappa_margin_shuffled": "kappa - shuffled labeler",
+STUDY_LABELS = {"kappa": "kappa", "kappa_texts": "kappa, texts only (offline-v7)", "kappa_margin_shuffled": "kappa - shuffled labeler",
                 "kappa_margin_constant": "kappa - best constant labeler", "wrong_rate": "wrong labels",
                 "invented_rate": "invented labels", "paper_association": "association (paper, as read)",
                 "paper_entanglement": "entanglement (paper, as read)", **CODE_SCORES}

@@ -545,7 +545,9 @@ def zoom_domain(values, step: float = 0.1, lo: float = 0.0, hi: float = 1.0) -> 
 # --------------------------------------------------------------------------- tables and thumbnails
 
 EVIDENCE = {   # one line each: what the number says (MATH.md §4, §5, §7)
-    "confidence": "share of the head's TextSpan variance carried by the texts that vote for its label (s*)",
+    "model's reading": "share of the head's variance between the images grouped by the model's own zero-shot "
+                       "reading of the label's property (offline-v8 labels when >= 0.35 and >= 1.5x any other)",
+    "confidence": "share of the head's TextSpan variance carried by the texts of its label (s*)",
     "p-value": "chance of a share this large with the bank's tags shuffled over its texts (4,000 draws); "
                "small: not chance",
     "association": "share of the head's texts that express its label (1: all of them)",
@@ -575,6 +577,22 @@ def truth_text(truth: pd.DataFrame) -> str:
         + f" on {plain(r.dataset_id)}" for r in truth.itertuples())
 
 
+def zeroshot_reading(raw) -> Optional[tuple[str, str]]:
+    """An offline-v8 label's deciding number from its raw answer: ('0.67', 'colors; next: shapes 0.19'),
+    the share of the head's variance between the model's zero-shot classes of the best property, and
+    which property that is and the runner-up; None for labels without it (v7, LLM labels)."""
+    import json
+    try:
+        e = json.loads(raw).get("zeroshot") if isinstance(raw, str) else None
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(e, dict) or not e:
+        return None
+    ranked = sorted(e.items(), key=lambda kv: -kv[1])
+    return (f"{ranked[0][1]:.2f}", f"{plain(ranked[0][0])}; next: {plain(ranked[1][0])} {ranked[1][1]:.2f}"
+            if len(ranked) > 1 else plain(ranked[0][0]))
+
+
 def head_evidence(label: dict, score: dict, truth: Optional[pd.DataFrame] = None) -> None:
     """A head's claim and the evidence beside it: its label, the label's confidence and p-value, its
     association and entanglement (numbers, each with a one-line meaning), and the ground truth."""
@@ -586,16 +604,20 @@ def head_evidence(label: dict, score: dict, truth: Optional[pd.DataFrame] = None
         agree = " · the label agrees with it" if right else " · the label differs from it" if wrong else ""
     st.markdown(f"**Label:** {plain(prop)}" + (f" (labeler {plain(label.get('labeler'))})" if label else "")
                 + f"  \n**Ground truth:** {truth_text(truth)}{agree}")
-    st.caption("Label: the property the labeler reads off the head's TextSpan texts (MATH.md §4). Ground truth: "
+    st.caption("Label: the property the labeler finds in the head (MATH.md §4; offline-v8: the property whose "
+               "zero-shot reading by the model explains the head's variance, named by one of its TextSpan texts; "
+               "docs/text.md). Ground truth: "
                "the world factor whose class means explain the head's variance (eta², MATH.md §7); specialised "
                "when eta² >= 0.4 and >= 3x the next factor.")
-    values = {"confidence": _num(label.get("confidence") if label else None),
+    reading = zeroshot_reading(label.get("raw") if label else None)
+    values = ({"model's reading": reading[0]} if reading else {})
+    values |= {"confidence": _num(label.get("confidence") if label else None),
               "p-value": p_value_text(label.get("p_value") if label else None),
               "association": _num(score.get("association") if score else None),
               "tag entropy": _num(score.get("tag_entropy") if score else None)}
     for col, (name, value) in zip(st.columns(len(values)), values.items()):
         col.metric(name, value, help=EVIDENCE[name])
-        col.caption(EVIDENCE[name])
+        col.caption((f"{reading[1]}. " if name == "model's reading" else "") + EVIDENCE[name])
 
 
 def duration(seconds: float) -> str:

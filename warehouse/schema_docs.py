@@ -64,7 +64,7 @@ RELATIONS: dict[str, str] = {
     "study_sizes": "the size study: per size, the mean over model seeds with a 95 % interval",
     "study_verdicts": "the size study: per score, the trend against log parameters and its verdict",
     "paper_scores": "view: Madasu et al.'s association and entanglement, as read from the paper's words",
-    "head_labelings": "view: every labelling the agreement views compare: the labeler, the shuffled draws, constants",
+    "head_labelings": "view: every labelling the agreement views compare: the labeler, the shuffled draws, constants, the text votes (offline-v7, from raw)",
     "labeling_truth": "view: per labelling and head, the label's category beside the true one; wrong, invented",
     "labeling_agreement": "view: per model, dataset and labelling, Cohen's kappa and the counts behind it",
     "label_kappa_bootstrap": "view: the head bootstrap behind label_kappa's intervals, one row per resample",

@@ -20,9 +20,10 @@ TRAINING = {0: "the seed-0 zoo models (toy-shapes-small, toy-shapes, toy-shapes-
 
 # the offline labeler's constants: v5 (agreement check, votes, threshold, majority) on 0, 7 and 11;
 # v6 (agreements must beat the head's strongest disagreement) and v7 (that floor from other properties'
-# texts, readings opposite backing a property, evidence weighed by agreement) on 7 and 11 only
-TUNING = {0: "offline labeler v5 constants", 7: "offline labeler v5, v6 and v7 constants",
-          11: "offline labeler v5, v6 and v7 constants"}
+# texts, readings opposite backing a property, evidence weighed by agreement) and v8 (the zero-shot
+# reading's floor and ratio) on 7 and 11 only
+TUNING = {0: "offline labeler v5 constants", 7: "offline labeler v5, v6, v7 and v8 constants",
+          11: "offline labeler v5, v6, v7 and v8 constants"}
 
 # the size study of issue 19: worlds nobody drew from before
 STUDY = (1013, 2029)

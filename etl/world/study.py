@@ -34,6 +34,8 @@ class Definition:
 
 DEFINITIONS = (
     Definition("kappa", +1, "labels agree with the known factors beyond chance (Cohen's kappa over all heads)"),
+    Definition("kappa_texts", +1, "a head's TextSpan texts alone name its factor (kappa of the text-vote "
+                                  "labeler, offline-v7: the paper's route from texts to a label)"),
     Definition("paper_association", +1, "a head's texts agree with its label (the paper's association, as read)"),
     Definition("paper_entanglement", -1, "few heads repeat another head's property (the paper's entanglement, "
                                          "as read)"),
@@ -101,7 +103,7 @@ def per_model(rows: Sequence[dict]) -> dict[tuple[str, str], dict]:
 
 
 # the range each score can take (the t interval is clipped to it); every other score lies in [0, 1]
-RANGES = {"kappa": (-1.0, 1.0), "kappa_margin_shuffled": (-2.0, 2.0), "kappa_margin_constant": (-1.0, 1.0),
+RANGES = {"kappa": (-1.0, 1.0), "kappa_texts": (-1.0, 1.0), "kappa_margin_shuffled": (-2.0, 2.0), "kappa_margin_constant": (-1.0, 1.0),
           "dci_i": (-1.0, 1.0)}
 
 
@@ -210,13 +212,13 @@ def _cell(mean, lo, hi) -> str:
     return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-LABELS = {"kappa": "kappa", "kappa_margin_shuffled": "kappa - shuffled", "kappa_margin_constant": "kappa - constant",
+LABELS = {"kappa": "kappa", "kappa_texts": "kappa (texts only)", "kappa_margin_shuffled": "kappa - shuffled", "kappa_margin_constant": "kappa - constant",
           "wrong_rate": "wrong", "invented_rate": "invented", "paper_association": "association (paper)",
           "paper_entanglement": "entanglement (paper)", "informativeness": "informativeness", "dci_d": "DCI D",
           "dci_c": "DCI C", "dci_i": "DCI I", "mig": "MIG"}
 
 
-TABLE_SCORES = ("kappa", "kappa_margin_shuffled", "wrong_rate", "invented_rate", "paper_association",
+TABLE_SCORES = ("kappa", "kappa_texts", "kappa_margin_shuffled", "wrong_rate", "invented_rate", "paper_association",
                 "paper_entanglement", "informativeness", "dci_d", "dci_c", "dci_i", "mig")
 
 
@@ -224,7 +226,7 @@ def model_table(rows: Sequence[dict]) -> str:
     """Per model and world (rows of study_scores): the labels against the truth beside both
     baselines: kappa, its margins over the tag-shuffled and the best constant labeler (95 %
     head-bootstrap intervals), wrong and invented labels (Wilson intervals)."""
-    cols = ("kappa", "kappa_margin_shuffled", "kappa_margin_constant", "wrong_rate", "invented_rate")
+    cols = ("kappa", "kappa_margin_shuffled", "kappa_margin_constant", "wrong_rate", "invented_rate", "kappa_texts")
     by: dict[tuple, dict] = {}
     for r in rows:
         by.setdefault((r["image_params"], r["size"] == RANDOM, r["model_id"], r["world_seed"], r["size"]), {})[r["score"]] = r

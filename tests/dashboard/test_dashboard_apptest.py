@@ -1,5 +1,5 @@
 """Every dashboard page under streamlit.testing.AppTest, on a warehouse built by the product's own
-jobs (the `dashboard_warehouse` fixture of tests/conftest.py: toy-shapes-small and its random-init
+jobs (the `dashboard_warehouse` fixture of tests/conftest.py: toy-shapes-small-seed1 and its random-init
 control on shapes scenes and scikit-image photos, with labels, scores, probes and an ablation).
 
 Expectations are read from the warehouse through warehouse.queries (model ids, layers x heads,
@@ -25,6 +25,7 @@ from streamlit.testing.v1 import AppTest
 import models
 from dashboard import nav, widgets
 from etl.world import shapes
+from etl.world.study import DEFINITIONS
 from tests.dashboard.rendered import shown
 from warehouse import queries, writer
 
@@ -125,8 +126,13 @@ def assert_evidence(at: AppTest, warehouse, model_id: str, layer: int, head: int
     assert metric(at, "p-value") == widgets.p_value_text(label["p_value"])
     assert label["p_value"] is not None and 0 < label["p_value"] <= 1     # the offline labeler records it
     assert metric(at, "association") == f"{score['association']:.2f}"
+    import json
+    e = json.loads(label["raw"])["zeroshot"]                             # offline-v8: the model's own reading decides
+    best = max(e, key=e.get)
+    assert metric(at, "model's reading") == f"{e[best]:.2f}"
     captions = [c.value for c in at.caption]
-    assert all(meaning in captions for meaning in widgets.EVIDENCE.values())
+    assert all(any(c.endswith(meaning) for c in captions) for meaning in widgets.EVIDENCE.values())
+    assert any(c.startswith(f"{best}; next: ") for c in captions)
 
 
 def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -585,7 +591,7 @@ def test_metrics_shows_kappa_beside_both_baselines_the_papers_scores_and_the_stu
     assert "Study **demo** on world seed **41**" in text
     assert "World seeds used for training: 0, 1, 2; the labeler's constants (tuning): 0, 7, 11; the size study: 1013, 2029" in text
     verdicts = queries.study_tables(warehouse_file)["verdicts"]
-    assert len(verdicts) == 8 and all(f"- {widgets.plain(v)}" in text for v in verdicts.verdict)   # as text
+    assert len(verdicts) == len(DEFINITIONS) and all(f"- {widgets.plain(v)}" in text for v in verdicts.verdict)   # as text
     def per_model_dots(at):               # the trend chart's dots (its layers carry the size means too)
         return [r for c in charts(at) for r in chart_rows(c) if {"image_params", "value", "worlds"} <= set(r)]
 

@@ -66,14 +66,14 @@ def _check(wh, model_id, image_ids, expect_sources):
 
 def test_toy_model_maps_decompose_stored_embeddings(dashboard_warehouse):
     wh = dashboard_warehouse
-    ims = queries.images(wh, "toy-shapes-small/bundled")
+    ims = queries.images(wh, "toy-shapes-small-seed1/bundled")
     shapes = [i for i in ims.image_id if i.startswith("shapes")][:2]
     photos = [i for i in ("skimage/astronaut", "skimage/coffee") if i in set(ims.image_id)]
     assert len(shapes) == 2 and len(photos) == 2
     recs = {i: queries.image_record(wh, i) for i in shapes + photos}
     assert all(recs[i]["original"] is not None for i in shapes)          # migration 006, filled by embed
     assert all(recs[i]["original"] is None for i in photos)              # found again by name
-    _check(wh, "toy-shapes-small/bundled", shapes + photos, ["stored original"] * 2 + ["scikit-image"] * 2)
+    _check(wh, "toy-shapes-small-seed1/bundled", shapes + photos, ["stored original"] * 2 + ["scikit-image"] * 2)
 
 
 @pytest.fixture(scope="module")

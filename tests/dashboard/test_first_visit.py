@@ -79,7 +79,29 @@ def test_cached_chart_specs_equal_fresh_ones_and_come_back_from_disk(wh, monkeyp
     monkeypatch.setattr(widgets, "chart", direct)
     cache.forget_memory()
     fresh = metrics_charts()
-    assert [(s, d) for s, d, _ in fresh] == [(s, d) for s, d, _ in first]
+    assert len(fresh) == len(first)
+    for a, b in zip(fresh, first):
+        assert (a[0], a[1]) == (b[0], b[1]), first_difference((a[0], a[1]), (b[0], b[1]))
+
+
+def first_difference(a, b, path="") -> str:
+    """Where two specs first differ: the path and both values (a failure names the field, not a
+    truncated repr of two whole specs)."""
+    if type(a) is not type(b):
+        return f"{path}: {type(a).__name__} {a!r:.300} vs {type(b).__name__} {b!r:.300}"
+    if isinstance(a, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b:
+                return f"{path}.{k}: only in {'fresh' if k in a else 'cached'}"
+            if a[k] != b[k]:
+                return first_difference(a[k], b[k], f"{path}.{k}")
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return f"{path}: {len(a)} vs {len(b)} items"
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return first_difference(x, y, f"{path}[{i}]")
+    return f"{path}: {a!r:.300} vs {b!r:.300}"
 
 
 def test_a_new_warehouse_version_gets_a_new_folder_and_the_old_one_goes(wh):

@@ -61,7 +61,7 @@ def _check_bars(row, lm, img, key, texts_hat) -> list:
 
 def test_bars_sum_to_cos_on_the_toy_model_and_match_the_stored_decomposition(dashboard_warehouse):
     wh = dashboard_warehouse
-    model_id = "toy-shapes-small/bundled"
+    model_id = "toy-shapes-small-seed1/bundled"
     row = queries.model_row(wh, model_id)
     lm = models.model_from_row(row)
     texts_hat = list(models.encode_texts(lm, TEXTS).numpy())

@@ -841,17 +841,23 @@ def test_reading_the_default_warehouse_creates_nothing(tmp_path, monkeypatch):
     assert default_warehouse_path(create=False) == home / "warehouse.duckdb" and not home.exists()
 
 
+def _before(tmp_path, version: int):
+    """A connection to a new warehouse built by every migration before ``version`` (the migrations
+    copied to a folder of their own), and the versions it applied."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for v, _, f in available_migrations():
+        if v < version:
+            (old / f.name).write_text(f.read_text())
+    con = duckdb.connect(str(tmp_path / "u.duckdb"))
+    return con, migrate(con, old)
+
+
 def test_006_originals_upgrades_a_warehouse_in_place_and_keeps_its_images(tmp_path):
     """Migration 006 adds images.original (NULL for existing rows); insert_images fills it."""
     from warehouse import writes
     from warehouse.db import MIGRATIONS_DIR
-    old = tmp_path / "old"
-    old.mkdir()
-    for v, _, f in available_migrations():
-        if v < 6:
-            (old / f.name).write_text(f.read_text())
-    con = duckdb.connect(str(tmp_path / "u.duckdb"))
-    migrate(con, old)
+    con, _ = _before(tmp_path, 6)
     writes.insert_images(con, "d", ["d/1"], ["/nowhere.png"], ["ab"], [None], [None], [(4, 4)], [b"jpg"])
     assert "original" not in [r[0] for r in con.execute("DESCRIBE images").fetchall()]
     assert 6 in migrate(con, MIGRATIONS_DIR)
@@ -868,14 +874,8 @@ def test_008_neurons_upgrades_a_warehouse_in_place_and_keeps_its_rows(tmp_path):
     import pyarrow as pa
     from warehouse import writes
     from warehouse.db import MIGRATIONS_DIR
-    old = tmp_path / "old"
-    old.mkdir()
-    earlier = [v for v, _, f in available_migrations() if v < 8]
-    for v, _, f in available_migrations():
-        if v < 8:
-            (old / f.name).write_text(f.read_text())
-    con = duckdb.connect(str(tmp_path / "u.duckdb"))
-    assert migrate(con, old) == earlier
+    con, applied = _before(tmp_path, 8)
+    assert applied == [v for v, _, f in available_migrations() if v < 8]
     writes.insert_images(con, "d", ["d/1", "d/2"], [None, None], ["ab", "cd"], [None, None], [None, None],
                          [(4, 4), (4, 4)], [b"jpg", b"jpg"])
     writes.upsert_factor_properties(con, {"color": "colors", "shape": "shapes"})
@@ -917,4 +917,24 @@ def test_008_neurons_upgrades_a_warehouse_in_place_and_keeps_its_rows(tmp_path):
     # labeler: categories (color, none) vs truth (color, none): kappa 1; shuffled: (shape, color) vs
     # (color, color: neuron 1's label's factor explains 0.3 >= 0.2): p_o = 1/2, p_e = 1/2 * 0 + 1/2 * 1 -> kappa 0
     assert got == [("labeler", 2, 1, 1, 1.0), ("tag-shuffled", 2, 1, 0, 0.0)]
+    con.close()
+
+
+def test_009_text_votes_reads_v7s_decision_from_offline_labels_only(tmp_path):
+    """Migration 009 adds the 'text-votes' labelling (offline-v8 labels keep v7's decision in raw) to
+    head_labelings on a warehouse built by every earlier migration; labels without it (v7's own raw,
+    an LLM's free text) give no row, and the stored labels stay."""
+    from warehouse.db import MIGRATIONS_DIR
+    con, applied = _before(tmp_path, 9)
+    assert 9 not in applied
+    rows = [("m", 0, 0, "colors", "offline", '{"version": "offline-v8", "v7": {"property": "mixed"}}'),
+            ("m", 0, 1, "mixed", "offline", '{"version": "offline-v8", "v7": {"property": "shapes"}}'),
+            ("m", 1, 0, "shapes", "offline", '{"version": "offline-v7", "shares": {}}'),
+            ("n", 0, 0, "colors", "llm:x", "colors, because the texts name hues {")]
+    con.executemany("INSERT INTO head_labels (model_id, layer, head, property, labeler, raw) VALUES (?, ?, ?, ?, ?, ?)", rows)
+    assert migrate(con, MIGRATIONS_DIR) == [9]
+    got = con.execute("SELECT model_id, layer, head, property FROM head_labelings WHERE labeling = 'text-votes' "
+                      "ORDER BY 1, 2, 3").fetchall()
+    assert got == [("m", 0, 0, "mixed"), ("m", 0, 1, "shapes")]
+    assert con.execute("SELECT count(*) FROM head_labelings WHERE labeling = 'labeler'").fetchone()[0] == 4
     con.close()
