@@ -94,7 +94,7 @@ def agreement() -> None:
         "invented": st.column_config.TextColumn("invented", help="heads labelled with a property whose factor "
                                                                  "explains < 0.2 of their variance / heads"),
         "shuffled: wrong / invented rate": st.column_config.TextColumn(
-            "shuffled wrong / inv.", help="the tag-shuffled labeler's wrong rate / invented rate (mean over draws)")})
+            "shuffled", help="the tag-shuffled labeler's wrong rate / invented rate (mean over draws)")})
     w.csv_download(lk, "label_kappa", key="dl_label_kappa")
     w.chart("chart_label_kappa", lambda: _kappa_chart(lk), ())
 

@@ -671,7 +671,7 @@ def head_rows(hits: pd.DataFrame, labels: dict[Head, str], heads: Sequence[Head]
 SHORT_NAMES = {"n_heads": "heads", "n_analysed_heads": "analysed", "n_mixed_heads": "mixed", "n_properties": "properties",
                "association_std": "assoc. sd", "entanglement_std": "entangl. sd", "n_specialised": "specialised",
                "n_right": "right", "n_unspecialised": "unspecial.", "n_false": "false", "false_label_rate": "false rate",
-               "dataset_id": "dataset", "model_id": "model"}
+               "dataset_id": "dataset", "model_id": "model", "tag_entropy_std": "entropy sd"}
 
 
 def short_columns(df: pd.DataFrame) -> dict:

@@ -257,10 +257,13 @@ else:
     if bm.empty:
         st.info(f"{w.plain(pa_)} and {w.plain(pb_)} share no " + ("images." if by == "cka" else "texts."))
     else:
+        st.caption(f"Each head of **{w.plain(pa_)}** (A) with its best match among the heads of "
+                   f"**{w.plain(pb_)}** (B).")                           # the ids here: headers stay short
         st.dataframe(bm[["head_name", "match", "similarity", "link"]], hide_index=True, width="stretch",
                      key="similar_pairs_table",
-                     column_config={"head_name": st.column_config.TextColumn(f"head of {pa_}"),
-                                    "match": st.column_config.TextColumn(f"best match in {pb_}"),
+                     column_config={"head_name": st.column_config.TextColumn("head of A", help=f"a head of {pa_}"),
+                                    "match": st.column_config.TextColumn("best match in B",
+                                                                         help=f"its most similar head of {pb_}"),
                                     "similarity": st.column_config.ProgressColumn(
                                         "similarity", format="%.3f", min_value=0.0, max_value=1.0),
                                     "link": st.column_config.LinkColumn("head page of the match",

@@ -37,7 +37,7 @@ from etl.deadline import DeadlineExceeded, call_with_deadline
 from etl.text.bank import PROPERTIES
 
 __all__ = [
-    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "zeroshot_classes", "zeroshot_variance", "zeroshot_variances",
+    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "zeroshot_classes", "zeroshot_variance", "zeroshot_variances", "group_classes",
     "OFFLINE_ZEROSHOT", "OFFLINE_ZEROSHOT_MIN", "OFFLINE_ZEROSHOT_RATIO", "zeroshot_images", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
@@ -139,10 +139,27 @@ def zeroshot_variance(head: np.ndarray, classes: Mapping[str, np.ndarray]) -> di
     For each property, the images are grouped by the model's zero-shot class of it and the share of
     the head's total variance (over all d dimensions) between the groups is adjusted for the number
     of groups k (1 - (1 - eta2) (n - 1) / (n - k), so that k random groups explain about 0);
-    returns {property: adjusted share} (0 for a constant head, a single group, or groups of fewer
-    than 2 images on average, k > n / 2: too many groups for the images to tell; may be slightly
-    negative). ``zeroshot_variances`` does the same for several groupings of one head."""
+    returns {property: adjusted share} (0 for a constant head or a single group; may be slightly
+    negative). With few images a property's texts can outnumber them (the shapes bank has 176
+    position texts): groups are at most n // 3 (``group_classes``: the most frequent classes, the
+    rest pooled into one group), so each holds 3 images on average and the adjustment stays below
+    1.5; from 528 images on (176 x 3) no toy grouping is pooled. ``zeroshot_variances`` does the same
+    for several groupings of one head."""
     return zeroshot_variances(head, [classes])[0]
+
+
+def group_classes(classes: np.ndarray, most: int) -> np.ndarray:
+    """Group ids 0..k-1 [n] for class labels [n]: one group per class when there are at most
+    ``most`` classes; else the ``most`` - 1 most frequent classes (ties: the smaller label) keep a
+    group each and the rest share the last one."""
+    values, g, counts = np.unique(np.asarray(classes).ravel(), return_inverse=True, return_counts=True)
+    g = g.ravel()
+    if len(values) <= max(most, 1):
+        return g
+    keep = np.lexsort((values, -counts))[:max(most - 1, 1)]              # by count, then label
+    new = np.full(len(values), len(keep), dtype=np.int64)
+    new[keep] = np.arange(len(keep))
+    return new[g]
 
 
 def zeroshot_variances(head: np.ndarray, class_sets: list[Mapping[str, np.ndarray]]) -> list[dict[str, float]]:
@@ -163,10 +180,9 @@ def zeroshot_variances(head: np.ndarray, class_sets: list[Mapping[str, np.ndarra
     for classes in class_sets:
         out = {}
         for p, g in classes.items():
-            values, g = np.unique(g, return_inverse=True)
-            g = g.ravel()
-            k = len(values)
-            if total <= 0 or k < 2 or 2 * k > n:
+            g = group_classes(g, n // 3)
+            k = int(g.max()) + 1 if len(g) else 0
+            if total <= 0 or k < 2:
                 out[p] = 0.0
                 continue
             sums = torch.zeros(k, X.shape[1], dtype=torch.float64).index_add_(0, torch.from_numpy(g), X)   # [k, rank]

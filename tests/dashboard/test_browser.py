@@ -224,7 +224,8 @@ def test_every_page_renders_without_exception(server, tab, path):
     for width in (1280, 1920):
         tab.set_viewport_size({"width": width, "height": 1400})
         tab.wait_for_timeout(1500)                                   # the layout and the charts follow the width
-        assert tab.evaluate(ELIDED_JS) == [], f"{path} at {width} px"
+        cut = tab.evaluate(ELIDED_JS)
+        assert cut == [], f"{path} at {width} px: " + "; ".join(cut)
         whole_page_screenshot(tab, f"{Path(path).stem}_{width}.png", width=width)
     assert off_machine(requests, server) == [], f"{path}: requests off the machine"
     assert not failed, f"{path}: failed requests {failed}"

@@ -52,7 +52,7 @@ def test_the_study_builds_scores_stores_and_reports(built, capsys):
                                    "informativeness", "dci_d", "dci_c", "dci_i", "mig"}
     assert sizes == {"4 x 64": 1, "random init": 1}
     # one trained model: every definition cannot tell (the paper's two scores need labelled heads, which the
-    # 80-scene world may not give: its background texts outnumber half the scenes, offline-v8's guard)
+    # 80-scene world may not give: offline-v8 reads a property through at most n / 3 zero-shot groups)
     assert len(verdicts) == len(DEFINITIONS) == 9 and all(
         n == (1 if not s.startswith("paper_") else n) and n in (0, 1) and "cannot tell" in v for s, n, v in verdicts), verdicts
     assert (1013, "study") in seeds and (0, "training") in seeds and (41, "demo") in seeds

@@ -571,8 +571,13 @@ def test_zeroshot_variance_is_the_adjusted_share_between_the_models_zero_shot_cl
     assert e["colors"] == pytest.approx(1 - (1 - eta2) * (n - 1) / (n - 3))
     assert e["colors"] > 0.5 and abs(e["shapes"]) < 0.05     # random groups explain about nothing
     assert zeroshot_variance(np.zeros((n, d)), classes) == {"colors": 0.0, "shapes": 0.0}
-    # more groups than half the images: too few images per group to tell
-    assert zeroshot_variance(head[:5], {"colors": np.array([0, 1, 2, 0, 1])}) == {"colors": 0.0}
+    # more classes than a third of the images: the most frequent keep a group each, the rest share one
+    from etl.text.labelers import group_classes
+    assert group_classes(np.array([7, 3, 3, 9, 7, 3, 5]), 3).tolist() == [1, 0, 0, 2, 1, 0, 2]
+    assert group_classes(np.array([4, 2, 4]), 3).tolist() == [1, 0, 1]          # few classes: one group each
+    few = np.array([0, 1, 2, 0, 1, 3, 4, 5, 6, 0, 1, 2])                         # 7 classes, 12 images: 4 groups
+    pooled = np.where(np.isin(few, [0, 1, 2]), few, 3)
+    assert zeroshot_variance(head[:12], {"colors": few}) == pytest.approx(zeroshot_variance(head[:12], {"colors": pooled}))
     from etl.text.labelers import zeroshot_images
     assert (zeroshot_images(10, limit=20) == np.arange(10)).all()
     rows = zeroshot_images(1_000_001, limit=1000)
