@@ -78,12 +78,15 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("label", help="label every analysed head with a property (head_labels)",
-                       description="Give each head with TextSpan texts a property label: offline (the "
-                                   "majority of its texts' property tags, each weighed by its variance times how "
-                                   "strongly the rest of the model shares the head's reading of it, counting only "
-                                   "texts that the rest of the model reads the way the head does; 'mixed' below "
-                                   "--threshold or when shuffled tags reach the share too often, --alpha) or by an "
-                                   "LLM (few-shot prompt, JSON answer checked against the property vocabulary, "
+                       description="Give each head with TextSpan texts a property label: offline (offline-v8: "
+                                   "the property whose zero-shot reading by the model explains the most of the "
+                                   "head's variance, at least 0.35 and 1.5x any other property's, named by one "
+                                   "of its TextSpan texts; else 'mixed'. Without image embeddings or with "
+                                   "--no-agreement-check, the text votes decide: the majority of its texts' "
+                                   "property tags, each weighed by its variance times how strongly the rest of "
+                                   "the model shares the head's reading of it, 'mixed' below --threshold, "
+                                   "--majority, --min-votes or --alpha; their decision is kept beside v8's) or by "
+                                   "an LLM (few-shot prompt, JSON answer checked against the property vocabulary, "
                                    "answers cached under $ATLAS_HOME/cache/llm). Resumable.")
     add_warehouse_arg(p)
     p.add_argument("--model", metavar="MODEL_ID", required=True,
@@ -102,8 +105,8 @@ def add_parser(sub) -> None:
     p.add_argument("--min-votes", type=positive_int, default=None, metavar="N",
                    help="offline: texts of the winning property that must vote (default 2)")
     p.add_argument("--no-agreement-check", action="store_true",
-                   help="offline: let every tagged text vote, without checking that the rest of the model reads "
-                        "it as the head does (the check needs the image embeddings; it is on by default)")
+                   help="offline: no zero-shot reading and no agreement check: every tagged text votes (both "
+                        "need the image embeddings; on by default)")
     p.add_argument("--force", action="store_true", help="relabel heads already labelled by this labeler")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="heads per write transaction (default 16)")
     p.add_argument("--baseline-draws", type=non_negative_int, default=None, metavar="N",
