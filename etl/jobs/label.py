@@ -42,8 +42,8 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
 
     import numpy as np
 
-    from etl.text.labelers import (agreement_p_value, model_agreement, zeroshot_classes, zeroshot_images,
-                                   zeroshot_variances)
+    from etl.text.labelers import (agreement_p_value, model_agreement, zeroshot_classes, zeroshot_groups,
+                                   zeroshot_images, zeroshot_variances)
     from warehouse.queries import head_text_dataset, image_matrix, layer_head_matrix
     dataset = head_text_dataset(path, model_id)
     row_of = {t: i for i, t in enumerate(text_ids)}
@@ -55,6 +55,7 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
     rows = zeroshot_images(len(Z))
     classes = ([zeroshot_classes(Z[rows], T, tags, vocabulary if vocabulary is not None else sorted(means))
                 for tags in tag_sets] if zeroshot is not None else None)
+    groups = zeroshot_groups(classes, len(rows)) if classes is not None else None     # the same for every head
     for layer in sorted({l for l, _ in todo}):
         C = layer_head_matrix(path, model_id, layer, heads_per_layer, dataset)        # [n, H, d]
         for head in sorted(h for l, h in todo if l == layer):
@@ -71,7 +72,7 @@ def with_model_agreement(path: str, model_id: str, heads_per_layer: int, heads: 
                                                    agreement_p=agreement_p_value(r, len(Z))))
                 out[(layer, head)] = new
             if classes is not None:
-                for d, e in enumerate(zeroshot_variances(C[rows, head], classes)):
+                for d, e in enumerate(zeroshot_variances(C[rows, head], classes, groups)):
                     zeroshot[d][(layer, head)] = e
     return [out for _, _, out in outs]
 

@@ -37,7 +37,7 @@ from etl.deadline import DeadlineExceeded, call_with_deadline
 from etl.text.bank import PROPERTIES
 
 __all__ = [
-    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "zeroshot_classes", "zeroshot_variance", "zeroshot_variances", "group_classes",
+    "MIXED", "BASELINE", "BASELINE_DRAWS", "shuffled_tags", "OFFLINE_THRESHOLD", "OFFLINE_MAJORITY", "OFFLINE_ALPHA", "OFFLINE_AGREEMENT", "model_agreement", "agreement_p_value", "zeroshot_classes", "zeroshot_variance", "zeroshot_variances", "zeroshot_groups", "group_classes",
     "OFFLINE_ZEROSHOT", "OFFLINE_ZEROSHOT_MIN", "OFFLINE_ZEROSHOT_RATIO", "zeroshot_images", "HeadText", "Label", "Judgment", "LLMError", "OfflineLabeler",
     "LLMLabeler", "normalise_property", "default_cache_dir",
 ]
@@ -162,12 +162,30 @@ def group_classes(classes: np.ndarray, most: int) -> np.ndarray:
     return new[g]
 
 
-def zeroshot_variances(head: np.ndarray, class_sets: list[Mapping[str, np.ndarray]]) -> list[dict[str, float]]:
+def zeroshot_groups(class_sets: list[Mapping[str, np.ndarray]], n: int) -> list[dict[str, tuple]]:
+    """The groupings ``zeroshot_variances`` reads, for each class set and property: (group ids [n] as
+    a torch tensor, their count k, images per group [k]) after ``group_classes`` (at most n // 3).
+    They depend on the images only, so the label job makes them once for every head."""
+    import torch
+    out = []
+    for classes in class_sets:
+        groups = {}
+        for p, g in classes.items():
+            g = group_classes(g, n // 3)
+            k = int(g.max()) + 1 if len(g) else 0
+            groups[p] = (torch.from_numpy(g), k, torch.from_numpy(np.bincount(g, minlength=k)))
+        out.append(groups)
+    return out
+
+
+def zeroshot_variances(head: np.ndarray, class_sets: list[Mapping[str, np.ndarray]],
+                       groups: list[dict[str, tuple]] | None = None) -> list[dict[str, float]]:
     """``zeroshot_variance`` of one head for each of several groupings (the bank's tags and the
-    shuffled draws). The centred head [n, d] is first written in the basis of its row space (a
-    class-token head's outputs span at most d_head dimensions: eigenvectors of X^T X above 1e-12 of
-    the largest eigenvalue), which keeps every group sum and the total and makes each grouping cost
-    n x rank instead of n x d (a ViT-B head: 64 against 512)."""
+    shuffled draws); ``groups``: their ``zeroshot_groups``, made here when not given. The centred
+    head [n, d] is first written in the basis of its row space (a class-token head's outputs span at
+    most d_head dimensions: eigenvectors of X^T X above 1e-12 of the largest eigenvalue), which
+    keeps every group sum and the total and makes each grouping cost n x rank instead of n x d (a
+    ViT-B head: 64 against 512)."""
     import torch
     X = torch.from_numpy(np.asarray(head, np.float64))
     X = X - X.mean(0)                                                         # [n, d]
@@ -177,16 +195,14 @@ def zeroshot_variances(head: np.ndarray, class_sets: list[Mapping[str, np.ndarra
         w, V = torch.linalg.eigh(X.T @ X)                                     # ascending, [d], [d, d]
         X = X @ V[:, w > w[-1] * 1e-12]                                       # [n, rank]
     outs = []
-    for classes in class_sets:
+    for grouping in (groups if groups is not None else zeroshot_groups(class_sets, n)):
         out = {}
-        for p, g in classes.items():
-            g = group_classes(g, n // 3)
-            k = int(g.max()) + 1 if len(g) else 0
+        for p, (g, k, sizes) in grouping.items():
             if total <= 0 or k < 2:
                 out[p] = 0.0
                 continue
-            sums = torch.zeros(k, X.shape[1], dtype=torch.float64).index_add_(0, torch.from_numpy(g), X)   # [k, rank]
-            between = float(((sums * sums).sum(1) / torch.from_numpy(np.bincount(g, minlength=k))).sum())
+            sums = torch.zeros(k, X.shape[1], dtype=torch.float64).index_add_(0, g, X)   # [k, rank]
+            between = float(((sums * sums).sum(1) / sizes).sum())
             out[p] = 1.0 - (1.0 - between / total) * (n - 1) / (n - k)
         outs.append(out)
     return outs
