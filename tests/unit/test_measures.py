@@ -232,3 +232,18 @@ def test_world_seeds_live_in_one_place_and_the_demo_and_the_study_are_held_out()
     assert len({(r["seed"], r["role"]) for r in rows}) == len(rows)
     assert {r["role"] for r in rows} == {"training", "tuning", "eval", "study", "demo", "earlier"}
     assert seeds.held_out(seeds.EVAL) and seeds.EVAL not in {seeds.DEMO, *seeds.STUDY}
+
+
+def test_label_kappa_gives_the_same_bits_on_every_read(tmp_path):
+    """Migration 010: the means over the tag-shuffled draws in draw order (before it, the shuffled
+    kappa's sd could differ in the last bit between two reads of one warehouse)."""
+    p = tmp_path / "w.duckdb"
+    eta, labels, shuffled = _random_world(3, n_heads=48, draws=40)
+    _build(p, eta, labels, shuffled)
+    seen = set()
+    with connect(p) as con:
+        con.execute("SET threads = 4")
+        for _ in range(10):
+            rows = con.execute("SELECT * FROM label_kappa ORDER BY model_id, dataset_id").fetchall()
+            seen.add(tuple(tuple(float(x).hex() if isinstance(x, float) else x for x in r) for r in rows))
+    assert len(seen) == 1, f"{len(seen)} different results from one warehouse"

@@ -467,6 +467,36 @@ def test_head_scores_match_a_python_reference_on_random_heads(tmp_path):
     assert got == dict(counts)
 
 
+def _read_scores_many_times(p, times=25, threads=4) -> set:
+    """The distinct results (as exact float bits) of reading the three score views ``times`` times."""
+    seen = set()
+    with connect(p) as con:
+        con.execute(f"SET threads = {threads}")
+        for _ in range(times):
+            seen.add(tuple(tuple(float(x).hex() if isinstance(x, float) else x for x in row)
+                           for v, o in (("head_scores", "layer, head"), ("layer_scores", "layer"),
+                                        ("model_scores", "model_id"))
+                           for row in con.execute(f"SELECT * FROM {v} ORDER BY {o}").fetchall()))
+    return seen
+
+
+def test_the_score_views_give_the_same_bits_on_every_read(tmp_path):
+    """Migration 010: float sums and means in a fixed order. Before it, two reads of one warehouse
+    could differ in the last bit of tag_entropy (DuckDB's threads add in the order they meet rows)."""
+    rng = np.random.default_rng(1)
+    text_prop = {f"t{i}": PROPS[int(rng.integers(len(PROPS)))] for i in range(200)}
+    tids = list(text_prop)
+    head_texts, labels = {}, {}
+    for layer in range(12):
+        for head in range(12):
+            head_texts[(layer, head)] = [tids[j] for j in rng.choice(len(tids), size=10, replace=False)]
+            labels[(layer, head)] = PROPS[int(rng.integers(len(PROPS)))]
+    p = tmp_path / "w.duckdb"
+    _build(p, head_texts, text_prop, labels, {})
+    seen = _read_scores_many_times(p)
+    assert len(seen) == 1, f"{len(seen)} different results from one warehouse"
+
+
 def test_tag_entropy_edge_cases(tmp_path):
     text_prop = {"c1": "colors", "c2": "colors", "c3": "colors",
                  "a1": "animals", "s1": "shapes", "l1": "locations", "x1": "textures", "u1": None}
@@ -932,7 +962,7 @@ def test_009_text_votes_reads_v7s_decision_from_offline_labels_only(tmp_path):
             ("m", 1, 0, "shapes", "offline", '{"version": "offline-v7", "shares": {}}'),
             ("n", 0, 0, "colors", "llm:x", "colors, because the texts name hues {")]
     con.executemany("INSERT INTO head_labels (model_id, layer, head, property, labeler, raw) VALUES (?, ?, ?, ?, ?, ?)", rows)
-    assert migrate(con, MIGRATIONS_DIR) == [9]
+    assert migrate(con, MIGRATIONS_DIR) == [9, 10]
     got = con.execute("SELECT model_id, layer, head, property FROM head_labelings WHERE labeling = 'text-votes' "
                       "ORDER BY 1, 2, 3").fetchall()
     assert got == [("m", 0, 0, "mixed"), ("m", 0, 1, "shapes")]
