@@ -26,11 +26,12 @@ WAREHOUSE ?= $(ATLAS_HOME)/warehouse.duckdb
 MODEL_FLAGS := --model $(MODEL) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 DATA_FLAGS := $(if $(IMAGES),--dataset $(IMAGES),--dataset $(DATASET) --dataset skimage)
 
-.PHONY: setup demo etl zoo dashboard test test-fast bench bench-scale browser-deps clean help
+.PHONY: setup demo etl zoo dashboard test test-slow test-all test-fast bench bench-scale browser-deps clean help
 
 help:
 	@echo "make demo     set up, build the default warehouse (the toy zoo + shapes world + scikit-image photos), serve the dashboard"
-	@echo "make test     set up and run the test suite (installs Debian's chromium for the browser test)"
+	@echo "make test     set up and run the test suite but its slow tests, about 15 min on 2 cores (installs Debian's chromium for the browser test)"
+	@echo "make test-slow  the slow tests (the zoo's label targets, full-size towers, console bombs, Ray): about 8 min; CI runs both"
 	@echo "make bench    benchmarks (decomposition, shapes world, TextSpan, text encoding, warehouse, dashboard)"
 	@echo "make bench-scale  the store at 1,000,000 images: synthetic shards (~27 GB, deleted after), attach, neighbours, TextSpan"
 	@echo "make zoo      retrain the toy zoo by its recipe (CPU, hours; resumable)"
@@ -83,7 +84,17 @@ browser-deps:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'; }
 
+# The suite without the tests marked `slow` (pytest.ini): about 15 min on 2 cores.
 test: setup browser-deps
+	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q -m "not slow"
+
+# The slow tests: the zoo's label targets on a held-out world, full-size random towers, console bombs,
+# a Ray cluster, bounded memory at 2,000,000 manifest rows (about 8 min). CI runs `make test`, then this.
+test-slow: setup browser-deps
+	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q -m slow
+
+# Everything in one run (about 24 min on 2 cores).
+test-all: setup browser-deps
 	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q
 
 # The unit layer only (tests/unit: math, models, warehouse, console, text; no job subprocesses).

@@ -87,6 +87,7 @@ def test_a_dataset_that_fails_in_a_worker_fails_the_job_with_its_own_message():
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow             # worker processes: half a minute
 def test_embed_with_worker_processes_equals_embed_in_one_thread(tmp_path, folder):
     """The same rows and vectors whatever the loader: workers only change who prepares a batch."""
     for w in ("0", "2"):

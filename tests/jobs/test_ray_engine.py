@@ -102,6 +102,7 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow             # a Ray cluster and a killed worker: about a minute
 def test_ray_engine_matches_the_local_engine_and_resumes_after_a_kill(tmp_path, env, capsys):
     t0 = time.monotonic()
     local, copied, in_place, resumed = (tmp_path / f"{n}.duckdb" for n in ("local", "copy", "view", "resumed"))

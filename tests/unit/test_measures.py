@@ -238,7 +238,7 @@ def test_label_kappa_gives_the_same_bits_on_every_read(tmp_path):
     """Migration 010: the means over the tag-shuffled draws in draw order (before it, the shuffled
     kappa's sd could differ in the last bit between two reads of one warehouse)."""
     p = tmp_path / "w.duckdb"
-    eta, labels, shuffled = _random_world(3, n_heads=48, draws=40)
+    eta, labels, shuffled = _random_world(3, n_heads=24, draws=20)
     _build(p, eta, labels, shuffled)
     seen = set()
     with connect(p) as con:
