@@ -2,7 +2,7 @@
 -- differing in the last bit between two reads of one warehouse). DuckDB adds floats in whatever order
 -- its threads meet the rows, and floating-point addition is not associative; an aggregate with an
 -- ORDER BY adds in that order. The views are 007's, with every float sum and mean ordered: over a
--- head's tag buckets by property, its texts by rank, a model's heads by (layer, head), the
+-- head's tag buckets by property, its texts by rank, a model's or a property's heads by (layer, head), the
 -- tag-shuffled labeler's draws by draw (label_kappa and its bootstrap).
 
 CREATE OR REPLACE VIEW head_scores AS
@@ -83,6 +83,68 @@ SELECT
     stddev_samp(tag_entropy ORDER BY layer, head)  FILTER (WHERE property IS NOT NULL) AS tag_entropy_std
 FROM head_scores
 GROUP BY model_id;
+
+-- property_heads as in 007, its sums over texts and means over heads ordered.
+CREATE OR REPLACE VIEW property_heads AS
+WITH tagged AS (
+    SELECT
+        model_id, text_property AS property,
+        sum(variance_explained ORDER BY layer, head, rank)             AS var_all,
+        coalesce(sum(variance_explained ORDER BY layer, head, rank) FILTER (WHERE label = text_property), 0)
+                                                                       AS var_in_heads
+    FROM head_text_matches
+    WHERE text_property IS NOT NULL
+    GROUP BY model_id, text_property
+),
+totals AS (
+    SELECT model_id, count(*) FILTER (WHERE property IS NOT NULL) AS n_labelled
+    FROM head_scores GROUP BY model_id
+)
+SELECT
+    s.model_id,
+    s.property,
+    CAST(count(*) AS INTEGER)                                      AS n_heads,
+    count(*) / any_value(tot.n_labelled)                           AS share_of_heads,
+    list(s.head_name ORDER BY s.layer, s.head)                     AS heads,
+    list_sort(list_distinct(list(s.layer)))                        AS layers,
+    avg(s.association ORDER BY s.layer, s.head)                    AS association,
+    avg(s.tag_entropy ORDER BY s.layer, s.head)                    AS tag_entropy,
+    avg(s.confidence ORDER BY s.layer, s.head)                     AS confidence,
+    any_value(t.var_in_heads / nullif(t.var_all, 0))               AS variance_concentration
+FROM head_scores s
+JOIN totals tot USING (model_id)
+LEFT JOIN tagged t USING (model_id, property)
+WHERE s.property IS NOT NULL
+GROUP BY s.model_id, s.property;
+
+-- paper_scores as in 007, the mean association over a model's property heads ordered.
+CREATE OR REPLACE VIEW paper_scores AS
+WITH carried AS (
+    SELECT * FROM head_scores WHERE property IS NOT NULL AND property <> 'mixed'
+),
+per_property AS (
+    SELECT model_id, property, count(*) AS n FROM carried GROUP BY model_id, property
+),
+ent AS (
+    SELECT model_id, sum(n) AS n_heads, count(*) AS n_properties FROM per_property GROUP BY model_id
+),
+assoc AS (
+    SELECT model_id, avg(association ORDER BY layer, head) AS association,
+           stddev_samp(association ORDER BY layer, head) / sqrt(count(*)) AS association_se
+    FROM carried GROUP BY model_id
+)
+SELECT
+    m.model_id,
+    CAST(coalesce(e.n_heads, 0) AS INTEGER)                        AS n_property_heads,
+    CAST(m.n_analysed_heads AS INTEGER)                            AS n_analysed_heads,
+    CAST(coalesce(e.n_properties, 0) AS INTEGER)                   AS n_properties,
+    a.association,
+    a.association - 1.96 * a.association_se                        AS association_lo,
+    a.association + 1.96 * a.association_se                        AS association_hi,
+    (e.n_heads - e.n_properties) / nullif(e.n_heads, 0)            AS entanglement
+FROM model_scores m
+LEFT JOIN ent e USING (model_id)
+LEFT JOIN assoc a USING (model_id);
 
 -- label_kappa_bootstrap as in 007, the mean over the tag-shuffled draws taken in draw order.
 CREATE OR REPLACE VIEW label_kappa_bootstrap AS
