@@ -31,7 +31,7 @@ DATA_FLAGS := $(if $(IMAGES),--dataset $(IMAGES),--dataset $(DATASET) --dataset 
 help:
 	@echo "make demo     set up, build the default warehouse (the toy zoo + shapes world + scikit-image photos), serve the dashboard"
 	@echo "make test     set up and run the test suite but its slow tests, about 15 min on 2 cores (installs Debian's chromium for the browser test)"
-	@echo "make test-slow  the slow tests (the zoo's label targets, full-size towers, console bombs, Ray): about 8 min; CI runs both"
+	@echo "make test-slow  the slow tests (the zoo's label targets, full-size towers, console bombs, Ray): about 9 min; CI runs both"
 	@echo "make bench    benchmarks (decomposition, shapes world, TextSpan, text encoding, warehouse, dashboard)"
 	@echo "make bench-scale  the store at 1,000,000 images: synthetic shards (~27 GB, deleted after), attach, neighbours, TextSpan"
 	@echo "make zoo      retrain the toy zoo by its recipe (CPU, hours; resumable)"
@@ -89,7 +89,7 @@ test: setup browser-deps
 	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q -m "not slow"
 
 # The slow tests: the zoo's label targets on a held-out world, full-size random towers, console bombs,
-# a Ray cluster, bounded memory at 2,000,000 manifest rows (about 8 min). CI runs `make test`, then this.
+# a Ray cluster, bounded memory at 2,000,000 manifest rows (about 9 min). CI runs `make test`, then this.
 test-slow: setup browser-deps
 	ATLAS_NO_PROGRESS=1 $(PY) -m pytest -q -m slow
 

@@ -12,6 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import cache, nav, widgets
+from tests.warehouse_reads import distinct_reads
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "dashboard" / "app.py")
@@ -127,35 +128,10 @@ def test_the_warm_up_loads_the_default_model_once(wh):
     assert live.loaded(live.spec_key(row))
 
 
-def distinct_view_results(path, reads: int = 12, threads: int = 4) -> dict[str, int]:
-    """{view: how many different results} over ``reads`` reads of every view of the warehouse, rows in a
-    canonical order (sorted by their values rounded to 9 digits) and floats compared bit for bit."""
-    from warehouse import connect
-
-    def canonical(row):
-        return tuple(round(x, 9) if isinstance(x, float) else str(x) for x in row)
-    with connect(path) as con:                     # the process's shared read instance, as the pages read
-        before = con.execute("SELECT current_setting('threads')").fetchone()[0]
-        con.execute(f"SET threads = {threads}")    # more threads than rows per group: orders vary most
-        try:
-            views = [r[0] for r in con.execute(
-                "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
-            out = {}
-            for v in views:
-                seen = set()
-                for _ in range(reads):
-                    rows = sorted(con.execute(f"SELECT * FROM {v}").fetchall(), key=canonical)
-                    seen.add(repr([tuple(x.hex() if isinstance(x, float) else x for x in r) for r in rows]))
-                out[v] = len(seen)
-            return out
-        finally:
-            con.execute(f"SET threads = {before}")
-
-
 def test_every_view_gives_the_same_bits_on_every_read(wh):
     """What the cache keeps must be what a fresh read gives: no view of the warehouse may add floats in
     the order its threads happen to meet the rows (migration 010; a view added later with a float sum
     or mean needs an ORDER BY in the aggregate)."""
-    counts = distinct_view_results(wh)
+    counts = distinct_reads(wh)
     assert len(counts) >= 15, sorted(counts)
     assert {v: n for v, n in counts.items() if n != 1} == {}

@@ -30,6 +30,8 @@ from warehouse import (
 from warehouse.db import available_migrations, pending_migrations
 from warehouse.runs import finish_run, record_error, run_record, start_run
 
+from tests.warehouse_reads import distinct_reads
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -467,19 +469,6 @@ def test_head_scores_match_a_python_reference_on_random_heads(tmp_path):
     assert got == dict(counts)
 
 
-def _read_scores_many_times(p, times=25, threads=4) -> set:
-    """The distinct results (as exact float bits) of reading the three score views ``times`` times."""
-    seen = set()
-    with connect(p) as con:
-        con.execute(f"SET threads = {threads}")
-        for _ in range(times):
-            seen.add(tuple(tuple(float(x).hex() if isinstance(x, float) else x for x in row)
-                           for v, o in (("head_scores", "layer, head"), ("layer_scores", "layer"),
-                                        ("model_scores", "model_id"))
-                           for row in con.execute(f"SELECT * FROM {v} ORDER BY {o}").fetchall()))
-    return seen
-
-
 def test_the_score_views_give_the_same_bits_on_every_read(tmp_path):
     """Migration 010: float sums and means in a fixed order. Before it, two reads of one warehouse
     could differ in the last bit of tag_entropy (DuckDB's threads add in the order they meet rows)."""
@@ -493,8 +482,8 @@ def test_the_score_views_give_the_same_bits_on_every_read(tmp_path):
             labels[(layer, head)] = PROPS[int(rng.integers(len(PROPS)))]
     p = tmp_path / "w.duckdb"
     _build(p, head_texts, text_prop, labels, {})
-    seen = _read_scores_many_times(p)
-    assert len(seen) == 1, f"{len(seen)} different results from one warehouse"
+    views = ("head_scores", "layer_scores", "model_scores")
+    assert distinct_reads(p, views, reads=25) == dict.fromkeys(views, 1)
 
 
 def test_tag_entropy_edge_cases(tmp_path):
