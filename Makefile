@@ -40,6 +40,9 @@ help:
 
 setup: $(VENV)/.installed
 
+# free disk (GB) a new .venv needs while pip installs: 7.2 GB installed plus pip's unpacking
+SETUP_FREE_GB := 9
+
 # pip shows what it downloads and installs; each step says how long it took. .venv ends up near 7 GB
 # (torch and its CUDA libraries, onnxruntime-gpu, ray): see docs/install.md for measured times.
 $(VENV)/.installed: requirements.txt
@@ -48,8 +51,14 @@ $(VENV)/.installed: requirements.txt
 		$(PY) -m pip install --upgrade --progress-bar on pip && \
 		echo "[setup 1/2] done in $$(( $$(date +%s) - start )) s"
 	@echo "[setup 2/2] requirements.txt (about 7 GB in .venv: torch with its CUDA libraries, onnxruntime-gpu, ray)"
-	@start=$$(date +%s); $(PY) -m pip install --progress-bar on -r requirements.txt && \
-		echo "[setup 2/2] done in $$(( $$(date +%s) - start )) s; .venv holds $$(du -sh $(VENV) | cut -f1)"
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+		if [ "$$free" -lt $(SETUP_FREE_GB) ]; then \
+		echo "[setup 2/2] warning: $$free GB free on this disk; a new .venv needs about $(SETUP_FREE_GB) GB while pip installs."; \
+		echo "            If pip stops with 'No space left on device', free space (or set TMPDIR to a larger disk) and run make again."; fi
+	@start=$$(date +%s); if $(PY) -m pip install --progress-bar on -r requirements.txt; then \
+		echo "[setup 2/2] done in $$(( $$(date +%s) - start )) s; .venv holds $$(du -sh $(VENV) | cut -f1)"; \
+		else echo "[setup 2/2] pip failed after $$(( $$(date +%s) - start )) s; free disk here: $$(df -Ph . | awk 'NR==2 {print $$4}')" \
+		"(a new .venv needs about $(SETUP_FREE_GB) GB). pip's own error is above; make setup resumes where it stopped." >&2; exit 1; fi
 	@touch $@
 
 # One process for the whole zoo (torch is imported once): a line per model and step, then the time per
